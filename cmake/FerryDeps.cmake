@@ -1,0 +1,31 @@
+# Third-party packages. scripts/setup.sh installs them (apt) or unpacks an offline bundle into
+# .deps/prefix; scripts/build.sh passes that prefix in CMAKE_PREFIX_PATH.
+find_package(Threads REQUIRED)
+find_package(TBB REQUIRED)
+find_package(hwy REQUIRED)
+find_package(nlohmann_json 3.9 REQUIRED)
+find_package(Boost 1.71 REQUIRED COMPONENTS program_options)
+find_package(dnnl QUIET)
+find_package(PkgConfig QUIET)
+
+# sentencepiece ships only a pkg-config file on Debian/Ubuntu; search the offline prefix too.
+find_path(SENTENCEPIECE_INCLUDE_DIR sentencepiece_processor.h)
+find_library(SENTENCEPIECE_LIBRARY sentencepiece)
+if(SENTENCEPIECE_INCLUDE_DIR AND SENTENCEPIECE_LIBRARY)
+  add_library(ferry_sentencepiece INTERFACE)
+  target_include_directories(ferry_sentencepiece SYSTEM INTERFACE ${SENTENCEPIECE_INCLUDE_DIR})
+  target_link_libraries(ferry_sentencepiece INTERFACE ${SENTENCEPIECE_LIBRARY})
+  find_library(SENTENCEPIECE_TRAIN_LIBRARY sentencepiece_train)
+  if(SENTENCEPIECE_TRAIN_LIBRARY)
+    target_link_libraries(ferry_sentencepiece INTERFACE ${SENTENCEPIECE_TRAIN_LIBRARY})
+    set(FERRY_HAVE_SENTENCEPIECE_TRAIN ON)
+  endif()
+  set(FERRY_HAVE_SENTENCEPIECE ON)
+else()
+  message(FATAL_ERROR "sentencepiece not found: run scripts/setup.sh (installs libsentencepiece-dev or unpacks the offline bundle)")
+endif()
+
+if(FERRY_BUILD_TESTS)
+  find_package(GTest REQUIRED)
+  include(GoogleTest)
+endif()

@@ -1,0 +1,23 @@
+# ferry_add_test(NAME name SOURCES ... LIBS ... [LABELS ...] [GPU])
+# One GoogleTest binary per suite, registered with ctest through gtest_discover_tests so each
+# TEST is its own ctest entry. GPU suites get the label "gpu"; a GTEST_SKIP inside them shows as
+# skipped in ctest, never as passed.
+function(ferry_add_test)
+  cmake_parse_arguments(T "GPU" "NAME;TIMEOUT" "SOURCES;LIBS;LABELS" ${ARGN})
+  add_executable(${T_NAME} ${T_SOURCES})
+  target_link_libraries(${T_NAME} PRIVATE ${T_LIBS} GTest::gtest GTest::gtest_main ferry_root_include ferry_warnings)
+  set(labels ${T_LABELS})
+  if(T_GPU)
+    list(APPEND labels gpu)
+  else()
+    list(APPEND labels cpu)
+  endif()
+  if(NOT T_TIMEOUT)
+    set(T_TIMEOUT 600)
+  endif()
+  gtest_discover_tests(${T_NAME}
+    PROPERTIES LABELS "${labels}" TIMEOUT ${T_TIMEOUT}
+               SKIP_REGULAR_EXPRESSION "\\[  SKIPPED \\]"
+    DISCOVERY_TIMEOUT 120
+    WORKING_DIRECTORY ${PROJECT_SOURCE_DIR})
+endfunction()

@@ -1,0 +1,69 @@
+# libtorch, found in this order: Torch_DIR / CMAKE_PREFIX_PATH; the Python torch named by
+# FERRY_PYTHON (scripts/setup.sh points it at the project's .venv when it made one); Debian's
+# libtorch-dev as the last fallback (system paths).
+# Torch's CUDA setup appends -gencode flags for every architecture it knows unless told otherwise;
+# ferry's kernels target the RTX 4090 (8.9) and H100 (9.0).
+if(NOT DEFINED ENV{TORCH_CUDA_ARCH_LIST} AND NOT TORCH_CUDA_ARCH_LIST)
+  set(TORCH_CUDA_ARCH_LIST "8.9;9.0")
+endif()
+if(NOT Torch_DIR)
+  find_package(Torch QUIET CONFIG)
+endif()
+if(NOT Torch_FOUND)
+  if(NOT FERRY_PYTHON)
+    if(EXISTS ${PROJECT_SOURCE_DIR}/.venv/bin/python)
+      set(FERRY_PYTHON ${PROJECT_SOURCE_DIR}/.venv/bin/python)
+    else()
+      find_program(FERRY_PYTHON NAMES python3 python)
+    endif()
+  endif()
+  if(FERRY_PYTHON)
+    execute_process(COMMAND ${FERRY_PYTHON} -c "import torch;print(torch.utils.cmake_prefix_path)"
+      OUTPUT_VARIABLE _ferry_torch_prefix OUTPUT_STRIP_TRAILING_WHITESPACE ERROR_QUIET)
+    if(_ferry_torch_prefix)
+      list(APPEND CMAKE_PREFIX_PATH ${_ferry_torch_prefix})
+    endif()
+  endif()
+  # Torch's CUDA config needs nvcc; point it at the toolkit when one is installed.
+  if(NOT CMAKE_CUDA_COMPILER AND EXISTS /usr/local/cuda/bin/nvcc AND NOT FERRY_CUDA STREQUAL "OFF")
+    set(CMAKE_CUDA_COMPILER /usr/local/cuda/bin/nvcc)
+  endif()
+  find_package(Torch REQUIRED CONFIG)
+endif()
+
+# Torch's CMake adds flags we do not want everywhere (e.g. -D_GLIBCXX_USE_CXX11_ABI); keep them on
+# the torch target only. TORCH_LIBRARIES carries the include directories and definitions.
+add_library(ferry_torch INTERFACE)
+target_link_libraries(ferry_torch INTERFACE ${TORCH_LIBRARIES})
+target_compile_options(ferry_torch INTERFACE $<$<COMPILE_LANGUAGE:CXX>:-Wno-unused-parameter>)
+
+set(FERRY_TORCH_VERSION "${Torch_VERSION}")
+set(FERRY_TORCH_HAS_CUDA OFF)
+if(TARGET torch_cuda OR CAFFE2_USE_CUDA)
+  set(FERRY_TORCH_HAS_CUDA ON)
+endif()
+
+set(FERRY_WITH_CUDA OFF)
+if(FERRY_CUDA STREQUAL "ON" OR (FERRY_CUDA STREQUAL "AUTO" AND FERRY_TORCH_HAS_CUDA))
+  include(CheckLanguage)
+  check_language(CUDA)
+  if(CMAKE_CUDA_COMPILER)
+    enable_language(CUDA)
+    if(NOT CMAKE_CUDA_ARCHITECTURES OR CMAKE_CUDA_ARCHITECTURES STREQUAL "52")
+      # RTX 4090 (sm_89) and H100 (sm_90); override with -DCMAKE_CUDA_ARCHITECTURES=native.
+      set(CMAKE_CUDA_ARCHITECTURES 89 90)
+    endif()
+    set(CMAKE_CUDA_STANDARD 17)
+    set(CMAKE_CUDA_STANDARD_REQUIRED ON)
+    set(FERRY_WITH_CUDA ON)
+  elseif(FERRY_CUDA STREQUAL "ON")
+    message(FATAL_ERROR "FERRY_CUDA=ON but no CUDA compiler was found; install the CUDA toolkit or pass -DFERRY_CUDA=OFF")
+  endif()
+endif()
+
+# ferry_aten_target(target): link libtorch and precompile <ATen/ATen.h> for the target's C++
+# sources, so a 2-core build parses the ATen headers once per target rather than per file.
+function(ferry_aten_target target)
+  target_link_libraries(${target} PUBLIC ferry_torch)
+  target_precompile_headers(${target} PRIVATE $<$<COMPILE_LANGUAGE:CXX>:<ATen/ATen.h$<ANGLE-R>>)
+endfunction()

@@ -1,0 +1,201 @@
+// The front of the host AdamW: argument checks, per-step scalars, and the split of a chunk into
+// fixed-size blocks run on the optimizer's oneTBB arena. The ISA kernels are in kernels.cc.
+#include "cpu_optim/adamw.h"
+
+#include <tbb/blocked_range.h>
+#include <tbb/info.h>
+#include <tbb/parallel_for.h>
+#include <tbb/partitioner.h>
+#include <tbb/task_arena.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+#include "cpu_optim/kernels.h"
+#include "src/common/error.h"
+
+namespace ferry::cpu_optim {
+
+size_t dtype_size(dtype t) { return t == dtype::dtype_f32 ? 4 : 2; }
+
+const char* dtype_name(dtype t) {
+  switch (t) {
+    case dtype::dtype_f32: return "f32";
+    case dtype::dtype_f16: return "f16";
+    case dtype::dtype_bf16: return "bf16";
+  }
+  return "?";
+}
+
+namespace {
+
+// Runs f(begin, end) for each block of `block` elements of [0, n) and returns the per-block
+// results in block order. Static partitioning: each thread streams one contiguous run of blocks.
+// Callers reduce in block order, so no result depends on the thread count.
+template <class F>
+auto run_blocks(tbb::task_arena* arena, int threads, size_t n, size_t block, F&& f) {
+  const size_t nb = (n + block - 1) / block;
+  std::vector<decltype(f(size_t(0), size_t(0)))> per_block(nb);
+  auto run = [&](size_t b0, size_t b1) {
+    for (size_t b = b0; b < b1; ++b) per_block[b] = f(b * block, std::min(n, (b + 1) * block));
+  };
+  if (nb <= 1 || threads <= 1 || arena == nullptr) {
+    run(0, nb);
+  } else {
+    arena->execute([&] {
+      tbb::parallel_for(
+          tbb::blocked_range<size_t>(0, nb, 1),
+          [&](const tbb::blocked_range<size_t>& r) { run(r.begin(), r.end()); },
+          tbb::static_partitioner());
+    });
+  }
+  return per_block;
+}
+
+grad_stats sum_stats(const std::vector<grad_stats>& per_block) {
+  grad_stats total;
+  for (const grad_stats& s : per_block) {
+    total.sum_sq += s.sum_sq;
+    total.nonfinite += s.nonfinite;
+  }
+  return total;
+}
+
+// True when every grad*mult is finite, given max |grad| (see kernel_table::max_abs).
+bool all_finite(float max_abs, float mult) { return std::isfinite(max_abs * std::fabs(mult)); }
+
+void check_chunk(const chunk_ref& c) {
+  FERRY_ASSERT(c.n == 0 || (c.param && c.m && c.v && c.grad), "adamw chunk with null array");
+  FERRY_ASSERT(c.half_out == nullptr || c.half_dtype != dtype::dtype_f32,
+               "adamw half copy must be f16 or bf16");
+}
+
+void check_hparams(const adamw_hparams& h, int64_t step) {
+  FERRY_CONFIG_CHECK(h.lr >= 0 && std::isfinite(h.lr), "AdamW lr must be finite and >= 0, got ", h.lr);
+  FERRY_CONFIG_CHECK(h.beta1 >= 0 && h.beta1 < 1 && h.beta2 >= 0 && h.beta2 < 1,
+                     "AdamW betas must lie in [0, 1), got ", h.beta1, ", ", h.beta2);
+  FERRY_CONFIG_CHECK(h.eps > 0, "AdamW eps must be > 0, got ", h.eps);
+  FERRY_CONFIG_CHECK(h.weight_decay >= 0 && h.lr * h.weight_decay < 1,
+                     "AdamW weight_decay must be >= 0 with lr * weight_decay < 1, got ",
+                     h.weight_decay);
+  FERRY_ASSERT(step >= 1, "adamw step count is 1-based, got ", step);
+}
+
+// Scalars in double, rounded once to float (as PyTorch's tensor ops round double scalars).
+detail::step_scalars make_scalars(const adamw_hparams& h, int64_t step, float mult,
+                                  const chunk_ref& c, const adamw_tuning& t) {
+  detail::step_scalars s{};
+  const double b1 = h.beta1, b2 = h.beta2;
+  const double bc1 = 1.0 - std::pow(b1, static_cast<double>(step));
+  const double bc2 = 1.0 - std::pow(b2, static_cast<double>(step));
+  s.beta1 = h.beta1;
+  s.one_minus_beta1 = static_cast<float>(1.0 - b1);
+  s.beta2 = h.beta2;
+  s.one_minus_beta2 = static_cast<float>(1.0 - b2);
+  s.decay = static_cast<float>(1.0 - static_cast<double>(h.lr) * h.weight_decay);
+  s.step_size = static_cast<float>(h.lr / bc1);
+  s.inv_sqrt_bc2 = static_cast<float>(1.0 / std::sqrt(bc2));
+  s.eps = h.eps;
+  s.mult = mult;
+  s.new_mult = mult;
+  // Blocks start at multiples of block_size (a multiple of 64 elements), so a 64-byte aligned
+  // base keeps every vector store of the half copy aligned.
+  s.stream_half = t.stream_half && (reinterpret_cast<uintptr_t>(c.half_out) % 64 == 0);
+  return s;
+}
+
+}  // namespace
+
+struct adamw::impl {
+  int threads;
+  tbb::task_arena arena;
+  explicit impl(int n) : threads(n), arena(n) {}
+};
+
+adamw::adamw(int num_threads, adamw_tuning tuning) : tuning_(tuning) {
+  FERRY_CONFIG_CHECK(num_threads >= 0, "adamw thread count must be >= 0 (0: all cores but one), got ",
+                     num_threads);
+  FERRY_CONFIG_CHECK(tuning.block_size >= 64 && tuning.block_size % 64 == 0,
+                     "adamw block size must be a positive multiple of 64, got ", tuning.block_size);
+  if (num_threads == 0) num_threads = std::max(1, tbb::info::default_concurrency() - 1);
+  impl_ = std::make_unique<impl>(num_threads);
+}
+
+adamw::~adamw() = default;
+
+int adamw::num_threads() const { return impl_->threads; }
+
+grad_stats adamw::stats(const void* grad, dtype grad_dtype, size_t n, float grad_mult) {
+  FERRY_ASSERT(n == 0 || grad, "adamw stats of a null gradient");
+  const detail::kernel_table k = detail::kernels();
+  return sum_stats(run_blocks(&impl_->arena, impl_->threads, n, tuning_.block_size, [&](size_t b, size_t e) {
+    return k.stats(grad, grad_dtype, b, e, grad_mult);
+  }));
+}
+
+float adamw::max_abs(const chunk_ref& c) {
+  const detail::kernel_table k = detail::kernels();
+  float mx = 0;
+  for (float x : run_blocks(&impl_->arena, impl_->threads, c.n, tuning_.block_size,
+                            [&](size_t b, size_t e) { return k.max_abs(c.grad, c.grad_dtype, b, e); })) {
+    mx = std::isnan(x) || std::isnan(mx) ? x + mx : std::max(mx, x);
+  }
+  return mx;
+}
+
+grad_stats adamw::run(int o, const chunk_ref& c, const adamw_hparams& h, int64_t step, float mult,
+                      float new_mult) {
+  detail::step_scalars s = make_scalars(h, step, mult, c, tuning_);
+  s.new_mult = new_mult;
+  const detail::kernel_table k = detail::kernels();
+  return sum_stats(run_blocks(&impl_->arena, impl_->threads, c.n, tuning_.block_size, [&](size_t b, size_t e) {
+    return k.update(static_cast<detail::op>(o), c, s, b, e);
+  }));
+}
+
+// Pre-scan design: "non-finite: nothing written" must hold for the whole chunk before the first
+// write, so a separate pass over the gradient is unavoidable; it only takes max |grad| (one
+// integer max per vector, at read bandwidth) and the sum of squares rides in the update pass.
+grad_stats adamw::step(const chunk_ref& c, const adamw_hparams& h, int64_t step, float grad_mult) {
+  check_chunk(c);
+  check_hparams(h, step);
+  if (!all_finite(max_abs(c), grad_mult)) return stats(c.grad, c.grad_dtype, c.n, grad_mult);
+  return run(static_cast<int>(detail::op::op_step), c, h, step, grad_mult, grad_mult);
+}
+
+void adamw::undo(const chunk_ref& c, const adamw_hparams& h, int64_t step, float grad_mult) {
+  check_chunk(c);
+  check_hparams(h, step);
+  if (!all_finite(max_abs(c), grad_mult)) return;  // that step was refused
+  run(static_cast<int>(detail::op::op_undo), c, h, step, grad_mult, grad_mult);
+}
+
+grad_stats adamw::redo(const chunk_ref& c, const adamw_hparams& h, int64_t step, float old_mult,
+                       float new_mult) {
+  check_chunk(c);
+  check_hparams(h, step);
+  const float mx = max_abs(c);
+  if (!all_finite(mx, old_mult)) return this->step(c, h, step, new_mult);  // the first was refused
+  if (!all_finite(mx, new_mult)) {
+    run(static_cast<int>(detail::op::op_undo), c, h, step, old_mult, old_mult);
+    return stats(c.grad, c.grad_dtype, c.n, new_mult);
+  }
+  return run(static_cast<int>(detail::op::op_redo), c, h, step, old_mult, new_mult);
+}
+
+void convert(const void* src, dtype src_dtype, void* dst, dtype dst_dtype, size_t n) {
+  FERRY_ASSERT(n == 0 || (src && dst), "convert with a null array");
+  constexpr size_t block = 16384;
+  const detail::kernel_table k = detail::kernels();
+  const size_t nb = (n + block - 1) / block;
+  tbb::parallel_for(
+      tbb::blocked_range<size_t>(0, nb, 1),
+      [&](const tbb::blocked_range<size_t>& r) {
+        for (size_t b = r.begin(); b < r.end(); ++b)
+          k.convert(src, src_dtype, dst, dst_dtype, b * block, std::min(n, (b + 1) * block));
+      },
+      tbb::static_partitioner());
+}
+
+}  // namespace ferry::cpu_optim

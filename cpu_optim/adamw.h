@@ -1,0 +1,116 @@
+#pragma once
+// Host AdamW over raw contiguous arrays: fp32 master weights and moments, fp32/fp16/bf16
+// gradients, an optional fp16/bf16 copy of the updated weights written in the same pass.
+// No libtorch here (ARCHITECTURE.md: cpu_optim knows nothing of tensors).
+//
+// Front (this header, adamw.cc): argument checks, bias-correction scalars, the split into
+// fixed-size blocks over the optimizer's own oneTBB arena. ISA kernels (kernels.cc) are compiled
+// for AVX3 (AVX-512), AVX2 (+F16C, FMA) and EMU128 (portable fallback) and chosen at run time.
+//
+// Determinism: the block split depends only on n and block_size, never on the thread count, and
+// per-block statistics are summed in block order, so every result is bit-identical for any thread
+// count on a given ISA target. Different targets may differ in the last ulp (vector widths change
+// the order of the in-block double sums; EMU128 has no fused multiply-add).
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace ferry::cpu_optim {
+
+enum class dtype { dtype_f32, dtype_f16, dtype_bf16 };
+
+size_t dtype_size(dtype t);
+const char* dtype_name(dtype t);
+
+struct adamw_hparams {
+  float lr = 1e-3f;
+  float beta1 = 0.9f;
+  float beta2 = 0.999f;
+  float eps = 1e-8f;
+  float weight_decay = 0.0f;
+};
+
+// Statistics of g = grad * grad_mult: sum of fp32 squares accumulated in double within a block,
+// blocks summed in block order; nonfinite counts elements of g that are inf or NaN.
+struct grad_stats {
+  double sum_sq = 0;
+  int64_t nonfinite = 0;
+};
+
+// One contiguous chunk (e.g. one layer): param/m/v fp32 of n elements, updated in place; grad of
+// n elements in grad_dtype (read only); half_out of n elements in half_dtype (f16 or bf16), or
+// nullptr for no copy. half_out is written with non-temporal stores when it is 64-byte aligned.
+struct chunk_ref {
+  float* param;
+  float* m;
+  float* v;
+  const void* grad;
+  dtype grad_dtype;
+  void* half_out;
+  dtype half_dtype;
+  size_t n;
+};
+
+// Kernel-lab knobs for the benchmark; the defaults are what the product uses.
+struct adamw_tuning {
+  size_t block_size = 16384;  // elements per work item; a multiple of 64
+  bool stream_half = true;    // non-temporal stores for half_out (no read-for-ownership)
+};
+
+class adamw {
+ public:
+  // num_threads 0: all cores but one (at least 1), leaving one for the CUDA copy/driver thread.
+  explicit adamw(int num_threads = 0, adamw_tuning tuning = {});
+  ~adamw();
+  adamw(const adamw&) = delete;
+  adamw& operator=(const adamw&) = delete;
+
+  int num_threads() const;
+  const adamw_tuning& tuning() const { return tuning_; }
+
+  grad_stats stats(const void* grad, dtype grad_dtype, size_t n, float grad_mult = 1.0f);
+
+  // One AdamW step on one chunk, in place; `step` is 1-based (bias correction 1 - beta^step).
+  // g = grad * grad_mult. PyTorch AdamW semantics:
+  //   p *= 1 - lr*wd; m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2;
+  //   p -= (lr/bc1) * m / (sqrt(v)/sqrt(bc2) + eps).
+  // Returns the stats of g. When any g is non-finite nothing is written (p, m, v, half_out keep
+  // their bits) and stats.nonfinite > 0. Costs a max-|grad| pre-scan (2 B/param for half
+  // grads, at read bandwidth) plus one fused pass that also sums the squares.
+  grad_stats step(const chunk_ref& c, const adamw_hparams& h, int64_t step, float grad_mult);
+
+  // Undoes a step() made with the same (h, step, grad_mult) and the same gradient still in the
+  // buffer: restores p, m, v (README.md "Rollback precision" gives the bound) and rewrites
+  // half_out from the restored p. A no-op when that step was refused for non-finite gradients.
+  void undo(const chunk_ref& c, const adamw_hparams& h, int64_t step, float grad_mult);
+
+  // undo(old_mult) then step(new_mult) in one pass; bit-identical to calling the two in turn.
+  // Returns the stats of grad * new_mult.
+  grad_stats redo(const chunk_ref& c, const adamw_hparams& h, int64_t step, float old_mult,
+                  float new_mult);
+
+ private:
+  float max_abs(const chunk_ref& c);
+  grad_stats run(int o, const chunk_ref& c, const adamw_hparams& h, int64_t step, float mult,
+                 float new_mult);
+
+  struct impl;
+  std::unique_ptr<impl> impl_;
+  adamw_tuning tuning_;
+};
+
+// Parallel precision conversion on the caller's oneTBB arena: f32->f16, f32->bf16 (round to
+// nearest even, NaN stays NaN, subnormals kept), f16->f32, bf16->f32 (exact), same-type copy.
+void convert(const void* src, dtype src_dtype, void* dst, dtype dst_dtype, size_t n);
+
+// ISA targets compiled into the binary (e.g. "AVX3", "AVX2", "EMU128"), best first.
+std::vector<std::string> compiled_targets();
+// The target the kernels dispatch to now.
+std::string active_target();
+// Test/benchmark hook, process-wide: dispatch to `name` from now on ("auto" restores the best
+// supported one). Returns false when the target is not compiled in or this CPU lacks it.
+bool force_target(const std::string& name);
+
+}  // namespace ferry::cpu_optim

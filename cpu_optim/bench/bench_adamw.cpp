@@ -1,0 +1,218 @@
+// ferry-bench-adamw: a kernel lab, not a test. Measures cpu_optim::adamw (fp16 gradients in,
+// fp16 copy out) per ISA target, thread count and size, next to the machine's STREAM-style copy
+// and triad bandwidth (same thread count, same oneTBB arena style) and PyTorch's fused CPU AdamW
+// (at::_fused_adamw_, fp32 gradients, no half copy). Only the default variant is the product;
+// the others show what non-temporal stores and the gradient pre-scan cost or buy.
+//
+//   ferry-bench-adamw [--sizes 1M,16M,64M,256M] [--threads 1,15] [--targets AVX3,AVX2]
+//                     [--blocks 16384] [--reps 5] [--json FILE]
+// Sizes take K/M/G suffixes (powers of two).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <tbb/blocked_range.h>
+#include <tbb/parallel_for.h>
+#include <tbb/partitioner.h>
+#include <tbb/task_arena.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <functional>
+#include <nlohmann/json.hpp>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "cpu_optim/adamw.h"
+
+namespace co = ferry::cpu_optim;
+
+namespace {
+
+struct row {
+  std::string kind, target, variant;
+  int threads;
+  size_t n;
+  double seconds, bytes_per_elem;
+  double gparam_s() const { return n / seconds / 1e9; }
+  double gb_s() const { return n * bytes_per_elem / seconds / 1e9; }
+};
+
+std::vector<std::string> split(const std::string& s) {
+  std::vector<std::string> out;
+  std::stringstream ss(s);
+  for (std::string t; std::getline(ss, t, ',');)
+    if (!t.empty()) out.push_back(t);
+  return out;
+}
+
+size_t parse_size(const std::string& s) {
+  size_t mult = 1;
+  const char c = static_cast<char>(std::toupper(s.back()));
+  if (c == 'K') mult = size_t(1) << 10;
+  if (c == 'M') mult = size_t(1) << 20;
+  if (c == 'G') mult = size_t(1) << 30;
+  return std::stoull(mult == 1 ? s : s.substr(0, s.size() - 1)) * mult;
+}
+
+template <class T>
+T* alloc(size_t n) {
+  const size_t bytes = (n * sizeof(T) + 4095) / 4096 * 4096;
+  return static_cast<T*>(std::aligned_alloc(4096, bytes));
+}
+
+// Median of `reps` timed runs after one warm-up.
+double median_seconds(int reps, const std::function<void()>& f) {
+  f();
+  std::vector<double> t;
+  for (int r = 0; r < reps; ++r) {
+    const auto a = std::chrono::steady_clock::now();
+    f();
+    t.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - a).count());
+  }
+  std::sort(t.begin(), t.end());
+  return t[t.size() / 2];
+}
+
+// STREAM-style kernels over the arena with a static partition, as the optimizer runs.
+void for_range(tbb::task_arena& arena, size_t n, const std::function<void(size_t, size_t)>& f) {
+  arena.execute([&] {
+    tbb::parallel_for(tbb::blocked_range<size_t>(0, n, 16384),
+                      [&](const tbb::blocked_range<size_t>& r) { f(r.begin(), r.end()); },
+                      tbb::static_partitioner());
+  });
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::vector<size_t> sizes = {1u << 20, 16u << 20, 64u << 20, 256u << 20};
+  std::vector<int> threads = {0};
+  std::vector<std::string> targets = co::compiled_targets();
+  std::vector<size_t> blocks = {co::adamw_tuning{}.block_size};
+  int reps = 5;
+  std::string json_path;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    const std::string v = i + 1 < argc ? argv[i + 1] : "";
+    if (a == "--help" || a == "-h") {
+      std::printf("ferry-bench-adamw [--sizes 1M,16M,64M,256M] [--threads 0,1,...] [--targets AVX3,AVX2,...]\n"
+                  "                  [--blocks 16384] [--reps 5] [--json FILE]\n"
+                  "threads 0 = all cores but one; compiled targets:");
+      for (const auto& t : co::compiled_targets()) std::printf(" %s", t.c_str());
+      std::printf("\n");
+      return 0;
+    }
+    if (v.empty()) {
+      std::fprintf(stderr, "%s needs a value; see --help\n", a.c_str());
+      return 2;
+    }
+    ++i;
+    if (a == "--sizes") { sizes.clear(); for (auto& s : split(v)) sizes.push_back(parse_size(s)); }
+    else if (a == "--threads") { threads.clear(); for (auto& s : split(v)) threads.push_back(std::stoi(s)); }
+    else if (a == "--targets") targets = split(v);
+    else if (a == "--blocks") { blocks.clear(); for (auto& s : split(v)) blocks.push_back(std::stoull(s)); }
+    else if (a == "--reps") reps = std::stoi(v);
+    else if (a == "--json") json_path = v;
+    else { std::fprintf(stderr, "unknown flag %s; see --help\n", a.c_str()); return 2; }
+  }
+
+  std::vector<row> rows;
+  auto report = [&](row r) {
+    std::printf("%-8s %-24s %-7s thr %3d n %11zu  %7.3f Gparam/s  %7.2f GB/s  (%.4f s)\n", r.kind.c_str(),
+                r.variant.c_str(), r.target.c_str(), r.threads, r.n, r.gparam_s(), r.gb_s(), r.seconds);
+    std::fflush(stdout);
+    rows.push_back(std::move(r));
+  };
+  const co::adamw_hparams h{1e-4f, 0.9f, 0.999f, 1e-8f, 0.01f};
+
+  for (size_t n : sizes) {
+    float* p = alloc<float>(n);
+    float* m = alloc<float>(n);
+    float* v = alloc<float>(n);
+    uint16_t* grad = alloc<uint16_t>(n);
+    uint16_t* half = alloc<uint16_t>(n);
+    for (int t0 : threads) {
+      const int nt = co::adamw(t0).num_threads();
+      tbb::task_arena arena(nt);
+      for_range(arena, n, [&](size_t b, size_t e) {  // first touch by the threads that use it
+        for (size_t i = b; i < e; ++i) {
+          p[i] = 0.01f * float(i % 97);
+          m[i] = 0.0f;
+          v[i] = 0.0f;
+          grad[i] = 0x3C00 ^ (i & 0x8000);  // fp16 +-1
+          half[i] = 0;
+        }
+      });
+      const double copy_s = median_seconds(reps, [&] { for_range(arena, n, [&](size_t b, size_t e) { for (size_t i = b; i < e; ++i) m[i] = p[i]; }); });
+      report({"stream", "-", "copy (8 B/elem)", nt, n, copy_s, 8});
+      const double triad_s = median_seconds(reps, [&] { for_range(arena, n, [&](size_t b, size_t e) { for (size_t i = b; i < e; ++i) v[i] = p[i] + 3.0f * m[i]; }); });
+      report({"stream", "-", "triad (12 B/elem)", nt, n, triad_s, 12});
+      std::fill(m, m + n, 0.0f);  // parallel first-touch kept; values reset for the optimizer
+      std::fill(v, v + n, 0.0f);
+
+      for (const std::string& tgt : targets) {
+        if (!co::force_target(tgt)) {
+          std::printf("skip %s: not supported on this CPU\n", tgt.c_str());
+          continue;
+        }
+        for (size_t blk : blocks) {
+          for (bool stream : {true, false}) {
+            co::adamw opt(nt, co::adamw_tuning{blk, stream});
+            const co::chunk_ref c{p, m, v, grad, co::dtype::dtype_f16, half, co::dtype::dtype_f16, n};
+            int64_t step = 0;
+            const double s = median_seconds(reps, [&] { opt.step(c, h, ++step, 1.0f); });
+            std::string var = std::string("f16->f16 ") + (stream ? "NT" : "store");
+            if (blocks.size() > 1) var += " b" + std::to_string(blk);
+            report({"adamw", tgt, var, nt, n, s, 28});
+          }
+        }
+        co::adamw opt(nt);
+        const double s = median_seconds(reps, [&] { opt.stats(grad, co::dtype::dtype_f16, n, 1.0f); });
+        report({"stats", tgt, "stats() f16 (2 B/elem)", nt, n, s, 2});
+      }
+      co::force_target("auto");
+
+      // PyTorch's fused CPU AdamW on the same arrays with fp32 gradients (28 B/param).
+      at::set_num_threads(nt);
+      const int64_t ni = static_cast<int64_t>(n);
+      at::Tensor tp = at::from_blob(p, {ni}, at::kFloat), tm = at::from_blob(m, {ni}, at::kFloat);
+      at::Tensor tv = at::from_blob(v, {ni}, at::kFloat);
+      at::Tensor tg = at::full({ni}, 1e-3f, at::kFloat);
+      at::Tensor steps = at::ones({}, at::kFloat);
+      const double ts = median_seconds(reps, [&] {
+        at::_fused_adamw_({tp}, {tg}, {tm}, {tv}, {}, {steps}, h.lr, h.beta1, h.beta2, h.weight_decay, h.eps,
+                          false, false);
+      });
+      report({"torch", "ATen", "_fused_adamw_ f32 grad", nt, n, ts, 28});
+    }
+    std::free(p), std::free(m), std::free(v), std::free(grad), std::free(half);
+  }
+
+  // Compact table: per (n, threads) the best product variant against PyTorch and the triad.
+  std::printf("\n%11s %4s %-7s %10s %8s %10s %8s %9s %9s\n", "n", "thr", "target", "Gparam/s", "GB/s",
+              "torch G/s", "ratio", "triad GB/s", "of triad");
+  for (const row& r : rows) {
+    if (r.kind != "adamw" || r.variant.rfind("f16->f16 NT", 0) != 0) continue;
+    double torch = 0, triad = 0;
+    for (const row& o : rows) {
+      if (o.n != r.n || o.threads != r.threads) continue;
+      if (o.kind == "torch") torch = o.gparam_s();
+      if (o.kind == "stream" && o.variant.rfind("triad", 0) == 0) triad = o.gb_s();
+    }
+    std::printf("%11zu %4d %-7s %10.3f %8.2f %10.3f %8.2f %9.2f %8.0f%%\n", r.n, r.threads, r.target.c_str(),
+                r.gparam_s(), r.gb_s(), torch, r.gparam_s() / torch, triad, 100 * r.gb_s() / triad);
+  }
+  if (!json_path.empty()) {
+    nlohmann::json j = nlohmann::json::array();
+    for (const row& r : rows) {
+      j.push_back({{"kind", r.kind}, {"target", r.target}, {"variant", r.variant}, {"threads", r.threads},
+                   {"n", r.n}, {"seconds", r.seconds}, {"gparam_s", r.gparam_s()}, {"gb_s", r.gb_s()}});
+    }
+    std::ofstream(json_path) << j.dump(2) << "\n";
+  }
+  return 0;
+}

@@ -1,0 +1,368 @@
+// Per-ISA kernels. Highway's foreach_target.h re-includes this file once per target in
+// HWY_TARGETS (AVX3, AVX2, and the portable fallback: EMU128, or SCALAR with GCC < 12.3; SSSE3/SSE4 are disabled, they would only add build time),
+// each time with that target's instruction set enabled for these functions only; the library
+// is never built with -march. HWY_EXPORT/HWY_DYNAMIC_DISPATCH pick the table at run time.
+#include <cmath>
+#include <cstring>
+#include <type_traits>
+
+#ifndef HWY_DISABLED_TARGETS
+#define HWY_DISABLED_TARGETS (HWY_SSSE3 | HWY_SSE4)
+#endif
+#undef HWY_TARGET_INCLUDE
+#define HWY_TARGET_INCLUDE "cpu_optim/kernels.cc"
+#include "hwy/foreach_target.h"  // IWYU pragma: keep
+#include "hwy/cache_control.h"
+#include "hwy/highway.h"
+
+#include "cpu_optim/half.h"
+#include "cpu_optim/kernels.h"
+
+HWY_BEFORE_NAMESPACE();
+namespace ferry::cpu_optim::detail::HWY_NAMESPACE {
+namespace hn = hwy::HWY_NAMESPACE;
+
+using df_t = hn::ScalableTag<float>;
+constexpr size_t k_max_lanes = 16;  // AVX-512 floats; sizes the tail's stack copies
+
+// The fallback's (EMU128/SCALAR) Highway 1.0.3 fp16 demotion truncates and maps inf/NaN to finite values, and its
+// bf16 demotion truncates; there the half conversions go lane by lane through half.h.
+#if HWY_TARGET == HWY_EMU128 || HWY_TARGET == HWY_SCALAR
+constexpr bool k_lanewise_half = true;
+#else
+constexpr bool k_lanewise_half = false;
+#endif
+
+struct no_half {};  // "no half copy" marker for the H template parameter
+
+template <class T>
+HWY_INLINE float scalar_to_f32(const T& x) {
+  if constexpr (std::is_same_v<T, float>) {
+    return x;
+  } else {
+    uint16_t bits;
+    std::memcpy(&bits, &x, 2);
+    if constexpr (std::is_same_v<T, hwy::float16_t>) return half::f16_to_f32(bits);
+    else return half::bf16_to_f32(bits);
+  }
+}
+
+template <class T>
+HWY_INLINE void scalar_from_f32(float f, T* out) {
+  if constexpr (std::is_same_v<T, float>) {
+    *out = f;
+  } else {
+    const uint16_t bits =
+        std::is_same_v<T, hwy::float16_t> ? half::f32_to_f16(f) : half::f32_to_bf16(f);
+    std::memcpy(out, &bits, 2);
+  }
+}
+
+// Lanes(df) elements at p, widened to fp32 (exact for every source type).
+template <class G>
+HWY_INLINE hn::Vec<df_t> load_f32(const G* HWY_RESTRICT p) {
+  const df_t df;
+  if constexpr (std::is_same_v<G, float>) {
+    return hn::LoadU(df, p);
+  } else if constexpr (k_lanewise_half) {
+    HWY_ALIGN_MAX float tmp[k_max_lanes];
+    for (size_t k = 0; k < hn::Lanes(df); ++k) tmp[k] = scalar_to_f32(p[k]);
+    return hn::Load(df, tmp);
+  } else {
+    const hn::Rebind<G, df_t> dh;
+    return hn::PromoteTo(df, hn::LoadU(dh, p));
+  }
+}
+
+// fp32 -> bf16 round-to-nearest-even with integer ops (Highway 1.0.3's DemoteTo truncates, and
+// AVX512-BF16's vcvtneps2bf16 flushes subnormals, which PyTorch does not).
+HWY_INLINE hn::Vec<hn::Rebind<uint16_t, df_t>> bf16_rne(hn::Vec<df_t> v) {
+  const hn::RebindToUnsigned<df_t> du;
+  const hn::RebindToSigned<df_t> di;
+  const hn::Rebind<uint16_t, df_t> du16;
+  const auto bits = hn::BitCast(du, v);
+  const auto lsb = hn::And(hn::ShiftRight<16>(bits), hn::Set(du, 1u));
+  const auto rounded = hn::ShiftRight<16>(hn::Add(bits, hn::Add(hn::Set(du, 0x7FFFu), lsb)));
+  const auto abs_bits = hn::And(hn::BitCast(di, v), hn::Set(di, 0x7FFFFFFF));
+  const auto is_nan = hn::RebindMask(du, hn::Gt(abs_bits, hn::Set(di, 0x7F800000)));
+  const auto quiet_nan = hn::Or(hn::ShiftRight<16>(bits), hn::Set(du, 0x0040u));
+  const auto out = hn::IfThenElse(is_nan, quiet_nan, rounded);  // each lane <= 0xFFFF
+  return hn::DemoteTo(du16, hn::BitCast(di, out));
+}
+
+// Narrows (or copies) one vector to p; `stream` needs p aligned to the stored vector's size.
+template <class H>
+HWY_INLINE void store_from_f32(hn::Vec<df_t> v, H* HWY_RESTRICT p, bool stream) {
+  const df_t df;
+  if constexpr (std::is_same_v<H, float>) {
+    if (stream) hn::Stream(v, df, p);
+    else hn::StoreU(v, df, p);
+  } else if constexpr (k_lanewise_half) {
+    HWY_ALIGN_MAX float tmp[k_max_lanes];
+    hn::Store(v, df, tmp);
+    for (size_t k = 0; k < hn::Lanes(df); ++k) scalar_from_f32(tmp[k], p + k);
+  } else {
+    const hn::Rebind<uint16_t, df_t> du16;
+    hn::Vec<decltype(du16)> bits;
+    if constexpr (std::is_same_v<H, hwy::float16_t>) {
+      bits = hn::BitCast(du16, hn::DemoteTo(hn::Rebind<hwy::float16_t, df_t>(), v));  // F16C: RNE
+    } else {
+      bits = bf16_rne(v);
+    }
+    auto* out = reinterpret_cast<uint16_t*>(p);
+    if (stream) hn::Stream(bits, du16, out);
+    else hn::StoreU(bits, du16, out);
+  }
+}
+
+// Sum of fp32 squares in double lanes. stats() and the fused update use this same
+// accumulation, so step() returns bit for bit what stats() would.
+struct sq_acc {
+#if HWY_TARGET == HWY_SCALAR  // one lane: no halves to widen
+  double a = 0;
+  HWY_INLINE void add(hn::Vec<df_t> g) { a += static_cast<double>(hn::GetLane(hn::Mul(g, g))); }
+  double sum() const { return a; }
+#else
+  hn::Half<df_t> dfh;
+  hn::Rebind<double, hn::Half<df_t>> dd;
+  hn::Vec<hn::Rebind<double, hn::Half<df_t>>> lo, hi;
+  // User-provided so it carries this target's attributes (an implicit one would not).
+  HWY_INLINE sq_acc() : lo(hn::Zero(dd)), hi(hn::Zero(dd)) {}
+  HWY_INLINE void add(hn::Vec<df_t> g) {
+    const auto sq = hn::Mul(g, g);
+    lo = hn::Add(lo, hn::PromoteTo(dd, hn::LowerHalf(dfh, sq)));
+    hi = hn::Add(hi, hn::PromoteTo(dd, hn::UpperHalf(dfh, sq)));
+  }
+  double sum() const { return hn::GetLane(hn::SumOfLanes(dd, hn::Add(lo, hi))); }
+#endif
+};
+
+// One vector of the update. Undo inverts the step's operations in reverse order, recomputing
+// the step's update term from the (unchanged) new m and v, so only the final roundings of
+// p, m and v are lost (README.md "Rollback precision").
+template <op O, class G, class H>
+HWY_INLINE void update_vec(const G* HWY_RESTRICT grad, float* HWY_RESTRICT p,
+                           float* HWY_RESTRICT m, float* HWY_RESTRICT v, H* HWY_RESTRICT half_out,
+                           const step_scalars& s, bool stream, sq_acc& acc) {
+  const df_t df;
+  const auto b1 = hn::Set(df, s.beta1), c1 = hn::Set(df, s.one_minus_beta1);
+  const auto b2 = hn::Set(df, s.beta2), c2 = hn::Set(df, s.one_minus_beta2);
+  const auto decay = hn::Set(df, s.decay), step_size = hn::Set(df, s.step_size);
+  const auto inv_sqrt_bc2 = hn::Set(df, s.inv_sqrt_bc2), eps = hn::Set(df, s.eps);
+  const auto gr = load_f32(grad);
+  auto P = hn::LoadU(df, p), M = hn::LoadU(df, m), V = hn::LoadU(df, v);
+  if constexpr (O != op::op_step) {
+    const auto g = hn::Mul(gr, hn::Set(df, s.mult));
+    const auto denom = hn::MulAdd(hn::Sqrt(V), inv_sqrt_bc2, eps);
+    const auto u = hn::Mul(hn::Div(M, denom), step_size);
+    P = hn::Div(hn::Add(P, u), decay);
+    M = hn::Div(hn::Sub(M, hn::Mul(c1, g)), b1);
+    V = hn::Max(hn::Div(hn::Sub(V, hn::Mul(c2, hn::Mul(g, g))), b2), hn::Zero(df));
+  }
+  if constexpr (O != op::op_undo) {
+    const auto g = hn::Mul(gr, hn::Set(df, O == op::op_redo ? s.new_mult : s.mult));
+    acc.add(g);
+    M = hn::MulAdd(b1, M, hn::Mul(c1, g));
+    V = hn::MulAdd(b2, V, hn::Mul(c2, hn::Mul(g, g)));
+    const auto denom = hn::MulAdd(hn::Sqrt(V), inv_sqrt_bc2, eps);
+    const auto u = hn::Mul(hn::Div(M, denom), step_size);
+    P = hn::MulSub(P, decay, u);
+  }
+  hn::StoreU(P, df, p);
+  hn::StoreU(M, df, m);
+  hn::StoreU(V, df, v);
+  if constexpr (!std::is_same_v<H, no_half>) store_from_f32(P, half_out, stream);
+}
+
+template <op O, class G, class H>
+grad_stats update_range(const chunk_ref& c, const step_scalars& s, size_t begin, size_t end) {
+  sq_acc acc;
+  const size_t N = hn::Lanes(df_t());
+  const G* grad = static_cast<const G*>(c.grad);
+  H* half_out = nullptr;
+  if constexpr (!std::is_same_v<H, no_half>) half_out = static_cast<H*>(c.half_out);
+  size_t i = begin;
+  for (; i + N <= end; i += N) {
+    update_vec<O>(grad + i, c.param + i, c.m + i, c.v + i, half_out ? half_out + i : nullptr, s,
+                  s.stream_half, acc);
+  }
+  if (s.stream_half && half_out) hwy::FlushStream();  // order the weakly-ordered stores
+  if (i == end) return grad_stats{acc.sum(), 0};
+  // Tail: the same vector body on zero-padded stack copies (zeros stay finite through it).
+  const size_t r = end - i;
+  HWY_ALIGN_MAX float tp[k_max_lanes] = {}, tm[k_max_lanes] = {}, tv[k_max_lanes] = {};
+  HWY_ALIGN_MAX G tg[k_max_lanes] = {};
+  HWY_ALIGN_MAX std::conditional_t<std::is_same_v<H, no_half>, uint16_t, H> th[k_max_lanes] = {};
+  std::memcpy(tp, c.param + i, r * 4);
+  std::memcpy(tm, c.m + i, r * 4);
+  std::memcpy(tv, c.v + i, r * 4);
+  std::memcpy(tg, grad + i, r * sizeof(G));
+  update_vec<O>(tg, tp, tm, tv, std::is_same_v<H, no_half> ? nullptr : reinterpret_cast<H*>(th), s,
+                false, acc);
+  std::memcpy(c.param + i, tp, r * 4);
+  std::memcpy(c.m + i, tm, r * 4);
+  std::memcpy(c.v + i, tv, r * 4);
+  if constexpr (!std::is_same_v<H, no_half>) std::memcpy(half_out + i, th, r * sizeof(H));
+  return grad_stats{acc.sum(), 0};
+}
+
+template <op O, class G>
+grad_stats update_g(const chunk_ref& c, const step_scalars& s, size_t b, size_t e) {
+  if (c.half_out == nullptr) return update_range<O, G, no_half>(c, s, b, e);
+  if (c.half_dtype == dtype::dtype_f16) return update_range<O, G, hwy::float16_t>(c, s, b, e);
+  return update_range<O, G, hwy::bfloat16_t>(c, s, b, e);
+}
+
+template <op O>
+grad_stats update_o(const chunk_ref& c, const step_scalars& s, size_t b, size_t e) {
+  switch (c.grad_dtype) {
+    case dtype::dtype_f32: return update_g<O, float>(c, s, b, e);
+    case dtype::dtype_f16: return update_g<O, hwy::float16_t>(c, s, b, e);
+    case dtype::dtype_bf16: return update_g<O, hwy::bfloat16_t>(c, s, b, e);
+  }
+  return {};
+}
+
+grad_stats update(op o, const chunk_ref& c, const step_scalars& s, size_t b, size_t e) {
+  switch (o) {
+    case op::op_step: return update_o<op::op_step>(c, s, b, e);
+    case op::op_undo: return update_o<op::op_undo>(c, s, b, e);
+    case op::op_redo: return update_o<op::op_redo>(c, s, b, e);
+  }
+  return {};
+}
+
+// The non-finite count is only taken (scalar) when the block's sum is not finite, which any
+// inf/NaN element forces.
+template <class G>
+grad_stats stats_range(const G* grad, size_t begin, size_t end, float mult) {
+  const df_t df;
+  const size_t N = hn::Lanes(df);
+  const auto vmult = hn::Set(df, mult);
+  sq_acc acc;
+  size_t i = begin;
+  for (; i + N <= end; i += N) acc.add(hn::Mul(load_f32(grad + i), vmult));
+  if (i < end) {
+    HWY_ALIGN_MAX G tg[k_max_lanes] = {};
+    std::memcpy(tg, grad + i, (end - i) * sizeof(G));
+    acc.add(hn::Mul(load_f32(tg), vmult));
+  }
+  grad_stats st{acc.sum(), 0};
+  if (!std::isfinite(st.sum_sq)) {
+    for (size_t k = begin; k < end; ++k) st.nonfinite += !std::isfinite(scalar_to_f32(grad[k]) * mult);
+  }
+  return st;
+}
+
+// max |grad| over [begin, end) as the bits of a non-negative float: for non-negative IEEE
+// values the bit patterns order like the values, and NaN orders above inf. One AND and one
+// integer MAX per vector, so the pre-scan runs at read bandwidth.
+template <class G>
+float max_abs_range(const G* grad, size_t begin, size_t end) {
+  const df_t df;
+  const hn::RebindToSigned<df_t> di;
+  const size_t N = hn::Lanes(df);
+  const auto mask = hn::Set(di, 0x7FFFFFFF);
+  auto mx = hn::Zero(di);
+  size_t i = begin;
+  for (; i + N <= end; i += N) mx = hn::Max(mx, hn::And(hn::BitCast(di, load_f32(grad + i)), mask));
+  if (i < end) {
+    HWY_ALIGN_MAX G tg[k_max_lanes] = {};
+    std::memcpy(tg, grad + i, (end - i) * sizeof(G));
+    mx = hn::Max(mx, hn::And(hn::BitCast(di, load_f32(tg)), mask));
+  }
+  const int32_t bits = hn::GetLane(hn::MaxOfLanes(di, mx));
+  return half::f32_from_bits(static_cast<uint32_t>(bits));
+}
+
+float max_abs(const void* grad, dtype t, size_t begin, size_t end) {
+  switch (t) {
+    case dtype::dtype_f32: return max_abs_range(static_cast<const float*>(grad), begin, end);
+    case dtype::dtype_f16: return max_abs_range(static_cast<const hwy::float16_t*>(grad), begin, end);
+    case dtype::dtype_bf16: return max_abs_range(static_cast<const hwy::bfloat16_t*>(grad), begin, end);
+  }
+  return 0;
+}
+
+grad_stats stats(const void* grad, dtype t, size_t begin, size_t end, float mult) {
+  switch (t) {
+    case dtype::dtype_f32: return stats_range(static_cast<const float*>(grad), begin, end, mult);
+    case dtype::dtype_f16:
+      return stats_range(static_cast<const hwy::float16_t*>(grad), begin, end, mult);
+    case dtype::dtype_bf16:
+      return stats_range(static_cast<const hwy::bfloat16_t*>(grad), begin, end, mult);
+  }
+  return {};
+}
+
+template <class S, class D>
+void convert_range(const S* src, D* dst, size_t begin, size_t end) {
+  const size_t N = hn::Lanes(df_t());
+  size_t i = begin;
+  for (; i + N <= end; i += N) store_from_f32(load_f32(src + i), dst + i, false);
+  for (; i < end; ++i) scalar_from_f32(scalar_to_f32(src[i]), dst + i);
+}
+
+template <class S>
+void convert_s(const S* src, void* dst, dtype dt, size_t b, size_t e) {
+  switch (dt) {
+    case dtype::dtype_f32: return convert_range(src, static_cast<float*>(dst), b, e);
+    case dtype::dtype_f16: return convert_range(src, static_cast<hwy::float16_t*>(dst), b, e);
+    case dtype::dtype_bf16: return convert_range(src, static_cast<hwy::bfloat16_t*>(dst), b, e);
+  }
+}
+
+void convert(const void* src, dtype st, void* dst, dtype dt, size_t b, size_t e) {
+  if (st == dt) {
+    const size_t w = dtype_size(st);
+    std::memcpy(static_cast<char*>(dst) + b * w, static_cast<const char*>(src) + b * w, (e - b) * w);
+    return;
+  }
+  switch (st) {
+    case dtype::dtype_f32: return convert_s(static_cast<const float*>(src), dst, dt, b, e);
+    case dtype::dtype_f16: return convert_s(static_cast<const hwy::float16_t*>(src), dst, dt, b, e);
+    case dtype::dtype_bf16:
+      return convert_s(static_cast<const hwy::bfloat16_t*>(src), dst, dt, b, e);
+  }
+}
+
+kernel_table make_table() { return kernel_table{hwy::TargetName(HWY_TARGET), &stats, &max_abs, &update, &convert}; }
+
+}  // namespace ferry::cpu_optim::detail::HWY_NAMESPACE
+HWY_AFTER_NAMESPACE();
+
+#if HWY_ONCE
+namespace ferry::cpu_optim {
+namespace detail {
+HWY_EXPORT(make_table);
+
+kernel_table kernels() { return HWY_DYNAMIC_DISPATCH(make_table)(); }
+}  // namespace detail
+
+std::vector<std::string> compiled_targets() {
+  std::vector<std::string> out;
+  for (int64_t t = HWY_TARGETS; t != 0; t &= t - 1) out.emplace_back(hwy::TargetName(t & -t));
+  return out;
+}
+
+std::string active_target() { return detail::kernels().target; }
+
+bool force_target(const std::string& name) {
+  hwy::SetSupportedTargetsForTest(0);  // back to what the CPU really supports
+  if (name == "auto") {
+    hwy::GetChosenTarget().Update(hwy::SupportedTargets());
+    return true;
+  }
+  for (int64_t t = HWY_TARGETS; t != 0; t &= t - 1) {
+    const int64_t bit = t & -t;
+    if (name != hwy::TargetName(bit)) continue;
+    if ((hwy::SupportedTargets() & bit) == 0) break;
+    hwy::SetSupportedTargetsForTest(bit);
+    hwy::GetChosenTarget().Update(hwy::SupportedTargets());
+    return true;
+  }
+  hwy::GetChosenTarget().Update(hwy::SupportedTargets());
+  return false;
+}
+}  // namespace ferry::cpu_optim
+#endif  // HWY_ONCE

@@ -1,0 +1,44 @@
+#pragma once
+// Internal: the per-ISA kernel table (kernels.cc) the front (adamw.cc) calls block by block.
+// Each kernel works on elements [begin, end) of one chunk; end - begin is any length (the
+// vector loop has a tail that reuses the vector body on a padded stack copy).
+#include <cstddef>
+#include <cstdint>
+
+#include "cpu_optim/adamw.h"
+
+namespace ferry::cpu_optim::detail {
+
+// The per-step scalars, computed once by the front in double and rounded to float.
+struct step_scalars {
+  float beta1, one_minus_beta1;
+  float beta2, one_minus_beta2;
+  float decay;              // 1 - lr * weight_decay
+  float step_size;          // lr / (1 - beta1^step)
+  float inv_sqrt_bc2;       // 1 / sqrt(1 - beta2^step)
+  float eps;
+  float mult;               // grad multiplier of the (forward) step
+  float new_mult;           // redo only: multiplier of the step that replaces it
+  bool stream_half;         // half_out is aligned for non-temporal stores
+};
+
+enum class op { op_step, op_undo, op_redo };
+
+struct kernel_table {
+  const char* target;
+  // Sum of squares and non-finite count of grad*mult over [begin, end).
+  grad_stats (*stats)(const void* grad, dtype grad_dtype, size_t begin, size_t end, float mult);
+  // max |grad| over [begin, end) (NaN when any element is NaN); grad*mult is all finite iff
+  // max_abs*|mult| is finite, since fp32 multiplication rounds monotonically.
+  float (*max_abs)(const void* grad, dtype grad_dtype, size_t begin, size_t end);
+  // One op over [begin, end); returns the sum of squares of the g it applied (step, redo: new g;
+  // undo: 0), accumulated exactly as stats() does, nonfinite 0.
+  grad_stats (*update)(op o, const chunk_ref& c, const step_scalars& s, size_t begin, size_t end);
+  void (*convert)(const void* src, dtype src_dtype, void* dst, dtype dst_dtype, size_t begin,
+                  size_t end);
+};
+
+// The table of the target chosen now (best supported, or the one force_target picked).
+kernel_table kernels();
+
+}  // namespace ferry::cpu_optim::detail

@@ -1,0 +1,176 @@
+// Causal grouped-query attention on CUDA (gpu/ops.h).
+//  - head_dim <= 256: libtorch's fused SDPA kernels. fp16/bf16 use flash attention, which handles
+//    GQA natively (dk, dv come back with Hkv heads). fp32 uses the memory-efficient kernel, which
+//    does not, so k/v are expanded and their gradients summed back over each group. head_dim is
+//    zero-padded to a multiple of 8 (e.g. 100 -> 104), as aten's scaled_dot_product_attention does:
+//    zero columns leave q.k and the first d columns of the output unchanged.
+//  - head_dim > 256 (the debug shape: 1024): cuBLAS batched GEMMs with fp32 accumulation plus ferry's
+//    fused causal softmax (gpu/attention_softmax.cuh). The forward keeps only out and lse; the
+//    backward recomputes the scores and P from lse. GQA is free: q viewed as (b*hkv, g*t, d) shares
+//    one k/v per group, and the dk/dv GEMMs sum over the group in their reduction dimension.
+//    Memory: two (b*hq, t, t) score buffers in the input dtype during the backward.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include "gpu/attention_softmax.cuh"
+#include "gpu/dispatch.h"
+#include "gpu/ops.h"
+
+namespace ferry::gpu {
+namespace {
+
+using detail::ptr;
+
+constexpr int64_t k_sdpa_max_head_dim = 256;
+
+struct attn_shape {
+  int64_t b, hq, hkv, t, d;
+  int64_t group() const { return hq / hkv; }
+};
+
+attn_shape check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const char* op) {
+  for (const at::Tensor* x : {&q, &k, &v}) {
+    FERRY_CHECK(x->defined() && x->is_cuda() && x->dim() == 4, op, ": q, k, v must be 4-D CUDA tensors (b, h, t, d)");
+    FERRY_CHECK(x->scalar_type() == q.scalar_type(), op, ": q, k, v must share a dtype");
+  }
+  attn_shape s{q.size(0), q.size(1), k.size(1), q.size(2), q.size(3)};
+  FERRY_CHECK(k.sizes() == v.sizes() && k.size(0) == s.b && k.size(2) == s.t && k.size(3) == s.d, op, ": k ",
+              k.sizes(), " and v ", v.sizes(), " must be (", s.b, ", hkv, ", s.t, ", ", s.d, ") for q ", q.sizes());
+  FERRY_CHECK(s.hkv > 0 && s.hq % s.hkv == 0, op, ": query heads ", s.hq, " must be a multiple of kv heads ", s.hkv);
+  return s;
+}
+
+at::Tensor pad_head_dim(const at::Tensor& x) {
+  const int64_t d = x.size(-1), pad = (8 - d % 8) % 8;
+  if (pad == 0) return x.stride(-1) == 1 ? x : x.contiguous();  // the fused kernels take any outer strides
+  return at::constant_pad_nd(x, {0, pad});
+}
+at::Tensor unpad_head_dim(const at::Tensor& x, int64_t d) {
+  return x.size(-1) == d ? x : x.narrow(-1, 0, d).contiguous();
+}
+
+bool use_flash(const at::Tensor& q) { return q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16; }
+
+// (b, hkv, t, d) -> (b, hq, t, d), each kv head repeated for its group (HF repeat_kv order).
+at::Tensor expand_kv(const at::Tensor& x, int64_t group) {
+  return group == 1 ? x : x.repeat_interleave(group, 1);
+}
+// The gradient of expand_kv: (b, hq, t, d) -> (b, hkv, t, d).
+at::Tensor reduce_kv(const at::Tensor& dx, int64_t group) {
+  if (group == 1) return dx;
+  return dx.view({dx.size(0), dx.size(1) / group, group, dx.size(2), dx.size(3)}).sum(2);
+}
+
+std::tuple<at::Tensor, at::Tensor> sdpa_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                const attn_shape& s, double scale) {
+  if (use_flash(q)) {
+    auto r = at::_scaled_dot_product_flash_attention(pad_head_dim(q), pad_head_dim(k), pad_head_dim(v), 0.0,
+                                                     /*is_causal=*/true, /*return_debug_mask=*/false, scale);
+    return {unpad_head_dim(std::get<0>(r), s.d), std::get<1>(r)};
+  }
+  auto r = at::_scaled_dot_product_efficient_attention(pad_head_dim(q), pad_head_dim(expand_kv(k, s.group())),
+                                                       pad_head_dim(expand_kv(v, s.group())), std::nullopt,
+                                                       /*compute_log_sumexp=*/true, 0.0, /*is_causal=*/true, scale);
+  // The kernel pads lse's time axis to a multiple of 32; hand back exactly (b, hq, t).
+  return {unpad_head_dim(std::get<0>(r), s.d), std::get<1>(r).narrow(2, 0, s.t).contiguous()};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sdpa_backward(const at::Tensor& dout, const at::Tensor& q,
+                                                             const at::Tensor& k, const at::Tensor& v,
+                                                             const at::Tensor& out, const at::Tensor& lse,
+                                                             const attn_shape& s, double scale) {
+  if (use_flash(q)) {
+    // No dropout: the rng state is never read, but the op wants defined tensors.
+    const at::Tensor seed = at::zeros({2}, q.options().dtype(at::kUInt64));
+    const at::Tensor offset = at::empty({0}, q.options().dtype(at::kUInt64));
+    auto r = at::_scaled_dot_product_flash_attention_backward(
+        pad_head_dim(dout), pad_head_dim(q), pad_head_dim(k), pad_head_dim(v), pad_head_dim(out), lse.contiguous(),
+        at::Tensor(), at::Tensor(), s.t, s.t, 0.0, /*is_causal=*/true, seed, offset, scale);
+    return {unpad_head_dim(std::get<0>(r), s.d), unpad_head_dim(std::get<1>(r), s.d),
+            unpad_head_dim(std::get<2>(r), s.d)};
+  }
+  const int64_t t_pad = (s.t + 31) / 32 * 32;
+  const at::Tensor lse_pad = at::constant_pad_nd(lse.contiguous(), {0, t_pad - s.t});
+  const at::Tensor seed = at::empty({}, at::dtype(at::kLong));
+  const at::Tensor offset = at::empty({}, at::dtype(at::kLong));
+  auto r = at::_scaled_dot_product_efficient_attention_backward(
+      pad_head_dim(dout), pad_head_dim(q), pad_head_dim(expand_kv(k, s.group())),
+      pad_head_dim(expand_kv(v, s.group())), at::Tensor(), pad_head_dim(out), lse_pad, seed, offset, 0.0,
+      {true, true, true, false}, /*is_causal=*/true, scale);
+  return {unpad_head_dim(std::get<0>(r), s.d), reduce_kv(unpad_head_dim(std::get<1>(r), s.d), s.group()),
+          reduce_kv(unpad_head_dim(std::get<2>(r), s.d), s.group())};
+}
+
+// q as (b*hkv, g*t, d): the g query heads of one kv head stacked along time.
+at::Tensor grouped_q(const at::Tensor& x, const attn_shape& s) {
+  return x.contiguous().view({s.b * s.hkv, s.group() * s.t, s.d});
+}
+at::Tensor grouped_kv(const at::Tensor& x, const attn_shape& s) { return x.contiguous().view({s.b * s.hkv, s.t, s.d}); }
+
+std::tuple<at::Tensor, at::Tensor> large_head_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                      const attn_shape& s, double scale) {
+  const at::Tensor qg = grouped_q(q, s), kg = grouped_kv(k, s), vg = grouped_kv(v, s);
+  at::Tensor scores = at::bmm(qg, kg.transpose(1, 2));  // (b*hkv, g*t, t), raw (unscaled)
+  at::Tensor lse = at::empty({s.b, s.hq, s.t}, q.options().dtype(at::kFloat));
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream(q.device().index()).stream();
+  detail::dispatch_float(q.scalar_type(), "ferry::gpu::attention_forward", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    attention_softmax_forward_launch<T>(ptr<T>(scores), lse.data_ptr<float>(), ptr<T>(scores), s.b * s.hq * s.t, s.t,
+                                        static_cast<float>(scale), stream);
+  });
+  at::Tensor out = at::bmm(scores, vg).view({s.b, s.hq, s.t, s.d});
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> large_head_backward(const at::Tensor& dout, const at::Tensor& q,
+                                                                   const at::Tensor& k, const at::Tensor& v,
+                                                                   const at::Tensor& out, const at::Tensor& lse,
+                                                                   const attn_shape& s, double scale) {
+  const at::Tensor qg = grouped_q(q, s), kg = grouped_kv(k, s), vg = grouped_kv(v, s);
+  const at::Tensor dog = grouped_q(dout, s), og = grouped_q(out, s);
+  const at::Tensor lse_c = lse.contiguous();
+  at::Tensor p = at::bmm(qg, kg.transpose(1, 2));     // raw scores, overwritten with P
+  at::Tensor ds = at::bmm(dog, vg.transpose(1, 2));   // dP, overwritten with d(raw scores)
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream(q.device().index()).stream();
+  detail::dispatch_float(q.scalar_type(), "ferry::gpu::attention_backward", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    attention_softmax_backward_launch<T>(ptr<T>(p), ptr<T>(ds), ptr<T>(p), ptr<T>(ds), ptr<T>(og), ptr<T>(dog),
+                                         lse_c.data_ptr<float>(), s.b * s.hq * s.t, s.t, s.d,
+                                         static_cast<float>(scale), stream);
+  });
+  at::Tensor dv = at::bmm(p.transpose(1, 2), dog).view({s.b, s.hkv, s.t, s.d});
+  at::Tensor dq = at::bmm(ds, kg).view({s.b, s.hq, s.t, s.d});
+  at::Tensor dk = at::bmm(ds.transpose(1, 2), qg).view({s.b, s.hkv, s.t, s.d});
+  return {dq, dk, dv};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                     double scale) {
+  const attn_shape s = check_qkv(q, k, v, "ferry::gpu::attention_forward");
+  const c10::cuda::CUDAGuard guard(q.device());
+  if (s.d <= k_sdpa_max_head_dim) return sdpa_forward(q, k, v, s, scale);
+  return large_head_forward(q, k, v, s, scale);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(const at::Tensor& dout, const at::Tensor& q,
+                                                                  const at::Tensor& k, const at::Tensor& v,
+                                                                  const at::Tensor& out, const at::Tensor& lse,
+                                                                  double scale) {
+  constexpr const char* op = "ferry::gpu::attention_backward";
+  const attn_shape s = check_qkv(q, k, v, op);
+  FERRY_CHECK(dout.sizes() == q.sizes() && out.sizes() == q.sizes(), op, ": dout and out must be shaped like q ",
+              q.sizes());
+  FERRY_CHECK(dout.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(), op,
+              ": dout and out must share q's dtype");
+  FERRY_CHECK(lse.scalar_type() == at::kFloat && lse.dim() == 3 && lse.size(0) == s.b && lse.size(1) == s.hq &&
+                  lse.size(2) == s.t,
+              op, ": lse must be fp32 (", s.b, ", ", s.hq, ", ", s.t, "), got ", lse.sizes());
+  const c10::cuda::CUDAGuard guard(q.device());
+  if (s.d <= k_sdpa_max_head_dim) return sdpa_backward(dout, q, k, v, out, lse, s, scale);
+  return large_head_backward(dout, q, k, v, out, lse, s, scale);
+}
+
+}  // namespace ferry::gpu

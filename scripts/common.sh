@@ -1,0 +1,19 @@
+# Sourced by the scripts in this folder: paths, logging, and the environment setup.sh records.
+FERRY_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+FERRY_BUILD_DIR="${FERRY_BUILD_DIR:-$FERRY_ROOT/build}"
+FERRY_ENV_FILE="$FERRY_ROOT/.ferry-env"
+
+ferry_log() { printf '[ferry] %s\n' "$*" >&2; }
+ferry_die() { printf 'ferry: %s\n' "$*" >&2; exit "${2:-1}"; }
+
+ferry_load_env() {
+  # shellcheck disable=SC1090
+  [ -f "$FERRY_ENV_FILE" ] && . "$FERRY_ENV_FILE"
+  return 0
+}
+
+ferry_jobs() {
+  local n
+  n=$(nproc 2>/dev/null || echo 2)
+  echo "${FERRY_JOBS:-$n}"
+}

@@ -1,0 +1,74 @@
+#include "src/cli/wiring.h"
+
+#include <cstdio>
+#include <filesystem>
+#include <sstream>
+
+#include "src/common/error.h"
+#include "src/engine/memory_plan.h"
+#include "src/io/hf_config.h"
+
+namespace ferry::cli {
+
+std::string default_corpus() { return "/usr/share/common-licenses"; }
+
+model::llama_config resolve_model(const io::run_config& cfg) {
+  if (!cfg.init.empty() && !cfg.is_explicit("model")) return io::load_hf_config(cfg.init);
+  return io::load_hf_config(cfg.model);
+}
+
+engine::engine_options engine_options_for(const io::run_config& cfg, const model::llama_config& mc) {
+  engine::engine_options o;
+  o.mode = engine::parse_offload_mode(cfg.offload);
+  o.dtype = engine::parse_compute_dtype(cfg.dtype);
+  o.cuda = cfg.device == "cuda";
+  o.prefetch = cfg.prefetch;
+  o.cpu_threads = int(cfg.cpu_threads);
+  o.speculate = engine::parse_speculate_mode(cfg.speculate);
+  o.beta1 = cfg.beta1;
+  o.beta2 = cfg.beta2;
+  o.eps = cfg.eps;
+  o.weight_decay = cfg.weight_decay;
+  o.clip_grad = cfg.clip_grad;
+  o.loss_scale = cfg.loss_scale;
+  o.scale_window = cfg.loss_scale_window;
+  o.ce_chunk = cfg.ce_chunk;
+  o.max_batch = cfg.batch_size;
+  o.max_seq = cfg.max_length;
+  o.gpu_mem_limit_gib = cfg.gpu_mem_limit_gib;
+  o.nvtx = cfg.nvtx;
+  o.seed = cfg.seed;
+  return o;
+}
+
+io::data_options data_options_for(const io::run_config& cfg, const model::llama_config& mc) {
+  io::data_options d;
+  std::string spec = cfg.data.empty() ? default_corpus() : cfg.data;
+  std::stringstream ss(spec);
+  for (std::string item; std::getline(ss, item, ',');)
+    if (!item.empty()) d.paths.push_back(item);
+  if (cfg.data.empty()) {
+    std::error_code ec;
+    FERRY_CONFIG_CHECK(std::filesystem::is_directory(default_corpus(), ec), "no data given and the default corpus ",
+                       default_corpus(), " is missing; pass --data FILE|DIR");
+  }
+  d.tokenizer = cfg.tokenizer;
+  d.seq_len = cfg.max_length;
+  d.seed = cfg.seed;
+  d.eval_fraction = cfg.eval_fraction;
+  d.vocab_limit = mc.vocab_size;
+  return d;
+}
+
+void print_dry_run(const io::run_config& cfg, const model::llama_config& mc, const engine::engine_options& eo) {
+  std::printf("%s\n", io::to_json(cfg).c_str());
+  std::printf("model %s: %.3f B parameters (%lld layers, hidden %lld, heads %lld/%lld, head_dim %lld, vocab %lld)\n",
+              mc.name.c_str(), double(mc.total_params()) / 1e9, (long long)mc.num_hidden_layers,
+              (long long)mc.hidden_size, (long long)mc.num_attention_heads, (long long)mc.num_key_value_heads,
+              (long long)mc.head_dim, (long long)mc.vocab_size);
+  engine::memory_plan p = engine::plan_memory(mc, eo, cfg.batch_size, cfg.max_length, cfg.grad_accum);
+  std::printf("memory plan (offload %s, %s, batch %lld x %lld tokens):\n%s\n", cfg.offload.c_str(), cfg.dtype.c_str(),
+              (long long)cfg.batch_size, (long long)cfg.max_length, p.describe().c_str());
+}
+
+}  // namespace ferry::cli

@@ -1,0 +1,24 @@
+#pragma once
+// Turns a resolved run config into what the layers below take: the model shape, the engine's
+// options, the data options. The only place that knows all three.
+#include <string>
+
+#include "src/engine/options.h"
+#include "src/io/dataset.h"
+#include "src/io/run_config.h"
+#include "src/model/llama_config.h"
+
+namespace ferry::cli {
+
+// The model shape: from `init` (a checkpoint dir) when model was not set explicitly, else from
+// the model key (NAME, config.json or directory).
+model::llama_config resolve_model(const io::run_config& cfg);
+engine::engine_options engine_options_for(const io::run_config& cfg, const model::llama_config& mc);
+// data "" is the embedded default corpus: the licence texts every Debian/Ubuntu system carries.
+io::data_options data_options_for(const io::run_config& cfg, const model::llama_config& mc);
+std::string default_corpus();
+
+// --dry-run: the resolved config and the memory plan, printed to stdout.
+void print_dry_run(const io::run_config& cfg, const model::llama_config& mc, const engine::engine_options& eo);
+
+}  // namespace ferry::cli

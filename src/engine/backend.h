@@ -1,0 +1,72 @@
+#pragma once
+// The device the engine drives, behind one small interface, so the same schedule code runs on
+// CUDA and on the host backend that the CPU test suite uses.
+//
+// Three queues: compute (ATen ops of the model), h2d (weights in) and d2h (gradients out). Work on
+// one queue runs in order; wait(q, e) makes queue q wait for an event recorded on another. On
+// CUDA these are streams and events; on the host backend copies are memcpys executed at once and
+// events are complete when recorded (the engine's concurrency there is the CPU update thread).
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+namespace ferry::engine {
+
+enum class queue { queue_compute, queue_h2d, queue_d2h };
+
+class event {
+ public:
+  virtual ~event() = default;
+  virtual void synchronize() = 0;  // the host blocks until the work recorded before it is done
+};
+using event_ptr = std::shared_ptr<event>;
+
+struct device_memory_stats {
+  int64_t allocated_peak = 0;  // bytes of tensors alive at the peak, since the last reset
+  int64_t reserved_peak = 0;   // bytes held by the caching allocator at its peak
+  int64_t total = 0;           // the card's memory (0 on the host backend)
+};
+
+class backend {
+ public:
+  virtual ~backend() = default;
+  virtual at::Device device() const = 0;
+  virtual bool is_cuda() const = 0;
+  virtual std::string name() const = 0;   // "NVIDIA H100 80GB HBM3", "host CPU"
+
+  // Host memory device copies read and write: page-locked on CUDA (exactly `bytes`, not rounded),
+  // 64-byte aligned. Throws ferry::error naming the size when the host cannot provide it.
+  virtual void* host_alloc(size_t bytes) = 0;
+  virtual void host_free(void* p) = 0;
+
+  // Asynchronous copies on the h2d / d2h queues. dst / src are contiguous device tensors.
+  virtual void copy_h2d(const at::Tensor& dst, const void* src, size_t bytes) = 0;
+  virtual void copy_d2h(void* dst, const at::Tensor& src, size_t bytes) = 0;
+
+  virtual event_ptr record(queue q, bool timing = false) = 0;
+  virtual void wait(queue waiter, const event_ptr& e) = 0;
+  // Milliseconds between two timing events (0 on the host backend).
+  virtual double elapsed_ms(const event_ptr& start, const event_ptr& end) = 0;
+  virtual void synchronize() = 0;
+
+  // While the returned object lives, ATen ops run on the compute queue.
+  virtual std::shared_ptr<void> enter_compute() = 0;
+
+  virtual device_memory_stats memory_stats() = 0;
+  virtual void reset_memory_peak() = 0;
+  // Caps usable device memory (caching allocator fraction); no-op on the host backend.
+  virtual void limit_memory(double gib) = 0;
+
+  // Race testing: sleep a random 0..max_us before each copy and compute phase.
+  virtual void debug_delay() = 0;
+};
+
+// debug_delay_us > 0 injects random delays (seeded) for the race tests.
+std::unique_ptr<backend> make_host_backend(int64_t debug_delay_us = 0, uint64_t seed = 0);
+// Available when built with CUDA; throws ferry::error when no device is usable.
+std::unique_ptr<backend> make_cuda_backend(int64_t debug_delay_us = 0, uint64_t seed = 0);
+bool cuda_usable();
+
+}  // namespace ferry::engine

@@ -1,0 +1,174 @@
+#pragma once
+// The offload engine: runs one optimizer step of a LLaMA model whose fp32 master weights and
+// AdamW moments live in host memory (param_store), streaming each unit's compute-dtype weights to
+// the device just before use and its gradients back as soon as backward makes them, with the CPU
+// AdamW of unit i running while the device computes the backward of unit i-1.
+//
+// Step, overlapped mode (ARCHITECTURE.md "The step"):
+//   forward   embed rows gathered on the host -> blocks 1..L streamed through a pool of
+//             prefetch+1 weight slots -> final norm + lm_head + chunked cross-entropy, whose
+//             backward runs at once (no logits kept)
+//   backward  blocks L..1; the last units of the forward are still resident and are reused;
+//             gradients go to one of two gradient slots, then to pinned host memory on the d2h
+//             queue; the update thread waits for that copy and updates the unit
+//   validate  clipping and fp16 overflow are global facts known after the last unit: the updates
+//             made during backward used clip coefficient 1; a step that clips is redone, one that
+//             overflowed is undone and skipped (loss scale halved). When that happens on most
+//             recent steps, the engine stops speculating: backward only gathers statistics and
+//             the updates run after it, in forward order, overlapping the next forward.
+//   next      the next forward of unit i waits only for unit i's update.
+// blocked: the same work with every copy and update synchronous. none: everything resident on
+// the device with a device AdamW.
+#include <ATen/core/Tensor.h>
+
+#include <functional>
+#include <memory>
+#include <vector>
+
+#include "cpu_optim/adamw.h"
+#include "src/engine/backend.h"
+#include "src/engine/memory_plan.h"
+#include "src/engine/options.h"
+#include "src/engine/param_store.h"
+#include "src/engine/update_worker.h"
+#include "src/model/block.h"
+#include "src/model/embed_head.h"
+#include "src/model/llama_config.h"
+#include "src/model/rope.h"
+
+namespace ferry::engine {
+
+struct step_result {
+  double loss = 0;          // mean cross-entropy over the step's target tokens
+  int64_t n_targets = 0;
+  double grad_norm = 0;     // global norm of the unscaled gradient before clipping
+  double clip_coef = 1;     // applied multiplier (1 when no clipping)
+  bool skipped = false;     // non-finite gradient: no update (fp16: loss scale reduced)
+  double loss_scale = 1;    // the scale used for this step's backward
+  bool speculated = false;  // updates ran during backward
+  int64_t rollbacks = 0;    // units undone or redone after validation
+  // where the time went (milliseconds) and what moved
+  double step_ms = 0, h2d_ms = 0, d2h_ms = 0, cpu_adam_ms = 0, stall_update_ms = 0, tail_ms = 0;
+  int64_t h2d_bytes = 0, d2h_bytes = 0;
+  int64_t gpu_alloc_peak = 0, gpu_reserved_peak = 0;
+};
+
+// The scaler of torch.amp.GradScaler: scale, growth tracker.
+struct loss_scaler_state {
+  double scale = 65536.0;
+  int64_t good_steps = 0;
+};
+
+class engine {
+ public:
+  engine(const model::llama_config& cfg, const engine_options& opt);
+  ~engine();
+  engine(const engine&) = delete;
+  engine& operator=(const engine&) = delete;
+
+  const model::llama_config& config() const { return cfg_; }
+  const engine_options& options() const { return opt_; }
+  param_store& params() { return *store_; }
+  backend& device() { return *dev_; }
+  const memory_plan& plan() const { return plan_; }
+
+  // After changing the master weights (init, load, resume): refreshes shadows and device copies.
+  void params_changed();
+
+  // One optimizer step over micro-batches, each (B, T+1) int64 tokens on the CPU (inputs are
+  // [:, :-1], targets [:, 1:]; -100 targets are ignored). The loss is normalised over all target
+  // tokens of all micro-batches. lr is this step's learning rate.
+  step_result train_step(const std::vector<at::Tensor>& micro_batches, double lr);
+
+  // Forward only: summed loss and target count of one (B, T+1) batch.
+  model::head_result evaluate(const at::Tensor& tokens);
+
+  // Streams the blocks through fn in forward order (the forward half of the training schedule):
+  // x (B,T,h) on the device -> fn(layer, weights, x) -> next x. Used by evaluation and generation.
+  using block_fn = std::function<at::Tensor(int64_t layer, const model::block_weights& w, const at::Tensor& x)>;
+  at::Tensor forward_blocks(at::Tensor x, const block_fn& fn);
+  // Embedding rows of tokens (B,T) on the device, gathered on the host from the shadow copy.
+  at::Tensor embed(const at::Tensor& tokens);
+  // Final norm and lm_head weights on the device (loaded into the head slot). Call
+  // release_head() once the work that reads them is queued.
+  std::pair<at::Tensor, at::Tensor> head_weights();
+  void release_head();
+  const model::rope_cache& rope() const { return rope_; }
+
+  // Blocks until every pending CPU update is applied (before saving a checkpoint, at the end).
+  void wait_updates();
+  int64_t optimizer_steps() const { return adam_step_; }
+  void set_optimizer_steps(int64_t n) { adam_step_ = n; }
+  loss_scaler_state& scaler() { return scaler_; }
+  // Which recent steps needed a rollback (drives speculate=auto); saved with checkpoints so a
+  // resumed run takes the same path.
+  std::vector<bool>& recent_fixes() { return recent_fixes_; }
+  bool speculating() const;
+
+ private:
+  struct slot {
+    at::Tensor buf;
+    int64_t unit = -1;
+    int64_t version = -1;
+    event_ptr ready, released;
+  };
+  struct grad_slot {
+    at::Tensor buf;
+    event_ptr copied;
+  };
+  struct unit_state {
+    cpu_optim::grad_stats stats;
+    bool applied = false;   // a speculative update of this step was applied
+  };
+
+  bool resident(int64_t u) const;
+  slot& slot_for(int64_t u);
+  void load(int64_t u, const std::vector<int64_t>& uses, size_t at);
+  void prefetch(const std::vector<int64_t>& uses, size_t at);
+  slot& use_weights(int64_t u, const std::vector<int64_t>& uses, size_t at);
+  void release(slot& s);
+  void send_grad(int64_t u, grad_slot& g, int64_t numel, bool last_micro, bool first_micro, bool speculate);
+  cpu_optim::chunk_ref chunk(int64_t u) const;
+  void host_update(int64_t u, double mult, const cpu_optim::adamw_hparams& hp, int64_t step);
+  void finish_step(step_result& r, bool speculate);
+  step_result train_step_resident(const std::vector<at::Tensor>& micro_batches, double lr);
+  void delay() { dev_->debug_delay(); }
+
+  model::llama_config cfg_;
+  engine_options opt_;
+  std::unique_ptr<backend> dev_;
+  memory_plan plan_;
+  std::unique_ptr<param_store> store_;
+  std::unique_ptr<cpu_optim::adamw> adam_;
+  std::unique_ptr<update_worker> worker_;
+  model::rope_cache rope_;
+
+  std::vector<slot> block_slots_;
+  slot head_slot_;
+  std::vector<grad_slot> grad_slots_;
+  grad_slot head_grad_;
+  size_t next_grad_slot_ = 0;
+  std::vector<int64_t> version_;          // per unit: updates queued so far
+  std::vector<unit_state> unit_state_;
+  std::vector<float*> accum_;             // per unit fp32 gradient sums when grad_accum > 1
+  void* embed_in_ = nullptr;              // pinned staging: gathered embedding rows (B*T*h)
+  void* embed_out_ = nullptr;             // pinned staging: the embedding's input gradient
+  event_ptr embed_in_done_, embed_out_done_;
+  std::vector<at::Tensor> embed_tokens_;  // per micro-batch inputs, for the host scatter-add
+
+  // none mode: everything on the device
+  std::vector<at::Tensor> dev_half_, dev_master_, dev_m_, dev_v_, dev_grad_;
+
+  int64_t adam_step_ = 0;
+  cpu_optim::adamw_hparams hp_;
+  double cur_mult_ = 1;                   // the multiplier speculative updates used
+  loss_scaler_state scaler_;
+  std::vector<bool> recent_fixes_;        // per recent step: validation changed the update
+  // per-step accounting
+  int64_t h2d_bytes_ = 0, d2h_bytes_ = 0;
+  double stall_ms_ = 0;
+  bool timing_ = false;                   // record timing events around copies (train_step only)
+  std::vector<std::pair<event_ptr, event_ptr>> h2d_timers_, d2h_timers_;
+};
+
+}  // namespace ferry::engine

@@ -1,0 +1,59 @@
+#include "src/engine/memory_plan.h"
+
+#include <algorithm>
+#include <cstdio>
+
+#include "src/model/block.h"
+
+namespace ferry::engine {
+
+memory_plan plan_memory(const model::llama_config& cfg, const engine_options& opt, int64_t batch, int64_t seq,
+                        int64_t grad_accum) {
+  memory_plan p;
+  const int64_t e = static_cast<int64_t>(c10::elementSize(opt.dtype));
+  const int64_t L = cfg.num_hidden_layers, h = cfg.hidden_size, V = cfg.vocab_size;
+  const int64_t n = batch * seq;
+  const int64_t block = cfg.block_params(), head = cfg.head_params(), embed = cfg.embed_params();
+  const int64_t params = cfg.total_params();
+
+  if (opt.mode == offload_mode::offload_none) {
+    p.weight_slots = params * e;
+    p.grad_slots = params * e;
+    p.optimizer = params * 12;
+  } else {
+    int64_t slots = opt.mode == offload_mode::offload_blocked ? 1 : opt.prefetch + 1;
+    p.weight_slots = (slots * block + head) * e;
+    p.grad_slots = (2 * block + head) * e;
+  }
+  p.activations = L * model::block_saved_bytes(cfg, batch, seq, e) + n * h * e;
+
+  // Transients: attention scores and probabilities where no fused kernel applies (head_dim > 256
+  // or the CPU path), the MLP's recomputed product and gradients, one chunk of logits with its
+  // gradient, plus a few (N, h) activation gradients.
+  int64_t scores = cfg.head_dim > 256 || !opt.cuda ? batch * cfg.num_attention_heads * seq * seq * (4 + e) : 0;
+  int64_t mlp = n * 4 * cfg.intermediate_size * e;
+  int64_t logits = std::min<int64_t>(opt.ce_chunk, n) * V * (4 + e);
+  p.workspace = std::max({scores, mlp, logits}) + 4 * n * h * e;
+  p.device_total = p.weight_slots + p.grad_slots + p.optimizer + p.activations + p.workspace;
+
+  p.host_master = params * 4;
+  p.host_moments = params * 8;
+  p.host_pinned = opt.mode == offload_mode::offload_none ? 0 : params * e + (params - embed) * e;
+  p.host_other = embed * 4 + 2 * n * h * e + (grad_accum > 1 ? (params - embed) * 4 : 0);
+  if (opt.mode == offload_mode::offload_none) p.host_pinned = params * e + (params - embed) * e;  // init/checkpoint copies
+  p.host_total = p.host_master + p.host_moments + p.host_pinned + p.host_other;
+  return p;
+}
+
+std::string memory_plan::describe() const {
+  auto gib = [](int64_t b) { return double(b) / double(1ull << 30); };
+  char buf[1024];
+  std::snprintf(buf, sizeof buf,
+                "device  %8.2f GiB = weight slots %.2f + gradient slots %.2f + optimizer %.2f + activations %.2f + workspace %.2f\n"
+                "host    %8.2f GiB = fp32 master %.2f + moments %.2f + pinned %.2f + other %.2f",
+                gib(device_total), gib(weight_slots), gib(grad_slots), gib(optimizer), gib(activations), gib(workspace),
+                gib(host_total), gib(host_master), gib(host_moments), gib(host_pinned), gib(host_other));
+  return buf;
+}
+
+}  // namespace ferry::engine

@@ -1,0 +1,37 @@
+#include "src/engine/options.h"
+
+#include "src/common/error.h"
+
+namespace ferry::engine {
+
+offload_mode parse_offload_mode(const std::string& s) {
+  if (s == "none") return offload_mode::offload_none;
+  if (s == "blocked") return offload_mode::offload_blocked;
+  if (s == "overlapped") return offload_mode::offload_overlapped;
+  throw config_error("offload \"" + s + "\" is not one of none, blocked, overlapped");
+}
+
+const char* offload_mode_name(offload_mode m) {
+  switch (m) {
+    case offload_mode::offload_none: return "none";
+    case offload_mode::offload_blocked: return "blocked";
+    case offload_mode::offload_overlapped: return "overlapped";
+  }
+  return "?";
+}
+
+speculate_mode parse_speculate_mode(const std::string& s) {
+  if (s == "auto") return speculate_mode::speculate_auto;
+  if (s == "on") return speculate_mode::speculate_on;
+  if (s == "off") return speculate_mode::speculate_off;
+  throw config_error("speculate \"" + s + "\" is not one of auto, on, off");
+}
+
+at::ScalarType parse_compute_dtype(const std::string& s) {
+  if (s == "fp16") return at::kHalf;
+  if (s == "bf16") return at::kBFloat16;
+  if (s == "fp32") return at::kFloat;
+  throw config_error("dtype \"" + s + "\" is not one of fp16, bf16, fp32");
+}
+
+}  // namespace ferry::engine

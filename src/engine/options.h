@@ -1,0 +1,51 @@
+#pragma once
+// What the engine is asked to do. Filled by src/train and src/infer from the run config; the
+// engine itself knows no files or flags.
+#include <c10/core/ScalarType.h>
+
+#include <cstdint>
+#include <string>
+
+namespace ferry::engine {
+
+enum class offload_mode {
+  offload_none,        // half weights, fp32 master and moments all resident on the device; device AdamW
+  offload_blocked,     // each transfer and update synchronous, nothing overlapped
+  offload_overlapped,  // prefetch, gradient streaming, CPU AdamW overlapped with backward
+};
+
+enum class speculate_mode {
+  speculate_auto,  // speculate unless clipping or overflow fired on most recent steps
+  speculate_on,
+  speculate_off,
+};
+
+offload_mode parse_offload_mode(const std::string& s);  // throws config_error
+const char* offload_mode_name(offload_mode m);
+speculate_mode parse_speculate_mode(const std::string& s);
+at::ScalarType parse_compute_dtype(const std::string& s);  // fp16 | bf16 | fp32
+
+struct engine_options {
+  offload_mode mode = offload_mode::offload_overlapped;
+  at::ScalarType dtype = at::kHalf;
+  bool cuda = false;               // false: the host backend ("device" = CPU), used by the CPU tests
+  int64_t prefetch = 2;            // layers copied ahead of the one computing
+  int cpu_threads = 0;             // CPU AdamW threads, 0 = all cores but one
+  speculate_mode speculate = speculate_mode::speculate_auto;
+  // AdamW and clipping
+  double beta1 = 0.9, beta2 = 0.999, eps = 1e-8, weight_decay = 0.01;
+  double clip_grad = 1.0;          // global-norm clip, 0 = off
+  // dynamic loss scaling (fp16 only), as torch.amp.GradScaler
+  double loss_scale = 65536.0;
+  double scale_growth = 2.0, scale_backoff = 0.5;
+  int64_t scale_window = 2000;
+  int64_t ce_chunk = 1024;         // logit rows per chunk in the loss
+  int64_t max_batch = 1, max_seq = 4096;   // activations are planned for this shape
+  double gpu_mem_limit_gib = 0;    // cap on usable device memory, 0 = whole card
+  bool nvtx = false;
+  // Race testing: each copy, compute phase and CPU update sleeps a random 0..debug_delay_us.
+  int64_t debug_delay_us = 0;
+  uint64_t seed = 1234;
+};
+
+}  // namespace ferry::engine

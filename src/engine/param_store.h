@@ -1,0 +1,94 @@
+#pragma once
+// The host parameter store: every parameter's fp32 master copy and AdamW moments (pageable host
+// memory, 12 B/param), plus the compute-dtype shadow copy the device loads and the gradient
+// buffer the device writes back (page-locked, 2 B + 2 B per param in fp16/bf16, allocated as one
+// exact-size block). Parameters are grouped in units, each one flat buffer streamed by one copy:
+//   unit 0          the token embedding            ("model.embed_tokens.weight")
+//   units 1..L      the decoder blocks             ("model.layers.<i>.*", layout.h order)
+//   unit L+1        final norm + lm_head           ("model.norm.weight", "lm_head.weight")
+// The embedding's gradient is accumulated on the host in fp32 (its rows are gathered and
+// scattered on the host; the device never holds the embedding), so its grad buffer is fp32 and
+// pageable.
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "src/engine/backend.h"
+#include "src/model/layout.h"
+#include "src/model/llama_config.h"
+
+namespace ferry::engine {
+
+struct unit_info {
+  std::string prefix;                      // "model.layers.3." for a block, "" for embed/head
+  std::vector<model::tensor_slot> slots;   // names relative to prefix
+  int64_t numel = 0;
+};
+
+struct named_param {
+  std::string name;                        // full HF name
+  std::vector<int64_t> shape;
+  float* data;                             // into the fp32 master store
+  float* exp_avg;                          // the AdamW moments of the same elements
+  float* exp_avg_sq;
+};
+
+class param_store {
+ public:
+  param_store(const model::llama_config& cfg, at::ScalarType compute_dtype, backend& dev);
+  ~param_store();
+  param_store(const param_store&) = delete;
+  param_store& operator=(const param_store&) = delete;
+
+  int64_t num_units() const { return static_cast<int64_t>(units_.size()); }
+  int64_t embed_unit() const { return 0; }
+  int64_t block_unit(int64_t layer) const { return 1 + layer; }
+  int64_t head_unit() const { return num_units() - 1; }
+  const unit_info& unit(int64_t u) const { return units_[u]; }
+  at::ScalarType compute_dtype() const { return dtype_; }
+  int64_t total_params() const;
+
+  float* master(int64_t u) const { return master_[u]; }
+  float* exp_avg(int64_t u) const { return m_[u]; }
+  float* exp_avg_sq(int64_t u) const { return v_[u]; }
+  void* shadow(int64_t u) const { return shadow_[u]; }    // compute dtype, what the device loads
+  void* grad(int64_t u) const { return grad_[u]; }        // compute dtype (fp32 for unit 0)
+  at::ScalarType grad_dtype(int64_t u) const { return u == embed_unit() ? at::kFloat : dtype_; }
+
+  // CPU tensors aliasing the buffers above (1-D, numel of the unit).
+  at::Tensor master_tensor(int64_t u) const;
+  at::Tensor shadow_tensor(int64_t u) const;
+  at::Tensor grad_tensor(int64_t u) const;
+  at::Tensor exp_avg_tensor(int64_t u) const;
+  at::Tensor exp_avg_sq_tensor(int64_t u) const;
+
+  // HF initialisation: normal(0, std) for matrices and the embedding, ones for norms; moments
+  // zeroed. Deterministic for a seed (each unit has its own generator).
+  void init_random(uint64_t seed, double std);
+  // Master -> shadow for every unit (after init, load or resume).
+  void refresh_shadows();
+  void zero_moments();
+
+  // Every parameter by HF name, in HF order, pointing into the master store.
+  std::vector<named_param> named_params() const;
+  // nullptr when the name is not a parameter of this model.
+  const named_param* find(const std::string& name) const;
+
+  int64_t pinned_bytes() const { return pinned_bytes_; }
+  int64_t host_bytes() const;   // pageable + pinned
+
+ private:
+  model::llama_config cfg_;
+  at::ScalarType dtype_;
+  backend& dev_;
+  std::vector<unit_info> units_;
+  std::vector<float*> master_, m_, v_;
+  std::vector<void*> shadow_, grad_;
+  void* pinned_ = nullptr;
+  int64_t pinned_bytes_ = 0;
+  std::vector<named_param> named_;
+};
+
+}  // namespace ferry::engine

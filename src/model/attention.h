@@ -1,0 +1,42 @@
+#pragma once
+// Causal grouped-query attention with explicit forward and backward (no autograd).
+// q (B, Hq, T, D), k and v (B, Hkv, T, D), Hq a multiple of Hkv; query head h reads kv head
+// h / (Hq/Hkv) (HF repeat_kv). Same contract as ferry::gpu::attention_forward/backward, which CUDA
+// tensors use when built with CUDA. The ATen path computes scores in fp32 (fp64 for fp64 inputs)
+// in blocks of query rows and recomputes the probabilities from lse in backward: no (T, T)
+// tensor outlives a call.
+#include <ATen/core/Tensor.h>
+
+#include <tuple>
+
+namespace ferry::model {
+
+// Returns out (B, Hq, T, D) in q's dtype and lse (B, Hq, T) fp32 (fp64 for fp64 q): the
+// log-sum-exp of the scaled, masked scores of each query row.
+std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                     double scale);
+// Returns dq, dk, dv shaped and typed like q, k, v.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(const at::Tensor& dout, const at::Tensor& q,
+                                                                  const at::Tensor& k, const at::Tensor& v,
+                                                                  const at::Tensor& out, const at::Tensor& lse,
+                                                                  double scale);
+
+// For the KV cache: q (B, Hq, Tq, D) holds positions [q_offset, q_offset + Tq); k, v
+// (B, Hkv, Tk, D) hold positions [0, Tk), Tk >= q_offset + Tq. Query at position p sees keys <= p.
+// Inference only (no lse); any strides.
+at::Tensor attention_forward_offset(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
+                                    int64_t q_offset);
+
+// The ATen path processes query rows in blocks whose fp32 scores hold about this many elements
+// (default 64 Mi). Tests lower it to exercise the blocking; returns the previous value.
+int64_t attention_set_score_budget(int64_t elements);
+
+// The ATen compositions (CPU path and test reference). q_offset as above; 0 for training.
+std::tuple<at::Tensor, at::Tensor> attention_forward_aten(const at::Tensor& q, const at::Tensor& k,
+                                                          const at::Tensor& v, double scale, int64_t q_offset);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_aten(const at::Tensor& dout, const at::Tensor& q,
+                                                                       const at::Tensor& k, const at::Tensor& v,
+                                                                       const at::Tensor& out, const at::Tensor& lse,
+                                                                       double scale);
+
+}  // namespace ferry::model

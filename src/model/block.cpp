@@ -1,0 +1,175 @@
+#include "src/model/block.h"
+
+#include <ATen/ATen.h>
+
+#include <cmath>
+
+#include "src/common/error.h"
+#include "src/model/attention.h"
+#include "src/model/norm.h"
+#include "src/model/ops_common.h"
+#include "src/model/swiglu.h"
+
+namespace ferry::model {
+namespace {
+
+double attn_scale(const llama_config& cfg) { return 1.0 / std::sqrt(static_cast<double>(cfg.head_dim)); }
+
+void check_input(const at::Tensor& x, const block_weights& w, const llama_config& cfg, const rope_cache& rope,
+                 int64_t end_pos) {
+  FERRY_ASSERT(x.dim() == 3 && x.size(2) == cfg.hidden_size, "block: x must be (B, T, hidden_size)");
+  FERRY_ASSERT(x.scalar_type() == w.wqkv.scalar_type(), "block: activations and weights must share a dtype");
+  FERRY_CHECK(end_pos <= rope.cos.size(0), "sequence reaches position ", end_pos, " but the rotary cache holds ",
+              rope.cos.size(0), " positions; build it with make_rope(cfg, max_pos >= ", end_pos, ")");
+}
+
+// The attention input projections for positions [pos, pos+T): returns qkv (B, T, Hq+2Hkv, D)
+// with RoPE applied to the q and k heads.
+at::Tensor project_qkv(const at::Tensor& xn, const block_weights& w, const llama_config& cfg, const rope_cache& rope,
+                       int64_t pos) {
+  const int64_t B = xn.size(0), T = xn.size(1), h = cfg.hidden_size;
+  const int64_t Hq = cfg.num_attention_heads, Hkv = cfg.num_key_value_heads, D = cfg.head_dim;
+  at::Tensor qkv = at::mm(xn.reshape({B * T, h}), w.wqkv.t()).view({B, T, Hq + 2 * Hkv, D});
+  at::Tensor qk = qkv.narrow(2, 0, Hq + Hkv);
+  rope_apply_(qk, rope.cos.narrow(0, pos, T), rope.sin.narrow(0, pos, T), /*inverse=*/false);
+  return qkv;
+}
+
+// (B, H, T, D) -> (B*T, H*D), the layout of the o_proj GEMM.
+at::Tensor heads_to_rows(const at::Tensor& t) {
+  return t.transpose(1, 2).reshape({t.size(0) * t.size(2), t.size(1) * t.size(3)});
+}
+
+// The MLP half: y = x_mid + down(swiglu(gate_up(norm(x_mid)))). Fills rstd/gate_up when asked.
+at::Tensor mlp_forward(const at::Tensor& x_mid, const block_weights& w, const llama_config& cfg, at::Tensor* rstd,
+                       at::Tensor* gate_up_out) {
+  at::Tensor xn = rmsnorm_forward(x_mid, w.mlp_norm, cfg.rms_norm_eps, rstd);
+  at::Tensor gate_up = at::mm(xn, w.w_gate_up.t());
+  at::Tensor a = swiglu_forward(gate_up);
+  if (gate_up_out) *gate_up_out = gate_up;
+  return at::addmm(x_mid, a, w.w_down.t());
+}
+
+}  // namespace
+
+int64_t block_saved::bytes() const {
+  int64_t n = 0;
+  for (const at::Tensor* t : {&x, &attn_rstd, &q, &k, &v, &attn_out, &lse, &x_mid, &mlp_rstd, &gate_up}) {
+    if (t->defined()) n += t->numel() * static_cast<int64_t>(t->element_size());
+  }
+  return n;
+}
+
+void block_saved::clear() { *this = block_saved{}; }
+
+int64_t block_saved_bytes(const llama_config& cfg, int64_t batch, int64_t seq, int64_t elem_size) {
+  const int64_t N = batch * seq, a = elem_size == 8 ? 8 : 4;
+  const int64_t per_token_e = 2 * cfg.hidden_size + 2 * cfg.q_dim() + 2 * cfg.kv_dim() + 2 * cfg.intermediate_size;
+  return N * (elem_size * per_token_e + a * (cfg.num_attention_heads + 2));
+}
+
+at::Tensor block_forward(const at::Tensor& x, const block_weights& w, const llama_config& cfg, const rope_cache& rope,
+                         block_saved* saved) {
+  const int64_t B = x.size(0), T = x.size(1), h = cfg.hidden_size;
+  check_input(x, w, cfg, rope, T);
+  const int64_t Hq = cfg.num_attention_heads, Hkv = cfg.num_key_value_heads;
+  at::Tensor x2 = x.reshape({B * T, h});
+  at::Tensor attn_rstd;
+  at::Tensor xn = rmsnorm_forward(x2, w.attn_norm, cfg.rms_norm_eps, saved ? &attn_rstd : nullptr);
+  at::Tensor qkv = project_qkv(xn.view({B, T, h}), w, cfg, rope, 0);
+  xn.reset();
+  at::Tensor q = qkv.narrow(2, 0, Hq).transpose(1, 2).contiguous();
+  at::Tensor k = qkv.narrow(2, Hq, Hkv).transpose(1, 2).contiguous();
+  at::Tensor v = qkv.narrow(2, Hq + Hkv, Hkv).transpose(1, 2).contiguous();
+  qkv.reset();
+  auto [out, lse] = attention_forward(q, k, v, attn_scale(cfg));
+  at::Tensor x_mid = at::addmm(x2, heads_to_rows(out), w.wo.t());   // (N, h)
+  at::Tensor mlp_rstd, gate_up;
+  at::Tensor y = mlp_forward(x_mid, w, cfg, saved ? &mlp_rstd : nullptr, saved ? &gate_up : nullptr);
+  if (saved) {
+    *saved = block_saved{x, attn_rstd, q, k, v, out, lse, x_mid, mlp_rstd, gate_up};
+  }
+  return y.view({B, T, h});
+}
+
+at::Tensor block_backward(const at::Tensor& dy, const block_weights& w, const llama_config& cfg,
+                          const rope_cache& rope, block_saved& s, const block_weights& g, bool accumulate) {
+  FERRY_ASSERT(s.x.defined() && s.gate_up.defined(), "block_backward without a block_forward that saved");
+  const int64_t B = s.x.size(0), T = s.x.size(1), h = cfg.hidden_size, N = B * T;
+  const int64_t Hq = cfg.num_attention_heads, Hkv = cfg.num_key_value_heads, D = cfg.head_dim;
+  FERRY_ASSERT(dy.sizes() == s.x.sizes(), "block_backward: dy must be shaped like the block input");
+  at::Tensor dy2 = dy.reshape({N, h});
+
+  // MLP: y = x_mid + a W_down^T with a = swiglu(gate_up), gate_up = norm(x_mid) W_gu^T.
+  at::Tensor a = swiglu_forward(s.gate_up);
+  detail::grad_mm(g.w_down, dy2, a, accumulate);
+  a.reset();
+  at::Tensor da = at::mm(dy2, w.w_down);
+  at::Tensor dgu = at::empty_like(s.gate_up);
+  swiglu_backward(da, s.gate_up, dgu);
+  da.reset();
+  s.gate_up.reset();
+  at::Tensor xn2 = rmsnorm_forward(s.x_mid, w.mlp_norm, cfg.rms_norm_eps, nullptr);
+  detail::grad_mm(g.w_gate_up, dgu, xn2, accumulate);
+  xn2.reset();
+  at::Tensor dxn2 = at::mm(dgu, w.w_gate_up);
+  dgu.reset();
+  at::Tensor dh = at::empty({N, h}, dy.options());
+  at::Tensor g_mlp_norm = g.mlp_norm;
+  rmsnorm_backward(dxn2, s.x_mid, w.mlp_norm, s.mlp_rstd, dh, g_mlp_norm, accumulate);
+  dh.add_(dy2);
+  dxn2.reset();
+  s.x_mid.reset();
+  s.mlp_rstd.reset();
+
+  // Attention: x_mid = x + out W_o^T.
+  detail::grad_mm(g.wo, dh, heads_to_rows(s.attn_out), accumulate);
+  at::Tensor dout = at::mm(dh, w.wo).view({B, T, Hq, D}).transpose(1, 2);
+  auto [dq, dk, dv] = attention_backward(dout, s.q, s.k, s.v, s.attn_out, s.lse, attn_scale(cfg));
+  dout.reset();
+  s.q.reset(), s.k.reset(), s.v.reset(), s.attn_out.reset(), s.lse.reset();
+  at::Tensor dqkv = at::empty({B, T, Hq + 2 * Hkv, D}, dy.options());
+  dqkv.narrow(2, 0, Hq).copy_(dq.transpose(1, 2));
+  dqkv.narrow(2, Hq, Hkv).copy_(dk.transpose(1, 2));
+  dqkv.narrow(2, Hq + Hkv, Hkv).copy_(dv.transpose(1, 2));
+  dq.reset(), dk.reset(), dv.reset();
+  at::Tensor dqk = dqkv.narrow(2, 0, Hq + Hkv);
+  rope_apply_(dqk, rope.cos.narrow(0, 0, T), rope.sin.narrow(0, 0, T), /*inverse=*/true);
+  at::Tensor dqkv2 = dqkv.view({N, -1});
+  at::Tensor x2 = s.x.reshape({N, h});
+  at::Tensor xn1 = rmsnorm_forward(x2, w.attn_norm, cfg.rms_norm_eps, nullptr);
+  detail::grad_mm(g.wqkv, dqkv2, xn1, accumulate);
+  xn1.reset();
+  at::Tensor dxn1 = at::mm(dqkv2, w.wqkv);
+  dqkv.reset(), dqkv2.reset(), dqk.reset();
+  at::Tensor dx = at::empty({N, h}, dy.options());
+  at::Tensor g_attn_norm = g.attn_norm;
+  rmsnorm_backward(dxn1, x2, w.attn_norm, s.attn_rstd, dx, g_attn_norm, accumulate);
+  dx.add_(dh);
+  s.clear();
+  return dx.view({B, T, h});
+}
+
+at::Tensor block_forward_cached(const at::Tensor& x, const block_weights& w, const llama_config& cfg,
+                                const rope_cache& rope, int64_t pos, at::Tensor& k_cache, at::Tensor& v_cache) {
+  const int64_t B = x.size(0), T = x.size(1), h = cfg.hidden_size;
+  const int64_t Hq = cfg.num_attention_heads, Hkv = cfg.num_key_value_heads;
+  check_input(x, w, cfg, rope, pos + T);
+  FERRY_ASSERT(k_cache.dim() == 4 && k_cache.size(0) == B && k_cache.size(1) == Hkv &&
+                   k_cache.size(3) == cfg.head_dim && v_cache.sizes() == k_cache.sizes(),
+               "block_forward_cached: caches must be (B, Hkv, Tmax, D)");
+  FERRY_CHECK(pos >= 0 && pos + T <= k_cache.size(2), "KV cache holds ", k_cache.size(2), " positions but the step ",
+              "writes [", pos, ", ", pos + T, "); allocate a longer cache");
+  at::Tensor x2 = x.reshape({B * T, h});
+  at::Tensor xn = rmsnorm_forward(x2, w.attn_norm, cfg.rms_norm_eps, nullptr);
+  at::Tensor qkv = project_qkv(xn.view({B, T, h}), w, cfg, rope, pos);
+  k_cache.narrow(2, pos, T).copy_(qkv.narrow(2, Hq, Hkv).transpose(1, 2));
+  v_cache.narrow(2, pos, T).copy_(qkv.narrow(2, Hq + Hkv, Hkv).transpose(1, 2));
+  at::Tensor q = qkv.narrow(2, 0, Hq).transpose(1, 2).contiguous();
+  at::Tensor out = attention_forward_offset(q, k_cache.narrow(2, 0, pos + T), v_cache.narrow(2, 0, pos + T),
+                                            attn_scale(cfg), pos);
+  at::Tensor x_mid = at::addmm(x2, heads_to_rows(out), w.wo.t());
+  return mlp_forward(x_mid, w, cfg, nullptr, nullptr).view({B, T, h});
+}
+
+}  // namespace ferry::model

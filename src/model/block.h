@@ -1,0 +1,60 @@
+#pragma once
+// One LLaMA decoder block as an explicit forward/backward pair. The engine owns the weights
+// (views into one flat buffer per layer, see layout.h) and may stream a different copy of the
+// same values in for backward; nothing here keeps a weight alive or records autograd.
+//
+//   x_mid = x + o_proj(attn(rope(q,k), v))        with q,k,v = qkv_proj(rmsnorm(x))
+//   y     = x_mid + down_proj(silu(gate) * up)    with gate,up = gate_up_proj(rmsnorm(x_mid))
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+
+#include "src/model/layout.h"
+#include "src/model/llama_config.h"
+#include "src/model/rope.h"
+
+namespace ferry::model {
+
+// What block_forward keeps for block_backward. The norm outputs and the SwiGLU product are
+// recomputed in backward (one elementwise pass each) rather than stored. N = B*T tokens, e the
+// compute dtype's bytes, a the accumulation dtype's bytes (4; 8 for fp64 compute):
+//   x        (B,T,h)     e*N*h     the block input (a reference to the caller's tensor, not a copy:
+//                                  do not overwrite it before backward)
+//   attn_rstd (N)        a*N
+//   q        (B,Hq,T,D)  e*N*q     after RoPE
+//   k, v     (B,Hkv,T,D) 2e*N*kv   k after RoPE
+//   attn_out (B,Hq,T,D)  e*N*q
+//   lse      (B,Hq,T)    a*N*Hq
+//   x_mid    (N,h)       e*N*h
+//   mlp_rstd (N)         a*N
+//   gate_up  (N,2i)      2e*N*i
+// total = N * (e*(2h + 2q + 2kv + 2i) + a*(Hq + 2)); see block_saved_bytes.
+struct block_saved {
+  at::Tensor x, attn_rstd, q, k, v, attn_out, lse, x_mid, mlp_rstd, gate_up;
+
+  int64_t bytes() const;   // bytes of the defined tensors above
+  void clear();
+};
+
+// Exact bytes block_forward keeps in block_saved for a (batch, seq) input of elem_size-byte
+// compute dtype (8 means fp64, whose statistics are fp64 too).
+int64_t block_saved_bytes(const llama_config& cfg, int64_t batch, int64_t seq, int64_t elem_size);
+
+// x (B,T,h) in the compute dtype, the weights' dtype. Positions are 0..T-1 (T <= rope rows).
+// With saved != nullptr, fills it for block_backward. Returns y (B,T,h).
+at::Tensor block_forward(const at::Tensor& x, const block_weights& w, const llama_config& cfg, const rope_cache& rope,
+                         block_saved* saved);
+
+// dy (B,T,h). Writes the weight gradients into g (views of a flat gradient buffer: overwritten, or
+// added to when accumulate) and returns dx (B,T,h). Releases saved's tensors as it goes (saved is
+// empty on return).
+at::Tensor block_backward(const at::Tensor& dy, const block_weights& w, const llama_config& cfg,
+                          const rope_cache& rope, block_saved& saved, const block_weights& g, bool accumulate);
+
+// Inference with a KV cache: x (B,Tnew,h) at positions [pos, pos+Tnew); k_cache, v_cache
+// (B, Hkv, Tmax, D) in the compute dtype get this step's keys/values at [pos, pos+Tnew); queries
+// attend causally to every cached position. Returns y (B,Tnew,h).
+at::Tensor block_forward_cached(const at::Tensor& x, const block_weights& w, const llama_config& cfg,
+                                const rope_cache& rope, int64_t pos, at::Tensor& k_cache, at::Tensor& v_cache);
+
+}  // namespace ferry::model

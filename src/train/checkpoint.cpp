@@ -1,0 +1,175 @@
+#include "src/train/checkpoint.h"
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstring>
+#include <filesystem>
+#include <nlohmann/json.hpp>
+
+#include "src/common/error.h"
+#include "src/io/atomic_file.h"
+#include "src/io/hf_checkpoint.h"
+#include "src/io/hf_config.h"
+#include "src/io/safetensors.h"
+
+namespace ferry::train {
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+
+namespace {
+std::string step_name(int64_t step) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "checkpoint-%06lld", static_cast<long long>(step));
+  return buf;
+}
+
+std::string export_dtype(at::ScalarType t) { return t == at::kBFloat16 ? "BF16" : t == at::kFloat ? "F32" : "F16"; }
+
+void fsync_tree(const fs::path& dir) {
+  for (const auto& e : fs::directory_iterator(dir)) {
+    if (!e.is_regular_file()) continue;
+    int fd = ::open(e.path().c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd >= 0) {
+      ::fsync(fd);
+      ::close(fd);
+    }
+  }
+  io::fsync_directory(dir.string());
+}
+}  // namespace
+
+std::string save_checkpoint(engine::engine& e, const trainer_state& st, const std::string& output_dir, int64_t keep_last,
+                            const std::string& tokenizer_model) {
+  e.wait_updates();
+  std::error_code ec;
+  fs::create_directories(output_dir, ec);
+  FERRY_CHECK(!ec, "cannot create the output directory ", output_dir, ": ", ec.message());
+  const std::string name = step_name(st.step);
+  const fs::path final_dir = fs::path(output_dir) / name;
+  const fs::path tmp_dir = fs::path(output_dir) / ("." + name + ".tmp");
+  io::remove_tree(tmp_dir.string());
+  fs::create_directories(tmp_dir, ec);
+  FERRY_CHECK(!ec, "cannot create ", tmp_dir.string(), ": ", ec.message());
+  try {
+    auto& store = e.params();
+    std::vector<io::named_f32> weights;
+    std::vector<io::st_write_entry> optim;
+    for (const auto& p : store.named_params()) {
+      weights.push_back({p.name, p.shape, p.data});
+      int64_t n = 1;
+      for (auto d : p.shape) n *= d;
+      size_t bytes = size_t(n) * 4;
+      optim.push_back({p.name, "F32", p.shape, p.data, bytes});
+      optim.push_back({p.name + ".exp_avg", "F32", p.shape, p.exp_avg, bytes});
+      optim.push_back({p.name + ".exp_avg_sq", "F32", p.shape, p.exp_avg_sq, bytes});
+    }
+    model::llama_config cfg = e.config();
+    io::write_hf_checkpoint(tmp_dir.string(), cfg, weights, export_dtype(e.options().dtype));
+    io::write_safetensors((tmp_dir / "optimizer.safetensors").string(), optim, {{"format", "ferry-optimizer-v1"}});
+    json js;
+    js["step"] = st.step;
+    js["data_cursor"] = st.data_cursor;
+    js["loss_scale"] = st.loss_scale;
+    js["good_steps"] = st.good_steps;
+    js["adam_steps"] = st.adam_steps;
+    js["seed"] = st.seed;
+    js["recent_fixes"] = st.recent_fixes;
+    js["model_name"] = st.model_name;
+    js["run_config"] = json::parse(st.run_config_json.empty() ? "{}" : st.run_config_json);
+    io::write_file_atomic((tmp_dir / "trainer_state.json").string(), js.dump(2) + "\n");
+    if (!tokenizer_model.empty()) fs::copy_file(tokenizer_model, tmp_dir / "tokenizer.model", fs::copy_options::overwrite_existing);
+    fsync_tree(tmp_dir);
+    io::remove_tree(final_dir.string());
+    fs::rename(tmp_dir, final_dir);
+    io::fsync_directory(output_dir);
+  } catch (...) {
+    io::remove_tree(tmp_dir.string());
+    throw;
+  }
+  io::write_file_atomic((fs::path(output_dir) / "latest").string(), name + "\n");
+
+  // Rotation, only now that the new checkpoint is committed.
+  std::vector<std::string> all;
+  for (const auto& d : fs::directory_iterator(output_dir, ec))
+    if (d.is_directory() && d.path().filename().string().rfind("checkpoint-", 0) == 0) all.push_back(d.path().filename());
+  std::sort(all.begin(), all.end());
+  for (size_t i = 0; i + size_t(keep_last) < all.size(); ++i) io::remove_tree((fs::path(output_dir) / all[i]).string());
+  return final_dir.string();
+}
+
+std::string resolve_checkpoint(const std::string& spec, const std::string& output_dir) {
+  std::error_code ec;
+  if (spec == "latest") {
+    fs::path latest = fs::path(output_dir) / "latest";
+    FERRY_CONFIG_CHECK(fs::is_regular_file(latest, ec), "resume=latest but ", latest.string(),
+                       " does not exist; train once with this output_dir, or pass a checkpoint directory");
+    std::string name = io::read_file(latest.string());
+    name.erase(name.find_last_not_of(" \n\r\t") + 1);
+    fs::path dir = fs::path(output_dir) / name;
+    FERRY_CONFIG_CHECK(fs::is_directory(dir, ec), latest.string(), " names ", name, ", which does not exist");
+    return dir.string();
+  }
+  FERRY_CONFIG_CHECK(fs::is_directory(spec, ec), "resume: checkpoint directory ", spec, " does not exist");
+  return spec;
+}
+
+void load_hf_weights(engine::engine& e, const std::string& dir) {
+  io::hf_checkpoint_reader reader(dir);
+  const auto& c = reader.config();
+  const auto& m = e.config();
+  FERRY_CHECK(c.hidden_size == m.hidden_size && c.num_hidden_layers == m.num_hidden_layers &&
+                  c.intermediate_size == m.intermediate_size && c.vocab_size == m.vocab_size &&
+                  c.num_attention_heads == m.num_attention_heads && c.num_key_value_heads == m.num_key_value_heads,
+              "checkpoint ", dir, " has another shape (hidden ", c.hidden_size, ", layers ", c.num_hidden_layers,
+              ", vocab ", c.vocab_size, ") than the model being trained (hidden ", m.hidden_size, ", layers ",
+              m.num_hidden_layers, ", vocab ", m.vocab_size, "); use the checkpoint's config.json as --model-config");
+  reader.validate_against_config();
+  for (const auto& p : e.params().named_params()) reader.read_f32(p.name, p.shape, p.data);
+}
+
+trainer_state load_checkpoint(engine::engine& e, const std::string& dir) {
+  load_hf_weights(e, dir);  // validates shape and files; overwritten below by the fp32 masters
+  const std::string opt_path = (fs::path(dir) / "optimizer.safetensors").string();
+  io::safetensors_file opt(opt_path);
+  for (const auto& p : e.params().named_params()) {
+    int64_t n = 1;
+    for (auto d : p.shape) n *= d;
+    for (auto [suffix, dst] : {std::pair<const char*, float*>{"", p.data}, {".exp_avg", p.exp_avg}, {".exp_avg_sq", p.exp_avg_sq}}) {
+      const io::st_tensor_info* t = opt.find(p.name + suffix);
+      FERRY_CHECK(t != nullptr, opt_path, ": missing tensor ", p.name + suffix, " (a checkpoint of another model?)");
+      FERRY_CHECK(t->dtype == "F32" && t->shape == p.shape, opt_path, ": tensor ", p.name + suffix,
+                  " has the wrong dtype or shape for this model");
+      std::memcpy(dst, opt.data(*t), size_t(n) * 4);
+    }
+  }
+  json js;
+  const std::string state_path = (fs::path(dir) / "trainer_state.json").string();
+  try {
+    js = json::parse(io::read_file(state_path));
+  } catch (const json::exception& ex) {
+    throw error(state_path + ": not a valid trainer state (" + ex.what() + ")");
+  }
+  trainer_state st;
+  try {
+    st.step = js.at("step").get<int64_t>();
+    st.data_cursor = js.at("data_cursor").get<int64_t>();
+    st.loss_scale = js.at("loss_scale").get<double>();
+    st.good_steps = js.at("good_steps").get<int64_t>();
+    st.adam_steps = js.at("adam_steps").get<int64_t>();
+    st.seed = js.at("seed").get<uint64_t>();
+    st.recent_fixes = js.at("recent_fixes").get<std::vector<bool>>();
+    st.model_name = js.value("model_name", "");
+  } catch (const json::exception& ex) {
+    throw error(state_path + ": missing or malformed field (" + ex.what() + ")");
+  }
+  e.scaler().scale = st.loss_scale;
+  e.scaler().good_steps = st.good_steps;
+  e.set_optimizer_steps(st.adam_steps);
+  e.recent_fixes() = st.recent_fixes;
+  e.params_changed();
+  return st;
+}
+
+}  // namespace ferry::train

@@ -1,0 +1,47 @@
+#pragma once
+// Training checkpoints. Layout of <output_dir>/checkpoint-<step>/:
+//   config.json, model.safetensors       the model in HF form (loadable by transformers and ferry-infer)
+//   optimizer.safetensors                fp32 master weights, exp_avg, exp_avg_sq per HF name
+//   trainer_state.json                   step, loss scaler, data cursor, seed, speculation history,
+//                                        the resolved run config
+//   tokenizer.model                      when training used a sentencepiece tokenizer
+// A checkpoint is written into ".checkpoint-<step>.tmp" beside its target, every file fsynced,
+// then renamed into place; only then is <output_dir>/latest (a one-line file naming it) replaced
+// atomically and older checkpoints beyond keep_last removed. A half-written checkpoint is never
+// named by latest and never matches the checkpoint-* pattern that resume searches.
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "src/engine/engine.h"
+
+namespace ferry::train {
+
+struct trainer_state {
+  int64_t step = 0;              // optimizer steps taken
+  int64_t data_cursor = 0;       // training sequences consumed
+  double loss_scale = 65536.0;
+  int64_t good_steps = 0;
+  int64_t adam_steps = 0;        // AdamW's own count (skipped steps excluded)
+  uint64_t seed = 0;
+  std::vector<bool> recent_fixes;
+  std::string run_config_json;   // the resolved run config, for the record
+  std::string model_name;
+};
+
+// Saves engine state (waits for pending updates first). Returns the checkpoint directory.
+std::string save_checkpoint(engine::engine& e, const trainer_state& st, const std::string& output_dir,
+                            int64_t keep_last, const std::string& tokenizer_model = "");
+
+// Resolves "latest" (or a directory) to a checkpoint directory; throws config_error when absent.
+std::string resolve_checkpoint(const std::string& spec, const std::string& output_dir);
+
+// Loads weights, moments and trainer state into e (which must have the checkpoint's shape), then
+// refreshes the device copies. Streams tensors from the memory-mapped files straight into the
+// parameter store. Throws ferry::error naming the file for a corrupt or mismatched checkpoint.
+trainer_state load_checkpoint(engine::engine& e, const std::string& dir);
+
+// Loads only model weights from an HF checkpoint directory (fine-tuning start).
+void load_hf_weights(engine::engine& e, const std::string& dir);
+
+}  // namespace ferry::train

@@ -1,0 +1,231 @@
+#include "src/train/trainer.h"
+
+#include <ATen/ATen.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <csignal>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <memory>
+#include <nlohmann/json.hpp>
+
+#include "src/common/error.h"
+#include "src/engine/engine.h"
+#include "src/io/tensorboard.h"
+#include "src/train/checkpoint.h"
+#include "src/train/lr_schedule.h"
+
+namespace ferry::train {
+namespace {
+std::atomic<int> g_stop_signal{0};
+std::atomic<int> g_save_request{0};
+
+extern "C" void on_signal(int sig) {
+  if (sig == SIGUSR1) {
+    g_save_request = 1;
+    return;
+  }
+  if (g_stop_signal.load() == SIGINT && sig == SIGINT) _exit(130);  // second Ctrl-C: at once
+  g_stop_signal = sig;
+}
+
+void install_signals() {
+  struct sigaction sa {};
+  sa.sa_handler = on_signal;
+  sigemptyset(&sa.sa_mask);
+  sigaction(SIGINT, &sa, nullptr);
+  sigaction(SIGTERM, &sa, nullptr);
+  sigaction(SIGUSR1, &sa, nullptr);
+}
+
+double gib(int64_t b) { return double(b) / double(1ull << 30); }
+
+std::string human(double v) {
+  char buf[32];
+  if (v >= 1e6) std::snprintf(buf, sizeof buf, "%.2fM", v / 1e6);
+  else if (v >= 1e3) std::snprintf(buf, sizeof buf, "%.1fk", v / 1e3);
+  else std::snprintf(buf, sizeof buf, "%.0f", v);
+  return buf;
+}
+}  // namespace
+
+double flops_per_token(const model::llama_config& c, int64_t seq) {
+  double n = double(c.total_params() - c.embed_params());
+  return 6.0 * n + 12.0 * double(c.num_hidden_layers) * double(c.hidden_size) * double(seq);
+}
+
+double peak_flops(const std::string& name, bool half) {
+  if (!half) return 0;
+  if (name.find("H100") != std::string::npos) return name.find("PCIe") != std::string::npos ? 756e12 : 989e12;
+  if (name.find("H200") != std::string::npos) return 989e12;
+  if (name.find("A100") != std::string::npos) return 312e12;
+  if (name.find("4090") != std::string::npos) return 165.2e12;
+  return 0;
+}
+
+int run_training(const io::run_config& cfg, const model::llama_config& mc, const engine::engine_options& eo,
+                 const io::data_options& dopt) {
+  namespace fs = std::filesystem;
+  const int64_t B = cfg.batch_size, T = cfg.max_length;
+  io::token_dataset data = io::token_dataset::open(dopt);
+  std::printf("data: %lld tokens, %lld training / %lld evaluation sequences of %lld tokens\n",
+              (long long)data.num_tokens(), (long long)data.num_train(), (long long)data.num_eval(), (long long)T);
+
+  engine::engine e(mc, eo);
+  std::printf("model %s: %.3f B parameters, %lld layers; offload %s, %s on %s\n", mc.name.c_str(),
+              double(mc.total_params()) / 1e9, (long long)mc.num_hidden_layers, engine::offload_mode_name(eo.mode),
+              cfg.dtype.c_str(), e.device().name().c_str());
+  std::printf("memory plan:\n%s\n", e.plan().describe().c_str());
+
+  trainer_state st;
+  st.seed = cfg.seed;
+  st.model_name = mc.name;
+  st.run_config_json = io::to_json(cfg);
+  if (!cfg.resume.empty()) {
+    std::string dir = resolve_checkpoint(cfg.resume, cfg.output_dir);
+    trainer_state loaded = load_checkpoint(e, dir);
+    st.step = loaded.step;
+    st.data_cursor = loaded.data_cursor;
+    std::printf("resumed from %s at step %lld\n", dir.c_str(), (long long)st.step);
+  } else if (!cfg.init.empty()) {
+    load_hf_weights(e, cfg.init);
+    e.params_changed();
+    std::printf("initialised from %s\n", cfg.init.c_str());
+  } else {
+    e.params().init_random(cfg.seed, mc.initializer_range);
+    e.params_changed();
+  }
+
+  std::error_code ec;
+  fs::create_directories(cfg.output_dir, ec);
+  FERRY_CHECK(!ec, "cannot create output_dir ", cfg.output_dir, ": ", ec.message());
+  const std::string metrics_path = cfg.metrics.empty() ? cfg.output_dir + "/metrics.jsonl" : cfg.metrics;
+  std::ofstream metrics(metrics_path, std::ios::app);
+  FERRY_CHECK(metrics.good(), "cannot write ", metrics_path, "; check output_dir");
+  std::unique_ptr<io::tensorboard_writer> tb;
+  if (cfg.tensorboard) tb = std::make_unique<io::tensorboard_writer>(cfg.output_dir + "/tensorboard");
+  std::string sp_model = (cfg.tokenizer != "byte" && fs::is_regular_file(cfg.tokenizer, ec)) ? cfg.tokenizer : "";
+
+  lr_schedule sched{cfg.learning_rate, cfg.warmup_steps, cfg.steps, cfg.lr_schedule, cfg.min_lr_ratio};
+  const double fpt = flops_per_token(mc, T);
+  const double peak = peak_flops(e.device().name(), eo.dtype != at::kFloat);
+  const bool tty = isatty(STDERR_FILENO);
+  install_signals();
+
+  auto save = [&](const char* why) {
+    st.loss_scale = e.scaler().scale;
+    st.good_steps = e.scaler().good_steps;
+    st.adam_steps = e.optimizer_steps();
+    st.recent_fixes = e.recent_fixes();
+    std::string dir = save_checkpoint(e, st, cfg.output_dir, cfg.keep_last, sp_model);
+    std::printf("checkpoint (%s): %s\n", why, dir.c_str());
+  };
+
+  auto evaluate = [&]() {
+    double loss = 0;
+    int64_t n = 0;
+    std::vector<int64_t> buf(size_t(T + 1));
+    int64_t batches = std::min<int64_t>(cfg.eval_batches * B, data.num_eval());
+    for (int64_t i = 0; i < batches; ++i) {
+      data.eval_sequence(i, buf.data());
+      at::Tensor tok = at::from_blob(buf.data(), {1, T + 1}, at::kLong).clone();
+      auto r = e.evaluate(tok);
+      loss += r.loss_sum;
+      n += r.n_targets;
+    }
+    return n ? loss / double(n) : std::nan("");
+  };
+
+  int exit_code = 0;
+  std::vector<int64_t> tokens(size_t(B * (T + 1)));
+  while (st.step < cfg.steps) {
+    std::vector<at::Tensor> micro;
+    for (int64_t a = 0; a < cfg.grad_accum; ++a) {
+      data.train_batch(st.data_cursor, B, tokens.data());
+      st.data_cursor += B;
+      micro.push_back(at::from_blob(tokens.data(), {B, T + 1}, at::kLong).clone());
+    }
+    double lr = sched.at(st.step + 1);
+    engine::step_result r = e.train_step(micro, lr);
+    ++st.step;
+
+    double tok_s = double(B * T * cfg.grad_accum) / (r.step_ms / 1e3);
+    double mfu = peak > 0 ? tok_s * fpt / peak : 0;
+    nlohmann::json m;
+    m["step"] = st.step;
+    m["loss"] = r.loss;
+    m["lr"] = lr;
+    m["grad_norm"] = std::isfinite(r.grad_norm) ? nlohmann::json(r.grad_norm) : nlohmann::json(nullptr);
+    m["clip_coef"] = r.clip_coef;
+    m["loss_scale"] = r.loss_scale;
+    m["skipped"] = r.skipped;
+    m["rollbacks"] = r.rollbacks;
+    m["speculated"] = r.speculated;
+    m["tokens_per_s"] = tok_s;
+    m["mfu"] = mfu;
+    m["step_ms"] = r.step_ms;
+    m["h2d_bytes"] = r.h2d_bytes;
+    m["d2h_bytes"] = r.d2h_bytes;
+    m["h2d_ms"] = r.h2d_ms;
+    m["d2h_ms"] = r.d2h_ms;
+    m["cpu_adam_ms"] = r.cpu_adam_ms;
+    m["stall_ms"] = r.stall_update_ms;
+    m["tail_ms"] = r.tail_ms;
+    m["gpu_alloc_peak"] = r.gpu_alloc_peak;
+    m["gpu_reserved_peak"] = r.gpu_reserved_peak;
+    m["data_cursor"] = st.data_cursor;
+    if (cfg.eval_every > 0 && st.step % cfg.eval_every == 0) {
+      double el = evaluate();
+      m["eval_loss"] = el;
+      m["eval_ppl"] = std::exp(el);
+    }
+    metrics << m.dump() << "\n";
+    metrics.flush();
+    if (tb) {
+      std::vector<std::pair<std::string, double>> sc = {{"train/loss", r.loss}, {"train/lr", lr},
+                                                        {"train/tokens_per_s", tok_s}, {"train/step_ms", r.step_ms},
+                                                        {"train/loss_scale", r.loss_scale}};
+      if (std::isfinite(r.grad_norm)) sc.push_back({"train/grad_norm", r.grad_norm});
+      if (m.contains("eval_loss")) sc.push_back({"eval/loss", m["eval_loss"].get<double>()});
+      tb->add_scalars(st.step, sc);
+      tb->flush();
+    }
+    if (st.step % cfg.log_every == 0 || st.step == cfg.steps) {
+      if (tty) std::fprintf(stderr, "\r\033[K");
+      std::printf("step %lld/%lld | loss %.4f | lr %.2e | gnorm %.3f%s | scale %g%s | %s tok/s", (long long)st.step,
+                  (long long)cfg.steps, r.loss, lr, r.grad_norm, r.clip_coef < 1 ? " (clipped)" : "", r.loss_scale,
+                  r.skipped ? " | SKIPPED (overflow)" : "", human(tok_s).c_str());
+      if (mfu > 0) std::printf(" | MFU %.1f%%", 100 * mfu);
+      std::printf(" | %.0f ms | gpu %.2f GiB", r.step_ms, gib(r.gpu_alloc_peak));
+      if (r.h2d_bytes)
+        std::printf(" | h2d %.2f GB %.0f ms, d2h %.2f GB %.0f ms, adam %.0f ms, stall %.0f ms%s", r.h2d_bytes / 1e9,
+                    r.h2d_ms, r.d2h_bytes / 1e9, r.d2h_ms, r.cpu_adam_ms, r.stall_update_ms,
+                    r.rollbacks ? " | rollback" : "");
+      if (m.contains("eval_loss")) std::printf(" | eval %.4f", m["eval_loss"].get<double>());
+      std::printf("\n");
+      std::fflush(stdout);
+    }
+    if (tty) {
+      int width = 30, done = int(width * st.step / cfg.steps);
+      std::fprintf(stderr, "\r[%s%s] %lld/%lld", std::string(size_t(done), '#').c_str(),
+                   std::string(size_t(width - done), '.').c_str(), (long long)st.step, (long long)cfg.steps);
+    }
+    if (g_save_request.exchange(0)) save("SIGUSR1");
+    if (cfg.save_every > 0 && st.step % cfg.save_every == 0 && st.step < cfg.steps) save("periodic");
+    if (int sig = g_stop_signal.load()) {
+      save(sig == SIGINT ? "SIGINT" : "SIGTERM");
+      exit_code = sig == SIGINT ? 130 : 143;
+      break;
+    }
+  }
+  if (tty) std::fprintf(stderr, "\n");
+  e.wait_updates();
+  if (exit_code == 0 && cfg.save_final) save("final");
+  return exit_code;
+}
+
+}  // namespace ferry::train

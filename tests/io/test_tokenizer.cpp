@@ -1,0 +1,72 @@
+// Tokenizers: the byte tokenizer on UTF-8, sentencepiece trained on the system licenses, and the
+// errors for missing files and files that are not sentencepiece models.
+#include <gtest/gtest.h>
+
+#include <filesystem>
+
+#include "src/io/tokenizer.h"
+#include "tests/io/io_test_util.h"
+#include "tests/io/sp_test_model.h"
+
+namespace ferry::io {
+namespace {
+using test::scratch_dir;
+
+TEST(byte_tokenizer, utf8_round_trip) {
+  auto tok = make_tokenizer("byte");
+  EXPECT_EQ(tok->vocab_size(), 259);
+  EXPECT_EQ(tok->bos_id(), 1);
+  EXPECT_EQ(tok->eos_id(), 2);
+  EXPECT_EQ(tok->name(), "byte");
+  const std::string text = "Grüße, 世界! 🚂\n\t\x01\xff";
+  auto ids = tok->encode(text);
+  ASSERT_EQ(ids.size(), text.size());
+  for (size_t i = 0; i < ids.size(); ++i) EXPECT_EQ(ids[i], 3 + static_cast<unsigned char>(text[i]));
+  EXPECT_EQ(tok->decode(ids), text);
+  ids.insert(ids.begin(), 1);
+  ids.push_back(2);
+  ids.push_back(0);
+  EXPECT_EQ(tok->decode(ids), text);  // specials are skipped
+  EXPECT_TRUE(tok->encode("").empty());
+}
+
+TEST(tokenizer, spec_errors) {
+  scratch_dir dir;
+  EXPECT_ERROR_HAS(make_tokenizer(dir / "missing.model"), "missing.model", "not found");
+  EXPECT_ERROR_HAS(make_tokenizer(dir.path()), "holds no tokenizer.model");
+  test::write_bytes(dir / "bad.model", "this is not a protobuf \xff\xfe");
+  EXPECT_ERROR_HAS(make_tokenizer(dir / "bad.model"), "bad.model", "is not a sentencepiece model");
+}
+
+TEST(sentencepiece, train_encode_decode) {
+  const std::string& d = test::sp_model_dir();
+  if (d.empty()) GTEST_SKIP() << "/usr/share/common-licenses is absent";
+  EXPECT_FALSE(std::filesystem::exists(d + "/tokenizer.vocab"));  // only the .model is written
+  for (const std::string& spec : {d + "/tokenizer.model", d}) {
+    auto tok = make_tokenizer(spec);
+    EXPECT_EQ(tok->vocab_size(), test::k_sp_vocab);
+    EXPECT_EQ(tok->bos_id(), 1);
+    EXPECT_EQ(tok->eos_id(), 2);
+    EXPECT_NE(tok->name().find("tokenizer.model"), std::string::npos);
+    const std::string text = "This program is free software; you can redistribute it. Grüße 世界 2024";
+    auto ids = tok->encode(text);
+    EXPECT_LT(ids.size(), text.size() / 2) << "BPE should compress license English";
+    for (int32_t id : ids) {
+      EXPECT_GE(id, 0);
+      EXPECT_LT(id, test::k_sp_vocab);
+    }
+    EXPECT_EQ(tok->decode(ids), text);  // byte fallback covers characters the corpus lacks
+    EXPECT_ERROR_HAS(tok->decode({5, test::k_sp_vocab}), "outside the vocabulary");
+  }
+}
+
+TEST(sentencepiece, train_errors) {
+  scratch_dir dir;
+  EXPECT_ERROR_HAS(train_sentencepiece({dir / "none.txt"}, dir / "m", 300), "none.txt", "not found");
+  test::write_bytes(dir / "small.txt", "a tiny corpus\n");
+  EXPECT_ERROR_HAS(train_sentencepiece({dir / "small.txt"}, dir / "m", 5000), "vocabulary 5000");
+  EXPECT_FALSE(std::filesystem::exists(dir / "m.model"));
+}
+
+}  // namespace
+}  // namespace ferry::io

@@ -1,0 +1,288 @@
+// Layout, block, head, embedding and the whole tiny model against an autograd composition.
+#include <cmath>
+#include <map>
+#include <string>
+
+#include "src/common/error.h"
+#include "src/model/block.h"
+#include "src/model/embed_head.h"
+#include "src/model/layout.h"
+#include "src/model/rope.h"
+#include "tests/model/model_test_ref.h"
+#include "tests/model/model_test_util.h"
+
+namespace ferry::model::test {
+namespace {
+
+// Random fp64 weights for one unit's flat buffer: norms near 1, matrices ~ N(0, scale^2).
+at::Tensor random_flat(const std::vector<tensor_slot>& slots, int64_t numel, at::ScalarType t) {
+  at::Tensor flat = at::empty({numel}, at::kDouble);
+  for (const auto& s : slots) {
+    at::Tensor v = slot_view(flat, s);
+    if (s.shape.size() == 1) {
+      v.copy_(1.0 + 0.2 * at::randn(s.shape, at::kDouble));
+    } else {
+      v.copy_(at::randn(s.shape, at::kDouble) / std::sqrt(double(s.shape[1])));
+    }
+  }
+  return flat.to(t).to(at::kDouble);
+}
+
+// Autograd leaves named by HF suffix, cloned from a flat fp64 buffer.
+std::map<std::string, at::Tensor> leaves(const at::Tensor& flat, const std::vector<tensor_slot>& slots) {
+  std::map<std::string, at::Tensor> m;
+  for (const auto& s : slots) m[s.name] = leaf(slot_view(flat, s));
+  return m;
+}
+
+ref::block_params ref_block(std::map<std::string, at::Tensor>& p) {
+  return {p["input_layernorm.weight"],  p["self_attn.q_proj.weight"],         p["self_attn.k_proj.weight"],
+          p["self_attn.v_proj.weight"], p["self_attn.o_proj.weight"],         p["post_attention_layernorm.weight"],
+          p["mlp.gate_proj.weight"],    p["mlp.up_proj.weight"],              p["mlp.down_proj.weight"]};
+}
+
+TEST(model_layout, slots_tile_buffers_and_views_alias) {
+  llama_config c = tiny_config(4, 2, 6);
+  auto bl = block_layout(c);
+  int64_t off = 0;
+  for (const auto& s : bl) {
+    EXPECT_EQ(s.offset, off) << s.name;
+    off += s.numel;
+  }
+  EXPECT_EQ(off, c.block_params());
+  EXPECT_EQ(bl[1].name, "self_attn.q_proj.weight");
+  EXPECT_EQ(bl[2].offset, bl[1].offset + c.q_dim() * c.hidden_size);
+  at::Tensor flat = at::arange(c.block_params(), at::kDouble);
+  block_weights w = block_views(flat, c);
+  EXPECT_EQ(w.wqkv.sizes(), (std::vector<int64_t>{c.q_dim() + 2 * c.kv_dim(), c.hidden_size}));
+  EXPECT_EQ(w.w_gate_up.sizes(), (std::vector<int64_t>{2 * c.intermediate_size, c.hidden_size}));
+  EXPECT_TRUE(w.wqkv.narrow(0, c.q_dim(), c.kv_dim()).equal(slot_view(flat, bl[2])));
+  EXPECT_TRUE(w.w_gate_up.narrow(0, c.intermediate_size, c.intermediate_size).equal(slot_view(flat, bl[7])));
+  EXPECT_TRUE(w.w_down.equal(slot_view(flat, bl[8])));
+  EXPECT_EQ(w.w_down.data_ptr<double>() + w.w_down.numel(), flat.data_ptr<double>() + flat.numel());
+
+  auto hl = head_layout(c);
+  EXPECT_EQ(hl[0].numel + hl[1].numel, c.head_params());
+  EXPECT_EQ(embed_layout(c)[0].numel, c.embed_params());
+  c.tie_word_embeddings = true;
+  EXPECT_THROW(head_layout(c), ferry::config_error);
+}
+
+void check_block(at::ScalarType t, const llama_config& c, int64_t B, int64_t T) {
+  SCOPED_TRACE(dtype_name(t) + " Hq=" + std::to_string(c.num_attention_heads) +
+               " Hkv=" + std::to_string(c.num_key_value_heads) + " D=" + std::to_string(c.head_dim));
+  auto slots = block_layout(c);
+  at::Tensor wflat = random_flat(slots, c.block_params(), t);
+  at::Tensor x = rnd({B, T, c.hidden_size}, t), dy = rnd({B, T, c.hidden_size}, t);
+  rope_cache rc = make_rope(c, T + 3, test_device());
+
+  at::Tensor wd = dev(wflat, t);
+  block_weights w = block_views(wd, c);
+  block_saved saved;
+  at::Tensor y = block_forward(dev(x, t), w, c, rc, &saved);
+  const int64_t elem = int64_t(c10::elementSize(t));
+  EXPECT_EQ(saved.bytes(), block_saved_bytes(c, B, T, elem));
+  at::Tensor gflat = at::full({c.block_params()}, 7.0, wd.options());
+  // A re-streamed copy of the same weights for backward.
+  at::Tensor wd2 = wd.clone();
+  at::Tensor dx = block_backward(dev(dy, t), block_views(wd2, c), c, rc, saved, block_views(gflat, c), false);
+  EXPECT_EQ(saved.bytes(), 0);
+
+  auto p = leaves(wflat, slots);
+  at::Tensor xl = leaf(x);
+  at::Tensor yr = ref::block(xl, ref_block(p), c);
+  (yr * dy).sum().backward();
+  const double tol = tolerance(t, 2.0);
+  FERRY_EXPECT_CLOSE(y, yr, tol, "y");
+  FERRY_EXPECT_CLOSE(dx, xl.grad(), tol, "dx");
+  for (const auto& s : slots) FERRY_EXPECT_CLOSE(slot_view(gflat, s), p[s.name].grad(), tol, s.name);
+
+  // accumulate adds onto what is there.
+  block_saved saved2;
+  block_forward(dev(x, t), w, c, rc, &saved2);
+  at::Tensor g_before = gflat.clone();
+  block_backward(dev(dy, t), w, c, rc, saved2, block_views(gflat, c), true);
+  FERRY_EXPECT_CLOSE(gflat, g_before * 2, tolerance(t), "accumulated gradient");
+}
+
+TEST(model_block, forward_backward_matches_autograd) {
+  FERRY_REQUIRE_DEVICE();
+  for (auto t : test_dtypes()) {
+    check_block(t, tiny_config(2, 2, 6), 2, 9);    // MHA, q_dim 12 != hidden 22
+    check_block(t, tiny_config(4, 2, 10), 1, 13);  // GQA 2
+    check_block(t, tiny_config(4, 1, 6), 2, 5);    // GQA 4
+  }
+}
+
+TEST(model_block, saved_bytes_formula) {
+  llama_config c = tiny_config(4, 2, 6);
+  // N * (e*(2h + 2q + 2kv + 2i) + a*(Hq + 2)) with h=22, q=24, kv=12, i=29, Hq=4.
+  EXPECT_EQ(block_saved_bytes(c, 3, 5, 2), 15 * (2 * (44 + 48 + 24 + 58) + 4 * 6));
+  EXPECT_EQ(block_saved_bytes(c, 1, 1, 8), 8 * (44 + 48 + 24 + 58) + 8 * 6);
+}
+
+TEST(model_block, kv_cache_forward_equals_full_forward) {
+  FERRY_REQUIRE_DEVICE();
+  for (auto t : test_dtypes()) {
+    SCOPED_TRACE(dtype_name(t));
+    llama_config c = tiny_config(4, 2, 6, 2);
+    const int64_t B = 2, T = 11, Tmax = 16, prefill = 4;
+    rope_cache rc = make_rope(c, Tmax, test_device());
+    std::vector<at::Tensor> layers;
+    for (int l = 0; l < 2; ++l) layers.push_back(dev(random_flat(block_layout(c), c.block_params(), t), t));
+    at::Tensor x = dev(rnd({B, T, c.hidden_size}, t), t);
+    at::Tensor full = x;
+    for (auto& f : layers) full = block_forward(full, block_views(f, c), c, rc, nullptr);
+
+    auto opts = x.options();
+    std::vector<at::Tensor> kc, vc;
+    for (int l = 0; l < 2; ++l) {
+      kc.push_back(at::zeros({B, c.num_key_value_heads, Tmax, c.head_dim}, opts));
+      vc.push_back(at::zeros({B, c.num_key_value_heads, Tmax, c.head_dim}, opts));
+    }
+    std::vector<at::Tensor> outs;
+    int64_t pos = 0;
+    for (int64_t n : {prefill, int64_t(1), int64_t(3), int64_t(1), int64_t(1), int64_t(1)}) {
+      at::Tensor h = x.narrow(1, pos, n);
+      for (int l = 0; l < 2; ++l) h = block_forward_cached(h, block_views(layers[l], c), c, rc, pos, kc[l], vc[l]);
+      outs.push_back(h);
+      pos += n;
+    }
+    ASSERT_EQ(pos, T);
+    FERRY_EXPECT_CLOSE(at::cat(outs, 1), full, tolerance(t), "cached vs full");
+  }
+}
+
+TEST(model_head, chunked_equals_unchunked_and_logits) {
+  FERRY_REQUIRE_DEVICE();
+  for (auto t : test_dtypes()) {
+    SCOPED_TRACE(dtype_name(t));
+    llama_config c = tiny_config(2, 2, 6);
+    const int64_t B = 3, T = 7, N = B * T, h = c.hidden_size, V = c.vocab_size;
+    at::Tensor x = dev(rnd({B, T, h}, t), t);
+    at::Tensor hflat = dev(random_flat(head_layout(c), c.head_params(), t), t);
+    auto hs = head_layout(c);
+    at::Tensor nw = slot_view(hflat, hs[0]), lw = slot_view(hflat, hs[1]);
+    at::Tensor labels = at::randint(V, {B, T}, at::kLong);
+    labels.index_put_({0, 3}, -100);
+    labels.index_put_({2, 6}, -100);
+    labels = labels.to(test_device());
+
+    auto run = [&](int64_t chunk, at::Tensor& dx, at::Tensor& gn, at::Tensor& gl) {
+      gn = at::zeros({h}, x.options());
+      gl = at::zeros({V, h}, x.options());
+      return head_forward_backward(x, nw, lw, labels, c, chunk, 0.5, &dx, &gn, &gl, false);
+    };
+    at::Tensor dx0, gn0, gl0;
+    head_result r0 = run(N, dx0, gn0, gl0);
+    EXPECT_EQ(r0.n_targets, N - 2);
+    // Reference from the full logits.
+    at::Tensor logits = head_logits(x, nw, lw, c);
+    ASSERT_EQ(logits.sizes(), (std::vector<int64_t>{B, T, V}));
+    double ref_loss = ref::ce_sum(logits.to(at::kCPU, at::kDouble), labels.cpu()).item<double>();
+    EXPECT_NEAR(r0.loss_sum, ref_loss, std::abs(ref_loss) * tolerance(t));
+    for (int64_t chunk : {int64_t(1), int64_t(5), N - 1, N + 100}) {
+      SCOPED_TRACE("chunk " + std::to_string(chunk));
+      at::Tensor dx, gn, gl;
+      head_result r = run(chunk, dx, gn, gl);
+      EXPECT_EQ(r.n_targets, r0.n_targets);
+      EXPECT_NEAR(r.loss_sum, r0.loss_sum, std::abs(r0.loss_sum) * tolerance(t));
+      FERRY_EXPECT_CLOSE(dx, dx0, tolerance(t), "dx");
+      FERRY_EXPECT_CLOSE(gn, gn0, tolerance(t, 2.0), "g_norm");
+      FERRY_EXPECT_CLOSE(gl, gl0, tolerance(t, 2.0), "g_lm_head");
+    }
+    // Forward only.
+    head_result rf = head_forward_backward(x, nw, lw, labels, c, 4, 1.0, nullptr, nullptr, nullptr, false);
+    EXPECT_NEAR(rf.loss_sum, r0.loss_sum, std::abs(r0.loss_sum) * tolerance(t));
+  }
+}
+
+TEST(model_embed, backward_sums_duplicates_deterministically) {
+  FERRY_REQUIRE_DEVICE();
+  for (auto t : test_dtypes()) {
+    SCOPED_TRACE(dtype_name(t));
+    const int64_t V = 9, h = 5;
+    at::Tensor emb = rnd({V, h}, t);
+    at::Tensor tokens = at::randint(4, {3, 40}, at::kLong);   // many duplicates, rows >= 4 unused
+    at::Tensor dx = rnd({3, 40, h}, t);
+    at::Tensor y = embed_forward(tokens.to(test_device()), dev(emb, t));
+    FERRY_EXPECT_CLOSE(y, emb.index_select(0, tokens.reshape({-1})).view({3, 40, h}), 0.0, "forward");
+    at::Tensor g1 = dev(at::full({V, h}, 3.0, at::kDouble), t), g2 = g1.clone();
+    embed_backward(dev(dx, t), tokens.to(test_device()), g1, false);
+    embed_backward(dev(dx, t), tokens.to(test_device()), g2, false);
+    EXPECT_TRUE(g1.equal(g2));
+    at::Tensor expect = at::zeros({V, h}, at::kDouble).index_add_(0, tokens.reshape({-1}), dx.reshape({-1, h}));
+    FERRY_EXPECT_CLOSE(g1, expect, tolerance(t, 2.0), "overwrite");
+    embed_backward(dev(dx, t), tokens.to(test_device()), g1, true);
+    FERRY_EXPECT_CLOSE(g1, expect * 2, tolerance(t, 2.0), "accumulate");
+  }
+}
+
+// The whole model: embedding, layers, final norm, lm_head, summed cross-entropy; every gradient.
+void check_model(at::ScalarType t, const llama_config& c, int64_t B, int64_t T) {
+  SCOPED_TRACE(dtype_name(t) + " layers=" + std::to_string(c.num_hidden_layers) +
+               " Hq=" + std::to_string(c.num_attention_heads) + " Hkv=" + std::to_string(c.num_key_value_heads));
+  const int64_t L = c.num_hidden_layers;
+  auto bl = block_layout(c), el = embed_layout(c), hl = head_layout(c);
+  at::Tensor eflat = random_flat(el, c.embed_params(), t), hflat = random_flat(hl, c.head_params(), t);
+  std::vector<at::Tensor> bflat;
+  for (int64_t l = 0; l < L; ++l) bflat.push_back(random_flat(bl, c.block_params(), t));
+  at::Tensor tokens = at::randint(c.vocab_size, {B, T}, at::kLong);
+  at::Tensor labels = at::full({B, T}, -100, at::kLong);
+  labels.narrow(1, 0, T - 1).copy_(tokens.narrow(1, 1, T - 1));
+  labels.index_put_({0, 1}, -100);
+
+  // ferry
+  rope_cache rc = make_rope(c, T, test_device());
+  at::Tensor ed = dev(eflat, t), hd = dev(hflat, t);
+  std::vector<at::Tensor> bd, gd;
+  for (auto& f : bflat) bd.push_back(dev(f, t)), gd.push_back(at::zeros_like(bd.back()));
+  at::Tensor g_emb = at::zeros({c.vocab_size, c.hidden_size}, ed.options());
+  at::Tensor g_head = at::zeros_like(hd);
+  at::Tensor g_norm = slot_view(g_head, hl[0]), g_lm = slot_view(g_head, hl[1]);
+  at::Tensor tok = tokens.to(test_device());
+  at::Tensor x = embed_forward(tok, ed.view({c.vocab_size, c.hidden_size}));
+  std::vector<block_saved> saved(L);
+  for (int64_t l = 0; l < L; ++l) x = block_forward(x, block_views(bd[l], c), c, rc, &saved[l]);
+  at::Tensor dx;
+  head_result r = head_forward_backward(x, slot_view(hd, hl[0]), slot_view(hd, hl[1]), labels.to(test_device()), c, 5,
+                                        1.0, &dx, &g_norm, &g_lm, false);
+  for (int64_t l = L - 1; l >= 0; --l) {
+    dx = block_backward(dx, block_views(bd[l], c), c, rc, saved[l], block_views(gd[l], c), false);
+  }
+  embed_backward(dx, tok, g_emb, false);
+
+  // autograd reference
+  auto pe = leaves(eflat, el);
+  auto ph = leaves(hflat, hl);
+  std::vector<std::map<std::string, at::Tensor>> pb;
+  for (auto& f : bflat) pb.push_back(leaves(f, bl));
+  at::Tensor xr = pe["model.embed_tokens.weight"].index_select(0, tokens.reshape({-1})).view({B, T, -1});
+  for (int64_t l = 0; l < L; ++l) xr = ref::block(xr, ref_block(pb[l]), c);
+  at::Tensor logits = at::matmul(ref::rmsnorm(xr, ph["model.norm.weight"], c.rms_norm_eps), ph["lm_head.weight"].t());
+  at::Tensor loss = ref::ce_sum(logits, labels);
+  loss.backward();
+
+  const double tol = tolerance(t, 3.0);
+  EXPECT_EQ(r.n_targets, B * (T - 1) - 1);
+  EXPECT_NEAR(r.loss_sum, loss.item<double>(), std::abs(loss.item<double>()) * tol);
+  FERRY_EXPECT_CLOSE(g_emb, pe["model.embed_tokens.weight"].grad(), tol, "model.embed_tokens.weight");
+  FERRY_EXPECT_CLOSE(g_norm, ph["model.norm.weight"].grad(), tol, "model.norm.weight");
+  FERRY_EXPECT_CLOSE(g_lm, ph["lm_head.weight"].grad(), tol, "lm_head.weight");
+  for (int64_t l = 0; l < L; ++l)
+    for (const auto& s : bl)
+      FERRY_EXPECT_CLOSE(slot_view(gd[l], s), pb[l][s.name].grad(), tol,
+                         "model.layers." + std::to_string(l) + "." + s.name);
+}
+
+TEST(model_tiny, loss_and_every_gradient_match_autograd) {
+  FERRY_REQUIRE_DEVICE();
+  for (auto t : test_dtypes()) {
+    check_model(t, tiny_config(2, 2, 6, 2), 2, 9);
+    check_model(t, tiny_config(4, 2, 10, 3), 1, 12);
+    check_model(t, tiny_config(4, 1, 6, 2), 2, 6);
+  }
+}
+
+}  // namespace
+}  // namespace ferry::model::test
