@@ -12,7 +12,7 @@ if [ ! -f "$FERRY_BUILD_DIR/build.ninja" ] || [ $# -gt 0 ]; then
   extra=()
   [ -n "${FERRY_DEPS_PREFIX:-}" ] && extra+=("-DBOOST_ROOT=$FERRY_DEPS_PREFIX" "-DCMAKE_LIBRARY_ARCHITECTURE=x86_64-linux-gnu")
   cmake -S "$FERRY_ROOT" -B "$FERRY_BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE="${FERRY_BUILD_TYPE:-Release}" \
-    -DCMAKE_PREFIX_PATH="$prefix_path" -DFERRY_PYTHON="$FERRY_PYTHON" "${extra[@]}" "$@" >"$FERRY_BUILD_DIR.configure.log" 2>&1 \
+    -DCMAKE_PREFIX_PATH="$prefix_path" -DFERRY_PYTHON="$FERRY_PYTHON" -DCMAKE_POLICY_VERSION_MINIMUM=3.5 "${extra[@]}" "$@" >"$FERRY_BUILD_DIR.configure.log" 2>&1 \
     || { cat "$FERRY_BUILD_DIR.configure.log" >&2; ferry_die "cmake configure failed (log above)"; }
   grep -A12 '^-- ferry ' "$FERRY_BUILD_DIR.configure.log" >&2 || true
 fi

@@ -57,6 +57,9 @@ cli_request parse_cli(int argc, char** argv, tool which) {
       "version", "print the version and exit")("config", po::value<std::string>(), "run config JSON file")(
       "set", po::value<std::vector<std::string>>()->composing(), "override any run-config key: --set key=value (repeatable)")(
       "dry-run", "print the resolved config and the memory plan, then exit");
+  if (which == tool::tool_train)
+    desc.add_options()("plan-json", po::value<std::string>(),
+                       "write the memory plan (bytes) as JSON to FILE; with --dry-run, nothing else runs");
   for (const auto& f : kFlags) {
     if (!applies(f, which)) continue;
     if (f.fixed) desc.add_options()(f.flag, f.help);
@@ -97,6 +100,7 @@ cli_request parse_cli(int argc, char** argv, tool which) {
     req.cfg = io::load_run_config(config_path, overrides);
     if (which == tool::tool_infer && vm.count("model") && !req.cfg.is_explicit("init")) req.cfg.init = vm["model"].as<std::string>();
     req.dry_run = vm.count("dry-run") > 0;
+    if (vm.count("plan-json")) req.plan_json = vm["plan-json"].as<std::string>();
     return req;
   } catch (const po::error& e) {
     throw config_error(std::string(e.what()) + " (see " + prog + " --help)");

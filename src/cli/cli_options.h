@@ -13,6 +13,7 @@ enum class tool { tool_train, tool_infer };
 struct cli_request {
   io::run_config cfg;
   bool dry_run = false;
+  std::string plan_json;  // --plan-json FILE: the memory plan as JSON (ferry-train), "" = none
   bool exit_now = false;  // --help / --version handled
 };
 

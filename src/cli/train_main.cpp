@@ -14,6 +14,7 @@ int train_main(int argc, char** argv) {
   cli::resolve_auto(req.cfg, engine::cuda_usable());
   model::llama_config mc = cli::resolve_model(req.cfg);
   engine::engine_options eo = cli::engine_options_for(req.cfg, mc);
+  if (!req.plan_json.empty()) cli::write_plan_json(req.plan_json, req.cfg, mc, eo);
   if (req.dry_run) {
     cli::print_dry_run(req.cfg, mc, eo);
     return 0;

@@ -2,11 +2,14 @@
 
 #include <cstdio>
 #include <filesystem>
+#include <fstream>
 #include <sstream>
 
 #include "src/common/error.h"
 #include "src/engine/memory_plan.h"
 #include "src/io/hf_config.h"
+
+#include <nlohmann/json.hpp>
 
 namespace ferry::cli {
 
@@ -69,6 +72,31 @@ void print_dry_run(const io::run_config& cfg, const model::llama_config& mc, con
   engine::memory_plan p = engine::plan_memory(mc, eo, cfg.batch_size, cfg.max_length, cfg.grad_accum);
   std::printf("memory plan (offload %s, %s, batch %lld x %lld tokens):\n%s\n", cfg.offload.c_str(), cfg.dtype.c_str(),
               (long long)cfg.batch_size, (long long)cfg.max_length, p.describe().c_str());
+}
+
+void write_plan_json(const std::string& path, const io::run_config& cfg, const model::llama_config& mc,
+                     const engine::engine_options& eo) {
+  engine::memory_plan p = engine::plan_memory(mc, eo, cfg.batch_size, cfg.max_length, cfg.grad_accum);
+  nlohmann::json j;
+  j["model"] = {{"name", mc.name},
+                {"params", mc.total_params()},
+                {"layers", mc.num_hidden_layers},
+                {"hidden", mc.hidden_size},
+                {"heads", mc.num_attention_heads},
+                {"kv_heads", mc.num_key_value_heads},
+                {"intermediate", mc.intermediate_size},
+                {"vocab", mc.vocab_size}};
+  j["run"] = {{"offload", cfg.offload}, {"dtype", cfg.dtype},           {"device", cfg.device},
+              {"batch", cfg.batch_size}, {"seq", cfg.max_length},       {"grad_accum", cfg.grad_accum},
+              {"prefetch", cfg.prefetch}, {"gpu_mem_limit_gib", cfg.gpu_mem_limit_gib}};
+  j["device"] = {{"weight_slots", p.weight_slots}, {"grad_slots", p.grad_slots}, {"optimizer", p.optimizer},
+                 {"activations", p.activations},   {"workspace", p.workspace},   {"total", p.device_total}};
+  j["host"] = {{"master", p.host_master}, {"moments", p.host_moments}, {"pinned", p.host_pinned},
+               {"other", p.host_other},   {"total", p.host_total}};
+  std::ofstream out(path);
+  FERRY_CONFIG_CHECK(out.good(), "cannot write --plan-json ", path, "; check that its directory exists");
+  out << j.dump(2) << "\n";
+  FERRY_CONFIG_CHECK(out.good(), "writing --plan-json ", path, " failed; check free disk space");
 }
 
 }  // namespace ferry::cli

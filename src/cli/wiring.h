@@ -20,5 +20,9 @@ std::string default_corpus();
 
 // --dry-run: the resolved config and the memory plan, printed to stdout.
 void print_dry_run(const io::run_config& cfg, const model::llama_config& mc, const engine::engine_options& eo);
+// --plan-json FILE: the same plan as print_dry_run, every figure in bytes, plus the model shape and
+// the run's offload/dtype/batch/seq, as one JSON object (read by scripts/find_largest_model.sh).
+void write_plan_json(const std::string& path, const io::run_config& cfg, const model::llama_config& mc,
+                     const engine::engine_options& eo);
 
 }  // namespace ferry::cli

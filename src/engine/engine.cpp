@@ -239,12 +239,13 @@ void engine::send_grad(int64_t u, grad_slot& g, int64_t numel, bool first_micro,
 
   event_ptr copied = g.copied;
   bool accumulate = accum_[u] != nullptr;
+  bool poison = last_micro && poison_now(u);
   int64_t version = last_micro && speculate ? ++version_[u] : -1;
   double mult = cur_mult_;
   cpu_optim::adamw_hparams hp = hp_;
   int64_t step = adam_step_;
   worker_->submit(
-      [this, u, copied, first_micro, last_micro, speculate, accumulate, mult, hp, step] {
+      [this, u, copied, first_micro, last_micro, speculate, accumulate, poison, mult, hp, step] {
         copied->synchronize();
         delay();
         size_t n = size_t(store_->unit(u).numel);
@@ -254,6 +255,7 @@ void engine::send_grad(int64_t u, grad_slot& g, int64_t numel, bool first_micro,
           else acc.add_(store_->grad_tensor(u));
         }
         if (!last_micro) return;
+        if (poison) debug_poison(u);
         if (speculate) host_update(u, mult, hp, step);
         else unit_state_[u].stats = adam_->stats(chunk(u).grad, chunk(u).grad_dtype, n, float(mult));
       },
@@ -261,10 +263,20 @@ void engine::send_grad(int64_t u, grad_slot& g, int64_t numel, bool first_micro,
   if (opt_.mode == offload_mode::offload_blocked) worker_->wait_idle();
 }
 
+void engine::debug_poison(int64_t u) const {
+  cpu_optim::chunk_ref c = chunk(u);
+  at::ScalarType t = accum_[u] ? at::kFloat : store_->grad_dtype(u);
+  FERRY_ASSERT(opt_.debug_poison_index >= 0 && opt_.debug_poison_index < int64_t(c.n), "debug_poison_index out of range");
+  at::from_blob(const_cast<void*>(c.grad), {int64_t(c.n)}, at::TensorOptions().dtype(t))
+      .narrow(0, opt_.debug_poison_index, 1)
+      .fill_(opt_.debug_poison_value);
+}
+
 // ---- the step ----
 
 step_result engine::train_step(const std::vector<at::Tensor>& micro_batches, double lr) {
   FERRY_ASSERT(!micro_batches.empty(), "train_step without micro-batches");
+  ++step_calls_;
   if (opt_.mode == offload_mode::offload_none) return train_step_resident(micro_batches, lr);
   auto t_start = clock_type::now();
   auto guard = dev_->enter_compute();
@@ -367,8 +379,9 @@ step_result engine::train_step(const std::vector<at::Tensor>& micro_batches, dou
     cpu_optim::adamw_hparams hp = hp_;
     int64_t step = adam_step_;
     at::Tensor tok = inputs;
+    const bool poison = last && poison_now(eu);
     worker_->submit(
-        [this, copied, tok, first, last, speculate, mult, eu, hp, step] {
+        [this, copied, tok, first, last, speculate, poison, mult, eu, hp, step] {
           copied->synchronize();
           delay();
           const int64_t h = cfg_.hidden_size;
@@ -377,6 +390,7 @@ step_result engine::train_step(const std::vector<at::Tensor>& micro_batches, dou
           if (first) grad.zero_();
           grad.index_add_(0, tok.reshape({-1}), rows.to(at::kFloat));
           if (!last) return;
+          if (poison) debug_poison(eu);
           if (speculate) host_update(eu, mult, hp, step);
           else unit_state_[eu].stats = adam_->stats(store_->grad(eu), cpu_optim::dtype::dtype_f32,
                                                     size_t(store_->unit(eu).numel), float(mult));
@@ -593,6 +607,8 @@ step_result engine::train_step_resident(const std::vector<at::Tensor>& micro_bat
   r.loss = loss_sum / double(total_targets);
   r.n_targets = total_targets;
 
+  for (int64_t u = 0; u < store_->num_units(); ++u)
+    if (poison_now(u)) dev_grad_[u].narrow(0, opt_.debug_poison_index, 1).fill_(opt_.debug_poison_value);
   double sum_sq = 0;
   int64_t nonfinite = 0;
   for (auto& g : dev_grad_) {

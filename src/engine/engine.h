@@ -133,6 +133,12 @@ class engine {
   void finish_step(step_result& r, bool speculate);
   step_result train_step_resident(const std::vector<at::Tensor>& micro_batches, double lr);
   void delay() { dev_->debug_delay(); }
+  // engine_options::debug_poison_* (test hook): whether unit u's gradient is poisoned this step,
+  // and the write itself (on the host gradient the update reads).
+  bool poison_now(int64_t u) const {
+    return step_calls_ == opt_.debug_poison_step && u == opt_.debug_poison_unit;
+  }
+  void debug_poison(int64_t u) const;
 
   model::llama_config cfg_;
   engine_options opt_;
@@ -160,6 +166,7 @@ class engine {
   std::vector<at::Tensor> dev_half_, dev_master_, dev_m_, dev_v_, dev_grad_;
 
   int64_t adam_step_ = 0;
+  int64_t step_calls_ = 0;                // train_step calls, for the debug_poison test hook
   cpu_optim::adamw_hparams hp_;
   double cur_mult_ = 1;                   // the multiplier speculative updates used
   loss_scaler_state scaler_;

@@ -4,6 +4,7 @@
 #include <c10/core/ScalarType.h>
 
 #include <cstdint>
+#include <limits>
 #include <string>
 
 namespace ferry::engine {
@@ -45,6 +46,13 @@ struct engine_options {
   bool nvtx = false;
   // Race testing: each copy, compute phase and CPU update sleeps a random 0..debug_delay_us.
   int64_t debug_delay_us = 0;
+  // Test hook (tests/engine only; never set by the CLI): on the debug_poison_step-th call of
+  // train_step (1-based), element debug_poison_index of unit debug_poison_unit's gradient is
+  // overwritten with debug_poison_value once it has reached the host (the device's buffer in
+  // none mode), before any statistic or update reads it. Injects fp16-style overflow or a NaN
+  // into exactly one unit. -1: off.
+  int64_t debug_poison_step = -1, debug_poison_unit = -1, debug_poison_index = 0;
+  double debug_poison_value = std::numeric_limits<double>::infinity();
   uint64_t seed = 1234;
 };
 

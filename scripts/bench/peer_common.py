@@ -1,0 +1,115 @@
+"""Shared by the peer scripts (peer_*.py): arguments, the HF model, random tokens, the timed loop.
+
+Every peer is one process that writes one JSON object to --json: either
+  {"ok": true, "step_ms": median after warm-up, "steps_ms": [...], "peak_alloc": bytes,
+   "peak_reserved": bytes, "losses": [...], "notes": "..."}
+or {"ok": false, "error": "..."}; the driver (bench.py) turns either into a table row.
+Setup as in ../../../shared/BASELINES.md: LLaMA shapes, batch 1, random tokens, AdamW lr 1e-5,
+weight decay 0.01, clip 1.0 (where the peer supports it), median step after warm-up.
+"""
+import argparse
+import json
+import statistics
+import sys
+import time
+import traceback
+
+
+def parse_args(desc):
+    ap = argparse.ArgumentParser(description=desc)
+    ap.add_argument("--config", required=True, help="HF config.json of the shape (configs/models/NAME.json)")
+    ap.add_argument("--seq", type=int, default=4096)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=10, help="timed steps after warm-up")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--dtype", choices=["fp16", "bf16"], default="fp16")
+    ap.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke test of the script itself")
+    ap.add_argument("--lr", type=float, default=1e-5)
+    ap.add_argument("--weight-decay", type=float, default=0.01)
+    ap.add_argument("--clip", type=float, default=1.0)
+    ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--json", required=True, help="where the result object goes")
+    return ap.parse_args()
+
+
+def write(path, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+
+
+def hf_config(path):
+    from transformers import LlamaConfig
+    with open(path) as f:
+        d = json.load(f)
+    for k in ("_name_or_path", "architectures", "transformers_version", "torch_dtype", "dtype"):
+        d.pop(k, None)
+    d["use_cache"] = False
+    cfg = LlamaConfig(**d)
+    cfg._attn_implementation = "sdpa"
+    return cfg
+
+
+def build_model(args, device):
+    """fp32 LlamaForCausalLM with sdpa attention, initialised directly on `device`."""
+    import torch
+    from transformers import LlamaForCausalLM
+    torch.manual_seed(args.seed)
+    cfg = hf_config(args.config)
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg)
+    return model.float().train(), cfg
+
+
+def half(args):
+    import torch
+    return torch.float16 if args.dtype == "fp16" else torch.bfloat16
+
+
+def timed_loop(args, step_fn, vocab, device):
+    """Runs warmup + steps calls of step_fn(tokens) -> loss tensor; returns the result object."""
+    import torch
+    cuda = device.startswith("cuda")
+    g = torch.Generator().manual_seed(args.seed)
+    times, losses = [], []
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    for i in range(args.warmup + args.steps):
+        tok = torch.randint(0, vocab, (args.batch, args.seq), generator=g).to(device)
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        loss = step_fn(tok)
+        if cuda:
+            torch.cuda.synchronize()
+        dt = (time.perf_counter() - t0) * 1e3
+        losses.append(float(loss))
+        if i >= args.warmup:
+            times.append(dt)
+        print("step %d: %.1f ms, loss %.4f" % (i + 1, dt, losses[-1]), flush=True)
+    res = dict(ok=True, step_ms=statistics.median(times), steps_ms=times, losses=losses)
+    if cuda:
+        res["peak_alloc"] = torch.cuda.max_memory_allocated()
+        res["peak_reserved"] = torch.cuda.max_memory_reserved()
+        res["card"] = torch.cuda.get_device_name()
+    else:
+        res["peak_alloc"] = res["peak_reserved"] = 0
+    return res
+
+
+def main_guard(args, body):
+    """Runs body() -> result dict; any exception becomes {"ok": false, "error": ...}, exit 1."""
+    try:
+        res = body()
+        write(args.json, res)
+        return 0
+    except Exception as e:  # the row must say why, whatever went wrong
+        traceback.print_exc()
+        msg = "%s: %s" % (type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+        if "out of memory" in str(e).lower():
+            msg = "out of GPU memory: " + msg
+        write(args.json, dict(ok=False, error=msg[:400]))
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit("import this module from a peer_*.py script")

@@ -1,0 +1,89 @@
+"""Peer "FSDP2 CPU offload": PyTorch FSDP2 fully_shard per decoder layer and on the root with
+CPUOffloadPolicy(pin_memory=True) and MixedPrecisionPolicy(param_dtype=fp16|bf16, reduce fp32),
+world size 1 (single-process init from environment variables), CPU AdamW after backward,
+clip_grad_norm_ 1.0, and for fp16 the ShardedGradScaler (dropped, with a note, if it fails)."""
+import os
+import socket
+import sys
+
+import peer_common as pc
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main():
+    args = pc.parse_args(__doc__)
+
+    def body():
+        import torch
+        import torch.distributed as dist
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+        cuda = args.device.startswith("cuda")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        if cuda:
+            torch.cuda.set_device(0)
+        dist.init_process_group("cuda:nccl,cpu:gloo" if cuda else "gloo")
+        try:
+            model, cfg = pc.build_model(args, args.device)
+            mp = MixedPrecisionPolicy(param_dtype=pc.half(args), reduce_dtype=torch.float32)
+            kw = dict(mp_policy=mp)
+            if cuda:
+                kw["offload_policy"] = CPUOffloadPolicy(pin_memory=True)
+            for layer in model.model.layers:
+                fully_shard(layer, **kw)
+            fully_shard(model, **kw)
+            if cuda:
+                torch.cuda.empty_cache()
+            opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+            scaler = None
+            notes = []
+            if args.dtype == "fp16" and cuda:
+                from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+                scaler = ShardedGradScaler()
+
+            def step(tok):
+                nonlocal scaler
+                loss = model(input_ids=tok, labels=tok).loss
+                if scaler is not None:
+                    try:
+                        scaler.scale(loss).backward()
+                        scaler.unscale_(opt)
+                        torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+                        scaler.step(opt)
+                        scaler.update()
+                        opt.zero_grad(set_to_none=True)
+                        return loss.detach()
+                    except RuntimeError as e:
+                        notes.append("ShardedGradScaler failed (%s); ran without it" % str(e).splitlines()[0][:120])
+                        scaler = None
+                        opt.zero_grad(set_to_none=True)
+                        loss = model(input_ids=tok, labels=tok).loss
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                return loss.detach()
+
+            res = pc.timed_loop(args, step, cfg.vocab_size, args.device)
+            notes.insert(0, "fully_shard per layer, %sMixedPrecision %s, CPU AdamW, clip %g%s" % (
+                "CPUOffloadPolicy(pin_memory=True), " if cuda else "", args.dtype, args.clip,
+                ", ShardedGradScaler" if scaler is not None else ""))
+            res["notes"] = "; ".join(notes)
+            return res
+        finally:
+            dist.destroy_process_group()
+
+    return pc.main_guard(args, body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# On a GPU machine: set up (from the offline bundle in deps/bundle when there is no network),
+# build with CUDA, run the whole ctest suite including the "gpu" label, then every benchmark that
+# exists, and print a short summary table last. Logs go to $OUT (or out/gpu_check).
+#   scripts/gpu_check.sh [--no-bench] [--bench-only] [--quick]
+set -uo pipefail
+. "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+out="${OUT:-$FERRY_ROOT/out/gpu_check}"
+mkdir -p "$out"
+bench=1 tests=1 quick=0
+for a in "$@"; do
+  case "$a" in
+    --no-bench) bench=0 ;;
+    --bench-only) tests=0 ;;
+    --quick) quick=1 ;;
+    *) ferry_die "gpu_check.sh: unknown argument $a (valid: --no-bench, --bench-only, --quick)" 2 ;;
+  esac
+done
+export FERRY_BUILD_DIR="${FERRY_BUILD_DIR:-$FERRY_ROOT/build-gpu}"
+summary="$out/summary.txt"
+: > "$summary"
+row() { printf '%-44s %s\n' "$1" "$2" | tee -a "$summary" >/dev/null; }
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$out/gpu.txt" 2>&1 || true
+row "card" "$(head -1 "$out/gpu.txt")"
+row "date" "$(date -u +%F)"
+row "commit" "$(git -C "$FERRY_ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)"
+
+t0=$(date +%s)
+if ! "$FERRY_ROOT/scripts/setup.sh" > "$out/setup.log" 2>&1; then row "setup" "FAILED (see setup.log)"; cat "$out/setup.log"; exit 1; fi
+# Build kernels for this card only (the default build covers the RTX 4090 and H100).
+cap=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1)
+arch="${CMAKE_CUDA_ARCHITECTURES:-${cap/./}}"
+arch="${arch:-90}"
+export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-${cap:-9.0}}"
+if ! "$FERRY_ROOT/scripts/build.sh" -DCMAKE_CUDA_ARCHITECTURES="$arch" > "$out/build.log" 2>&1; then
+  row "build" "FAILED (see build.log)"; tail -50 "$out/build.log"; exit 1
+fi
+grep -E "CUDA code|libtorch" "$FERRY_BUILD_DIR.configure.log" | sed 's/^-- *//' | while read -r l; do row "configure" "$l"; done
+row "setup + build" "$(( $(date +%s) - t0 )) s"
+
+status=0
+if [ "$tests" = 1 ]; then
+  (cd "$FERRY_BUILD_DIR" && ctest -j "$(ferry_jobs)" --output-on-failure --timeout 900) > "$out/ctest.log" 2>&1 || status=1
+  row "ctest (all labels)" "$(grep -E 'tests passed|tests failed' "$out/ctest.log" | tail -1)"
+  (cd "$FERRY_BUILD_DIR" && ctest -L gpu -N) > "$out/ctest_gpu_list.log" 2>&1
+  gpu_failed=$(grep -E '^\s+[0-9]+ - ' "$out/ctest.log" | grep -c '(Failed\|(Timeout\|(SEGFAULT\|(Subprocess' || true)
+  row "ctest label gpu" "$(grep -c 'Test *#' "$out/ctest_gpu_list.log") registered; failures listed in ctest.log: $gpu_failed"
+  grep -E '^\s+[0-9]+ - ' "$out/ctest.log" | head -20 | while read -r l; do row "  failed" "$l"; done
+fi
+
+if [ "$bench" = 1 ]; then
+  bin="$FERRY_BUILD_DIR/bin"
+  if [ -x "$bin/ferry-bench-adamw" ]; then
+    "$bin/ferry-bench-adamw" --sizes 256M --threads 15 > "$out/bench_adamw.log" 2>&1 || true
+    row "cpu AdamW 256M (ours vs torch fused)" "$(grep -iE 'ratio|fp16' "$out/bench_adamw.log" | tail -1)"
+  fi
+  if [ -x "$bin/ferry-bench-kernels" ]; then
+    "$bin/ferry-bench-kernels" fp16 > "$out/bench_kernels.log" 2>&1 || true
+    tail -20 "$out/bench_kernels.log" | sed 's/^/    /' >> "$summary"
+  fi
+  if [ -x "$FERRY_ROOT/scripts/bench.sh" ]; then
+    steps=$([ "$quick" = 1 ] && echo 6 || echo 12)
+    "$FERRY_ROOT/scripts/bench.sh" --shape debug --steps "$steps" --out "$out/bench_debug" > "$out/bench_debug.log" 2>&1 || true
+    tail -25 "$out/bench_debug.log" | sed 's/^/    /' >> "$summary"
+  fi
+fi
+echo
+echo "==== ferry gpu_check summary ===="
+cat "$summary"
+exit $status

@@ -1,0 +1,168 @@
+#include "src/infer/runner.h"
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+
+#include "src/common/error.h"
+#include "src/engine/engine.h"
+#include "src/infer/evaluate.h"
+#include "src/infer/generate.h"
+#include "src/train/checkpoint.h"
+
+namespace ferry::infer {
+namespace fs = std::filesystem;
+namespace {
+
+constexpr const char* kDefaultPrompt = "Permission is hereby granted";
+
+double gib(int64_t b) { return double(b) / double(1ull << 30); }
+
+std::string model_dir(const io::run_config& cfg) {
+  std::error_code ec;
+  if (!cfg.init.empty() && fs::is_directory(cfg.init, ec)) return cfg.init;
+  if (fs::is_directory(cfg.model, ec)) return cfg.model;
+  return "";
+}
+
+void print_eval(const eval_result& r, int64_t seq_len) {
+  std::printf("evaluate: %lld sequences x %lld tokens%s: loss %.4f, perplexity %.3f, %.0f tok/s (%.2f s)",
+              (long long)r.sequences, (long long)seq_len, r.from_train_split ? " (training split: no held-out data)" : "",
+              r.loss, r.perplexity, r.tokens_per_s(), r.ms / 1e3);
+  if (r.gpu_alloc_peak > 0) std::printf(", peak GPU %.2f GiB", gib(r.gpu_alloc_peak));
+  std::printf("\n");
+}
+
+int run_generate(engine::engine& e, const io::run_config& cfg, const io::tokenizer& tok) {
+  std::vector<std::string> texts;
+  std::vector<std::vector<int64_t>> prompts = load_prompts(cfg, tok, &texts);
+  generate_options g;
+  g.eos_id = e.config().eos_token_id;
+  g.sampling = {cfg.temperature, cfg.top_k, cfg.top_p, cfg.seed};
+  const int64_t n = int64_t(prompts.size()), B = cfg.batch_size;
+  int64_t new_tokens = 0;
+  double ms = 0;
+  std::printf("generate: %lld prompt(s), batch %lld, %s, up to %lld new tokens\n", (long long)n, (long long)B,
+              cfg.temperature > 0 ? "sampling" : "greedy", (long long)cfg.max_new_tokens);
+  for (int64_t first = 0; first < n; first += B) {
+    const int64_t rows = std::min(B, n - first);
+    std::vector<std::vector<int64_t>> batch(prompts.begin() + first, prompts.begin() + first + rows);
+    int64_t longest = 0;
+    for (const auto& p : batch) longest = std::max<int64_t>(longest, int64_t(p.size()));
+    g.max_new_tokens = std::min(cfg.max_new_tokens, cfg.max_length - longest);
+    if (g.max_new_tokens < cfg.max_new_tokens)
+      std::printf("note: the batch's longest prompt has %lld tokens, so at most %lld new tokens fit max_length %lld\n",
+                  (long long)longest, (long long)g.max_new_tokens, (long long)cfg.max_length);
+    generate_result r = generate(e, batch, g);
+    for (int64_t b = 0; b < rows; ++b) {
+      std::vector<int32_t> ids;
+      std::string list;
+      for (int64_t t : r.tokens[b]) {
+        if (t >= 0 && t < tok.vocab_size()) ids.push_back(int32_t(t));
+        list += (list.empty() ? "" : " ") + std::to_string(t);
+      }
+      std::printf("--- %lld (%zu prompt tokens)\n%s%s\nids %lld: %s\n", (long long)(first + b),
+                  batch[b].size(), texts[first + b].c_str(), tok.decode(ids).c_str(), (long long)(first + b), list.c_str());
+    }
+    std::printf("batch %lld: %lld new tokens, prefill %.1f ms, decode %.1f ms (%lld steps), %.1f tok/s, KV cache %.1f MiB",
+                (long long)(first / B), (long long)r.new_tokens, r.prefill_ms, r.decode_ms, (long long)r.steps,
+                r.tokens_per_s(), double(r.kv_cache_bytes) / double(1 << 20));
+    if (r.gpu_alloc_peak > 0) std::printf(", peak GPU %.2f GiB", gib(r.gpu_alloc_peak));
+    std::printf("\n");
+    new_tokens += r.new_tokens;
+    ms += r.prefill_ms + r.decode_ms;
+  }
+  std::printf("generate: %lld new tokens in %.2f s: %.1f tok/s\n", (long long)new_tokens, ms / 1e3,
+              ms > 0 ? double(new_tokens) / (ms / 1e3) : 0.0);
+  return 0;
+}
+}  // namespace
+
+std::string resolve_tokenizer(const io::run_config& cfg, const model::llama_config& mc) {
+  std::string spec = cfg.tokenizer;
+  const std::string dir = model_dir(cfg);
+  std::error_code ec;
+  if (!cfg.is_explicit("tokenizer") && !dir.empty()) {
+    if (fs::is_regular_file(fs::path(dir) / "tokenizer.model", ec)) {
+      spec = (fs::path(dir) / "tokenizer.model").string();
+    } else {
+      FERRY_CONFIG_CHECK(!fs::exists(fs::path(dir) / "tokenizer.json", ec), "model directory ", dir,
+                         " has tokenizer.json but no tokenizer.model; ferry reads sentencepiece models only: pass "
+                         "--tokenizer PATH/tokenizer.model (or --tokenizer byte for a byte-level model)");
+    }
+  }
+  if (spec != "byte") {
+    FERRY_CONFIG_CHECK(fs::exists(spec, ec), "tokenizer ", spec, " does not exist; pass --tokenizer with a "
+                       "sentencepiece tokenizer.model (or a directory holding one), or --tokenizer byte");
+  }
+  std::unique_ptr<io::tokenizer> tok = io::make_tokenizer(spec);
+  FERRY_CONFIG_CHECK(tok->vocab_size() <= mc.vocab_size, "tokenizer ", tok->name(), " has ", tok->vocab_size(),
+                     " ids but model ", mc.name, " only ", mc.vocab_size, "; use the model's own tokenizer");
+  return spec;
+}
+
+std::vector<std::vector<int64_t>> load_prompts(const io::run_config& cfg, const io::tokenizer& tok,
+                                               std::vector<std::string>* texts) {
+  std::vector<std::string> lines;
+  if (!cfg.prompt_file.empty()) {
+    std::ifstream in(cfg.prompt_file);
+    FERRY_CONFIG_CHECK(in.good(), "cannot read prompt_file ", cfg.prompt_file, "; give a text file with one prompt per line");
+    for (std::string line; std::getline(in, line);) {
+      if (!line.empty() && line.back() == '\r') line.pop_back();
+      if (!line.empty()) lines.push_back(line);
+    }
+    FERRY_CONFIG_CHECK(!lines.empty(), "prompt_file ", cfg.prompt_file, " has no prompts (one per non-empty line)");
+  } else {
+    lines.push_back(cfg.prompt.empty() ? kDefaultPrompt : cfg.prompt);
+  }
+  std::vector<std::vector<int64_t>> out;
+  for (size_t i = 0; i < lines.size(); ++i) {
+    std::vector<int64_t> ids{tok.bos_id()};
+    for (int32_t t : tok.encode(lines[i])) ids.push_back(t);
+    FERRY_CONFIG_CHECK(int64_t(ids.size()) < cfg.max_length, "prompt ", i, " has ", ids.size(),
+                       " tokens (with BOS) but the context is max_length ", cfg.max_length,
+                       " and at least one new token must fit; shorten the prompt or raise --max-length");
+    out.push_back(std::move(ids));
+    if (texts) texts->push_back(lines[i]);
+  }
+  return out;
+}
+
+int run_inference(const io::run_config& cfg, const model::llama_config& mc, const engine::engine_options& eo,
+                  const io::data_options* data) {
+  const bool do_eval = cfg.job == "evaluate" || cfg.job == "both";
+  const bool do_gen = cfg.job == "generate" || cfg.job == "both";
+  const std::string tok_spec = resolve_tokenizer(cfg, mc);
+  std::unique_ptr<io::tokenizer> tok = io::make_tokenizer(tok_spec);
+
+  // Validate prompts before the (possibly long) weight load.
+  if (do_gen) load_prompts(cfg, *tok, nullptr);
+
+  engine::engine e(mc, eo);
+  std::printf("model %s: %.3f B parameters, %lld layers; offload %s, %s on %s; tokenizer %s\n", mc.name.c_str(),
+              double(mc.total_params()) / 1e9, (long long)mc.num_hidden_layers, engine::offload_mode_name(eo.mode),
+              cfg.dtype.c_str(), e.device().name().c_str(), tok->name().c_str());
+  if (!cfg.init.empty()) {
+    train::load_hf_weights(e, cfg.init);
+    std::printf("weights: %s\n", cfg.init.c_str());
+  } else {
+    e.params().init_random(cfg.seed, mc.initializer_range);
+    std::printf("weights: random (seed %llu; pass --model DIR for a checkpoint)\n", (unsigned long long)cfg.seed);
+  }
+  e.params_changed();
+
+  if (do_eval) {
+    FERRY_ASSERT(data != nullptr, "evaluate job without data options");
+    io::data_options d = *data;
+    d.tokenizer = tok_spec;
+    io::token_dataset ds = io::token_dataset::open(d);
+    print_eval(evaluate(e, ds, cfg.eval_batches, cfg.batch_size), ds.seq_len());
+  }
+  if (do_gen) return run_generate(e, cfg, *tok);
+  return 0;
+}
+
+}  // namespace ferry::infer

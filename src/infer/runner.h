@@ -1,0 +1,31 @@
+#pragma once
+// ferry-infer's body once the command line is resolved: tokenizer, engine, weights, then the
+// evaluate and/or generate job, printing results and throughput to stdout.
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "src/engine/options.h"
+#include "src/io/dataset.h"
+#include "src/io/run_config.h"
+#include "src/io/tokenizer.h"
+#include "src/model/llama_config.h"
+
+namespace ferry::infer {
+
+// The tokenizer for a run: an explicit tokenizer key wins; otherwise the model directory's
+// tokenizer.model when present; otherwise "byte". Throws config_error when the model directory
+// ships only an HF tokenizer.json (ferry reads sentencepiece models), when the tokenizer file is
+// missing, or when its vocabulary exceeds the model's. Returns the spec make_tokenizer took.
+std::string resolve_tokenizer(const io::run_config& cfg, const model::llama_config& mc);
+
+// Prompts from cfg.prompt, cfg.prompt_file (one per non-empty line) or the built-in default,
+// encoded as BOS + tokens. Throws config_error for a prompt longer than cfg.max_length.
+std::vector<std::vector<int64_t>> load_prompts(const io::run_config& cfg, const io::tokenizer& tok,
+                                               std::vector<std::string>* texts);
+
+// data may be null when the job does not evaluate. Returns the process exit code.
+int run_inference(const io::run_config& cfg, const model::llama_config& mc, const engine::engine_options& eo,
+                  const io::data_options* data);
+
+}  // namespace ferry::infer

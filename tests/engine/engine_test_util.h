@@ -1,0 +1,216 @@
+#pragma once
+// Shared by the engine suites. engine_test.cpp is compiled twice: for the host backend (label
+// cpu, engine_options::cuda = false) and, with FERRY_TEST_CUDA=1, for CUDA (label gpu, skipped
+// where no device exists). The reference is always a libtorch-autograd composition of the same
+// model in fp64 on the CPU (tests/model/model_test_ref.h), trained with torch::optim::AdamW,
+// torch::nn::utils::clip_grad_norm_ and a GradScaler emulation.
+#include <ATen/ATen.h>
+#include <gtest/gtest.h>
+
+#include <functional>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "src/engine/engine.h"
+#include "src/model/llama_config.h"
+
+namespace ferry::engine::test {
+
+#if defined(FERRY_TEST_CUDA) && FERRY_TEST_CUDA
+constexpr bool k_cuda_suite = true;
+#define FERRY_REQUIRE_ENGINE_DEVICE()                                                        \
+  do {                                                                                       \
+    if (!::ferry::engine::cuda_usable()) GTEST_SKIP() << "no usable CUDA device on this machine"; \
+  } while (0)
+#else
+constexpr bool k_cuda_suite = false;
+#define FERRY_REQUIRE_ENGINE_DEVICE() \
+  do {                                \
+  } while (0)
+#endif
+
+// The brief's tiny shape: odd vocabulary, GQA (2 query heads per kv head), head_dim 16.
+inline model::llama_config tiny_config() {
+  model::llama_config c;
+  c.name = "engine-test";
+  c.vocab_size = 97;
+  c.hidden_size = 64;
+  c.intermediate_size = 96;
+  c.num_hidden_layers = 3;
+  c.num_attention_heads = 4;
+  c.num_key_value_heads = 2;
+  c.head_dim = 16;
+  c.max_position_embeddings = 64;
+  c.rms_norm_eps = 1e-5;
+  c.rope_theta = 10000.0;
+  return c;
+}
+
+constexpr int64_t k_batch = 2, k_seq = 16;
+
+// prefetch 1 gives two block slots for three layers, so the schedule evicts and reloads.
+inline engine_options base_options(offload_mode m, at::ScalarType dtype) {
+  engine_options o;
+  o.mode = m;
+  o.dtype = dtype;
+  o.cuda = k_cuda_suite;
+  o.prefetch = 1;
+  o.cpu_threads = 1;
+  o.speculate = speculate_mode::speculate_on;
+  o.beta1 = 0.9;
+  o.beta2 = 0.95;
+  o.eps = 1e-8;
+  o.weight_decay = 0.1;
+  o.clip_grad = 0;
+  o.ce_chunk = 7;            // several loss chunks, the last one partial
+  o.max_batch = k_batch;
+  o.max_seq = k_seq;
+  return o;
+}
+
+// step k's learning rate (a varying schedule, so a stale lr would show).
+inline double lr_at(int64_t k) { return 2e-3 / double(1 + k); }
+
+// One step's micro-batches, each (B, T+1) int64 on the CPU. Row 0's last label is -100, so rows
+// have different target counts (normalisation over all targets is checked).
+using step_data = std::vector<at::Tensor>;
+inline at::Tensor random_tokens(int64_t B, int64_t T, int64_t vocab, uint64_t seed) {
+  at::Generator gen = at::detail::createCPUGenerator(seed);
+  at::Tensor t = at::randint(0, vocab, {B, T + 1}, gen, at::TensorOptions().dtype(at::kLong));
+  t.index_put_({0, T}, -100);
+  return t;
+}
+inline std::vector<step_data> make_data(int64_t steps, int64_t B = k_batch, int64_t T = k_seq, uint64_t seed = 7) {
+  std::vector<step_data> d;
+  for (int64_t k = 0; k < steps; ++k) d.push_back({random_tokens(B, T, tiny_config().vocab_size, seed * 1000 + k)});
+  return d;
+}
+
+// What a run leaves: per-step results, final master weights and moments per unit (CPU clones).
+struct run_result {
+  std::vector<step_result> steps;
+  std::vector<at::Tensor> master, m, v;
+};
+
+constexpr uint64_t k_init_seed = 42;
+constexpr double k_init_std = 0.05;
+
+inline std::unique_ptr<engine> make_engine(const engine_options& o) {
+  auto e = std::make_unique<engine>(tiny_config(), o);
+  e->params().init_random(k_init_seed, k_init_std);
+  e->params_changed();
+  return e;
+}
+
+inline void snapshot(engine& e, run_result& r) {
+  e.wait_updates();
+  r.master.clear();
+  r.m.clear();
+  r.v.clear();
+  for (int64_t u = 0; u < e.params().num_units(); ++u) {
+    r.master.push_back(e.params().master_tensor(u).clone());
+    r.m.push_back(e.params().exp_avg_tensor(u).clone());
+    r.v.push_back(e.params().exp_avg_sq_tensor(u).clone());
+  }
+}
+
+// before(k, engine) runs before step k (0-based): parameter surgery for the injection tests.
+using step_hook = std::function<void(int64_t, engine&)>;
+inline run_result run_engine(const engine_options& o, const std::vector<step_data>& data, const step_hook& before = {}) {
+  auto e = make_engine(o);
+  run_result r;
+  for (size_t k = 0; k < data.size(); ++k) {
+    if (before) before(int64_t(k), *e);
+    r.steps.push_back(e->train_step(data[k], lr_at(int64_t(k))));
+  }
+  snapshot(*e, r);
+  return r;
+}
+
+// max over elements of |a - e| / (atol + rtol |e|); <= 1 means within the bound.
+inline double bound_ratio(const at::Tensor& a, const at::Tensor& e, double atol, double rtol) {
+  at::Tensor ad = a.to(at::kDouble), ed = e.to(at::kDouble);
+  at::Tensor r = (ad - ed).abs() / (atol + rtol * ed.abs());
+  return r.numel() ? r.max().item<double>() : 0.0;
+}
+inline double max_abs_diff(const at::Tensor& a, const at::Tensor& e) {
+  return a.numel() ? (a.to(at::kDouble) - e.to(at::kDouble)).abs().max().item<double>() : 0.0;
+}
+
+// Reference model: fp64 autograd leaves initialised from an engine's master weights, HF order.
+struct reference_model {
+  model::llama_config cfg;
+  std::vector<std::string> names;
+  std::vector<at::Tensor> params;                // fp64 leaves, HF order (engine named_params order)
+  std::map<std::string, at::Tensor> by_name;
+
+  explicit reference_model(const param_store& store);
+  // Summed cross-entropy of one (B, T+1) batch (fp64 scalar, with autograd).
+  at::Tensor loss_sum(const at::Tensor& tokens) const;
+};
+
+struct reference_options {
+  double beta1 = 0.9, beta2 = 0.95, eps = 1e-8, weight_decay = 0.1;
+  double clip_grad = 0;
+  bool scaler = false;                          // GradScaler emulation (fp16 runs)
+  double scale = 65536.0, growth = 2.0, backoff = 0.5;
+  int64_t window = 2000;
+};
+inline reference_options reference_options_for(const engine_options& o) {
+  reference_options r;
+  r.beta1 = o.beta1;
+  r.beta2 = o.beta2;
+  r.eps = o.eps;
+  r.weight_decay = o.weight_decay;
+  r.clip_grad = o.clip_grad;
+  r.scaler = o.dtype == at::kHalf;
+  r.scale = o.loss_scale;
+  r.growth = o.scale_growth;
+  r.backoff = o.scale_backoff;
+  r.window = o.scale_window;
+  return r;
+}
+
+struct reference_step {
+  double loss = 0, grad_norm = 0, clip_coef = 1, loss_scale = 1;
+  bool skipped = false;
+};
+
+// Where a (unit, element) of the engine's flat buffers lives among the reference's parameters.
+struct param_pos {
+  size_t param = 0;
+  int64_t offset = 0;
+};
+param_pos locate(const param_store& store, int64_t unit, int64_t index);
+
+// A poisoned gradient element (the reference side of engine_options::debug_poison_*).
+struct poison {
+  int64_t step = -1;   // 0-based step index, -1 off
+  param_pos where;
+  double value = 0;
+};
+
+// torch::optim::AdamW + clip_grad_norm_ + GradScaler emulation over the reference model.
+class reference_trainer {
+ public:
+  reference_trainer(const param_store& store, const reference_options& o);
+  ~reference_trainer();
+  reference_step step(const step_data& micro_batches, double lr, const poison& p = {});
+  reference_model& model() { return *model_; }
+  int64_t steps_taken() const { return step_index_; }
+
+ private:
+  struct impl;
+  std::unique_ptr<impl> impl_;
+  std::unique_ptr<reference_model> model_;
+  reference_options opt_;
+  double scale_;
+  int64_t good_ = 0, step_index_ = 0;
+};
+
+// The engine's final master weights as fp32 tensors by HF name, from a run_result's unit clones.
+std::vector<at::Tensor> engine_params_from(const param_store& store, const run_result& r);
+
+}  // namespace ferry::engine::test

@@ -1,0 +1,315 @@
+// ferry-infer's runner on a tiny model. Compiled twice: CPU (host backend, label cpu) and, with
+// FERRY_TEST_CUDA=1, CUDA (label gpu, skipped without a device). fp32 throughout.
+#include <ATen/ATen.h>
+#include <gtest/gtest.h>
+#include <stdlib.h>
+
+#include <filesystem>
+#include <fstream>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "src/common/error.h"
+#include "src/engine/engine.h"
+#include "src/infer/evaluate.h"
+#include "src/infer/generate.h"
+#include "src/infer/runner.h"
+#include "src/io/atomic_file.h"
+#include "src/io/hf_checkpoint.h"
+#include "src/io/hf_config.h"
+#include "src/model/embed_head.h"
+#include "src/train/checkpoint.h"
+
+namespace ferry::infer {
+namespace {
+
+#if defined(FERRY_TEST_CUDA) && FERRY_TEST_CUDA
+constexpr bool k_cuda = true;
+#define FERRY_REQUIRE_DEVICE() \
+  do {                         \
+    if (!engine::cuda_usable()) GTEST_SKIP() << "no CUDA device on this machine"; \
+  } while (0)
+#else
+constexpr bool k_cuda = false;
+#define FERRY_REQUIRE_DEVICE() \
+  do {                         \
+  } while (0)
+#endif
+
+const engine::offload_mode k_modes[] = {engine::offload_mode::offload_none, engine::offload_mode::offload_blocked,
+                                        engine::offload_mode::offload_overlapped};
+
+// Tiny GQA shape; vocabulary 320 holds the byte tokenizer (259 ids). A larger init spread than
+// HF's 0.02 gives decisive logits, so greedy choices are not near-ties.
+model::llama_config tiny() {
+  model::llama_config c;
+  c.name = "infer-test";
+  c.vocab_size = 320;
+  c.hidden_size = 32;
+  c.intermediate_size = 64;
+  c.num_hidden_layers = 3;
+  c.num_attention_heads = 4;
+  c.num_key_value_heads = 2;
+  c.head_dim = 8;
+  c.max_position_embeddings = 128;
+  c.torch_dtype = "float32";
+  c.initializer_range = 0.3;
+  return c;
+}
+
+std::unique_ptr<engine::engine> make_engine(const model::llama_config& c, engine::offload_mode mode,
+                                            int64_t max_batch = 4, int64_t max_seq = 64) {
+  engine::engine_options o;
+  o.mode = mode;
+  o.dtype = at::kFloat;
+  o.cuda = k_cuda;
+  o.prefetch = 1;
+  o.max_batch = max_batch;
+  o.max_seq = max_seq;
+  o.cpu_threads = 1;
+  auto e = std::make_unique<engine::engine>(c, o);
+  e->params().init_random(7, c.initializer_range);
+  e->params_changed();
+  return e;
+}
+
+struct temp_dir {
+  std::string path;
+  temp_dir() {
+    std::string tmpl = (std::filesystem::temp_directory_path() / "ferry_infer_test.XXXXXX").string();
+    char* p = ::mkdtemp(tmpl.data());
+    if (p) path = p;
+  }
+  ~temp_dir() { io::remove_tree(path); }
+};
+
+std::vector<std::vector<int64_t>> prompts_of(const std::vector<int64_t>& lengths, uint64_t seed) {
+  at::Generator g = at::detail::createCPUGenerator(seed);
+  std::vector<std::vector<int64_t>> out;
+  for (int64_t n : lengths) {
+    at::Tensor t = at::randint(3, 300, {n}, g, at::kLong);
+    out.emplace_back(t.data_ptr<int64_t>(), t.data_ptr<int64_t>() + n);
+  }
+  return out;
+}
+
+// Loss of tokens (B, T+1) from the model functions on the CPU with the master weights: the
+// training forward, outside the engine.
+double reference_loss(engine::engine& e, const at::Tensor& tokens) {
+  const auto& c = e.config();
+  auto& ps = e.params();
+  const int64_t T = tokens.size(1) - 1;
+  at::Tensor x = model::embed_forward(tokens.narrow(1, 0, T).contiguous(),
+                                      ps.master_tensor(ps.embed_unit()).view({c.vocab_size, c.hidden_size}));
+  model::rope_cache rope = model::make_rope(c, T, at::kCPU);
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l)
+    x = model::block_forward(x, model::block_views(ps.master_tensor(ps.block_unit(l)), c), c, rope, nullptr);
+  at::Tensor head = ps.master_tensor(ps.head_unit());
+  auto hr = model::head_forward_backward(x, head.narrow(0, 0, c.hidden_size),
+                                         head.narrow(0, c.hidden_size, c.vocab_size * c.hidden_size).view({c.vocab_size, c.hidden_size}),
+                                         tokens.narrow(1, 1, T).contiguous(), c, 1024, 1.0, nullptr, nullptr, nullptr, false);
+  return hr.loss_sum / double(hr.n_targets);
+}
+
+TEST(infer, evaluation_loss_equals_training_forward) {
+  FERRY_REQUIRE_DEVICE();
+  temp_dir dir;
+  std::string text;
+  for (int i = 0; i < 60; ++i) text += "The quick brown fox " + std::to_string(i * 7919) + " jumps over the lazy dog.\n";
+  std::ofstream(dir.path + "/corpus.txt") << text;
+  io::data_options d;
+  d.paths = {dir.path + "/corpus.txt"};
+  d.seq_len = 32;
+  d.eval_fraction = 0.1;
+  d.vocab_limit = tiny().vocab_size;
+  io::token_dataset ds = io::token_dataset::open(d);
+  ASSERT_GE(ds.num_eval(), 4);
+  for (auto mode : k_modes) {
+    auto e = make_engine(tiny(), mode);
+    eval_result r = evaluate(*e, ds, 2, 2);
+    EXPECT_EQ(r.sequences, 4);
+    EXPECT_EQ(r.tokens, 4 * 32);
+    std::vector<int64_t> buf(4 * 33);
+    for (int64_t i = 0; i < 4; ++i) ds.eval_sequence(i, buf.data() + i * 33);
+    at::Tensor tok = at::from_blob(buf.data(), {4, 33}, at::kLong).clone();
+    double ref = reference_loss(*e, tok);
+    EXPECT_NEAR(r.loss, ref, 1e-5 * std::abs(ref)) << engine::offload_mode_name(mode);
+    EXPECT_NEAR(r.perplexity, std::exp(ref), 1e-4 * std::exp(ref));
+    auto hr = e->evaluate(tok);   // the same batch through engine::evaluate in one pass
+    EXPECT_NEAR(r.loss, hr.loss_sum / double(hr.n_targets), 1e-6 * std::abs(ref));
+  }
+}
+
+// Greedy decoding with the KV cache equals the argmax of full-sequence forwards, and its logits
+// match at every step: unequal prompt lengths (per-row positions) and equal ones (shared position).
+void check_greedy_against_full(const std::vector<int64_t>& lengths) {
+  auto e = make_engine(tiny(), engine::offload_mode::offload_overlapped);
+  auto prompts = prompts_of(lengths, 11);
+  generate_options g;
+  g.max_new_tokens = 10;
+  g.eos_id = -1;
+  g.keep_logits = true;
+  generate_result r = generate(*e, prompts, g);
+  ASSERT_EQ(r.logits.size(), size_t(g.max_new_tokens));
+  for (size_t b = 0; b < prompts.size(); ++b) {
+    ASSERT_EQ(r.tokens[b].size(), size_t(g.max_new_tokens));
+    std::vector<int64_t> seq = prompts[b];
+    seq.insert(seq.end(), r.tokens[b].begin(), r.tokens[b].end());
+    at::Tensor tok = at::tensor(seq, at::kLong).view({1, -1});
+    at::Tensor full = full_forward_logits(*e, tok)[0];   // (T, V)
+    const int64_t L = int64_t(prompts[b].size());
+    for (int64_t s = 0; s < g.max_new_tokens; ++s) {
+      at::Tensor ref = full[L - 1 + s];
+      at::Tensor got = r.logits[size_t(s)][int64_t(b)];
+      double diff = (ref - got).abs().max().item<double>();
+      EXPECT_LT(diff, 1e-4) << "row " << b << " step " << s;
+      EXPECT_EQ(ref.argmax().item<int64_t>(), r.tokens[b][size_t(s)]) << "row " << b << " step " << s;
+    }
+  }
+}
+
+TEST(infer, greedy_equals_full_forward_argmax_unequal_lengths) {
+  FERRY_REQUIRE_DEVICE();
+  check_greedy_against_full({5, 12, 2});
+}
+
+TEST(infer, greedy_equals_full_forward_argmax_equal_lengths) {
+  FERRY_REQUIRE_DEVICE();
+  check_greedy_against_full({7, 7, 7});
+}
+
+TEST(infer, batch_does_not_change_a_rows_tokens) {
+  FERRY_REQUIRE_DEVICE();
+  auto e = make_engine(tiny(), engine::offload_mode::offload_blocked);
+  auto prompts = prompts_of({4, 9, 6}, 3);
+  generate_options g;
+  g.max_new_tokens = 8;
+  g.eos_id = -1;
+  generate_result all = generate(*e, prompts, g);
+  for (size_t b = 0; b < prompts.size(); ++b) {
+    generate_result one = generate(*e, {prompts[b]}, g);
+    EXPECT_EQ(one.tokens[0], all.tokens[b]) << "row " << b;
+  }
+}
+
+TEST(infer, sampling_with_a_seed_is_deterministic) {
+  FERRY_REQUIRE_DEVICE();
+  auto e = make_engine(tiny(), engine::offload_mode::offload_overlapped);
+  auto prompts = prompts_of({3, 8, 5}, 5);
+  generate_options g;
+  g.max_new_tokens = 16;
+  g.eos_id = -1;
+  g.sampling = {0.9, 40, 0.95, 42};
+  generate_result a = generate(*e, prompts, g);
+  generate_result b = generate(*e, prompts, g);
+  EXPECT_EQ(a.tokens, b.tokens);
+  g.sampling.seed = 43;
+  generate_result c = generate(*e, prompts, g);
+  EXPECT_NE(a.tokens, c.tokens);
+  g.sampling = {0.0, 0, 1.0, 42};
+  generate_result greedy = generate(*e, prompts, g);
+  g.sampling = {1.0, 1, 1.0, 42};   // top-k 1 is greedy whatever the seed
+  EXPECT_EQ(generate(*e, prompts, g).tokens, greedy.tokens);
+  g.sampling = {1.0, 0, 1e-6, 9};   // so is a vanishing nucleus
+  EXPECT_EQ(generate(*e, prompts, g).tokens, greedy.tokens);
+}
+
+TEST(infer, stops_at_eos_per_row) {
+  FERRY_REQUIRE_DEVICE();
+  auto e = make_engine(tiny(), engine::offload_mode::offload_none);
+  auto prompts = prompts_of({4, 6}, 9);
+  generate_options g;
+  g.max_new_tokens = 12;
+  g.eos_id = -1;
+  generate_result free_run = generate(*e, prompts, g);
+  g.eos_id = free_run.tokens[0][2];   // row 0 must stop at its third token
+  generate_result r = generate(*e, prompts, g);
+  ASSERT_EQ(r.tokens[0].size(), 3u);
+  EXPECT_EQ(r.tokens[0].back(), g.eos_id);
+  for (size_t i = 0; i < r.tokens[1].size(); ++i) EXPECT_EQ(r.tokens[1][i], free_run.tokens[1][i]);
+}
+
+TEST(infer, offload_modes_give_identical_logits) {
+  FERRY_REQUIRE_DEVICE();
+  auto prompts = prompts_of({6, 3, 10}, 21);
+  at::Tensor tok = at::randint(3, 300, {2, 25}, at::kLong);
+  std::vector<at::Tensor> first_logits;
+  std::vector<std::vector<int64_t>> first_tokens;
+  double first_loss = 0;
+  for (auto mode : k_modes) {
+    auto e = make_engine(tiny(), mode);
+    generate_options g;
+    g.max_new_tokens = 6;
+    g.eos_id = -1;
+    g.keep_logits = true;
+    generate_result r = generate(*e, prompts, g);
+    auto hr = e->evaluate(tok);
+    at::Tensor full = full_forward_logits(*e, tok.narrow(1, 0, 24));
+    if (mode == engine::offload_mode::offload_none) {
+      first_logits = r.logits;
+      first_logits.push_back(full);
+      first_tokens = r.tokens;
+      first_loss = hr.loss_sum;
+      continue;
+    }
+    EXPECT_EQ(r.tokens, first_tokens) << engine::offload_mode_name(mode);
+    EXPECT_EQ(hr.loss_sum, first_loss) << engine::offload_mode_name(mode);
+    for (size_t s = 0; s < r.logits.size(); ++s)
+      EXPECT_TRUE(at::equal(r.logits[s], first_logits[s]))
+          << engine::offload_mode_name(mode) << " step " << s << " max diff "
+          << (r.logits[s] - first_logits[s]).abs().max().item<double>();
+    EXPECT_TRUE(at::equal(full, first_logits.back())) << engine::offload_mode_name(mode) << " full forward";
+  }
+}
+
+TEST(infer, clear_errors) {
+  FERRY_REQUIRE_DEVICE();
+  auto e = make_engine(tiny(), engine::offload_mode::offload_overlapped);
+  generate_options g;
+  g.max_new_tokens = 8;
+  // 125 + 8 positions > the rotary table (max(max_seq 64, max_position_embeddings 128)).
+  EXPECT_THROW(generate(*e, prompts_of({125}, 1), g), ferry::error);
+
+  io::run_config cfg;
+  cfg.max_length = 16;
+  cfg.prompt = std::string(40, 'a');
+  auto tok = io::make_tokenizer("byte");
+  EXPECT_THROW(load_prompts(cfg, *tok, nullptr), ferry::config_error);
+  cfg.prompt = "short";
+  EXPECT_EQ(load_prompts(cfg, *tok, nullptr)[0].size(), 6u);   // BOS + 5 bytes
+
+  temp_dir dir;
+  io::run_config tc;
+  tc.init = dir.path;
+  std::ofstream(dir.path + "/tokenizer.json") << "{}";
+  EXPECT_THROW(resolve_tokenizer(tc, tiny()), ferry::config_error);   // only an HF fast tokenizer
+  tc.tokenizer = dir.path + "/missing.model";
+  tc.explicit_keys.push_back("tokenizer");
+  EXPECT_THROW(resolve_tokenizer(tc, tiny()), ferry::config_error);
+  model::llama_config small = tiny();
+  small.vocab_size = 100;
+  io::run_config bc;
+  EXPECT_THROW(resolve_tokenizer(bc, small), ferry::config_error);    // byte needs 259 ids
+}
+
+TEST(infer, checkpoint_that_does_not_match_its_config_is_refused) {
+  FERRY_REQUIRE_DEVICE();
+  temp_dir dir;
+  auto e = make_engine(tiny(), engine::offload_mode::offload_blocked);
+  std::vector<io::named_f32> tensors;
+  for (const auto& p : e->params().named_params()) tensors.push_back({p.name, p.shape, p.data});
+  io::write_hf_checkpoint(dir.path, tiny(), tensors, "F32");
+  {
+    auto loaded = make_engine(io::load_hf_config(dir.path), engine::offload_mode::offload_blocked);
+    train::load_hf_weights(*loaded, dir.path);   // the round trip loads
+  }
+  model::llama_config other = tiny();
+  other.intermediate_size = 48;
+  io::save_hf_config(other, dir.path + "/config.json");
+  auto mismatched = make_engine(io::load_hf_config(dir.path), engine::offload_mode::offload_blocked);
+  EXPECT_THROW(train::load_hf_weights(*mismatched, dir.path), ferry::error);
+}
+
+}  // namespace
+}  // namespace ferry::infer

@@ -1,0 +1,196 @@
+// The training loop on the host backend: schedules, exact resume, checkpoints and their errors.
+#include <gtest/gtest.h>
+#include <sys/resource.h>
+#include <unistd.h>
+
+#include <csignal>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "src/cli/cli_options.h"
+#include "src/cli/wiring.h"
+#include "src/common/error.h"
+#include "src/engine/engine.h"
+#include "src/io/atomic_file.h"
+#include "src/train/checkpoint.h"
+#include "src/train/lr_schedule.h"
+#include "src/train/trainer.h"
+
+namespace fs = std::filesystem;
+using namespace ferry;
+
+namespace {
+struct scratch_dir {
+  std::string path;
+  scratch_dir() {
+    path = (fs::temp_directory_path() / ("ferry_train_test_" + std::to_string(::getpid()) + "_" +
+                                         ::testing::UnitTest::GetInstance()->current_test_info()->name()))
+               .string();
+    io::remove_tree(path);
+    fs::create_directories(path);
+  }
+  ~scratch_dir() { io::remove_tree(path); }
+};
+
+std::string write_corpus(const std::string& dir) {
+  std::string p = dir + "/corpus.txt";
+  std::ofstream f(p);
+  for (int i = 0; i < 400; ++i) f << "ferry moves weights across the bus, line " << i << " of a small corpus.\n";
+  return p;
+}
+
+io::run_config config_for(const std::string& dir, const std::string& corpus, int64_t steps) {
+  io::run_config c = io::load_run_config("", {"model=tiny", "device=cpu", "dtype=fp32", "max_length=32",
+                                              "batch_size=2", "learning_rate=0.003", "cpu_threads=2",
+                                              "tensorboard=false", "log_every=100", "clip_grad=0.5",
+                                              "data=" + corpus, "output_dir=" + dir + "/run",
+                                              "steps=" + std::to_string(steps)});
+  cli::resolve_auto(c, false);
+  return c;
+}
+
+int run_train(const io::run_config& c) {
+  model::llama_config mc = cli::resolve_model(c);
+  return train::run_training(c, mc, cli::engine_options_for(c, mc), cli::data_options_for(c, mc));
+}
+
+std::vector<double> losses(const std::string& metrics) {
+  std::vector<double> out;
+  std::ifstream f(metrics);
+  for (std::string line; std::getline(f, line);) out.push_back(nlohmann::json::parse(line)["loss"].get<double>());
+  return out;
+}
+}  // namespace
+
+TEST(lr_schedule, warmup_then_decay) {
+  train::lr_schedule s{1.0, 10, 110, "cosine", 0.1};
+  EXPECT_DOUBLE_EQ(s.at(1), 0.1);
+  EXPECT_DOUBLE_EQ(s.at(10), 1.0);
+  EXPECT_NEAR(s.at(60), 0.55, 1e-12);   // halfway through the decay: (1 + 0.1) / 2
+  EXPECT_NEAR(s.at(110), 0.1, 1e-12);
+  train::lr_schedule lin{1.0, 0, 100, "linear", 0.0};
+  EXPECT_NEAR(lin.at(50), 0.5, 1e-12);
+  train::lr_schedule k{2.0, 0, 100, "constant", 0.0};
+  EXPECT_DOUBLE_EQ(k.at(77), 2.0);
+}
+
+TEST(trainer, loss_falls_and_final_checkpoint_is_written) {
+  scratch_dir d;
+  auto c = config_for(d.path, write_corpus(d.path), 12);
+  ASSERT_EQ(run_train(c), 0);
+  auto l = losses(c.output_dir + "/metrics.jsonl");
+  ASSERT_EQ(l.size(), 12u);
+  EXPECT_LT(l.back(), l.front() - 0.5) << "loss did not fall";
+  EXPECT_TRUE(fs::is_regular_file(c.output_dir + "/latest"));
+  EXPECT_TRUE(fs::is_regular_file(c.output_dir + "/checkpoint-000012/model.safetensors"));
+  EXPECT_TRUE(fs::is_regular_file(c.output_dir + "/checkpoint-000012/optimizer.safetensors"));
+  EXPECT_TRUE(fs::is_regular_file(c.output_dir + "/checkpoint-000012/config.json"));
+}
+
+TEST(trainer, resume_continues_exactly_as_the_uninterrupted_run) {
+  scratch_dir d;
+  std::string corpus = write_corpus(d.path);
+  auto full = config_for(d.path + "/a", corpus, 8);
+  fs::create_directories(d.path + "/a");
+  ASSERT_EQ(run_train(full), 0);
+  auto ref = losses(full.output_dir + "/metrics.jsonl");
+
+  fs::create_directories(d.path + "/b");
+  auto first = config_for(d.path + "/b", corpus, 4);
+  ASSERT_EQ(run_train(first), 0);
+  auto second = config_for(d.path + "/b", corpus, 8);
+  second.resume = "latest";
+  ASSERT_EQ(run_train(second), 0);
+  auto got = losses(second.output_dir + "/metrics.jsonl");
+  ASSERT_EQ(got.size(), ref.size());
+  for (size_t i = 0; i < ref.size(); ++i) EXPECT_EQ(got[i], ref[i]) << "step " << i + 1;
+}
+
+TEST(trainer, keep_last_rotates_only_committed_checkpoints) {
+  scratch_dir d;
+  auto c = config_for(d.path, write_corpus(d.path), 6);
+  c.save_every = 2;
+  c.keep_last = 2;
+  ASSERT_EQ(run_train(c), 0);
+  std::vector<std::string> names;
+  for (const auto& e : fs::directory_iterator(c.output_dir))
+    if (e.path().filename().string().rfind("checkpoint-", 0) == 0) names.push_back(e.path().filename());
+  std::sort(names.begin(), names.end());
+  EXPECT_EQ(names, (std::vector<std::string>{"checkpoint-000004", "checkpoint-000006"}));
+}
+
+TEST(trainer, bad_checkpoints_give_clear_errors_and_damage_nothing) {
+  scratch_dir d;
+  std::string corpus = write_corpus(d.path);
+  auto c = config_for(d.path, corpus, 2);
+  ASSERT_EQ(run_train(c), 0);
+  std::string ckpt = c.output_dir + "/checkpoint-000002";
+  auto size_before = fs::file_size(ckpt + "/optimizer.safetensors");
+
+  // truncated optimizer state
+  std::string broken = d.path + "/broken";
+  fs::create_directories(broken);
+  for (const auto& e : fs::directory_iterator(ckpt)) fs::copy_file(e.path(), broken + "/" + e.path().filename().string());
+  fs::resize_file(broken + "/optimizer.safetensors", size_before / 2);
+  auto r = c;
+  r.resume = broken;
+  r.steps = 3;
+  try {
+    run_train(r);
+    FAIL() << "resumed from a truncated checkpoint";
+  } catch (const ferry::error& e) {
+    EXPECT_NE(std::string(e.what()).find("optimizer.safetensors"), std::string::npos) << e.what();
+  }
+
+  // a checkpoint of another shape
+  try {
+    model::llama_config mc = cli::resolve_model(c);
+    mc.num_hidden_layers = 2;  // tiny has 4
+    engine::engine e(mc, cli::engine_options_for(c, mc));
+    train::load_checkpoint(e, ckpt);
+    FAIL() << "loaded a checkpoint of another shape";
+  } catch (const ferry::error& e) {
+    EXPECT_NE(std::string(e.what()).find("another shape"), std::string::npos) << e.what();
+  }
+  EXPECT_EQ(fs::file_size(ckpt + "/optimizer.safetensors"), size_before);
+
+  // resume=latest without a checkpoint
+  auto none = config_for(d.path + "/empty", corpus, 2);
+  fs::create_directories(d.path + "/empty");
+  none.resume = "latest";
+  EXPECT_THROW(run_train(none), ferry::config_error);
+}
+
+TEST(trainer, full_disk_during_save_keeps_the_previous_checkpoint) {
+  scratch_dir d;
+  auto c = config_for(d.path, write_corpus(d.path), 2);
+  ASSERT_EQ(run_train(c), 0);
+  std::string latest_before = io::read_file(c.output_dir + "/latest");
+
+  // RLIMIT_FSIZE makes writes past the limit fail with EFBIG, as a full disk would.
+  model::llama_config mc = cli::resolve_model(c);
+  engine::engine e(mc, cli::engine_options_for(c, mc));
+  e.params().init_random(1, 0.02);
+  e.params_changed();
+  train::trainer_state st;
+  st.step = 3;
+  struct rlimit old_limit;
+  getrlimit(RLIMIT_FSIZE, &old_limit);
+  auto old_handler = std::signal(SIGXFSZ, SIG_IGN);
+  struct rlimit small = old_limit;
+  small.rlim_cur = 4096;
+  setrlimit(RLIMIT_FSIZE, &small);
+  bool threw = false;
+  try {
+    train::save_checkpoint(e, st, c.output_dir, 2);
+  } catch (const ferry::error&) {
+    threw = true;
+  }
+  setrlimit(RLIMIT_FSIZE, &old_limit);
+  std::signal(SIGXFSZ, old_handler);
+  EXPECT_TRUE(threw);
+  EXPECT_EQ(io::read_file(c.output_dir + "/latest"), latest_before);
+  EXPECT_FALSE(fs::exists(c.output_dir + "/checkpoint-000003"));
+  EXPECT_TRUE(fs::is_regular_file(c.output_dir + "/checkpoint-000002/model.safetensors"));
+}
