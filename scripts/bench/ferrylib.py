@@ -227,3 +227,8 @@ def fmt_gb(b):
 
 def fmt_ms(ms):
     return "-" if ms is None else ("%.0f ms" % ms if ms >= 100 else "%.1f ms" % ms)
+
+
+def ferry_log(msg):
+    import sys
+    print("[ferry] " + msg, file=sys.stderr, flush=True)

@@ -41,7 +41,7 @@ ref::block_params ref_block(std::map<std::string, at::Tensor>& p) {
           p["mlp.gate_proj.weight"],    p["mlp.up_proj.weight"],              p["mlp.down_proj.weight"]};
 }
 
-TEST(model_layout, slots_tile_buffers_and_views_alias) {
+TEST(MODEL_SUITE(model_layout), slots_tile_buffers_and_views_alias) {
   llama_config c = tiny_config(4, 2, 6);
   auto bl = block_layout(c);
   int64_t off = 0;
@@ -105,7 +105,7 @@ void check_block(at::ScalarType t, const llama_config& c, int64_t B, int64_t T) 
   FERRY_EXPECT_CLOSE(gflat, g_before * 2, tolerance(t), "accumulated gradient");
 }
 
-TEST(model_block, forward_backward_matches_autograd) {
+TEST(MODEL_SUITE(model_block), forward_backward_matches_autograd) {
   FERRY_REQUIRE_DEVICE();
   for (auto t : test_dtypes()) {
     check_block(t, tiny_config(2, 2, 6), 2, 9);    // MHA, q_dim 12 != hidden 22
@@ -114,14 +114,14 @@ TEST(model_block, forward_backward_matches_autograd) {
   }
 }
 
-TEST(model_block, saved_bytes_formula) {
+TEST(MODEL_SUITE(model_block), saved_bytes_formula) {
   llama_config c = tiny_config(4, 2, 6);
   // N * (e*(2h + 2q + 2kv + 2i) + a*(Hq + 2)) with h=22, q=24, kv=12, i=29, Hq=4.
   EXPECT_EQ(block_saved_bytes(c, 3, 5, 2), 15 * (2 * (44 + 48 + 24 + 58) + 4 * 6));
   EXPECT_EQ(block_saved_bytes(c, 1, 1, 8), 8 * (44 + 48 + 24 + 58) + 8 * 6);
 }
 
-TEST(model_block, kv_cache_forward_equals_full_forward) {
+TEST(MODEL_SUITE(model_block), kv_cache_forward_equals_full_forward) {
   FERRY_REQUIRE_DEVICE();
   for (auto t : test_dtypes()) {
     SCOPED_TRACE(dtype_name(t));
@@ -153,7 +153,7 @@ TEST(model_block, kv_cache_forward_equals_full_forward) {
   }
 }
 
-TEST(model_head, chunked_equals_unchunked_and_logits) {
+TEST(MODEL_SUITE(model_head), chunked_equals_unchunked_and_logits) {
   FERRY_REQUIRE_DEVICE();
   for (auto t : test_dtypes()) {
     SCOPED_TRACE(dtype_name(t));
@@ -197,7 +197,7 @@ TEST(model_head, chunked_equals_unchunked_and_logits) {
   }
 }
 
-TEST(model_embed, backward_sums_duplicates_deterministically) {
+TEST(MODEL_SUITE(model_embed), backward_sums_duplicates_deterministically) {
   FERRY_REQUIRE_DEVICE();
   for (auto t : test_dtypes()) {
     SCOPED_TRACE(dtype_name(t));
@@ -275,7 +275,7 @@ void check_model(at::ScalarType t, const llama_config& c, int64_t B, int64_t T) 
                          "model.layers." + std::to_string(l) + "." + s.name);
 }
 
-TEST(model_tiny, loss_and_every_gradient_match_autograd) {
+TEST(MODEL_SUITE(model_tiny), loss_and_every_gradient_match_autograd) {
   FERRY_REQUIRE_DEVICE();
   for (auto t : test_dtypes()) {
     check_model(t, tiny_config(2, 2, 6, 2), 2, 9);

@@ -13,13 +13,16 @@
 
 namespace ferry::model::test {
 
+// MODEL_SUITE(x) names the GoogleTest suite x on CPU and x_gpu on CUDA, so ctest entries differ.
 #if defined(FERRY_TEST_CUDA) && FERRY_TEST_CUDA
+#define MODEL_SUITE(name) name##_gpu
 constexpr bool k_cuda_suite = true;
 #define FERRY_REQUIRE_DEVICE()                                            \
   do {                                                                    \
     if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device on this machine"; \
   } while (0)
 #else
+#define MODEL_SUITE(name) name
 constexpr bool k_cuda_suite = false;
 #define FERRY_REQUIRE_DEVICE() \
   do {                         \

@@ -13,7 +13,7 @@
 namespace ferry::model::test {
 namespace {
 
-TEST(model_ops, rmsnorm_matches_autograd) {
+TEST(MODEL_SUITE(model_ops), rmsnorm_matches_autograd) {
   FERRY_REQUIRE_DEVICE();
   for (auto t : test_dtypes()) {
     for (int64_t H : {3, 7, 64, 131}) {
@@ -37,7 +37,7 @@ TEST(model_ops, rmsnorm_matches_autograd) {
   }
 }
 
-TEST(model_ops, swiglu_matches_autograd) {
+TEST(MODEL_SUITE(model_ops), swiglu_matches_autograd) {
   FERRY_REQUIRE_DEVICE();
   for (auto t : test_dtypes()) {
     for (int64_t I : {1, 13, 96}) {
@@ -56,7 +56,7 @@ TEST(model_ops, swiglu_matches_autograd) {
   }
 }
 
-TEST(model_ops, rope_matches_hf_formula_and_inverse_is_backward) {
+TEST(MODEL_SUITE(model_ops), rope_matches_hf_formula_and_inverse_is_backward) {
   FERRY_REQUIRE_DEVICE();
   for (auto t : test_dtypes()) {
     for (int64_t D : {2, 6, 10, 64}) {
@@ -83,7 +83,7 @@ TEST(model_ops, rope_matches_hf_formula_and_inverse_is_backward) {
   }
 }
 
-TEST(model_ops, rope_strided_input_in_place) {
+TEST(MODEL_SUITE(model_ops), rope_strided_input_in_place) {
   FERRY_REQUIRE_DEVICE();
   llama_config c = tiny_config(2, 2, 8);
   rope_cache rc = make_rope(c, 16, test_device());
@@ -96,7 +96,7 @@ TEST(model_ops, rope_strided_input_in_place) {
   FERRY_EXPECT_CLOSE(d.narrow(2, 4, 3), buf.narrow(2, 4, 3), 1e-7, "heads 4.. untouched");
 }
 
-TEST(model_ops, make_rope_rejects_odd_head_dim) {
+TEST(MODEL_SUITE(model_ops), make_rope_rejects_odd_head_dim) {
   llama_config c = tiny_config(2, 2, 7);
   EXPECT_THROW(make_rope(c, 8, at::kCPU), ferry::config_error);
 }
@@ -130,7 +130,7 @@ void check_attention(at::ScalarType t, const attn_shape& s) {
   FERRY_EXPECT_CLOSE(dv, vl.grad(), tol, "dv");
 }
 
-TEST(model_ops, attention_matches_autograd_gqa_1_2_4) {
+TEST(MODEL_SUITE(model_ops), attention_matches_autograd_gqa_1_2_4) {
   FERRY_REQUIRE_DEVICE();
   const attn_shape shapes[] = {
       {2, 3, 3, 7, 6},    // MHA, odd T, head_dim not a power of two
@@ -143,7 +143,7 @@ TEST(model_ops, attention_matches_autograd_gqa_1_2_4) {
     for (const auto& s : shapes) check_attention(t, s);
 }
 
-TEST(model_ops, attention_blocked_rows_match_unblocked) {
+TEST(MODEL_SUITE(model_ops), attention_blocked_rows_match_unblocked) {
   FERRY_REQUIRE_DEVICE();
   // A budget of a few rows per block exercises the ATen path's blocking (CUDA uses gpu/ kernels,
   // where this only checks them once more).
@@ -153,7 +153,7 @@ TEST(model_ops, attention_blocked_rows_match_unblocked) {
   attention_set_score_budget(old);
 }
 
-TEST(model_ops, attention_offset_queries_match_full_causal) {
+TEST(MODEL_SUITE(model_ops), attention_offset_queries_match_full_causal) {
   FERRY_REQUIRE_DEVICE();
   // The last Tq rows of a causal attention equal queries at offset T-Tq against all T keys.
   const int64_t B = 2, Hq = 4, Hkv = 2, T = 12, D = 6;

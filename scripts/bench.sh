@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Training (and inference) benchmark of issue 5: ferry none / blocked / overlapped, the step's
+# three lower bounds and the peers of shared/BASELINES.md (PyTorch AMP, FSDP2 CPU offload,
+# torchao offload) in one run, each peer in its own process with a timeout.
+#   scripts/bench.sh [--shape debug|1b|3b] [--seq 4096] [--steps N] [--dtype fp16|bf16]
+#                    [--peers|--no-peers] [--out DIR] [--batch 1] [--warmup 3] [--timeout S]
+#                    [--modes none,blocked,overlapped] [--ferry-set key=value] [--no-bounds] [--no-infer]
+# Writes DIR/bench.json and DIR/bench.md (default out/bench-<shape>-<time>). Uses the build in
+# $FERRY_BUILD_DIR (default build/); Python with torch from $FERRY_PYTHON, .venv, or python3.
+# torchao: a wheel in .whl/ (pip download --no-deps --only-binary=:all: -d .whl torchao==0.18.0, for
+# the GPU machine's python and platform) is installed into a private
+# --target folder on first use; without it the torchao row says so.
+set -euo pipefail
+. "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+ferry_load_env
+
+py="${FERRY_PYTHON:-}"
+[ -z "$py" ] && [ -x "$FERRY_ROOT/.venv/bin/python" ] && py="$FERRY_ROOT/.venv/bin/python"
+[ -z "$py" ] && py="$(command -v python3 || true)"
+[ -n "$py" ] || ferry_die "bench.sh needs python3"
+export FERRY_PYTHON="$py" FERRY_BUILD_DIR
+
+site="${FERRY_BENCH_SITE:-/tmp/ferry-bench-site}"
+shopt -s nullglob
+wheels=("$FERRY_ROOT"/.whl/torchao-*.whl)
+if [ ${#wheels[@]} -gt 0 ] && ! PYTHONPATH="$site" "$py" -c "import torchao" >/dev/null 2>&1; then
+  ferry_log "installing ${wheels[0]##*/} into $site"
+  "$py" -m pip install -q --no-index --no-deps --target "$site" "${wheels[@]}" >&2 \
+    || ferry_log "torchao wheel did not install; its row will say so"
+fi
+[ -d "$site" ] && export FERRY_BENCH_SITE="$site"
+exec "$py" "$FERRY_ROOT/scripts/bench/bench.py" "$@"

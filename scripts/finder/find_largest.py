@@ -1,0 +1,278 @@
+"""The largest-model finder behind scripts/find_largest_model.sh (issue 7).
+
+Candidates: the configs/models shapes and a continuous LLaMA-scaled family between them (hidden
+size in steps of one head, layers interpolated between the LLaMA anchors, heads = hidden / head
+dim, intermediate = 8/3 hidden rounded up to 256, as LLaMA does). Each candidate's GPU and host
+memory comes from ferry's own plan (`ferry-train --dry-run --plan-json`), so the search costs
+one cheap process per shape. The largest candidates that fit both limits are then verified by
+real runs of a few steps with the GPU capped at the target (`--set gpu_mem_limit_gib`), measuring
+the GPU peak (metrics.jsonl) and the host peak (the child's max RSS from wait4).
+
+--family small with --device cpu is the CI mode: tiny-ish shapes, host backend, no cap.
+Standard library only.
+"""
+import argparse
+import datetime
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+import ferrylib as fl  # noqa: E402
+
+# (hidden, layers) of the LLaMA family (configs/ 1b, 3b, 7b, 13b, 30b, 65b); layers are
+# interpolated linearly in hidden between them.
+LLAMA_ANCHORS = [(2048, 22), (3200, 26), (4096, 32), (5120, 40), (6656, 60), (8192, 80)]
+SMALL_ANCHORS = [(128, 4), (256, 6), (384, 8), (512, 10), (768, 12)]
+
+
+def parse_args():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--gpu-mem", default="24GiB", help="the target card's memory (default 24GiB: an RTX 4090)")
+    ap.add_argument("--gpu-reserve", default="0.5GiB",
+                    help="kept back from --gpu-mem for the CUDA context and driver (default 0.5GiB)")
+    ap.add_argument("--host-mem", default="auto", help="auto (MemTotal of /proc/meminfo) or a size")
+    ap.add_argument("--host-reserve", default="4GiB", help="host memory kept for the OS and the process (default 4GiB)")
+    ap.add_argument("--pinned-fraction", type=float, default=0.8,
+                    help="pinned memory may use at most this fraction of host memory (default 0.8)")
+    ap.add_argument("--seq", type=int, default=4096)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--offload", default="overlapped", choices=["none", "blocked", "overlapped"])
+    ap.add_argument("--dtype", default=None, choices=["fp16", "bf16", "fp32"])
+    ap.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    ap.add_argument("--family", default="llama", choices=["llama", "small"],
+                    help="llama: configs/ shapes + the LLaMA-scaled family; small: CPU-sized (CI)")
+    ap.add_argument("--verify", type=int, default=3, help="verified candidates (0: plan only)")
+    ap.add_argument("--max-tries", type=int, default=8, help="verification runs at most")
+    ap.add_argument("--steps", type=int, default=3, help="steps per verification run")
+    ap.add_argument("--timeout", type=int, default=900, help="seconds per verification run")
+    ap.add_argument("--ferry-set", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--out", default=None)
+    return ap.parse_args()
+
+
+def interp_layers(h, anchors):
+    if h <= anchors[0][0]:
+        return anchors[0][1]
+    for (h0, l0), (h1, l1) in zip(anchors, anchors[1:]):
+        if h <= h1:
+            return int(round(l0 + (l1 - l0) * (h - h0) / (h1 - h0)))
+    return anchors[-1][1]
+
+
+def family(kind, seq):
+    """List of (name, config dict). configs/ shapes first, then the scaled family."""
+    shapes = []
+    if kind == "llama":
+        names = ["debug", "1b", "3b", "7b", "13b", "30b", "65b"]
+        template = fl.model_config("7b")
+        head_dim, vocab, step, lo, hi = 128, 32000, 128, 2048, 8192
+        anchors = LLAMA_ANCHORS
+    else:
+        names = ["tiny"]
+        template = fl.model_config("tiny")
+        head_dim, vocab, step, lo, hi = 32, template["vocab_size"], 64, 128, 768
+        anchors = SMALL_ANCHORS
+    for n in names:
+        p = os.path.join(fl.ROOT, "configs", "models", n + ".json")
+        if os.path.exists(p):
+            shapes.append((n, fl.model_config(n), p))
+    for h in range(lo, hi + 1, step):
+        c = dict(template)
+        heads = h // head_dim
+        c.update(hidden_size=h, num_hidden_layers=interp_layers(h, anchors), num_attention_heads=heads,
+                 num_key_value_heads=heads, intermediate_size=-(-8 * h // 3 // 256) * 256 if kind == "llama"
+                 else -(-8 * h // 3 // 8) * 8, vocab_size=vocab, max_position_embeddings=max(seq, 2048))
+        c["_name_or_path"] = "ferry finder: LLaMA-scaled h%d L%d" % (h, c["num_hidden_layers"])
+        shapes.append(("h%d-L%d" % (h, c["num_hidden_layers"]), c, None))
+    return shapes
+
+
+def plan(train, name, cfg_path, a, dev, out):
+    j = os.path.join(out, "plans", name + ".json")
+    cmd = [train, "--model-config", cfg_path, "--dry-run", "--plan-json", j, "--device", dev, "--offload", a.offload,
+           "--" + a.dtype, "--set", "max_length=%d" % a.seq, "--set", "batch_size=%d" % a.batch]
+    for kv in a.ferry_set:
+        cmd += ["--set", kv]
+    res = fl.run(cmd, 120)
+    if res["rc"] != 0 or not os.path.exists(j):
+        raise SystemExit("find_largest_model: ferry-train --plan-json failed for %s: %s" % (
+            name, fl.failure_reason(res)))
+    with open(j) as f:
+        return json.load(f)
+
+
+def judge(p, lim):
+    """Why a plan does not fit the limits, or "" when it fits."""
+    why = []
+    if p["device"]["total"] > lim["gpu"]:
+        why.append("GPU (activations %.1f GiB)" % (p["device"]["activations"] / fl.GIB))
+    if p["host"]["total"] > lim["host"]:
+        why.append("host")
+    if p["host"]["pinned"] > lim["pinned"]:
+        why.append("pinned")
+    return ", ".join(why)
+
+
+def what_if(p, change):
+    """The plan with one change applied, from its components (device/host totals in bytes)."""
+    d, h = dict(p["device"]), dict(p["host"])
+    L = p["model"]["layers"]
+    e = 4 if p["run"]["dtype"] == "fp32" else 2
+    nhe = p["run"]["batch"] * p["run"]["seq"] * p["model"]["hidden"] * e
+    if change == "activation checkpointing":
+        block_saved = (d["activations"] - nhe) / max(1, L)
+        new_act = (L + 1) * nhe + block_saved  # layer inputs kept, one block's saved tensors recomputed
+        d["total"] -= d["activations"] - new_act
+    elif change == "bf16 optimizer moments":
+        h["total"] -= h["moments"] // 2
+    elif change == "NVMe offload of master+moments":
+        h["total"] -= h["master"] + h["moments"]
+    return dict(p, device=d, host=h)
+
+
+def run_verify(train, name, cfg_path, a, dev, lim, tokfile, out):
+    d = os.path.join(out, "verify", name)
+    shutil.rmtree(d, ignore_errors=True)
+    os.makedirs(d)
+    cmd = [train, "--model-config", cfg_path, "--device", dev, "--offload", a.offload, "--" + a.dtype,
+           "--set", "steps=%d" % a.steps, "--set", "max_length=%d" % a.seq, "--set", "batch_size=%d" % a.batch,
+           "--set", "data=" + tokfile, "--set", "output_dir=" + d, "--set", "save_final=false",
+           "--set", "tensorboard=false"]
+    if dev == "cuda":
+        cmd += ["--set", "gpu_mem_limit_gib=%.4f" % (lim["gpu"] / fl.GIB)]
+    for kv in a.ferry_set:
+        cmd += ["--set", kv]
+    log = os.path.join(d, "log.txt")
+    with open(log, "w") as f:
+        f.write("$ " + " ".join(cmd) + "\n")
+        f.flush()
+        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
+        timer = threading.Timer(a.timeout, p.kill)
+        timer.start()
+        _, status, ru = os.wait4(p.pid, 0)
+        timer.cancel()
+        p.returncode = os.waitstatus_to_exitcode(status)
+    rows = fl.read_metrics(os.path.join(d, "metrics.jsonl"))
+    r = dict(rc=p.returncode, host_peak=ru.ru_maxrss * 1024, command=" ".join(cmd), log=log)
+    if rows:
+        s = fl.summarize_steps(rows, 1)
+        r.update(step_ms=s["step_ms"], gpu_alloc=s["gpu_alloc_peak"], gpu_reserved=s["gpu_reserved_peak"])
+    if p.returncode != 0 or not rows:
+        with open(log) as f:
+            lines = [l.strip() for l in f if l.strip()]
+        r["error"] = "exit %d: %s" % (p.returncode, lines[-1][:200] if lines else "no output")
+    return r
+
+
+def main():
+    a = parse_args()
+    train = fl.tool("ferry-train")
+    if not train:
+        sys.exit("find_largest_model: %s/bin/ferry-train is missing; run scripts/build.sh first" % fl.build_dir())
+    gpu = fl.gpu_info()
+    dev = a.device if a.device != "auto" else ("cuda" if gpu else "cpu")
+    if a.dtype is None:
+        a.dtype = "fp16" if dev == "cuda" else "fp32"
+    host_total = fl.host_mem_bytes() if a.host_mem == "auto" else fl.parse_size(a.host_mem)
+    lim = dict(gpu=fl.parse_size(a.gpu_mem) - fl.parse_size(a.gpu_reserve),
+               host=host_total - fl.parse_size(a.host_reserve), pinned=int(host_total * a.pinned_fraction))
+    if dev == "cuda" and gpu and lim["gpu"] > gpu["mem_bytes"]:
+        sys.exit("find_largest_model: --gpu-mem %s is more than this card's %.1f GiB; the cap can only lower it" % (
+            a.gpu_mem, gpu["mem_bytes"] / fl.GIB))
+    out = a.out or os.path.join(fl.ROOT, "out", "finder-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    for sub in ("plans", "shapes", "verify"):
+        os.makedirs(os.path.join(out, sub), exist_ok=True)
+
+    cands = []
+    for name, cfg, path in family(a.family, a.seq):
+        if path is None:
+            path = os.path.join(out, "shapes", name + ".json")
+            with open(path, "w") as f:
+                json.dump(cfg, f, indent=1)
+        p = plan(train, name, path, a, dev, out)
+        cands.append(dict(name=name, path=path, plan=p, params=p["model"]["params"], why=judge(p, lim)))
+    cands.sort(key=lambda c: c["params"])
+    fitting = [c for c in cands if not c["why"]]
+
+    # Verify from the largest fitting candidate down until `verify` of them ran (or max-tries).
+    verified, tries = [], 0
+    tokfile = None
+    for c in sorted(fitting, key=lambda c: -c["params"]):
+        if len(verified) >= a.verify or tries >= a.max_tries:
+            break
+        if tokfile is None:
+            vocab = max(x["plan"]["model"]["vocab"] for x in cands)
+            tokfile = fl.write_tokens(os.path.join(out, "tokens.bin"),
+                                      (a.steps * a.batch + 8) * (a.seq + 1) * 2 + 4096, vocab)
+        tries += 1
+        fl.ferry_log("verifying %s (%.2f B params)" % (c["name"], c["params"] / 1e9))
+        c["run"] = run_verify(train, c["name"], c["path"], a, dev, lim, tokfile, out)
+        if "error" in c["run"]:
+            c["why"] = "run failed: " + c["run"]["error"]
+        else:
+            verified.append(c)
+
+    largest = max(verified, key=lambda c: c["params"]) if verified else None
+    largest_pred = max(fitting, key=lambda c: c["params"]) if fitting else None
+    best = largest or largest_pred
+    report = dict(date=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), card=gpu["card"] if gpu else "no GPU",
+                  device=dev, commit=fl.git_commit(), command="scripts/find_largest_model.sh " + " ".join(sys.argv[1:]),
+                  limits=lim, seq=a.seq, batch=a.batch, offload=a.offload, dtype=a.dtype,
+                  largest_verified=largest and largest["name"], largest_predicted=largest_pred and largest_pred["name"],
+                  candidates=[dict((k, v) for k, v in c.items() if k != "path") for c in cands])
+
+    # The next limit, and how far each change would move the answer (plan arithmetic).
+    lines = []
+    if best:
+        above = [c for c in cands if c["params"] > best["params"]]
+        if above:
+            lines.append("next limit: %s (%.2f B) does not fit: %s" % (above[0]["name"], above[0]["params"] / 1e9,
+                                                                          judge(above[0]["plan"], lim) or above[0]["why"]))
+        for change in ("activation checkpointing", "bf16 optimizer moments", "NVMe offload of master+moments"):
+            fit = [c for c in cands if not judge(what_if(c["plan"], change), lim)]
+            big = max(fit, key=lambda c: c["params"]) if fit else None
+            lines.append("with %s: largest %s (%.2f B params)" % (change, big["name"] if big else "none",
+                                                                 big["params"] / 1e9 if big else 0))
+            report.setdefault("what_if", {})[change] = big and dict(name=big["name"], params=big["params"])
+
+    rows = []
+    for c in cands:
+        r = c.get("run", {})
+        meas_gpu = r.get("gpu_alloc")
+        dev_err = ""
+        if meas_gpu:
+            dev_err = " (%+.1f%%)" % (100.0 * (meas_gpu - c["plan"]["device"]["total"]) / c["plan"]["device"]["total"])
+        rows.append([c["name"], "%.3f B" % (c["params"] / 1e9),
+                     "%d x %d" % (c["plan"]["model"]["layers"], c["plan"]["model"]["hidden"]),
+                     "%.2f GiB" % (c["plan"]["device"]["total"] / fl.GIB), "%.2f GiB" % (c["plan"]["host"]["total"] / fl.GIB),
+                     ("%.2f GiB%s" % (meas_gpu / fl.GIB, dev_err)) if meas_gpu else "-",
+                     "%.2f GiB" % (r["host_peak"] / fl.GIB) if r.get("host_peak") and "error" not in r else "-",
+                     fl.fmt_ms(r.get("step_ms")) if r.get("step_ms") else "-",
+                     ("fits, verified" if c in verified else "fits (predicted)") if not c["why"] else c["why"]])
+    hdr = ("largest-model finder: target GPU %s (usable %.2f GiB), host %.1f GiB (usable %.1f, pinned up to %.1f), "
+           "seq %d, batch %d, offload %s, %s; run on %s (%s), %s, commit %s" % (
+               a.gpu_mem, lim["gpu"] / fl.GIB, host_total / fl.GIB, lim["host"] / fl.GIB, lim["pinned"] / fl.GIB, a.seq,
+               a.batch, a.offload, a.dtype, report["card"], dev, report["date"], report["commit"]))
+    text = "\n".join([hdr, "command: " + report["command"], "",
+                      fl.table(["shape", "params", "layers x hidden", "pred GPU", "pred host", "meas GPU (vs pred)",
+                                "meas host", "step", "fits / why not"], rows, markdown=True), "",
+                      "largest trainable: %s" % (
+                          "%s (%.3f B params, verified)" % (largest["name"], largest["params"] / 1e9) if largest else
+                          ("%s (%.3f B params, predicted only: no verification run passed)" % (
+                              largest_pred["name"], largest_pred["params"] / 1e9) if largest_pred else "none fits"))]
+                     + lines)
+    print(text)
+    with open(os.path.join(out, "finder.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    with open(os.path.join(out, "finder.md"), "w") as f:
+        f.write(text + "\n")
+    fl.ferry_log("wrote %s/finder.json and finder.md" % out)
+    return 0 if largest_pred else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
