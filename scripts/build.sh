@@ -16,4 +16,5 @@ if [ ! -f "$FERRY_BUILD_DIR/build.ninja" ] || [ $# -gt 0 ]; then
     || { cat "$FERRY_BUILD_DIR.configure.log" >&2; ferry_die "cmake configure failed (log above)"; }
   grep -A12 '^-- ferry ' "$FERRY_BUILD_DIR.configure.log" >&2 || true
 fi
-ninja -C "$FERRY_BUILD_DIR" -j "$(ferry_jobs)" >&2
+# FERRY_NINJA_FLAGS="-k 0" keeps building past a failed target (gpu_check uses it).
+ninja -C "$FERRY_BUILD_DIR" -j "$(ferry_jobs)" ${FERRY_NINJA_FLAGS:-} >&2

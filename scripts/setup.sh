@@ -56,9 +56,24 @@ have_header() {
   [ -e "/usr/include/$h" ] || [ -e "/usr/local/include/$h" ] || [ -e "$prefix/usr/include/$h" ]
 }
 
+have_lib() {
+  local l="$1" d
+  for d in /usr/lib/x86_64-linux-gnu /usr/lib64 /usr/lib /usr/local/lib "$prefix/usr/lib/x86_64-linux-gnu"; do
+    ls "$d/$l".so* >/dev/null 2>&1 && return 0
+  done
+  return 1
+}
+
 missing=()
 for h in "${!need[@]}"; do
   have_header "$h" || missing+=("${need[$h]}")
+done
+# Headers alone are not enough where a package ships a compiled library (Ubuntu's libboost-dev
+# has the program_options headers without the library).
+for pair in libboost_program_options:libboost-program-options-dev libtbb:libtbb-dev libdnnl:libdnnl-dev \
+            libhwy:libhwy-dev libsentencepiece:libsentencepiece-dev; do
+  lib="${pair%%:*}" pkg="${pair##*:}"
+  if ! have_lib "$lib" && [[ " ${missing[*]} " != *" $pkg "* ]]; then missing+=("$pkg"); fi
 done
 for tool in cmake ninja g++; do
   command -v "$tool" >/dev/null 2>&1 || missing+=("$( [ "$tool" = ninja ] && echo ninja-build || ([ "$tool" = g++ ] && echo g++ || echo cmake))")

@@ -165,13 +165,26 @@ def peer_rows(a, out, py, have_cuda, env):
 
 
 def infer_rows(a, dev, tokfile, out, py, have_cuda, env):
-    """Inference: ferry-infer evaluate per mode (one forward per sequence), ferry-bench-infer
-    verbatim when built, HF resident / accelerate cpu_offload peers."""
+    """Inference: ferry-bench-infer (forward per mode at --seq, generation at batch 1/8/64) when
+    built, else ferry-infer evaluate per mode; HF resident / accelerate cpu_offload peers."""
     infer, bench_infer = fl.tool("ferry-infer"), fl.tool("ferry-bench-infer")
     if not a.infer or not (infer or bench_infer):
         return None
     res_all = dict(rows={}, peers={}, raw={})
-    if infer:
+    if bench_infer:
+        cmd = [bench_infer, "--model-config", a.shape, "--dtype", a.dtype, "--device", dev, "--modes",
+               ",".join(a.modes), "--seqs", str(a.seq)]
+        fl.ferry_log("ferry-bench-infer: " + " ".join(cmd))
+        r = fl.run(cmd, a.timeout, os.path.join(out, "bench_infer.log"))
+        res_all["raw"]["ferry-bench-infer"] = dict(command=" ".join(cmd), rc=r["rc"], tail=r["out"][-4000:])
+        for m in a.modes:
+            res_all["rows"][m] = dict(ok=False, error=fl.failure_reason(r, "ferry-bench-infer"))
+        # forward table rows: | mode | seq | ms | peak GPU GiB | x PCIe time |
+        for mode, seq, ms, peak in re.findall(r"^\|\s*(\w+)\s*\|\s*(\d+)\s*\|\s*([\d.]+)\s*\|\s*([\d.]+)\s*\|",
+                                               r["out"], re.M):
+            if mode in MODES and int(seq) == a.seq:
+                res_all["rows"][mode] = dict(ok=True, forward_ms=float(ms), peak=float(peak) * fl.GIB)
+    elif infer:
         for m in a.modes:
             d = os.path.join(out, "infer-" + m)
             os.makedirs(d, exist_ok=True)
@@ -180,20 +193,21 @@ def infer_rows(a, dev, tokfile, out, py, have_cuda, env):
             fl.ferry_log("ferry-infer %s: %s" % (m, " ".join(cmd)))
             r = fl.run(cmd, a.timeout, os.path.join(d, "log.txt"))
             res_all["rows"][m] = parse_infer_output(r, a.seq)
-    if bench_infer:
-        j = os.path.join(out, "bench_infer.json")
-        cmd = [bench_infer, "--model-config", a.shape, "--" + a.dtype, "--json", j]
-        r = fl.run(cmd, a.timeout, os.path.join(out, "bench_infer.log"))
-        res_all["raw"]["ferry-bench-infer"] = dict(command=" ".join(cmd), rc=r["rc"], tail=r["out"][-3000:],
-                                                   json=load_json(j, r, "ferry-bench-infer"))
     if a.peers and have_cuda:
-        for mode in ("resident", "cpu_offload"):
-            j = os.path.join(out, "peer_infer_%s.json" % mode)
-            cmd = [py, os.path.join(HERE, "peer_infer.py"), "--config", config_path(a.shape), "--mode", mode,
-                   "--job", "forward", "--seq", str(a.seq), "--dtype", "bf16" if a.dtype == "bf16" else "fp16",
-                   "--json", j]
-            r = fl.run(cmd, a.timeout, os.path.join(out, "peer_infer_%s.log" % mode), env=env)
-            res_all["peers"][mode] = load_json(j, r, "peer_infer.py")
+        half = "bf16" if a.dtype == "bf16" else "fp16"
+        jobs = [("resident forward", ["--mode", "resident", "--job", "forward", "--seq", str(a.seq)]),
+                ("accelerate cpu_offload forward", ["--mode", "cpu_offload", "--job", "forward", "--seq", str(a.seq)]),
+                ("resident generate, batch 1", ["--mode", "resident", "--job", "generate", "--batch", "1", "--reps", "2"]),
+                ("resident generate, batch 8", ["--mode", "resident", "--job", "generate", "--batch", "8", "--reps", "2"]),
+                ("accelerate cpu_offload generate, batch 1 (16 new)",
+                 ["--mode", "cpu_offload", "--job", "generate", "--batch", "1", "--new", "16", "--reps", "1"])]
+        for i, (label, extra) in enumerate(jobs):
+            j = os.path.join(out, "peer_infer_%d.json" % i)
+            cmd = [py, os.path.join(HERE, "peer_infer.py"), "--config", config_path(a.shape), "--dtype", half,
+                   "--json", j] + extra
+            fl.ferry_log("peer infer %s" % label)
+            r = fl.run(cmd, a.timeout, os.path.join(out, "peer_infer_%d.log" % i), env=env)
+            res_all["peers"][label] = load_json(j, r, "peer_infer.py")
     return res_all
 
 
@@ -282,11 +296,13 @@ def render(rep):
 
     if inf.get("peers"):
         rows = [[k, fl.fmt_ms(v.get("ms")) if v.get("ok") else "-", fl.fmt_gb(v.get("peak_alloc")) if v.get("ok") else "-",
+                 "%.1f tok/s" % v["tok_s"] if v.get("tok_s") else "",
                  "" if v.get("ok") else "FAILED: " + v.get("error", "")] for k, v in inf["peers"].items()]
-        out += ["", "Inference peers: HF forward of %d tokens" % rep["seq"],
-                fl.table(["", "time", "peak GPU", "notes"], rows, markdown=True)]
+        out += ["", "Inference peers (HF transformers, %s; forward of %d tokens; generate: prompt 128, 64 new, greedy)" % (
+            rep["dtype"], rep["seq"]), fl.table(["", "time", "peak GPU", "throughput", "notes"], rows, markdown=True)]
     if inf.get("raw", {}).get("ferry-bench-infer"):
-        out += ["", "ferry-bench-infer output (tail):", "```", inf["raw"]["ferry-bench-infer"]["tail"][-1500:], "```"]
+        out += ["", "ferry-bench-infer (%s):" % inf["raw"]["ferry-bench-infer"]["command"], "",
+                inf["raw"]["ferry-bench-infer"]["tail"][-3000:].strip()]
 
     if rep.get("goals"):
         out += ["", "Goals (issue 5)", fl.table(["goal", "measured", "result"], rep["goals"], markdown=True)]

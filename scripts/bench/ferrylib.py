@@ -232,3 +232,8 @@ def fmt_ms(ms):
 def ferry_log(msg):
     import sys
     print("[ferry] " + msg, file=sys.stderr, flush=True)
+
+
+def fmt_bytes(b):
+    """GiB from 1 GiB up, MiB below."""
+    return "%.2f GiB" % (b / GIB) if b >= GIB else "%.1f MiB" % (b / float(1 << 20))

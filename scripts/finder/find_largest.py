@@ -32,8 +32,8 @@ SMALL_ANCHORS = [(128, 4), (256, 6), (384, 8), (512, 10), (768, 12)]
 def parse_args():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gpu-mem", default="24GiB", help="the target card's memory (default 24GiB: an RTX 4090)")
-    ap.add_argument("--gpu-reserve", default="0.5GiB",
-                    help="kept back from --gpu-mem for the CUDA context and driver (default 0.5GiB)")
+    ap.add_argument("--gpu-reserve", default="auto",
+                    help="kept back from --gpu-mem for the CUDA context and driver (auto: 0.5GiB on cuda, 0 on cpu)")
     ap.add_argument("--host-mem", default="auto", help="auto (MemTotal of /proc/meminfo) or a size")
     ap.add_argument("--host-reserve", default="4GiB", help="host memory kept for the OS and the process (default 4GiB)")
     ap.add_argument("--pinned-fraction", type=float, default=0.8,
@@ -74,7 +74,7 @@ def family(kind, seq):
     else:
         names = ["tiny"]
         template = fl.model_config("tiny")
-        head_dim, vocab, step, lo, hi = 32, template["vocab_size"], 64, 128, 768
+        head_dim, vocab, step, lo, hi = 32, template["vocab_size"], 128, 256, 512
         anchors = SMALL_ANCHORS
     for n in names:
         p = os.path.join(fl.ROOT, "configs", "models", n + ".json")
@@ -109,11 +109,12 @@ def judge(p, lim):
     """Why a plan does not fit the limits, or "" when it fits."""
     why = []
     if p["device"]["total"] > lim["gpu"]:
-        why.append("GPU (activations %.1f GiB)" % (p["device"]["activations"] / fl.GIB))
+        why.append("GPU (needs %s, activations %s)" % (fl.fmt_bytes(p["device"]["total"]),
+                                                       fl.fmt_bytes(p["device"]["activations"])))
     if p["host"]["total"] > lim["host"]:
-        why.append("host")
+        why.append("host (needs %s)" % fl.fmt_bytes(p["host"]["total"]))
     if p["host"]["pinned"] > lim["pinned"]:
-        why.append("pinned")
+        why.append("pinned (needs %s)" % fl.fmt_bytes(p["host"]["pinned"]))
     return ", ".join(why)
 
 
@@ -175,8 +176,13 @@ def main():
         sys.exit("find_largest_model: %s/bin/ferry-train is missing; run scripts/build.sh first" % fl.build_dir())
     gpu = fl.gpu_info()
     dev = a.device if a.device != "auto" else ("cuda" if gpu else "cpu")
+    if dev == "cuda" and not gpu:
+        print("find_largest_model: --device cuda but no GPU is usable here; skipped")
+        return 77
     if a.dtype is None:
         a.dtype = "fp16" if dev == "cuda" else "fp32"
+    if a.gpu_reserve == "auto":
+        a.gpu_reserve = "0.5GiB" if dev == "cuda" else "0"
     host_total = fl.host_mem_bytes() if a.host_mem == "auto" else fl.parse_size(a.host_mem)
     lim = dict(gpu=fl.parse_size(a.gpu_mem) - fl.parse_size(a.gpu_reserve),
                host=host_total - fl.parse_size(a.host_reserve), pinned=int(host_total * a.pinned_fraction))
@@ -245,12 +251,13 @@ def main():
         meas_gpu = r.get("gpu_alloc")
         dev_err = ""
         if meas_gpu:
-            dev_err = " (%+.1f%%)" % (100.0 * (meas_gpu - c["plan"]["device"]["total"]) / c["plan"]["device"]["total"])
-        rows.append([c["name"], "%.3f B" % (c["params"] / 1e9),
+            err = 100.0 * (meas_gpu - c["plan"]["device"]["total"]) / c["plan"]["device"]["total"]
+            dev_err = " (%+.1f%%%s)" % (err, ", OVER 5%" if abs(err) > 5 else "")
+        rows.append([c["name"], "%.2f B" % (c["params"] / 1e9) if c["params"] >= 1e8 else "%.1f M" % (c["params"] / 1e6),
                      "%d x %d" % (c["plan"]["model"]["layers"], c["plan"]["model"]["hidden"]),
-                     "%.2f GiB" % (c["plan"]["device"]["total"] / fl.GIB), "%.2f GiB" % (c["plan"]["host"]["total"] / fl.GIB),
-                     ("%.2f GiB%s" % (meas_gpu / fl.GIB, dev_err)) if meas_gpu else "-",
-                     "%.2f GiB" % (r["host_peak"] / fl.GIB) if r.get("host_peak") and "error" not in r else "-",
+                     fl.fmt_bytes(c["plan"]["device"]["total"]), fl.fmt_bytes(c["plan"]["host"]["total"]),
+                     (fl.fmt_bytes(meas_gpu) + dev_err) if meas_gpu else "-",
+                     fl.fmt_bytes(r["host_peak"]) if r.get("host_peak") and "error" not in r else "-",
                      fl.fmt_ms(r.get("step_ms")) if r.get("step_ms") else "-",
                      ("fits, verified" if c in verified else "fits (predicted)") if not c["why"] else c["why"]])
     hdr = ("largest-model finder: target GPU %s (usable %.2f GiB), host %.1f GiB (usable %.1f, pinned up to %.1f), "

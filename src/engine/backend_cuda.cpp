@@ -4,6 +4,7 @@
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <ATen/ops/empty.h>
 #include <cuda_runtime.h>
 
 #include <chrono>
@@ -45,7 +46,11 @@ class cuda_backend final : public backend {
         h2d_(c10::cuda::getStreamFromPool(true)),
         d2h_(c10::cuda::getStreamFromPool(true)),
         delay_us_(delay_us),
-        rng_(seed) {}
+        rng_(seed) {
+    // The caching allocator initialises lazily on the first allocation; its statistics and the
+    // memory cap need it now.
+    at::empty({1}, at::TensorOptions().device(device_));
+  }
 
   at::Device device() const override { return device_; }
   bool is_cuda() const override { return true; }

@@ -104,7 +104,9 @@ bool engine::speculating() const {
 }
 
 void engine::params_changed() {
-  wait_updates();
+  // Not wait_updates(): in none mode it copies the device state back over the host weights the
+  // caller has just changed.
+  worker_->wait_idle();
   store_->refresh_shadows();
   for (auto& v : version_) ++v;  // every device copy is stale
   for (int64_t u = 0; u < store_->num_units(); ++u) worker_->submit([] {}, u, version_[u]);
@@ -230,6 +232,9 @@ void engine::send_grad(int64_t u, grad_slot& g, int64_t numel, bool first_micro,
   event_ptr computed = dev_->record(queue::queue_compute);
   dev_->wait(queue::queue_d2h, computed);
   size_t bytes = size_t(numel) * c10::elementSize(opt_.dtype);
+  // The host gradient buffer may still be read by the previous micro-batch's accumulation (or a
+  // previous step's update) on the update thread: the copy must not overwrite it before then.
+  stall_ms_ += worker_->wait_unit_tasks(u);
   event_ptr t0 = dev_->record(queue::queue_d2h, true);
   dev_->copy_d2h(store_->grad(u), g.buf, bytes);
   g.copied = dev_->record(queue::queue_d2h, true);
@@ -368,6 +373,8 @@ step_result engine::train_step(const std::vector<at::Tensor>& micro_batches, dou
     event_ptr computed = dev_->record(queue::queue_compute);
     dev_->wait(queue::queue_d2h, computed);
     if (embed_out_done_) embed_out_done_->synchronize();
+    // embed_out_ is read by the previous micro-batch's scatter task until it has run.
+    stall_ms_ += worker_->wait_unit_tasks(store_->embed_unit());
     size_t bytes = size_t(dx.numel()) * c10::elementSize(opt_.dtype);
     dev_->copy_d2h(embed_out_, dx.contiguous(), bytes);
     embed_out_done_ = dev_->record(queue::queue_d2h);

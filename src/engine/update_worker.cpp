@@ -4,7 +4,8 @@
 
 namespace ferry::engine {
 
-update_worker::update_worker(int64_t num_units) : unit_version_(num_units, 0), thread_([this] { loop(); }) {}
+update_worker::update_worker(int64_t num_units)
+    : unit_version_(num_units, 0), unit_last_task_(num_units, 0), thread_([this] { loop(); }) {}
 
 update_worker::~update_worker() {
   {
@@ -21,6 +22,8 @@ void update_worker::submit(std::function<void()> fn, int64_t unit, int64_t versi
     tasks_.push_back(std::move(fn));
     marks_.emplace_back(unit, version);
     ++pending_;
+    ++submitted_;
+    if (unit >= 0) unit_last_task_[unit] = submitted_;
   }
   cv_task_.notify_one();
 }
@@ -52,6 +55,7 @@ void update_worker::loop() {
       if (err && !error_) error_ = err;
       if (mark.first >= 0 && mark.second > unit_version_[mark.first]) unit_version_[mark.first] = mark.second;
       --pending_;
+      ++finished_;
     }
     cv_done_.notify_all();
   }
@@ -61,6 +65,14 @@ double update_worker::wait_unit(int64_t u, int64_t version) {
   auto t0 = std::chrono::steady_clock::now();
   std::unique_lock<std::mutex> lock(mu_);
   cv_done_.wait(lock, [&] { return unit_version_[u] >= version || error_; });
+  if (error_) std::rethrow_exception(error_);
+  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+}
+
+double update_worker::wait_unit_tasks(int64_t u) {
+  auto t0 = std::chrono::steady_clock::now();
+  std::unique_lock<std::mutex> lock(mu_);
+  cv_done_.wait(lock, [&] { return finished_ >= unit_last_task_[u] || error_; });
   if (error_) std::rethrow_exception(error_);
   return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
 }

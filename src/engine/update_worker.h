@@ -25,6 +25,9 @@ class update_worker {
   void submit(std::function<void()> fn, int64_t unit = -1, int64_t version = 0);
   // Blocks until unit u's update reached `version`. Returns the milliseconds spent waiting.
   double wait_unit(int64_t u, int64_t version);
+  // Blocks until every task queued so far for unit u (of any version: gradient accumulations
+  // too) has run, so a host buffer those tasks read can be overwritten. Returns the ms waited.
+  double wait_unit_tasks(int64_t u);
   // Blocks until every queued task has run; rethrows the first task exception.
   double wait_idle();
   // Milliseconds the worker spent running tasks since the last call.
@@ -38,6 +41,8 @@ class update_worker {
   std::deque<std::function<void()>> tasks_;
   std::deque<std::pair<int64_t, int64_t>> marks_;
   std::vector<int64_t> unit_version_;
+  std::vector<int64_t> unit_last_task_;   // per unit: sequence number of its last queued task
+  int64_t submitted_ = 0, finished_ = 0;  // tasks run in order, so finished_ is a sequence number
   int64_t pending_ = 0;
   bool stop_ = false;
   double busy_ms_ = 0;

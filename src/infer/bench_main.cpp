@@ -159,7 +159,7 @@ int bench_main(int argc, char** argv) {
     for (int64_t B : a.batches) {
       try {
         at::Tensor rnd = at::randint(3, mc.vocab_size, {B, a.prompt_len}, at::kLong);
-        std::vector<std::vector<int64_t>> prompts(size_t(B));
+        std::vector<std::vector<int64_t>> prompts(static_cast<size_t>(B));
         for (int64_t b = 0; b < B; ++b) prompts[b].assign(rnd[b].data_ptr<int64_t>(), rnd[b].data_ptr<int64_t>() + a.prompt_len);
         infer::generate_options g;
         g.eos_id = -1;

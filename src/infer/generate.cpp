@@ -35,7 +35,7 @@ generate_result generate(engine::engine& e, const std::vector<std::vector<int64_
   const auto& cfg = e.config();
   const int64_t B = int64_t(prompts.size());
   FERRY_ASSERT(B > 0, "generate: no prompts");
-  std::vector<int64_t> len(size_t(B), 0);
+  std::vector<int64_t> len(static_cast<size_t>(B), 0);
   for (int64_t b = 0; b < B; ++b) {
     len[b] = int64_t(prompts[b].size());
     FERRY_CHECK(len[b] > 0, "prompt ", b, " is empty (no tokens); give at least one token or keep the BOS token");
@@ -75,13 +75,13 @@ generate_result generate(engine::engine& e, const std::vector<std::vector<int64_
     }
     return out;
   });
-  std::vector<int64_t> last(size_t(B));
+  std::vector<int64_t> last(static_cast<size_t>(B));
   for (int64_t b = 0; b < B; ++b) last[b] = len[b] - 1;
   at::Tensor logits = last_logits(e, x, last);
   x.reset();
 
-  std::vector<bool> done(size_t(B), false);
-  std::vector<int64_t> next_host(size_t(B));
+  std::vector<bool> done(static_cast<size_t>(B), false);
+  std::vector<int64_t> next_host(static_cast<size_t>(B));
   auto t_decode = clock_type::now();
   for (int64_t s = 0; s < opt.max_new_tokens; ++s) {
     if (opt.keep_logits) r.logits.push_back(logits.to(at::kCPU));
@@ -110,7 +110,7 @@ generate_result generate(engine::engine& e, const std::vector<std::vector<int64_
         return model::block_forward_cached(in, w, cfg, e.rope(), P + s, cache.k[l], cache.v[l]);
       });
     } else {
-      std::vector<int64_t> pos(size_t(B));
+      std::vector<int64_t> pos(static_cast<size_t>(B));
       for (int64_t b = 0; b < B; ++b) pos[b] = len[b] + s;
       at::Tensor pos_dev = at::tensor(pos, at::kLong).to(dev);
       const int64_t max_pos = P + s;

@@ -5,6 +5,7 @@
 #include <iomanip>
 #include <limits>
 #include <nlohmann/json.hpp>
+#include <fstream>
 #include <sstream>
 #include <variant>
 
@@ -235,7 +236,11 @@ void validate(const run_config& cfg) {
 
 run_config load_run_config(const std::string& path, const std::vector<std::string>& overrides) {
   run_config cfg;
-  if (!path.empty()) apply_json(cfg, read_file(path), path);
+  if (!path.empty()) {
+    std::ifstream probe(path);
+    FERRY_CONFIG_CHECK(probe.good(), "run config file ", path, " cannot be read; check the path given to --config");
+    apply_json(cfg, read_file(path), path);
+  }
   for (const auto& o : overrides) apply_override(cfg, o, "--set");
   validate(cfg);
   return cfg;

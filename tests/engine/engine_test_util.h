@@ -5,6 +5,7 @@
 // model in fp64 on the CPU (tests/model/model_test_ref.h), trained with torch::optim::AdamW,
 // torch::nn::utils::clip_grad_norm_ and a GradScaler emulation.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <gtest/gtest.h>
 
 #include <functional>
@@ -98,6 +99,10 @@ constexpr uint64_t k_init_seed = 42;
 constexpr double k_init_std = 0.05;
 
 inline std::unique_ptr<engine> make_engine(const engine_options& o) {
+  // The host backend's "device" ops and the update thread's ATen ops would otherwise each bring an
+  // OpenMP team to the CI's 2 cores, and spin-waiting teams slow the tiny model's steps tenfold.
+  static const bool one_thread = (at::set_num_threads(1), true);
+  (void)one_thread;
   auto e = std::make_unique<engine>(tiny_config(), o);
   e->params().init_random(k_init_seed, k_init_std);
   e->params_changed();

@@ -7,7 +7,9 @@ tokenizer: BOS=1, byte b -> 3+b), once per offload mode, and HF generate runs th
 (left-padded, with the attention mask) on CUDA. Token ids must agree.
 
 fp32 (TF32 off on both sides): every row's ids must be identical. fp16: each row must agree on
-its first 8 tokens (after that a near-tie may legitimately flip), reported in full.
+its first 8 tokens, unless the two picks at the first difference are a near-tie of the fp32 model
+(logits within 0.05 + 0.5% of the largest logit, about what fp16 rounding moves a logit by);
+after a legitimate flip the continuations differ by construction.
 
 Exit codes: 0 pass, 1 mismatch or error, 77 skipped (no torch/transformers or no CUDA device).
 """
@@ -48,12 +50,20 @@ def make_model(seed):
     return model
 
 
-def hf_generate(model, dtype):
-    m = model.to(device="cuda", dtype=dtype).eval()
+def fp32_margin(model, prompt, prefix, a, b):
+    """|logit(a) - logit(b)| of the fp32 model after prompt + prefix, and the largest |logit|."""
+    ids = torch.tensor([encode(prompt) + list(prefix)])
+    with torch.no_grad():
+        logits = model.float()(input_ids=ids).logits[0, -1]
+    return abs(logits[a] - logits[b]).item(), logits.abs().max().item()
+
+
+def hf_generate(model, dtype, device):
+    m = model.to(device=device, dtype=dtype).eval()
     rows = [encode(p) for p in PROMPTS]
     width = max(len(r) for r in rows)
-    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows], device="cuda")
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device="cuda")
+    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows], device=device)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
     with torch.no_grad():
         out = m.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False,
                          eos_token_id=2, pad_token_id=0)
@@ -74,9 +84,9 @@ def ferry_generate(args, model_dir, dtype_flag, mode):
     with open(prompt_file, "w") as f:
         f.write("\n".join(PROMPTS) + "\n")
     cmd = [args.tool, "--model", model_dir, "--job", "generate", "--prompt-file", prompt_file, "--batch-size",
-           str(len(PROMPTS)), "--max-new-tokens", str(NEW_TOKENS), "--device", "cuda", dtype_flag, "--offload", mode,
+           str(len(PROMPTS)), "--max-new-tokens", str(NEW_TOKENS), "--device", args.device, dtype_flag, "--offload", mode,
            "--max-length", "256", "--set", "temperature=0"]
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    r = subprocess.run(cmd, capture_output=True, text=True, encoding="utf-8", errors="replace")
     if r.returncode != 0:
         print(" ".join(cmd))
         print(r.stdout, r.stderr)
@@ -93,8 +103,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tool", required=True, help="ferry-infer binary")
     ap.add_argument("--workdir", required=True)
+    ap.add_argument("--device", default="cuda", help="cuda (the test); cpu runs the fp32 check only, for development")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
+    if args.device == "cuda" and not torch.cuda.is_available():
         print("hf_generate_parity skipped: no CUDA device")
         return SKIP
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -105,8 +116,11 @@ def main():
     model.save_pretrained(model_dir, safe_serialization=True)
 
     failures = 0
-    for dtype_flag, dtype, strict in (("--fp32", torch.float32, True), ("--fp16", torch.float16, False)):
-        ref = hf_generate(model, dtype)
+    variants = [("--fp32", torch.float32, True)]
+    if args.device == "cuda":
+        variants.append(("--fp16", torch.float16, False))
+    for dtype_flag, dtype, strict in variants:
+        ref = hf_generate(model, dtype, args.device)
         for mode in ("none", "blocked", "overlapped"):
             got = ferry_generate(args, model_dir, dtype_flag, mode)
             for b, (g, h) in enumerate(zip(got, ref)):
@@ -114,6 +128,11 @@ def main():
                 while same < min(len(g), len(h)) and g[same] == h[same]:
                     same += 1
                 ok = g == h if strict else same >= min(8, len(h))
+                if not ok and not strict and same < min(len(g), len(h)):
+                    margin, scale = fp32_margin(model, PROMPTS[b], h[:same], g[same], h[same])
+                    ok = margin <= 0.05 + 0.005 * scale
+                    print(f"  first difference at token {same}: fp32 logit margin {margin:.4f} "
+                          f"(near-tie bound {0.05 + 0.005 * scale:.4f})")
                 print(f"{dtype_flag[2:]} {mode:10s} row {b}: {same}/{len(h)} tokens agree {'ok' if ok else 'MISMATCH'}")
                 if not ok:
                     print(f"  ferry: {g}\n  hf:    {h}")
