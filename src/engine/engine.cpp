@@ -634,8 +634,11 @@ step_result engine::train_step_resident(const std::vector<at::Tensor>& micro_bat
     for (int64_t u = 0; u < store_->num_units(); ++u) {
 #if FERRY_WITH_CUDA
       if (dev_->is_cuda()) {
-        gpu::adamw_step(dev_master_[u], dev_m_[u], dev_v_[u], dev_grad_[u], dev_half_[u], lr, opt_.beta1, opt_.beta2,
+        // The kernel writes a half/bf16 copy; in fp32 compute the weights are the master copy.
+        at::Tensor half_out = opt_.dtype == at::kFloat ? at::Tensor() : dev_half_[u];
+        gpu::adamw_step(dev_master_[u], dev_m_[u], dev_v_[u], dev_grad_[u], half_out, lr, opt_.beta1, opt_.beta2,
                         opt_.eps, opt_.weight_decay, adam_step_, mult);
+        if (opt_.dtype == at::kFloat) dev_half_[u].copy_(dev_master_[u]);
         continue;
       }
 #endif

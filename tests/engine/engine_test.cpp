@@ -602,6 +602,10 @@ TEST(engine_memory, refuses_a_run_that_does_not_fit) {
     EXPECT_NE(msg.find("MiB of GPU memory"), std::string::npos) << msg;
     EXPECT_NE(msg.find("lower"), std::string::npos) << msg;
   }
+  // The constructor capped this process's caching allocator at 10 MiB; give the card back to
+  // the tests that run after this one in the same process.
+  auto b = make_cuda_backend();
+  b->limit_memory(double(b->memory_stats().total) / double(1ull << 30));
 }
 
 // ---- 7. evaluate ----
@@ -616,11 +620,15 @@ TEST(engine_evaluate, equals_training_forward_loss) {
       model::head_result ev = e->evaluate(data[0][0]);
       step_result r = e->train_step(data[0], lr_at(0));
       EXPECT_EQ(ev.n_targets, r.n_targets) << mode_label(o);
-      EXPECT_EQ(ev.loss_sum / double(ev.n_targets), r.loss) << mode_label(o);
+      // Bit-equal on the host backend; on CUDA the evaluation skips the gradient half of the fused
+      // cross-entropy kernel, whose fp32 loss reduction may then differ in the last bits.
+      const double tol = o.cuda ? 1e-6 * std::abs(r.loss) : 0.0;
+      EXPECT_NEAR(ev.loss_sum / double(ev.n_targets), r.loss, tol) << mode_label(o);
       // after the update: evaluate sees the new weights, and equals the next step's forward
       model::head_result ev2 = e->evaluate(data[1][0]);
       step_result r2 = e->train_step(data[1], lr_at(1));
-      EXPECT_EQ(ev2.loss_sum / double(ev2.n_targets), r2.loss) << mode_label(o);
+      EXPECT_NEAR(ev2.loss_sum / double(ev2.n_targets), r2.loss, o.cuda ? 1e-6 * std::abs(r2.loss) : 0.0)
+          << mode_label(o);
       EXPECT_NE(ev2.loss_sum, ev.loss_sum) << mode_label(o) << " " << r.loss << " " << r2.loss;
     }
   }
