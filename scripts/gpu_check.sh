@@ -7,14 +7,15 @@ set -uo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 out="$FERRY_ROOT/out/gpu_check"
 mkdir -p "$out"
-bench=1 tests=1 quick=0 train=1
+bench=1 tests=1 quick=0 train=1 full_bench=1
 for a in "$@"; do
   case "$a" in
     --no-bench) bench=0 ;;
     --bench-only) tests=0 ;;
     --quick) quick=1 ;;
     --no-train) train=0 ;;
-    *) ferry_die "gpu_check.sh: unknown argument $a (valid: --no-bench, --bench-only, --no-train, --quick)" 2 ;;
+    --kernel-bench) full_bench=0 ;;   # the optimizer, kernel and inference benchmarks, not bench.sh
+    *) ferry_die "gpu_check.sh: unknown argument $a (valid: --no-bench, --bench-only, --no-train, --kernel-bench, --quick)" 2 ;;
   esac
 done
 export FERRY_BUILD_DIR="${FERRY_BUILD_DIR:-$FERRY_ROOT/build-gpu}"
@@ -81,14 +82,19 @@ fi
 
 if [ "$bench" = 1 ]; then
   if [ -x "$bin/ferry-bench-adamw" ]; then
-    "$bin/ferry-bench-adamw" --sizes 256M --threads 15 > "$out/bench_adamw.log" 2>&1 || true
-    row "cpu AdamW 256M (ours vs torch fused)" "$(grep -iE 'ratio|fp16' "$out/bench_adamw.log" | tail -1)"
+    "$bin/ferry-bench-adamw" --sizes 64M,256M --threads 0 > "$out/bench_adamw.log" 2>&1 || true
+    row "cpu AdamW (ferry-bench-adamw)" "see below"
+    tail -14 "$out/bench_adamw.log" | sed 's/^/    /' >> "$summary"
   fi
   if [ -x "$bin/ferry-bench-kernels" ]; then
     "$bin/ferry-bench-kernels" fp16 > "$out/bench_kernels.log" 2>&1 || true
     tail -20 "$out/bench_kernels.log" | sed 's/^/    /' >> "$summary"
   fi
-  if [ -x "$FERRY_ROOT/scripts/bench.sh" ]; then
+  if [ -x "$bin/ferry-bench-infer" ]; then
+    timeout 240 "$bin/ferry-bench-infer" --model-config debug --reps 3 > "$out/bench_infer.log" 2>&1 || true
+    grep -E '^\|' "$out/bench_infer.log" | sed 's/^/    /' >> "$summary"
+  fi
+  if [ "$full_bench" = 1 ] && [ -x "$FERRY_ROOT/scripts/bench.sh" ]; then
     steps=$([ "$quick" = 1 ] && echo 6 || echo 12)
     "$FERRY_ROOT/scripts/bench.sh" --shape debug --steps "$steps" --out "$out/bench_debug" > "$out/bench_debug.log" 2>&1 || true
     tail -25 "$out/bench_debug.log" | sed 's/^/    /' >> "$summary"

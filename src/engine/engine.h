@@ -13,9 +13,11 @@
 //             queue; the update thread waits for that copy and updates the unit
 //   validate  clipping and fp16 overflow are global facts known after the last unit: the updates
 //             made during backward used clip coefficient 1; a step that clips is redone, one that
-//             overflowed is undone and skipped (loss scale halved). When that happens on most
-//             recent steps, the engine stops speculating: backward only gathers statistics and
-//             the updates run after it, in forward order, overlapping the next forward.
+//             overflowed is undone and skipped (loss scale halved). speculate=auto speculates
+//             only after 8 steps in a row needed no fix-up; otherwise backward only gathers
+//             statistics and the updates run after it, in forward order, overlapping the next
+//             forward. (A rollback is exact to rounding of the speculative moments, not bit for
+//             bit; speculate=off gives the blocked schedule's results bit for bit.)
 //   next      the next forward of unit i waits only for unit i's update.
 // blocked: the same work with every copy and update synchronous. none: everything resident on
 // the device with a device AdamW.
