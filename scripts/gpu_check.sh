@@ -87,11 +87,11 @@ if [ "$bench" = 1 ]; then
     tail -14 "$out/bench_adamw.log" | sed 's/^/    /' >> "$summary"
   fi
   if [ -x "$bin/ferry-bench-kernels" ]; then
-    "$bin/ferry-bench-kernels" fp16 > "$out/bench_kernels.log" 2>&1 || true
+    timeout 90 "$bin/ferry-bench-kernels" fp16 > "$out/bench_kernels.log" 2>&1 || true
     tail -20 "$out/bench_kernels.log" | sed 's/^/    /' >> "$summary"
   fi
   if [ -x "$bin/ferry-bench-infer" ]; then
-    timeout 240 "$bin/ferry-bench-infer" --model-config debug --reps 3 > "$out/bench_infer.log" 2>&1 || true
+    timeout 150 "$bin/ferry-bench-infer" --model-config debug --reps 2 > "$out/bench_infer.log" 2>&1 || true
     grep -E '^\|' "$out/bench_infer.log" | sed 's/^/    /' >> "$summary"
   fi
   if [ "$full_bench" = 1 ] && [ -x "$FERRY_ROOT/scripts/bench.sh" ]; then
