@@ -54,9 +54,12 @@ if [ "$tests" = 1 ]; then
   (cd "$FERRY_BUILD_DIR" && ctest -j "$(ferry_jobs)" --output-on-failure --timeout 900) > "$out/ctest.log" 2>&1 || status=1
   row "ctest (all labels)" "$(grep -E 'tests passed|tests failed' "$out/ctest.log" | tail -1)"
   (cd "$FERRY_BUILD_DIR" && ctest -L gpu -N) > "$out/ctest_gpu_list.log" 2>&1
-  gpu_failed=$(grep -E '^\s+[0-9]+ - ' "$out/ctest.log" | grep -c '(Failed\|(Timeout\|(SEGFAULT\|(Subprocess' || true)
-  row "ctest label gpu" "$(grep -c 'Test *#' "$out/ctest_gpu_list.log") registered; failures listed in ctest.log: $gpu_failed"
-  grep -E '^\s+[0-9]+ - ' "$out/ctest.log" | head -20 | while read -r l; do row "  failed" "$l"; done
+  # ctest lists skipped/disabled tests and failed ones in separate sections after the run.
+  failed_list=$(sed -n '/The following tests FAILED/,$p' "$out/ctest.log" | grep -E '^\s+[0-9]+ - ' || true)
+  notrun_list=$(sed -n '/The following tests did not run/,/^$/p' "$out/ctest.log" | grep -E '^\s+[0-9]+ - ' || true)
+  row "ctest label gpu" "$(grep -c 'Test *#' "$out/ctest_gpu_list.log") registered"
+  row "ctest not run (skipped/disabled)" "$(printf '%s' "$notrun_list" | grep -c . || true)"
+  printf '%s\n' "$failed_list" | grep . | head -20 | while read -r l; do row "  failed" "$l"; done
 fi
 
 bin="$FERRY_BUILD_DIR/bin"
