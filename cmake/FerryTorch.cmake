@@ -6,17 +6,20 @@
 if(NOT DEFINED ENV{TORCH_CUDA_ARCH_LIST} AND NOT TORCH_CUDA_ARCH_LIST)
   set(TORCH_CUDA_ARCH_LIST "8.9;9.0")
 endif()
+# FERRY_PYTHON: the Python that holds torch (and, for the parity tests, transformers): given on
+# the command line (scripts/build.sh passes setup.sh's choice), else the project venv, else python3.
+if(NOT FERRY_PYTHON)
+  if(EXISTS ${PROJECT_SOURCE_DIR}/.venv/bin/python)
+    set(FERRY_PYTHON ${PROJECT_SOURCE_DIR}/.venv/bin/python)
+  else()
+    find_program(FERRY_PYTHON NAMES python3 python)
+  endif()
+endif()
+
 if(NOT Torch_DIR)
   find_package(Torch QUIET CONFIG)
 endif()
 if(NOT Torch_FOUND)
-  if(NOT FERRY_PYTHON)
-    if(EXISTS ${PROJECT_SOURCE_DIR}/.venv/bin/python)
-      set(FERRY_PYTHON ${PROJECT_SOURCE_DIR}/.venv/bin/python)
-    else()
-      find_program(FERRY_PYTHON NAMES python3 python)
-    endif()
-  endif()
   if(FERRY_PYTHON)
     execute_process(COMMAND ${FERRY_PYTHON} -c "import torch;print(torch.utils.cmake_prefix_path)"
       OUTPUT_VARIABLE _ferry_torch_prefix OUTPUT_STRIP_TRAILING_WHITESPACE ERROR_QUIET)
