@@ -8,8 +8,10 @@ function(ferry_add_test)
   add_executable(${T_NAME} ${T_SOURCES})
   target_link_libraries(${T_NAME} PRIVATE ${T_LIBS} GTest::gtest GTest::gtest_main ferry_root_include ferry_warnings)
   set(labels ${T_LABELS})
+  set(prefix "")
   if(T_GPU)
     list(APPEND labels gpu)
+    set(prefix "cuda:")  # CPU and CUDA builds of one source share test names; keep them apart
   else()
     list(APPEND labels cpu)
   endif()
@@ -17,6 +19,7 @@ function(ferry_add_test)
     set(T_TIMEOUT 600)
   endif()
   gtest_discover_tests(${T_NAME}
+    TEST_PREFIX "${prefix}"
     PROPERTIES LABELS "${labels}" TIMEOUT ${T_TIMEOUT}
                SKIP_REGULAR_EXPRESSION "  SKIPPED "
     DISCOVERY_TIMEOUT 120
