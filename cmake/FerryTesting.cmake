@@ -20,6 +20,7 @@ function(ferry_add_test)
   endif()
   gtest_discover_tests(${T_NAME}
     TEST_PREFIX "${prefix}"
+    NO_PRETTY_VALUES  # parameter values print as raw bytes (pointers): unstable test names
     PROPERTIES LABELS "${labels}" TIMEOUT ${T_TIMEOUT}
                SKIP_REGULAR_EXPRESSION "  SKIPPED "
     DISCOVERY_TIMEOUT 120
