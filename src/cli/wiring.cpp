@@ -8,12 +8,42 @@
 #include "src/common/error.h"
 #include "src/engine/memory_plan.h"
 #include "src/io/hf_config.h"
+#include "src/io/token_stream.h"
+#include "src/io/tokenizer.h"
 
 #include <nlohmann/json.hpp>
 
 namespace ferry::cli {
 
 std::string default_corpus() { return "/usr/share/common-licenses"; }
+
+// tokenizer=spm:N: a sentencepiece BPE model of N pieces trained on the embedded default corpus on
+// first use and kept in $XDG_CACHE_HOME/ferry (else ~/.cache/ferry); later runs reuse it.
+std::string default_subword_tokenizer(const std::string& spec) {
+  int vocab = 0;
+  try {
+    vocab = std::stoi(spec.substr(4));
+  } catch (const std::exception&) {
+  }
+  FERRY_CONFIG_CHECK(vocab >= 400 && vocab <= 8000, "tokenizer=", spec,
+                     ": the embedded corpus supports spm:N with N in [400, 8000] (e.g. spm:2000)");
+  const char* xdg = std::getenv("XDG_CACHE_HOME");
+  const char* home = std::getenv("HOME");
+  std::filesystem::path dir = xdg && *xdg ? std::filesystem::path(xdg) / "ferry"
+                                          : std::filesystem::path(home && *home ? home : "/tmp") / ".cache" / "ferry";
+  std::string prefix = (dir / ("common-licenses-spm" + std::to_string(vocab))).string();
+  std::error_code ec;
+  if (!std::filesystem::is_regular_file(prefix + ".model", ec)) {
+    std::filesystem::create_directories(dir, ec);
+    FERRY_CHECK(!ec, "cannot create the tokenizer cache ", dir.string(), ": ", ec.message());
+    std::vector<std::string> files;
+    for (const auto& f : io::list_inputs({default_corpus()})) files.push_back(f.path);
+    std::fprintf(stderr, "training a %d-piece sentencepiece model on %s (once) -> %s.model\n", vocab,
+                 default_corpus().c_str(), prefix.c_str());
+    io::train_sentencepiece(files, prefix, vocab);
+  }
+  return prefix + ".model";
+}
 
 model::llama_config resolve_model(const io::run_config& cfg) {
   if (!cfg.init.empty() && !cfg.is_explicit("model")) return io::load_hf_config(cfg.init);
@@ -55,7 +85,7 @@ io::data_options data_options_for(const io::run_config& cfg, const model::llama_
     FERRY_CONFIG_CHECK(std::filesystem::is_directory(default_corpus(), ec), "no data given and the default corpus ",
                        default_corpus(), " is missing; pass --data FILE|DIR");
   }
-  d.tokenizer = cfg.tokenizer;
+  d.tokenizer = cfg.tokenizer.rfind("spm:", 0) == 0 ? default_subword_tokenizer(cfg.tokenizer) : cfg.tokenizer;
   d.seq_len = cfg.max_length;
   d.seed = cfg.seed;
   d.eval_fraction = cfg.eval_fraction;

@@ -17,6 +17,9 @@ engine::engine_options engine_options_for(const io::run_config& cfg, const model
 // data "" is the embedded default corpus: the licence texts every Debian/Ubuntu system carries.
 io::data_options data_options_for(const io::run_config& cfg, const model::llama_config& mc);
 std::string default_corpus();
+// tokenizer=spm:N: the path of a sentencepiece model of N pieces trained on the default corpus
+// (trained and cached on first use).
+std::string default_subword_tokenizer(const std::string& spec);
 
 // --dry-run: the resolved config and the memory plan, printed to stdout.
 void print_dry_run(const io::run_config& cfg, const model::llama_config& mc, const engine::engine_options& eo);

@@ -108,7 +108,11 @@ int run_training(const io::run_config& cfg, const model::llama_config& mc, const
   FERRY_CHECK(metrics.good(), "cannot write ", metrics_path, "; check output_dir");
   std::unique_ptr<io::tensorboard_writer> tb;
   if (cfg.tensorboard) tb = std::make_unique<io::tensorboard_writer>(cfg.output_dir + "/tensorboard");
-  std::string sp_model = (cfg.tokenizer != "byte" && fs::is_regular_file(cfg.tokenizer, ec)) ? cfg.tokenizer : "";
+  // The resolved tokenizer (spm:N has become a path by now) travels with each checkpoint.
+  std::string sp_model = dopt.tokenizer != "byte" && fs::is_regular_file(dopt.tokenizer, ec) ? dopt.tokenizer
+                         : dopt.tokenizer != "byte" && fs::is_regular_file(dopt.tokenizer + "/tokenizer.model", ec)
+                             ? dopt.tokenizer + "/tokenizer.model"
+                             : "";
 
   lr_schedule sched{cfg.learning_rate, cfg.warmup_steps, cfg.steps, cfg.lr_schedule, cfg.min_lr_ratio};
   const double fpt = flops_per_token(mc, T);

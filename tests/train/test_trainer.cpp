@@ -194,3 +194,17 @@ TEST(trainer, full_disk_during_save_keeps_the_previous_checkpoint) {
   EXPECT_FALSE(fs::exists(c.output_dir + "/checkpoint-000003"));
   EXPECT_TRUE(fs::is_regular_file(c.output_dir + "/checkpoint-000002/model.safetensors"));
 }
+
+TEST(trainer, subword_tokenizer_is_trained_once_on_the_default_corpus_and_saved) {
+  scratch_dir d;
+  ::setenv("XDG_CACHE_HOME", (d.path + "/cache").c_str(), 1);
+  auto c = config_for(d.path, write_corpus(d.path), 2);
+  c.tokenizer = "spm:500";
+  ASSERT_EQ(run_train(c), 0);
+  EXPECT_TRUE(fs::is_regular_file(d.path + "/cache/ferry/common-licenses-spm500.model"));
+  EXPECT_TRUE(fs::is_regular_file(c.output_dir + "/checkpoint-000002/tokenizer.model"));
+  auto bad = c;
+  bad.tokenizer = "spm:abc";
+  EXPECT_THROW(run_train(bad), ferry::config_error);
+  ::unsetenv("XDG_CACHE_HOME");
+}
