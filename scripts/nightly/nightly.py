@@ -8,14 +8,19 @@ stored baseline of this card and exits non-zero on a regression:
 Record: per run the step-time median and spread, tokens/s, peak GPU memory (allocated and
 reserved), peak host memory (the child's max RSS), pinned bytes (plan), the loss curve,
 rollbacks, skipped steps; plus the commit, card, driver and CPU.
-Compare: step time worse than +time_tol (10%), memory worse than +mem_tol (3%), a loss curve
-outside |cur - ref| <= loss_atol + loss_rtol |ref| at any step, or a run that failed, is a
-regression; improvements beyond the same tolerances are reported too.
+Compare: step time worse than +time_tol (10%) (or generation tokens/s worse by the same factor),
+memory worse than +mem_tol (3%), a loss curve outside |cur - ref| <= loss_atol + loss_rtol |ref|
+at any step, or a run that failed, is a regression; improvements beyond the same tolerances are
+reported too. A shared machine's step times drift by 10-20% between identical runs (H100 host,
+1b overlapped: 328 and 383 ms for the same commit), so a run slower than the limit is measured
+again (--confirm, default once) and keeps its faster measurement: a slowdown must reproduce to
+count, and the report says it did.
 Exit: 0 no regression, 1 regression, 2 usage error or no baseline.
 
 Testing hooks: --record FILE compares an existing record instead of running; the environment
 variable FERRY_NIGHTLY_INJECT="slow=F,mem=F,loss=D" multiplies measured step times by F, memory
-by F, and adds D to every loss, so CI can check that each kind of regression is caught.
+by F, and adds D to every loss, so CI can check that each kind of regression is caught;
+"slow_once=F" slows only each run's first measurement (a transient the confirmation must absorb).
 Standard library only.
 """
 import argparse
@@ -53,6 +58,8 @@ def parse_args():
     ap.add_argument("--loss-atol", type=float, default=None, help="default 0.02 GPU (fp16), 1e-3 CPU (fp32)")
     ap.add_argument("--loss-rtol", type=float, default=None, help="default 0.005 GPU, 1e-4 CPU")
     ap.add_argument("--timeout", type=int, default=1800, help="seconds per run")
+    ap.add_argument("--confirm", type=int, default=1,
+                    help="re-measure a run slower than the limit this many times, keeping its fastest (default 1)")
     ap.add_argument("--ferry-set", action="append", default=[], metavar="KEY=VALUE",
                     help="extra run-config override of every training run, e.g. prefetch=1 for a deliberately slowed run")
     return ap.parse_args()
@@ -154,14 +161,31 @@ def infer_run(a, infer, shape, dev, dtype, tokfile, out):
     return rec
 
 
-def inject(rec):
+def inject_spec():
     spec = os.environ.get("FERRY_NIGHTLY_INJECT", "")
+    return spec, dict(x.split("=", 1) for x in spec.split(",") if "=" in x)
+
+
+def inject_first(r):
+    """The slow_once test hook: applied to a run's first measurement only."""
+    _, kv = inject_spec()
+    if "slow_once" in kv:
+        if r.get("step_ms"):
+            r["step_ms"] *= float(kv["slow_once"])
+        if r.get("gen_tokens_per_s"):
+            r["gen_tokens_per_s"] /= float(kv["slow_once"])
+    return r
+
+
+def inject(rec):
+    spec, kv = inject_spec()
     if not spec:
         return rec
-    kv = dict(x.split("=", 1) for x in spec.split(",") if "=" in x)
     for r in rec["runs"].values():
         if "slow" in kv and r.get("step_ms"):
             r["step_ms"] *= float(kv["slow"])
+        if "slow" in kv and r.get("gen_tokens_per_s"):
+            r["gen_tokens_per_s"] /= float(kv["slow"])
         if "mem" in kv:
             for k in MEM_KEYS:
                 if r.get(k):
@@ -170,6 +194,38 @@ def inject(rec):
             r["losses"] = [x + float(kv["loss"]) if x is not None else x for x in r["losses"]]
     rec["injected"] = spec
     fl.ferry_log("FERRY_NIGHTLY_INJECT=%s applied to the measurements (test hook)" % spec)
+    return rec
+
+
+def too_slow(c, b, tol):
+    """Whether run record c is slower than baseline record b beyond the time tolerance."""
+    if not b or not b.get("ok") or not c.get("ok"):
+        return False
+    if b.get("step_ms") and c.get("step_ms") and c["step_ms"] > b["step_ms"] * (1 + tol):
+        return True
+    g0, g1 = b.get("gen_tokens_per_s"), c.get("gen_tokens_per_s")
+    return bool(g0 and g1 and g0 / g1 - 1 > tol)
+
+
+def speed(c):
+    return c.get("step_ms") or (1e3 / c["gen_tokens_per_s"] if c.get("gen_tokens_per_s") else float("inf"))
+
+
+def measure(run, key, base_runs, a, tol):
+    """run() measured once, and again up to a.confirm times while it is slower than the baseline's
+    limit; returns the fastest measurement, noting how many were taken."""
+    rec = inject_first(run())
+    first, n = rec, 1
+    while n <= a.confirm and too_slow(rec, base_runs.get(key), tol["time"]):
+        fl.ferry_log("%s: slower than the baseline's limit; measuring again to confirm" % key)
+        again = run()
+        n += 1
+        if again.get("ok") and speed(again) < speed(rec):
+            rec = again
+    if n > 1:
+        rec["measurements"] = n
+        rec["slow_first"] = ("%.1f ms" % first["step_ms"]) if first.get("step_ms") else (
+            "%.1f tok/s" % first.get("gen_tokens_per_s", 0))
     return rec
 
 
@@ -193,6 +249,15 @@ def compare(cur, base, tol):
             line = "%s: step time %.1f ms vs %.1f ms (%+.1f%%, limit +%.0f%%)" % (
                 key, c["step_ms"], b["step_ms"], 100 * r, 100 * tol["time"])
             (reg if r > tol["time"] else imp if r < -tol["time"] else notes).append(line)
+        if b.get("gen_tokens_per_s") and c.get("gen_tokens_per_s"):
+            r = b["gen_tokens_per_s"] / c["gen_tokens_per_s"] - 1   # time per token, as for steps
+            line = "%s: generation %.1f tok/s vs %.1f tok/s (time per token %+.1f%%, limit +%.0f%%)" % (
+                key, c["gen_tokens_per_s"], b["gen_tokens_per_s"], 100 * r, 100 * tol["time"])
+            (reg if r > tol["time"] else imp if r < -tol["time"] else notes).append(line)
+        if c.get("measurements", 1) > 1 and c.get("slow_first"):
+            (reg if any(x.startswith(key + ": step") or x.startswith(key + ": generation") for x in reg) else notes).append(
+                "%s: slower than the limit on the first measurement (%s); measured %d times, kept the fastest" % (
+                    key, c["slow_first"], c["measurements"]))
         for k in MEM_KEYS:
             if b.get(k) and c.get(k) is not None:
                 r = c[k] / b[k] - 1
@@ -241,7 +306,8 @@ def report_md(cur, base_path, reg, imp, notes, updated):
     for key, r in sorted(cur["runs"].items()):
         rows.append([key, fl.fmt_ms(r.get("step_ms")) if r.get("step_ms") else "-",
                      "%.0f%%" % (100 * r["step_ms_spread"]) if r.get("step_ms_spread") is not None else "-",
-                     "%.0f" % r["tokens_per_s"] if r.get("tokens_per_s") else "-",
+                     "%.0f" % r["tokens_per_s"] if r.get("tokens_per_s") else
+                     ("%.1f gen" % r["gen_tokens_per_s"] if r.get("gen_tokens_per_s") else "-"),
                      "%.2f" % (r["gpu_alloc_peak"] / fl.GIB) if r.get("gpu_alloc_peak") else "-",
                      "%.2f" % (r["host_peak"] / fl.GIB) if r.get("host_peak") else "-",
                      "%.4f" % r["losses"][-1] if r.get("losses") and r["losses"][-1] is not None else "-",
@@ -291,6 +357,11 @@ def main():
                    driver=gpu["driver"] if gpu else None, cpu=fl.cpu_name(), device=dev, dtype=dtype, seq=a.seq,
                    steps=a.steps, short_steps=a.short_steps, runs={})
         infer = fl.tool("ferry-infer")
+        # The baseline is read before measuring so a run over its time limit is confirmed at once.
+        base_runs = {}
+        if not a.update_baseline and os.path.exists(base_path):
+            with open(base_path) as f:
+                base_runs = json.load(f).get("runs", {})
         for shape in a.configs:
             for mode, steps in (("overlapped", a.steps), ("blocked", a.short_steps), ("none", a.short_steps)):
                 key = "%s/%s" % (shape, mode)
@@ -298,9 +369,12 @@ def main():
                 if not ok:
                     fl.ferry_log("%s skipped: %s" % (key, why))
                     continue
-                cur["runs"][key] = train_run(a, train, shape, mode, steps, dev, dtype, tokfile, out)
+                cur["runs"][key] = measure(lambda: train_run(a, train, shape, mode, steps, dev, dtype, tokfile, out),
+                                           key, base_runs, a, tol)
             if infer:
-                cur["runs"]["%s/infer" % shape] = infer_run(a, infer, shape, dev, dtype, tokfile, out)
+                key = "%s/infer" % shape
+                cur["runs"][key] = measure(lambda: infer_run(a, infer, shape, dev, dtype, tokfile, out),
+                                           key, base_runs, a, tol)
             else:
                 fl.ferry_log("%s/infer skipped: ferry-infer not built" % shape)
         with open(os.path.join(out, "record.json"), "w") as f:
