@@ -46,6 +46,8 @@ def parse_args():
     ap.add_argument("--no-peers", dest="peers", action="store_false")
     ap.add_argument("--no-bounds", dest="bounds", action="store_false", default=True)
     ap.add_argument("--no-infer", dest="infer", action="store_false", default=True)
+    ap.add_argument("--no-train", dest="train", action="store_false", default=True,
+                    help="only the inference table and its peers (no training rows, bounds or training peers)")
     ap.add_argument("--ferry-set", action="append", default=[], metavar="KEY=VALUE",
                     help="extra run-config override for every ferry run (repeatable)")
     ap.add_argument("--timeout", type=int, default=1200, help="seconds per ferry run or peer")
@@ -260,10 +262,10 @@ def render(rep):
     for title, fn, ikey in (("Memory", cell_mem, None), ("Time", cell_ms, "forward_ms")):
         rows = []
         for m in MODES:
-            if m in t:
+            if m in t or m in inf.get("rows", {}):
                 ir = inf.get("rows", {}).get(m)
                 icell = (fn(ir) if ikey is None else cell_ms(ir, ikey)) if ir else "-"
-                rows.append([MODE_LABEL[m], icell, fn(t[m])])
+                rows.append([MODE_LABEL[m], icell, fn(t.get(m))])
         out += ["", title, fl.table(["", "Inference", "Training"], rows, markdown=True)]
 
     amp, fsdp = p.get("amp", {}), p.get("fsdp2", {})
@@ -282,15 +284,17 @@ def render(rep):
             rows.append([label, cell_ms(r), cell_mem(r), ratio(r.get("step_ms"), amp_ms) if r.get("ok") else "-",
                          ratio(r.get("step_ms"), fsdp_ms) if r.get("ok") else "-",
                          r.get("notes", "") if r.get("ok") else "FAILED: " + r.get("error", "")])
-    out += ["", "Training step, ferry and peers (same run)",
-            fl.table(["", "time", "peak GPU", "vs PyTorch AMP", "vs FSDP2", "notes"], rows, markdown=True)]
+    if rows:
+        out += ["", "Training step, ferry and peers (same run)",
+                fl.table(["", "time", "peak GPU", "vs PyTorch AMP", "vs FSDP2", "notes"], rows, markdown=True)]
 
     rows = []
     for key, label in (("compute", "GPU compute alone"), ("pcie", "PCIe traffic alone"), ("adamw", "CPU AdamW alone")):
         r = lb.get(key, {})
         rows.append([label, fl.fmt_ms(r.get("ms")) if r.get("ok") else "-",
                      r.get("how", "") if r.get("ok") else "not measured: " + str(r.get("error", ""))])
-    out += ["", "Lower bounds of one step", fl.table(["bound", "time", "how"], rows, markdown=True)]
+    if t:
+        out += ["", "Lower bounds of one step", fl.table(["bound", "time", "how"], rows, markdown=True)]
     if lb.get("pcie", {}).get("ok"):
         out.append("PCIe rates: H2D %.1f GB/s, D2H %.1f GB/s" % (lb["pcie"]["h2d_gbs"], lb["pcie"]["d2h_gbs"]))
 
@@ -379,9 +383,9 @@ def main():
                card=gpu["card"] if gpu else "no GPU (" + dev + ")", driver=gpu["driver"] if gpu else None,
                cpu=fl.cpu_name(), date=date, commit=fl.git_commit(), steps=a.steps, warmup=a.warmup,
                command="scripts/bench.sh " + " ".join(sys.argv[1:]), python=py)
-    rep["ferry"] = ferry_train_rows(a, dev, tokfile, out)
-    rep["bounds"] = lower_bounds(a, cfg, rep["ferry"], out, py, have_cuda) if a.bounds else {}
-    rep["peers"] = peer_rows(a, out, py, have_cuda, env)
+    rep["ferry"] = ferry_train_rows(a, dev, tokfile, out) if a.train else {}
+    rep["bounds"] = lower_bounds(a, cfg, rep["ferry"], out, py, have_cuda) if a.bounds and a.train else {}
+    rep["peers"] = peer_rows(a, out, py, have_cuda, env) if a.train else {}
     rep["infer"] = infer_rows(a, dev, tokfile, out, py, have_cuda, env)
     rep["goals"] = goals(rep)
     text = render(rep)
@@ -392,7 +396,8 @@ def main():
         f.write(text + "\n")
     fl.ferry_log("wrote %s/bench.json and bench.md" % out)
     # Exit 0 even when rows failed (they say why); non-zero only when no ferry mode ran at all.
-    return 0 if any(r.get("ok") for r in rep["ferry"].values()) else 1
+    ran = list(rep["ferry"].values()) + list((rep["infer"] or {}).get("rows", {}).values())
+    return 0 if any(r.get("ok") for r in ran) else 1
 
 
 if __name__ == "__main__":
