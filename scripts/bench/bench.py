@@ -175,7 +175,7 @@ def infer_rows(a, dev, tokfile, out, py, have_cuda, env):
     res_all = dict(rows={}, peers={}, raw={})
     if bench_infer:
         cmd = [bench_infer, "--model-config", a.shape, "--dtype", a.dtype, "--device", dev, "--modes",
-               ",".join(a.modes), "--seqs", str(a.seq)]
+               ",".join(a.modes), "--seqs", ",".join(str(x) for x in sorted({min(512, a.seq), a.seq}))]
         fl.ferry_log("ferry-bench-infer: " + " ".join(cmd))
         r = fl.run(cmd, a.timeout, os.path.join(out, "bench_infer.log"))
         res_all["raw"]["ferry-bench-infer"] = dict(command=" ".join(cmd), rc=r["rc"], tail=r["out"][-4000:])
