@@ -7,7 +7,8 @@ and the checkpoint ferry writes back must load in transformers with the same log
 debug and 1b shapes (configs/models/), batch 1 x --seq tokens; --max-layers scales them down for a
 CPU check of the script itself. Every tensor is compared in full, one at a time on the device;
 ferry-model-check writes gradients in the compute dtype (half the bytes of fp32 for fp16/bf16), and
-each file is deleted once compared, so the 1b shape needs about 9 GB of disk at a time.
+each file is deleted once compared, so the 1b shape needs about 13 GB of disk at a time (HF's
+checkpoint, ferry's fp32 gradients and the checkpoint ferry writes back).
 
 Exit codes: 0 pass, 1 mismatch or error, 77 skipped (no torch/transformers, or --device cuda
 without a CUDA device). fp32 limit: relative error (max|a-b| / max|b|) below 1e-4. fp16/bf16:
@@ -104,6 +105,8 @@ def hf_run(model, ids, dtype):
 
 
 def run_tool(args, model_dir, tokens, out, dtype, chunk, write_dir=None):
+    if args.device == "cuda":
+        torch.cuda.empty_cache()   # what this process no longer uses goes back for the tool
     tok_file = os.path.join(os.path.dirname(out), "tokens.txt")
     with open(tok_file, "w") as f:
         for row in tokens.tolist():
@@ -142,7 +145,8 @@ def compare(label, out_path, ref, limit, failures, device, half_err=None):
         extra = names - set(ref)
         if extra:
             failures.append(f"{label}: ferry wrote tensors HF does not have: {sorted(extra)[:5]}")
-    print(f"{label}: {len(ref)} tensors, worst relative error {worst[0]:.3g} ({worst[1]})", flush=True)
+    hf = f", HF's own {half_err[worst[1]]:.3g} there" if half_err is not None and worst[1] else ""
+    print(f"{label}: {len(ref)} tensors, worst relative error {worst[0]:.3g} ({worst[1]}{hf})", flush=True)
 
 
 def check_shape(args, name, cfg, seed, tokens, model_device, dtypes, chunk, failures):
