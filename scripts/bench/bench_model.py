@@ -164,7 +164,8 @@ def render(rep, rows, shapes):
                     d.append([s, lv, i, "-", "-", "-", "-", "-", "FAILED: " + str(r.get("error", ""))])
     out += ["", "Per run (layer peak: above what was allocated before the forward; model peak: in all, "
                 "weights and gradients included; model saved: all that the forward keeps for backward, which for "
-                "ferry is the blocks' block_saved: its chunked head keeps nothing)",
+                "ferry is the blocks' block_saved: its chunked head keeps nothing; ferry's model fwd is embedding + "
+                "blocks, its head runs forward and backward in one pass, counted in bwd)",
             fl.table(["shape", "level", "impl", "fwd ms", "bwd ms", "fwd+bwd ms", "saved MiB", "peak MiB", "notes"], d,
                      markdown=True)]
     out += ["", "Goal (issue 4): ferry at least as fast as the faster HF per layer and for the model, fewer saved "
