@@ -97,6 +97,11 @@ if [ "$bench" = 1 ]; then
     timeout 150 "$bin/ferry-bench-infer" --model-config debug --reps 2 > "$out/bench_infer.log" 2>&1 || true
     grep -E '^\|' "$out/bench_infer.log" | sed 's/^/    /' >> "$summary"
   fi
+  if [ -x "$bin/ferry-bench-model" ]; then
+    timeout 900 "$FERRY_ROOT/scripts/bench_model.sh" --timeout 280 --out "$out/bench_model" > "$out/bench_model.log" 2>&1 || true
+    row "model fwd+bwd vs HF (bench_model.sh)" "see below"
+    grep -E '^\|' "$out/bench_model.log" | sed 's/^/    /' >> "$summary"
+  fi
   if [ "$full_bench" = 1 ] && [ -x "$FERRY_ROOT/scripts/bench.sh" ]; then
     steps=$([ "$quick" = 1 ] && echo 6 || echo 12)
     "$FERRY_ROOT/scripts/bench.sh" --shape debug --steps "$steps" --out "$out/bench_debug" > "$out/bench_debug.log" 2>&1 || true

@@ -1,6 +1,7 @@
 // ferry-model-check: loads an HF LlamaForCausalLM checkpoint into ferry's flat per-unit buffers,
-// runs ferry's forward and backward on given tokens, and writes the logits, the mean loss and
-// every weight gradient (HF names, fp32) to a safetensors file, for hf_parity.py to compare with
+// runs ferry's forward and backward on given tokens, and writes the logits and the mean loss (fp32)
+// and every weight gradient (HF names, in the compute dtype: lossless, and half the bytes of fp32 for
+// fp16/bf16, which matters at the 1B shapes) to a safetensors file, for hf_parity.py to compare with
 // transformers. --write DIR also saves the loaded weights back as an HF checkpoint from ferry's
 // buffers (the other direction of the parity check).
 //
@@ -94,13 +95,23 @@ at::Tensor load_unit(const io::hf_checkpoint_reader& r, const std::vector<tensor
 
 struct named_out {
   std::string name;
-  at::Tensor t;   // fp32 CPU contiguous
+  at::Tensor t;   // CPU contiguous, fp32 / fp16 / bf16
 };
 
 void add_unit(std::vector<named_out>& out, const at::Tensor& flat, const std::vector<tensor_slot>& slots,
               const std::string& prefix) {
-  at::Tensor f = flat.to(at::kCPU, at::kFloat).contiguous();
+  at::Tensor f = flat.to(at::kCPU).contiguous();
   for (const auto& s : slots) out.push_back({prefix + s.name, slot_view(f, s).contiguous()});
+}
+
+const char* st_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return "F32";
+    case at::kHalf: return "F16";
+    case at::kBFloat16: return "BF16";
+    default: FERRY_ASSERT(false, "ferry-model-check writes only fp32, fp16 and bf16 tensors");
+  }
+  return "";
 }
 
 int run(const options& o) {
@@ -164,7 +175,7 @@ int run(const options& o) {
   add_unit(out, g_head, hl, "grad.");
   std::vector<io::st_write_entry> entries;
   for (auto& e : out)
-    entries.push_back({e.name, "F32", e.t.sizes().vec(), e.t.data_ptr<float>(), size_t(e.t.numel()) * sizeof(float)});
+    entries.push_back({e.name, st_dtype(e.t.scalar_type()), e.t.sizes().vec(), e.t.data_ptr(), size_t(e.t.nbytes())});
   io::write_safetensors(o.out, entries, {{"dtype", o.dtype}, {"device", o.device}});
   std::printf("ferry-model-check: %s, %lld layers, B=%lld T=%lld, %s on %s, loss %.6f over %lld targets\n",
               cfg.name.c_str(), (long long)L, (long long)B, (long long)T, o.dtype.c_str(), o.device.c_str(),
