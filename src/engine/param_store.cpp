@@ -1,6 +1,7 @@
 #include "src/engine/param_store.h"
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
 #include <cstdlib>
 
@@ -106,15 +107,19 @@ at::Tensor param_store::grad_tensor(int64_t u) const {
 }
 
 void param_store::init_random(uint64_t seed, double std) {
-  for (size_t u = 0; u < units_.size(); ++u) {
-    at::Generator gen = at::detail::createCPUGenerator(seed * 1000003ull + u);
-    at::Tensor flat = master_tensor(static_cast<int64_t>(u));
-    for (const auto& s : units_[u].slots) {
-      at::Tensor t = flat.narrow(0, s.offset, s.numel);
-      if (is_norm(s.name)) t.fill_(1.0);
-      else t.normal_(0.0, std, gen);
+  // One task per unit, each with its own generator: the values do not depend on the thread count.
+  // ATen's ops inside run single-threaded here (at::parallel_for does not nest).
+  at::parallel_for(0, num_units(), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t u = begin; u < end; ++u) {
+      at::Generator gen = at::detail::createCPUGenerator(seed * 1000003ull + uint64_t(u));
+      at::Tensor flat = master_tensor(u);
+      for (const auto& s : units_[u].slots) {
+        at::Tensor t = flat.narrow(0, s.offset, s.numel);
+        if (is_norm(s.name)) t.fill_(1.0);
+        else t.normal_(0.0, std, gen);
+      }
     }
-  }
+  });
   zero_moments();
   refresh_shadows();
 }

@@ -70,7 +70,8 @@ class param_store {
   at::Tensor exp_avg_sq_tensor(int64_t u) const;
 
   // HF initialisation: normal(0, std) for matrices and the embedding, ones for norms; moments
-  // zeroed. Deterministic for a seed (each unit has its own generator).
+  // zeroed. Deterministic for a seed (each unit has its own generator, whatever the thread count);
+  // units are drawn in parallel.
   void init_random(uint64_t seed, double std);
   // Master -> shadow for every unit (after init, load or resume).
   void refresh_shadows();

@@ -645,7 +645,26 @@ TEST(engine_evaluate, equals_training_forward_loss) {
   }
 }
 
-// ---- 8. forward_only: inference engines ----
+// ---- 8. the parameter store ----
+
+// init_random draws units in parallel, each from its own generator: the thread count changes nothing.
+TEST(engine_store, init_random_independent_of_threads) {
+  auto host = make_host_backend();
+  param_store one(tiny_config(), at::kBFloat16, *host), many(tiny_config(), at::kBFloat16, *host, false);
+  const int threads = at::get_num_threads();
+  at::set_num_threads(1);
+  one.init_random(5, 0.02);
+  at::set_num_threads(4);
+  many.init_random(5, 0.02);
+  at::set_num_threads(threads);
+  for (int64_t u = 0; u < one.num_units(); ++u) {
+    EXPECT_TRUE(one.master_tensor(u).equal(many.master_tensor(u))) << "unit " << u;
+    EXPECT_TRUE(one.shadow_tensor(u).equal(many.shadow_tensor(u))) << "unit " << u;
+  }
+  EXPECT_GT(one.master_tensor(1).std().item<double>(), 0.015);
+}
+
+// ---- 9. forward_only: inference engines ----
 
 engine_options forward_only(engine_options o) {
   o.forward_only = true;
