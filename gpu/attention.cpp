@@ -117,7 +117,7 @@ std::tuple<at::Tensor, at::Tensor> large_head_forward(const at::Tensor& q, const
   detail::dispatch_float(q.scalar_type(), "ferry::gpu::attention_forward", [&](auto tag) {
     using T = typename decltype(tag)::type;
     attention_softmax_forward_launch<T>(ptr<T>(scores), lse.data_ptr<float>(), ptr<T>(scores), s.b * s.hq * s.t, s.t,
-                                        static_cast<float>(scale), stream);
+                                        s.t, 0, static_cast<float>(scale), stream);
   });
   at::Tensor out = at::bmm(scores, vg).view({s.b, s.hq, s.t, s.d});
   return {out, lse};
@@ -145,7 +145,48 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> large_head_backward(const at::Ten
   return {dq, dk, dv};
 }
 
+// Queries at the end of the keys (inference). The large-head GEMMs read k and v through views, so a
+// prefix of a longer cache (any batch strides) is not copied; q is small (one chunk of rows).
+at::Tensor large_head_forward_offset(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t tk,
+                                     const attn_shape& s, double scale) {
+  const at::Tensor qg = grouped_q(q, s);
+  const at::Tensor kg = k.reshape({s.b * s.hkv, tk, s.d}), vg = v.reshape({s.b * s.hkv, tk, s.d});
+  at::Tensor scores = at::bmm(qg, kg.transpose(1, 2));  // (b*hkv, g*tq, tk), raw (unscaled)
+  at::Tensor lse = at::empty({s.b * s.hq * s.t}, q.options().dtype(at::kFloat));
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream(q.device().index()).stream();
+  detail::dispatch_float(q.scalar_type(), "ferry::gpu::attention_forward_offset", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    attention_softmax_forward_launch<T>(ptr<T>(scores), lse.data_ptr<float>(), ptr<T>(scores), s.b * s.hq * s.t, s.t,
+                                        tk, tk - s.t, static_cast<float>(scale), stream);
+  });
+  return at::bmm(scores, vg).view({s.b, s.hq, s.t, s.d});
+}
+
 }  // namespace
+
+at::Tensor attention_forward_offset(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale) {
+  constexpr const char* op = "ferry::gpu::attention_forward_offset";
+  for (const at::Tensor* x : {&q, &k, &v}) {
+    FERRY_CHECK(x->defined() && x->is_cuda() && x->dim() == 4 && x->stride(3) == 1, op,
+                ": q, k, v must be 4-D CUDA tensors (b, h, t, d) with a contiguous last dim");
+    FERRY_CHECK(x->scalar_type() == q.scalar_type(), op, ": q, k, v must share a dtype");
+  }
+  const attn_shape s{q.size(0), q.size(1), k.size(1), q.size(2), q.size(3)};
+  const int64_t tk = k.size(2);
+  FERRY_CHECK(k.sizes() == v.sizes() && k.size(0) == s.b && k.size(3) == s.d && tk >= s.t, op, ": k ", k.sizes(),
+              " and v ", v.sizes(), " must be (", s.b, ", hkv, >= ", s.t, ", ", s.d, ") for q ", q.sizes());
+  FERRY_CHECK(s.hkv > 0 && s.hq % s.hkv == 0, op, ": query heads ", s.hq, " must be a multiple of kv heads ", s.hkv);
+  const c10::cuda::CUDAGuard guard(q.device());
+  if (s.d <= k_sdpa_max_head_dim && use_flash(q)) {
+    // Flash attention aligns the causal mask to the bottom right when there are fewer queries than
+    // keys (the query at row i sees keys <= tk - tq + i), which is this function's contract; it
+    // handles GQA and takes any outer strides.
+    auto r = at::_scaled_dot_product_flash_attention(pad_head_dim(q), pad_head_dim(k), pad_head_dim(v), 0.0,
+                                                     /*is_causal=*/true, /*return_debug_mask=*/false, scale);
+    return unpad_head_dim(std::get<0>(r), s.d);
+  }
+  return large_head_forward_offset(q, k, v, tk, s, scale);
+}
 
 std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                      double scale) {

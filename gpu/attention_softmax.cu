@@ -14,9 +14,11 @@ using detail::to_f32;
 constexpr int k_threads = 256;
 
 template <typename T, int VEC>
-__global__ void softmax_forward_kernel(T* p, float* __restrict__ lse, const T* s, int64_t t, float scale) {
+__global__ void softmax_forward_kernel(T* p, float* __restrict__ lse, const T* s, int64_t tq, int64_t t,
+                                       int64_t q_offset, float scale) {
   const int64_t row = blockIdx.x;
-  const int64_t len = row % t + 1;
+  const int64_t pos = q_offset + row % tq;
+  const int64_t len = pos < t ? pos + 1 : t;
   const T* sr = s + row * t;
   float m = -INFINITY, sum = 0.f;
   for (int64_t j = threadIdx.x * VEC; j < len; j += blockDim.x * VEC) {
@@ -92,13 +94,13 @@ __global__ void softmax_backward_kernel(T* p_out, T* ds_out, const T* s, const T
 }  // namespace
 
 template <typename T>
-void attention_softmax_forward_launch(T* p, float* lse, const T* s, int64_t rows, int64_t t, float scale,
-                                      cudaStream_t stream) {
+void attention_softmax_forward_launch(T* p, float* lse, const T* s, int64_t rows, int64_t tq, int64_t tk,
+                                      int64_t q_offset, float scale, cudaStream_t stream) {
   if (rows == 0) return;
-  if (detail::can_vectorize<T>(t, {p, s})) {
-    softmax_forward_kernel<T, detail::vec_width<T>><<<rows, k_threads, 0, stream>>>(p, lse, s, t, scale);
+  if (detail::can_vectorize<T>(tk, {p, s})) {
+    softmax_forward_kernel<T, detail::vec_width<T>><<<rows, k_threads, 0, stream>>>(p, lse, s, tq, tk, q_offset, scale);
   } else {
-    softmax_forward_kernel<T, 1><<<rows, k_threads, 0, stream>>>(p, lse, s, t, scale);
+    softmax_forward_kernel<T, 1><<<rows, k_threads, 0, stream>>>(p, lse, s, tq, tk, q_offset, scale);
   }
   FERRY_CUDA_LAUNCH_CHECK();
 }
@@ -118,7 +120,8 @@ void attention_softmax_backward_launch(T* p_out, T* ds_out, const T* s, const T*
 }
 
 #define FERRY_INSTANTIATE(T)                                                                                        \
-  template void attention_softmax_forward_launch<T>(T*, float*, const T*, int64_t, int64_t, float, cudaStream_t); \
+  template void attention_softmax_forward_launch<T>(T*, float*, const T*, int64_t, int64_t, int64_t, int64_t, float, \
+                                                    cudaStream_t);                                                 \
   template void attention_softmax_backward_launch<T>(T*, T*, const T*, const T*, const T*, const T*, const float*,   \
                                                      int64_t, int64_t, int64_t, float, cudaStream_t);
 FERRY_INSTANTIATE(float)

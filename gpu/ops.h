@@ -47,6 +47,12 @@ void cross_entropy_forward_backward(const at::Tensor& logits, const at::Tensor& 
 // and ferry's own path (cuBLAS batched GEMMs with a fused causal softmax) otherwise.
 std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                      double scale);
+// Inference (no lse, no backward): q (B, Hq, Tq, D) holds the LAST Tq positions of the Tk >= Tq
+// positions of k and v (B, Hkv, Tk, D), i.e. query row i is position Tk - Tq + i and sees keys
+// [0, Tk - Tq + i]: a chunk of new tokens against a KV cache ending with their own keys. Any strides
+// with a contiguous last dim (k, v may be a prefix of a longer cache; they are not copied).
+// head_dim <= 256 in fp16/bf16: flash attention; otherwise the large-head GEMMs and softmax.
+at::Tensor attention_forward_offset(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale);
 // Returns dq, dk, dv shaped like q, k, v.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(const at::Tensor& dout, const at::Tensor& q,
                                                                   const at::Tensor& k, const at::Tensor& v,

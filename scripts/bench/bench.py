@@ -181,7 +181,7 @@ def infer_rows(a, dev, tokfile, out, py, have_cuda, env):
         res_all["raw"]["ferry-bench-infer"] = dict(command=" ".join(cmd), rc=r["rc"], tail=r["out"][-4000:])
         for m in a.modes:
             res_all["rows"][m] = dict(ok=False, error=fl.failure_reason(r, "ferry-bench-infer"))
-        # forward table rows: | mode | seq | ms | peak GPU GiB | x PCIe time |
+        # forward table rows: | mode | seq | ms | peak GPU GiB | peak GB | plan GB | x PCIe time |
         for mode, seq, ms, peak in re.findall(r"^\|\s*(\w+)\s*\|\s*(\d+)\s*\|\s*([\d.]+)\s*\|\s*([\d.]+)\s*\|",
                                                r["out"], re.M):
             if mode in MODES and int(seq) == a.seq:

@@ -74,6 +74,14 @@ engine::engine_options engine_options_for(const io::run_config& cfg, const model
   return o;
 }
 
+engine::engine_options inference_options_for(const io::run_config& cfg, const model::llama_config& mc) {
+  engine::engine_options o = engine_options_for(cfg, mc);
+  o.forward_only = true;
+  o.max_positions = cfg.max_length;
+  if (!cfg.is_explicit("ce_chunk")) o.ce_chunk = kInferCeChunk;
+  return o;
+}
+
 io::data_options data_options_for(const io::run_config& cfg, const model::llama_config& mc) {
   io::data_options d;
   std::string spec = cfg.data.empty() ? default_corpus() : cfg.data;
@@ -100,8 +108,9 @@ void print_dry_run(const io::run_config& cfg, const model::llama_config& mc, con
               (long long)mc.hidden_size, (long long)mc.num_attention_heads, (long long)mc.num_key_value_heads,
               (long long)mc.head_dim, (long long)mc.vocab_size);
   engine::memory_plan p = engine::plan_memory(mc, eo, cfg.batch_size, cfg.max_length, cfg.grad_accum);
-  std::printf("memory plan (offload %s, %s, batch %lld x %lld tokens):\n%s\n", cfg.offload.c_str(), cfg.dtype.c_str(),
-              (long long)cfg.batch_size, (long long)cfg.max_length, p.describe().c_str());
+  std::printf("memory plan (offload %s, %s, batch %lld x %lld tokens%s):\n%s\n", cfg.offload.c_str(), cfg.dtype.c_str(),
+              (long long)cfg.batch_size, (long long)cfg.max_length, eo.forward_only ? ", inference" : "",
+              p.describe().c_str());
 }
 
 void write_plan_json(const std::string& path, const io::run_config& cfg, const model::llama_config& mc,
@@ -118,7 +127,8 @@ void write_plan_json(const std::string& path, const io::run_config& cfg, const m
                 {"vocab", mc.vocab_size}};
   j["run"] = {{"offload", cfg.offload}, {"dtype", cfg.dtype},           {"device", cfg.device},
               {"batch", cfg.batch_size}, {"seq", cfg.max_length},       {"grad_accum", cfg.grad_accum},
-              {"prefetch", cfg.prefetch}, {"gpu_mem_limit_gib", cfg.gpu_mem_limit_gib}};
+              {"prefetch", cfg.prefetch}, {"gpu_mem_limit_gib", cfg.gpu_mem_limit_gib},
+              {"forward_only", eo.forward_only}};
   j["device"] = {{"weight_slots", p.weight_slots}, {"grad_slots", p.grad_slots}, {"optimizer", p.optimizer},
                  {"activations", p.activations},   {"workspace", p.workspace},   {"total", p.device_total}};
   j["host"] = {{"master", p.host_master}, {"moments", p.host_moments}, {"pinned", p.host_pinned},

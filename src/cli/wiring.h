@@ -14,6 +14,11 @@ namespace ferry::cli {
 // the model key (NAME, config.json or directory).
 model::llama_config resolve_model(const io::run_config& cfg);
 engine::engine_options engine_options_for(const io::run_config& cfg, const model::llama_config& mc);
+// ferry-infer's engine: engine_options_for plus forward_only (no gradients or optimizer state), a
+// rotary table of max_length positions (the longest evaluated sequence or prompt + new tokens),
+// and, unless ce_chunk was set, kInferCeChunk logit rows per loss chunk.
+constexpr int64_t kInferCeChunk = 512;
+engine::engine_options inference_options_for(const io::run_config& cfg, const model::llama_config& mc);
 // data "" is the embedded default corpus: the licence texts every Debian/Ubuntu system carries.
 io::data_options data_options_for(const io::run_config& cfg, const model::llama_config& mc);
 std::string default_corpus();

@@ -45,8 +45,8 @@ engine::engine(const model::llama_config& cfg, const engine_options& opt) : cfg_
                 " tokens needs ", plan_.device_total >> 20, " MiB of GPU memory but ", cap >> 20,
                 " MiB are usable; lower max_length or batch_size, use --offload overlapped, or a smaller model");
   }
-  store_ = std::make_unique<param_store>(cfg, opt.dtype, *dev_);
-  adam_ = std::make_unique<cpu_optim::adamw>(opt.cpu_threads);
+  store_ = std::make_unique<param_store>(cfg, opt.dtype, *dev_, /*optimizer_state=*/!opt.forward_only);
+  if (!opt.forward_only) adam_ = std::make_unique<cpu_optim::adamw>(opt.cpu_threads);
   worker_ = std::make_unique<update_worker>(store_->num_units());
   version_.assign(store_->num_units(), 0);
   unit_state_.assign(store_->num_units(), {});
@@ -58,11 +58,12 @@ engine::engine(const model::llama_config& cfg, const engine_options& opt) : cfg_
   scaler_.scale = opt.dtype == at::kHalf ? opt.loss_scale : 1.0;
 
   auto dev_opts = at::TensorOptions().dtype(opt.dtype).device(dev_->device());
-  rope_ = model::make_rope(cfg, std::max<int64_t>(opt.max_seq, cfg.max_position_embeddings), dev_->device());
+  rope_ = model::make_rope(cfg, rotary_positions(cfg, opt), dev_->device());
   if (opt.mode == offload_mode::offload_none) {
     for (int64_t u = 0; u < store_->num_units(); ++u) {
       int64_t n = store_->unit(u).numel;
       dev_half_.push_back(at::empty({n}, dev_opts));
+      if (opt.forward_only) continue;
       dev_grad_.push_back(at::empty({n}, dev_opts));
       dev_master_.push_back(at::empty({n}, dev_opts.dtype(at::kFloat)));
       dev_m_.push_back(at::zeros({n}, dev_opts.dtype(at::kFloat)));
@@ -72,12 +73,14 @@ engine::engine(const model::llama_config& cfg, const engine_options& opt) : cfg_
     int64_t nslots = opt.mode == offload_mode::offload_blocked ? 1 : opt.prefetch + 1;
     for (int64_t i = 0; i < nslots; ++i) block_slots_.push_back({at::empty({cfg.block_params()}, dev_opts)});
     head_slot_.buf = at::empty({cfg.head_params()}, dev_opts);
-    for (int i = 0; i < 2; ++i) grad_slots_.push_back({at::empty({cfg.block_params()}, dev_opts), nullptr});
-    head_grad_.buf = at::empty({cfg.head_params()}, dev_opts);
+    if (!opt.forward_only) {
+      for (int i = 0; i < 2; ++i) grad_slots_.push_back({at::empty({cfg.block_params()}, dev_opts), nullptr});
+      head_grad_.buf = at::empty({cfg.head_params()}, dev_opts);
+    }
   }
   size_t staging = size_t(opt.max_batch * opt.max_seq * cfg.hidden_size) * c10::elementSize(opt.dtype);
   embed_in_ = dev_->host_alloc(staging);
-  embed_out_ = dev_->host_alloc(staging);
+  if (!opt.forward_only) embed_out_ = dev_->host_alloc(staging);
 }
 
 engine::~engine() {
@@ -90,7 +93,7 @@ engine::~engine() {
   for (float* p : accum_) std::free(p);
   if (dev_) {
     dev_->host_free(embed_in_);
-    dev_->host_free(embed_out_);
+    if (embed_out_) dev_->host_free(embed_out_);
   }
 }
 
@@ -117,7 +120,12 @@ void engine::params_changed() {
   for (auto& v : version_) ++v;  // every device copy is stale
   for (int64_t u = 0; u < store_->num_units(); ++u) worker_->submit([] {}, u, version_[u]);
   worker_->wait_idle();
-  if (opt_.mode == offload_mode::offload_none) {
+  if (opt_.mode == offload_mode::offload_none && opt_.forward_only) {
+    // Only the compute-dtype weights live on the device: upload the shadows (the master rounded
+    // as the device's conversion would round it).
+    for (int64_t u = 0; u < store_->num_units(); ++u) dev_half_[u].copy_(store_->shadow_tensor(u));
+    dev_->synchronize();
+  } else if (opt_.mode == offload_mode::offload_none) {
     for (int64_t u = 0; u < store_->num_units(); ++u) {
       dev_master_[u].copy_(store_->master_tensor(u));
       dev_m_[u].copy_(store_->exp_avg_tensor(u));
@@ -286,6 +294,8 @@ void engine::debug_poison(int64_t u) const {
 // ---- the step ----
 
 step_result engine::train_step(const std::vector<at::Tensor>& micro_batches, double lr) {
+  FERRY_CHECK(!opt_.forward_only, "train_step on an inference engine (engine_options::forward_only): it has no ",
+              "gradient buffers or optimizer state; build the engine without forward_only to train");
   FERRY_ASSERT(!micro_batches.empty(), "train_step without micro-batches");
   ++step_calls_;
   if (opt_.mode == offload_mode::offload_none) return train_step_resident(micro_batches, lr);
@@ -564,8 +574,8 @@ model::head_result engine::evaluate(const at::Tensor& tokens) {
   const int64_t T = tokens.size(1) - 1;
   at::Tensor inputs = tokens.narrow(1, 0, T).contiguous();
   at::Tensor labels = tokens.narrow(1, 1, T).contiguous().to(dev_->device());
-  at::Tensor x = embed(inputs);
-  x = forward_blocks(x, [&](int64_t, const model::block_weights& w, const at::Tensor& in) {
+  // Moved in: the embedding output is freed once the first block has read it.
+  at::Tensor x = forward_blocks(embed(inputs), [&](int64_t, const model::block_weights& w, const at::Tensor& in) {
     return model::block_forward(in, w, cfg_, rope_, nullptr);
   });
   auto [norm_w, lm_w] = head_weights();

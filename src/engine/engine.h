@@ -20,7 +20,8 @@
 //             bit; speculate=off gives the blocked schedule's results bit for bit.)
 //   next      the next forward of unit i waits only for unit i's update.
 // blocked: the same work with every copy and update synchronous. none: everything resident on
-// the device with a device AdamW.
+// the device with a device AdamW. engine_options::forward_only builds an inference engine of any
+// mode: the weight slots (none: the compute-dtype weights) and nothing for gradients or AdamW.
 #include <ATen/core/Tensor.h>
 
 #include <functional>
@@ -79,7 +80,7 @@ class engine {
 
   // One optimizer step over micro-batches, each (B, T+1) int64 tokens on the CPU (inputs are
   // [:, :-1], targets [:, 1:]; -100 targets are ignored). The loss is normalised over all target
-  // tokens of all micro-batches. lr is this step's learning rate.
+  // tokens of all micro-batches. lr is this step's learning rate. Refused on a forward_only engine.
   step_result train_step(const std::vector<at::Tensor>& micro_batches, double lr);
 
   // Forward only: summed loss and target count of one (B, T+1) batch.

@@ -7,8 +7,57 @@
 
 namespace ferry::engine {
 
+int64_t rotary_positions(const model::llama_config& cfg, const engine_options& opt) {
+  return opt.max_positions > 0 ? opt.max_positions : std::max(opt.max_seq, cfg.max_position_embeddings);
+}
+
+namespace {
+
+// Fixed costs: the rotary tables (cos and sin, fp32, for every position the engine may see) and,
+// on CUDA, cuBLAS's workspace, which PyTorch allocates through the caching allocator (32 MiB on
+// Hopper and Ada); measured on an H100 as a constant ~30 MiB gap on small shapes.
+int64_t fixed_bytes(const model::llama_config& cfg, const engine_options& opt, int64_t positions) {
+  int64_t rope = 2 * positions * cfg.head_dim * 4;
+  int64_t cublas = opt.cuda ? (int64_t(32) << 20) : 0;
+  return rope + cublas;
+}
+
+// An inference engine: weights, one layer's input and output, the layer's chunked transients
+// (model::block_forward_inference_bytes) or the loss head's logits chunk, whichever is larger.
+memory_plan plan_forward_only(const model::llama_config& cfg, const engine_options& opt, int64_t batch, int64_t seq) {
+  memory_plan p;
+  const int64_t e = static_cast<int64_t>(c10::elementSize(opt.dtype));
+  const int64_t h = cfg.hidden_size, V = cfg.vocab_size, n = batch * seq;
+  const int64_t params = cfg.total_params();
+  if (opt.mode == offload_mode::offload_none) {
+    p.weight_slots = params * e;
+  } else {
+    int64_t slots = opt.mode == offload_mode::offload_blocked ? 1 : opt.prefetch + 1;
+    p.weight_slots = (slots * cfg.block_params() + cfg.head_params()) * e;
+  }
+  p.activations = 2 * n * h * e;
+  // Attention scores of one chunk: none under CUDA flash attention (head_dim <= 256, fp16/bf16); in
+  // the compute dtype on CUDA's large-head path; fp32 on the CPU path.
+  const bool flash = opt.cuda && cfg.head_dim <= 256 && opt.dtype != at::kFloat;
+  const int64_t score_elem = flash ? 0 : opt.cuda ? e : 4;
+  const int64_t block = model::block_forward_inference_bytes(cfg, batch, seq, e, score_elem);
+  const int64_t rows = std::min<int64_t>(opt.ce_chunk, n);
+  const int64_t logits = rows * V * (opt.cuda ? e : 4 + e) + rows * h * e;   // + the normed rows
+  p.workspace = std::max(block, logits) + fixed_bytes(cfg, opt, std::max(seq, rotary_positions(cfg, opt)));
+  p.device_total = p.weight_slots + p.activations + p.workspace;
+
+  p.host_master = params * 4;
+  p.host_pinned = params * e;     // the shadows (none mode: the copies params_changed uploads)
+  p.host_other = n * h * e;       // embedding staging
+  p.host_total = p.host_master + p.host_pinned + p.host_other;
+  return p;
+}
+
+}  // namespace
+
 memory_plan plan_memory(const model::llama_config& cfg, const engine_options& opt, int64_t batch, int64_t seq,
                         int64_t grad_accum) {
+  if (opt.forward_only) return plan_forward_only(cfg, opt, batch, seq);
   memory_plan p;
   const int64_t e = static_cast<int64_t>(c10::elementSize(opt.dtype));
   const int64_t L = cfg.num_hidden_layers, h = cfg.hidden_size, V = cfg.vocab_size;
@@ -33,12 +82,8 @@ memory_plan plan_memory(const model::llama_config& cfg, const engine_options& op
   int64_t scores = cfg.head_dim > 256 || !opt.cuda ? batch * cfg.num_attention_heads * seq * seq * (4 + e) : 0;
   int64_t mlp = n * 4 * cfg.intermediate_size * e;
   int64_t logits = std::min<int64_t>(opt.ce_chunk, n) * V * (4 + e);
-  // Fixed costs: the rotary tables (cos and sin, fp32, for every position the engine may see) and,
-  // on CUDA, cuBLAS's workspace, which PyTorch allocates through the caching allocator (32 MiB on
-  // Hopper and Ada); measured on an H100 as a constant ~30 MiB gap on small shapes.
-  int64_t rope = 2 * std::max(seq, cfg.max_position_embeddings) * cfg.head_dim * 4;
-  int64_t cublas = opt.cuda ? (int64_t(32) << 20) : 0;
-  p.workspace = std::max({scores, mlp, logits}) + 4 * n * h * e + rope + cublas;
+  p.workspace = std::max({scores, mlp, logits}) + 4 * n * h * e +
+                fixed_bytes(cfg, opt, std::max(seq, rotary_positions(cfg, opt)));
   p.device_total = p.weight_slots + p.grad_slots + p.optimizer + p.activations + p.workspace;
 
   p.host_master = params * 4;

@@ -42,6 +42,13 @@ struct engine_options {
   int64_t scale_window = 2000;
   int64_t ce_chunk = 1024;         // logit rows per chunk in the loss
   int64_t max_batch = 1, max_seq = 4096;   // activations are planned for this shape
+  // Rows of the rotary table: the most positions one sequence reaches (evaluation length, or prompt
+  // plus new tokens). 0: max(max_seq, the model's max_position_embeddings).
+  int64_t max_positions = 0;
+  // An inference engine: evaluate, forward_blocks and generation only. No gradient slots or
+  // embedding-gradient staging on the device, no AdamW moments or gradient buffers on the host (none
+  // mode: only the compute-dtype weights on the device); train_step refuses. Planned accordingly.
+  bool forward_only = false;
   double gpu_mem_limit_gib = 0;    // cap on usable device memory, 0 = whole card
   bool nvtx = false;
   // Race testing: each copy, compute phase and CPU update sleeps a random 0..debug_delay_us.

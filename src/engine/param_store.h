@@ -9,6 +9,9 @@
 // The embedding's gradient is accumulated on the host in fp32 (its rows are gathered and
 // scattered on the host; the device never holds the embedding), so its grad buffer is fp32 and
 // pageable.
+// Without optimizer state (an inference engine) the store holds only the fp32 master weights (what
+// init and load write) and the pinned shadows: 4 B + 2 B per param in fp16/bf16. exp_avg,
+// exp_avg_sq and grad are then null, and their tensor accessors throw.
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
@@ -31,13 +34,14 @@ struct named_param {
   std::string name;                        // full HF name
   std::vector<int64_t> shape;
   float* data;                             // into the fp32 master store
-  float* exp_avg;                          // the AdamW moments of the same elements
-  float* exp_avg_sq;
+  float* exp_avg;                          // the AdamW moments of the same elements (null without
+  float* exp_avg_sq;                       // optimizer state)
 };
 
 class param_store {
  public:
-  param_store(const model::llama_config& cfg, at::ScalarType compute_dtype, backend& dev);
+  param_store(const model::llama_config& cfg, at::ScalarType compute_dtype, backend& dev,
+              bool optimizer_state = true);
   ~param_store();
   param_store(const param_store&) = delete;
   param_store& operator=(const param_store&) = delete;
@@ -49,6 +53,7 @@ class param_store {
   const unit_info& unit(int64_t u) const { return units_[u]; }
   at::ScalarType compute_dtype() const { return dtype_; }
   int64_t total_params() const;
+  bool has_optimizer_state() const { return optimizer_state_; }
 
   float* master(int64_t u) const { return master_[u]; }
   float* exp_avg(int64_t u) const { return m_[u]; }
@@ -65,7 +70,8 @@ class param_store {
   at::Tensor exp_avg_sq_tensor(int64_t u) const;
 
   // HF initialisation: normal(0, std) for matrices and the embedding, ones for norms; moments
-  // zeroed. Deterministic for a seed (each unit has its own generator).
+  // zeroed. Deterministic for a seed (each unit has its own generator, whatever the thread count);
+  // units are drawn in parallel.
   void init_random(uint64_t seed, double std);
   // Master -> shadow for every unit (after init, load or resume).
   void refresh_shadows();
@@ -83,12 +89,15 @@ class param_store {
   model::llama_config cfg_;
   at::ScalarType dtype_;
   backend& dev_;
+  bool optimizer_state_;
   std::vector<unit_info> units_;
   std::vector<float*> master_, m_, v_;
   std::vector<void*> shadow_, grad_;
   void* pinned_ = nullptr;
   int64_t pinned_bytes_ = 0;
   std::vector<named_param> named_;
+
+  void check_optimizer_state(const char* what) const;
 };
 
 }  // namespace ferry::engine

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <utility>
 
 #include "src/common/error.h"
 #include "src/infer/kv_cache.h"
@@ -65,7 +66,7 @@ generate_result generate(engine::engine& e, const std::vector<std::vector<int64_
   for (int64_t b = 0; b < B; ++b) std::copy(prompts[b].begin(), prompts[b].end(), tok.begin() + b * P);
   for (int64_t b = 0; b < B; ++b) r.prompt_tokens += len[b];
   at::Tensor x = e.embed(at::from_blob(tok.data(), {B, P}, at::kLong));
-  x = e.forward_blocks(x, [&](int64_t l, const model::block_weights& w, const at::Tensor& in) {
+  x = e.forward_blocks(std::move(x), [&](int64_t l, const model::block_weights& w, const at::Tensor& in) {
     if (aligned) return model::block_forward_cached(in, w, cfg, e.rope(), 0, cache.k[l], cache.v[l]);
     at::Tensor out = at::zeros_like(in);
     for (int64_t b = 0; b < B; ++b) {
@@ -106,7 +107,7 @@ generate_result generate(engine::engine& e, const std::vector<std::vector<int64_
     ++r.steps;
     at::Tensor xt = e.embed(at::from_blob(next_host.data(), {B, 1}, at::kLong));
     if (aligned) {
-      xt = e.forward_blocks(xt, [&](int64_t l, const model::block_weights& w, const at::Tensor& in) {
+      xt = e.forward_blocks(std::move(xt), [&](int64_t l, const model::block_weights& w, const at::Tensor& in) {
         return model::block_forward_cached(in, w, cfg, e.rope(), P + s, cache.k[l], cache.v[l]);
       });
     } else {
@@ -114,7 +115,7 @@ generate_result generate(engine::engine& e, const std::vector<std::vector<int64_
       for (int64_t b = 0; b < B; ++b) pos[b] = len[b] + s;
       at::Tensor pos_dev = at::tensor(pos, at::kLong).to(dev);
       const int64_t max_pos = P + s;
-      xt = e.forward_blocks(xt, [&](int64_t l, const model::block_weights& w, const at::Tensor& in) {
+      xt = e.forward_blocks(std::move(xt), [&](int64_t l, const model::block_weights& w, const at::Tensor& in) {
         return block_forward_rows(in, w, cfg, e.rope(), pos_dev, max_pos, cache.k[l], cache.v[l]);
       });
     }
@@ -129,7 +130,7 @@ generate_result generate(engine::engine& e, const std::vector<std::vector<int64_
 at::Tensor full_forward_logits(engine::engine& e, const at::Tensor& tokens) {
   auto guard = e.device().enter_compute();
   at::Tensor x = e.embed(tokens);
-  x = e.forward_blocks(x, [&](int64_t, const model::block_weights& w, const at::Tensor& in) {
+  x = e.forward_blocks(std::move(x), [&](int64_t, const model::block_weights& w, const at::Tensor& in) {
     return model::block_forward(in, w, e.config(), e.rope(), nullptr);
   });
   auto [norm_w, lm_w] = e.head_weights();

@@ -141,7 +141,10 @@ int run_inference(const io::run_config& cfg, const model::llama_config& mc, cons
   // Validate prompts before the (possibly long) weight load.
   if (do_gen) load_prompts(cfg, *tok, nullptr);
 
-  engine::engine e(mc, eo);
+  // An inference engine whatever the caller's options: no gradients or optimizer state.
+  engine::engine_options inference = eo;
+  inference.forward_only = true;
+  engine::engine e(mc, inference);
   std::printf("model %s: %.3f B parameters, %lld layers; offload %s, %s on %s; tokenizer %s\n", mc.name.c_str(),
               double(mc.total_params()) / 1e9, (long long)mc.num_hidden_layers, engine::offload_mode_name(eo.mode),
               cfg.dtype.c_str(), e.device().name().c_str(), tok->name().c_str());

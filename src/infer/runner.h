@@ -24,7 +24,8 @@ std::string resolve_tokenizer(const io::run_config& cfg, const model::llama_conf
 std::vector<std::vector<int64_t>> load_prompts(const io::run_config& cfg, const io::tokenizer& tok,
                                                std::vector<std::string>* texts);
 
-// data may be null when the job does not evaluate. Returns the process exit code.
+// data may be null when the job does not evaluate. The engine is built forward_only (an inference
+// engine) whatever eo says. Returns the process exit code.
 int run_inference(const io::run_config& cfg, const model::llama_config& mc, const engine::engine_options& eo,
                   const io::data_options* data);
 

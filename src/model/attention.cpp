@@ -140,6 +140,9 @@ at::Tensor attention_forward_offset(const at::Tensor& q, const at::Tensor& k, co
   if (q.is_cuda() && q_offset == 0 && q.size(2) == k.size(2)) {
     return std::get<0>(gpu::attention_forward(q.contiguous(), k.contiguous(), v.contiguous(), scale));
   }
+  // The queries are the last positions of the keys (a chunk of new tokens against a cache ending
+  // with their own keys): the fused kernels, reading k and v in place.
+  if (q.is_cuda() && q_offset + q.size(2) == k.size(2)) return gpu::attention_forward_offset(q, k, v, scale);
 #endif
   return std::get<0>(attention_forward_aten(q, k, v, scale, q_offset));
 }

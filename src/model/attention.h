@@ -23,7 +23,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(const at::Tens
 
 // For the KV cache: q (B, Hq, Tq, D) holds positions [q_offset, q_offset + Tq); k, v
 // (B, Hkv, Tk, D) hold positions [0, Tk), Tk >= q_offset + Tq. Query at position p sees keys <= p.
-// Inference only (no lse); any strides.
+// Inference only (no lse); any strides. CUDA tensors with Tk == q_offset + Tq (the queries are the
+// last positions) use gpu::attention_forward_offset, which neither copies k and v nor holds more
+// than one (Tq, Tk) score matrix per head; other cases use the ATen path.
 at::Tensor attention_forward_offset(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
                                     int64_t q_offset);
 

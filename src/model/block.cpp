@@ -2,6 +2,8 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cmath>
 
 #include "src/common/error.h"
@@ -41,16 +43,61 @@ at::Tensor heads_to_rows(const at::Tensor& t) {
 }
 
 // The MLP half: y = x_mid + down(swiglu(gate_up(norm(x_mid)))). Fills rstd/gate_up when asked.
+// Each intermediate is released as soon as the next exists.
 at::Tensor mlp_forward(const at::Tensor& x_mid, const block_weights& w, const llama_config& cfg, at::Tensor* rstd,
                        at::Tensor* gate_up_out) {
   at::Tensor xn = rmsnorm_forward(x_mid, w.mlp_norm, cfg.rms_norm_eps, rstd);
   at::Tensor gate_up = at::mm(xn, w.w_gate_up.t());
+  xn.reset();
   at::Tensor a = swiglu_forward(gate_up);
   if (gate_up_out) *gate_up_out = gate_up;
+  gate_up.reset();
   return at::addmm(x_mid, a, w.w_down.t());
 }
 
+std::atomic<int64_t> g_forward_chunk_rows{1024};
+
+// The inference forward of x (B,T,h) at positions [pos, pos+T), in chunks of time steps of about
+// forward_chunk_rows tokens over the batch. Each chunk writes its keys and values into k_buf, v_buf
+// (B,Hkv,>=pos+T,D) at its positions, then its queries attend to the buffers' [0, end of chunk):
+// the earlier positions are already there, so the chunks see exactly what one pass would. At most
+// one chunk's scores, (B,Hq,chunk,pos+T), and MLP activations, (chunk*B, 2i), exist at once.
+at::Tensor forward_chunked(const at::Tensor& x, const block_weights& w, const llama_config& cfg, const rope_cache& rope,
+                           int64_t pos, at::Tensor& k_buf, at::Tensor& v_buf) {
+  const int64_t B = x.size(0), T = x.size(1), h = cfg.hidden_size;
+  const int64_t Hq = cfg.num_attention_heads, Hkv = cfg.num_key_value_heads;
+  const int64_t step = std::clamp<int64_t>(g_forward_chunk_rows.load() / B, 1, std::max<int64_t>(T, 1));
+  at::Tensor y = step >= T ? at::Tensor() : at::empty({B, T, h}, x.options());
+  for (int64_t t0 = 0; t0 < T; t0 += step) {
+    const int64_t n = std::min(step, T - t0), end = pos + t0 + n;
+    at::Tensor x2 = x.narrow(1, t0, n).reshape({B * n, h});
+    at::Tensor xn = rmsnorm_forward(x2, w.attn_norm, cfg.rms_norm_eps, nullptr);
+    at::Tensor qkv = project_qkv(xn.view({B, n, h}), w, cfg, rope, pos + t0);
+    xn.reset();
+    k_buf.narrow(2, pos + t0, n).copy_(qkv.narrow(2, Hq, Hkv).transpose(1, 2));
+    v_buf.narrow(2, pos + t0, n).copy_(qkv.narrow(2, Hq + Hkv, Hkv).transpose(1, 2));
+    at::Tensor q = qkv.narrow(2, 0, Hq).transpose(1, 2).contiguous();
+    qkv.reset();
+    at::Tensor out = attention_forward_offset(q, k_buf.narrow(2, 0, end), v_buf.narrow(2, 0, end), attn_scale(cfg),
+                                              pos + t0);
+    q.reset();
+    at::Tensor x_mid = at::addmm(x2, heads_to_rows(out), w.wo.t());
+    out.reset();
+    at::Tensor yc = mlp_forward(x_mid, w, cfg, nullptr, nullptr).view({B, n, h});
+    if (!y.defined()) return yc;
+    y.narrow(1, t0, n).copy_(yc);
+  }
+  return y;
+}
+
 }  // namespace
+
+int64_t block_set_forward_chunk_rows(int64_t rows) {
+  FERRY_ASSERT(rows > 0, "forward chunk rows must be positive");
+  return g_forward_chunk_rows.exchange(rows);
+}
+
+int64_t block_forward_chunk_rows() { return g_forward_chunk_rows.load(); }
 
 int64_t block_saved::bytes() const {
   int64_t n = 0;
@@ -68,14 +115,39 @@ int64_t block_saved_bytes(const llama_config& cfg, int64_t batch, int64_t seq, i
   return N * (elem_size * per_token_e + a * (cfg.num_attention_heads + 2));
 }
 
+int64_t block_forward_inference_bytes(const llama_config& cfg, int64_t batch, int64_t seq, int64_t elem_size,
+                                      int64_t score_elem_size) {
+  const int64_t h = cfg.hidden_size, q = cfg.q_dim(), kv = cfg.kv_dim(), i = cfg.intermediate_size;
+  const int64_t step = std::clamp<int64_t>(block_forward_chunk_rows() / batch, 1, std::max<int64_t>(seq, 1));
+  const int64_t rows = batch * step;
+  // Per chunk (x2 is a copy of the chunk's input rows when batch > 1; counted always):
+  //   projection  x2, norm output, qkv, contiguous q
+  //   attention   x2, q, scores (B,Hq,step,seq), output
+  //   o_proj      x2, output, its (rows, q) layout, x_mid
+  //   MLP         x2, x_mid and at most two of norm output, gate_up (2i), swiglu (i), y chunk
+  const int64_t projection = 2 * h + q + 2 * kv + q;
+  const int64_t attention = h + 2 * q;
+  const int64_t o_proj = 2 * h + 2 * q;
+  const int64_t mlp = 2 * h + 3 * i;
+  const int64_t scores = batch * cfg.num_attention_heads * step * seq * score_elem_size;
+  const int64_t chunk = std::max({rows * projection * elem_size, rows * attention * elem_size + scores,
+                                  rows * o_proj * elem_size, rows * mlp * elem_size});
+  // plus the layer's keys and values (the output is the caller's, like the input)
+  return 2 * batch * seq * kv * elem_size + chunk;
+}
+
 at::Tensor block_forward(const at::Tensor& x, const block_weights& w, const llama_config& cfg, const rope_cache& rope,
                          block_saved* saved) {
   const int64_t B = x.size(0), T = x.size(1), h = cfg.hidden_size;
   check_input(x, w, cfg, rope, T);
   const int64_t Hq = cfg.num_attention_heads, Hkv = cfg.num_key_value_heads;
+  if (!saved) {
+    at::Tensor k = at::empty({B, Hkv, T, cfg.head_dim}, x.options()), v = at::empty_like(k);
+    return forward_chunked(x, w, cfg, rope, 0, k, v);
+  }
   at::Tensor x2 = x.reshape({B * T, h});
   at::Tensor attn_rstd;
-  at::Tensor xn = rmsnorm_forward(x2, w.attn_norm, cfg.rms_norm_eps, saved ? &attn_rstd : nullptr);
+  at::Tensor xn = rmsnorm_forward(x2, w.attn_norm, cfg.rms_norm_eps, &attn_rstd);
   at::Tensor qkv = project_qkv(xn.view({B, T, h}), w, cfg, rope, 0);
   xn.reset();
   at::Tensor q = qkv.narrow(2, 0, Hq).transpose(1, 2).contiguous();
@@ -85,10 +157,8 @@ at::Tensor block_forward(const at::Tensor& x, const block_weights& w, const llam
   auto [out, lse] = attention_forward(q, k, v, attn_scale(cfg));
   at::Tensor x_mid = at::addmm(x2, heads_to_rows(out), w.wo.t());   // (N, h)
   at::Tensor mlp_rstd, gate_up;
-  at::Tensor y = mlp_forward(x_mid, w, cfg, saved ? &mlp_rstd : nullptr, saved ? &gate_up : nullptr);
-  if (saved) {
-    *saved = block_saved{x, attn_rstd, q, k, v, out, lse, x_mid, mlp_rstd, gate_up};
-  }
+  at::Tensor y = mlp_forward(x_mid, w, cfg, &mlp_rstd, &gate_up);
+  *saved = block_saved{x, attn_rstd, q, k, v, out, lse, x_mid, mlp_rstd, gate_up};
   return y.view({B, T, h});
 }
 
@@ -152,24 +222,14 @@ at::Tensor block_backward(const at::Tensor& dy, const block_weights& w, const ll
 
 at::Tensor block_forward_cached(const at::Tensor& x, const block_weights& w, const llama_config& cfg,
                                 const rope_cache& rope, int64_t pos, at::Tensor& k_cache, at::Tensor& v_cache) {
-  const int64_t B = x.size(0), T = x.size(1), h = cfg.hidden_size;
-  const int64_t Hq = cfg.num_attention_heads, Hkv = cfg.num_key_value_heads;
+  const int64_t B = x.size(0), T = x.size(1), Hkv = cfg.num_key_value_heads;
   check_input(x, w, cfg, rope, pos + T);
   FERRY_ASSERT(k_cache.dim() == 4 && k_cache.size(0) == B && k_cache.size(1) == Hkv &&
                    k_cache.size(3) == cfg.head_dim && v_cache.sizes() == k_cache.sizes(),
                "block_forward_cached: caches must be (B, Hkv, Tmax, D)");
   FERRY_CHECK(pos >= 0 && pos + T <= k_cache.size(2), "KV cache holds ", k_cache.size(2), " positions but the step ",
               "writes [", pos, ", ", pos + T, "); allocate a longer cache");
-  at::Tensor x2 = x.reshape({B * T, h});
-  at::Tensor xn = rmsnorm_forward(x2, w.attn_norm, cfg.rms_norm_eps, nullptr);
-  at::Tensor qkv = project_qkv(xn.view({B, T, h}), w, cfg, rope, pos);
-  k_cache.narrow(2, pos, T).copy_(qkv.narrow(2, Hq, Hkv).transpose(1, 2));
-  v_cache.narrow(2, pos, T).copy_(qkv.narrow(2, Hq + Hkv, Hkv).transpose(1, 2));
-  at::Tensor q = qkv.narrow(2, 0, Hq).transpose(1, 2).contiguous();
-  at::Tensor out = attention_forward_offset(q, k_cache.narrow(2, 0, pos + T), v_cache.narrow(2, 0, pos + T),
-                                            attn_scale(cfg), pos);
-  at::Tensor x_mid = at::addmm(x2, heads_to_rows(out), w.wo.t());
-  return mlp_forward(x_mid, w, cfg, nullptr, nullptr).view({B, T, h});
+  return forward_chunked(x, w, cfg, rope, pos, k_cache, v_cache);
 }
 
 }  // namespace ferry::model

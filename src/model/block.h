@@ -42,8 +42,24 @@ int64_t block_saved_bytes(const llama_config& cfg, int64_t batch, int64_t seq, i
 
 // x (B,T,h) in the compute dtype, the weights' dtype. Positions are 0..T-1 (T <= rope rows).
 // With saved != nullptr, fills it for block_backward. Returns y (B,T,h).
+// Without saved (inference) the block runs in chunks of about block_forward_chunk_rows() tokens
+// (time steps x batch): each chunk's keys and values go to a (B,Hkv,T,D) buffer, then its queries
+// attend to the positions so far, so neither (T,T) scores nor the (B*T, 2i) MLP activation exist at
+// once; block_forward_inference_bytes gives the peak. The result equals the training forward's up
+// to the rounding of differently shaped GEMMs and reductions.
 at::Tensor block_forward(const at::Tensor& x, const block_weights& w, const llama_config& cfg, const rope_cache& rope,
                          block_saved* saved);
+
+// Rows per chunk of the inference forward (default 1024; block_forward_cached chunks the same way).
+// Tests lower it to exercise the chunking; returns the previous value.
+int64_t block_set_forward_chunk_rows(int64_t rows);
+int64_t block_forward_chunk_rows();
+
+// Device bytes block_forward without saved allocates beyond its input and output, at its peak: the
+// layer's keys and values plus one chunk's transients. score_elem_size: bytes per element of a
+// chunk's attention scores (B,Hq,chunk,T) (0 where a fused kernel keeps none: CUDA flash attention).
+int64_t block_forward_inference_bytes(const llama_config& cfg, int64_t batch, int64_t seq, int64_t elem_size,
+                                      int64_t score_elem_size);
 
 // dy (B,T,h). Writes the weight gradients into g (views of a flat gradient buffer: overwritten, or
 // added to when accumulate) and returns dx (B,T,h). Releases saved's tensors as it goes (saved is
@@ -53,7 +69,8 @@ at::Tensor block_backward(const at::Tensor& dy, const block_weights& w, const ll
 
 // Inference with a KV cache: x (B,Tnew,h) at positions [pos, pos+Tnew); k_cache, v_cache
 // (B, Hkv, Tmax, D) in the compute dtype get this step's keys/values at [pos, pos+Tnew); queries
-// attend causally to every cached position. Returns y (B,Tnew,h).
+// attend causally to every cached position. Returns y (B,Tnew,h). Chunked like block_forward's
+// inference path (a long prefill holds one chunk's transients).
 at::Tensor block_forward_cached(const at::Tensor& x, const block_weights& w, const llama_config& cfg,
                                 const rope_cache& rope, int64_t pos, at::Tensor& k_cache, at::Tensor& v_cache);
 

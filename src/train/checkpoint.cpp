@@ -42,6 +42,8 @@ void fsync_tree(const fs::path& dir) {
 
 std::string save_checkpoint(engine::engine& e, const trainer_state& st, const std::string& output_dir, int64_t keep_last,
                             const std::string& tokenizer_model) {
+  FERRY_CHECK(e.params().has_optimizer_state(), "save_checkpoint: an inference (forward_only) engine has no ",
+              "optimizer state to save; checkpoints are written by training engines");
   e.wait_updates();
   std::error_code ec;
   fs::create_directories(output_dir, ec);
@@ -130,6 +132,8 @@ void load_hf_weights(engine::engine& e, const std::string& dir) {
 }
 
 trainer_state load_checkpoint(engine::engine& e, const std::string& dir) {
+  FERRY_CHECK(e.params().has_optimizer_state(), "load_checkpoint: an inference (forward_only) engine cannot resume ",
+              "training state; load its weights with load_hf_weights");
   load_hf_weights(e, dir);  // validates shape and files; overwritten below by the fp32 masters
   const std::string opt_path = (fs::path(dir) / "optimizer.safetensors").string();
   io::safetensors_file opt(opt_path);

@@ -29,7 +29,8 @@ struct trainer_state {
   std::string model_name;
 };
 
-// Saves engine state (waits for pending updates first). Returns the checkpoint directory.
+// Saves engine state (waits for pending updates first). Returns the checkpoint directory. Training
+// engines only (a forward_only engine has no optimizer state: error).
 std::string save_checkpoint(engine::engine& e, const trainer_state& st, const std::string& output_dir,
                             int64_t keep_last, const std::string& tokenizer_model = "");
 
@@ -38,7 +39,8 @@ std::string resolve_checkpoint(const std::string& spec, const std::string& outpu
 
 // Loads weights, moments and trainer state into e (which must have the checkpoint's shape), then
 // refreshes the device copies. Streams tensors from the memory-mapped files straight into the
-// parameter store. Throws ferry::error naming the file for a corrupt or mismatched checkpoint.
+// parameter store. Throws ferry::error naming the file for a corrupt or mismatched checkpoint, and
+// for a forward_only engine.
 trainer_state load_checkpoint(engine::engine& e, const std::string& dir);
 
 // Loads only model weights from an HF checkpoint directory (fine-tuning start).

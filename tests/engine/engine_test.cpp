@@ -645,5 +645,116 @@ TEST(engine_evaluate, equals_training_forward_loss) {
   }
 }
 
+// ---- 8. the parameter store ----
+
+// init_random draws units in parallel, each from its own generator: the thread count changes nothing.
+TEST(engine_store, init_random_independent_of_threads) {
+  auto host = make_host_backend();
+  param_store one(tiny_config(), at::kBFloat16, *host), many(tiny_config(), at::kBFloat16, *host, false);
+  const int threads = at::get_num_threads();
+  at::set_num_threads(1);
+  one.init_random(5, 0.02);
+  at::set_num_threads(4);
+  many.init_random(5, 0.02);
+  at::set_num_threads(threads);
+  for (int64_t u = 0; u < one.num_units(); ++u) {
+    EXPECT_TRUE(one.master_tensor(u).equal(many.master_tensor(u))) << "unit " << u;
+    EXPECT_TRUE(one.shadow_tensor(u).equal(many.shadow_tensor(u))) << "unit " << u;
+  }
+  EXPECT_GT(one.master_tensor(1).std().item<double>(), 0.015);
+}
+
+// ---- 9. forward_only: inference engines ----
+
+engine_options forward_only(engine_options o) {
+  o.forward_only = true;
+  return o;
+}
+
+// No gradients or moments anywhere: the host store is the fp32 master plus the pinned shadows, the
+// plan has no gradient slots or optimizer, and training is refused.
+TEST(engine_forward_only, allocates_no_training_state) {
+  FERRY_REQUIRE_ENGINE_DEVICE();
+  const auto cfg = tiny_config();
+  for (auto mode : {k_none, k_blocked, k_overlapped}) {
+    for (auto dt : {at::kFloat, at::kBFloat16}) {
+      engine_options o = forward_only(base_options(mode, dt));
+      SCOPED_TRACE(mode_label(o));
+      auto e = make_engine(o);
+      const int64_t esz = int64_t(c10::elementSize(dt));
+      param_store& ps = e->params();
+      EXPECT_FALSE(ps.has_optimizer_state());
+      int64_t shadows = 0;
+      for (int64_t u = 0; u < ps.num_units(); ++u) shadows += (ps.unit(u).numel * esz + 63) / 64 * 64;
+      EXPECT_EQ(ps.pinned_bytes(), shadows);
+      EXPECT_EQ(ps.host_bytes(), shadows + cfg.total_params() * 4);
+      for (const auto& p : ps.named_params()) {
+        EXPECT_EQ(p.exp_avg, nullptr) << p.name;
+        EXPECT_EQ(p.exp_avg_sq, nullptr) << p.name;
+      }
+      for (int64_t u = 0; u < ps.num_units(); ++u) EXPECT_EQ(ps.grad(u), nullptr) << "unit " << u;
+      EXPECT_THROW(ps.exp_avg_tensor(1), ferry::error);
+      EXPECT_THROW(ps.grad_tensor(0), ferry::error);
+
+      const memory_plan& p = e->plan();
+      EXPECT_EQ(p.grad_slots, 0);
+      EXPECT_EQ(p.optimizer, 0);
+      EXPECT_EQ(p.host_moments, 0);
+      EXPECT_EQ(p.host_pinned, cfg.total_params() * esz);
+      EXPECT_EQ(p.device_total, p.weight_slots + p.activations + p.workspace);
+      memory_plan train = plan_memory(cfg, base_options(mode, dt), k_batch, k_seq, 1);
+      EXPECT_EQ(p.weight_slots, mode == k_none ? cfg.total_params() * esz : train.weight_slots);
+      EXPECT_LT(p.device_total, train.device_total);
+      EXPECT_LT(p.host_total, train.host_total);
+
+      try {
+        e->train_step(make_data(1)[0], lr_at(0));
+        ADD_FAILURE() << "train_step ran on a forward_only engine";
+      } catch (const ferry::error& err) {
+        EXPECT_NE(std::string(err.what()).find("forward_only"), std::string::npos) << err.what();
+      }
+    }
+  }
+}
+
+// The same losses as a training engine's evaluate (bit for bit on the host backend: the same
+// forward), and on CUDA a peak within the plan.
+TEST(engine_forward_only, evaluate_equals_training_engine) {
+  FERRY_REQUIRE_ENGINE_DEVICE();
+  auto data = make_data(2);
+  for (auto mode : {k_none, k_blocked, k_overlapped}) {
+    for (auto dt : {at::kFloat, at::kBFloat16}) {
+      engine_options o = base_options(mode, dt);
+      SCOPED_TRACE(mode_label(o));
+      // On CUDA: the allocator's bytes before the engine exists (other tests' leftovers, e.g.
+      // cuBLAS workspaces of earlier streams) are not the engine's.
+      std::unique_ptr<backend> probe = o.cuda ? make_cuda_backend() : nullptr;
+      int64_t before = 0;
+      if (probe) {
+        probe->reset_memory_peak();
+        before = probe->memory_stats().allocated_peak;
+      }
+      auto infer = make_engine(forward_only(o));
+      std::vector<model::head_result> got;
+      for (const auto& batch : data) got.push_back(infer->evaluate(batch[0]));
+      if (probe) {
+        const int64_t used = probe->memory_stats().allocated_peak - before;
+        EXPECT_LE(used, infer->plan().device_total) << "bytes at the peak beyond those before the engine";
+      }
+      infer.reset();
+      auto train = make_engine(o);
+      for (size_t k = 0; k < data.size(); ++k) {
+        model::head_result want = train->evaluate(data[k][0]);
+        EXPECT_EQ(got[k].n_targets, want.n_targets);
+        if (o.cuda) {
+          EXPECT_NEAR(got[k].loss_sum, want.loss_sum, 1e-6 * std::abs(want.loss_sum));
+        } else {
+          EXPECT_EQ(got[k].loss_sum, want.loss_sum);
+        }
+      }
+    }
+  }
+}
+
 }  // namespace
 }  // namespace ferry::engine::test

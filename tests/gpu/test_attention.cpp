@@ -2,6 +2,7 @@
 // (head_dim 64, 100 (padded to 104), 128) and ferry's large-head path (1024), GQA ratios 1 and 4.
 // The same-dtype comparator is ATen's math SDPA backend.
 #include <cmath>
+#include <string>
 #include <tuple>
 
 #include "tests/gpu/gpu_test_util.h"
@@ -55,6 +56,28 @@ TEST_P(attention_test, forward_backward_match_float64) {
   expect_close(dq, qa.grad(), q64.grad(), dt, "dq", 3.0);
   expect_close(dk, ka.grad(), k64.grad(), dt, "dk", 3.0);
   expect_close(dv, va.grad(), v64.grad(), dt, "dv", 3.0);
+}
+
+// Inference: the last tq queries against all t keys equal the last tq rows of the full causal
+// attention, with k and v read in place from a prefix of a longer cache (batch strides of tmax).
+TEST_P(attention_test, offset_queries_match_last_rows) {
+  FERRY_REQUIRE_GPU();
+  const auto [dt, d, ratio, t] = GetParam();
+  const int64_t b = 2, hkv = 2, hq = hkv * ratio, tmax = t + 5;
+  const double scale = 1.0 / std::sqrt(static_cast<double>(d));
+  at::manual_seed(d * 10 + ratio + t + 1);
+  const at::Tensor q = at::randn({b, hq, t, d}, cuda(dt));
+  const at::Tensor kc = at::randn({b, hkv, tmax, d}, cuda(dt)), vc = at::randn({b, hkv, tmax, d}, cuda(dt));
+  const at::Tensor k = kc.narrow(2, 0, t), v = vc.narrow(2, 0, t);
+  const ref_out r = reference(q.to(at::kDouble), k.to(at::kDouble), v.to(at::kDouble), scale);
+  const at::Tensor outa = std::get<0>(
+      at::_scaled_dot_product_attention_math(q, k.contiguous(), v.contiguous(), {}, 0.0, true, {}, scale, ratio > 1));
+  for (int64_t tq : {int64_t(1), int64_t(5), t}) {
+    const at::Tensor out = ferry::gpu::attention_forward_offset(q.narrow(2, t - tq, tq).contiguous(), k, v, scale);
+    ASSERT_EQ(out.scalar_type(), dt);
+    const std::string what = "offset out, " + std::to_string(tq) + " queries";
+    expect_close(out, outa.narrow(2, t - tq, tq), r.out.narrow(2, t - tq, tq), dt, what.c_str(), 3.0);
+  }
 }
 
 // Sequence lengths: odd (scalar kernels on the large-head path) and a multiple of 8 (vector kernels).

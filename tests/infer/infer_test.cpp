@@ -18,6 +18,7 @@
 #include "src/io/atomic_file.h"
 #include "src/io/hf_checkpoint.h"
 #include "src/io/hf_config.h"
+#include "src/model/block.h"
 #include "src/model/embed_head.h"
 #include "src/train/checkpoint.h"
 
@@ -59,8 +60,9 @@ model::llama_config tiny() {
 }
 
 std::unique_ptr<engine::engine> make_engine(const model::llama_config& c, engine::offload_mode mode,
-                                            int64_t max_batch = 4, int64_t max_seq = 64) {
+                                            int64_t max_batch = 4, int64_t max_seq = 64, bool forward_only = false) {
   engine::engine_options o;
+  o.forward_only = forward_only;
   o.mode = mode;
   o.dtype = at::kFloat;
   o.cuda = k_cuda;
@@ -261,6 +263,64 @@ TEST(infer, offload_modes_give_identical_logits) {
           << (r.logits[s] - first_logits[s]).abs().max().item<double>();
     EXPECT_TRUE(at::equal(full, first_logits.back())) << engine::offload_mode_name(mode) << " full forward";
   }
+}
+
+// An inference engine (no gradients or optimizer state) generates and evaluates exactly as a
+// training engine does, in every mode.
+TEST(infer, forward_only_engine_equals_training_engine) {
+  FERRY_REQUIRE_DEVICE();
+  at::Tensor tok = at::randint(3, 300, {2, 25}, at::kLong);
+  for (auto mode : k_modes) {
+    SCOPED_TRACE(engine::offload_mode_name(mode));
+    auto train = make_engine(tiny(), mode);
+    auto infer = make_engine(tiny(), mode, 4, 64, /*forward_only=*/true);
+    ASSERT_FALSE(infer->params().has_optimizer_state());
+    EXPECT_EQ(infer->plan().grad_slots, 0);
+    EXPECT_EQ(infer->plan().host_moments, 0);
+    for (const auto& lengths : {std::vector<int64_t>{6, 3, 10}, std::vector<int64_t>{5, 5}}) {
+      auto prompts = prompts_of(lengths, 21);
+      generate_options g;
+      g.max_new_tokens = 6;
+      g.eos_id = -1;
+      g.keep_logits = true;
+      generate_result want = generate(*train, prompts, g), got = generate(*infer, prompts, g);
+      EXPECT_EQ(got.tokens, want.tokens);
+      ASSERT_EQ(got.logits.size(), want.logits.size());
+      for (size_t s = 0; s < got.logits.size(); ++s) {
+        const double diff = (got.logits[s] - want.logits[s]).abs().max().item<double>();
+        EXPECT_LE(diff, k_cuda ? 1e-5 : 0.0) << "step " << s;
+      }
+    }
+    auto a = infer->evaluate(tok), b = train->evaluate(tok);
+    EXPECT_EQ(a.n_targets, b.n_targets);
+    EXPECT_NEAR(a.loss_sum, b.loss_sum, k_cuda ? 1e-6 * std::abs(b.loss_sum) : 0.0);
+  }
+}
+
+// The inference forward in chunks of a few tokens (prefill, evaluation, the full-forward
+// reference) gives what one chunk gives.
+TEST(infer, chunked_forward_equals_one_chunk) {
+  FERRY_REQUIRE_DEVICE();
+  auto e = make_engine(tiny(), engine::offload_mode::offload_overlapped, 4, 64, /*forward_only=*/true);
+  auto prompts = prompts_of({9, 4, 12}, 5);
+  at::Tensor tok = at::randint(3, 300, {3, 21}, at::kLong);
+  generate_options g;
+  g.max_new_tokens = 5;
+  g.eos_id = -1;
+  g.keep_logits = true;
+  generate_result one = generate(*e, prompts, g);
+  auto loss_one = e->evaluate(tok);
+  at::Tensor full_one = full_forward_logits(*e, tok);
+  const int64_t old = model::block_set_forward_chunk_rows(4);   // 1 or 4 time steps at a time
+  generate_result many = generate(*e, prompts, g);
+  auto loss_many = e->evaluate(tok);
+  at::Tensor full_many = full_forward_logits(*e, tok);
+  model::block_set_forward_chunk_rows(old);
+  EXPECT_EQ(many.tokens, one.tokens);
+  for (size_t s = 0; s < one.logits.size(); ++s)
+    EXPECT_LT((many.logits[s] - one.logits[s]).abs().max().item<double>(), 1e-4) << "step " << s;
+  EXPECT_NEAR(loss_many.loss_sum, loss_one.loss_sum, 1e-5 * std::abs(loss_one.loss_sum));
+  EXPECT_LT((full_many - full_one).abs().max().item<double>(), 1e-4);
 }
 
 TEST(infer, clear_errors) {

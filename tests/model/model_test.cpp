@@ -121,6 +121,48 @@ TEST(MODEL_SUITE(model_block), saved_bytes_formula) {
   EXPECT_EQ(block_saved_bytes(c, 1, 1, 8), 8 * (44 + 48 + 24 + 58) + 8 * 6);
 }
 
+// The inference forward (no saved) runs in chunks of time steps; any chunk size gives the training
+// forward's result, and one chunk gives it bit for bit on the CPU (the same ops in the same order).
+TEST(MODEL_SUITE(model_block), inference_chunks_equal_training_forward) {
+  FERRY_REQUIRE_DEVICE();
+  const int64_t old = block_forward_chunk_rows();
+  for (auto t : test_dtypes()) {
+    for (const auto& [c, B] : {std::pair<llama_config, int64_t>{tiny_config(2, 2, 6), 2}, {tiny_config(4, 2, 10), 1},
+                               {tiny_config(4, 1, 6), 3}}) {
+      SCOPED_TRACE(dtype_name(t) + " Hq=" + std::to_string(c.num_attention_heads) + " B=" + std::to_string(B));
+      const int64_t T = 13;
+      at::Tensor wd = dev(random_flat(block_layout(c), c.block_params(), t), t);
+      at::Tensor x = dev(rnd({B, T, c.hidden_size}, t), t);
+      rope_cache rc = make_rope(c, T, test_device());
+      block_saved saved;
+      at::Tensor y_train = block_forward(x, block_views(wd, c), c, rc, &saved);
+      // rows per chunk: one time step, a few (the last chunk partial), all but one, all at once
+      for (int64_t rows : {int64_t(1), 2 * B, 5 * B, (T - 1) * B, T * B}) {
+        block_set_forward_chunk_rows(rows);
+        at::Tensor y = block_forward(x, block_views(wd, c), c, rc, nullptr);
+        FERRY_EXPECT_CLOSE(y, y_train, tolerance(t), "chunk of " + std::to_string(rows) + " rows");
+        if (rows == T * B && !k_cuda_suite) {
+          EXPECT_TRUE(y.equal(y_train)) << "one chunk: not bit-equal";
+        }
+      }
+      block_set_forward_chunk_rows(old);
+    }
+  }
+}
+
+TEST(MODEL_SUITE(model_block), inference_bytes_formula) {
+  llama_config c = tiny_config(4, 2, 6);
+  const int64_t old = block_set_forward_chunk_rows(4);
+  // h=22, q=24, kv=12, i=29, Hq=4; batch 2 -> 2 time steps (4 rows) per chunk of seq 10.
+  // Per row: projection 2h+2q+2kv = 116, attention h+2q = 70 (+ scores 2*4*2*10 per score byte),
+  // o_proj 2h+2q = 92, MLP 2h+3i = 131; plus k and v, 2*2*10*12 elements.
+  EXPECT_EQ(block_forward_inference_bytes(c, 2, 10, 2, 0), 2 * 2 * 10 * 12 * 2 + 4 * 131 * 2);
+  EXPECT_EQ(block_forward_inference_bytes(c, 2, 10, 2, 4), 2 * 2 * 10 * 12 * 2 + 4 * 70 * 2 + 2 * 4 * 2 * 10 * 4);
+  block_set_forward_chunk_rows(1024);   // one chunk: the whole sequence
+  EXPECT_EQ(block_forward_inference_bytes(c, 1, 10, 4, 0), 2 * 10 * 12 * 4 + 10 * 131 * 4);
+  block_set_forward_chunk_rows(old);
+}
+
 TEST(MODEL_SUITE(model_block), kv_cache_forward_equals_full_forward) {
   FERRY_REQUIRE_DEVICE();
   for (auto t : test_dtypes()) {
@@ -140,16 +182,21 @@ TEST(MODEL_SUITE(model_block), kv_cache_forward_equals_full_forward) {
       kc.push_back(at::zeros({B, c.num_key_value_heads, Tmax, c.head_dim}, opts));
       vc.push_back(at::zeros({B, c.num_key_value_heads, Tmax, c.head_dim}, opts));
     }
-    std::vector<at::Tensor> outs;
-    int64_t pos = 0;
-    for (int64_t n : {prefill, int64_t(1), int64_t(3), int64_t(1), int64_t(1), int64_t(1)}) {
-      at::Tensor h = x.narrow(1, pos, n);
-      for (int l = 0; l < 2; ++l) h = block_forward_cached(h, block_views(layers[l], c), c, rc, pos, kc[l], vc[l]);
-      outs.push_back(h);
-      pos += n;
+    // A chunk of 2 rows (one time step of the batch) splits the prefill and the 3-token step.
+    for (int64_t rows : {int64_t(1024), int64_t(2)}) {
+      const int64_t old = block_set_forward_chunk_rows(rows);
+      std::vector<at::Tensor> outs;
+      int64_t pos = 0;
+      for (int64_t n : {prefill, int64_t(1), int64_t(3), int64_t(1), int64_t(1), int64_t(1)}) {
+        at::Tensor h = x.narrow(1, pos, n);
+        for (int l = 0; l < 2; ++l) h = block_forward_cached(h, block_views(layers[l], c), c, rc, pos, kc[l], vc[l]);
+        outs.push_back(h);
+        pos += n;
+      }
+      block_set_forward_chunk_rows(old);
+      ASSERT_EQ(pos, T);
+      FERRY_EXPECT_CLOSE(at::cat(outs, 1), full, tolerance(t), "cached vs full, chunks of " + std::to_string(rows));
     }
-    ASSERT_EQ(pos, T);
-    FERRY_EXPECT_CLOSE(at::cat(outs, 1), full, tolerance(t), "cached vs full");
   }
 }
 
