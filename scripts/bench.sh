@@ -14,9 +14,7 @@ set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 ferry_load_env
 
-py="${FERRY_PYTHON:-}"
-[ -z "$py" ] && [ -x "$FERRY_ROOT/.venv/bin/python" ] && py="$FERRY_ROOT/.venv/bin/python"
-[ -z "$py" ] && py="$(command -v python3 || true)"
+py="$(ferry_torch_python)"
 [ -n "$py" ] || ferry_die "bench.sh needs python3"
 export FERRY_PYTHON="$py" FERRY_BUILD_DIR
 

@@ -12,6 +12,15 @@ ferry_load_env() {
   return 0
 }
 
+# The Python with torch for benchmarks and peers: $FERRY_PYTHON (setup.sh records it), the
+# project's .venv, or python3; empty when there is none.
+ferry_torch_python() {
+  local py="${FERRY_PYTHON:-}"
+  if [ -z "$py" ] && [ -x "$FERRY_ROOT/.venv/bin/python" ]; then py="$FERRY_ROOT/.venv/bin/python"; fi
+  if [ -z "$py" ]; then py="$(command -v python3 || true)"; fi
+  printf '%s' "$py"
+}
+
 ferry_jobs() {
   local n
   n=$(nproc 2>/dev/null || echo 2)
