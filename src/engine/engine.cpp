@@ -575,8 +575,10 @@ model::head_result engine::evaluate(const at::Tensor& tokens) {
   at::Tensor inputs = tokens.narrow(1, 0, T).contiguous();
   at::Tensor labels = tokens.narrow(1, 1, T).contiguous().to(dev_->device());
   // Moved in: the embedding output is freed once the first block has read it.
+  // Resident weights leave memory to spare: one pass per block, no chunks (block_forward_whole).
+  const bool whole = opt_.mode == offload_mode::offload_none;
   at::Tensor x = forward_blocks(embed(inputs), [&](int64_t, const model::block_weights& w, const at::Tensor& in) {
-    return model::block_forward(in, w, cfg_, rope_, nullptr);
+    return whole ? model::block_forward_whole(in, w, cfg_, rope_) : model::block_forward(in, w, cfg_, rope_, nullptr);
   });
   auto [norm_w, lm_w] = head_weights();
   auto hr = model::head_forward_backward(x, norm_w, lm_w, labels, cfg_, opt_.ce_chunk, 1.0, nullptr, nullptr, nullptr, false);

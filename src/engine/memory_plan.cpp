@@ -22,8 +22,9 @@ int64_t fixed_bytes(const model::llama_config& cfg, const engine_options& opt, i
   return rope + cublas;
 }
 
-// An inference engine: weights, one layer's input and output, the layer's chunked transients
-// (model::block_forward_inference_bytes) or the loss head's logits chunk, whichever is larger.
+// An inference engine: weights, one layer's input and output, the layer's transients (chunked, or
+// one pass in none mode: model::block_forward_inference_bytes) or the loss head's logits chunk,
+// whichever is larger.
 memory_plan plan_forward_only(const model::llama_config& cfg, const engine_options& opt, int64_t batch, int64_t seq) {
   memory_plan p;
   const int64_t e = static_cast<int64_t>(c10::elementSize(opt.dtype));
@@ -40,7 +41,9 @@ memory_plan plan_forward_only(const model::llama_config& cfg, const engine_optio
   // the compute dtype on CUDA's large-head path; fp32 on the CPU path.
   const bool flash = opt.cuda && cfg.head_dim <= 256 && opt.dtype != at::kFloat;
   const int64_t score_elem = flash ? 0 : opt.cuda ? e : 4;
-  const int64_t block = model::block_forward_inference_bytes(cfg, batch, seq, e, score_elem);
+  // none evaluates each block in one pass (engine::evaluate, block_forward_whole).
+  const int64_t chunk_rows = opt.mode == offload_mode::offload_none ? n : 0;
+  const int64_t block = model::block_forward_inference_bytes(cfg, batch, seq, e, score_elem, chunk_rows);
   const int64_t rows = std::min<int64_t>(opt.ce_chunk, n);
   const int64_t logits = rows * V * (opt.cuda ? e : 4 + e) + rows * h * e;   // + the normed rows
   p.workspace = std::max(block, logits) + fixed_bytes(cfg, opt, std::max(seq, rotary_positions(cfg, opt)));

@@ -116,9 +116,10 @@ int64_t block_saved_bytes(const llama_config& cfg, int64_t batch, int64_t seq, i
 }
 
 int64_t block_forward_inference_bytes(const llama_config& cfg, int64_t batch, int64_t seq, int64_t elem_size,
-                                      int64_t score_elem_size) {
+                                      int64_t score_elem_size, int64_t chunk_rows) {
   const int64_t h = cfg.hidden_size, q = cfg.q_dim(), kv = cfg.kv_dim(), i = cfg.intermediate_size;
-  const int64_t step = std::clamp<int64_t>(block_forward_chunk_rows() / batch, 1, std::max<int64_t>(seq, 1));
+  if (chunk_rows <= 0) chunk_rows = block_forward_chunk_rows();
+  const int64_t step = std::clamp<int64_t>(chunk_rows / batch, 1, std::max<int64_t>(seq, 1));
   const int64_t rows = batch * step;
   // Per chunk (x2 is a copy of the chunk's input rows when batch > 1; counted always):
   //   projection  x2, norm output, qkv, contiguous q
@@ -136,18 +137,15 @@ int64_t block_forward_inference_bytes(const llama_config& cfg, int64_t batch, in
   return 2 * batch * seq * kv * elem_size + chunk;
 }
 
-at::Tensor block_forward(const at::Tensor& x, const block_weights& w, const llama_config& cfg, const rope_cache& rope,
-                         block_saved* saved) {
+namespace {
+// The whole sequence at once; saved == nullptr keeps nothing (block_forward_whole).
+at::Tensor forward_one_pass(const at::Tensor& x, const block_weights& w, const llama_config& cfg,
+                            const rope_cache& rope, block_saved* saved) {
   const int64_t B = x.size(0), T = x.size(1), h = cfg.hidden_size;
-  check_input(x, w, cfg, rope, T);
   const int64_t Hq = cfg.num_attention_heads, Hkv = cfg.num_key_value_heads;
-  if (!saved) {
-    at::Tensor k = at::empty({B, Hkv, T, cfg.head_dim}, x.options()), v = at::empty_like(k);
-    return forward_chunked(x, w, cfg, rope, 0, k, v);
-  }
   at::Tensor x2 = x.reshape({B * T, h});
   at::Tensor attn_rstd;
-  at::Tensor xn = rmsnorm_forward(x2, w.attn_norm, cfg.rms_norm_eps, &attn_rstd);
+  at::Tensor xn = rmsnorm_forward(x2, w.attn_norm, cfg.rms_norm_eps, saved ? &attn_rstd : nullptr);
   at::Tensor qkv = project_qkv(xn.view({B, T, h}), w, cfg, rope, 0);
   xn.reset();
   at::Tensor q = qkv.narrow(2, 0, Hq).transpose(1, 2).contiguous();
@@ -157,9 +155,27 @@ at::Tensor block_forward(const at::Tensor& x, const block_weights& w, const llam
   auto [out, lse] = attention_forward(q, k, v, attn_scale(cfg));
   at::Tensor x_mid = at::addmm(x2, heads_to_rows(out), w.wo.t());   // (N, h)
   at::Tensor mlp_rstd, gate_up;
-  at::Tensor y = mlp_forward(x_mid, w, cfg, &mlp_rstd, &gate_up);
-  *saved = block_saved{x, attn_rstd, q, k, v, out, lse, x_mid, mlp_rstd, gate_up};
+  at::Tensor y = mlp_forward(x_mid, w, cfg, saved ? &mlp_rstd : nullptr, saved ? &gate_up : nullptr);
+  if (saved) *saved = block_saved{x, attn_rstd, q, k, v, out, lse, x_mid, mlp_rstd, gate_up};
   return y.view({B, T, h});
+}
+}  // namespace
+
+at::Tensor block_forward(const at::Tensor& x, const block_weights& w, const llama_config& cfg, const rope_cache& rope,
+                         block_saved* saved) {
+  const int64_t B = x.size(0), T = x.size(1);
+  check_input(x, w, cfg, rope, T);
+  if (!saved) {
+    at::Tensor k = at::empty({B, cfg.num_key_value_heads, T, cfg.head_dim}, x.options()), v = at::empty_like(k);
+    return forward_chunked(x, w, cfg, rope, 0, k, v);
+  }
+  return forward_one_pass(x, w, cfg, rope, saved);
+}
+
+at::Tensor block_forward_whole(const at::Tensor& x, const block_weights& w, const llama_config& cfg,
+                               const rope_cache& rope) {
+  check_input(x, w, cfg, rope, x.size(1));
+  return forward_one_pass(x, w, cfg, rope, nullptr);
 }
 
 at::Tensor block_backward(const at::Tensor& dy, const block_weights& w, const llama_config& cfg,

@@ -50,6 +50,13 @@ int64_t block_saved_bytes(const llama_config& cfg, int64_t batch, int64_t seq, i
 at::Tensor block_forward(const at::Tensor& x, const block_weights& w, const llama_config& cfg, const rope_cache& rope,
                          block_saved* saved);
 
+// The inference forward in one pass over the whole sequence: the training forward without saving,
+// bit for bit. For resident weights (offload none), where memory is not the constraint and the
+// chunks' extra launches and narrower GEMMs cost time; its peak is
+// block_forward_inference_bytes(..., chunk_rows = B*T).
+at::Tensor block_forward_whole(const at::Tensor& x, const block_weights& w, const llama_config& cfg,
+                               const rope_cache& rope);
+
 // Rows per chunk of the inference forward (default 1024; block_forward_cached chunks the same way).
 // Tests lower it to exercise the chunking; returns the previous value.
 int64_t block_set_forward_chunk_rows(int64_t rows);
@@ -58,8 +65,9 @@ int64_t block_forward_chunk_rows();
 // Device bytes block_forward without saved allocates beyond its input and output, at its peak: the
 // layer's keys and values plus one chunk's transients. score_elem_size: bytes per element of a
 // chunk's attention scores (B,Hq,chunk,T) (0 where a fused kernel keeps none: CUDA flash attention).
+// chunk_rows: tokens per chunk, 0 = block_forward_chunk_rows().
 int64_t block_forward_inference_bytes(const llama_config& cfg, int64_t batch, int64_t seq, int64_t elem_size,
-                                      int64_t score_elem_size);
+                                      int64_t score_elem_size, int64_t chunk_rows = 0);
 
 // dy (B,T,h). Writes the weight gradients into g (views of a flat gradient buffer: overwritten, or
 // added to when accumulate) and returns dx (B,T,h). Releases saved's tensors as it goes (saved is

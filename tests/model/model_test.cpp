@@ -146,6 +146,9 @@ TEST(MODEL_SUITE(model_block), inference_chunks_equal_training_forward) {
         }
       }
       block_set_forward_chunk_rows(old);
+      // The resident-weights forward is the training forward without saving, bit for bit on every
+      // device (the same kernels in the same order).
+      EXPECT_TRUE(block_forward_whole(x, block_views(wd, c), c, rc).equal(y_train)) << "block_forward_whole";
     }
   }
 }
@@ -161,6 +164,9 @@ TEST(MODEL_SUITE(model_block), inference_bytes_formula) {
   block_set_forward_chunk_rows(1024);   // one chunk: the whole sequence
   EXPECT_EQ(block_forward_inference_bytes(c, 1, 10, 4, 0), 2 * 10 * 12 * 4 + 10 * 131 * 4);
   block_set_forward_chunk_rows(old);
+  // An explicit chunk (block_forward_whole's plan: all rows) overrides the setting.
+  EXPECT_EQ(block_forward_inference_bytes(c, 1, 10, 4, 0, 10), 2 * 10 * 12 * 4 + 10 * 131 * 4);
+  EXPECT_EQ(block_forward_inference_bytes(c, 2, 10, 2, 0, 4), 2 * 2 * 10 * 12 * 2 + 4 * 131 * 2);
 }
 
 TEST(MODEL_SUITE(model_block), kv_cache_forward_equals_full_forward) {
