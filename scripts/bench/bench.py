@@ -390,11 +390,7 @@ def main():
     rep["goals"] = goals(rep)
     text = render(rep)
     print(text)
-    with open(os.path.join(out, "bench.json"), "w") as f:
-        json.dump(rep, f, indent=1)
-    with open(os.path.join(out, "bench.md"), "w") as f:
-        f.write(text + "\n")
-    fl.ferry_log("wrote %s/bench.json and bench.md" % out)
+    fl.write_report(out, "bench", rep, text)
     # Exit 0 even when rows failed (they say why); non-zero only when no ferry mode ran at all.
     ran = list(rep["ferry"].values()) + list((rep["infer"] or {}).get("rows", {}).values())
     return 0 if any(r.get("ok") for r in ran) else 1

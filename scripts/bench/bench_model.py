@@ -26,13 +26,7 @@ MIB = float(1 << 20)
 def parse_args():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="debug,1b", help="configs/models NAMEs, comma-separated")
-    ap.add_argument("--seq", type=int, default=4096)
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default=None, help="default fp16 on cuda, fp32 on cpu")
-    ap.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
-    ap.add_argument("--iters", type=int, default=20, help="timed layer runs")
-    ap.add_argument("--model-iters", type=int, default=5, help="timed whole-model runs")
-    ap.add_argument("--warmup", type=int, default=3)
+    fl.add_model_bench_args(ap)
     ap.add_argument("--timeout", type=int, default=600, help="seconds for ferry-bench-model, and per HF shape")
     ap.add_argument("--out", default=None, help="results folder (default out/bench-model-<date>)")
     return ap.parse_args()
@@ -49,18 +43,12 @@ def json_lines(text):
     return recs
 
 
-def common_flags(a):
-    f = ["--seq", str(a.seq), "--batch", str(a.batch), "--device", a.device, "--iters", str(a.iters),
-         "--model-iters", str(a.model_iters), "--warmup", str(a.warmup)]
-    return f + (["--dtype", a.dtype] if a.dtype else [])
-
-
 def run_ferry(a, shapes, out):
     """{(shape, level): record} from ferry-bench-model; a missing key means it did not report."""
     tool = fl.tool("ferry-bench-model")
     if not tool:
         return {}, "ferry-bench-model not built in %s" % fl.build_dir()
-    cmd = [tool, "--shapes", ",".join(shapes)] + common_flags(a)
+    cmd = [tool, "--shapes", ",".join(shapes)] + fl.model_bench_flags(a)
     fl.ferry_log("ferry: " + " ".join(cmd))
     res = fl.run(cmd, a.timeout, os.path.join(out, "ferry.log"))
     recs = {(r["shape"], r["level"]): r for r in json_lines(res["out"])}
@@ -70,7 +58,7 @@ def run_ferry(a, shapes, out):
 def run_hf(a, shapes, out, py):
     recs, errors = {}, {}
     for s in shapes:
-        cmd = [py, os.path.join(HERE, "model_hf.py"), "--shapes", s] + common_flags(a)
+        cmd = [py, os.path.join(HERE, "model_hf.py"), "--shapes", s] + fl.model_bench_flags(a)
         fl.ferry_log("HF %s: %s" % (s, " ".join(cmd)))
         res = fl.run(cmd, a.timeout, os.path.join(out, "hf_%s.log" % s))
         for r in json_lines(res["out"]):
@@ -191,11 +179,7 @@ def main():
     rep["goals"] = goals(rows, shapes)
     text = render(rep, rows, shapes)
     print(text)
-    with open(os.path.join(out, "bench_model.json"), "w") as f:
-        json.dump(rep, f, indent=1)
-    with open(os.path.join(out, "bench_model.md"), "w") as f:
-        f.write(text + "\n")
-    fl.ferry_log("wrote %s/bench_model.json and bench_model.md" % out)
+    fl.write_report(out, "bench_model", rep, text)
     return 0 if any(r.get("ok") for k, r in rows.items() if k[1] == "ferry") else 1
 
 

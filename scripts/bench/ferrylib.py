@@ -234,6 +234,33 @@ def ferry_log(msg):
     print("[ferry] " + msg, file=sys.stderr, flush=True)
 
 
+def write_report(out, stem, record, text):
+    """out/<stem>.json (the record) and out/<stem>.md (the printed text), logged."""
+    with open(os.path.join(out, stem + ".json"), "w") as f:
+        json.dump(record, f, indent=1)
+    with open(os.path.join(out, stem + ".md"), "w") as f:
+        f.write(text + "\n")
+    ferry_log("wrote %s/%s.json and %s.md" % (out, stem, stem))
+
+
+def add_model_bench_args(ap):
+    """The measurement flags scripts/bench_model.sh forwards to both of its sides (model_bench_flags)."""
+    ap.add_argument("--seq", type=int, default=4096)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default=None, help="default fp16 on cuda, fp32 on cpu")
+    ap.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    ap.add_argument("--iters", type=int, default=20, help="timed layer runs")
+    ap.add_argument("--model-iters", type=int, default=5, help="timed whole-model runs")
+    ap.add_argument("--warmup", type=int, default=3)
+
+
+def model_bench_flags(a):
+    """add_model_bench_args' values as command-line flags, for ferry-bench-model and model_hf.py."""
+    f = ["--seq", str(a.seq), "--batch", str(a.batch), "--device", a.device, "--iters", str(a.iters),
+         "--model-iters", str(a.model_iters), "--warmup", str(a.warmup)]
+    return f + (["--dtype", a.dtype] if a.dtype else [])
+
+
 def fmt_bytes(b):
     """GiB from 1 GiB up, MiB below."""
     return "%.2f GiB" % (b / GIB) if b >= GIB else "%.1f MiB" % (b / float(1 << 20))

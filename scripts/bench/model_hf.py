@@ -25,7 +25,8 @@ import statistics
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import ferrylib as fl  # noqa: E402
 
 
 def parse_args():
@@ -33,13 +34,7 @@ def parse_args():
     ap.add_argument("--shapes", default="debug,1b", help="configs/models NAMEs or config.json paths, comma-separated")
     ap.add_argument("--attn", default="sdpa,eager", help="attn_implementation values, comma-separated")
     ap.add_argument("--levels", default="layer,model", help="layer and/or model")
-    ap.add_argument("--seq", type=int, default=4096)
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default=None, help="default fp16 on cuda, fp32 on cpu")
-    ap.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
-    ap.add_argument("--iters", type=int, default=20, help="timed layer runs")
-    ap.add_argument("--model-iters", type=int, default=5, help="timed whole-model runs")
-    ap.add_argument("--warmup", type=int, default=3)
+    fl.add_model_bench_args(ap)
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--json", default=None, help="also write the records here as a JSON list")
     a = ap.parse_args()
@@ -53,7 +48,7 @@ def parse_args():
 
 
 def config_path(shape):
-    return shape if shape.endswith(".json") else os.path.join(ROOT, "configs", "models", shape + ".json")
+    return shape if shape.endswith(".json") else os.path.join(fl.ROOT, "configs", "models", shape + ".json")
 
 
 def build_model(shape, attn, dtype, device, seed):

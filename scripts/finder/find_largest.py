@@ -273,11 +273,7 @@ def main():
                               largest_pred["name"], largest_pred["params"] / 1e9) if largest_pred else "none fits"))]
                      + lines)
     print(text)
-    with open(os.path.join(out, "finder.json"), "w") as f:
-        json.dump(report, f, indent=1)
-    with open(os.path.join(out, "finder.md"), "w") as f:
-        f.write(text + "\n")
-    fl.ferry_log("wrote %s/finder.json and finder.md" % out)
+    fl.write_report(out, "finder", report, text)
     return 0 if largest_pred else 1
 
 
