@@ -16,21 +16,12 @@
 
 #include "src/engine/engine.h"
 #include "src/model/llama_config.h"
+#include "tests/cuda_suite.h"
 
 namespace ferry::engine::test {
 
-#if defined(FERRY_TEST_CUDA) && FERRY_TEST_CUDA
-constexpr bool k_cuda_suite = true;
-#define FERRY_REQUIRE_ENGINE_DEVICE()                                                        \
-  do {                                                                                       \
-    if (!::ferry::engine::cuda_usable()) GTEST_SKIP() << "no usable CUDA device on this machine"; \
-  } while (0)
-#else
-constexpr bool k_cuda_suite = false;
-#define FERRY_REQUIRE_ENGINE_DEVICE() \
-  do {                                \
-  } while (0)
-#endif
+using ::ferry::test::k_cuda_suite;
+#define FERRY_REQUIRE_ENGINE_DEVICE() FERRY_SKIP_UNLESS_CUDA(::ferry::engine::cuda_usable())
 
 // The brief's tiny shape: odd vocabulary, GQA (2 query heads per kv head), head_dim 16.
 inline model::llama_config tiny_config() {

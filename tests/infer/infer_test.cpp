@@ -21,22 +21,13 @@
 #include "src/model/block.h"
 #include "src/model/embed_head.h"
 #include "src/train/checkpoint.h"
+#include "tests/cuda_suite.h"
 
 namespace ferry::infer {
 namespace {
 
-#if defined(FERRY_TEST_CUDA) && FERRY_TEST_CUDA
-constexpr bool k_cuda = true;
-#define FERRY_REQUIRE_DEVICE() \
-  do {                         \
-    if (!engine::cuda_usable()) GTEST_SKIP() << "no CUDA device on this machine"; \
-  } while (0)
-#else
-constexpr bool k_cuda = false;
-#define FERRY_REQUIRE_DEVICE() \
-  do {                         \
-  } while (0)
-#endif
+constexpr bool k_cuda = ::ferry::test::k_cuda_suite;
+#define FERRY_REQUIRE_DEVICE() FERRY_SKIP_UNLESS_CUDA(engine::cuda_usable())
 
 const engine::offload_mode k_modes[] = {engine::offload_mode::offload_none, engine::offload_mode::offload_blocked,
                                         engine::offload_mode::offload_overlapped};

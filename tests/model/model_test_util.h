@@ -10,24 +10,18 @@
 #include <vector>
 
 #include "src/model/llama_config.h"
+#include "tests/cuda_suite.h"
 
 namespace ferry::model::test {
 
 // MODEL_SUITE(x) names the GoogleTest suite x on CPU and x_gpu on CUDA, so ctest entries differ.
 #if defined(FERRY_TEST_CUDA) && FERRY_TEST_CUDA
 #define MODEL_SUITE(name) name##_gpu
-constexpr bool k_cuda_suite = true;
-#define FERRY_REQUIRE_DEVICE()                                            \
-  do {                                                                    \
-    if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device on this machine"; \
-  } while (0)
 #else
 #define MODEL_SUITE(name) name
-constexpr bool k_cuda_suite = false;
-#define FERRY_REQUIRE_DEVICE() \
-  do {                         \
-  } while (0)
 #endif
+using ::ferry::test::k_cuda_suite;
+#define FERRY_REQUIRE_DEVICE() FERRY_SKIP_UNLESS_CUDA(at::hasCUDA())
 
 inline at::Device test_device() { return k_cuda_suite ? at::Device(at::kCUDA) : at::Device(at::kCPU); }
 
