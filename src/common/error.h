@@ -4,6 +4,7 @@
 //    (the CLI exits 2) or ferry::error (exit 1), with one sentence that says what was wrong and
 //    what to do.
 //  - a broken invariant: FERRY_ASSERT, whose message starts with "bug:" and names file and line.
+#include <cstdio>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -40,6 +41,22 @@ std::string str_cat(Args&&... args) {
   throw bug_error(str_cat("bug: ", msg, " (", cond, " failed at ", file, ":", line, ")"));
 }
 }  // namespace detail
+
+// The main() of a ferry tool: returns body(), or prints the failure as "<tool>: <first line of the
+// message>" on stderr and returns the CLI's exit code (2 bad usage or config, 1 anything else).
+template <typename Body>
+int run_tool(const char* tool, Body&& body) {
+  try {
+    return body();
+  } catch (const config_error& e) {
+    std::fprintf(stderr, "%s: %s\n", tool, e.what());
+    return 2;
+  } catch (const std::exception& e) {
+    const std::string msg = e.what();
+    std::fprintf(stderr, "%s: %s\n", tool, msg.substr(0, msg.find('\n')).c_str());
+    return 1;
+  }
+}
 
 }  // namespace ferry
 

@@ -240,14 +240,5 @@ int bench_main(int argc, char** argv) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  try {
-    return bench_main(argc, argv);
-  } catch (const ferry::config_error& e) {
-    std::fprintf(stderr, "ferry-bench-infer: %s\n", e.what());
-    return 2;
-  } catch (const std::exception& e) {
-    std::string msg = e.what();
-    std::fprintf(stderr, "ferry-bench-infer: %s\n", msg.substr(0, msg.find('\n')).c_str());
-    return 1;
-  }
+  return ferry::run_tool("ferry-bench-infer", [&] { return bench_main(argc, argv); });
 }
