@@ -64,9 +64,26 @@ if(FERRY_CUDA STREQUAL "ON" OR (FERRY_CUDA STREQUAL "AUTO" AND FERRY_TORCH_HAS_C
   endif()
 endif()
 
-# ferry_aten_target(target): link libtorch and precompile <ATen/ATen.h> for the target's C++
-# sources, so a 2-core build parses the ATen headers once per target rather than per file.
+# ferry_aten_target(target): link libtorch and give the target's C++ sources a precompiled
+# <ATen/ATen.h>, so a 2-core build parses the ATen headers once rather than per file. Every target
+# reuses one of two shared PCHs (each is ~350 MB; one per target filled CI's disk): GCC refuses a
+# PCH built with another -fPIC/-fPIE setting, so libraries share a PIC one and executables a PIE one.
+set(_ferry_pch_source ${PROJECT_BINARY_DIR}/generated/ferry_pch.cpp)
+file(WRITE ${_ferry_pch_source} "// Owner of the shared ATen precompiled header (cmake/FerryTorch.cmake).\nint main() { return 0; }\n")
+add_library(ferry_aten_pch_pic OBJECT ${_ferry_pch_source})
+add_executable(ferry_aten_pch_pie ${_ferry_pch_source})
+foreach(_owner ferry_aten_pch_pic ferry_aten_pch_pie)
+  target_link_libraries(${_owner} PRIVATE ferry_torch)
+  target_precompile_headers(${_owner} PRIVATE $<$<COMPILE_LANGUAGE:CXX>:<ATen/ATen.h$<ANGLE-R>>)
+  set_target_properties(${_owner} PROPERTIES RUNTIME_OUTPUT_DIRECTORY ${PROJECT_BINARY_DIR}/pch)
+endforeach()
+
 function(ferry_aten_target target)
   target_link_libraries(${target} PUBLIC ferry_torch)
-  target_precompile_headers(${target} PRIVATE $<$<COMPILE_LANGUAGE:CXX>:<ATen/ATen.h$<ANGLE-R>>)
+  get_target_property(_type ${target} TYPE)
+  if(_type STREQUAL "EXECUTABLE")
+    target_precompile_headers(${target} REUSE_FROM ferry_aten_pch_pie)
+  else()
+    target_precompile_headers(${target} REUSE_FROM ferry_aten_pch_pic)
+  endif()
 endfunction()

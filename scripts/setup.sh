@@ -122,8 +122,8 @@ if [ -z "$torch_prefix" ] && [ -z "$python" ] && [ "$use_venv" = 1 ]; then
   python3 -m venv "$FERRY_ROOT/.venv" 2>/dev/null || {
     [ "$(id -u)" = 0 ] && apt-get install -y -qq python3-venv >/dev/null && python3 -m venv "$FERRY_ROOT/.venv"; } \
     || ferry_die "cannot create a Python venv: install python3-venv"
-  if "$FERRY_ROOT/.venv/bin/pip" install -q "torch==$TORCH_VERSION" && \
-     "$FERRY_ROOT/.venv/bin/pip" install -q transformers safetensors numpy sentencepiece; then
+  if "$FERRY_ROOT/.venv/bin/pip" install -q --no-cache-dir "torch==$TORCH_VERSION" && \
+     "$FERRY_ROOT/.venv/bin/pip" install -q --no-cache-dir transformers safetensors numpy sentencepiece; then
     python="$FERRY_ROOT/.venv/bin/python"
   else
     ferry_log "pip could not install torch==$TORCH_VERSION; falling back to Debian's libtorch-dev"

@@ -71,7 +71,10 @@ engine::engine(const model::llama_config& cfg, const engine_options& opt) : cfg_
     }
   } else {
     int64_t nslots = opt.mode == offload_mode::offload_blocked ? 1 : opt.prefetch + 1;
-    for (int64_t i = 0; i < nslots; ++i) block_slots_.push_back({at::empty({cfg.block_params()}, dev_opts)});
+    for (int64_t i = 0; i < nslots; ++i) {
+      block_slots_.emplace_back();
+      block_slots_.back().buf = at::empty({cfg.block_params()}, dev_opts);
+    }
     head_slot_.buf = at::empty({cfg.head_params()}, dev_opts);
     if (!opt.forward_only) {
       for (int i = 0; i < 2; ++i) grad_slots_.push_back({at::empty({cfg.block_params()}, dev_opts), nullptr});

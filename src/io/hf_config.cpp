@@ -163,8 +163,8 @@ std::string resolve_model_config(const std::string& name_or_path) {
     FERRY_CONFIG_CHECK(fs::is_regular_file(p, ec), "model directory ", name_or_path, " has no config.json");
     return p.string();
   }
-  if (name_or_path.find('/') != std::string::npos || name_or_path.size() > 5 &&
-      name_or_path.compare(name_or_path.size() - 5, 5, ".json") == 0) {
+  if (name_or_path.find('/') != std::string::npos || (name_or_path.size() > 5 &&
+      name_or_path.compare(name_or_path.size() - 5, 5, ".json") == 0)) {
     FERRY_CONFIG_CHECK(fs::is_regular_file(name_or_path, ec), "model config file ", name_or_path, " does not exist");
     return name_or_path;
   }

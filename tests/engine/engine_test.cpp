@@ -227,7 +227,9 @@ void expect_matches_reference(const run_result& got, const ref_run& want, const 
     SCOPED_TRACE(what + " step " + std::to_string(k));
     EXPECT_EQ(g.skipped, w.skipped);
     EXPECT_EQ(g.loss_scale, w.loss_scale);
-    if (std::isfinite(w.loss)) EXPECT_NEAR(g.loss, w.loss, tol.loss);
+    if (std::isfinite(w.loss)) {
+      EXPECT_NEAR(g.loss, w.loss, tol.loss);
+    }
     if (!w.skipped) {
       EXPECT_NEAR(g.grad_norm, w.grad_norm, tol.norm_rel * w.grad_norm);
       EXPECT_NEAR(g.clip_coef, w.clip_coef, tol.norm_rel);
@@ -262,8 +264,9 @@ TEST_P(engine_reference, trajectory_matches_pytorch) {
   ref_run want = run_reference(o, data);
   run_result got = run_engine(o, data);
   expect_matches_reference(got, want, o, mode_label(o));
-  if (c.clip > 0 && c.clip < 0.5)
+  if (c.clip > 0 && c.clip < 0.5) {
     for (const auto& s : want.steps) EXPECT_LT(s.clip_coef, 1.0) << "the small clip must fire every step";
+  }
 }
 
 std::vector<ref_case> ref_cases() {
