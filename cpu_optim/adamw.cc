@@ -107,6 +107,18 @@ detail::step_scalars make_scalars(const adamw_hparams& h, int64_t step, float mu
 
 }  // namespace
 
+size_t undo_log::entries() const {
+  size_t n = 0;
+  for (const auto& b : blocks_) n += b.size();
+  return n;
+}
+
+void undo_log::clear() {
+  blocks_.clear();
+  blocks_.shrink_to_fit();
+  n_ = block_size_ = 0;
+}
+
 struct adamw::impl {
   int threads;
   tbb::task_arena arena;
@@ -144,44 +156,78 @@ float adamw::max_abs(const chunk_ref& c) {
   return mx;
 }
 
+// `record`: the step's undo log, filled block by block. `restore`: the log of the step being
+// undone; its blocks with entries are patched after the inversion, so a redo there runs as
+// undo, patch, step on the block (bit-identical to the fused pass everywhere else).
 grad_stats adamw::run(int o, const chunk_ref& c, const adamw_hparams& h, int64_t step, float mult,
-                      float new_mult) {
+                      float new_mult, undo_log* record, const undo_log* restore) {
   detail::step_scalars s = make_scalars(h, step, mult, c, tuning_);
   s.new_mult = new_mult;
+  const size_t block = tuning_.block_size, nb = (c.n + block - 1) / block;
+  if (record) {
+    record->clear();
+    record->n_ = c.n;
+    record->block_size_ = block;
+    record->blocks_.resize(nb);
+    s.log_ratio = k_undo_log_ratio;
+  }
+  if (restore) {
+    FERRY_ASSERT(restore->n_ == c.n && restore->block_size_ == block,
+                 "undo log written for another chunk (", restore->n_, " elements in blocks of ",
+                 restore->block_size_, ") than this one (", c.n, " in blocks of ", block, ")");
+    s.zero_ratio = 0.5f / k_undo_log_ratio;
+  }
   const detail::kernel_table k = detail::kernels();
-  return sum_stats(run_blocks(&impl_->arena, impl_->threads, c.n, tuning_.block_size, [&](size_t b, size_t e) {
-    return k.update(static_cast<detail::op>(o), c, s, b, e);
+  const auto op = static_cast<detail::op>(o);
+  return sum_stats(run_blocks(&impl_->arena, impl_->threads, c.n, block, [&](size_t b, size_t e) {
+    const size_t bi = b / block;
+    if (restore == nullptr || restore->blocks_[bi].empty())
+      return k.update(op, c, s, b, e, record ? &record->blocks_[bi] : nullptr);
+    const bool redo = op == detail::op::op_redo;
+    k.update(detail::op::op_undo, c, s, b, e, nullptr);
+    for (const undo_entry& x : restore->blocks_[bi]) {
+      c.m[b + x.offset] = x.m;
+      c.v[b + x.offset] = x.v;
+    }
+    if (!redo) return grad_stats{};
+    detail::step_scalars again = s;
+    again.mult = new_mult;
+    again.zero_ratio = 0;
+    return k.update(detail::op::op_step, c, again, b, e, nullptr);
   }));
 }
 
 // Pre-scan design: "non-finite: nothing written" must hold for the whole chunk before the first
 // write, so a separate pass over the gradient is unavoidable; it only takes max |grad| (one
 // integer max per vector, at read bandwidth) and the sum of squares rides in the update pass.
-grad_stats adamw::step(const chunk_ref& c, const adamw_hparams& h, int64_t step, float grad_mult) {
+grad_stats adamw::step(const chunk_ref& c, const adamw_hparams& h, int64_t step, float grad_mult,
+                       undo_log* log) {
   check_chunk(c);
   check_hparams(h, step);
+  if (log) log->clear();
   if (!all_finite(max_abs(c), grad_mult)) return stats(c.grad, c.grad_dtype, c.n, grad_mult);
-  return run(static_cast<int>(detail::op::op_step), c, h, step, grad_mult, grad_mult);
+  return run(static_cast<int>(detail::op::op_step), c, h, step, grad_mult, grad_mult, log, nullptr);
 }
 
-void adamw::undo(const chunk_ref& c, const adamw_hparams& h, int64_t step, float grad_mult) {
+void adamw::undo(const chunk_ref& c, const adamw_hparams& h, int64_t step, float grad_mult,
+                 const undo_log* log) {
   check_chunk(c);
   check_hparams(h, step);
   if (!all_finite(max_abs(c), grad_mult)) return;  // that step was refused
-  run(static_cast<int>(detail::op::op_undo), c, h, step, grad_mult, grad_mult);
+  run(static_cast<int>(detail::op::op_undo), c, h, step, grad_mult, grad_mult, nullptr, log);
 }
 
 grad_stats adamw::redo(const chunk_ref& c, const adamw_hparams& h, int64_t step, float old_mult,
-                       float new_mult) {
+                       float new_mult, const undo_log* log) {
   check_chunk(c);
   check_hparams(h, step);
   const float mx = max_abs(c);
   if (!all_finite(mx, old_mult)) return this->step(c, h, step, new_mult);  // the first was refused
   if (!all_finite(mx, new_mult)) {
-    run(static_cast<int>(detail::op::op_undo), c, h, step, old_mult, old_mult);
+    run(static_cast<int>(detail::op::op_undo), c, h, step, old_mult, old_mult, nullptr, log);
     return stats(c.grad, c.grad_dtype, c.n, new_mult);
   }
-  return run(static_cast<int>(detail::op::op_redo), c, h, step, old_mult, new_mult);
+  return run(static_cast<int>(detail::op::op_redo), c, h, step, old_mult, new_mult, nullptr, log);
 }
 
 void convert(const void* src, dtype src_dtype, void* dst, dtype dst_dtype, size_t n) {

@@ -53,6 +53,33 @@ struct chunk_ref {
   size_t n;
 };
 
+// What undo() cannot recover from the new moments alone. Inverting m' = b1 m + (1-b1) g and
+// v' = b2 v + (1-b2) g^2 loses only the final roundings, about one ulp *of the new value*: a
+// large relative error where this step's term dominates the old moment (v ≪ (1-b2) g^2), which
+// later steps divide by. step() given a log records the exact old m and v of those elements
+// (v != 0 and v' > k_undo_log_ratio v, or v == 0 with m != 0); the elements whose old m and v were
+// both zero are recognised by undo() and restored to exact zeros. With the log, undo restores m
+// and v exactly there and within (k_undo_log_ratio + 3)·2^-24 |v| elsewhere (README.md).
+struct undo_entry {
+  uint32_t offset;  // within its block
+  float m, v;       // the values before the step
+};
+
+constexpr float k_undo_log_ratio = 256.0f;
+
+class undo_log {
+ public:
+  size_t entries() const;
+  size_t bytes() const { return entries() * sizeof(undo_entry); }
+  // Frees the entries (a log's size follows the step that wrote it, not the largest one seen).
+  void clear();
+
+ private:
+  friend class adamw;
+  size_t n_ = 0, block_size_ = 0;                // the chunk layout of the step that wrote it
+  std::vector<std::vector<undo_entry>> blocks_;  // one list per block, in block order
+};
+
 // Kernel-lab knobs for the benchmark; the defaults are what the product uses.
 struct adamw_tuning {
   size_t block_size = 16384;  // elements per work item; a multiple of 64
@@ -79,22 +106,27 @@ class adamw {
   // Returns the stats of g. When any g is non-finite nothing is written (p, m, v, half_out keep
   // their bits) and stats.nonfinite > 0. Costs a max-|grad| pre-scan (2 B/param for half
   // grads, at read bandwidth) plus one fused pass that also sums the squares.
-  grad_stats step(const chunk_ref& c, const adamw_hparams& h, int64_t step, float grad_mult);
+  // With `log` (a step that may be undone), also records in it what undo() needs to restore the
+  // moments exactly (undo_log); the log is cleared first.
+  grad_stats step(const chunk_ref& c, const adamw_hparams& h, int64_t step, float grad_mult,
+                  undo_log* log = nullptr);
 
   // Undoes a step() made with the same (h, step, grad_mult) and the same gradient still in the
-  // buffer: restores p, m, v (README.md "Rollback precision" gives the bound) and rewrites
-  // half_out from the restored p. A no-op when that step was refused for non-finite gradients.
-  void undo(const chunk_ref& c, const adamw_hparams& h, int64_t step, float grad_mult);
+  // buffer: restores p, m, v (README.md "Rollback precision" gives the bounds, with and without
+  // the step's log) and rewrites half_out from the restored p. A no-op when that step was
+  // refused for non-finite gradients.
+  void undo(const chunk_ref& c, const adamw_hparams& h, int64_t step, float grad_mult,
+            const undo_log* log = nullptr);
 
-  // undo(old_mult) then step(new_mult) in one pass; bit-identical to calling the two in turn.
-  // Returns the stats of grad * new_mult.
+  // undo(old_mult, log) then step(new_mult) in one pass; bit-identical to calling the two in
+  // turn. Returns the stats of grad * new_mult.
   grad_stats redo(const chunk_ref& c, const adamw_hparams& h, int64_t step, float old_mult,
-                  float new_mult);
+                  float new_mult, const undo_log* log = nullptr);
 
  private:
   float max_abs(const chunk_ref& c);
   grad_stats run(int o, const chunk_ref& c, const adamw_hparams& h, int64_t step, float mult,
-                 float new_mult);
+                 float new_mult, undo_log* record, const undo_log* restore);
 
   struct impl;
   std::unique_ptr<impl> impl_;

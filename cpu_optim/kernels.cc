@@ -137,13 +137,30 @@ struct sq_acc {
 #endif
 };
 
+// Appends the old m, v of the lanes in `ill` (offsets `offset` + lane) to the step's undo log.
+HWY_NOINLINE void log_lanes(hn::Mask<df_t> ill, hn::Vec<df_t> m_old, hn::Vec<df_t> v_old,
+                            size_t offset, std::vector<undo_entry>* log) {
+  const df_t df;
+  HWY_ALIGN_MAX float mo[k_max_lanes], vo[k_max_lanes];
+  HWY_ALIGN_MAX uint8_t bits[(k_max_lanes + 7) / 8 + 8] = {};
+  hn::Store(m_old, df, mo);
+  hn::Store(v_old, df, vo);
+  hn::StoreMaskBits(df, ill, bits);
+  for (size_t k = 0; k < hn::Lanes(df); ++k) {
+    if (bits[k / 8] >> (k % 8) & 1) log->push_back(undo_entry{uint32_t(offset + k), mo[k], vo[k]});
+  }
+}
+
 // One vector of the update. Undo inverts the step's operations in reverse order, recomputing
 // the step's update term from the (unchanged) new m and v, so only the final roundings of
-// p, m and v are lost (README.md "Rollback precision").
+// p, m and v are lost (README.md "Rollback precision"). With the step's log, lanes restored to
+// v < zero_ratio v' had m = v = 0 before (any other state that far below v' was logged, and the
+// front patches logged lanes after this).
 template <op O, class G, class H>
 HWY_INLINE void update_vec(const G* HWY_RESTRICT grad, float* HWY_RESTRICT p,
                            float* HWY_RESTRICT m, float* HWY_RESTRICT v, H* HWY_RESTRICT half_out,
-                           const step_scalars& s, bool stream, sq_acc& acc) {
+                           const step_scalars& s, bool stream, sq_acc& acc, size_t offset,
+                           std::vector<undo_entry>* log) {
   const df_t df;
   const auto b1 = hn::Set(df, s.beta1), c1 = hn::Set(df, s.one_minus_beta1);
   const auto b2 = hn::Set(df, s.beta2), c2 = hn::Set(df, s.one_minus_beta2);
@@ -156,14 +173,28 @@ HWY_INLINE void update_vec(const G* HWY_RESTRICT grad, float* HWY_RESTRICT p,
     const auto denom = hn::MulAdd(hn::Sqrt(V), inv_sqrt_bc2, eps);
     const auto u = hn::Mul(hn::Div(M, denom), step_size);
     P = hn::Div(hn::Add(P, u), decay);
+    const auto v_new = V;
     M = hn::Div(hn::Sub(M, hn::Mul(c1, g)), b1);
     V = hn::Max(hn::Div(hn::Sub(V, hn::Mul(c2, hn::Mul(g, g))), b2), hn::Zero(df));
+    if (s.zero_ratio > 0) {
+      const auto was_zero = hn::Lt(V, hn::Mul(v_new, hn::Set(df, s.zero_ratio)));
+      M = hn::IfThenZeroElse(was_zero, M);
+      V = hn::IfThenZeroElse(was_zero, V);
+    }
   }
   if constexpr (O != op::op_undo) {
     const auto g = hn::Mul(gr, hn::Set(df, O == op::op_redo ? s.new_mult : s.mult));
     acc.add(g);
+    const auto m_old = M, v_old = V;
     M = hn::MulAdd(b1, M, hn::Mul(c1, g));
     V = hn::MulAdd(b2, V, hn::Mul(c2, hn::Mul(g, g)));
+    if (O == op::op_step && s.log_ratio > 0) {
+      const auto zero = hn::Zero(df);
+      const auto v_was_zero = hn::Eq(v_old, zero);
+      const auto ill = hn::Or(hn::And(v_was_zero, hn::Ne(m_old, zero)),
+                              hn::AndNot(v_was_zero, hn::Gt(V, hn::Mul(v_old, hn::Set(df, s.log_ratio)))));
+      if (!hn::AllFalse(df, ill)) log_lanes(ill, m_old, v_old, offset, log);
+    }
     const auto denom = hn::MulAdd(hn::Sqrt(V), inv_sqrt_bc2, eps);
     const auto u = hn::Mul(hn::Div(M, denom), step_size);
     P = hn::MulSub(P, decay, u);
@@ -175,7 +206,8 @@ HWY_INLINE void update_vec(const G* HWY_RESTRICT grad, float* HWY_RESTRICT p,
 }
 
 template <op O, class G, class H>
-grad_stats update_range(const chunk_ref& c, const step_scalars& s, size_t begin, size_t end) {
+grad_stats update_range(const chunk_ref& c, const step_scalars& s, size_t begin, size_t end,
+                        std::vector<undo_entry>* log) {
   sq_acc acc;
   const size_t N = hn::Lanes(df_t());
   const G* grad = static_cast<const G*>(c.grad);
@@ -184,11 +216,12 @@ grad_stats update_range(const chunk_ref& c, const step_scalars& s, size_t begin,
   size_t i = begin;
   for (; i + N <= end; i += N) {
     update_vec<O>(grad + i, c.param + i, c.m + i, c.v + i, half_out ? half_out + i : nullptr, s,
-                  s.stream_half, acc);
+                  s.stream_half, acc, i - begin, log);
   }
   if (s.stream_half && half_out) hwy::FlushStream();  // order the weakly-ordered stores
   if (i == end) return grad_stats{acc.sum(), 0};
-  // Tail: the same vector body on zero-padded stack copies (zeros stay finite through it).
+  // Tail: the same vector body on zero-padded stack copies (zeros stay finite through it, and
+  // a zero m, v is never logged).
   const size_t r = end - i;
   HWY_ALIGN_MAX float tp[k_max_lanes] = {}, tm[k_max_lanes] = {}, tv[k_max_lanes] = {};
   HWY_ALIGN_MAX G tg[k_max_lanes] = {};
@@ -198,7 +231,7 @@ grad_stats update_range(const chunk_ref& c, const step_scalars& s, size_t begin,
   std::memcpy(tv, c.v + i, r * 4);
   std::memcpy(tg, grad + i, r * sizeof(G));
   update_vec<O>(tg, tp, tm, tv, std::is_same_v<H, no_half> ? nullptr : reinterpret_cast<H*>(th), s,
-                false, acc);
+                false, acc, i - begin, log);
   std::memcpy(c.param + i, tp, r * 4);
   std::memcpy(c.m + i, tm, r * 4);
   std::memcpy(c.v + i, tv, r * 4);
@@ -207,27 +240,30 @@ grad_stats update_range(const chunk_ref& c, const step_scalars& s, size_t begin,
 }
 
 template <op O, class G>
-grad_stats update_g(const chunk_ref& c, const step_scalars& s, size_t b, size_t e) {
-  if (c.half_out == nullptr) return update_range<O, G, no_half>(c, s, b, e);
-  if (c.half_dtype == dtype::dtype_f16) return update_range<O, G, hwy::float16_t>(c, s, b, e);
-  return update_range<O, G, hwy::bfloat16_t>(c, s, b, e);
+grad_stats update_g(const chunk_ref& c, const step_scalars& s, size_t b, size_t e,
+                    std::vector<undo_entry>* log) {
+  if (c.half_out == nullptr) return update_range<O, G, no_half>(c, s, b, e, log);
+  if (c.half_dtype == dtype::dtype_f16) return update_range<O, G, hwy::float16_t>(c, s, b, e, log);
+  return update_range<O, G, hwy::bfloat16_t>(c, s, b, e, log);
 }
 
 template <op O>
-grad_stats update_o(const chunk_ref& c, const step_scalars& s, size_t b, size_t e) {
+grad_stats update_o(const chunk_ref& c, const step_scalars& s, size_t b, size_t e,
+                    std::vector<undo_entry>* log) {
   switch (c.grad_dtype) {
-    case dtype::dtype_f32: return update_g<O, float>(c, s, b, e);
-    case dtype::dtype_f16: return update_g<O, hwy::float16_t>(c, s, b, e);
-    case dtype::dtype_bf16: return update_g<O, hwy::bfloat16_t>(c, s, b, e);
+    case dtype::dtype_f32: return update_g<O, float>(c, s, b, e, log);
+    case dtype::dtype_f16: return update_g<O, hwy::float16_t>(c, s, b, e, log);
+    case dtype::dtype_bf16: return update_g<O, hwy::bfloat16_t>(c, s, b, e, log);
   }
   return {};
 }
 
-grad_stats update(op o, const chunk_ref& c, const step_scalars& s, size_t b, size_t e) {
+grad_stats update(op o, const chunk_ref& c, const step_scalars& s, size_t b, size_t e,
+                  std::vector<undo_entry>* log) {
   switch (o) {
-    case op::op_step: return update_o<op::op_step>(c, s, b, e);
-    case op::op_undo: return update_o<op::op_undo>(c, s, b, e);
-    case op::op_redo: return update_o<op::op_redo>(c, s, b, e);
+    case op::op_step: return update_o<op::op_step>(c, s, b, e, log);
+    case op::op_undo: return update_o<op::op_undo>(c, s, b, e, log);
+    case op::op_redo: return update_o<op::op_redo>(c, s, b, e, log);
   }
   return {};
 }

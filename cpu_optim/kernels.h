@@ -4,6 +4,7 @@
 // vector loop has a tail that reuses the vector body on a padded stack copy).
 #include <cstddef>
 #include <cstdint>
+#include <vector>
 
 #include "cpu_optim/adamw.h"
 
@@ -20,6 +21,9 @@ struct step_scalars {
   float mult;               // grad multiplier of the (forward) step
   float new_mult;           // redo only: multiplier of the step that replaces it
   bool stream_half;         // half_out is aligned for non-temporal stores
+  float log_ratio;          // step: log elements with v' > log_ratio v (0: no log)
+  float zero_ratio;         // undo/redo: restored v < zero_ratio v' means m = v = 0 was the
+                            // old state (0: plain inversion, the step kept no log)
 };
 
 enum class op { op_step, op_undo, op_redo };
@@ -32,8 +36,11 @@ struct kernel_table {
   // max_abs*|mult| is finite, since fp32 multiplication rounds monotonically.
   float (*max_abs)(const void* grad, dtype grad_dtype, size_t begin, size_t end);
   // One op over [begin, end); returns the sum of squares of the g it applied (step, redo: new g;
-  // undo: 0), accumulated exactly as stats() does, nonfinite 0.
-  grad_stats (*update)(op o, const chunk_ref& c, const step_scalars& s, size_t begin, size_t end);
+  // undo: 0), accumulated exactly as stats() does, nonfinite 0. A step with s.log_ratio > 0
+  // appends to `log` the old m, v of the elements undo cannot invert well (adamw.h, undo_log),
+  // offsets relative to begin.
+  grad_stats (*update)(op o, const chunk_ref& c, const step_scalars& s, size_t begin, size_t end,
+                       std::vector<undo_entry>* log);
   void (*convert)(const void* src, dtype src_dtype, void* dst, dtype dst_dtype, size_t begin,
                   size_t end);
 };

@@ -170,6 +170,14 @@ int main(int argc, char** argv) {
             report({"adamw", tgt, var, nt, n, s, 28});
           }
         }
+        {  // a speculative step: the same pass plus the undo log's check (nothing to log here)
+          co::adamw opt(nt);
+          const co::chunk_ref c{p, m, v, grad, co::dtype::dtype_f16, half, co::dtype::dtype_f16, n};
+          co::undo_log log;
+          int64_t step = 0;
+          const double s = median_seconds(reps, [&] { opt.step(c, h, ++step, 1.0f, &log); });
+          report({"adamw", tgt, "f16->f16 NT +undo log", nt, n, s, 28});
+        }
         co::adamw opt(nt);
         const double s = median_seconds(reps, [&] { opt.stats(grad, co::dtype::dtype_f16, n, 1.0f); });
         report({"stats", tgt, "stats() f16 (2 B/elem)", nt, n, s, 2});

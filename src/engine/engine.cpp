@@ -104,11 +104,10 @@ bool engine::speculating() const {
   if (opt_.mode != offload_mode::offload_overlapped) return false;
   if (opt_.speculate == speculate_mode::speculate_on) return true;
   if (opt_.speculate == speculate_mode::speculate_off) return false;
-  // Speculate only after kRecentSteps steps in a row validated without a fix-up. A rollback
-  // restores the moments to within rounding of the speculative values, not bit for bit, so a
-  // rolled-back step drifts from the direct update (tests/engine: engine_rollback); this keeps
-  // rollbacks to at most one per kRecentSteps steps while clipping or overflow is rare, and to
-  // none while they are common (where speculation would not pay anyway: a redo costs a full pass).
+  // Speculate only after kRecentSteps steps in a row validated without a fix-up: a rollback is
+  // exact for the moments (cpu_optim::undo_log) but costs a second pass over the unit's state, so
+  // rollbacks stay at most one per kRecentSteps steps while clipping or overflow is rare, and
+  // none while they are common (where speculating would not pay).
   if (int(recent_fixes_.size()) < kRecentSteps) return false;
   for (bool f : recent_fixes_)
     if (f) return false;
@@ -235,9 +234,11 @@ cpu_optim::chunk_ref engine::chunk(int64_t u) const {
 }
 
 // Runs on the update thread: one unit's AdamW with gradient multiplier `mult`.
-void engine::host_update(int64_t u, double mult, const cpu_optim::adamw_hparams& hp, int64_t step) {
+// A speculative update keeps the undo log that a rollback needs to restore the moments exactly.
+void engine::host_update(int64_t u, double mult, const cpu_optim::adamw_hparams& hp, int64_t step,
+                         bool speculative) {
   delay();
-  unit_state_[u].stats = adam_->step(chunk(u), hp, step, float(mult));
+  unit_state_[u].stats = adam_->step(chunk(u), hp, step, float(mult), speculative ? &unit_state_[u].log : nullptr);
   unit_state_[u].applied = unit_state_[u].stats.nonfinite == 0;
   if (opt_.dtype == at::kFloat)
     cpu_optim::convert(store_->master(u), cpu_optim::dtype::dtype_f32, store_->shadow(u), cpu_optim::dtype::dtype_f32,
@@ -278,7 +279,7 @@ void engine::send_grad(int64_t u, grad_slot& g, int64_t numel, bool first_micro,
         }
         if (!last_micro) return;
         if (poison) debug_poison(u);
-        if (speculate) host_update(u, mult, hp, step);
+        if (speculate) host_update(u, mult, hp, step, true);
         else unit_state_[u].stats = adam_->stats(chunk(u).grad, chunk(u).grad_dtype, n, float(mult));
       },
       u, version);
@@ -417,7 +418,7 @@ step_result engine::train_step(const std::vector<at::Tensor>& micro_batches, dou
           grad.index_add_(0, tok.reshape({-1}), rows.to(at::kFloat));
           if (!last) return;
           if (poison) debug_poison(eu);
-          if (speculate) host_update(eu, mult, hp, step);
+          if (speculate) host_update(eu, mult, hp, step, true);
           else unit_state_[eu].stats = adam_->stats(store_->grad(eu), cpu_optim::dtype::dtype_f32,
                                                     size_t(store_->unit(eu).numel), float(mult));
         },
@@ -466,11 +467,12 @@ void engine::finish_step(step_result& r, bool speculate) {
   const cpu_optim::adamw_hparams hp = hp_;
   const int64_t step = adam_step_;
 
+  for (const auto& s : unit_state_) r.undo_log_bytes += int64_t(s.log.bytes());
   for (int64_t u = 0; u < store_->num_units(); ++u) {
     int64_t version = ++version_[u];
     if (speculate) {
       if (!fix) {
-        worker_->submit([] {}, u, version);
+        worker_->submit([this, u] { unit_state_[u].log.clear(); }, u, version);
         continue;
       }
       ++r.rollbacks;
@@ -480,21 +482,23 @@ void engine::finish_step(step_result& r, bool speculate) {
             // A unit whose gradient was non-finite was left untouched by step(); the whole step
             // is then skipped, so there is nothing to undo for it.
             if (!unit_state_[u].applied) return;
+            cpu_optim::undo_log& log = unit_state_[u].log;
             if (skipped) {
-              adam_->undo(chunk(u), hp, step, float(spec_mult));
+              adam_->undo(chunk(u), hp, step, float(spec_mult), &log);
               if (opt_.dtype == at::kFloat)
                 cpu_optim::convert(store_->master(u), cpu_optim::dtype::dtype_f32, store_->shadow(u),
                                    cpu_optim::dtype::dtype_f32, size_t(store_->unit(u).numel));
             } else {
-              adam_->redo(chunk(u), hp, step, float(spec_mult), float(final_mult));
+              adam_->redo(chunk(u), hp, step, float(spec_mult), float(final_mult), &log);
               if (opt_.dtype == at::kFloat)
                 cpu_optim::convert(store_->master(u), cpu_optim::dtype::dtype_f32, store_->shadow(u),
                                    cpu_optim::dtype::dtype_f32, size_t(store_->unit(u).numel));
             }
+            log.clear();
           },
           u, version);
     } else if (!r.skipped) {
-      worker_->submit([this, u, final_mult, hp, step] { host_update(u, final_mult, hp, step); }, u, version);
+      worker_->submit([this, u, final_mult, hp, step] { host_update(u, final_mult, hp, step, false); }, u, version);
     } else {
       worker_->submit([] {}, u, version);
     }

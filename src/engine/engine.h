@@ -50,6 +50,7 @@ struct step_result {
   double loss_scale = 1;    // the scale used for this step's backward
   bool speculated = false;  // updates ran during backward
   int64_t rollbacks = 0;    // units undone or redone after validation
+  int64_t undo_log_bytes = 0;  // host memory of the speculative updates' undo logs (cpu_optim::undo_log)
   // where the time went (milliseconds) and what moved
   double step_ms = 0, h2d_ms = 0, d2h_ms = 0, cpu_adam_ms = 0, stall_update_ms = 0, tail_ms = 0;
   int64_t h2d_bytes = 0, d2h_bytes = 0;
@@ -122,6 +123,7 @@ class engine {
   struct unit_state {
     cpu_optim::grad_stats stats;
     bool applied = false;   // a speculative update of this step was applied
+    cpu_optim::undo_log log;  // what undoing that update needs beyond the new moments
   };
 
   bool resident(int64_t u) const;
@@ -132,7 +134,7 @@ class engine {
   void release(slot& s);
   void send_grad(int64_t u, grad_slot& g, int64_t numel, bool last_micro, bool first_micro, bool speculate);
   cpu_optim::chunk_ref chunk(int64_t u) const;
-  void host_update(int64_t u, double mult, const cpu_optim::adamw_hparams& hp, int64_t step);
+  void host_update(int64_t u, double mult, const cpu_optim::adamw_hparams& hp, int64_t step, bool speculative);
   void finish_step(step_result& r, bool speculate);
   step_result train_step_resident(const std::vector<at::Tensor>& micro_batches, double lr);
   void delay() { dev_->debug_delay(); }

@@ -168,6 +168,7 @@ int run_training(const io::run_config& cfg, const model::llama_config& mc, const
     m["loss_scale"] = r.loss_scale;
     m["skipped"] = r.skipped;
     m["rollbacks"] = r.rollbacks;
+    m["undo_log_bytes"] = r.undo_log_bytes;
     m["speculated"] = r.speculated;
     m["tokens_per_s"] = tok_s;
     m["mfu"] = mfu;

@@ -196,6 +196,97 @@ TEST_P(adamw_target, undo_and_redo_within_documented_tolerance) {
   }
 }
 
+// The undo log: elements whose old moments the new ones cannot give back (m = v = 0 before: a
+// token's first gradient; v far below this step's (1-b2) g^2) are restored bit for bit, every
+// other v within (k_undo_log_ratio + 3)·2^-24 |v_old|, p within the plain bound; redo with the
+// log equals undo(log) then step; without the log the same elements come back measurably wrong.
+TEST_P(adamw_target, undo_log_restores_moments_exactly) {
+  const uint32_t seed = fresh_seed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937 rng(seed);
+  adamw opt(2);
+  const adamw_hparams h{1e-3f, 0.9f, 0.95f, 1e-8f, 0.1f};
+  const double u = std::ldexp(1.0, -23);
+  const size_t n = 100003;  // several 16384-element blocks and a tail
+  for (dtype gt : {dtype::dtype_f32, dtype::dtype_bf16}) {
+    SCOPED_TRACE(std::string("grad ") + dtype_name(gt));
+    state s = random_state(rng, n);
+    std::vector<float> decoded;
+    for (int64_t step = 1; step < 4; ++step) {
+      const auto grad = encode(normal(rng, n, 1.0f), gt, &decoded);
+      opt.step(make_chunk(s, grad, gt, dtype::dtype_f16, true), h, step, 1.0f);
+    }
+    // A fifth each: typical, m = v = 0, v far below (1-b2) g^2, v = 0 with m != 0, no gradient.
+    std::vector<float> g = normal(rng, n, 1.0f);
+    for (size_t i = 0; i < n; ++i) {
+      switch (rng() % 5) {
+        case 1: s.m[i] = s.v[i] = 0.0f; break;
+        case 2:
+          s.v[i] = std::ldexp(1.0f, -40) * (1.0f + float(rng() % 100) / 100.0f);
+          s.m[i] = std::ldexp(rng() % 2 ? 1.0f : -1.0f, -22);
+          break;
+        case 3: s.v[i] = 0.0f; break;
+        case 4: g[i] = 0.0f; break;
+      }
+    }
+    const auto grad = encode(g, gt, &decoded);
+    const state s0 = s;
+    const float a = 1.0f, b = 0.37f;
+    state s1 = s0;
+    undo_log log;
+    opt.step(make_chunk(s1, grad, gt, dtype::dtype_f16, true), h, 4, a, &log);
+    // The documented criterion, on the values before and after the step.
+    std::vector<char> logged(n), exact(n);
+    size_t want_logged = 0, n_exact = 0;
+    for (size_t i = 0; i < n; ++i) {
+      logged[i] = s0.v[i] == 0 ? s0.m[i] != 0 : s1.v[i] > k_undo_log_ratio * s0.v[i];
+      exact[i] = logged[i] || (s0.v[i] == 0 && s0.m[i] == 0);
+      want_logged += logged[i];
+      n_exact += exact[i];
+    }
+    EXPECT_EQ(log.entries(), want_logged);
+    EXPECT_EQ(log.bytes(), want_logged * sizeof(undo_entry));
+
+    state undone = s1, plain = s1;
+    opt.undo(make_chunk(undone, grad, gt, dtype::dtype_f16, true), h, 4, a, &log);
+    opt.undo(make_chunk(plain, grad, gt, dtype::dtype_f16, true), h, 4, a);
+    double worst_p = 0, worst_v = 0;
+    size_t not_exact = 0, plain_far = 0;
+    for (size_t i = 0; i < n; ++i) {
+      worst_p = std::max(worst_p, std::fabs(undone.p[i] - s0.p[i]) / (u * (std::fabs(s0.p[i]) + std::fabs(s1.p[i]))));
+      ASSERT_EQ(undone.half_out[i], half::f32_to_f16(undone.p[i]));
+      if (!exact[i]) {
+        worst_v = std::max(worst_v, std::fabs(undone.v[i] - s0.v[i]) / (0.5 * u * s0.v[i]));
+        continue;
+      }
+      not_exact += !(bits_equal({undone.m[i]}, {s0.m[i]}) && bits_equal({undone.v[i]}, {s0.v[i]}));
+      plain_far += std::fabs(plain.v[i] - s0.v[i]) > 1e-3 * s0.v[i] || std::fabs(plain.m[i] - s0.m[i]) > 1e-3 * std::fabs(s0.m[i]);
+    }
+    EXPECT_EQ(not_exact, 0u) << "zero-state and logged elements must come back bit for bit";
+    EXPECT_LE(worst_v, k_undo_log_ratio / h.beta2 + 3) << "(units 2^-24 |v_old|)";
+    EXPECT_LE(worst_p, 2.0);
+    EXPECT_GT(plain_far, n_exact / 4) << "without the log these elements are not recoverable (the test's premise)";
+    std::printf("[ undo log ] %s grad %s: %zu of %zu logged, %zu exact; undo error p %.2f (2^-23 |old|+|new|), "
+                "v %.2f (2^-24 |old|); without the log %zu moments off by > 1e-3\n",
+                GetParam().c_str(), dtype_name(gt), log.entries(), n, n_exact, worst_p, worst_v, plain_far);
+
+    state redone = s1, stepwise = undone;
+    opt.redo(make_chunk(redone, grad, gt, dtype::dtype_f16, true), h, 4, a, b, &log);
+    opt.step(make_chunk(stepwise, grad, gt, dtype::dtype_f16, true), h, 4, b);
+    EXPECT_TRUE(bits_equal(redone.p, stepwise.p) && bits_equal(redone.m, stepwise.m) &&
+                bits_equal(redone.v, stepwise.v));
+    EXPECT_EQ(redone.half_out, stepwise.half_out);
+
+    undo_log other;
+    state small = random_state(rng, 17);
+    const auto small_grad = encode(normal(rng, 17, 1.0f), gt, &decoded);
+    opt.step(make_chunk(small, small_grad, gt, dtype::dtype_f16, true), h, 1, a, &other);
+    EXPECT_THROW(opt.undo(make_chunk(undone, grad, gt, dtype::dtype_f16, true), h, 4, a, &other), std::exception);
+    log.clear();
+    EXPECT_EQ(log.entries(), 0u);
+  }
+}
+
 TEST_P(adamw_target, thread_counts_give_identical_bits) {
   const uint32_t seed = fresh_seed();
   SCOPED_TRACE("seed " + std::to_string(seed));
