@@ -2,7 +2,6 @@
 // training, with a progress bar on stderr. The file kinds are those of src/io/token_stream.h.
 #include <cstdio>
 #include <cstring>
-#include <exception>
 #include <string>
 #include <vector>
 
@@ -73,13 +72,5 @@ int run(int argc, char** argv) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  try {
-    return run(argc, argv);
-  } catch (const ferry::config_error& e) {
-    std::fprintf(stderr, "ferry-tokenize: %s\n", e.what());
-    return 2;
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "ferry-tokenize: %s\n", e.what());
-    return 1;
-  }
+  return ferry::run_tool("ferry-tokenize", [&] { return run(argc, argv); });
 }
