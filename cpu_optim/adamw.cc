@@ -164,8 +164,7 @@ grad_stats adamw::run(int o, const chunk_ref& c, const adamw_hparams& h, int64_t
   detail::step_scalars s = make_scalars(h, step, mult, c, tuning_);
   s.new_mult = new_mult;
   const size_t block = tuning_.block_size, nb = (c.n + block - 1) / block;
-  if (record) {
-    record->clear();
+  if (record) {  // step() cleared it
     record->n_ = c.n;
     record->block_size_ = block;
     record->blocks_.resize(nb);

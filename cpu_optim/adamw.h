@@ -59,7 +59,7 @@ struct chunk_ref {
 // later steps divide by. step() given a log records the exact old m and v of those elements
 // (v != 0 and v' > k_undo_log_ratio v, or v == 0 with m != 0); the elements whose old m and v were
 // both zero are recognised by undo() and restored to exact zeros. With the log, undo restores m
-// and v exactly there and within (k_undo_log_ratio + 3)·2^-24 |v| elsewhere (README.md).
+// and v exactly there and within (k_undo_log_ratio / b2 + 3)·2^-24 |v| elsewhere (README.md).
 struct undo_entry {
   uint32_t offset;  // within its block
   float m, v;       // the values before the step
@@ -112,9 +112,9 @@ class adamw {
                   undo_log* log = nullptr);
 
   // Undoes a step() made with the same (h, step, grad_mult) and the same gradient still in the
-  // buffer: restores p, m, v (README.md "Rollback precision" gives the bounds, with and without
-  // the step's log) and rewrites half_out from the restored p. A no-op when that step was
-  // refused for non-finite gradients.
+  // buffer: restores p, m, v (README.md "Precision and rollback tolerance" gives the bounds,
+  // with and without the step's log) and rewrites half_out from the restored p. A no-op when
+  // that step was refused for non-finite gradients.
   void undo(const chunk_ref& c, const adamw_hparams& h, int64_t step, float grad_mult,
             const undo_log* log = nullptr);
 

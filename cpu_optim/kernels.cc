@@ -153,9 +153,9 @@ HWY_NOINLINE void log_lanes(hn::Mask<df_t> ill, hn::Vec<df_t> m_old, hn::Vec<df_
 
 // One vector of the update. Undo inverts the step's operations in reverse order, recomputing
 // the step's update term from the (unchanged) new m and v, so only the final roundings of
-// p, m and v are lost (README.md "Rollback precision"). With the step's log, lanes restored to
-// v < zero_ratio v' had m = v = 0 before (any other state that far below v' was logged, and the
-// front patches logged lanes after this).
+// p, m and v are lost (README.md "Precision and rollback tolerance"). With the step's log, lanes
+// restored to v < zero_ratio v' had m = v = 0 before (any other state that far below v' was
+// logged, and the front patches logged lanes after this).
 template <op O, class G, class H>
 HWY_INLINE void update_vec(const G* HWY_RESTRICT grad, float* HWY_RESTRICT p,
                            float* HWY_RESTRICT m, float* HWY_RESTRICT v, H* HWY_RESTRICT half_out,

@@ -240,6 +240,11 @@ void engine::host_update(int64_t u, double mult, const cpu_optim::adamw_hparams&
   delay();
   unit_state_[u].stats = adam_->step(chunk(u), hp, step, float(mult), speculative ? &unit_state_[u].log : nullptr);
   unit_state_[u].applied = unit_state_[u].stats.nonfinite == 0;
+  copy_f32_shadow(u);
+}
+
+// fp32 runs: AdamW writes no half copy, so the device-bound shadow is refreshed from the master.
+void engine::copy_f32_shadow(int64_t u) {
   if (opt_.dtype == at::kFloat)
     cpu_optim::convert(store_->master(u), cpu_optim::dtype::dtype_f32, store_->shadow(u), cpu_optim::dtype::dtype_f32,
                        size_t(store_->unit(u).numel));
@@ -483,18 +488,10 @@ void engine::finish_step(step_result& r, bool speculate) {
             // is then skipped, so there is nothing to undo for it.
             if (!unit_state_[u].applied) return;
             cpu_optim::undo_log& log = unit_state_[u].log;
-            if (skipped) {
-              adam_->undo(chunk(u), hp, step, float(spec_mult), &log);
-              if (opt_.dtype == at::kFloat)
-                cpu_optim::convert(store_->master(u), cpu_optim::dtype::dtype_f32, store_->shadow(u),
-                                   cpu_optim::dtype::dtype_f32, size_t(store_->unit(u).numel));
-            } else {
-              adam_->redo(chunk(u), hp, step, float(spec_mult), float(final_mult), &log);
-              if (opt_.dtype == at::kFloat)
-                cpu_optim::convert(store_->master(u), cpu_optim::dtype::dtype_f32, store_->shadow(u),
-                                   cpu_optim::dtype::dtype_f32, size_t(store_->unit(u).numel));
-            }
+            if (skipped) adam_->undo(chunk(u), hp, step, float(spec_mult), &log);
+            else adam_->redo(chunk(u), hp, step, float(spec_mult), float(final_mult), &log);
             log.clear();
+            copy_f32_shadow(u);
           },
           u, version);
     } else if (!r.skipped) {

@@ -135,6 +135,7 @@ class engine {
   void send_grad(int64_t u, grad_slot& g, int64_t numel, bool last_micro, bool first_micro, bool speculate);
   cpu_optim::chunk_ref chunk(int64_t u) const;
   void host_update(int64_t u, double mult, const cpu_optim::adamw_hparams& hp, int64_t step, bool speculative);
+  void copy_f32_shadow(int64_t u);
   void finish_step(step_result& r, bool speculate);
   step_result train_step_resident(const std::vector<at::Tensor>& micro_batches, double lr);
   void delay() { dev_->debug_delay(); }
