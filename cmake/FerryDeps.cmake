@@ -5,8 +5,6 @@ find_package(TBB REQUIRED)
 find_package(hwy REQUIRED)
 find_package(nlohmann_json 3.9 REQUIRED)
 find_package(Boost 1.71 REQUIRED COMPONENTS program_options)
-find_package(dnnl QUIET)
-find_package(PkgConfig QUIET)
 
 # sentencepiece ships only a pkg-config file on Debian/Ubuntu; search the offline prefix too.
 find_path(SENTENCEPIECE_INCLUDE_DIR sentencepiece_processor.h)

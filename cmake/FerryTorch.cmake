@@ -16,38 +16,77 @@ if(NOT FERRY_PYTHON)
   endif()
 endif()
 
-if(NOT Torch_DIR)
-  find_package(Torch QUIET CONFIG)
-endif()
-if(NOT Torch_FOUND)
-  if(FERRY_PYTHON)
-    execute_process(COMMAND ${FERRY_PYTHON} -c "import torch;print(torch.utils.cmake_prefix_path)"
-      OUTPUT_VARIABLE _ferry_torch_prefix OUTPUT_STRIP_TRAILING_WHITESPACE ERROR_QUIET)
-    if(_ferry_torch_prefix)
-      list(APPEND CMAKE_PREFIX_PATH ${_ferry_torch_prefix})
-    endif()
+# Where the Python torch keeps its CMake files, when no Torch_DIR / CMAKE_PREFIX_PATH names one.
+if(FERRY_PYTHON)
+  execute_process(COMMAND ${FERRY_PYTHON} -c "import torch;print(torch.utils.cmake_prefix_path)"
+    OUTPUT_VARIABLE _ferry_torch_prefix OUTPUT_STRIP_TRAILING_WHITESPACE ERROR_QUIET)
+  if(_ferry_torch_prefix)
+    list(APPEND CMAKE_PREFIX_PATH ${_ferry_torch_prefix})
   endif()
+endif()
+find_program(FERRY_NVCC nvcc HINTS ENV CUDA_HOME ENV CUDA_PATH /usr/local/cuda PATH_SUFFIXES bin)
+
+# The install root of a libtorch laid out as <root>/share/cmake/Torch (a PyTorch wheel or the
+# libtorch zip), or empty.
+set(_ferry_torch_root "")
+foreach(_p ${Torch_DIR} ${CMAKE_PREFIX_PATH})
+  foreach(_sub "" Torch share/cmake/Torch)
+    if(NOT _ferry_torch_root AND EXISTS "${_p}/${_sub}/TorchConfig.cmake")
+      get_filename_component(_root "${_p}/${_sub}/../../.." ABSOLUTE)
+      if(EXISTS "${_root}/include/ATen/ATen.h" AND EXISTS "${_root}/lib/libtorch_cpu.so")
+        set(_ferry_torch_root "${_root}")
+        set(_ferry_torch_config_dir "${_p}/${_sub}")
+      endif()
+    endif()
+  endforeach()
+endforeach()
+
+# A libtorch built with CUDA (every Linux x86_64 PyTorch wheel on PyPI) cannot be configured
+# through its own TorchConfig on a machine without the CUDA toolkit: Caffe2's cuda.cmake stops
+# with "Your installed Caffe2 version uses CUDA but I cannot find the CUDA libraries". A CPU-only
+# build needs none of that, so there ferry imports libtorch's CPU side itself: the headers,
+# libtorch_cpu and libc10, and the definitions torch_cpu's own target carries.
+set(FERRY_TORCH_CPU_SIDE OFF)
+if(_ferry_torch_root AND EXISTS "${_ferry_torch_root}/lib/libc10_cuda.so" AND
+   (FERRY_CUDA STREQUAL "OFF" OR NOT FERRY_NVCC))
+  if(FERRY_CUDA STREQUAL "ON")
+    message(FATAL_ERROR "FERRY_CUDA=ON but no nvcc was found (looked in PATH, $CUDA_HOME, /usr/local/cuda); "
+                        "install the CUDA toolkit or pass -DFERRY_CUDA=OFF")
+  endif()
+  set(FERRY_TORCH_CPU_SIDE ON)
+  set(Torch_DIR "${_ferry_torch_config_dir}")
+  file(STRINGS "${_ferry_torch_config_dir}/TorchConfigVersion.cmake" _v REGEX "set\\(PACKAGE_VERSION ")
+  string(REGEX REPLACE ".*\"(.*)\".*" "\\1" Torch_VERSION "${_v}")
+  add_library(ferry_torch INTERFACE)
+  target_include_directories(ferry_torch SYSTEM INTERFACE
+    "${_ferry_torch_root}/include" "${_ferry_torch_root}/include/torch/csrc/api/include")
+  target_compile_definitions(ferry_torch INTERFACE USE_DISTRIBUTED USE_C10D_GLOO USE_RPC USE_TENSORPIPE)
+  # --no-as-needed as torch's own target does: static registrations in libtorch_cpu must load.
+  target_link_libraries(ferry_torch INTERFACE
+    "-Wl,--no-as-needed,${_ferry_torch_root}/lib/libtorch_cpu.so -Wl,--as-needed"
+    "${_ferry_torch_root}/lib/libc10.so" Threads::Threads)
+  target_link_options(ferry_torch INTERFACE "-Wl,-rpath,${_ferry_torch_root}/lib")
+else()
   # Torch's CUDA config needs nvcc; point it at the toolkit when one is installed.
-  if(NOT CMAKE_CUDA_COMPILER AND EXISTS /usr/local/cuda/bin/nvcc AND NOT FERRY_CUDA STREQUAL "OFF")
-    set(CMAKE_CUDA_COMPILER /usr/local/cuda/bin/nvcc)
+  if(NOT CMAKE_CUDA_COMPILER AND FERRY_NVCC AND NOT FERRY_CUDA STREQUAL "OFF")
+    set(CMAKE_CUDA_COMPILER "${FERRY_NVCC}")
   endif()
   find_package(Torch REQUIRED CONFIG)
+  # Torch's CMake adds flags we do not want everywhere (e.g. -D_GLIBCXX_USE_CXX11_ABI); keep them on
+  # the torch target only. TORCH_LIBRARIES carries the include directories and definitions.
+  add_library(ferry_torch INTERFACE)
+  target_link_libraries(ferry_torch INTERFACE ${TORCH_LIBRARIES})
 endif()
-
-# Torch's CMake adds flags we do not want everywhere (e.g. -D_GLIBCXX_USE_CXX11_ABI); keep them on
-# the torch target only. TORCH_LIBRARIES carries the include directories and definitions.
-add_library(ferry_torch INTERFACE)
-target_link_libraries(ferry_torch INTERFACE ${TORCH_LIBRARIES})
 target_compile_options(ferry_torch INTERFACE $<$<COMPILE_LANGUAGE:CXX>:-Wno-unused-parameter>)
 
 set(FERRY_TORCH_VERSION "${Torch_VERSION}")
 set(FERRY_TORCH_HAS_CUDA OFF)
-if(TARGET torch_cuda OR CAFFE2_USE_CUDA)
+if(TARGET torch_cuda OR CAFFE2_USE_CUDA OR FERRY_TORCH_CPU_SIDE)
   set(FERRY_TORCH_HAS_CUDA ON)
 endif()
 
 set(FERRY_WITH_CUDA OFF)
-if(FERRY_CUDA STREQUAL "ON" OR (FERRY_CUDA STREQUAL "AUTO" AND FERRY_TORCH_HAS_CUDA))
+if(NOT FERRY_TORCH_CPU_SIDE AND (FERRY_CUDA STREQUAL "ON" OR (FERRY_CUDA STREQUAL "AUTO" AND FERRY_TORCH_HAS_CUDA)))
   include(CheckLanguage)
   check_language(CUDA)
   if(CMAKE_CUDA_COMPILER)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Downloads the Debian packages ferry needs into a folder, for an offline GPU server that has
-# libtorch (e.g. a PyTorch install) but lacks oneTBB, oneDNN, Boost.Program_options, Highway and
+# libtorch (e.g. a PyTorch install) but lacks oneTBB, Boost.Program_options, Highway and
 # friends. Copy the folder to the server as deps/bundle (or pass --bundle DIR to setup.sh there);
 # setup.sh unpacks it without root into .deps/prefix.
 #   scripts/bundle-deps.sh [DIR]          (default: deps/bundle)
@@ -10,7 +10,6 @@ dest="${1:-$FERRY_ROOT/deps/bundle}"
 command -v apt-get >/dev/null || ferry_die "bundle-deps.sh needs apt-get (a Debian/Ubuntu machine with a network)"
 pkgs=(
   libtbb-dev libtbb12 libtbbmalloc2 libtbbbind-2-5 libhwloc15
-  libdnnl-dev libdnnl2
   libboost-program-options-dev libboost-program-options1.74-dev libboost-program-options1.74.0 libboost1.74-dev
   libhwy-dev libhwy1
   nlohmann-json3-dev

@@ -29,7 +29,6 @@ prefix="$FERRY_ROOT/.deps/prefix"
 # header that proves each package is usable -> Debian package that provides it
 declare -A need=(
   [tbb/tbb.h]=libtbb-dev
-  [oneapi/dnnl/dnnl.hpp]=libdnnl-dev
   [boost/program_options.hpp]=libboost-program-options-dev
   [hwy/highway.h]=libhwy-dev
   [nlohmann/json.hpp]=nlohmann-json3-dev
@@ -41,7 +40,6 @@ declare -A need=(
 bundle_glob() {
   case "$1" in
     libtbb-dev) echo "libtbb*.deb libhwloc*.deb" ;;
-    libdnnl-dev) echo "libdnnl*.deb" ;;
     libboost-program-options-dev) echo "libboost*.deb" ;;
     libhwy-dev) echo "libhwy*.deb" ;;
     nlohmann-json3-dev) echo "nlohmann*.deb" ;;
@@ -70,8 +68,8 @@ for h in "${!need[@]}"; do
 done
 # Headers alone are not enough where a package ships a compiled library (Ubuntu's libboost-dev
 # has the program_options headers without the library).
-for pair in libboost_program_options:libboost-program-options-dev libtbb:libtbb-dev libdnnl:libdnnl-dev \
-            libhwy:libhwy-dev libsentencepiece:libsentencepiece-dev; do
+for pair in libboost_program_options:libboost-program-options-dev libtbb:libtbb-dev libhwy:libhwy-dev \
+            libsentencepiece:libsentencepiece-dev; do
   lib="${pair%%:*}" pkg="${pair##*:}"
   if ! have_lib "$lib" && [[ " ${missing[*]} " != *" $pkg "* ]]; then missing+=("$pkg"); fi
 done
@@ -122,8 +120,12 @@ if [ -z "$torch_prefix" ] && [ -z "$python" ] && [ "$use_venv" = 1 ]; then
   python3 -m venv "$FERRY_ROOT/.venv" 2>/dev/null || {
     [ "$(id -u)" = 0 ] && apt-get install -y -qq python3-venv >/dev/null && python3 -m venv "$FERRY_ROOT/.venv"; } \
     || ferry_die "cannot create a Python venv: install python3-venv"
-  if "$FERRY_ROOT/.venv/bin/pip" install -q --no-cache-dir "torch==$TORCH_VERSION" && \
-     "$FERRY_ROOT/.venv/bin/pip" install -q --no-cache-dir transformers safetensors numpy sentencepiece; then
+  # No pip cache by default (the torch wheel would be stored twice); FERRY_PIP_CACHE_DIR names one
+  # to share between checkouts (CI's fresh-machine check shares it with its Debian root).
+  cache=(--no-cache-dir)
+  [ -n "${FERRY_PIP_CACHE_DIR:-}" ] && cache=(--cache-dir "$FERRY_PIP_CACHE_DIR")
+  if "$FERRY_ROOT/.venv/bin/pip" install -q "${cache[@]}" "torch==$TORCH_VERSION" && \
+     "$FERRY_ROOT/.venv/bin/pip" install -q "${cache[@]}" transformers safetensors numpy sentencepiece; then
     python="$FERRY_ROOT/.venv/bin/python"
   else
     ferry_log "pip could not install torch==$TORCH_VERSION; falling back to Debian's libtorch-dev"
