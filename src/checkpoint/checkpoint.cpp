@@ -1,4 +1,4 @@
-#include "src/train/checkpoint.h"
+#include "src/checkpoint/checkpoint.h"
 
 #include <fcntl.h>
 #include <unistd.h>
@@ -14,7 +14,7 @@
 #include "src/io/hf_config.h"
 #include "src/io/safetensors.h"
 
-namespace ferry::train {
+namespace ferry::checkpoint {
 namespace fs = std::filesystem;
 using json = nlohmann::json;
 
@@ -176,4 +176,4 @@ trainer_state load_checkpoint(engine::engine& e, const std::string& dir) {
   return st;
 }
 
-}  // namespace ferry::train
+}  // namespace ferry::checkpoint

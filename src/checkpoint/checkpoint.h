@@ -1,5 +1,6 @@
 #pragma once
-// Training checkpoints. Layout of <output_dir>/checkpoint-<step>/:
+// Checkpoints, below both the training loop and inference: train saves and resumes them, infer
+// and the tools read their weights. Layout of <output_dir>/checkpoint-<step>/:
 //   config.json, model.safetensors       the model in HF form (loadable by transformers and ferry-infer)
 //   optimizer.safetensors                fp32 master weights, exp_avg, exp_avg_sq per HF name
 //   trainer_state.json                   step, loss scaler, data cursor, seed, speculation history,
@@ -15,7 +16,7 @@
 
 #include "src/engine/engine.h"
 
-namespace ferry::train {
+namespace ferry::checkpoint {
 
 struct trainer_state {
   int64_t step = 0;              // optimizer steps taken
@@ -46,4 +47,4 @@ trainer_state load_checkpoint(engine::engine& e, const std::string& dir);
 // Loads only model weights from an HF checkpoint directory (fine-tuning start).
 void load_hf_weights(engine::engine& e, const std::string& dir);
 
-}  // namespace ferry::train
+}  // namespace ferry::checkpoint

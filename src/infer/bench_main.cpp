@@ -26,7 +26,7 @@
 #include "src/infer/kv_cache.h"
 #include "src/io/hf_config.h"
 #include "src/model/block.h"
-#include "src/train/checkpoint.h"
+#include "src/checkpoint/checkpoint.h"
 
 namespace {
 using namespace ferry;
@@ -163,7 +163,7 @@ int bench_main(int argc, char** argv) {
       continue;
     }
     device_name = e->device().name();
-    if (!a.weights.empty()) train::load_hf_weights(*e, a.weights);
+    if (!a.weights.empty()) checkpoint::load_hf_weights(*e, a.weights);
     else e->params().init_random(1234, mc.initializer_range);
     e->params_changed();
     if (bw == 0) bw = measure_h2d(*e);

@@ -11,7 +11,7 @@
 #include "src/engine/engine.h"
 #include "src/infer/evaluate.h"
 #include "src/infer/generate.h"
-#include "src/train/checkpoint.h"
+#include "src/checkpoint/checkpoint.h"
 
 namespace ferry::infer {
 namespace fs = std::filesystem;
@@ -149,7 +149,7 @@ int run_inference(const io::run_config& cfg, const model::llama_config& mc, cons
               double(mc.total_params()) / 1e9, (long long)mc.num_hidden_layers, engine::offload_mode_name(eo.mode),
               cfg.dtype.c_str(), e.device().name().c_str(), tok->name().c_str());
   if (!cfg.init.empty()) {
-    train::load_hf_weights(e, cfg.init);
+    checkpoint::load_hf_weights(e, cfg.init);
     std::printf("weights: %s\n", cfg.init.c_str());
   } else {
     e.params().init_random(cfg.seed, mc.initializer_range);

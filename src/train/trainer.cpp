@@ -16,7 +16,7 @@
 #include "src/common/error.h"
 #include "src/engine/engine.h"
 #include "src/io/tensorboard.h"
-#include "src/train/checkpoint.h"
+#include "src/checkpoint/checkpoint.h"
 #include "src/train/lr_schedule.h"
 
 namespace ferry::train {
@@ -81,18 +81,18 @@ int run_training(const io::run_config& cfg, const model::llama_config& mc, const
               cfg.dtype.c_str(), e.device().name().c_str());
   std::printf("memory plan:\n%s\n", e.plan().describe().c_str());
 
-  trainer_state st;
+  checkpoint::trainer_state st;
   st.seed = cfg.seed;
   st.model_name = mc.name;
   st.run_config_json = io::to_json(cfg);
   if (!cfg.resume.empty()) {
-    std::string dir = resolve_checkpoint(cfg.resume, cfg.output_dir);
-    trainer_state loaded = load_checkpoint(e, dir);
+    std::string dir = checkpoint::resolve_checkpoint(cfg.resume, cfg.output_dir);
+    checkpoint::trainer_state loaded = checkpoint::load_checkpoint(e, dir);
     st.step = loaded.step;
     st.data_cursor = loaded.data_cursor;
     std::printf("resumed from %s at step %lld\n", dir.c_str(), (long long)st.step);
   } else if (!cfg.init.empty()) {
-    load_hf_weights(e, cfg.init);
+    checkpoint::load_hf_weights(e, cfg.init);
     e.params_changed();
     std::printf("initialised from %s\n", cfg.init.c_str());
   } else {
@@ -125,7 +125,7 @@ int run_training(const io::run_config& cfg, const model::llama_config& mc, const
     st.good_steps = e.scaler().good_steps;
     st.adam_steps = e.optimizer_steps();
     st.recent_fixes = e.recent_fixes();
-    std::string dir = save_checkpoint(e, st, cfg.output_dir, cfg.keep_last, sp_model);
+    std::string dir = checkpoint::save_checkpoint(e, st, cfg.output_dir, cfg.keep_last, sp_model);
     std::printf("checkpoint (%s): %s\n", why, dir.c_str());
   };
 

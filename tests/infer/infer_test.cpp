@@ -20,7 +20,7 @@
 #include "src/io/hf_config.h"
 #include "src/model/block.h"
 #include "src/model/embed_head.h"
-#include "src/train/checkpoint.h"
+#include "src/checkpoint/checkpoint.h"
 #include "tests/cuda_suite.h"
 
 namespace ferry::infer {
@@ -353,13 +353,13 @@ TEST(infer, checkpoint_that_does_not_match_its_config_is_refused) {
   io::write_hf_checkpoint(dir.path, tiny(), tensors, "F32");
   {
     auto loaded = make_engine(io::load_hf_config(dir.path), engine::offload_mode::offload_blocked);
-    train::load_hf_weights(*loaded, dir.path);   // the round trip loads
+    checkpoint::load_hf_weights(*loaded, dir.path);   // the round trip loads
   }
   model::llama_config other = tiny();
   other.intermediate_size = 48;
   io::save_hf_config(other, dir.path + "/config.json");
   auto mismatched = make_engine(io::load_hf_config(dir.path), engine::offload_mode::offload_blocked);
-  EXPECT_THROW(train::load_hf_weights(*mismatched, dir.path), ferry::error);
+  EXPECT_THROW(checkpoint::load_hf_weights(*mismatched, dir.path), ferry::error);
 }
 
 }  // namespace

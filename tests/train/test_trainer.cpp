@@ -13,7 +13,7 @@
 #include "src/common/error.h"
 #include "src/engine/engine.h"
 #include "src/io/atomic_file.h"
-#include "src/train/checkpoint.h"
+#include "src/checkpoint/checkpoint.h"
 #include "src/train/lr_schedule.h"
 #include "src/train/trainer.h"
 
@@ -148,7 +148,7 @@ TEST(trainer, bad_checkpoints_give_clear_errors_and_damage_nothing) {
     model::llama_config mc = cli::resolve_model(c);
     mc.num_hidden_layers = 2;  // tiny has 4
     engine::engine e(mc, cli::engine_options_for(c, mc));
-    train::load_checkpoint(e, ckpt);
+    checkpoint::load_checkpoint(e, ckpt);
     FAIL() << "loaded a checkpoint of another shape";
   } catch (const ferry::error& e) {
     EXPECT_NE(std::string(e.what()).find("another shape"), std::string::npos) << e.what();
@@ -173,7 +173,7 @@ TEST(trainer, full_disk_during_save_keeps_the_previous_checkpoint) {
   engine::engine e(mc, cli::engine_options_for(c, mc));
   e.params().init_random(1, 0.02);
   e.params_changed();
-  train::trainer_state st;
+  checkpoint::trainer_state st;
   st.step = 3;
   struct rlimit old_limit;
   getrlimit(RLIMIT_FSIZE, &old_limit);
@@ -183,7 +183,7 @@ TEST(trainer, full_disk_during_save_keeps_the_previous_checkpoint) {
   setrlimit(RLIMIT_FSIZE, &small);
   bool threw = false;
   try {
-    train::save_checkpoint(e, st, c.output_dir, 2);
+    checkpoint::save_checkpoint(e, st, c.output_dir, 2);
   } catch (const ferry::error&) {
     threw = true;
   }
