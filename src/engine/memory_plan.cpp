@@ -3,7 +3,9 @@
 #include <algorithm>
 #include <cstdio>
 
+#include "src/model/attention.h"
 #include "src/model/block.h"
+#include "src/model/device_bytes.h"
 
 namespace ferry::engine {
 
@@ -17,36 +19,45 @@ namespace {
 // on CUDA, cuBLAS's workspace, which PyTorch allocates through the caching allocator (32 MiB on
 // Hopper and Ada); measured on an H100 as a constant ~30 MiB gap on small shapes.
 int64_t fixed_bytes(const model::llama_config& cfg, const engine_options& opt, int64_t positions) {
-  int64_t rope = 2 * positions * cfg.head_dim * 4;
+  int64_t rope = 2 * model::device_charge(positions * cfg.head_dim * 4, opt.cuda);
   int64_t cublas = opt.cuda ? (int64_t(32) << 20) : 0;
   return rope + cublas;
 }
 
-// An inference engine: weights, one layer's input and output, the layer's transients (chunked, or
-// one pass in none mode: model::block_forward_inference_bytes) or the loss head's logits chunk,
-// whichever is larger.
+// An inference engine, every tensor charged as the device's allocator charges it (the plan is an
+// upper bound that engine_forward_only.evaluate_equals_training_engine measures on CUDA): the
+// weight buffers (one per unit resident, or the slots), one layer's input and output, the labels
+// on the device for the whole evaluation, and the largest transient of: the embedding's token ids
+// (resident), a block's forward (chunked, or in one pass when resident:
+// model::block_forward_whole_bytes), the loss head's chunk (norm, logits, per-row losses) and its
+// target count.
 memory_plan plan_forward_only(const model::llama_config& cfg, const engine_options& opt, int64_t batch, int64_t seq) {
   memory_plan p;
   const int64_t e = static_cast<int64_t>(c10::elementSize(opt.dtype));
   const int64_t h = cfg.hidden_size, V = cfg.vocab_size, n = batch * seq;
   const int64_t params = cfg.total_params();
+  auto c = [&](int64_t bytes) { return model::device_charge(bytes, opt.cuda); };
   if (opt.mode == offload_mode::offload_none) {
-    p.weight_slots = params * e;
+    p.weight_slots = c(cfg.embed_params() * e) + cfg.num_hidden_layers * c(cfg.block_params() * e) + c(cfg.head_params() * e);
   } else {
     int64_t slots = opt.mode == offload_mode::offload_blocked ? 1 : opt.prefetch + 1;
-    p.weight_slots = (slots * cfg.block_params() + cfg.head_params()) * e;
+    p.weight_slots = slots * c(cfg.block_params() * e) + c(cfg.head_params() * e);
   }
-  p.activations = 2 * n * h * e;
-  // Attention scores of one chunk: none under CUDA flash attention (head_dim <= 256, fp16/bf16); in
-  // the compute dtype on CUDA's large-head path; fp32 on the CPU path.
-  const bool flash = opt.cuda && cfg.head_dim <= 256 && opt.dtype != at::kFloat;
-  const int64_t score_elem = flash ? 0 : opt.cuda ? e : 4;
-  // none evaluates each block in one pass (engine::evaluate, block_forward_whole).
-  const int64_t chunk_rows = opt.mode == offload_mode::offload_none ? n : 0;
-  const int64_t block = model::block_forward_inference_bytes(cfg, batch, seq, e, score_elem, chunk_rows);
+  p.activations = 2 * c(n * h * e);
+  const model::attention_path path = model::attention_path_for(cfg, opt.dtype, opt.cuda);
+  const int64_t block = opt.mode == offload_mode::offload_none
+                            ? model::block_forward_whole_bytes(cfg, batch, seq, e, path)
+                            : model::block_forward_inference_bytes(cfg, batch, seq, e, path);
+  const int64_t tokens = opt.mode == offload_mode::offload_none ? c(n * 8) : 0;
+  // The head, per chunk of rows: the fp32 loss sum, the normed rows and their logits, then the
+  // cross-entropy's per-row losses (CUDA) or its ATen composition's fp32 logits and row vectors.
   const int64_t rows = std::min<int64_t>(opt.ce_chunk, n);
-  const int64_t logits = rows * V * (opt.cuda ? e : 4 + e) + rows * h * e;   // + the normed rows
-  p.workspace = std::max(block, logits) + fixed_bytes(cfg, opt, std::max(seq, rotary_positions(cfg, opt)));
+  const int64_t a = e == 8 ? 8 : 4;
+  const int64_t ce = opt.cuda ? c(rows * 4) : 2 * c(rows * V * a) + 8 * c(rows * 8);
+  const int64_t norm = opt.cuda ? c(rows * h * e) : 2 * c(rows * h * a) + 2 * c(rows * h * e) + 2 * c(rows * a);
+  const int64_t head = c(4) + std::max({norm, c(rows * h * e) + c(rows * V * e) + ce, c(n) + c(8)});
+  const int64_t labels = c(n * 8);
+  p.workspace = labels + std::max({tokens, block, head}) + fixed_bytes(cfg, opt, std::max(seq, rotary_positions(cfg, opt)));
   p.device_total = p.weight_slots + p.activations + p.workspace;
 
   p.host_master = params * 4;

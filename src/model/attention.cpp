@@ -47,6 +47,15 @@ at::Tensor block_scores(const at::Tensor& qg, const at::Tensor& kf, int64_t t0, 
 
 }  // namespace
 
+attention_path attention_path_for(const llama_config& cfg, at::ScalarType dtype, bool cuda) {
+  if (!cuda) return attention_path::attention_aten;
+  if (cfg.head_dim > 256) return attention_path::attention_large_head;
+  return dtype == at::kHalf || dtype == at::kBFloat16 ? attention_path::attention_flash
+                                                      : attention_path::attention_efficient;
+}
+
+int64_t attention_score_budget() { return g_score_budget.load(); }
+
 int64_t attention_set_score_budget(int64_t elements) {
   FERRY_ASSERT(elements > 0, "attention score budget must be positive");
   return g_score_budget.exchange(elements);

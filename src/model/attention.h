@@ -7,9 +7,19 @@
 // tensor outlives a call.
 #include <ATen/core/Tensor.h>
 
+#include <cstdint>
 #include <tuple>
 
+#include "src/model/llama_config.h"
+
 namespace ferry::model {
+
+// Which implementation attention_forward runs, for the planner's byte counts. The rule is
+// gpu/attention.cpp's: on CUDA, head_dim <= 256 takes libtorch's fused SDPA kernels (flash for
+// fp16/bf16, memory-efficient for fp32, which needs k and v expanded to the query heads), larger
+// heads cuBLAS GEMMs with a full (T, T) score matrix per head; everything else the ATen path.
+enum class attention_path { attention_flash, attention_efficient, attention_large_head, attention_aten };
+attention_path attention_path_for(const llama_config& cfg, at::ScalarType dtype, bool cuda);
 
 // Returns out (B, Hq, T, D) in q's dtype and lse (B, Hq, T) fp32 (fp64 for fp64 q): the
 // log-sum-exp of the scaled, masked scores of each query row.
@@ -32,6 +42,7 @@ at::Tensor attention_forward_offset(const at::Tensor& q, const at::Tensor& k, co
 // The ATen path processes query rows in blocks whose fp32 scores hold about this many elements
 // (default 64 Mi). Tests lower it to exercise the blocking; returns the previous value.
 int64_t attention_set_score_budget(int64_t elements);
+int64_t attention_score_budget();
 
 // The ATen compositions (CPU path and test reference). q_offset as above; 0 for training.
 std::tuple<at::Tensor, at::Tensor> attention_forward_aten(const at::Tensor& q, const at::Tensor& k,

@@ -115,28 +115,6 @@ int64_t block_saved_bytes(const llama_config& cfg, int64_t batch, int64_t seq, i
   return N * (elem_size * per_token_e + a * (cfg.num_attention_heads + 2));
 }
 
-int64_t block_forward_inference_bytes(const llama_config& cfg, int64_t batch, int64_t seq, int64_t elem_size,
-                                      int64_t score_elem_size, int64_t chunk_rows) {
-  const int64_t h = cfg.hidden_size, q = cfg.q_dim(), kv = cfg.kv_dim(), i = cfg.intermediate_size;
-  if (chunk_rows <= 0) chunk_rows = block_forward_chunk_rows();
-  const int64_t step = std::clamp<int64_t>(chunk_rows / batch, 1, std::max<int64_t>(seq, 1));
-  const int64_t rows = batch * step;
-  // Per chunk (x2 is a copy of the chunk's input rows when batch > 1; counted always):
-  //   projection  x2, norm output, qkv, contiguous q
-  //   attention   x2, q, scores (B,Hq,step,seq), output
-  //   o_proj      x2, output, its (rows, q) layout, x_mid
-  //   MLP         x2, x_mid and at most two of norm output, gate_up (2i), swiglu (i), y chunk
-  const int64_t projection = 2 * h + q + 2 * kv + q;
-  const int64_t attention = h + 2 * q;
-  const int64_t o_proj = 2 * h + 2 * q;
-  const int64_t mlp = 2 * h + 3 * i;
-  const int64_t scores = batch * cfg.num_attention_heads * step * seq * score_elem_size;
-  const int64_t chunk = std::max({rows * projection * elem_size, rows * attention * elem_size + scores,
-                                  rows * o_proj * elem_size, rows * mlp * elem_size});
-  // plus the layer's keys and values (the output is the caller's, like the input)
-  return 2 * batch * seq * kv * elem_size + chunk;
-}
-
 namespace {
 // The whole sequence at once; saved == nullptr keeps nothing (block_forward_whole).
 at::Tensor forward_one_pass(const at::Tensor& x, const block_weights& w, const llama_config& cfg,
@@ -153,10 +131,30 @@ at::Tensor forward_one_pass(const at::Tensor& x, const block_weights& w, const l
   at::Tensor v = qkv.narrow(2, Hq + Hkv, Hkv).transpose(1, 2).contiguous();
   qkv.reset();
   auto [out, lse] = attention_forward(q, k, v, attn_scale(cfg));
+  if (saved) {
+    saved->clear();
+    saved->x = x;
+    saved->attn_rstd = attn_rstd;
+    saved->q = q;
+    saved->k = k;
+    saved->v = v;
+    saved->attn_out = out;
+    saved->lse = lse;
+  }
+  // Without saving, nothing before the output is needed again (block_forward_whole_bytes counts it so).
+  q.reset();
+  k.reset();
+  v.reset();
+  lse.reset();
   at::Tensor x_mid = at::addmm(x2, heads_to_rows(out), w.wo.t());   // (N, h)
+  out.reset();
   at::Tensor mlp_rstd, gate_up;
   at::Tensor y = mlp_forward(x_mid, w, cfg, saved ? &mlp_rstd : nullptr, saved ? &gate_up : nullptr);
-  if (saved) *saved = block_saved{x, attn_rstd, q, k, v, out, lse, x_mid, mlp_rstd, gate_up};
+  if (saved) {
+    saved->x_mid = x_mid;
+    saved->mlp_rstd = mlp_rstd;
+    saved->gate_up = gate_up;
+  }
   return y.view({B, T, h});
 }
 }  // namespace

@@ -9,6 +9,7 @@
 
 #include <cstdint>
 
+#include "src/model/attention.h"
 #include "src/model/layout.h"
 #include "src/model/llama_config.h"
 #include "src/model/rope.h"
@@ -52,8 +53,7 @@ at::Tensor block_forward(const at::Tensor& x, const block_weights& w, const llam
 
 // The inference forward in one pass over the whole sequence: the training forward without saving,
 // bit for bit. For resident weights (offload none), where memory is not the constraint and the
-// chunks' extra launches and narrower GEMMs cost time; its peak is
-// block_forward_inference_bytes(..., chunk_rows = B*T).
+// chunks' extra launches and narrower GEMMs cost time; its peak is block_forward_whole_bytes.
 at::Tensor block_forward_whole(const at::Tensor& x, const block_weights& w, const llama_config& cfg,
                                const rope_cache& rope);
 
@@ -63,11 +63,16 @@ int64_t block_set_forward_chunk_rows(int64_t rows);
 int64_t block_forward_chunk_rows();
 
 // Device bytes block_forward without saved allocates beyond its input and output, at its peak: the
-// layer's keys and values plus one chunk's transients. score_elem_size: bytes per element of a
-// chunk's attention scores (B,Hq,chunk,T) (0 where a fused kernel keeps none: CUDA flash attention).
-// chunk_rows: tokens per chunk, 0 = block_forward_chunk_rows().
+// layer's keys and values plus one chunk's transients, each tensor charged as the allocator
+// charges it (device_bytes.h). path: attention_path_for(cfg, dtype, device is CUDA). chunk_rows:
+// tokens per chunk, 0 = block_forward_chunk_rows(). (block_bytes.cpp)
 int64_t block_forward_inference_bytes(const llama_config& cfg, int64_t batch, int64_t seq, int64_t elem_size,
-                                      int64_t score_elem_size, int64_t chunk_rows = 0);
+                                      attention_path path, int64_t chunk_rows = 0);
+
+// The same for block_forward_whole: the whole sequence's projections, attention and MLP
+// activations, released as soon as the next op has read them.
+int64_t block_forward_whole_bytes(const llama_config& cfg, int64_t batch, int64_t seq, int64_t elem_size,
+                                  attention_path path);
 
 // dy (B,T,h). Writes the weight gradients into g (views of a flat gradient buffer: overwritten, or
 // added to when accumulate) and returns dx (B,T,h). Releases saved's tensors as it goes (saved is

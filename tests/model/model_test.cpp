@@ -1,13 +1,17 @@
 // Layout, block, head, embedding and the whole tiny model against an autograd composition.
 #include <cmath>
+#include <functional>
 #include <map>
 #include <string>
 
 #include "src/common/error.h"
+#include "src/model/attention.h"
 #include "src/model/block.h"
+#include "src/model/device_bytes.h"
 #include "src/model/embed_head.h"
 #include "src/model/layout.h"
 #include "src/model/rope.h"
+#include "tests/alloc_meter.h"
 #include "tests/model/model_test_ref.h"
 #include "tests/model/model_test_util.h"
 
@@ -153,20 +157,48 @@ TEST(MODEL_SUITE(model_block), inference_chunks_equal_training_forward) {
   }
 }
 
-TEST(MODEL_SUITE(model_block), inference_bytes_formula) {
-  llama_config c = tiny_config(4, 2, 6);
-  const int64_t old = block_set_forward_chunk_rows(4);
-  // h=22, q=24, kv=12, i=29, Hq=4; batch 2 -> 2 time steps (4 rows) per chunk of seq 10.
-  // Per row: projection 2h+2q+2kv = 116, attention h+2q = 70 (+ scores 2*4*2*10 per score byte),
-  // o_proj 2h+2q = 92, MLP 2h+3i = 131; plus k and v, 2*2*10*12 elements.
-  EXPECT_EQ(block_forward_inference_bytes(c, 2, 10, 2, 0), 2 * 2 * 10 * 12 * 2 + 4 * 131 * 2);
-  EXPECT_EQ(block_forward_inference_bytes(c, 2, 10, 2, 4), 2 * 2 * 10 * 12 * 2 + 4 * 70 * 2 + 2 * 4 * 2 * 10 * 4);
-  block_set_forward_chunk_rows(1024);   // one chunk: the whole sequence
-  EXPECT_EQ(block_forward_inference_bytes(c, 1, 10, 4, 0), 2 * 10 * 12 * 4 + 10 * 131 * 4);
-  block_set_forward_chunk_rows(old);
-  // An explicit chunk (block_forward_whole's plan: all rows) overrides the setting.
-  EXPECT_EQ(block_forward_inference_bytes(c, 1, 10, 4, 0, 10), 2 * 10 * 12 * 4 + 10 * 131 * 4);
-  EXPECT_EQ(block_forward_inference_bytes(c, 2, 10, 2, 0, 4), 2 * 2 * 10 * 12 * 2 + 4 * 131 * 2);
+// The planner's byte counts of the inference forwards are upper bounds of what the allocator
+// really hands out, and not loose ones: block_forward (chunked: one row, several, all rows) and
+// block_forward_whole on shapes that take every attention path of the device (GQA and MHA; head_dim
+// a multiple of 8 and not; on CUDA fp32 takes the memory-efficient kernel, fp16/bf16 flash, and
+// head_dim 264 the large-head GEMMs), batch 1 and 3.
+TEST(MODEL_SUITE(model_block), inference_bytes_bound_the_measured_peak) {
+  FERRY_REQUIRE_DEVICE();
+  const int64_t old = block_forward_chunk_rows();
+  struct shape { llama_config c; int64_t B, T; };
+  std::vector<shape> shapes = {{tiny_config(4, 2, 6), 3, 13}, {tiny_config(2, 2, 16), 1, 40}, {tiny_config(4, 1, 8), 2, 9}};
+  if (k_cuda_suite) shapes.push_back({tiny_config(2, 1, 264), 1, 24});
+  for (auto t : test_dtypes()) {
+    if (t == at::kDouble) continue;   // not a compute dtype of the engine
+    const int64_t e = int64_t(c10::elementSize(t));
+    for (const auto& [c, B, T] : shapes) {
+      const attention_path path = attention_path_for(c, t, k_cuda_suite);
+      at::Tensor wd = dev(random_flat(block_layout(c), c.block_params(), t), t);
+      at::Tensor x = dev(rnd({B, T, c.hidden_size}, t), t);
+      rope_cache rc = make_rope(c, T, test_device());
+      block_forward_whole(x, block_views(wd, c), c, rc);   // first GEMM: cuBLAS's workspace (the plan's fixed bytes)
+      auto check = [&](const std::string& what, int64_t planned, const std::function<at::Tensor()>& run) {
+        SCOPED_TRACE(dtype_name(t) + " Hq=" + std::to_string(c.num_attention_heads) + " Hkv=" +
+                     std::to_string(c.num_key_value_heads) + " D=" + std::to_string(c.head_dim) + " B=" +
+                     std::to_string(B) + " " + what);
+        ::ferry::test::alloc_meter meter(k_cuda_suite);
+        at::Tensor y = run();
+        // The plan leaves out the output (the caller's, like the input).
+        const int64_t used = meter.peak() - int64_t(::ferry::model::device_charge(y.nbytes(), k_cuda_suite));
+        EXPECT_LE(used, planned) << meter.report();
+        // Not padded: within twice the measured peak plus a few small tensors' rounding.
+        EXPECT_LE(planned, 2 * used + 8 * 1024) << "the plan is far above the measured peak " << used;
+      };
+      check("whole", block_forward_whole_bytes(c, B, T, e, path),
+            [&] { return block_forward_whole(x, block_views(wd, c), c, rc); });
+      for (int64_t rows : {B, 4 * B, B * T}) {
+        block_set_forward_chunk_rows(rows);
+        check("chunks of " + std::to_string(rows) + " rows", block_forward_inference_bytes(c, B, T, e, path),
+              [&] { return block_forward(x, block_views(wd, c), c, rc, nullptr); });
+      }
+      block_set_forward_chunk_rows(old);
+    }
+  }
 }
 
 TEST(MODEL_SUITE(model_block), kv_cache_forward_equals_full_forward) {
