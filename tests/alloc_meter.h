@@ -17,7 +17,16 @@
 #include <string>
 #include <vector>
 
-#if defined(FERRY_TEST_CUDA) && FERRY_TEST_CUDA
+// The CUDA side needs a CUDA build (the gpu-labelled suites are compiled in CPU-only builds too,
+// where they skip).
+#if defined(FERRY_TEST_CUDA) && FERRY_TEST_CUDA && defined(FERRY_WITH_CUDA) && FERRY_WITH_CUDA
+#define FERRY_ALLOC_METER_CUDA 1
+#else
+#define FERRY_ALLOC_METER_CUDA 0
+#endif
+
+#if FERRY_ALLOC_METER_CUDA
+#include <ATen/Context.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/util/Backtrace.h>
@@ -28,9 +37,10 @@ namespace ferry::test {
 class alloc_meter {
  public:
   explicit alloc_meter(bool cuda) : cuda_(cuda) {
-#if defined(FERRY_TEST_CUDA) && FERRY_TEST_CUDA
+#if FERRY_ALLOC_METER_CUDA
     if (cuda_) {
       namespace alloc = c10::cuda::CUDACachingAllocator;
+      at::globalContext().lazyInitDevice(c10::DeviceType::CUDA);   // the allocator's per-device state
       device_ = c10::cuda::current_device();
       alloc::recordHistory(true, &stack_context::gather, 200000, c10::CachingDeviceAllocator::RecordContext::ALLOC,
                            /*clearHistory=*/true, {});
@@ -43,7 +53,7 @@ class alloc_meter {
     guard_ = std::make_unique<c10::DebugInfoGuard>(c10::DebugInfoKind::PROFILER_STATE, reporter_);
   }
   ~alloc_meter() {
-#if defined(FERRY_TEST_CUDA) && FERRY_TEST_CUDA
+#if FERRY_ALLOC_METER_CUDA
     if (cuda_) {
       c10::cuda::CUDACachingAllocator::recordHistory(false, nullptr, 0, c10::CachingDeviceAllocator::RecordContext::NEVER,
                                                      /*clearHistory=*/true, {});
@@ -55,31 +65,34 @@ class alloc_meter {
 
   // Bytes at the highest point since construction, beyond those allocated at construction.
   int64_t peak() const {
-#if defined(FERRY_TEST_CUDA) && FERRY_TEST_CUDA
+#if FERRY_ALLOC_METER_CUDA
     if (cuda_) return c10::cuda::CUDACachingAllocator::getDeviceStats(device_).allocated_bytes[0].peak - start_;
 #endif
     return reporter_->peak;
   }
 
-  // CUDA: the allocations alive at the peak of the recorded history (size asked for, and the call
-  // stack that asked), largest first; what a plan that fell short left out. Empty on the CPU.
+  // CUDA: the allocations alive at the peak of the recorded history, each counted as the allocator
+  // counts it (whole 512-byte blocks, so many small tensors can make the peak), with the size asked
+  // for and the call stack that asked, largest first: what a plan that fell short left out. Empty
+  // on the CPU.
   std::string report(size_t max_frames_shown = 8) const {
-#if defined(FERRY_TEST_CUDA) && FERRY_TEST_CUDA
+#if FERRY_ALLOC_METER_CUDA
     if (!cuda_) return "";
     using entry = c10::CachingDeviceAllocator::TraceEntry;
     const auto snap = c10::cuda::CUDACachingAllocator::snapshot();
     if (size_t(device_) >= snap.device_traces.size()) return "(no allocator history)";
     struct live { size_t size; std::shared_ptr<c10::GatheredContext> ctx; };
+    auto block = [](size_t n) { return std::max<size_t>(512, (n + 511) / 512 * 512); };
     std::map<size_t, live> now, at_peak;
     int64_t total = 0, best = -1;
     for (const auto& t : snap.device_traces[size_t(device_)]) {
       if (t.action_ == entry::ALLOC) {
         now[t.addr_] = {t.size_, t.context_};
-        total += int64_t(t.size_);
+        total += int64_t(block(t.size_));
       } else if (t.action_ == entry::FREE_COMPLETED) {
         auto it = now.find(t.addr_);
         if (it != now.end()) {
-          total -= int64_t(it->second.size);
+          total -= int64_t(block(it->second.size));
           now.erase(it);
         }
       }
@@ -92,7 +105,8 @@ class alloc_meter {
     for (const auto& kv : at_peak) v.push_back(&kv.second);
     std::sort(v.begin(), v.end(), [](const live* a, const live* b) { return a->size > b->size; });
     std::ostringstream os;
-    os << "allocations alive at the recorded peak (" << best << " bytes asked for, in " << v.size() << " tensors):\n";
+    os << "allocations alive at the recorded peak (" << best << " bytes in 512-byte blocks, " << v.size()
+       << " tensors; sizes as asked for):\n";
     for (const live* l : v) {
       os << "  " << l->size << " bytes";
       if (auto* s = dynamic_cast<const stack_context*>(l->ctx.get())) {
@@ -119,7 +133,7 @@ class alloc_meter {
     }
     bool memoryProfilingEnabled() const override { return true; }
   };
-#if defined(FERRY_TEST_CUDA) && FERRY_TEST_CUDA
+#if FERRY_ALLOC_METER_CUDA
   struct stack_context : c10::GatheredContext {
     c10::Backtrace trace;   // symbolised only when a report asks for it
     static std::shared_ptr<c10::GatheredContext> gather() {

@@ -16,11 +16,13 @@ int64_t rotary_positions(const model::llama_config& cfg, const engine_options& o
 namespace {
 
 // Fixed costs: the rotary tables (cos and sin, fp32, for every position the engine may see) and,
-// on CUDA, cuBLAS's workspace, which PyTorch allocates through the caching allocator (32 MiB on
-// Hopper and Ada); measured on an H100 as a constant ~30 MiB gap on small shapes.
+// on CUDA, the GEMM libraries' workspaces, which PyTorch allocates through the caching allocator:
+// cuBLAS's (32 MiB on Hopper and Ada; measured on an H100 as a constant ~30 MiB gap on small
+// shapes) and cuBLASLt's (1 MiB, taken by the first addmm that runs through cuBLASLt, seen in the
+// allocator's history on an H100 at 2026-11-27).
 int64_t fixed_bytes(const model::llama_config& cfg, const engine_options& opt, int64_t positions) {
   int64_t rope = 2 * model::device_charge(positions * cfg.head_dim * 4, opt.cuda);
-  int64_t cublas = opt.cuda ? (int64_t(32) << 20) : 0;
+  int64_t cublas = opt.cuda ? (int64_t(32) << 20) + (int64_t(1) << 20) : 0;
   return rope + cublas;
 }
 

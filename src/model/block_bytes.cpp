@@ -18,6 +18,8 @@ namespace {
 // Bytes of the small tensors ATen makes inside one op on the CPU (0-dim wrapped scalars, index
 // vectors of a few elements); measured at most 64 per op in the attention block's ops.
 constexpr int64_t k_aten_small = 256;
+// Small tensors a CUDA attention call allocates beyond those counted (see sizes::attention).
+constexpr int64_t k_cuda_aux = 4;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 int64_t round_up(int64_t a, int64_t m) { return ceil_div(a, m) * m; }
@@ -56,8 +58,13 @@ struct sizes {
   }
 
   // attention_forward (tq == tk, from position 0) or attention_forward_offset (tq queries at the
-  // end of tk keys) for a batch of B: everything it allocates, its output included.
+  // end of tk keys) for a batch of B: everything it allocates, its output included. On CUDA also
+  // k_cuda_aux small tensors beside the counted ones (the fused kernels' rng seed and offset, the
+  // GEMM path's grouped views): measured up to three 512-byte blocks more than counted.
   int64_t attention(int64_t B, int64_t tq, int64_t tk) const {
+    return attention_tensors(B, tq, tk) + (cuda ? k_cuda_aux * c(1) : 0);
+  }
+  int64_t attention_tensors(int64_t B, int64_t tq, int64_t tk) const {
     const int64_t Hq = cfg.num_attention_heads, Hkv = cfg.num_key_value_heads, D = cfg.head_dim;
     const int64_t G = Hq / Hkv, Dp = round_up(D, 8);
     const bool padded = Dp != D, full = tq == tk;
