@@ -65,6 +65,9 @@ class backend {
 
 // debug_delay_us > 0 injects random delays (seeded) for the race tests.
 std::unique_ptr<backend> make_host_backend(int64_t debug_delay_us = 0, uint64_t seed = 0);
+// The host backend with copies that run as late as a GPU's may, poisoned destinations and checked
+// ordering rules (backend_strict.cpp): a missing record or wait in the engine fails there.
+std::unique_ptr<backend> make_strict_host_backend(int64_t debug_delay_us = 0, uint64_t seed = 0);
 // Available when built with CUDA; throws ferry::error when no device is usable.
 std::unique_ptr<backend> make_cuda_backend(int64_t debug_delay_us = 0, uint64_t seed = 0);
 bool cuda_usable();

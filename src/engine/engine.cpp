@@ -36,7 +36,9 @@ constexpr int kRecentSteps = 8;
 engine::engine(const model::llama_config& cfg, const engine_options& opt) : cfg_(cfg), opt_(opt) {
   FERRY_CONFIG_CHECK(!cfg.tie_word_embeddings, "model ", cfg.name,
                      ": tie_word_embeddings=true is not supported for training; untie the checkpoint first");
-  dev_ = opt.cuda ? make_cuda_backend(opt.debug_delay_us, opt.seed) : make_host_backend(opt.debug_delay_us, opt.seed);
+  dev_ = opt.cuda                  ? make_cuda_backend(opt.debug_delay_us, opt.seed)
+         : opt.strict_host_backend ? make_strict_host_backend(opt.debug_delay_us, opt.seed)
+                                   : make_host_backend(opt.debug_delay_us, opt.seed);
   plan_ = plan_memory(cfg, opt, opt.max_batch, opt.max_seq, 1);
   if (dev_->is_cuda()) {
     dev_->limit_memory(opt.gpu_mem_limit_gib);
@@ -196,7 +198,6 @@ void engine::load(int64_t u, const std::vector<int64_t>& uses, size_t at) {
   h2d_bytes_ += int64_t(bytes);
   target->unit = u;
   target->version = version_[u];
-  if (opt_.mode == offload_mode::offload_blocked) target->ready->synchronize();
 }
 
 void engine::prefetch(const std::vector<int64_t>& uses, size_t at) {
@@ -263,7 +264,6 @@ void engine::send_grad(int64_t u, grad_slot& g, int64_t numel, bool first_micro,
   g.copied = dev_->record(queue::queue_d2h, true);
   d2h_timers_.emplace_back(t0, g.copied);
   d2h_bytes_ += int64_t(bytes);
-  if (opt_.mode == offload_mode::offload_blocked) g.copied->synchronize();
 
   event_ptr copied = g.copied;
   bool accumulate = accum_[u] != nullptr;
@@ -394,14 +394,16 @@ step_result engine::train_step(const std::vector<at::Tensor>& micro_batches, dou
       send_grad(u, g, cfg_.block_params(), first, last, speculate);
     }
 
-    // the embedding's gradient is scattered on the host
+    // the embedding's gradient is scattered on the host; the copy waits for all compute that made
+    // its source, the contiguous layout included
+    at::Tensor dx_rows = dx.contiguous();
     event_ptr computed = dev_->record(queue::queue_compute);
     dev_->wait(queue::queue_d2h, computed);
-    if (embed_out_done_) embed_out_done_->synchronize();
-    // embed_out_ is read by the previous micro-batch's scatter task until it has run.
+    // embed_out_ is read by the previous micro-batch's scatter task until it has run (that task
+    // waited for the copy that filled it; copies into it are in order on the d2h queue).
     stall_ms_ += worker_->wait_unit_tasks(store_->embed_unit());
     size_t bytes = size_t(dx.numel()) * c10::elementSize(opt_.dtype);
-    dev_->copy_d2h(embed_out_, dx.contiguous(), bytes);
+    dev_->copy_d2h(embed_out_, dx_rows, bytes);
     embed_out_done_ = dev_->record(queue::queue_d2h);
     d2h_bytes_ += int64_t(bytes);
     event_ptr copied = embed_out_done_;
@@ -429,6 +431,7 @@ step_result engine::train_step(const std::vector<at::Tensor>& micro_batches, dou
         },
         eu, version);
     dx = at::Tensor();
+    dx_rows = at::Tensor();
   }
   r.loss = loss_sum / double(total_targets);
   r.n_targets = total_targets;

@@ -53,6 +53,9 @@ struct engine_options {
   bool nvtx = false;
   // Race testing: each copy, compute phase and CPU update sleeps a random 0..debug_delay_us.
   int64_t debug_delay_us = 0;
+  // Tests: the host backend in its strict mode (make_strict_host_backend), where copies complete
+  // only when waited for, their destinations read NaN until then, and ordering rules are checked.
+  bool strict_host_backend = false;
   // Test hook (tests/engine only; never set by the CLI): on the debug_poison_step-th call of
   // train_step (1-based), element debug_poison_index of unit debug_poison_unit's gradient is
   // overwritten with debug_poison_value once it has reached the host (the device's buffer in

@@ -48,6 +48,7 @@ inline engine_options base_options(offload_mode m, at::ScalarType dtype) {
   o.mode = m;
   o.dtype = dtype;
   o.cuda = k_cuda_suite;
+  o.strict_host_backend = true;   // the CPU build: copies complete only when waited for (backend_strict.cpp)
   o.prefetch = 1;
   o.cpu_threads = 1;
   o.speculate = speculate_mode::speculate_on;
@@ -89,12 +90,12 @@ struct run_result {
 constexpr uint64_t k_init_seed = 42;
 constexpr double k_init_std = 0.05;
 
-inline std::unique_ptr<engine> make_engine(const engine_options& o) {
+inline std::unique_ptr<engine> make_engine(const engine_options& o, const model::llama_config& cfg = tiny_config()) {
   // The host backend's "device" ops and the update thread's ATen ops would otherwise each bring an
   // OpenMP team to the CI's 2 cores, and spin-waiting teams slow the tiny model's steps tenfold.
   static const bool one_thread = (at::set_num_threads(1), true);
   (void)one_thread;
-  auto e = std::make_unique<engine>(tiny_config(), o);
+  auto e = std::make_unique<engine>(cfg, o);
   e->params().init_random(k_init_seed, k_init_std);
   e->params_changed();
   return e;
@@ -114,8 +115,9 @@ inline void snapshot(engine& e, run_result& r) {
 
 // before(k, engine) runs before step k (0-based): parameter surgery for the injection tests.
 using step_hook = std::function<void(int64_t, engine&)>;
-inline run_result run_engine(const engine_options& o, const std::vector<step_data>& data, const step_hook& before = {}) {
-  auto e = make_engine(o);
+inline run_result run_engine(const engine_options& o, const std::vector<step_data>& data, const step_hook& before = {},
+                             const model::llama_config& cfg = tiny_config()) {
+  auto e = make_engine(o, cfg);
   run_result r;
   for (size_t k = 0; k < data.size(); ++k) {
     if (before) before(int64_t(k), *e);
