@@ -70,18 +70,19 @@ trajectory_tol tolerance_for(at::ScalarType t) {
   switch (t) {
     case at::kFloat: return {1e-4 * lr, 1e-5, 0.01, 0.05 * lr, 2e-5, 1e-4, 1e-3, 1e-3};
     case at::kHalf: return {0.02 * lr, 1e-3, 0.05, 4 * lr, 5e-3, 2e-2, 0.1, 0.05};
-    default: return {0.1 * lr, 1e-2, 0.05, 6 * lr, 2e-2, 5e-2, 0.2, 0.1};
+    default: return {0.1 * lr, 1e-2, 0.05, 6 * lr, 2e-2, 5e-2, 0.1, 0.35};
   }
 }
 
 // The element bounds above cannot see a systematic bug in half precision: over 5 steps no element
 // moves more than sum(lr) ~ 2.3 lr0, under the loose bound, and the tight bound's 1% of |p| is 5 lr0
 // for RMSNorm weights (~1). The whole update (p_final - p_init) can: its relative error
-// ||dp_got - dp_want|| / ||dp_want||, over the whole model and per RMSNorm weight (the max). Measured
-// on this model (CPU, 5 steps; engine_reference.update_bounds_catch_real_bugs): correct runs
-// fp32 1e-4 / 1e-4, fp16 0.030 / 0.008, bf16 0.078 / 0.052; no bias correction 0.48 / 0.49; no
-// weight decay 0.013-0.079 / 0.16 (the norm weights, ~1, feel it most); 1% of the elements never
-// updated 0.10-0.13 / 0.14. The bounds sit between.
+// ||dp_got - dp_want|| / ||dp_want||, over the whole model and per RMSNorm weight (the max).
+// Measured, whole model / norms, 5 steps: correct runs fp32 2e-5 / 7e-5, fp16 0.03 / 0.008, bf16
+// 0.07-0.08 / 0.05 on the CPU and 0.074 / 0.167 on an H100 (bf16 rounds the norm weights, ~1, to
+// 2^-8 ~ 2 lr0, more than their 5-step update); in engine_reference.update_bounds_catch_real_bugs
+// (weight decay 1): no bias correction 0.47 / 0.29, no weight decay 0.13-0.15 / 0.94, 1% of the
+// elements never updated 0.10-0.12 / 0.16. The bounds sit between.
 struct update_error {
   double model = 0, norms = 0;
 };
@@ -351,6 +352,10 @@ TEST(engine_reference, update_bounds_catch_real_bugs) {
   for (auto dt : dtypes) {
     engine_options o = base_options(k_overlapped, dt);
     o.clip_grad = 0.05;
+    // Weight decay 1 (reference too) makes it as large as the Adam step on the RMSNorm weights (~1),
+    // so dropping it shows in bf16, whose rounding of those weights (2^-8 ~ 2 lr0) is larger than
+    // 5 steps of weight decay 0.1.
+    o.weight_decay = 1.0;
     const trajectory_tol tol = tolerance_for(dt);
     const ref_run want = run_reference(o, data);
     for (const char* bug : {"none", "no weight decay", "no bias correction", "1% not updated"}) {
