@@ -1,12 +1,17 @@
 # ferry_add_test(NAME name SOURCES ... LIBS ... [LABELS ...] [GPU])
 # One GoogleTest binary per suite, registered with ctest through gtest_discover_tests so each
-# TEST is its own ctest entry. GPU suites get the label "gpu"; a GTEST_SKIP inside them shows as
-# skipped in ctest, never as passed (gtest prints "[  SKIPPED ]"; the regex avoids brackets, which
-# CMake 4's generated test files do not quote).
+# TEST is its own ctest entry. GPU suites get the label "gpu"; a GTEST_SKIP shows as skipped in
+# ctest, never as passed, through the exit code alone: tests/gtest_main.cpp exits 77 when every
+# test that ran was skipped, 1 on any failure (one after a skip too), and keeps gtest's
+# "[  SKIPPED ]" out of the output: gtest_discover_tests adds a skip regex on it, and in ctest a
+# matching skip regex overrides a failing exit code.
+add_library(ferry_gtest_main STATIC ${PROJECT_SOURCE_DIR}/tests/gtest_main.cpp)
+target_link_libraries(ferry_gtest_main PUBLIC GTest::gtest)
+
 function(ferry_add_test)
   cmake_parse_arguments(T "GPU" "NAME;TIMEOUT" "SOURCES;LIBS;LABELS" ${ARGN})
   add_executable(${T_NAME} ${T_SOURCES})
-  target_link_libraries(${T_NAME} PRIVATE ${T_LIBS} GTest::gtest GTest::gtest_main ferry_root_include ferry_warnings)
+  target_link_libraries(${T_NAME} PRIVATE ${T_LIBS} GTest::gtest ferry_gtest_main ferry_root_include ferry_warnings)
   set(labels ${T_LABELS})
   set(prefix "")
   if(T_GPU)
@@ -22,7 +27,16 @@ function(ferry_add_test)
     TEST_PREFIX "${prefix}"
     NO_PRETTY_VALUES  # parameter values print as raw bytes (pointers): unstable test names
     PROPERTIES LABELS "${labels}" TIMEOUT ${T_TIMEOUT}
-               SKIP_REGULAR_EXPRESSION "  SKIPPED "
+               SKIP_RETURN_CODE 77
     DISCOVERY_TIMEOUT 120
     WORKING_DIRECTORY ${PROJECT_SOURCE_DIR})
+endfunction()
+
+# ferry_add_output_test(NAME name RC code REGEX regex COMMAND cmd args...)
+# A command-line test that passes when cmd exits with `code` and its output matches `regex` (POSIX
+# extended, through tests/expect_output.sh): PASS_REGULAR_EXPRESSION alone ignores the exit code.
+# An exit 77 stays 77, a skip only where the caller sets SKIP_RETURN_CODE 77.
+function(ferry_add_output_test)
+  cmake_parse_arguments(PARSE_ARGV 0 T "" "NAME;RC;REGEX" "COMMAND")
+  add_test(NAME ${T_NAME} COMMAND ${PROJECT_SOURCE_DIR}/tests/expect_output.sh ${T_RC} "${T_REGEX}" -- ${T_COMMAND})
 endfunction()

@@ -95,10 +95,4 @@ TEST(runtime, impossible_allocations_throw_clear_errors) {
   EXPECT_NE(ok.data(), nullptr);
 }
 
-TEST(runtime, nvtx_range_compiles_either_way) {
-  nvtx_range r("ferry test range");
-  nvtx_mark("ferry test mark");
-  SUCCEED();
-}
-
 }  // namespace

@@ -6,6 +6,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -19,9 +20,9 @@
 #include "src/io/hf_checkpoint.h"
 #include "src/io/hf_config.h"
 #include "src/model/block.h"
-#include "src/model/embed_head.h"
 #include "src/checkpoint/checkpoint.h"
 #include "tests/cuda_suite.h"
+#include "tests/model/model_test_ref.h"
 
 namespace ferry::infer {
 namespace {
@@ -87,22 +88,26 @@ std::vector<std::vector<int64_t>> prompts_of(const std::vector<int64_t>& lengths
   return out;
 }
 
-// Loss of tokens (B, T+1) from the model functions on the CPU with the master weights: the
-// training forward, outside the engine.
+// Mean loss of tokens (B, T+1) in fp64 from plain ATen ops (tests/model/model_test_ref.h, written
+// apart from src/model) on the engine's fp32 master weights: no ferry code in the reference.
 double reference_loss(engine::engine& e, const at::Tensor& tokens) {
+  namespace ref = ::ferry::model::test::ref;
   const auto& c = e.config();
-  auto& ps = e.params();
-  const int64_t T = tokens.size(1) - 1;
-  at::Tensor x = model::embed_forward(tokens.narrow(1, 0, T).contiguous(),
-                                      ps.master_tensor(ps.embed_unit()).view({c.vocab_size, c.hidden_size}));
-  model::rope_cache rope = model::make_rope(c, T, at::kCPU);
-  for (int64_t l = 0; l < c.num_hidden_layers; ++l)
-    x = model::block_forward(x, model::block_views(ps.master_tensor(ps.block_unit(l)), c), c, rope, nullptr);
-  at::Tensor head = ps.master_tensor(ps.head_unit());
-  auto hr = model::head_forward_backward(x, head.narrow(0, 0, c.hidden_size),
-                                         head.narrow(0, c.hidden_size, c.vocab_size * c.hidden_size).view({c.vocab_size, c.hidden_size}),
-                                         tokens.narrow(1, 1, T).contiguous(), c, 1024, 1.0, nullptr, nullptr, nullptr, false);
-  return hr.loss_sum / double(hr.n_targets);
+  std::map<std::string, at::Tensor> w;
+  for (const auto& p : e.params().named_params())
+    w[p.name] = at::from_blob(p.data, p.shape, at::kFloat).to(at::kDouble);
+  const int64_t B = tokens.size(0), T = tokens.size(1) - 1;
+  at::Tensor x = w.at("model.embed_tokens.weight").index_select(0, tokens.narrow(1, 0, T).reshape({-1})).view({B, T, -1});
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+    const std::string p = "model.layers." + std::to_string(l) + ".";
+    x = ref::block(x, {w.at(p + "input_layernorm.weight"), w.at(p + "self_attn.q_proj.weight"),
+                       w.at(p + "self_attn.k_proj.weight"), w.at(p + "self_attn.v_proj.weight"),
+                       w.at(p + "self_attn.o_proj.weight"), w.at(p + "post_attention_layernorm.weight"),
+                       w.at(p + "mlp.gate_proj.weight"), w.at(p + "mlp.up_proj.weight"), w.at(p + "mlp.down_proj.weight")},
+                   c);
+  }
+  at::Tensor logits = at::matmul(ref::rmsnorm(x, w.at("model.norm.weight"), c.rms_norm_eps), w.at("lm_head.weight").t());
+  return ref::ce_sum(logits, tokens.narrow(1, 1, T)).item<double>() / double(B * T);
 }
 
 TEST(infer, evaluation_loss_equals_training_forward) {
@@ -344,17 +349,41 @@ TEST(infer, clear_errors) {
   EXPECT_THROW(resolve_tokenizer(bc, small), ferry::config_error);    // byte needs 259 ids
 }
 
+void save_weights(engine::engine& e, const std::string& dir) {
+  std::vector<io::named_f32> tensors;
+  for (const auto& p : e.params().named_params()) tensors.push_back({p.name, p.shape, p.data});
+  io::write_hf_checkpoint(dir, e.config(), tensors, "F32");
+}
+
+TEST(infer, checkpoint_round_trip_gives_the_saved_weights_and_logits) {
+  FERRY_REQUIRE_DEVICE();
+  temp_dir dir;
+  auto e = make_engine(tiny(), engine::offload_mode::offload_blocked);
+  save_weights(*e, dir.path);
+  auto loaded = make_engine(io::load_hf_config(dir.path), engine::offload_mode::offload_blocked);
+  // Other weights first (make_engine's seed would give the saved ones): only the load can match.
+  loaded->params().init_random(8, tiny().initializer_range);
+  checkpoint::load_hf_weights(*loaded, dir.path);
+  loaded->params_changed();
+  const auto want = e->params().named_params(), got = loaded->params().named_params();
+  ASSERT_EQ(got.size(), want.size());
+  for (size_t i = 0; i < want.size(); ++i) {
+    ASSERT_EQ(got[i].name, want[i].name);
+    ASSERT_EQ(got[i].shape, want[i].shape) << want[i].name;
+    // F32 on disk: bit for bit.
+    EXPECT_TRUE(at::equal(at::from_blob(got[i].data, got[i].shape, at::kFloat),
+                          at::from_blob(want[i].data, want[i].shape, at::kFloat)))
+        << want[i].name << " differs after the round trip";
+  }
+  at::Tensor tok = at::randint(3, 300, {2, 17}, at::kLong);
+  EXPECT_TRUE(at::equal(full_forward_logits(*loaded, tok), full_forward_logits(*e, tok))) << "logits after loading";
+}
+
 TEST(infer, checkpoint_that_does_not_match_its_config_is_refused) {
   FERRY_REQUIRE_DEVICE();
   temp_dir dir;
   auto e = make_engine(tiny(), engine::offload_mode::offload_blocked);
-  std::vector<io::named_f32> tensors;
-  for (const auto& p : e->params().named_params()) tensors.push_back({p.name, p.shape, p.data});
-  io::write_hf_checkpoint(dir.path, tiny(), tensors, "F32");
-  {
-    auto loaded = make_engine(io::load_hf_config(dir.path), engine::offload_mode::offload_blocked);
-    checkpoint::load_hf_weights(*loaded, dir.path);   // the round trip loads
-  }
+  save_weights(*e, dir.path);
   model::llama_config other = tiny();
   other.intermediate_size = 48;
   io::save_hf_config(other, dir.path + "/config.json");

@@ -1,7 +1,8 @@
 // The C++ side of safetensors_xcheck.py. "write PATH" writes a fixed set of tensors (every dtype
 // the Python side can build, an empty tensor, metadata); "dump PATH" prints a file's metadata and
 // tensors (dtype, shape, hex bytes) as JSON on stdout; "hf-check DIR" validates an HF checkpoint
-// and prints the sum of every tensor; "hf-write DIR" rewrites DIR's checkpoint (sharded, BF16).
+// and prints every tensor as read (shape and fp32 values; JSON numbers round-trip a float
+// exactly); "hf-write DIR" also rewrites DIR's checkpoint (sharded, BF16).
 #include <cstdio>
 #include <cstring>
 #include <exception>
@@ -54,7 +55,7 @@ int main(int argc, char** argv) {
     if (mode == "hf-check" || mode == "hf-write") {
       ferry::io::hf_checkpoint_reader r(path);
       r.validate_against_config();
-      nlohmann::json sums;
+      nlohmann::json read;
       std::vector<std::vector<float>> store;
       std::vector<ferry::io::named_f32> views;
       for (const auto& [name, shape] : ferry::io::llama_tensor_names(r.config())) {
@@ -62,13 +63,11 @@ int main(int argc, char** argv) {
         for (int64_t d : shape) n *= static_cast<size_t>(d);
         store.emplace_back(n);
         r.read_f32(name, shape, store.back().data());
-        double s = 0;
-        for (float v : store.back()) s += v;
-        sums[name] = s;
+        read[name] = {{"shape", shape}, {"values", store.back()}};
         views.push_back({name, shape, store.back().data()});
       }
       if (mode == "hf-write") ferry::io::write_hf_checkpoint(path + "/ferry", r.config(), views, "BF16", 20000);
-      std::puts(sums.dump().c_str());
+      std::puts(read.dump().c_str());
       return 0;
     }
     ferry::io::safetensors_file f(path);

@@ -253,9 +253,9 @@ TEST(MODEL_SUITE(model_head), chunked_equals_unchunked_and_logits) {
     SCOPED_TRACE(dtype_name(t));
     llama_config c = tiny_config(2, 2, 6);
     const int64_t B = 3, T = 7, N = B * T, h = c.hidden_size, V = c.vocab_size;
-    at::Tensor x = dev(rnd({B, T, h}, t), t);
-    at::Tensor hflat = dev(random_flat(head_layout(c), c.head_params(), t), t);
+    at::Tensor xr = rnd({B, T, h}, t), x = dev(xr, t);
     auto hs = head_layout(c);
+    at::Tensor hr = random_flat(hs, c.head_params(), t), hflat = dev(hr, t);
     at::Tensor nw = slot_view(hflat, hs[0]), lw = slot_view(hflat, hs[1]);
     at::Tensor labels = at::randint(V, {B, T}, at::kLong);
     labels.index_put_({0, 3}, -100);
@@ -270,11 +270,11 @@ TEST(MODEL_SUITE(model_head), chunked_equals_unchunked_and_logits) {
     at::Tensor dx0, gn0, gl0;
     head_result r0 = run(N, dx0, gn0, gl0);
     EXPECT_EQ(r0.n_targets, N - 2);
-    // Reference from the full logits.
-    at::Tensor logits = head_logits(x, nw, lw, c);
-    ASSERT_EQ(logits.sizes(), (std::vector<int64_t>{B, T, V}));
-    double ref_loss = ref::ce_sum(logits.to(at::kCPU, at::kDouble), labels.cpu()).item<double>();
+    // Reference: the final norm, lm_head and cross-entropy in fp64 from the same rounded inputs.
+    at::Tensor ref_logits = at::matmul(ref::rmsnorm(xr, slot_view(hr, hs[0]), c.rms_norm_eps), slot_view(hr, hs[1]).t());
+    double ref_loss = ref::ce_sum(ref_logits, labels.cpu()).item<double>();
     EXPECT_NEAR(r0.loss_sum, ref_loss, std::abs(ref_loss) * tolerance(t));
+    FERRY_EXPECT_CLOSE(head_logits(x, nw, lw, c), ref_logits, tolerance(t), "head_logits");
     for (int64_t chunk : {int64_t(1), int64_t(5), N - 1, N + 100}) {
       SCOPED_TRACE("chunk " + std::to_string(chunk));
       at::Tensor dx, gn, gl;
