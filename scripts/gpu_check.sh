@@ -18,7 +18,9 @@ for a in "$@"; do
     *) ferry_die "gpu_check.sh: unknown argument $a (valid: --no-bench, --bench-only, --no-train, --kernel-bench, --quick)" 2 ;;
   esac
 done
-export FERRY_BUILD_DIR="${FERRY_BUILD_DIR:-$FERRY_ROOT/build-gpu}"
+# The build every script uses (common.sh: build/, or FERRY_BUILD_DIR), so nightly.sh and bench.sh
+# afterwards find this CUDA build instead of making another.
+export FERRY_BUILD_DIR
 summary="$out/summary.txt"
 : > "$summary"
 # Each row lands in the summary at once (and in $OUT on the lent GPU machine, so a run cut off by
