@@ -7,13 +7,9 @@
 #include <ATen/ops/empty.h>
 #include <cuda_runtime.h>
 
-#include <chrono>
-#include <mutex>
-#include <random>
-#include <thread>
-
 #include "src/common/error.h"
 #include "src/engine/backend.h"
+#include "src/engine/backend_util.h"
 
 #define ENGINE_CUDA_CHECK(stmt)                                                                   \
   do {                                                                                            \
@@ -45,8 +41,7 @@ class cuda_backend final : public backend {
         compute_(c10::cuda::getStreamFromPool(true)),
         h2d_(c10::cuda::getStreamFromPool(true)),
         d2h_(c10::cuda::getStreamFromPool(true)),
-        delay_us_(delay_us),
-        rng_(seed) {
+        delay_(delay_us, seed) {
     // The caching allocator initialises lazily on the first allocation; its statistics and the
     // memory cap need it now.
     at::empty({1}, at::TensorOptions().device(device_));
@@ -118,15 +113,7 @@ class cuda_backend final : public backend {
     c10::cuda::CUDACachingAllocator::setMemoryFraction(fraction, device_.index());
   }
 
-  void debug_delay() override {
-    if (delay_us_ <= 0) return;
-    int64_t us;
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      us = std::uniform_int_distribution<int64_t>(0, delay_us_)(rng_);
-    }
-    std::this_thread::sleep_for(std::chrono::microseconds(us));
-  }
+  void debug_delay() override { delay_(); }
 
  private:
   c10::cuda::CUDAStream& stream(queue q) {
@@ -140,9 +127,7 @@ class cuda_backend final : public backend {
 
   at::Device device_;
   c10::cuda::CUDAStream compute_, h2d_, d2h_;
-  int64_t delay_us_;
-  std::mutex mu_;
-  std::mt19937_64 rng_;
+  detail::random_delay delay_;
 };
 
 }  // namespace

@@ -1,15 +1,12 @@
 // The host backend: the "device" is the CPU. Copies are memcpys done at once, so every event is
 // complete when recorded; ordering between the compute thread and the CPU update thread is what
 // the engine's own synchronisation must get right, and what the race tests exercise.
-#include <chrono>
 #include <cstdlib>
 #include <cstring>
-#include <mutex>
-#include <random>
-#include <thread>
 
 #include "src/common/error.h"
 #include "src/engine/backend.h"
+#include "src/engine/backend_util.h"
 
 namespace ferry::engine {
 namespace {
@@ -21,19 +18,13 @@ class done_event final : public event {
 
 class host_backend final : public backend {
  public:
-  host_backend(int64_t delay_us, uint64_t seed) : delay_us_(delay_us), rng_(seed) {}
+  host_backend(int64_t delay_us, uint64_t seed) : delay_(delay_us, seed) {}
 
   at::Device device() const override { return at::Device(at::kCPU); }
   bool is_cuda() const override { return false; }
   std::string name() const override { return "host CPU"; }
 
-  void* host_alloc(size_t bytes) override {
-    void* p = nullptr;
-    size_t rounded = (bytes + 63) / 64 * 64;
-    FERRY_CHECK(posix_memalign(&p, 64, rounded == 0 ? 64 : rounded) == 0, "cannot allocate ", bytes,
-                " bytes of host memory; reduce the model size or free memory");
-    return p;
-  }
+  void* host_alloc(size_t bytes) override { return detail::host_alloc_aligned(bytes); }
   void host_free(void* p) override { std::free(p); }
 
   void copy_h2d(const at::Tensor& dst, const void* src, size_t bytes) override {
@@ -55,20 +46,10 @@ class host_backend final : public backend {
   void reset_memory_peak() override {}
   void limit_memory(double) override {}
 
-  void debug_delay() override {
-    if (delay_us_ <= 0) return;
-    int64_t us;
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      us = std::uniform_int_distribution<int64_t>(0, delay_us_)(rng_);
-    }
-    std::this_thread::sleep_for(std::chrono::microseconds(us));
-  }
+  void debug_delay() override { delay_(); }
 
  private:
-  int64_t delay_us_;
-  std::mutex mu_;
-  std::mt19937_64 rng_;
+  detail::random_delay delay_;
 };
 
 }  // namespace

@@ -29,17 +29,15 @@
 #include <c10/core/Storage.h>
 
 #include <algorithm>
-#include <chrono>
 #include <cstring>
 #include <deque>
 #include <functional>
 #include <mutex>
-#include <random>
-#include <thread>
 #include <vector>
 
 #include "src/common/error.h"
 #include "src/engine/backend.h"
+#include "src/engine/backend_util.h"
 
 namespace ferry::engine {
 namespace {
@@ -62,7 +60,7 @@ class strict_event final : public event {
 
 class strict_backend final : public backend {
  public:
-  strict_backend(int64_t delay_us, uint64_t seed) : delay_us_(delay_us), rng_(seed) {}
+  strict_backend(int64_t delay_us, uint64_t seed) : delay_(delay_us, seed) {}
   ~strict_backend() override {
     try {
       synchronize();
@@ -74,13 +72,7 @@ class strict_backend final : public backend {
   bool is_cuda() const override { return false; }
   std::string name() const override { return "host CPU (strict)"; }
 
-  void* host_alloc(size_t bytes) override {
-    void* p = nullptr;
-    size_t rounded = (bytes + 63) / 64 * 64;
-    FERRY_CHECK(posix_memalign(&p, 64, rounded == 0 ? 64 : rounded) == 0, "cannot allocate ", bytes,
-                " bytes of host memory; reduce the model size or free memory");
-    return p;
-  }
+  void* host_alloc(size_t bytes) override { return detail::host_alloc_aligned(bytes); }
   void host_free(void* p) override { std::free(p); }
 
   void copy_h2d(const at::Tensor& dst, const void* src, size_t bytes) override {
@@ -165,15 +157,7 @@ class strict_backend final : public backend {
   void reset_memory_peak() override {}
   void limit_memory(double) override {}
 
-  void debug_delay() override {
-    if (delay_us_ <= 0) return;
-    int64_t us;
-    {
-      std::lock_guard<std::mutex> lock(rng_mu_);
-      us = std::uniform_int_distribution<int64_t>(0, delay_us_)(rng_);
-    }
-    std::this_thread::sleep_for(std::chrono::microseconds(us));
-  }
+  void debug_delay() override { delay_(); }
 
   void run_to(queue q, int64_t mark) {
     std::lock_guard<std::mutex> lock(mu_);
@@ -220,9 +204,7 @@ class strict_backend final : public backend {
     }
   }
 
-  int64_t delay_us_;
-  std::mutex rng_mu_;
-  std::mt19937_64 rng_;
+  detail::random_delay delay_;
   std::mutex mu_;
   lane lanes_[2];
   int64_t compute_seq_ = 0;

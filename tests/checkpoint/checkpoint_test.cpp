@@ -12,6 +12,7 @@
 
 #include "src/checkpoint/checkpoint.h"
 #include "src/io/atomic_file.h"
+#include "tests/scratch_dir.h"
 #include "tests/engine/engine_test_util.h"
 
 namespace ferry::checkpoint::test {
@@ -21,16 +22,9 @@ namespace fs = std::filesystem;
 using namespace ::ferry::engine;
 using namespace ::ferry::engine::test;
 
-struct scratch_dir {
-  std::string path;
-  scratch_dir() {
-    path = (fs::temp_directory_path() / ("ferry_ckpt_test_" + std::to_string(::getpid()) + "_" +
-                                         ::testing::UnitTest::GetInstance()->current_test_info()->name()))
-               .string();
-    io::remove_tree(path);
-    fs::create_directories(path);
-  }
-  ~scratch_dir() { io::remove_tree(path); }
+// A scratch directory per test (tests/scratch_dir.h).
+struct scratch_dir : ::ferry::test::scratch_dir {
+  scratch_dir() : ::ferry::test::scratch_dir("ferry_ckpt_test") {}
 };
 
 struct resume_case {

@@ -13,6 +13,7 @@
 #include "src/common/error.h"
 #include "src/engine/engine.h"
 #include "src/io/atomic_file.h"
+#include "tests/scratch_dir.h"
 #include "src/checkpoint/checkpoint.h"
 #include "src/train/lr_schedule.h"
 #include "src/train/trainer.h"
@@ -21,16 +22,9 @@ namespace fs = std::filesystem;
 using namespace ferry;
 
 namespace {
-struct scratch_dir {
-  std::string path;
-  scratch_dir() {
-    path = (fs::temp_directory_path() / ("ferry_train_test_" + std::to_string(::getpid()) + "_" +
-                                         ::testing::UnitTest::GetInstance()->current_test_info()->name()))
-               .string();
-    io::remove_tree(path);
-    fs::create_directories(path);
-  }
-  ~scratch_dir() { io::remove_tree(path); }
+// A scratch directory per test (tests/scratch_dir.h).
+struct scratch_dir : ::ferry::test::scratch_dir {
+  scratch_dir() : ::ferry::test::scratch_dir("ferry_train_test") {}
 };
 
 std::string write_corpus(const std::string& dir) {
