@@ -229,18 +229,33 @@ grad_stats adamw::redo(const chunk_ref& c, const adamw_hparams& h, int64_t step,
   return run(static_cast<int>(detail::op::op_redo), c, h, step, old_mult, new_mult, nullptr, log);
 }
 
-void convert(const void* src, dtype src_dtype, void* dst, dtype dst_dtype, size_t n) {
-  FERRY_ASSERT(n == 0 || (src && dst), "convert with a null array");
+namespace {
+// f(begin, end) over [0, n) in blocks of 16384 elements on the caller's arena (elementwise work:
+// the split changes no result).
+template <class F>
+void for_blocks(size_t n, F&& f) {
   constexpr size_t block = 16384;
-  const detail::kernel_table k = detail::kernels();
   const size_t nb = (n + block - 1) / block;
   tbb::parallel_for(
       tbb::blocked_range<size_t>(0, nb, 1),
       [&](const tbb::blocked_range<size_t>& r) {
-        for (size_t b = r.begin(); b < r.end(); ++b)
-          k.convert(src, src_dtype, dst, dst_dtype, b * block, std::min(n, (b + 1) * block));
+        for (size_t b = r.begin(); b < r.end(); ++b) f(b * block, std::min(n, (b + 1) * block));
       },
       tbb::static_partitioner());
+}
+}  // namespace
+
+void convert(const void* src, dtype src_dtype, void* dst, dtype dst_dtype, size_t n) {
+  FERRY_ASSERT(n == 0 || (src && dst), "convert with a null array");
+  const detail::kernel_table k = detail::kernels();
+  for_blocks(n, [&](size_t b, size_t e) { k.convert(src, src_dtype, dst, dst_dtype, b, e); });
+}
+
+void accumulate(const void* grad, dtype grad_dtype, float* acc, size_t n, bool overwrite) {
+  if (overwrite) return convert(grad, grad_dtype, acc, dtype::dtype_f32, n);
+  FERRY_ASSERT(n == 0 || (grad && acc), "accumulate with a null array");
+  const detail::kernel_table k = detail::kernels();
+  for_blocks(n, [&](size_t b, size_t e) { k.accumulate(grad, grad_dtype, acc, b, e); });
 }
 
 }  // namespace ferry::cpu_optim

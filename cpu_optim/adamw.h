@@ -137,6 +137,11 @@ class adamw {
 // nearest even, NaN stays NaN, subnormals kept), f16->f32, bf16->f32 (exact), same-type copy.
 void convert(const void* src, dtype src_dtype, void* dst, dtype dst_dtype, size_t n);
 
+// Gradient accumulation over micro-batches on the caller's oneTBB arena: acc = grad (overwrite,
+// the first micro-batch) or acc += grad, in fp32 with one rounding per element; grad f32, f16 or
+// bf16. Bit-identical to ATen's copy_ / add_ of the same arrays.
+void accumulate(const void* grad, dtype grad_dtype, float* acc, size_t n, bool overwrite);
+
 // ISA targets compiled into the binary (e.g. "AVX3", "AVX2", "EMU128"), best first.
 std::vector<std::string> compiled_targets();
 // The target the kernels dispatch to now.

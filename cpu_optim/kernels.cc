@@ -362,7 +362,26 @@ void convert(const void* src, dtype st, void* dst, dtype dt, size_t b, size_t e)
   }
 }
 
-kernel_table make_table() { return kernel_table{hwy::TargetName(HWY_TARGET), &stats, &max_abs, &update, &convert}; }
+template <class G>
+void accumulate_range(const G* grad, float* acc, size_t begin, size_t end) {
+  const df_t df;
+  const size_t N = hn::Lanes(df);
+  size_t i = begin;
+  for (; i + N <= end; i += N) hn::StoreU(hn::Add(hn::LoadU(df, acc + i), load_f32(grad + i)), df, acc + i);
+  for (; i < end; ++i) acc[i] += scalar_to_f32(grad[i]);   // the same single rounding as the lanes
+}
+
+void accumulate(const void* grad, dtype t, float* acc, size_t b, size_t e) {
+  switch (t) {
+    case dtype::dtype_f32: return accumulate_range(static_cast<const float*>(grad), acc, b, e);
+    case dtype::dtype_f16: return accumulate_range(static_cast<const hwy::float16_t*>(grad), acc, b, e);
+    case dtype::dtype_bf16: return accumulate_range(static_cast<const hwy::bfloat16_t*>(grad), acc, b, e);
+  }
+}
+
+kernel_table make_table() {
+  return kernel_table{hwy::TargetName(HWY_TARGET), &stats, &max_abs, &update, &convert, &accumulate};
+}
 
 }  // namespace ferry::cpu_optim::detail::HWY_NAMESPACE
 HWY_AFTER_NAMESPACE();

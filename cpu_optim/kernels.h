@@ -43,6 +43,8 @@ struct kernel_table {
                        std::vector<undo_entry>* log);
   void (*convert)(const void* src, dtype src_dtype, void* dst, dtype dst_dtype, size_t begin,
                   size_t end);
+  // acc[i] += grad[i] in fp32 over [begin, end) (one rounding per element, as ATen's add_).
+  void (*accumulate)(const void* grad, dtype grad_dtype, float* acc, size_t begin, size_t end);
 };
 
 // The table of the target chosen now (best supported, or the one force_target picked).

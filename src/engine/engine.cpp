@@ -278,9 +278,7 @@ void engine::send_grad(int64_t u, grad_slot& g, int64_t numel, bool first_micro,
         delay();
         size_t n = size_t(store_->unit(u).numel);
         if (accumulate) {
-          at::Tensor acc = at::from_blob(accum_[u], {int64_t(n)}, at::kFloat);
-          if (first_micro) acc.copy_(store_->grad_tensor(u));
-          else acc.add_(store_->grad_tensor(u));
+          cpu_optim::accumulate(store_->grad(u), to_optim_dtype(store_->grad_dtype(u)), accum_[u], n, first_micro);
         }
         if (!last_micro) return;
         if (poison) debug_poison(u);

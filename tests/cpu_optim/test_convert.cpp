@@ -1,10 +1,11 @@
-// cpu_optim::convert on every compiled target against the scalar integer conversions of half.h,
+// cpu_optim::convert and accumulate on every compiled target against the scalar integer conversions of half.h,
 // bit for bit, on random bit patterns (every float class) and the hand-picked edge cases.
 #include <gtest/gtest.h>
 
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <random>
 
 #include "tests/cpu_optim/test_util.h"
 
@@ -73,6 +74,45 @@ TEST_P(convert_target, same_type_copy_and_cross_half) {
   convert(f16.data(), dtype::dtype_f16, bf16.data(), dtype::dtype_bf16, n);
   for (size_t i = 0; i < n; ++i) {
     ASSERT_TRUE(same(bf16[i], half::f32_to_bf16(half::f16_to_f32(f16[i])), dtype::dtype_bf16));
+  }
+}
+
+// accumulate on every target: each micro-batch's gradient (f32, f16, bf16: random values of every
+// class, lengths around the vector widths) added into an fp32 accumulator over three micro-batches
+// against a double-precision loop that rounds once per add; the first overwrites.
+TEST_P(convert_target, accumulate_matches_double_loop) {
+  std::mt19937 rng(fresh_seed());
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  for (size_t n : {size_t(1), size_t(15), size_t(17), size_t(33), size_t(16384 + 5), size_t(100003)}) {
+    for (dtype t : {dtype::dtype_f32, dtype::dtype_f16, dtype::dtype_bf16}) {
+      std::vector<float> acc(n, 12345.0f), want(n);
+      for (int micro = 0; micro < 3; ++micro) {
+        // grads of ordinary size plus, in the second micro-batch, every edge value
+        std::vector<float> g(n);
+        for (auto& x : g) x = normal(rng) * 1e-2f;
+        if (micro == 1) {
+          const std::vector<float> edges = edge_values();
+          for (size_t i = 0; i < std::min(n, edges.size()); ++i) g[i] = edges[i];
+        }
+        std::vector<uint16_t> h(n);
+        const void* src = g.data();
+        if (t != dtype::dtype_f32) {
+          for (size_t i = 0; i < n; ++i) h[i] = to_half(g[i], t);
+          src = h.data();
+        }
+        accumulate(src, t, acc.data(), n, /*overwrite=*/micro == 0);
+        for (size_t i = 0; i < n; ++i) {
+          const double gi = t == dtype::dtype_f32 ? double(g[i])
+                            : t == dtype::dtype_f16 ? double(half::f16_to_f32(h[i]))
+                                                    : double(half::bf16_to_f32(h[i]));
+          want[i] = micro == 0 ? float(gi) : float(double(want[i]) + gi);
+        }
+      }
+      for (size_t i = 0; i < n; ++i) {
+        ASSERT_TRUE(half::f32_bits(acc[i]) == half::f32_bits(want[i]) || (std::isnan(acc[i]) && std::isnan(want[i])))
+            << dtype_name(t) << " n=" << n << " element " << i << ": " << acc[i] << " want " << want[i];
+      }
+    }
   }
 }
 
