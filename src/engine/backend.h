@@ -41,7 +41,9 @@ class backend {
   virtual void* host_alloc(size_t bytes) = 0;
   virtual void host_free(void* p) = 0;
 
-  // Asynchronous copies on the h2d / d2h queues. dst / src are contiguous device tensors.
+  // Asynchronous copies on the h2d / d2h queues. dst / src are contiguous device tensors; the
+  // caller may drop them once the copy is queued (the backend keeps their memory from being reused
+  // before the copy is done), but must not write src or read dst before waiting for the copy.
   virtual void copy_h2d(const at::Tensor& dst, const void* src, size_t bytes) = 0;
   virtual void copy_d2h(void* dst, const at::Tensor& src, size_t bytes) = 0;
 

@@ -64,13 +64,19 @@ class cuda_backend final : public backend {
   }
   void host_free(void* p) override { cudaFreeHost(p); }
 
+  // The device buffer of a copy belongs to the compute stream's pool: recordStream keeps the
+  // caching allocator from handing it out again, once the engine drops the tensor, before the
+  // copy stream's work queued so far is done (the embedding's gradient is dropped right after
+  // its copy is queued, and the next micro-batch allocates the same size).
   void copy_h2d(const at::Tensor& dst, const void* src, size_t bytes) override {
     debug_delay();
     ENGINE_CUDA_CHECK(cudaMemcpyAsync(dst.data_ptr(), src, bytes, cudaMemcpyHostToDevice, h2d_.stream()));
+    c10::cuda::CUDACachingAllocator::recordStream(dst.storage().data_ptr(), h2d_);
   }
   void copy_d2h(void* dst, const at::Tensor& src, size_t bytes) override {
     debug_delay();
     ENGINE_CUDA_CHECK(cudaMemcpyAsync(dst, src.data_ptr(), bytes, cudaMemcpyDeviceToHost, d2h_.stream()));
+    c10::cuda::CUDACachingAllocator::recordStream(src.storage().data_ptr(), d2h_);
   }
 
   event_ptr record(queue q, bool timing) override {
