@@ -4,21 +4,17 @@
 // recent fix-ups that drive speculate=auto). On the strict host backend, tiny model
 // (tests/engine/engine_test_util.h), in the states where resuming is easy to get wrong.
 #include <gtest/gtest.h>
-#include <unistd.h>
 
-#include <filesystem>
 #include <limits>
 #include <string>
 
 #include "src/checkpoint/checkpoint.h"
-#include "src/io/atomic_file.h"
-#include "tests/scratch_dir.h"
 #include "tests/engine/engine_test_util.h"
+#include "tests/scratch_dir.h"
 
 namespace ferry::checkpoint::test {
 namespace {
 
-namespace fs = std::filesystem;
 using namespace ::ferry::engine;
 using namespace ::ferry::engine::test;
 
