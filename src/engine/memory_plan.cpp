@@ -56,7 +56,7 @@ memory_plan plan_forward_only(const model::llama_config& cfg, const engine_optio
   const int64_t rows = std::min<int64_t>(opt.ce_chunk, n);
   const int64_t a = e == 8 ? 8 : 4;
   const int64_t ce = opt.cuda ? c(rows * 4) : 2 * c(rows * V * a) + 8 * c(rows * 8);
-  const int64_t norm = opt.cuda ? c(rows * h * e) : 2 * c(rows * h * a) + 2 * c(rows * h * e) + 2 * c(rows * a);
+  const int64_t norm = model::rmsnorm_forward_bytes(rows, h, e, opt.cuda);
   const int64_t head = c(4) + std::max({norm, c(rows * h * e) + c(rows * V * e) + ce, c(n) + c(8)});
   const int64_t labels = c(n * 8);
   p.workspace = labels + std::max({tokens, block, head}) + fixed_bytes(cfg, opt, std::max(seq, rotary_positions(cfg, opt)));

@@ -74,6 +74,10 @@ int64_t block_forward_inference_bytes(const llama_config& cfg, int64_t batch, in
 int64_t block_forward_whole_bytes(const llama_config& cfg, int64_t batch, int64_t seq, int64_t elem_size,
                                   attention_path path);
 
+// Device bytes of rmsnorm_forward over `rows` rows without rstd, its output included: the output on
+// CUDA; on the CPU also the ATen composition's fp32 copy, square, statistics and normalised rows.
+int64_t rmsnorm_forward_bytes(int64_t rows, int64_t hidden, int64_t elem_size, bool cuda);
+
 // dy (B,T,h). Writes the weight gradients into g (views of a flat gradient buffer: overwritten, or
 // added to when accumulate) and returns dx (B,T,h). Releases saved's tensors as it goes (saved is
 // empty on return).

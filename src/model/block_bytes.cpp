@@ -33,13 +33,7 @@ struct sizes {
 
   int64_t c(int64_t bytes) const { return device_charge(bytes, cuda); }
 
-  // RMSNorm of `rows` rows: the output; on the CPU the ATen composition's fp32 copy, square,
-  // statistics, normalised rows and their cast (rmsnorm_forward_aten).
-  int64_t norm(int64_t rows) const {
-    const int64_t h = cfg.hidden_size;
-    if (cuda) return c(rows * h * e);
-    return 2 * c(rows * h * a) + 2 * c(rows * h * e) + 2 * c(rows * a);
-  }
+  int64_t norm(int64_t rows) const { return rmsnorm_forward_bytes(rows, cfg.hidden_size, e, cuda); }
   // RoPE on the q and k heads of `rows` rows, in place on CUDA; the ATen composition's copies.
   int64_t rope(int64_t rows, int64_t positions) const {
     if (cuda) return 0;
@@ -120,6 +114,13 @@ sizes make_sizes(const llama_config& cfg, int64_t elem_size, attention_path path
 }
 
 }  // namespace
+
+int64_t rmsnorm_forward_bytes(int64_t rows, int64_t hidden, int64_t elem_size, bool cuda) {
+  const int64_t a = elem_size == 8 ? 8 : 4;
+  auto c = [&](int64_t bytes) { return device_charge(bytes, cuda); };
+  if (cuda) return c(rows * hidden * elem_size);
+  return 2 * c(rows * hidden * a) + 2 * c(rows * hidden * elem_size) + 2 * c(rows * a);
+}
 
 int64_t block_forward_whole_bytes(const llama_config& cfg, int64_t batch, int64_t seq, int64_t elem_size,
                                   attention_path path) {
