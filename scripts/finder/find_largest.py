@@ -119,20 +119,11 @@ def judge(p, lim):
 
 
 def what_if(p, change):
-    """The plan with one change applied, from its components (device/host totals in bytes)."""
-    d, h = dict(p["device"]), dict(p["host"])
-    L = p["model"]["layers"]
-    e = 4 if p["run"]["dtype"] == "fp32" else 2
-    nhe = p["run"]["batch"] * p["run"]["seq"] * p["model"]["hidden"] * e
-    if change == "activation checkpointing":
-        block_saved = (d["activations"] - nhe) / max(1, L)
-        new_act = (L + 1) * nhe + block_saved  # layer inputs kept, one block's saved tensors recomputed
-        d["total"] -= d["activations"] - new_act
-    elif change == "bf16 optimizer moments":
-        h["total"] -= h["moments"] // 2
-    elif change == "NVMe offload of master+moments":
-        h["total"] -= h["master"] + h["moments"]
-    return dict(p, device=d, host=h)
+    """The plan with one capability added, as ferry's planner computed it (--plan-json's what_if)."""
+    w = p.get("what_if", {}).get(change)
+    if w is None:
+        raise SystemExit("find_largest_model: the plan has no what-if row %r (ferry-train too old?)" % change)
+    return dict(p, device=w["device"], host=w["host"])
 
 
 def run_verify(train, name, cfg_path, a, dev, lim, tokfile, out):

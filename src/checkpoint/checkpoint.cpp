@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <memory>
 #include <filesystem>
 #include <nlohmann/json.hpp>
 
@@ -55,17 +56,21 @@ std::string save_checkpoint(engine::engine& e, const trainer_state& st, const st
   fs::create_directories(tmp_dir, ec);
   FERRY_CHECK(!ec, "cannot create ", tmp_dir.string(), ": ", ec.message());
   try {
+    // The tier's state of every unit, held while it is written (the host tier hands out its own
+    // buffers; a tier on disk reads each unit in).
     auto& store = e.params();
+    std::vector<std::unique_ptr<engine::state_lease>> leases;
+    for (int64_t u = 0; u < store.num_units(); ++u)
+      leases.push_back(std::make_unique<engine::state_lease>(store.state(), u, false));
     std::vector<io::named_f32> weights;
     std::vector<io::st_write_entry> optim;
     for (const auto& p : store.named_params()) {
-      weights.push_back({p.name, p.shape, p.data});
-      int64_t n = 1;
-      for (auto d : p.shape) n *= d;
-      size_t bytes = size_t(n) * 4;
-      optim.push_back({p.name, "F32", p.shape, p.data, bytes});
-      optim.push_back({p.name + ".exp_avg", "F32", p.shape, p.exp_avg, bytes});
-      optim.push_back({p.name + ".exp_avg_sq", "F32", p.shape, p.exp_avg_sq, bytes});
+      const engine::state_view& s = **leases[size_t(p.unit)];
+      const size_t bytes = size_t(p.numel) * 4;
+      weights.push_back({p.name, p.shape, s.master + p.offset});
+      optim.push_back({p.name, "F32", p.shape, s.master + p.offset, bytes});
+      optim.push_back({p.name + ".exp_avg", "F32", p.shape, s.exp_avg + p.offset, bytes});
+      optim.push_back({p.name + ".exp_avg_sq", "F32", p.shape, s.exp_avg_sq + p.offset, bytes});
     }
     model::llama_config cfg = e.config();
     io::write_hf_checkpoint(tmp_dir.string(), cfg, weights, export_dtype(e.options().dtype));
@@ -73,11 +78,12 @@ std::string save_checkpoint(engine::engine& e, const trainer_state& st, const st
     json js;
     js["step"] = st.step;
     js["data_cursor"] = st.data_cursor;
-    js["loss_scale"] = st.loss_scale;
-    js["good_steps"] = st.good_steps;
-    js["adam_steps"] = st.adam_steps;
+    const engine::engine_state& es = e.state();
+    js["loss_scale"] = es.scaler.scale;
+    js["good_steps"] = es.scaler.good_steps;
+    js["adam_steps"] = es.optimizer_steps;
     js["seed"] = st.seed;
-    js["recent_fixes"] = st.recent_fixes;
+    js["recent_fixes"] = es.recent_fixes;
     js["model_name"] = st.model_name;
     js["run_config"] = json::parse(st.run_config_json.empty() ? "{}" : st.run_config_json);
     io::write_file_atomic((tmp_dir / "trainer_state.json").string(), js.dump(2) + "\n");
@@ -128,7 +134,11 @@ void load_hf_weights(engine::engine& e, const std::string& dir) {
               ", vocab ", c.vocab_size, ") than the model being trained (hidden ", m.hidden_size, ", layers ",
               m.num_hidden_layers, ", vocab ", m.vocab_size, "); use the checkpoint's config.json as --model-config");
   reader.validate_against_config();
-  for (const auto& p : e.params().named_params()) reader.read_f32(p.name, p.shape, p.data);
+  auto& store = e.params();
+  for (const auto& p : store.named_params()) {
+    engine::state_lease s(store.state(), p.unit, true);
+    reader.read_f32(p.name, p.shape, s->master + p.offset);
+  }
 }
 
 trainer_state load_checkpoint(engine::engine& e, const std::string& dir) {
@@ -137,10 +147,13 @@ trainer_state load_checkpoint(engine::engine& e, const std::string& dir) {
   load_hf_weights(e, dir);  // validates shape and files; overwritten below by the fp32 masters
   const std::string opt_path = (fs::path(dir) / "optimizer.safetensors").string();
   io::safetensors_file opt(opt_path);
-  for (const auto& p : e.params().named_params()) {
-    int64_t n = 1;
-    for (auto d : p.shape) n *= d;
-    for (auto [suffix, dst] : {std::pair<const char*, float*>{"", p.data}, {".exp_avg", p.exp_avg}, {".exp_avg_sq", p.exp_avg_sq}}) {
+  auto& store = e.params();
+  for (const auto& p : store.named_params()) {
+    engine::state_lease s(store.state(), p.unit, true);
+    const int64_t n = p.numel;
+    for (auto [suffix, dst] : {std::pair<const char*, float*>{"", s->master + p.offset},
+                               {".exp_avg", s->exp_avg + p.offset},
+                               {".exp_avg_sq", s->exp_avg_sq + p.offset}}) {
       const io::st_tensor_info* t = opt.find(p.name + suffix);
       FERRY_CHECK(t != nullptr, opt_path, ": missing tensor ", p.name + suffix, " (a checkpoint of another model?)");
       FERRY_CHECK(t->dtype == "F32" && t->shape == p.shape, opt_path, ": tensor ", p.name + suffix,
@@ -156,22 +169,20 @@ trainer_state load_checkpoint(engine::engine& e, const std::string& dir) {
     throw error(state_path + ": not a valid trainer state (" + ex.what() + ")");
   }
   trainer_state st;
+  engine::engine_state es;
   try {
     st.step = js.at("step").get<int64_t>();
     st.data_cursor = js.at("data_cursor").get<int64_t>();
-    st.loss_scale = js.at("loss_scale").get<double>();
-    st.good_steps = js.at("good_steps").get<int64_t>();
-    st.adam_steps = js.at("adam_steps").get<int64_t>();
+    es.scaler.scale = js.at("loss_scale").get<double>();
+    es.scaler.good_steps = js.at("good_steps").get<int64_t>();
+    es.optimizer_steps = js.at("adam_steps").get<int64_t>();
     st.seed = js.at("seed").get<uint64_t>();
-    st.recent_fixes = js.at("recent_fixes").get<std::vector<bool>>();
+    es.recent_fixes = js.at("recent_fixes").get<std::vector<bool>>();
     st.model_name = js.value("model_name", "");
   } catch (const json::exception& ex) {
     throw error(state_path + ": missing or malformed field (" + ex.what() + ")");
   }
-  e.scaler().scale = st.loss_scale;
-  e.scaler().good_steps = st.good_steps;
-  e.set_optimizer_steps(st.adam_steps);
-  e.recent_fixes() = st.recent_fixes;
+  e.state() = es;
   e.params_changed();
   return st;
 }

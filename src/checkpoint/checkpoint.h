@@ -18,14 +18,12 @@
 
 namespace ferry::checkpoint {
 
+// The trainer's own state; the engine's (engine::engine_state: AdamW's step count, the loss
+// scaler, recent fix-ups) and its weights and moments are saved and restored whole from the engine.
 struct trainer_state {
   int64_t step = 0;              // optimizer steps taken
   int64_t data_cursor = 0;       // training sequences consumed
-  double loss_scale = 65536.0;
-  int64_t good_steps = 0;
-  int64_t adam_steps = 0;        // AdamW's own count (skipped steps excluded)
   uint64_t seed = 0;
-  std::vector<bool> recent_fixes;
   std::string run_config_json;   // the resolved run config, for the record
   std::string model_name;
 };

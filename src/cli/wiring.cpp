@@ -68,6 +68,7 @@ engine::engine_options engine_options_for(const io::run_config& cfg, const model
   o.ce_chunk = cfg.ce_chunk;
   o.max_batch = cfg.batch_size;
   o.max_seq = cfg.max_length;
+  o.grad_accum = cfg.grad_accum;
   o.gpu_mem_limit_gib = cfg.gpu_mem_limit_gib;
   o.nvtx = cfg.nvtx;
   o.seed = cfg.seed;
@@ -129,10 +130,30 @@ void write_plan_json(const std::string& path, const io::run_config& cfg, const m
               {"batch", cfg.batch_size}, {"seq", cfg.max_length},       {"grad_accum", cfg.grad_accum},
               {"prefetch", cfg.prefetch}, {"gpu_mem_limit_gib", cfg.gpu_mem_limit_gib},
               {"forward_only", eo.forward_only}};
-  j["device"] = {{"weight_slots", p.weight_slots}, {"grad_slots", p.grad_slots}, {"optimizer", p.optimizer},
-                 {"activations", p.activations},   {"workspace", p.workspace},   {"total", p.device_total}};
-  j["host"] = {{"master", p.host_master}, {"moments", p.host_moments}, {"pinned", p.host_pinned},
-               {"other", p.host_other},   {"total", p.host_total}};
+  auto device_of = [](const engine::memory_plan& q) {
+    return nlohmann::json{{"weight_slots", q.weight_slots}, {"grad_slots", q.grad_slots}, {"optimizer", q.optimizer},
+                          {"activations", q.activations},   {"workspace", q.workspace},   {"total", q.device_total}};
+  };
+  auto host_of = [](const engine::memory_plan& q) {
+    return nlohmann::json{{"master", q.host_master}, {"moments", q.host_moments}, {"pinned", q.host_pinned},
+                          {"other", q.host_other},   {"total", q.host_total}};
+  };
+  j["device"] = device_of(p);
+  j["host"] = host_of(p);
+  // The same plan with capabilities the engine does not run yet (the finder's what-if rows).
+  if (!eo.forward_only) {
+    std::vector<std::pair<const char*, engine::plan_what_if>> variants(3);
+    variants[0].first = "activation checkpointing";
+    variants[0].second.recompute_blocks = true;
+    variants[1].first = "bf16 optimizer moments";
+    variants[1].second.moment_bytes = 4;
+    variants[2].first = "NVMe offload of master+moments";
+    variants[2].second.state_on_disk = true;
+    for (const auto& [name, w] : variants) {
+      engine::memory_plan q = engine::plan_memory(mc, eo, cfg.batch_size, cfg.max_length, cfg.grad_accum, w);
+      j["what_if"][name] = {{"device", device_of(q)}, {"host", host_of(q)}};
+    }
+  }
   std::ofstream out(path);
   FERRY_CONFIG_CHECK(out.good(), "cannot write --plan-json ", path, "; check that its directory exists");
   out << j.dump(2) << "\n";

@@ -4,17 +4,22 @@
 //
 // Three queues: compute (ATen ops of the model), h2d (weights in) and d2h (gradients out). Work on
 // one queue runs in order; wait(q, e) makes queue q wait for an event recorded on another. On
-// CUDA these are streams and events; on the host backend copies are memcpys executed at once and
-// events are complete when recorded (the engine's concurrency there is the CPU update thread).
+// CUDA these are streams and events of one device (the backend names it); on the host backend
+// copies are memcpys executed at once and events are complete when recorded (the engine's
+// concurrency there is the CPU update thread). A queue for collectives between ranks is one more
+// enumerator before k_num_queues: the CUDA backend keeps one stream per queue.
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
 #include <memory>
 #include <string>
 
+#include "src/engine/backend_util.h"
+
 namespace ferry::engine {
 
 enum class queue { queue_compute, queue_h2d, queue_d2h };
+constexpr int k_num_queues = 3;
 
 class event {
  public:
@@ -31,6 +36,7 @@ struct device_memory_stats {
 
 class backend {
  public:
+  backend(int64_t debug_delay_us, uint64_t seed) : delay_(debug_delay_us, seed) {}
   virtual ~backend() = default;
   virtual at::Device device() const = 0;
   virtual bool is_cuda() const = 0;
@@ -51,6 +57,7 @@ class backend {
   virtual void wait(queue waiter, const event_ptr& e) = 0;
   // Milliseconds between two timing events (0 on the host backend).
   virtual double elapsed_ms(const event_ptr& start, const event_ptr& end) = 0;
+  // The host blocks until every queue's work (and the device's current stream's) is done.
   virtual void synchronize() = 0;
 
   // While the returned object lives, ATen ops run on the compute queue.
@@ -61,8 +68,12 @@ class backend {
   // Caps usable device memory (caching allocator fraction); no-op on the host backend.
   virtual void limit_memory(double gib) = 0;
 
-  // Race testing: sleep a random 0..max_us before each copy and compute phase.
-  virtual void debug_delay() = 0;
+  // Race testing (engine_options::debug_delay_us): sleeps a random 0..max_us; the backends call it
+  // before each copy, the engine before each compute phase and host task.
+  void debug_delay() { delay_(); }
+
+ private:
+  detail::random_delay delay_;
 };
 
 // debug_delay_us > 0 injects random delays (seeded) for the race tests.
@@ -70,8 +81,9 @@ std::unique_ptr<backend> make_host_backend(int64_t debug_delay_us = 0, uint64_t 
 // The host backend with copies that run as late as a GPU's may, poisoned destinations and checked
 // ordering rules (backend_strict.cpp): a missing record or wait in the engine fails there.
 std::unique_ptr<backend> make_strict_host_backend(int64_t debug_delay_us = 0, uint64_t seed = 0);
-// Available when built with CUDA; throws ferry::error when no device is usable.
-std::unique_ptr<backend> make_cuda_backend(int64_t debug_delay_us = 0, uint64_t seed = 0);
+// Available when built with CUDA; throws ferry::error when no device is usable. device_index -1:
+// the current device.
+std::unique_ptr<backend> make_cuda_backend(int device_index = -1, int64_t debug_delay_us = 0, uint64_t seed = 0);
 bool cuda_usable();
 
 }  // namespace ferry::engine

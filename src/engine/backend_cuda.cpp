@@ -1,47 +1,41 @@
-// The CUDA backend: a compute stream, two copy streams, CUDA events, page-locked host memory.
+// The CUDA backend: one device, a stream per queue, the CUDA runtime layer of gpu/runtime.h
+// (events) and gpu/cuda_check.h (checked calls), page-locked host memory.
 #include <ATen/cuda/CUDAContext.h>
-#include <ATen/cuda/CUDAEvent.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <ATen/ops/empty.h>
 #include <cuda_runtime.h>
 
+#include <array>
+
+#include "gpu/cuda_check.h"
+#include "gpu/runtime.h"
 #include "src/common/error.h"
 #include "src/engine/backend.h"
-#include "src/engine/backend_util.h"
-
-#define ENGINE_CUDA_CHECK(stmt)                                                                   \
-  do {                                                                                            \
-    cudaError_t err_ = (stmt);                                                                    \
-    FERRY_CHECK(err_ == cudaSuccess, #stmt, " failed: ", cudaGetErrorString(err_), " (", __FILE__, \
-                ":", __LINE__, ")");                                                              \
-  } while (0)
 
 namespace ferry::engine {
 namespace {
 
 class cuda_event final : public event {
  public:
-  explicit cuda_event(bool timing) {
-    ENGINE_CUDA_CHECK(cudaEventCreateWithFlags(&ev_, timing ? cudaEventDefault : cudaEventDisableTiming));
-  }
-  ~cuda_event() override { cudaEventDestroy(ev_); }
-  void synchronize() override { ENGINE_CUDA_CHECK(cudaEventSynchronize(ev_)); }
-  cudaEvent_t get() const { return ev_; }
+  cuda_event(bool timing, cudaStream_t s) : ev_(timing) { ev_.record(s); }
+  void synchronize() override { ev_.synchronize(); }
+  const gpu::event& get() const { return ev_; }
 
  private:
-  cudaEvent_t ev_ = nullptr;
+  gpu::event ev_;
 };
+
+const gpu::event& ev(const event_ptr& e) { return static_cast<cuda_event*>(e.get())->get(); }
 
 class cuda_backend final : public backend {
  public:
-  cuda_backend(int64_t delay_us, uint64_t seed)
-      : device_(at::kCUDA, static_cast<c10::DeviceIndex>(at::cuda::current_device())),
-        compute_(c10::cuda::getStreamFromPool(true)),
-        h2d_(c10::cuda::getStreamFromPool(true)),
-        d2h_(c10::cuda::getStreamFromPool(true)),
-        delay_(delay_us, seed) {
+  cuda_backend(int index, int64_t delay_us, uint64_t seed)
+      : backend(delay_us, seed),
+        device_(at::kCUDA, static_cast<c10::DeviceIndex>(index)),
+        streams_{c10::cuda::getStreamFromPool(true, device_.index()), c10::cuda::getStreamFromPool(true, device_.index()),
+                 c10::cuda::getStreamFromPool(true, device_.index())} {
     // The caching allocator initialises lazily on the first allocation; its statistics and the
     // memory cap need it now.
     at::empty({1}, at::TensorOptions().device(device_));
@@ -70,33 +64,32 @@ class cuda_backend final : public backend {
   // its copy is queued, and the next micro-batch allocates the same size).
   void copy_h2d(const at::Tensor& dst, const void* src, size_t bytes) override {
     debug_delay();
-    ENGINE_CUDA_CHECK(cudaMemcpyAsync(dst.data_ptr(), src, bytes, cudaMemcpyHostToDevice, h2d_.stream()));
-    c10::cuda::CUDACachingAllocator::recordStream(dst.storage().data_ptr(), h2d_);
+    c10::cuda::CUDAStream& s = stream(queue::queue_h2d);
+    FERRY_CUDA_CHECK(cudaMemcpyAsync(dst.data_ptr(), src, bytes, cudaMemcpyHostToDevice, s.stream()));
+    c10::cuda::CUDACachingAllocator::recordStream(dst.storage().data_ptr(), s);
   }
   void copy_d2h(void* dst, const at::Tensor& src, size_t bytes) override {
     debug_delay();
-    ENGINE_CUDA_CHECK(cudaMemcpyAsync(dst, src.data_ptr(), bytes, cudaMemcpyDeviceToHost, d2h_.stream()));
-    c10::cuda::CUDACachingAllocator::recordStream(src.storage().data_ptr(), d2h_);
+    c10::cuda::CUDAStream& s = stream(queue::queue_d2h);
+    FERRY_CUDA_CHECK(cudaMemcpyAsync(dst, src.data_ptr(), bytes, cudaMemcpyDeviceToHost, s.stream()));
+    c10::cuda::CUDACachingAllocator::recordStream(src.storage().data_ptr(), s);
   }
 
   event_ptr record(queue q, bool timing) override {
-    auto e = std::make_shared<cuda_event>(timing);
-    ENGINE_CUDA_CHECK(cudaEventRecord(e->get(), stream(q).stream()));
-    return e;
+    c10::cuda::CUDAGuard g(device_.index());   // an event belongs to the device current at its creation
+    return std::make_shared<cuda_event>(timing, stream(q).stream());
   }
   void wait(queue waiter, const event_ptr& e) override {
-    ENGINE_CUDA_CHECK(cudaStreamWaitEvent(stream(waiter).stream(), static_cast<cuda_event*>(e.get())->get(), 0));
+    FERRY_CUDA_CHECK(cudaStreamWaitEvent(stream(waiter).stream(), ev(e).get(), 0));
   }
-  double elapsed_ms(const event_ptr& a, const event_ptr& b) override {
-    float ms = 0;
-    ENGINE_CUDA_CHECK(cudaEventElapsedTime(&ms, static_cast<cuda_event*>(a.get())->get(),
-                                           static_cast<cuda_event*>(b.get())->get()));
-    return ms;
+  double elapsed_ms(const event_ptr& a, const event_ptr& b) override { return gpu::event::elapsed_ms(ev(a), ev(b)); }
+  void synchronize() override {
+    for (auto& s : streams_) s.synchronize();
+    c10::cuda::getCurrentCUDAStream(device_.index()).synchronize();
   }
-  void synchronize() override { ENGINE_CUDA_CHECK(cudaDeviceSynchronize()); }
 
   std::shared_ptr<void> enter_compute() override {
-    return std::make_shared<c10::cuda::CUDAStreamGuard>(compute_);
+    return std::make_shared<c10::cuda::CUDAStreamGuard>(stream(queue::queue_compute));
   }
 
   device_memory_stats memory_stats() override {
@@ -105,35 +98,25 @@ class cuda_backend final : public backend {
     out.allocated_peak = s.allocated_bytes[0].peak;
     out.reserved_peak = s.reserved_bytes[0].peak;
     size_t free_b = 0, total_b = 0;
-    cudaMemGetInfo(&free_b, &total_b);
+    c10::cuda::CUDAGuard g(device_.index());
+    FERRY_CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
     out.total = static_cast<int64_t>(total_b);
     return out;
   }
   void reset_memory_peak() override { c10::cuda::CUDACachingAllocator::resetPeakStats(device_.index()); }
   void limit_memory(double gib) override {
     if (gib <= 0) return;
-    size_t free_b = 0, total_b = 0;
-    ENGINE_CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
-    double fraction = gib * double(1ull << 30) / double(total_b);
-    FERRY_CHECK(fraction <= 1.0, "gpu_mem_limit_gib=", gib, " exceeds this card's ", total_b >> 30, " GiB");
+    const int64_t total = memory_stats().total;
+    double fraction = gib * double(1ull << 30) / double(total);
+    FERRY_CHECK(fraction <= 1.0, "gpu_mem_limit_gib=", gib, " exceeds this card's ", total >> 30, " GiB");
     c10::cuda::CUDACachingAllocator::setMemoryFraction(fraction, device_.index());
   }
 
-  void debug_delay() override { delay_(); }
-
  private:
-  c10::cuda::CUDAStream& stream(queue q) {
-    switch (q) {
-      case queue::queue_compute: return compute_;
-      case queue::queue_h2d: return h2d_;
-      case queue::queue_d2h: return d2h_;
-    }
-    return compute_;
-  }
+  c10::cuda::CUDAStream& stream(queue q) { return streams_[static_cast<size_t>(q)]; }
 
   at::Device device_;
-  c10::cuda::CUDAStream compute_, h2d_, d2h_;
-  detail::random_delay delay_;
+  std::array<c10::cuda::CUDAStream, k_num_queues> streams_;
 };
 
 }  // namespace
@@ -143,9 +126,13 @@ bool cuda_usable() {
   return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
 }
 
-std::unique_ptr<backend> make_cuda_backend(int64_t debug_delay_us, uint64_t seed) {
+std::unique_ptr<backend> make_cuda_backend(int device_index, int64_t debug_delay_us, uint64_t seed) {
   FERRY_CHECK(cuda_usable(), "no CUDA device is usable here; use --device cpu");
-  return std::make_unique<cuda_backend>(debug_delay_us, seed);
+  int n = 0;
+  FERRY_CUDA_CHECK(cudaGetDeviceCount(&n));
+  const int index = device_index >= 0 ? device_index : int(at::cuda::current_device());
+  FERRY_CHECK(index < n, "CUDA device ", index, " does not exist (this machine has ", n, ")");
+  return std::make_unique<cuda_backend>(index, debug_delay_us, seed);
 }
 
 }  // namespace ferry::engine

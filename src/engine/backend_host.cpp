@@ -18,7 +18,7 @@ class done_event final : public event {
 
 class host_backend final : public backend {
  public:
-  host_backend(int64_t delay_us, uint64_t seed) : delay_(delay_us, seed) {}
+  host_backend(int64_t delay_us, uint64_t seed) : backend(delay_us, seed) {}
 
   at::Device device() const override { return at::Device(at::kCPU); }
   bool is_cuda() const override { return false; }
@@ -45,11 +45,6 @@ class host_backend final : public backend {
   device_memory_stats memory_stats() override { return {}; }
   void reset_memory_peak() override {}
   void limit_memory(double) override {}
-
-  void debug_delay() override { delay_(); }
-
- private:
-  detail::random_delay delay_;
 };
 
 }  // namespace
@@ -59,7 +54,7 @@ std::unique_ptr<backend> make_host_backend(int64_t debug_delay_us, uint64_t seed
 }
 
 #if !FERRY_WITH_CUDA
-std::unique_ptr<backend> make_cuda_backend(int64_t, uint64_t) {
+std::unique_ptr<backend> make_cuda_backend(int, int64_t, uint64_t) {
   throw error("this ferry was built without CUDA; rebuild on a machine with the CUDA toolkit and a CUDA libtorch, or use --device cpu");
 }
 bool cuda_usable() { return false; }

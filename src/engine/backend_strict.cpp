@@ -60,7 +60,7 @@ class strict_event final : public event {
 
 class strict_backend final : public backend {
  public:
-  strict_backend(int64_t delay_us, uint64_t seed) : delay_(delay_us, seed) {}
+  strict_backend(int64_t delay_us, uint64_t seed) : backend(delay_us, seed) {}
   ~strict_backend() override {
     try {
       synchronize();
@@ -157,8 +157,6 @@ class strict_backend final : public backend {
   void reset_memory_peak() override {}
   void limit_memory(double) override {}
 
-  void debug_delay() override { delay_(); }
-
   void run_to(queue q, int64_t mark) {
     std::lock_guard<std::mutex> lock(mu_);
     run_until(lane_of(q), mark);
@@ -204,7 +202,6 @@ class strict_backend final : public backend {
     }
   }
 
-  detail::random_delay delay_;
   std::mutex mu_;
   lane lanes_[2];
   int64_t compute_seq_ = 0;

@@ -22,18 +22,30 @@
 // blocked: the same work with every copy and update synchronous. none: everything resident on
 // the device with a device AdamW. engine_options::forward_only builds an inference engine of any
 // mode: the weight slots (none: the compute-dtype weights) and nothing for gradients or AdamW.
+//
+// The three modes are one step loop (engine.cpp) over four parts, each a policy per mode:
+//   weight_pool      where the device finds each unit's weights (resident / streamed slots)
+//   gradient_path    where gradients go (resident, accumulated in place / to the host, summed there)
+//   optimizer_path   where AdamW runs (device / update thread over the state tier)
+//   step_validator   global statistics, clipping, overflow, loss scale, speculation and fix-ups
+// below them param_store (layout, pinned shadows and gradients) and its state_tier (master weights
+// and moments). README "Engine notes" walks through them.
 #include <ATen/core/Tensor.h>
 
 #include <functional>
 #include <memory>
 #include <vector>
 
-#include "cpu_optim/adamw.h"
 #include "src/engine/backend.h"
+#include "src/engine/gradient_path.h"
 #include "src/engine/memory_plan.h"
+#include "src/engine/optimizer_path.h"
 #include "src/engine/options.h"
 #include "src/engine/param_store.h"
+#include "src/engine/step_meter.h"
+#include "src/engine/step_validator.h"
 #include "src/engine/update_worker.h"
+#include "src/engine/weight_pool.h"
 #include "src/model/block.h"
 #include "src/model/embed_head.h"
 #include "src/model/llama_config.h"
@@ -57,12 +69,6 @@ struct step_result {
   int64_t gpu_alloc_peak = 0, gpu_reserved_peak = 0;
 };
 
-// The scaler of torch.amp.GradScaler: scale, growth tracker.
-struct loss_scaler_state {
-  double scale = 65536.0;
-  int64_t good_steps = 0;
-};
-
 class engine {
  public:
   engine(const model::llama_config& cfg, const engine_options& opt);
@@ -81,7 +87,8 @@ class engine {
 
   // One optimizer step over micro-batches, each (B, T+1) int64 tokens on the CPU (inputs are
   // [:, :-1], targets [:, 1:]; -100 targets are ignored). The loss is normalised over all target
-  // tokens of all micro-batches. lr is this step's learning rate. Refused on a forward_only engine.
+  // tokens of all micro-batches. lr is this step's learning rate. Every input is checked before
+  // anything changes: a refused batch leaves the engine as it was. Refused on a forward_only engine.
   step_result train_step(const std::vector<at::Tensor>& micro_batches, double lr);
 
   // Forward only: summed loss and target count of one (B, T+1) batch.
@@ -99,89 +106,39 @@ class engine {
   void release_head();
   const model::rope_cache& rope() const { return rope_; }
 
-  // Blocks until every pending CPU update is applied (before saving a checkpoint, at the end).
+  // Blocks until every pending CPU update is applied and the state tier holds the latest state
+  // (before saving a checkpoint, at the end).
   void wait_updates();
-  int64_t optimizer_steps() const { return adam_step_; }
-  void set_optimizer_steps(int64_t n) { adam_step_ = n; }
-  loss_scaler_state& scaler() { return scaler_; }
-  // Which recent steps needed a rollback (drives speculate=auto); saved with checkpoints so a
-  // resumed run takes the same path.
-  std::vector<bool>& recent_fixes() { return recent_fixes_; }
-  bool speculating() const;
+  // Step count, loss scaler, recent fix-ups: what checkpoints save beside the tier's state and
+  // restore (then params_changed()).
+  engine_state& state() { return validator_->state(); }
+  bool speculating() const { return validator_->speculating(); }
 
  private:
-  struct slot {
-    at::Tensor buf;
-    int64_t unit = -1;
-    int64_t version = -1;
-    event_ptr ready, released;
-  };
-  struct grad_slot {
-    at::Tensor buf;
-    event_ptr copied;
-  };
-  struct unit_state {
-    cpu_optim::grad_stats stats;
-    bool applied = false;   // a speculative update of this step was applied
-    cpu_optim::undo_log log;  // what undoing that update needs beyond the new moments
-  };
-
-  bool resident(int64_t u) const;
-  slot& slot_for(int64_t u);
-  void load(int64_t u, const std::vector<int64_t>& uses, size_t at);
-  void prefetch(const std::vector<int64_t>& uses, size_t at);
-  slot& use_weights(int64_t u, const std::vector<int64_t>& uses, size_t at);
-  void release(slot& s);
-  void send_grad(int64_t u, grad_slot& g, int64_t numel, bool last_micro, bool first_micro, bool speculate);
-  cpu_optim::chunk_ref chunk(int64_t u) const;
-  void host_update(int64_t u, double mult, const cpu_optim::adamw_hparams& hp, int64_t step, bool speculative);
-  void copy_f32_shadow(int64_t u);
-  void finish_step(step_result& r, bool speculate);
-  step_result train_step_resident(const std::vector<at::Tensor>& micro_batches, double lr);
-  void delay() { dev_->debug_delay(); }
+  void check_batch(const at::Tensor& tokens, bool training) const;
+  std::vector<int64_t> schedule(bool backward) const;
+  std::function<void()> host_task(int64_t u, bool last, bool speculate, double mult,
+                                  const cpu_optim::adamw_hparams& hp, int64_t step);
   // engine_options::debug_poison_* (test hook): whether unit u's gradient is poisoned this step,
-  // and the write itself (on the host gradient the update reads).
+  // and the write itself (on the gradient the update reads).
   bool poison_now(int64_t u) const {
     return step_calls_ == opt_.debug_poison_step && u == opt_.debug_poison_unit;
   }
-  void debug_poison(int64_t u) const;
+  void debug_poison(int64_t u);
 
   model::llama_config cfg_;
   engine_options opt_;
   std::unique_ptr<backend> dev_;
   memory_plan plan_;
   std::unique_ptr<param_store> store_;
-  std::unique_ptr<cpu_optim::adamw> adam_;
   std::unique_ptr<update_worker> worker_;
+  step_meter meter_;
+  std::unique_ptr<weight_pool> pool_;
+  std::unique_ptr<gradient_path> grads_;
+  std::unique_ptr<optimizer_path> optim_;
+  std::unique_ptr<step_validator> validator_;
   model::rope_cache rope_;
-
-  std::vector<slot> block_slots_;
-  slot head_slot_;
-  std::vector<grad_slot> grad_slots_;
-  grad_slot head_grad_;
-  size_t next_grad_slot_ = 0;
-  std::vector<int64_t> version_;          // per unit: updates queued so far
-  std::vector<unit_state> unit_state_;
-  std::vector<float*> accum_;             // per unit fp32 gradient sums when grad_accum > 1
-  void* embed_in_ = nullptr;              // pinned staging: gathered embedding rows (B*T*h)
-  void* embed_out_ = nullptr;             // pinned staging: the embedding's input gradient
-  event_ptr embed_in_done_, embed_out_done_;
-  std::vector<at::Tensor> embed_tokens_;  // per micro-batch inputs, for the host scatter-add
-
-  // none mode: everything on the device
-  std::vector<at::Tensor> dev_half_, dev_master_, dev_m_, dev_v_, dev_grad_;
-
-  int64_t adam_step_ = 0;
-  int64_t step_calls_ = 0;                // train_step calls, for the debug_poison test hook
-  cpu_optim::adamw_hparams hp_;
-  double cur_mult_ = 1;                   // the multiplier speculative updates used
-  loss_scaler_state scaler_;
-  std::vector<bool> recent_fixes_;        // per recent step: validation changed the update
-  // per-step accounting
-  int64_t h2d_bytes_ = 0, d2h_bytes_ = 0;
-  double stall_ms_ = 0;
-  bool timing_ = false;                   // record timing events around copies (train_step only)
-  std::vector<std::pair<event_ptr, event_ptr>> h2d_timers_, d2h_timers_;
+  int64_t step_calls_ = 0;   // train_step calls, for the debug_poison test hook
 };
 
 }  // namespace ferry::engine

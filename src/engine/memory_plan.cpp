@@ -62,7 +62,7 @@ memory_plan plan_forward_only(const model::llama_config& cfg, const engine_optio
   p.workspace = labels + std::max({tokens, block, head}) + fixed_bytes(cfg, opt, std::max(seq, rotary_positions(cfg, opt)));
   p.device_total = p.weight_slots + p.activations + p.workspace;
 
-  p.host_master = params * 4;
+  p.host_master = params * state_bytes_per_param(opt.state, false);
   p.host_pinned = params * e;     // the shadows (none mode: the copies params_changed uploads)
   p.host_other = n * h * e;       // embedding staging
   p.host_total = p.host_master + p.host_pinned + p.host_other;
@@ -72,7 +72,7 @@ memory_plan plan_forward_only(const model::llama_config& cfg, const engine_optio
 }  // namespace
 
 memory_plan plan_memory(const model::llama_config& cfg, const engine_options& opt, int64_t batch, int64_t seq,
-                        int64_t grad_accum) {
+                        int64_t grad_accum, const plan_what_if& what_if) {
   if (opt.forward_only) return plan_forward_only(cfg, opt, batch, seq);
   memory_plan p;
   const int64_t e = static_cast<int64_t>(c10::elementSize(opt.dtype));
@@ -84,13 +84,14 @@ memory_plan plan_memory(const model::llama_config& cfg, const engine_options& op
   if (opt.mode == offload_mode::offload_none) {
     p.weight_slots = params * e;
     p.grad_slots = params * e;
-    p.optimizer = params * 12;
+    p.optimizer = params * state_bytes_per_param(state_kind::state_fp32, true);   // the device AdamW keeps fp32
   } else {
     int64_t slots = opt.mode == offload_mode::offload_blocked ? 1 : opt.prefetch + 1;
     p.weight_slots = (slots * block + head) * e;
     p.grad_slots = (2 * block + head) * e;
   }
-  p.activations = L * model::block_saved_bytes(cfg, batch, seq, e) + n * h * e;
+  p.activations = what_if.recompute_blocks ? (L + 1) * n * h * e + model::block_saved_bytes(cfg, batch, seq, e)
+                                           : L * model::block_saved_bytes(cfg, batch, seq, e) + n * h * e;
 
   // Transients: attention scores and probabilities where no fused kernel applies (head_dim > 256
   // or the CPU path), the MLP's recomputed product and gradients, one chunk of logits with its
@@ -102,8 +103,11 @@ memory_plan plan_memory(const model::llama_config& cfg, const engine_options& op
                 fixed_bytes(cfg, opt, std::max(seq, rotary_positions(cfg, opt)));
   p.device_total = p.weight_slots + p.grad_slots + p.optimizer + p.activations + p.workspace;
 
-  p.host_master = params * 4;
-  p.host_moments = params * 8;
+  // The state tier's bytes (state_tier.h): master weights, then what the moments add.
+  p.host_master = params * state_bytes_per_param(opt.state, false);
+  p.host_moments = what_if.moment_bytes >= 0 ? params * what_if.moment_bytes
+                                             : params * state_bytes_per_param(opt.state, true) - p.host_master;
+  if (what_if.state_on_disk) p.host_master = p.host_moments = 0;
   p.host_pinned = opt.mode == offload_mode::offload_none ? 0 : params * e + (params - embed) * e;
   p.host_other = embed * 4 + 2 * n * h * e + (grad_accum > 1 ? (params - embed) * 4 : 0);
   if (opt.mode == offload_mode::offload_none) p.host_pinned = params * e + (params - embed) * e;  // init/checkpoint copies

@@ -31,11 +31,23 @@ struct memory_plan {
   std::string describe() const;   // a few aligned lines, in GiB
 };
 
+// Capabilities the planner prices before the engine runs them, so the largest-model finder can say
+// what each would buy (its what-if rows come from here, through ferry-train --plan-json):
+struct plan_what_if {
+  // Activation checkpointing: only the block inputs are kept, and one block's saved tensors exist
+  // at a time (recomputed in its backward).
+  bool recompute_blocks = false;
+  // Bytes per parameter of the two AdamW moments; -1: the state tier's (opt.state). 4 = bf16.
+  int64_t moment_bytes = -1;
+  // fp32 master weights and moments in files on local disk instead of host memory.
+  bool state_on_disk = false;
+};
+
 // opt.forward_only: an inference engine (no gradient slots or optimizer state anywhere; activations
 // are one layer's input and output, the workspace the larger of a block's chunked forward and the
 // loss head's logits chunk). Generation's KV cache is the caller's and not part of the plan.
 memory_plan plan_memory(const model::llama_config& cfg, const engine_options& opt, int64_t batch, int64_t seq,
-                        int64_t grad_accum);
+                        int64_t grad_accum, const plan_what_if& what_if = {});
 
 // Rows of the engine's rotary table (engine_options::max_positions, or its default).
 int64_t rotary_positions(const model::llama_config& cfg, const engine_options& opt);

@@ -7,6 +7,8 @@
 #include <limits>
 #include <string>
 
+#include "src/engine/state_tier.h"
+
 namespace ferry::engine {
 
 enum class offload_mode {
@@ -30,8 +32,10 @@ struct engine_options {
   offload_mode mode = offload_mode::offload_overlapped;
   at::ScalarType dtype = at::kHalf;
   bool cuda = false;               // false: the host backend ("device" = CPU), used by the CPU tests
+  int device_index = -1;           // the CUDA device, -1 = the current one
   int64_t prefetch = 2;            // layers copied ahead of the one computing
   int cpu_threads = 0;             // CPU AdamW threads, 0 = all cores but one
+  state_kind state = state_kind::state_fp32;   // the form of master weights and moments (state_tier.h)
   speculate_mode speculate = speculate_mode::speculate_auto;
   // AdamW and clipping
   double beta1 = 0.9, beta2 = 0.999, eps = 1e-8, weight_decay = 0.01;
@@ -42,6 +46,7 @@ struct engine_options {
   int64_t scale_window = 2000;
   int64_t ce_chunk = 1024;         // logit rows per chunk in the loss
   int64_t max_batch = 1, max_seq = 4096;   // activations are planned for this shape
+  int64_t grad_accum = 1;          // micro-batches per step (the host's accumulation buffers are planned for it)
   // Rows of the rotary table: the most positions one sequence reaches (evaluation length, or prompt
   // plus new tokens). 0: max(max_seq, the model's max_position_embeddings).
   int64_t max_positions = 0;

@@ -13,19 +13,23 @@ float* alloc_f32(int64_t n) {
   void* p = nullptr;
   size_t bytes = static_cast<size_t>(n) * sizeof(float);
   FERRY_CHECK(posix_memalign(&p, 64, (bytes + 63) / 64 * 64) == 0, "cannot allocate ", bytes >> 20,
-              " MiB of host memory for the optimizer state; train a smaller model or add memory");
+              " MiB of host memory for the embedding's gradient; train a smaller model or add memory");
   return static_cast<float*>(p);
 }
 
 bool is_norm(const std::string& name) { return name.find("norm") != std::string::npos; }
 }  // namespace
 
-param_store::param_store(const model::llama_config& cfg, at::ScalarType dtype, backend& dev, bool optimizer_state)
+param_store::param_store(const model::llama_config& cfg, at::ScalarType dtype, backend& dev, bool optimizer_state,
+                         state_kind kind)
     : cfg_(cfg), dtype_(dtype), dev_(dev), optimizer_state_(optimizer_state) {
   units_.push_back({"", model::embed_layout(cfg), cfg.embed_params()});
   for (int64_t i = 0; i < cfg.num_hidden_layers; ++i)
     units_.push_back({"model.layers." + std::to_string(i) + ".", model::block_layout(cfg), cfg.block_params()});
   units_.push_back({"", model::head_layout(cfg), cfg.head_params()});
+  std::vector<int64_t> numel;
+  for (const auto& u : units_) numel.push_back(u.numel);
+  state_ = make_host_state(numel, kind, optimizer_state);
 
   const int64_t elem = static_cast<int64_t>(c10::elementSize(dtype));
   // One exact-size pinned block: shadows of every unit, then (with optimizer state) gradients of
@@ -41,9 +45,6 @@ param_store::param_store(const model::llama_config& cfg, at::ScalarType dtype, b
   char* cursor = static_cast<char*>(pinned_);
   for (size_t u = 0; u < units_.size(); ++u) {
     int64_t n = units_[u].numel;
-    master_.push_back(alloc_f32(n));
-    m_.push_back(optimizer_state_ ? alloc_f32(n) : nullptr);
-    v_.push_back(optimizer_state_ ? alloc_f32(n) : nullptr);
     shadow_.push_back(cursor);
     cursor += round64(n * elem);
     if (!optimizer_state_) {
@@ -56,18 +57,10 @@ param_store::param_store(const model::llama_config& cfg, at::ScalarType dtype, b
     }
   }
   for (size_t u = 0; u < units_.size(); ++u)
-    for (const auto& s : units_[u].slots)
-      named_.push_back({units_[u].prefix + s.name, s.shape, master_[u] + s.offset,
-                        m_[u] ? m_[u] + s.offset : nullptr, v_[u] ? v_[u] + s.offset : nullptr});
-  zero_moments();
+    for (const auto& s : units_[u].slots) named_.push_back({units_[u].prefix + s.name, s.shape, int64_t(u), s.offset, s.numel});
 }
 
 param_store::~param_store() {
-  for (size_t u = 0; u < units_.size(); ++u) {
-    std::free(master_[u]);
-    std::free(m_[u]);
-    std::free(v_[u]);
-  }
   if (!grad_.empty() && optimizer_state_) std::free(grad_[0]);
   if (pinned_) dev_.host_free(pinned_);
 }
@@ -79,7 +72,7 @@ int64_t param_store::total_params() const {
 }
 
 int64_t param_store::host_bytes() const {
-  return pinned_bytes_ + total_params() * 4 + (optimizer_state_ ? total_params() * 8 + units_[0].numel * 4 : 0);
+  return pinned_bytes_ + state_->host_bytes() + (optimizer_state_ ? units_[0].numel * 4 : 0);
 }
 
 static at::Tensor view_of(void* p, int64_t n, at::ScalarType t) {
@@ -91,14 +84,21 @@ void param_store::check_optimizer_state(const char* what) const {
               "; build the engine without forward_only to train or to save optimizer state");
 }
 
-at::Tensor param_store::master_tensor(int64_t u) const { return view_of(master_[u], units_[u].numel, at::kFloat); }
+// The host tier's buffers stay where they are between acquire and release, so a view may outlive
+// the lease (documented in the header: in-memory tiers only).
+at::Tensor param_store::master_tensor(int64_t u) const {
+  state_lease s(*state_, u, true);
+  return view_of(s->master, units_[u].numel, at::kFloat);
+}
 at::Tensor param_store::exp_avg_tensor(int64_t u) const {
   check_optimizer_state("AdamW moments");
-  return view_of(m_[u], units_[u].numel, at::kFloat);
+  state_lease s(*state_, u, true);
+  return view_of(s->exp_avg, units_[u].numel, at::kFloat);
 }
 at::Tensor param_store::exp_avg_sq_tensor(int64_t u) const {
   check_optimizer_state("AdamW moments");
-  return view_of(v_[u], units_[u].numel, at::kFloat);
+  state_lease s(*state_, u, true);
+  return view_of(s->exp_avg_sq, units_[u].numel, at::kFloat);
 }
 at::Tensor param_store::shadow_tensor(int64_t u) const { return view_of(shadow_[u], units_[u].numel, dtype_); }
 at::Tensor param_store::grad_tensor(int64_t u) const {
@@ -120,7 +120,7 @@ void param_store::init_random(uint64_t seed, double std) {
       }
     }
   });
-  zero_moments();
+  state_->zero_moments();
   refresh_shadows();
 }
 
@@ -128,15 +128,12 @@ void param_store::refresh_shadows() {
   for (int64_t u = 0; u < num_units(); ++u) shadow_tensor(u).copy_(master_tensor(u));
 }
 
-void param_store::zero_moments() {
-  if (!optimizer_state_) return;
-  for (int64_t u = 0; u < num_units(); ++u) {
-    exp_avg_tensor(u).zero_();
-    exp_avg_sq_tensor(u).zero_();
-  }
-}
 
 std::vector<named_param> param_store::named_params() const { return named_; }
+
+at::Tensor param_store::master_view(const named_param& p) const {
+  return master_tensor(p.unit).narrow(0, p.offset, p.numel).view(p.shape);
+}
 
 const named_param* param_store::find(const std::string& name) const {
   for (const auto& p : named_)

@@ -1,8 +1,9 @@
 #pragma once
-// The host parameter store: every parameter's fp32 master copy and AdamW moments (pageable host
-// memory, 12 B/param), plus the compute-dtype shadow copy the device loads and the gradient
-// buffer the device writes back (page-locked, 2 B + 2 B per param in fp16/bf16, allocated as one
-// exact-size block). Parameters are grouped in units, each one flat buffer streamed by one copy:
+// The host parameter store: the units' layout and names, the compute-dtype shadow copy the device
+// loads and the gradient buffer the device writes back (page-locked, 2 B + 2 B per param in
+// fp16/bf16, allocated as one exact-size block), and the optimizer state tier (state_tier.h) that
+// owns every parameter's fp32 master copy and AdamW moments (today in pageable host memory,
+// 12 B/param). Parameters are grouped in units, each one flat buffer streamed by one copy:
 //   unit 0          the token embedding            ("model.embed_tokens.weight")
 //   units 1..L      the decoder blocks             ("model.layers.<i>.*", layout.h order)
 //   unit L+1        final norm + lm_head           ("model.norm.weight", "lm_head.weight")
@@ -10,15 +11,17 @@
 // scattered on the host; the device never holds the embedding), so its grad buffer is fp32 and
 // pageable.
 // Without optimizer state (an inference engine) the store holds only the fp32 master weights (what
-// init and load write) and the pinned shadows: 4 B + 2 B per param in fp16/bf16. exp_avg,
-// exp_avg_sq and grad are then null, and their tensor accessors throw.
+// init and load write) and the pinned shadows: 4 B + 2 B per param in fp16/bf16. The tier then
+// has no moments, grad is null, and the moment and gradient tensor accessors throw.
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
 #include "src/engine/backend.h"
+#include "src/engine/state_tier.h"
 #include "src/model/layout.h"
 #include "src/model/llama_config.h"
 
@@ -33,15 +36,15 @@ struct unit_info {
 struct named_param {
   std::string name;                        // full HF name
   std::vector<int64_t> shape;
-  float* data;                             // into the fp32 master store
-  float* exp_avg;                          // the AdamW moments of the same elements (null without
-  float* exp_avg_sq;                       // optimizer state)
+  int64_t unit = 0;                        // where its elements are in the unit's flat buffers
+  int64_t offset = 0;
+  int64_t numel = 0;
 };
 
 class param_store {
  public:
   param_store(const model::llama_config& cfg, at::ScalarType compute_dtype, backend& dev,
-              bool optimizer_state = true);
+              bool optimizer_state = true, state_kind kind = state_kind::state_fp32);
   ~param_store();
   param_store(const param_store&) = delete;
   param_store& operator=(const param_store&) = delete;
@@ -54,15 +57,15 @@ class param_store {
   at::ScalarType compute_dtype() const { return dtype_; }
   int64_t total_params() const;
   bool has_optimizer_state() const { return optimizer_state_; }
+  state_tier& state() const { return *state_; }
 
-  float* master(int64_t u) const { return master_[u]; }
-  float* exp_avg(int64_t u) const { return m_[u]; }
-  float* exp_avg_sq(int64_t u) const { return v_[u]; }
   void* shadow(int64_t u) const { return shadow_[u]; }    // compute dtype, what the device loads
   void* grad(int64_t u) const { return grad_[u]; }        // compute dtype (fp32 for unit 0)
   at::ScalarType grad_dtype(int64_t u) const { return u == embed_unit() ? at::kFloat : dtype_; }
 
-  // CPU tensors aliasing the buffers above (1-D, numel of the unit).
+  // CPU tensors aliasing the buffers above (1-D, numel of the unit). The master and moment tensors
+  // alias the tier's memory and so exist only for a tier that keeps its state in host memory
+  // (init, tests); the engine and checkpoints go through state().
   at::Tensor master_tensor(int64_t u) const;
   at::Tensor shadow_tensor(int64_t u) const;
   at::Tensor grad_tensor(int64_t u) const;
@@ -75,12 +78,13 @@ class param_store {
   void init_random(uint64_t seed, double std);
   // Master -> shadow for every unit (after init, load or resume).
   void refresh_shadows();
-  void zero_moments();
 
-  // Every parameter by HF name, in HF order, pointing into the master store.
+  // Every parameter by HF name, in HF order, with its place in its unit.
   std::vector<named_param> named_params() const;
   // nullptr when the name is not a parameter of this model.
   const named_param* find(const std::string& name) const;
+  // The parameter's fp32 master values, shaped (a view into master_tensor(p.unit)).
+  at::Tensor master_view(const named_param& p) const;
 
   int64_t pinned_bytes() const { return pinned_bytes_; }
   int64_t host_bytes() const;   // pageable + pinned
@@ -91,7 +95,7 @@ class param_store {
   backend& dev_;
   bool optimizer_state_;
   std::vector<unit_info> units_;
-  std::vector<float*> master_, m_, v_;
+  std::unique_ptr<state_tier> state_;
   std::vector<void*> shadow_, grad_;
   void* pinned_ = nullptr;
   int64_t pinned_bytes_ = 0;

@@ -5,7 +5,7 @@
 namespace ferry::engine {
 
 update_worker::update_worker(int64_t num_units)
-    : unit_version_(num_units, 0), unit_last_task_(num_units, 0), thread_([this] { loop(); }) {}
+    : unit_version_(num_units, 0), unit_queued_(num_units, 0), unit_last_task_(num_units, 0), thread_([this] { loop(); }) {}
 
 update_worker::~update_worker() {
   {
@@ -27,6 +27,12 @@ void update_worker::submit(std::function<void()> fn, int64_t unit, int64_t versi
   }
   cv_task_.notify_one();
 }
+
+void update_worker::submit_update(int64_t u, std::function<void()> fn) {
+  submit(std::move(fn), u, ++unit_queued_[size_t(u)]);
+}
+
+void update_worker::submit_task(int64_t u, std::function<void()> fn) { submit(std::move(fn), u, -1); }
 
 void update_worker::loop() {
   for (;;) {
@@ -61,7 +67,8 @@ void update_worker::loop() {
   }
 }
 
-double update_worker::wait_unit(int64_t u, int64_t version) {
+double update_worker::wait_updated(int64_t u) {
+  const int64_t version = unit_queued_[size_t(u)];
   auto t0 = std::chrono::steady_clock::now();
   std::unique_lock<std::mutex> lock(mu_);
   cv_done_.wait(lock, [&] { return unit_version_[u] >= version || error_; });

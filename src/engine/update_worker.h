@@ -21,10 +21,17 @@ class update_worker {
   update_worker(const update_worker&) = delete;
   update_worker& operator=(const update_worker&) = delete;
 
-  // Queues `fn`; when it has run, unit `unit` (or none, -1) is marked as updated to `version`.
-  void submit(std::function<void()> fn, int64_t unit = -1, int64_t version = 0);
-  // Blocks until unit u's update reached `version`. Returns the milliseconds spent waiting.
-  double wait_unit(int64_t u, int64_t version);
+  // Queues an update of unit u's weights (an AdamW step, a fix-up, or an empty task after the
+  // weights changed elsewhere): the unit's host copy is stale for the device until it has run.
+  // This is the one place a unit's version moves.
+  void submit_update(int64_t u, std::function<void()> fn);
+  // Queues a task that reads unit u's host buffers without changing its weights (gradient
+  // accumulation, statistics): wait_unit_tasks(u) waits for it, wait_updated(u) does not.
+  void submit_task(int64_t u, std::function<void()> fn);
+  // Updates queued so far for unit u (a device copy loaded at this version is current).
+  int64_t queued_version(int64_t u) const { return unit_queued_[size_t(u)]; }
+  // Blocks until every update queued so far for unit u has run. Returns the ms waited.
+  double wait_updated(int64_t u);
   // Blocks until every task queued so far for unit u (of any version: gradient accumulations
   // too) has run, so a host buffer those tasks read can be overwritten. Returns the ms waited.
   double wait_unit_tasks(int64_t u);
@@ -40,7 +47,10 @@ class update_worker {
   std::condition_variable cv_task_, cv_done_;
   std::deque<std::function<void()>> tasks_;
   std::deque<std::pair<int64_t, int64_t>> marks_;
-  std::vector<int64_t> unit_version_;
+  void submit(std::function<void()> fn, int64_t unit, int64_t version);
+
+  std::vector<int64_t> unit_version_;     // per unit: updates run (the engine thread's waits)
+  std::vector<int64_t> unit_queued_;      // per unit: updates queued (engine thread only)
   std::vector<int64_t> unit_last_task_;   // per unit: sequence number of its last queued task
   int64_t submitted_ = 0, finished_ = 0;  // tasks run in order, so finished_ is a sequence number
   int64_t pending_ = 0;

@@ -131,7 +131,7 @@ at::Tensor full_forward_logits(engine::engine& e, const at::Tensor& tokens) {
   auto guard = e.device().enter_compute();
   at::Tensor x = e.embed(tokens);
   x = e.forward_blocks(std::move(x), [&](int64_t, const model::block_weights& w, const at::Tensor& in) {
-    return model::block_forward(in, w, e.config(), e.rope(), nullptr);
+    return model::block_forward_chunked(in, w, e.config(), e.rope());
   });
   auto [norm_w, lm_w] = e.head_weights();
   at::Tensor logits = model::head_logits(x, norm_w, lm_w, e.config());

@@ -160,14 +160,17 @@ at::Tensor forward_one_pass(const at::Tensor& x, const block_weights& w, const l
 }  // namespace
 
 at::Tensor block_forward(const at::Tensor& x, const block_weights& w, const llama_config& cfg, const rope_cache& rope,
-                         block_saved* saved) {
+                         block_saved& saved) {
+  check_input(x, w, cfg, rope, x.size(1));
+  return forward_one_pass(x, w, cfg, rope, &saved);
+}
+
+at::Tensor block_forward_chunked(const at::Tensor& x, const block_weights& w, const llama_config& cfg,
+                                 const rope_cache& rope) {
   const int64_t B = x.size(0), T = x.size(1);
   check_input(x, w, cfg, rope, T);
-  if (!saved) {
-    at::Tensor k = at::empty({B, cfg.num_key_value_heads, T, cfg.head_dim}, x.options()), v = at::empty_like(k);
-    return forward_chunked(x, w, cfg, rope, 0, k, v);
-  }
-  return forward_one_pass(x, w, cfg, rope, saved);
+  at::Tensor k = at::empty({B, cfg.num_key_value_heads, T, cfg.head_dim}, x.options()), v = at::empty_like(k);
+  return forward_chunked(x, w, cfg, rope, 0, k, v);
 }
 
 at::Tensor block_forward_whole(const at::Tensor& x, const block_weights& w, const llama_config& cfg,

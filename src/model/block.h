@@ -41,15 +41,19 @@ struct block_saved {
 // compute dtype (8 means fp64, whose statistics are fp64 too).
 int64_t block_saved_bytes(const llama_config& cfg, int64_t batch, int64_t seq, int64_t elem_size);
 
-// x (B,T,h) in the compute dtype, the weights' dtype. Positions are 0..T-1 (T <= rope rows).
-// With saved != nullptr, fills it for block_backward. Returns y (B,T,h).
-// Without saved (inference) the block runs in chunks of about block_forward_chunk_rows() tokens
-// (time steps x batch): each chunk's keys and values go to a (B,Hkv,T,D) buffer, then its queries
-// attend to the positions so far, so neither (T,T) scores nor the (B*T, 2i) MLP activation exist at
-// once; block_forward_inference_bytes gives the peak. The result equals the training forward's up
-// to the rounding of differently shaped GEMMs and reductions.
+// The training forward: x (B,T,h) in the compute dtype, the weights' dtype. Positions are 0..T-1
+// (T <= rope rows). Fills saved for block_backward. Returns y (B,T,h).
 at::Tensor block_forward(const at::Tensor& x, const block_weights& w, const llama_config& cfg, const rope_cache& rope,
-                         block_saved* saved);
+                         block_saved& saved);
+
+// The inference forward of streamed weights: the block runs in chunks of about
+// block_forward_chunk_rows() tokens (time steps x batch): each chunk's keys and values go to a
+// (B,Hkv,T,D) buffer, then its queries attend to the positions so far, so neither (T,T) scores nor
+// the (B*T, 2i) MLP activation exist at once; block_forward_inference_bytes gives the peak. The
+// result equals the training forward's up to the rounding of differently shaped GEMMs and
+// reductions.
+at::Tensor block_forward_chunked(const at::Tensor& x, const block_weights& w, const llama_config& cfg,
+                                 const rope_cache& rope);
 
 // The inference forward in one pass over the whole sequence: the training forward without saving,
 // bit for bit. For resident weights (offload none), where memory is not the constraint and the
@@ -62,7 +66,7 @@ at::Tensor block_forward_whole(const at::Tensor& x, const block_weights& w, cons
 int64_t block_set_forward_chunk_rows(int64_t rows);
 int64_t block_forward_chunk_rows();
 
-// Device bytes block_forward without saved allocates beyond its input and output, at its peak: the
+// Device bytes block_forward_chunked allocates beyond its input and output, at its peak: the
 // layer's keys and values plus one chunk's transients, each tensor charged as the allocator
 // charges it (device_bytes.h). path: attention_path_for(cfg, dtype, device is CUDA). chunk_rows:
 // tokens per chunk, 0 = block_forward_chunk_rows(). (block_bytes.cpp)
@@ -86,7 +90,7 @@ at::Tensor block_backward(const at::Tensor& dy, const block_weights& w, const ll
 
 // Inference with a KV cache: x (B,Tnew,h) at positions [pos, pos+Tnew); k_cache, v_cache
 // (B, Hkv, Tmax, D) in the compute dtype get this step's keys/values at [pos, pos+Tnew); queries
-// attend causally to every cached position. Returns y (B,Tnew,h). Chunked like block_forward's
+// attend causally to every cached position. Returns y (B,Tnew,h). Chunked like block_forward_chunked
 // inference path (a long prefill holds one chunk's transients).
 at::Tensor block_forward_cached(const at::Tensor& x, const block_weights& w, const llama_config& cfg,
                                 const rope_cache& rope, int64_t pos, at::Tensor& k_cache, at::Tensor& v_cache);

@@ -1,4 +1,4 @@
-// Device bytes of the inference forwards (block_forward without saved, block_forward_whole), for
+// Device bytes of the inference forwards (block_forward_chunked, block_forward_whole), for
 // the planner: every tensor the functions in block.cpp, attention.cpp and the ops they call
 // allocate, phase by phase, each charged as the allocator charges it (device_bytes.h). The peak
 // of a phase is the sum of what is alive in it; a function's peak is the largest phase. Tests

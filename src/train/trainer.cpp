@@ -121,10 +121,6 @@ int run_training(const io::run_config& cfg, const model::llama_config& mc, const
   install_signals();
 
   auto save = [&](const char* why) {
-    st.loss_scale = e.scaler().scale;
-    st.good_steps = e.scaler().good_steps;
-    st.adam_steps = e.optimizer_steps();
-    st.recent_fixes = e.recent_fixes();
     std::string dir = checkpoint::save_checkpoint(e, st, cfg.output_dir, cfg.keep_last, sp_model);
     std::printf("checkpoint (%s): %s\n", why, dir.c_str());
   };

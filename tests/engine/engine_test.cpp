@@ -363,7 +363,7 @@ TEST(engine_reference, update_bounds_catch_real_bugs) {
       engine_options oe = o;
       if (b == "no weight decay") oe.weight_decay = 0;
       auto e = make_engine(oe);
-      if (b == "no bias correction") e->set_optimizer_steps(1000000);
+      if (b == "no bias correction") e->state().optimizer_steps = 1000000;
       run_result r;
       for (size_t k = 0; k < data.size(); ++k) {
         std::vector<at::Tensor> before;
@@ -715,7 +715,7 @@ TEST(engine_memory, plan_matches_measured_bytes) {
     at::Tensor x = at::randn({B, T, cfg.hidden_size}).to(dt);
     auto rope = model::make_rope(cfg, T, at::kCPU);
     model::block_saved saved;
-    model::block_forward(x, model::block_views(w, cfg), cfg, rope, &saved);
+    model::block_forward(x, model::block_views(w, cfg), cfg, rope, saved);
     const int64_t activations = cfg.num_hidden_layers * saved.bytes() + int64_t(x.nbytes());
     // none mode keeps the store's fp32 master, m and v on the device.
     param_store store(cfg, dt, *host);
@@ -824,10 +824,8 @@ TEST(engine_forward_only, allocates_no_training_state) {
       for (int64_t u = 0; u < ps.num_units(); ++u) shadows += (ps.unit(u).numel * esz + 63) / 64 * 64;
       EXPECT_EQ(ps.pinned_bytes(), shadows);
       EXPECT_EQ(ps.host_bytes(), shadows + cfg.total_params() * 4);
-      for (const auto& p : ps.named_params()) {
-        EXPECT_EQ(p.exp_avg, nullptr) << p.name;
-        EXPECT_EQ(p.exp_avg_sq, nullptr) << p.name;
-      }
+      EXPECT_FALSE(ps.state().has_moments());
+      EXPECT_EQ(ps.state().host_bytes(), cfg.total_params() * 4);
       for (int64_t u = 0; u < ps.num_units(); ++u) EXPECT_EQ(ps.grad(u), nullptr) << "unit " << u;
       EXPECT_THROW(ps.exp_avg_tensor(1), ferry::error);
       EXPECT_THROW(ps.grad_tensor(0), ferry::error);
@@ -895,6 +893,126 @@ TEST(engine_forward_only, evaluate_equals_training_engine) {
   }
 }
 
+
+// ---- 9. the step's seams ----
+
+// Every input check runs before the step changes anything: a refused batch (a token or target
+// outside the vocabulary, more tokens than planned, a bad second micro-batch) throws and leaves
+// the engine exactly as it was, so the run then goes on bit for bit like one that never saw it.
+// (Checked after the step count moved, a refused batch would shift AdamW's bias correction.)
+TEST(engine_inputs, refused_batch_changes_nothing) {
+  FERRY_REQUIRE_ENGINE_DEVICE();
+  const auto data = make_data(2);
+  const int64_t V = tiny_config().vocab_size;
+  std::vector<std::pair<std::string, step_data>> bad;
+  at::Tensor t = data[0][0].clone();
+  t.index_put_({0, 0}, V);
+  bad.push_back({"input token = vocab", {t}});
+  t = data[0][0].clone();
+  t.index_put_({1, 3}, V + 4);
+  bad.push_back({"target token past the vocab", {t}});
+  t = data[0][0].clone();
+  t.index_put_({1, 5}, -1);
+  bad.push_back({"negative input token", {t}});
+  bad.push_back({"more tokens than planned", {random_tokens(k_batch + 1, k_seq, V, 5)}});
+  t = data[1][0].clone();
+  t.index_put_({0, 2}, V);
+  bad.push_back({"bad second micro-batch", {data[1][0], t}});
+  for (auto mode : {k_none, k_blocked, k_overlapped}) {
+    const engine_options o = base_options(mode, at::kFloat);
+    SCOPED_TRACE(mode_label(o));
+    const run_result want = run_engine(o, data);
+    auto e = make_engine(o);
+    run_result got;
+    got.steps.push_back(e->train_step(data[0], lr_at(0)));
+    const engine_state before = e->state();
+    for (const auto& [what, batch] : bad) {
+      EXPECT_THROW(e->train_step(batch, lr_at(1)), ferry::error) << what;
+      EXPECT_EQ(e->state().optimizer_steps, before.optimizer_steps) << what;
+      EXPECT_EQ(e->state().scaler.scale, before.scaler.scale) << what;
+      EXPECT_EQ(e->state().recent_fixes, before.recent_fixes) << what;
+    }
+    got.steps.push_back(e->train_step(data[1], lr_at(1)));
+    snapshot(*e, got);
+    expect_bit_identical(got, want, mode_label(o) + " after refused batches");
+  }
+}
+
+// The engine plans the run it was asked for: with grad_accum > 1 the host keeps an fp32
+// accumulator per streamed unit (the embedding sums into its own fp32 gradient).
+TEST(engine_plan, counts_the_accumulation_buffers) {
+  const auto cfg = tiny_config();
+  for (auto mode : {k_blocked, k_overlapped}) {
+    engine_options o = base_options(mode, at::kFloat);
+    o.cuda = false;
+    const int64_t one = engine(cfg, o).plan().host_other;
+    o.grad_accum = 4;
+    const int64_t four = engine(cfg, o).plan().host_other;
+    EXPECT_EQ(four - one, (cfg.total_params() - cfg.embed_params()) * 4) << offload_mode_name(mode);
+  }
+}
+
+// The planner's what-if rows (the finder's "with activation checkpointing / bf16 moments / NVMe"):
+// recomputation keeps every block input and one block's saved tensors, measured from a real
+// forward; the state options move exactly the tier's bytes.
+TEST(engine_plan, what_if_rows) {
+  const auto cfg = tiny_config();
+  const int64_t B = 2, T = 9;
+  for (auto dt : {at::kFloat, at::kBFloat16}) {
+    at::Tensor w = (at::randn({cfg.block_params()}) * 0.05).to(dt);
+    at::Tensor x = at::randn({B, T, cfg.hidden_size}).to(dt);
+    auto rope = model::make_rope(cfg, T, at::kCPU);
+    model::block_saved saved;
+    model::block_forward(x, model::block_views(w, cfg), cfg, rope, saved);
+    const engine_options o = base_options(k_overlapped, dt);
+    const memory_plan base = plan_memory(cfg, o, B, T, 1);
+    plan_what_if ckpt;
+    ckpt.recompute_blocks = true;
+    const memory_plan r = plan_memory(cfg, o, B, T, 1, ckpt);
+    EXPECT_EQ(r.activations, (cfg.num_hidden_layers + 1) * int64_t(x.nbytes()) + saved.bytes());
+    EXPECT_EQ(r.device_total - base.device_total, r.activations - base.activations);
+    EXPECT_EQ(r.host_total, base.host_total);
+    plan_what_if bf16;
+    bf16.moment_bytes = 4;
+    const memory_plan b = plan_memory(cfg, o, B, T, 1, bf16);
+    EXPECT_EQ(b.host_moments * 2, base.host_moments);
+    EXPECT_EQ(base.host_total - b.host_total, cfg.total_params() * 4);
+    plan_what_if disk;
+    disk.state_on_disk = true;
+    const memory_plan d = plan_memory(cfg, o, B, T, 1, disk);
+    EXPECT_EQ(base.host_total - d.host_total, cfg.total_params() * 12);
+    EXPECT_EQ(d.device_total, base.device_total);
+  }
+}
+
+// The state tier owns master and moments: the store's bytes, names and views go through it.
+TEST(engine_state_tier, host_fp32_tier) {
+  const auto cfg = tiny_config();
+  auto host = make_host_backend();
+  param_store store(cfg, at::kBFloat16, *host);
+  state_tier& tier = store.state();
+  EXPECT_EQ(tier.num_units(), store.num_units());
+  EXPECT_TRUE(tier.has_moments());
+  EXPECT_EQ(tier.host_bytes(), cfg.total_params() * state_bytes_per_param(state_kind::state_fp32, true));
+  EXPECT_EQ(state_bytes_per_param(state_kind::state_fp32, true), 12);
+  store.init_random(3, 0.1);
+  int64_t covered = 0;
+  for (const auto& p : store.named_params()) {
+    state_lease s(tier, p.unit, false);
+    at::Tensor v = store.master_view(p);
+    EXPECT_EQ(v.sizes().vec(), p.shape) << p.name;
+    EXPECT_EQ(v.data_ptr<float>(), s->master + p.offset) << p.name;
+    EXPECT_EQ(at::from_blob(s->exp_avg + p.offset, {p.numel}).abs().sum().item<float>(), 0.0f) << p.name;
+    covered += p.numel;
+  }
+  EXPECT_EQ(covered, cfg.total_params());
+  try {
+    parse_state_kind("int4");
+    ADD_FAILURE() << "int4 accepted";
+  } catch (const config_error& err) {
+    EXPECT_NE(std::string(err.what()).find("fp32"), std::string::npos) << err.what();
+  }
+}
+
 }  // namespace
 }  // namespace ferry::engine::test
-

@@ -10,27 +10,9 @@
 namespace ferry::engine::test {
 namespace ref = ::ferry::model::test::ref;
 
-namespace {
-int64_t numel_of(const std::vector<int64_t>& shape) {
-  int64_t n = 1;
-  for (int64_t s : shape) n *= s;
-  return n;
-}
-
-// The unit whose master buffer holds p, and p's offset in it.
-std::pair<int64_t, int64_t> unit_of(const param_store& store, const float* p) {
-  for (int64_t u = 0; u < store.num_units(); ++u) {
-    const float* base = store.master(u);
-    if (p >= base && p < base + store.unit(u).numel) return {u, p - base};
-  }
-  ADD_FAILURE() << "parameter pointer outside the store";
-  return {0, 0};
-}
-}  // namespace
-
 reference_model::reference_model(const param_store& store) {
   for (const auto& np : store.named_params()) {
-    at::Tensor t = at::from_blob(np.data, np.shape, at::kFloat).to(at::kDouble).clone().requires_grad_(true);
+    at::Tensor t = store.master_view(np).to(at::kDouble).clone().requires_grad_(true);
     names.push_back(np.name);
     params.push_back(t);
     by_name[np.name] = t;
@@ -58,12 +40,10 @@ at::Tensor reference_model::loss_sum(const at::Tensor& tokens) const {
 }
 
 param_pos locate(const param_store& store, int64_t unit, int64_t index) {
-  const float* p = store.master(unit) + index;
   auto named = store.named_params();
-  for (size_t i = 0; i < named.size(); ++i) {
-    int64_t n = numel_of(named[i].shape);
-    if (p >= named[i].data && p < named[i].data + n) return {i, p - named[i].data};
-  }
+  for (size_t i = 0; i < named.size(); ++i)
+    if (named[i].unit == unit && index >= named[i].offset && index < named[i].offset + named[i].numel)
+      return {i, index - named[i].offset};
   ADD_FAILURE() << "no parameter holds unit " << unit << " element " << index;
   return {};
 }
@@ -71,8 +51,7 @@ param_pos locate(const param_store& store, int64_t unit, int64_t index) {
 std::vector<at::Tensor> engine_params_from(const param_store& store, const run_result& r) {
   std::vector<at::Tensor> out;
   for (const auto& np : store.named_params()) {
-    auto [u, off] = unit_of(store, np.data);
-    out.push_back(r.master[size_t(u)].narrow(0, off, numel_of(np.shape)).view(np.shape));
+    out.push_back(r.master[size_t(np.unit)].narrow(0, np.offset, np.numel).view(np.shape));
   }
   return out;
 }

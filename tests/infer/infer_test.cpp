@@ -95,7 +95,7 @@ double reference_loss(engine::engine& e, const at::Tensor& tokens) {
   const auto& c = e.config();
   std::map<std::string, at::Tensor> w;
   for (const auto& p : e.params().named_params())
-    w[p.name] = at::from_blob(p.data, p.shape, at::kFloat).to(at::kDouble);
+    w[p.name] = e.params().master_view(p).to(at::kDouble);
   const int64_t B = tokens.size(0), T = tokens.size(1) - 1;
   at::Tensor x = w.at("model.embed_tokens.weight").index_select(0, tokens.narrow(1, 0, T).reshape({-1})).view({B, T, -1});
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
@@ -351,7 +351,8 @@ TEST(infer, clear_errors) {
 
 void save_weights(engine::engine& e, const std::string& dir) {
   std::vector<io::named_f32> tensors;
-  for (const auto& p : e.params().named_params()) tensors.push_back({p.name, p.shape, p.data});
+  for (const auto& p : e.params().named_params())
+    tensors.push_back({p.name, p.shape, e.params().master_view(p).data_ptr<float>()});
   io::write_hf_checkpoint(dir, e.config(), tensors, "F32");
 }
 
@@ -371,8 +372,7 @@ TEST(infer, checkpoint_round_trip_gives_the_saved_weights_and_logits) {
     ASSERT_EQ(got[i].name, want[i].name);
     ASSERT_EQ(got[i].shape, want[i].shape) << want[i].name;
     // F32 on disk: bit for bit.
-    EXPECT_TRUE(at::equal(at::from_blob(got[i].data, got[i].shape, at::kFloat),
-                          at::from_blob(want[i].data, want[i].shape, at::kFloat)))
+    EXPECT_TRUE(at::equal(loaded->params().master_view(got[i]), e->params().master_view(want[i])))
         << want[i].name << " differs after the round trip";
   }
   at::Tensor tok = at::randint(3, 300, {2, 17}, at::kLong);

@@ -83,7 +83,7 @@ void check_block(at::ScalarType t, const llama_config& c, int64_t B, int64_t T) 
   at::Tensor wd = dev(wflat, t);
   block_weights w = block_views(wd, c);
   block_saved saved;
-  at::Tensor y = block_forward(dev(x, t), w, c, rc, &saved);
+  at::Tensor y = block_forward(dev(x, t), w, c, rc, saved);
   const int64_t elem = int64_t(c10::elementSize(t));
   EXPECT_EQ(saved.bytes(), block_saved_bytes(c, B, T, elem));
   at::Tensor gflat = at::full({c.block_params()}, 7.0, wd.options());
@@ -103,7 +103,7 @@ void check_block(at::ScalarType t, const llama_config& c, int64_t B, int64_t T) 
 
   // accumulate adds onto what is there.
   block_saved saved2;
-  block_forward(dev(x, t), w, c, rc, &saved2);
+  block_forward(dev(x, t), w, c, rc, saved2);
   at::Tensor g_before = gflat.clone();
   block_backward(dev(dy, t), w, c, rc, saved2, block_views(gflat, c), true);
   FERRY_EXPECT_CLOSE(gflat, g_before * 2, tolerance(t), "accumulated gradient");
@@ -139,11 +139,11 @@ TEST(MODEL_SUITE(model_block), inference_chunks_equal_training_forward) {
       at::Tensor x = dev(rnd({B, T, c.hidden_size}, t), t);
       rope_cache rc = make_rope(c, T, test_device());
       block_saved saved;
-      at::Tensor y_train = block_forward(x, block_views(wd, c), c, rc, &saved);
+      at::Tensor y_train = block_forward(x, block_views(wd, c), c, rc, saved);
       // rows per chunk: one time step, a few (the last chunk partial), all but one, all at once
       for (int64_t rows : {int64_t(1), 2 * B, 5 * B, (T - 1) * B, T * B}) {
         block_set_forward_chunk_rows(rows);
-        at::Tensor y = block_forward(x, block_views(wd, c), c, rc, nullptr);
+        at::Tensor y = block_forward_chunked(x, block_views(wd, c), c, rc);
         FERRY_EXPECT_CLOSE(y, y_train, tolerance(t), "chunk of " + std::to_string(rows) + " rows");
         if (rows == T * B && !k_cuda_suite) {
           EXPECT_TRUE(y.equal(y_train)) << "one chunk: not bit-equal";
@@ -184,7 +184,7 @@ TEST(MODEL_SUITE(model_block), inference_bytes_bound_the_measured_peak) {
       block_forward_whole(x, block_views(wd, c), c, rc);
       for (int64_t rows : {B, 4 * B, B * T}) {
         block_set_forward_chunk_rows(rows);
-        block_forward(x, block_views(wd, c), c, rc, nullptr);
+        block_forward_chunked(x, block_views(wd, c), c, rc);
       }
       auto check = [&](const std::string& what, int64_t planned, const std::function<at::Tensor()>& run) {
         SCOPED_TRACE(dtype_name(t) + " Hq=" + std::to_string(c.num_attention_heads) + " Hkv=" +
@@ -203,7 +203,7 @@ TEST(MODEL_SUITE(model_block), inference_bytes_bound_the_measured_peak) {
       for (int64_t rows : {B, 4 * B, B * T}) {
         block_set_forward_chunk_rows(rows);
         check("chunks of " + std::to_string(rows) + " rows", block_forward_inference_bytes(c, B, T, e, path),
-              [&] { return block_forward(x, block_views(wd, c), c, rc, nullptr); });
+              [&] { return block_forward_chunked(x, block_views(wd, c), c, rc); });
       }
       block_set_forward_chunk_rows(old);
     }
@@ -221,7 +221,7 @@ TEST(MODEL_SUITE(model_block), kv_cache_forward_equals_full_forward) {
     for (int l = 0; l < 2; ++l) layers.push_back(dev(random_flat(block_layout(c), c.block_params(), t), t));
     at::Tensor x = dev(rnd({B, T, c.hidden_size}, t), t);
     at::Tensor full = x;
-    for (auto& f : layers) full = block_forward(full, block_views(f, c), c, rc, nullptr);
+    for (auto& f : layers) full = block_forward_chunked(full, block_views(f, c), c, rc);
 
     auto opts = x.options();
     std::vector<at::Tensor> kc, vc;
@@ -337,7 +337,7 @@ void check_model(at::ScalarType t, const llama_config& c, int64_t B, int64_t T) 
   at::Tensor tok = tokens.to(test_device());
   at::Tensor x = embed_forward(tok, ed.view({c.vocab_size, c.hidden_size}));
   std::vector<block_saved> saved(L);
-  for (int64_t l = 0; l < L; ++l) x = block_forward(x, block_views(bd[l], c), c, rc, &saved[l]);
+  for (int64_t l = 0; l < L; ++l) x = block_forward(x, block_views(bd[l], c), c, rc, saved[l]);
   at::Tensor dx;
   head_result r = head_forward_backward(x, slot_view(hd, hl[0]), slot_view(hd, hl[1]), labels.to(test_device()), c, 5,
                                         1.0, &dx, &g_norm, &g_lm, false);

@@ -156,7 +156,7 @@ int run(const options& o) {
 
   at::Tensor x = embed_forward(tokens, emb);
   std::vector<block_saved> saved(L);
-  for (int64_t l = 0; l < L; ++l) x = block_forward(x, block_views(blocks[l], cfg), cfg, rope, &saved[l]);
+  for (int64_t l = 0; l < L; ++l) x = block_forward(x, block_views(blocks[l], cfg), cfg, rope, saved[l]);
   at::Tensor logits = head_logits(x, norm_w, lm_w, cfg).to(at::kCPU, at::kFloat).contiguous();
   const int64_t n_targets = labels.ne(-100).sum().item<int64_t>();
   FERRY_CHECK(n_targets > 0, "the token file has no targets (sequences of length 1)");

@@ -205,7 +205,7 @@ row bench_layer(const llama_config& cfg, const std::string& shape, const args& a
     const int64_t base = mem.allocated();
     mem.reset_peak();
     st.mark(0);
-    at::Tensor y = block_forward(x, wv, cfg, rope, &saved);
+    at::Tensor y = block_forward(x, wv, cfg, rope, saved);
     st.mark(1);
     saved_bytes = saved.bytes();
     at::Tensor dx = block_backward(dy, wv, cfg, rope, saved, gv, false);
@@ -253,7 +253,7 @@ row bench_model(const llama_config& cfg, const std::string& shape, const args& a
     mem.reset_peak();
     st.mark(0);
     at::Tensor x = embed_forward(tokens, emb);
-    for (int64_t l = 0; l < L; ++l) x = block_forward(x, wv[l], cfg, rope, &saved[l]);
+    for (int64_t l = 0; l < L; ++l) x = block_forward(x, wv[l], cfg, rope, saved[l]);
     st.mark(1);
     saved_bytes = 0;
     for (const auto& s : saved) saved_bytes += s.bytes();

@@ -1,0 +1,139 @@
+#include "src/engine/gradient_path.h"
+
+#include <ATen/ATen.h>
+
+#include <cstdlib>
+
+#include "src/common/error.h"
+#include "src/model/embed_head.h"
+
+namespace ferry::engine {
+
+cpu_optim::dtype to_optim_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kHalf: return cpu_optim::dtype::dtype_f16;
+    case at::kBFloat16: return cpu_optim::dtype::dtype_bf16;
+    case at::kFloat: return cpu_optim::dtype::dtype_f32;
+    default: FERRY_ASSERT(false, "unsupported compute dtype ", t);
+  }
+  return cpu_optim::dtype::dtype_f32;
+}
+
+gradient_path::gradient_path(const model::llama_config& cfg, const engine_options& opt, backend& dev,
+                             param_store& store, update_worker& worker, step_meter& meter)
+    : cfg_(cfg), opt_(opt), dev_(dev), store_(store), worker_(worker), meter_(meter) {
+  auto dev_opts = at::TensorOptions().dtype(opt.dtype).device(dev.device());
+  slot_of_.assign(size_t(store.num_units()), nullptr);
+  accum_.assign(size_t(store.num_units()), nullptr);
+  if (opt.mode == offload_mode::offload_none) {
+    for (int64_t u = 0; u < store.num_units(); ++u) resident_.push_back(at::empty({store.unit(u).numel}, dev_opts));
+    return;
+  }
+  for (int i = 0; i < 2; ++i) block_slots_.push_back({at::empty({cfg.block_params()}, dev_opts), nullptr});
+  head_slot_.buf = at::empty({cfg.head_params()}, dev_opts);
+  embed_out_ = dev.host_alloc(size_t(opt.max_batch * opt.max_seq * cfg.hidden_size) * c10::elementSize(opt.dtype));
+}
+
+gradient_path::~gradient_path() {
+  for (float* p : accum_) std::free(p);
+  if (embed_out_) dev_.host_free(embed_out_);
+}
+
+void gradient_path::begin_step(int64_t n_micro) {
+  if (resident() || n_micro <= 1) return;
+  // The embedding's gradient is fp32 on the host already and sums its micro-batches itself.
+  for (int64_t u = 1; u < store_.num_units(); ++u)
+    if (!accum_[size_t(u)]) {
+      void* p = nullptr;
+      FERRY_CHECK(posix_memalign(&p, 64, size_t(store_.unit(u).numel) * 4) == 0,
+                  "cannot allocate the gradient-accumulation buffers (4 B/param); train a smaller model or add memory");
+      accum_[size_t(u)] = static_cast<float*>(p);
+    }
+}
+
+at::Tensor gradient_path::target(int64_t u) {
+  if (resident()) return resident_[size_t(u)];
+  slot& s = u == store_.head_unit() ? head_slot_ : block_slots_[next_slot_++ % block_slots_.size()];
+  if (s.copied) dev_.wait(queue::queue_compute, s.copied);
+  slot_of_[size_t(u)] = &s;
+  return s.buf.narrow(0, 0, store_.unit(u).numel);
+}
+
+host_grad gradient_path::host(int64_t u) const {
+  if (accum_[size_t(u)]) return {accum_[size_t(u)], cpu_optim::dtype::dtype_f32};
+  return {store_.grad(u), to_optim_dtype(store_.grad_dtype(u))};
+}
+
+void gradient_path::queue(int64_t u, std::function<void()> fn, bool updates_weights) {
+  if (updates_weights) worker_.submit_update(u, std::move(fn));
+  else worker_.submit_task(u, std::move(fn));
+  if (opt_.mode == offload_mode::offload_blocked) worker_.wait_idle();
+}
+
+void gradient_path::send(int64_t u, bool first_micro, bool last_micro, std::function<void()> task, bool updates_weights) {
+  if (resident()) {
+    FERRY_ASSERT(!task, "resident gradients take no host task");
+    return;
+  }
+  slot& s = *slot_of_[size_t(u)];
+  event_ptr computed = dev_.record(queue::queue_compute);
+  dev_.wait(queue::queue_d2h, computed);
+  const size_t bytes = size_t(store_.unit(u).numel) * c10::elementSize(opt_.dtype);
+  // The host gradient buffer may still be read by the previous micro-batch's accumulation (or a
+  // previous step's update) on the update thread: the copy must not overwrite it before then.
+  meter_.stall_ms += worker_.wait_unit_tasks(u);
+  event_ptr t0 = dev_.record(queue::queue_d2h, true);
+  dev_.copy_d2h(store_.grad(u), s.buf, bytes);
+  s.copied = dev_.record(queue::queue_d2h, true);
+  meter_.d2h_timers.emplace_back(t0, s.copied);
+  meter_.d2h_bytes += int64_t(bytes);
+
+  event_ptr copied = s.copied;
+  float* acc = accum_[size_t(u)];
+  queue(u,
+        [this, u, copied, acc, first_micro, last_micro, task = std::move(task)] {
+          copied->synchronize();
+          dev_.debug_delay();
+          if (acc)
+            cpu_optim::accumulate(store_.grad(u), to_optim_dtype(store_.grad_dtype(u)), acc, size_t(store_.unit(u).numel),
+                                  first_micro);
+          if (last_micro && task) task();
+        },
+        last_micro && updates_weights);
+}
+
+void gradient_path::send_embed(const at::Tensor& dx, const at::Tensor& tokens, bool first_micro, bool last_micro,
+                               std::function<void()> task, bool updates_weights) {
+  const int64_t eu = store_.embed_unit(), h = cfg_.hidden_size;
+  if (resident()) {
+    FERRY_ASSERT(!task, "resident gradients take no host task");
+    at::Tensor g = resident_[size_t(eu)].view({cfg_.vocab_size, h});
+    model::embed_backward(dx, tokens.to(dev_.device()), g, !first_micro);
+    return;
+  }
+  // The copy waits for all compute that made its source, the contiguous layout included.
+  at::Tensor rows_dev = dx.contiguous();
+  event_ptr computed = dev_.record(queue::queue_compute);
+  dev_.wait(queue::queue_d2h, computed);
+  // embed_out_ is read by the previous micro-batch's scatter task until it has run (that task
+  // waited for the copy that filled it; copies into it are in order on the d2h queue).
+  meter_.stall_ms += worker_.wait_unit_tasks(eu);
+  const size_t bytes = size_t(dx.numel()) * c10::elementSize(opt_.dtype);
+  dev_.copy_d2h(embed_out_, rows_dev, bytes);
+  event_ptr copied = dev_.record(queue::queue_d2h);
+  meter_.d2h_bytes += int64_t(bytes);
+  at::Tensor tok = tokens;
+  queue(eu,
+        [this, eu, h, copied, tok, first_micro, last_micro, task = std::move(task)] {
+          copied->synchronize();
+          dev_.debug_delay();
+          at::Tensor rows = at::from_blob(embed_out_, {tok.numel(), h}, at::TensorOptions().dtype(opt_.dtype));
+          at::Tensor grad = store_.grad_tensor(eu).view({cfg_.vocab_size, h});
+          if (first_micro) grad.zero_();
+          grad.index_add_(0, tok.reshape({-1}), rows.to(at::kFloat));
+          if (last_micro && task) task();
+        },
+        last_micro && updates_weights);
+}
+
+}  // namespace ferry::engine

@@ -1,0 +1,91 @@
+#pragma once
+// The gradient path: from the backward's device buffers to what the optimizer reads.
+//   offloaded (blocked, overlapped)  each unit's gradient is written into one of two block
+//       gradient slots (the head has its own), copied on the d2h queue into the unit's pinned
+//       host buffer, and then, on the update thread: added into the unit's fp32 accumulator when
+//       the step has several micro-batches (cpu_optim::accumulate), and on the last micro-batch
+//       the unit's host task (statistics, or a speculative update) runs. The embedding's input
+//       gradient is scattered into its fp32 gradient on the host the same way.
+//   resident (none)  every unit has its gradient buffer on the device; micro-batches accumulate
+//       in place (the backward's accumulate flag) and nothing moves.
+// Later: reduce-scatter across ranks before the copy, then only this rank's shard moves.
+#include <ATen/core/Tensor.h>
+
+#include <functional>
+#include <vector>
+
+#include "cpu_optim/adamw.h"
+#include "src/engine/backend.h"
+#include "src/engine/options.h"
+#include "src/engine/param_store.h"
+#include "src/engine/step_meter.h"
+#include "src/engine/update_worker.h"
+#include "src/model/llama_config.h"
+
+namespace ferry::engine {
+
+// The gradient the optimizer reads for a unit: the host buffer (or accumulator) and its dtype.
+struct host_grad {
+  void* data = nullptr;
+  cpu_optim::dtype dtype = cpu_optim::dtype::dtype_f32;
+};
+
+cpu_optim::dtype to_optim_dtype(at::ScalarType t);
+
+class gradient_path {
+ public:
+  gradient_path(const model::llama_config& cfg, const engine_options& opt, backend& dev, param_store& store,
+                update_worker& worker, step_meter& meter);
+  ~gradient_path();
+  gradient_path(const gradient_path&) = delete;
+  gradient_path& operator=(const gradient_path&) = delete;
+
+  bool resident() const { return !resident_.empty(); }
+  // Before a step of n_micro micro-batches: fp32 accumulators for the offloaded units when
+  // n_micro > 1 (allocated once, kept for later steps).
+  void begin_step(int64_t n_micro);
+  // Whether the backward adds into target() instead of overwriting it (resident, after the first
+  // micro-batch).
+  bool accumulate_on_device(bool first_micro) const { return resident() && !first_micro; }
+
+  // Where the backward writes unit u's gradient (flat, numel of the unit); the compute queue
+  // waits until the slot's previous copy to the host is done.
+  at::Tensor target(int64_t u);
+  // Unit u's gradient of this micro-batch is complete in target(u): moves it to the host and
+  // queues its accumulation; on the last micro-batch, `task` runs on the update thread after it
+  // (as an update of unit u's weights when `updates_weights`). Resident: nothing to move, and
+  // `task` must be empty (the resident schedule validates on the device).
+  void send(int64_t u, bool first_micro, bool last_micro, std::function<void()> task, bool updates_weights);
+  // The embedding's input gradient dx (B,T,h) for tokens (B,T) on the CPU: scattered into the
+  // embedding's gradient (on the host, or on the device when resident), then `task` as in send.
+  void send_embed(const at::Tensor& dx, const at::Tensor& tokens, bool first_micro, bool last_micro,
+                  std::function<void()> task, bool updates_weights);
+
+  // The unit's summed gradient on the host, as the optimizer reads it (offloaded only).
+  host_grad host(int64_t u) const;
+  // The resident gradient buffers (none).
+  at::Tensor& resident_grad(int64_t u) { return resident_[size_t(u)]; }
+
+ private:
+  struct slot {
+    at::Tensor buf;
+    event_ptr copied;
+  };
+  void queue(int64_t u, std::function<void()> fn, bool updates_weights);
+
+  const model::llama_config& cfg_;
+  const engine_options& opt_;
+  backend& dev_;
+  param_store& store_;
+  update_worker& worker_;
+  step_meter& meter_;
+  std::vector<at::Tensor> resident_;
+  std::vector<slot> block_slots_;
+  slot head_slot_;
+  size_t next_slot_ = 0;
+  std::vector<slot*> slot_of_;            // per unit: the slot target() handed out this micro-batch
+  std::vector<float*> accum_;             // per unit: fp32 gradient sums when grad_accum > 1
+  void* embed_out_ = nullptr;             // pinned staging of the embedding's input gradient
+};
+
+}  // namespace ferry::engine

@@ -1,0 +1,136 @@
+#include "src/engine/optimizer_path.h"
+
+#include <ATen/ATen.h>
+
+#include "src/common/error.h"
+#if FERRY_WITH_CUDA
+#include "gpu/ops.h"
+#endif
+
+namespace ferry::engine {
+
+optimizer_path::optimizer_path(const engine_options& opt, backend& dev, param_store& store, gradient_path& grads,
+                               weight_pool& pool)
+    : opt_(opt), dev_(dev), store_(store), grads_(grads), pool_(pool) {
+  adam_ = std::make_unique<cpu_optim::adamw>(opt.cpu_threads);
+  if (opt.mode != offload_mode::offload_none) return;
+  auto f32 = at::TensorOptions().dtype(at::kFloat).device(dev.device());
+  for (int64_t u = 0; u < store.num_units(); ++u) {
+    const int64_t n = store.unit(u).numel;
+    master_.push_back(at::empty({n}, f32));
+    m_.push_back(at::zeros({n}, f32));
+    v_.push_back(at::zeros({n}, f32));
+  }
+}
+
+optimizer_path::~optimizer_path() = default;
+
+cpu_optim::chunk_ref optimizer_path::chunk(int64_t u, const state_view& s) const {
+  const host_grad g = grads_.host(u);
+  cpu_optim::chunk_ref c;
+  c.param = s.master;
+  c.m = s.exp_avg;
+  c.v = s.exp_avg_sq;
+  c.grad = g.data;
+  c.grad_dtype = g.dtype;
+  c.half_out = opt_.dtype == at::kFloat ? nullptr : store_.shadow(u);
+  c.half_dtype = to_optim_dtype(opt_.dtype);
+  c.n = size_t(s.n);
+  return c;
+}
+
+// fp32 runs: AdamW writes no half copy, so the device-bound shadow is refreshed from the master.
+void optimizer_path::refresh_f32_shadow(int64_t u, const state_view& s) {
+  if (opt_.dtype == at::kFloat)
+    cpu_optim::convert(s.master, cpu_optim::dtype::dtype_f32, store_.shadow(u), cpu_optim::dtype::dtype_f32, size_t(s.n));
+}
+
+cpu_optim::grad_stats optimizer_path::stats(int64_t u, double mult) {
+  const host_grad g = grads_.host(u);
+  return adam_->stats(g.data, g.dtype, size_t(store_.unit(u).numel), float(mult));
+}
+
+cpu_optim::grad_stats optimizer_path::step(int64_t u, double mult, const cpu_optim::adamw_hparams& hp, int64_t step,
+                                           cpu_optim::undo_log* log) {
+  state_lease s(store_.state(), u, true);
+  cpu_optim::grad_stats st = adam_->step(chunk(u, *s), hp, step, float(mult), log);
+  refresh_f32_shadow(u, *s);
+  return st;
+}
+
+void optimizer_path::undo(int64_t u, double mult, const cpu_optim::adamw_hparams& hp, int64_t step,
+                          const cpu_optim::undo_log& log) {
+  state_lease s(store_.state(), u, true);
+  adam_->undo(chunk(u, *s), hp, step, float(mult), &log);
+  refresh_f32_shadow(u, *s);
+}
+
+void optimizer_path::redo(int64_t u, double old_mult, double new_mult, const cpu_optim::adamw_hparams& hp, int64_t step,
+                          const cpu_optim::undo_log& log) {
+  state_lease s(store_.state(), u, true);
+  adam_->redo(chunk(u, *s), hp, step, float(old_mult), float(new_mult), &log);
+  refresh_f32_shadow(u, *s);
+}
+
+cpu_optim::grad_stats optimizer_path::resident_stats(double mult) {
+  cpu_optim::grad_stats total;
+#if FERRY_WITH_CUDA
+  if (dev_.is_cuda()) {
+    at::Tensor acc = at::zeros({2}, at::TensorOptions().dtype(at::kFloat).device(dev_.device()));
+    for (int64_t u = 0; u < store_.num_units(); ++u) gpu::grad_stats_accumulate(grads_.resident_grad(u), acc);
+    at::Tensor host = acc.to(at::kCPU);
+    total.sum_sq = double(host[0].item<float>()) * mult * mult;
+    total.nonfinite = int64_t(host[1].item<float>());
+    return total;
+  }
+#endif
+  for (int64_t u = 0; u < store_.num_units(); ++u) {
+    const at::Tensor& g = grads_.resident_grad(u);
+    cpu_optim::grad_stats s = adam_->stats(g.data_ptr(), to_optim_dtype(opt_.dtype), size_t(g.numel()), float(mult));
+    total.sum_sq += s.sum_sq;
+    total.nonfinite += s.nonfinite;
+  }
+  return total;
+}
+
+void optimizer_path::resident_step(int64_t u, double mult, const cpu_optim::adamw_hparams& hp, int64_t step) {
+  at::Tensor& half = pool_.resident(u);
+  at::Tensor& grad = grads_.resident_grad(u);
+#if FERRY_WITH_CUDA
+  if (dev_.is_cuda()) {
+    // The kernel writes a half/bf16 copy; in fp32 compute the weights are the master copy.
+    at::Tensor half_out = opt_.dtype == at::kFloat ? at::Tensor() : half;
+    gpu::adamw_step(master_[size_t(u)], m_[size_t(u)], v_[size_t(u)], grad, half_out, hp.lr, hp.beta1, hp.beta2, hp.eps,
+                    hp.weight_decay, step, mult);
+    if (opt_.dtype == at::kFloat) half.copy_(master_[size_t(u)]);
+    return;
+  }
+#endif
+  cpu_optim::chunk_ref c{master_[size_t(u)].data_ptr<float>(), m_[size_t(u)].data_ptr<float>(), v_[size_t(u)].data_ptr<float>(),
+                         grad.data_ptr(), to_optim_dtype(opt_.dtype), opt_.dtype == at::kFloat ? nullptr : half.data_ptr(),
+                         to_optim_dtype(opt_.dtype), size_t(master_[size_t(u)].numel())};
+  adam_->step(c, hp, step, float(mult));
+  if (opt_.dtype == at::kFloat) half.copy_(master_[size_t(u)]);
+}
+
+void optimizer_path::upload() {
+  for (int64_t u = 0; u < int64_t(master_.size()); ++u) {
+    state_lease s(store_.state(), u, false);
+    auto cpu = [&](float* p) { return at::from_blob(p, {s->n}, at::TensorOptions().dtype(at::kFloat)); };
+    master_[size_t(u)].copy_(cpu(s->master));
+    m_[size_t(u)].copy_(cpu(s->exp_avg));
+    v_[size_t(u)].copy_(cpu(s->exp_avg_sq));
+  }
+}
+
+void optimizer_path::download() {
+  for (int64_t u = 0; u < int64_t(master_.size()); ++u) {
+    state_lease s(store_.state(), u, true);
+    auto cpu = [&](float* p) { return at::from_blob(p, {s->n}, at::TensorOptions().dtype(at::kFloat)); };
+    cpu(s->master).copy_(master_[size_t(u)]);
+    cpu(s->exp_avg).copy_(m_[size_t(u)]);
+    cpu(s->exp_avg_sq).copy_(v_[size_t(u)]);
+  }
+}
+
+}  // namespace ferry::engine

@@ -1,0 +1,57 @@
+#pragma once
+// The optimizer path: AdamW on one unit wherever its state is.
+//   offloaded  on the update thread, over the unit's state in the tier (state_tier) and its summed
+//              host gradient (gradient_path::host), writing the compute-dtype shadow the weight
+//              pool loads next; statistics, speculative steps with their undo log, undo and redo
+//   resident   (none) fp32 master and moments on the device, the fused device AdamW
+//              (gpu::adamw_step; the CPU kernel on the host backend), statistics of every unit's
+//              gradient accumulated on the device with one host sync per step
+#include <ATen/core/Tensor.h>
+
+#include <memory>
+#include <vector>
+
+#include "cpu_optim/adamw.h"
+#include "src/engine/backend.h"
+#include "src/engine/gradient_path.h"
+#include "src/engine/options.h"
+#include "src/engine/param_store.h"
+#include "src/engine/weight_pool.h"
+
+namespace ferry::engine {
+
+class optimizer_path {
+ public:
+  optimizer_path(const engine_options& opt, backend& dev, param_store& store, gradient_path& grads, weight_pool& pool);
+  ~optimizer_path();
+
+  // Offloaded units (update thread). mult multiplies the gradient (1/loss scale x clip).
+  cpu_optim::grad_stats stats(int64_t u, double mult);
+  cpu_optim::grad_stats step(int64_t u, double mult, const cpu_optim::adamw_hparams& hp, int64_t step,
+                             cpu_optim::undo_log* log);
+  void undo(int64_t u, double mult, const cpu_optim::adamw_hparams& hp, int64_t step, const cpu_optim::undo_log& log);
+  void redo(int64_t u, double old_mult, double new_mult, const cpu_optim::adamw_hparams& hp, int64_t step,
+            const cpu_optim::undo_log& log);
+
+  // Resident units (the engine's thread, compute queue).
+  cpu_optim::grad_stats resident_stats(double mult);
+  void resident_step(int64_t u, double mult, const cpu_optim::adamw_hparams& hp, int64_t step);
+  // Resident state <-> the host tier: upload after the host weights changed, download before a
+  // checkpoint reads the tier.
+  void upload();
+  void download();
+
+ private:
+  cpu_optim::chunk_ref chunk(int64_t u, const state_view& s) const;
+  void refresh_f32_shadow(int64_t u, const state_view& s);
+
+  const engine_options& opt_;
+  backend& dev_;
+  param_store& store_;
+  gradient_path& grads_;
+  weight_pool& pool_;
+  std::unique_ptr<cpu_optim::adamw> adam_;
+  std::vector<at::Tensor> master_, m_, v_;   // resident
+};
+
+}  // namespace ferry::engine

@@ -1,0 +1,121 @@
+#include "src/engine/weight_pool.h"
+
+#include <ATen/ATen.h>
+
+#include <limits>
+
+#include "src/common/error.h"
+#include "src/model/embed_head.h"
+
+namespace ferry::engine {
+
+weight_pool::weight_pool(const model::llama_config& cfg, const engine_options& opt, backend& dev, param_store& store,
+                         update_worker& worker, step_meter& meter)
+    : cfg_(cfg), opt_(opt), dev_(dev), store_(store), worker_(worker), meter_(meter) {
+  auto dev_opts = at::TensorOptions().dtype(opt.dtype).device(dev.device());
+  if (opt.mode == offload_mode::offload_none) {
+    for (int64_t u = 0; u < store.num_units(); ++u) resident_.push_back(at::empty({store.unit(u).numel}, dev_opts));
+    return;
+  }
+  const int64_t nslots = opt.mode == offload_mode::offload_blocked ? 1 : opt.prefetch + 1;
+  for (int64_t i = 0; i < nslots; ++i) {
+    blocks_.emplace_back();
+    blocks_.back().buf = at::empty({cfg.block_params()}, dev_opts);
+  }
+  head_.buf = at::empty({cfg.head_params()}, dev_opts);
+  embed_in_ = dev.host_alloc(size_t(opt.max_batch * opt.max_seq * cfg.hidden_size) * c10::elementSize(opt.dtype));
+}
+
+weight_pool::~weight_pool() {
+  if (embed_in_) dev_.host_free(embed_in_);
+}
+
+void weight_pool::refresh() {
+  for (int64_t u = 0; u < int64_t(resident_.size()); ++u) resident_[size_t(u)].copy_(store_.shadow_tensor(u));
+}
+
+bool weight_pool::current(const slot& s) const { return s.unit >= 0 && s.version == worker_.queued_version(s.unit); }
+
+weight_pool::slot* weight_pool::find(int64_t u) {
+  if (u == store_.head_unit()) return head_.unit == u && current(head_) ? &head_ : nullptr;
+  for (auto& s : blocks_)
+    if (s.unit == u && current(s)) return &s;
+  return nullptr;
+}
+
+void weight_pool::load(int64_t u, const std::vector<int64_t>& uses, size_t at) {
+  slot* target = nullptr;
+  if (u == store_.head_unit()) {
+    target = &head_;
+  } else {
+    size_t best = 0;
+    for (auto& s : blocks_) {
+      size_t next = std::numeric_limits<size_t>::max();
+      if (current(s))
+        for (size_t j = at; j < uses.size(); ++j)
+          if (uses[j] == s.unit) {
+            next = j;
+            break;
+          }
+      if (!target || next > best) {
+        target = &s;
+        best = next;
+      }
+    }
+    FERRY_ASSERT(best > at, "no free weight slot for unit ", u, " (prefetch window larger than the pool)");
+  }
+  // The host copy must hold this unit's latest update before it moves.
+  meter_.stall_ms += worker_.wait_updated(u);
+  if (target->released) dev_.wait(queue::queue_h2d, target->released);
+  const size_t bytes = size_t(store_.unit(u).numel) * c10::elementSize(opt_.dtype);
+  event_ptr t0 = meter_.timing ? dev_.record(queue::queue_h2d, true) : nullptr;
+  dev_.copy_h2d(target->buf, store_.shadow(u), bytes);
+  target->ready = dev_.record(queue::queue_h2d, meter_.timing);
+  if (meter_.timing) meter_.h2d_timers.emplace_back(t0, target->ready);
+  meter_.h2d_bytes += int64_t(bytes);
+  target->unit = u;
+  target->version = worker_.queued_version(u);
+}
+
+const at::Tensor& weight_pool::acquire(int64_t u, const std::vector<int64_t>& uses, size_t at) {
+  if (!resident_.empty()) return resident_[size_t(u)];
+  if (!find(u)) load(u, uses, at);
+  if (opt_.mode == offload_mode::offload_overlapped) {
+    const size_t end = std::min(uses.size(), at + 1 + size_t(opt_.prefetch));
+    for (size_t j = at + 1; j < end; ++j)
+      if (!find(uses[j])) load(uses[j], uses, at);
+  }
+  slot* s = find(u);
+  dev_.wait(queue::queue_compute, s->ready);
+  dev_.debug_delay();
+  return s->buf;
+}
+
+void weight_pool::release(int64_t u) {
+  if (!resident_.empty()) return;
+  slot* s = find(u);
+  FERRY_ASSERT(s, "release of unit ", u, ", which is not resident");
+  s->released = dev_.record(queue::queue_compute);
+}
+
+at::Tensor weight_pool::embed(const at::Tensor& tokens) {
+  const int64_t eu = store_.embed_unit(), h = cfg_.hidden_size;
+  if (!resident_.empty()) return model::embed_forward(tokens.to(dev_.device()), resident_[size_t(eu)].view({cfg_.vocab_size, h}));
+  meter_.stall_ms += worker_.wait_updated(eu);
+  if (embed_in_done_) embed_in_done_->synchronize();
+  at::Tensor tok = tokens.to(at::kLong).contiguous();
+  FERRY_CHECK(tok.numel() <= opt_.max_batch * opt_.max_seq, "batch of ", tok.numel(), " tokens exceeds the planned ",
+              opt_.max_batch, " x ", opt_.max_seq);
+  at::Tensor table = store_.shadow_tensor(eu).view({cfg_.vocab_size, h});
+  at::Tensor rows = at::from_blob(embed_in_, {tok.numel(), h}, at::TensorOptions().dtype(opt_.dtype));
+  at::index_select_out(rows, table, 0, tok.reshape({-1}));
+  at::Tensor x = at::empty({tok.size(0), tok.size(1), h}, at::TensorOptions().dtype(opt_.dtype).device(dev_.device()));
+  const size_t bytes = size_t(rows.numel()) * c10::elementSize(opt_.dtype);
+  dev_.copy_h2d(x, embed_in_, bytes);
+  embed_in_done_ = dev_.record(queue::queue_h2d);
+  meter_.h2d_bytes += int64_t(bytes);
+  dev_.wait(queue::queue_compute, embed_in_done_);
+  return x;
+}
+
+}  // namespace ferry::engine

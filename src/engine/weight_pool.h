@@ -1,0 +1,74 @@
+#pragma once
+// The weight pool: where the device finds each unit's compute-dtype weights.
+//   none          every unit resident on the device; acquire returns it at once
+//   blocked       one block slot (+ the head's), each use copied in and waited for
+//   overlapped    prefetch+1 block slots: the next `prefetch` uses of the schedule are copied ahead
+//                 of the one computing, and the slot to reuse is the one needed furthest ahead
+//                 (the schedule is known, so this is Belady's choice)
+// A unit's device copy is current while its slot holds the version the update thread has queued
+// for it (update_worker::queued_version); a load first waits for that update to have run on the
+// host. The embedding never moves as a whole: its rows are gathered on the host from the shadow
+// and sent as the layer input (embed).
+// Later: "my shard in, then all-gather" for ranks that share the weights.
+#include <ATen/core/Tensor.h>
+
+#include <vector>
+
+#include "src/engine/backend.h"
+#include "src/engine/options.h"
+#include "src/engine/param_store.h"
+#include "src/engine/step_meter.h"
+#include "src/engine/update_worker.h"
+#include "src/model/llama_config.h"
+
+namespace ferry::engine {
+
+class weight_pool {
+ public:
+  weight_pool(const model::llama_config& cfg, const engine_options& opt, backend& dev, param_store& store,
+              update_worker& worker, step_meter& meter);
+  ~weight_pool();
+  weight_pool(const weight_pool&) = delete;
+  weight_pool& operator=(const weight_pool&) = delete;
+
+  // Unit u's weights (flat, on the device) for use `at` of the schedule `uses`, with the compute
+  // queue waiting for their copy. Queues the prefetch of the next uses. Call release(u) once the
+  // compute work that reads them is queued.
+  const at::Tensor& acquire(int64_t u, const std::vector<int64_t>& uses, size_t at);
+  void release(int64_t u);
+
+  // The embedding rows of tokens (B,T) as a (B,T,h) device tensor, the compute queue waiting for
+  // them. Token ids must be in the vocabulary (the engine checks before the step changes state).
+  at::Tensor embed(const at::Tensor& tokens);
+
+  // Resident mode: the device's compute-dtype copy of every unit (the device AdamW writes it).
+  at::Tensor& resident(int64_t u) { return resident_[size_t(u)]; }
+  // After the host weights changed (init, load, resume): resident copies are uploaded from the
+  // shadows; slots are stale through the versions the caller bumped.
+  void refresh();
+
+ private:
+  struct slot {
+    at::Tensor buf;
+    int64_t unit = -1;
+    int64_t version = -1;
+    event_ptr ready, released;
+  };
+  bool current(const slot& s) const;
+  slot* find(int64_t u);
+  void load(int64_t u, const std::vector<int64_t>& uses, size_t at);
+
+  const model::llama_config& cfg_;
+  const engine_options& opt_;
+  backend& dev_;
+  param_store& store_;
+  update_worker& worker_;
+  step_meter& meter_;
+  std::vector<at::Tensor> resident_;   // none: every unit
+  std::vector<slot> blocks_;           // blocked / overlapped
+  slot head_;
+  void* embed_in_ = nullptr;           // pinned staging of the gathered embedding rows (B*T*h)
+  event_ptr embed_in_done_;
+};
+
+}  // namespace ferry::engine
