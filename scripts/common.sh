@@ -21,6 +21,15 @@ ferry_torch_python() {
   printf '%s' "$py"
 }
 
+# The Python for the standard-library-only scripts (finder, nightly): python3, else $FERRY_PYTHON;
+# empty when there is none.
+ferry_stdlib_python() {
+  local py
+  py="$(command -v python3 || true)"
+  [ -n "$py" ] || py="${FERRY_PYTHON:-}"
+  printf '%s' "$py"
+}
+
 ferry_jobs() {
   local n
   n=$(nproc 2>/dev/null || echo 2)

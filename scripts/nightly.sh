@@ -12,8 +12,7 @@
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 ferry_load_env
-py="$(command -v python3 || true)"
-[ -n "$py" ] || py="${FERRY_PYTHON:-}"
+py="$(ferry_stdlib_python)"
 [ -n "$py" ] || ferry_die "nightly.sh needs python3 (standard library only)"
 export FERRY_BUILD_DIR
 exec "$py" "$FERRY_ROOT/scripts/nightly/nightly.py" "$@"

@@ -18,7 +18,6 @@ import argparse
 import datetime
 import json
 import os
-import re
 import shutil
 import sys
 
@@ -67,14 +66,9 @@ def ferry_train_rows(a, dev, tokfile, out):
         d = os.path.join(out, "ferry-" + m)
         shutil.rmtree(d, ignore_errors=True)
         os.makedirs(d)
-        cmd = [train, "--model-config", a.shape, "--offload", m, "--" + a.dtype, "--device", dev,
-               "--set", "steps=%d" % a.steps, "--set", "batch_size=%d" % a.batch, "--set", "max_length=%d" % a.seq,
-               "--set", "data=" + tokfile, "--set", "output_dir=" + d, "--set", "save_final=false",
-               "--set", "tensorboard=false", "--set", "log_every=1"]
-        for kv in a.ferry_set:
-            cmd += ["--set", kv]
-        if has_plan:
-            cmd += ["--plan-json", os.path.join(d, "plan.json")]
+        cmd = fl.ferry_cmd(train, a.shape, dev, m, a.dtype,
+                                 dict(fl.train_run_sets(a.steps, a.seq, a.batch, tokfile, d), log_every=1),
+                                 a.ferry_set, plan_json=os.path.join(d, "plan.json") if has_plan else None)
         fl.ferry_log("ferry-train %s: %s" % (m, " ".join(cmd)))
         res = fl.run(cmd, a.timeout, os.path.join(d, "log.txt"))
         metrics = fl.read_metrics(os.path.join(d, "metrics.jsonl"))
@@ -135,11 +129,8 @@ def lower_bounds(a, cfg, rows, out, py, have_cuda):
 
 
 def load_json(path, res, what):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return dict(ok=False, error=fl.failure_reason(res, what))
+    """A peer's or bound's --json result, or a failed row saying why the run wrote none."""
+    return fl.read_json(path) or dict(ok=False, error=fl.failure_reason(res, what))
 
 
 def peer_rows(a, out, py, have_cuda, env):
@@ -150,10 +141,8 @@ def peer_rows(a, out, py, have_cuda, env):
         if not have_cuda:
             rows[key] = dict(ok=False, error="no CUDA device")
             continue
-        j = os.path.join(out, "peer_%s.json" % key)
-        if os.path.exists(j):
-            os.remove(j)
-        cmd = [py, os.path.join(HERE, script), "--config", config_path(a.shape), "--seq", str(a.seq), "--batch",
+        j = fl.fresh_output(os.path.join(out, "peer_%s.json" % key))
+        cmd = [py, os.path.join(HERE, script), "--config", fl.config_path(a.shape), "--seq", str(a.seq), "--batch",
                str(a.batch), "--steps", str(max(1, a.steps - a.warmup)), "--warmup", str(a.warmup), "--dtype",
                "bf16" if a.dtype == "bf16" else "fp16", "--json", j]
         fl.ferry_log("peer %s: %s" % (key, " ".join(cmd)))
@@ -174,27 +163,28 @@ def infer_rows(a, dev, tokfile, out, py, have_cuda, env):
         return None
     res_all = dict(rows={}, peers={}, raw={})
     if bench_infer:
+        j = fl.fresh_output(os.path.join(out, "bench_infer.json"))
         cmd = [bench_infer, "--model-config", a.shape, "--dtype", a.dtype, "--device", dev, "--modes",
-               ",".join(a.modes), "--seqs", ",".join(str(x) for x in sorted({min(512, a.seq), a.seq}))]
+               ",".join(a.modes), "--seqs", ",".join(str(x) for x in sorted({min(512, a.seq), a.seq})), "--json", j]
         fl.ferry_log("ferry-bench-infer: " + " ".join(cmd))
         r = fl.run(cmd, a.timeout, os.path.join(out, "bench_infer.log"))
         res_all["raw"]["ferry-bench-infer"] = dict(command=" ".join(cmd), rc=r["rc"], tail=r["out"][-4000:])
         for m in a.modes:
             res_all["rows"][m] = dict(ok=False, error=fl.failure_reason(r, "ferry-bench-infer"))
-        # forward table rows: | mode | seq | ms | peak GPU GiB | peak GB | plan GB | x PCIe time |
-        for mode, seq, ms, peak in re.findall(r"^\|\s*(\w+)\s*\|\s*(\d+)\s*\|\s*([\d.]+)\s*\|\s*([\d.]+)\s*\|",
-                                               r["out"], re.M):
-            if mode in MODES and int(seq) == a.seq:
-                res_all["rows"][mode] = dict(ok=True, forward_ms=float(ms), peak=float(peak) * fl.GIB)
+        for row in fl.read_json(j, {}).get("forward", []):
+            if row["mode"] in MODES and row["seq"] == a.seq:
+                res_all["rows"][row["mode"]] = dict(ok=True, forward_ms=row["ms"], peak=row["peak"]) if not row[
+                    "error"] else dict(ok=False, error=row["error"])
     elif infer:
         for m in a.modes:
             d = os.path.join(out, "infer-" + m)
             os.makedirs(d, exist_ok=True)
-            cmd = [infer, "--model-config", a.shape, "--offload", m, "--" + a.dtype, "--device", dev, "--job",
-                   "evaluate", "--data", tokfile, "--set", "max_length=%d" % a.seq, "--set", "eval_batches=4"]
+            metrics = fl.fresh_output(os.path.join(d, "metrics.json"))
+            cmd = fl.ferry_cmd(infer, a.shape, dev, m, a.dtype, dict(max_length=a.seq, eval_batches=4),
+                               extra=["--job", "evaluate", "--data", tokfile, "--metrics-json", metrics])
             fl.ferry_log("ferry-infer %s: %s" % (m, " ".join(cmd)))
             r = fl.run(cmd, a.timeout, os.path.join(d, "log.txt"))
-            res_all["rows"][m] = parse_infer_output(r, a.seq)
+            res_all["rows"][m] = infer_row(r, metrics, a.seq)
     if a.peers and have_cuda:
         half = "bf16" if a.dtype == "bf16" else "fp16"
         jobs = [("resident forward", ["--mode", "resident", "--job", "forward", "--seq", str(a.seq)]),
@@ -205,7 +195,7 @@ def infer_rows(a, dev, tokfile, out, py, have_cuda, env):
                  ["--mode", "cpu_offload", "--job", "generate", "--batch", "1", "--new", "16", "--reps", "1"])]
         for i, (label, extra) in enumerate(jobs):
             j = os.path.join(out, "peer_infer_%d.json" % i)
-            cmd = [py, os.path.join(HERE, "peer_infer.py"), "--config", config_path(a.shape), "--dtype", half,
+            cmd = [py, os.path.join(HERE, "peer_infer.py"), "--config", fl.config_path(a.shape), "--dtype", half,
                    "--json", j] + extra
             fl.ferry_log("peer infer %s" % label)
             r = fl.run(cmd, a.timeout, os.path.join(out, "peer_infer_%d.log" % i), env=env)
@@ -213,28 +203,22 @@ def infer_rows(a, dev, tokfile, out, py, have_cuda, env):
     return res_all
 
 
-def parse_infer_output(r, seq):
-    """Best effort over ferry-infer's evaluate line: tokens/s, ms, GiB. Keeps the output tail."""
-    out = r["out"]
-    row = dict(ok=r["rc"] == 0, tail=out[-2000:])
+def infer_row(r, metrics_path, seq):
+    """The inference row of a ferry-infer evaluate run from its --metrics-json: the time of one
+    sequence of `seq` tokens at the measured tokens/s, and the GPU peak. Keeps the output tail."""
+    row = dict(ok=r["rc"] == 0, tail=r["out"][-2000:])
     if r["rc"] != 0:
         row["error"] = fl.failure_reason(r, "ferry-infer")
         return row
-    tok = re.findall(r"([\d.]+)\s*(k?)\s*tok(?:ens)?/s", out)
-    if tok:
-        v = float(tok[-1][0]) * (1e3 if tok[-1][1] else 1)
-        row["forward_ms"] = seq / v * 1e3 if v > 0 else None
-    gib = re.findall(r"gpu[^\d]{0,20}([\d.]+)\s*GiB", out)
-    if gib:
-        row["peak"] = float(gib[-1]) * fl.GIB
+    ev = fl.read_json(metrics_path, {}).get("evaluate") or {}
+    v = ev.get("tokens_per_s") or 0
+    row["forward_ms"] = seq / v * 1e3 if v > 0 else None
+    if ev.get("gpu_alloc_peak"):
+        row["peak"] = ev["gpu_alloc_peak"]
     if row.get("forward_ms") is None:
         row["ok"] = False
-        row["error"] = "could not read tokens/s from ferry-infer's output (see log)"
+        row["error"] = "no evaluate tokens_per_s in ferry-infer's %s (see log)" % metrics_path
     return row
-
-
-def config_path(shape):
-    return shape if shape.endswith(".json") else os.path.join(fl.ROOT, "configs", "models", shape + ".json")
 
 
 def ratio(x, y):

@@ -1,8 +1,9 @@
 """Helpers shared by scripts/bench, scripts/finder and scripts/nightly (standard library only).
 
-Finding the binaries, writing random-token data in the llm.c format ferry reads, running a
-command under a timeout without ever raising, reading metrics.jsonl, machine facts, and a
-plain-text/Markdown table. The peer scripts (peer_*.py) import torch; this module never does.
+Finding the binaries and model configs, building ferry-train's and ferry-infer's command line, writing random-token
+data in the llm.c format ferry reads, running a command under a timeout without ever raising (with
+or without its peak RSS), reading metrics.jsonl and ferry-infer's metrics JSON, machine facts, and
+a plain-text/Markdown table. The peer scripts (peer_*.py) import torch; this module never does.
 """
 import json
 import os
@@ -12,6 +13,7 @@ import shutil
 import statistics
 import struct
 import subprocess
+import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -38,11 +40,56 @@ def python_exe():
     return venv if os.access(venv, os.X_OK) else (shutil.which("python3") or "python3")
 
 
+def config_path(shape):
+    """configs/models/<shape>.json, or `shape` itself when it names a .json file."""
+    return shape if shape.endswith(".json") else os.path.join(ROOT, "configs", "models", shape + ".json")
+
+
 def model_config(shape):
     """configs/models/<shape>.json as a dict, or the JSON file `shape` names."""
-    path = shape if shape.endswith(".json") else os.path.join(ROOT, "configs", "models", shape + ".json")
-    with open(path) as f:
+    with open(config_path(shape)) as f:
         return json.load(f)
+
+
+# Bookkeeping keys of a saved config.json that are not LlamaConfig arguments.
+HF_CONFIG_DROP_KEYS = ("_name_or_path", "architectures", "transformers_version", "torch_dtype", "dtype")
+
+
+def hf_config_dict(path):
+    """The config.json at `path` as keyword arguments for transformers.LlamaConfig (without
+    HF_CONFIG_DROP_KEYS)."""
+    with open(path) as f:
+        d = json.load(f)
+    for k in HF_CONFIG_DROP_KEYS:
+        d.pop(k, None)
+    return d
+
+
+def ferry_cmd(tool_path, model, device, offload, dtype, sets=None, overrides=(), seed=None, dry_run=False,
+              plan_json=None, extra=()):
+    """A ferry-train or ferry-infer command line (the flags both take): model, placement and dtype,
+    then `sets` (a dict, in its order) and `overrides` ("KEY=VALUE" strings, e.g. a script's
+    --ferry-set; last, so they win) as --set, then --plan-json FILE (ferry-train) and `extra`
+    (the tool's own flags, e.g. ferry-infer's --job)."""
+    cmd = [tool_path, "--model-config", model, "--offload", offload, "--" + dtype, "--device", device]
+    if seed is not None:
+        cmd += ["--seed", str(seed)]
+    if dry_run:
+        cmd.append("--dry-run")
+    for k, v in (sets or {}).items():
+        cmd += ["--set", "%s=%s" % (k, v)]
+    for kv in overrides:
+        cmd += ["--set", kv]
+    if plan_json:
+        cmd += ["--plan-json", plan_json]
+    return cmd + list(extra)
+
+
+def train_run_sets(steps, seq, batch, data, output_dir):
+    """The --set keys of a measured training run: `steps` steps of batch x seq tokens from `data`,
+    metrics.jsonl in `output_dir`, no final checkpoint, no TensorBoard."""
+    return dict(steps=steps, max_length=seq, batch_size=batch, data=data, output_dir=output_dir,
+                save_final="false", tensorboard="false")
 
 
 def llama_params(c):
@@ -97,6 +144,36 @@ def run(cmd, timeout, log_path=None, env=None):
     return res
 
 
+def run_measured(cmd, log_path, timeout):
+    """Runs cmd with stdout and stderr to log_path (after a "$ cmd" line), killed after `timeout`
+    seconds. Returns dict(rc, host_peak: the child's peak RSS in bytes from wait4, seconds,
+    timed_out); rc is -9 for a killed child, 127 when cmd cannot start. Never raises for a failing
+    command."""
+    t0 = time.time()
+    with open(log_path, "w") as f:
+        f.write("$ " + " ".join(cmd) + "\n")
+        f.flush()
+        try:
+            p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
+        except OSError as e:
+            f.write(str(e) + "\n")
+            return dict(rc=127, host_peak=0, seconds=time.time() - t0, timed_out=False)
+        killed = threading.Event()
+        timer = threading.Timer(timeout, lambda: (killed.set(), p.kill()))
+        timer.start()
+        _, status, ru = os.wait4(p.pid, 0)
+        timer.cancel()
+    return dict(rc=os.waitstatus_to_exitcode(status), host_peak=ru.ru_maxrss * 1024, seconds=time.time() - t0,
+                timed_out=killed.is_set())
+
+
+def last_line(path, limit=300):
+    """The last non-empty line of a log file (at most `limit` characters), or "no output"."""
+    with open(path, errors="replace") as f:
+        lines = [l.strip() for l in f if l.strip()]
+    return lines[-1][:limit] if lines else "no output"
+
+
 def failure_reason(res, what=""):
     """One line saying why a run failed: timeout, or the last non-empty output line."""
     if res["timed_out"]:
@@ -115,6 +192,25 @@ def read_metrics(path):
                 if line:
                     rows.append(json.loads(line))
     return rows
+
+
+def fresh_output(path):
+    """Removes a previous run's `path` (a JSON file a tool is about to write), so that a run that
+    fails leaves none to be read; returns path."""
+    if os.path.exists(path):
+        os.remove(path)
+    return path
+
+
+def read_json(path, default=None):
+    """The JSON file at path, or `default` when it is missing or not JSON (a failed run writes
+    none): peers' and bounds' --json, ferry-infer's --metrics-json (keys in src/infer/runner.h),
+    ferry-bench-infer's --json (src/infer/bench_main.cpp)."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return default
 
 
 def median(xs):

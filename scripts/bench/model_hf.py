@@ -27,6 +27,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import ferrylib as fl  # noqa: E402
+import peer_common as pc  # noqa: E402
 
 
 def parse_args():
@@ -47,20 +48,10 @@ def parse_args():
     return a
 
 
-def config_path(shape):
-    return shape if shape.endswith(".json") else os.path.join(fl.ROOT, "configs", "models", shape + ".json")
-
-
 def build_model(shape, attn, dtype, device, seed):
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-    with open(config_path(shape)) as f:
-        d = json.load(f)
-    for k in ("_name_or_path", "architectures", "transformers_version", "torch_dtype", "dtype"):
-        d.pop(k, None)
-    d["use_cache"] = False
-    cfg = LlamaConfig(**d)
-    cfg._attn_implementation = attn
+    from transformers import LlamaForCausalLM
+    cfg = pc.hf_config(fl.config_path(shape), attn)
     torch.manual_seed(seed)
     with torch.device(device):
         model = LlamaForCausalLM(cfg)

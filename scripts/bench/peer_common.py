@@ -14,6 +14,8 @@ import sys
 import time
 import traceback
 
+import ferrylib as fl
+
 
 def parse_args(desc):
     ap = argparse.ArgumentParser(description=desc)
@@ -37,15 +39,13 @@ def write(path, obj):
         json.dump(obj, f, indent=1)
 
 
-def hf_config(path):
+def hf_config(path, attn="sdpa"):
+    """The config.json at `path` as a LlamaConfig without KV cache, with attention `attn`."""
     from transformers import LlamaConfig
-    with open(path) as f:
-        d = json.load(f)
-    for k in ("_name_or_path", "architectures", "transformers_version", "torch_dtype", "dtype"):
-        d.pop(k, None)
+    d = fl.hf_config_dict(path)
     d["use_cache"] = False
     cfg = LlamaConfig(**d)
-    cfg._attn_implementation = "sdpa"
+    cfg._attn_implementation = attn
     return cfg
 
 

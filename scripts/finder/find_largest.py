@@ -16,9 +16,7 @@ import datetime
 import json
 import os
 import shutil
-import subprocess
 import sys
-import threading
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
 import ferrylib as fl  # noqa: E402
@@ -77,7 +75,7 @@ def family(kind, seq):
         head_dim, vocab, step, lo, hi = 32, template["vocab_size"], 128, 256, 512
         anchors = SMALL_ANCHORS
     for n in names:
-        p = os.path.join(fl.ROOT, "configs", "models", n + ".json")
+        p = fl.config_path(n)
         if os.path.exists(p):
             shapes.append((n, fl.model_config(n), p))
     for h in range(lo, hi + 1, step):
@@ -93,10 +91,8 @@ def family(kind, seq):
 
 def plan(train, name, cfg_path, a, dev, out):
     j = os.path.join(out, "plans", name + ".json")
-    cmd = [train, "--model-config", cfg_path, "--dry-run", "--plan-json", j, "--device", dev, "--offload", a.offload,
-           "--" + a.dtype, "--set", "max_length=%d" % a.seq, "--set", "batch_size=%d" % a.batch]
-    for kv in a.ferry_set:
-        cmd += ["--set", kv]
+    cmd = fl.ferry_cmd(train, cfg_path, dev, a.offload, a.dtype, dict(max_length=a.seq, batch_size=a.batch),
+                             a.ferry_set, dry_run=True, plan_json=j)
     res = fl.run(cmd, 120)
     if res["rc"] != 0 or not os.path.exists(j):
         raise SystemExit("find_largest_model: ferry-train --plan-json failed for %s: %s" % (
@@ -130,33 +126,19 @@ def run_verify(train, name, cfg_path, a, dev, lim, tokfile, out):
     d = os.path.join(out, "verify", name)
     shutil.rmtree(d, ignore_errors=True)
     os.makedirs(d)
-    cmd = [train, "--model-config", cfg_path, "--device", dev, "--offload", a.offload, "--" + a.dtype,
-           "--set", "steps=%d" % a.steps, "--set", "max_length=%d" % a.seq, "--set", "batch_size=%d" % a.batch,
-           "--set", "data=" + tokfile, "--set", "output_dir=" + d, "--set", "save_final=false",
-           "--set", "tensorboard=false"]
+    sets = fl.train_run_sets(a.steps, a.seq, a.batch, tokfile, d)
     if dev == "cuda":
-        cmd += ["--set", "gpu_mem_limit_gib=%.4f" % (lim["gpu"] / fl.GIB)]
-    for kv in a.ferry_set:
-        cmd += ["--set", kv]
+        sets["gpu_mem_limit_gib"] = "%.4f" % (lim["gpu"] / fl.GIB)
+    cmd = fl.ferry_cmd(train, cfg_path, dev, a.offload, a.dtype, sets, a.ferry_set)
     log = os.path.join(d, "log.txt")
-    with open(log, "w") as f:
-        f.write("$ " + " ".join(cmd) + "\n")
-        f.flush()
-        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
-        timer = threading.Timer(a.timeout, p.kill)
-        timer.start()
-        _, status, ru = os.wait4(p.pid, 0)
-        timer.cancel()
-        p.returncode = os.waitstatus_to_exitcode(status)
+    res = fl.run_measured(cmd, log, a.timeout)
     rows = fl.read_metrics(os.path.join(d, "metrics.jsonl"))
-    r = dict(rc=p.returncode, host_peak=ru.ru_maxrss * 1024, command=" ".join(cmd), log=log)
+    r = dict(rc=res["rc"], host_peak=res["host_peak"], command=" ".join(cmd), log=log)
     if rows:
         s = fl.summarize_steps(rows, 1)
         r.update(step_ms=s["step_ms"], gpu_alloc=s["gpu_alloc_peak"], gpu_reserved=s["gpu_reserved_peak"])
-    if p.returncode != 0 or not rows:
-        with open(log) as f:
-            lines = [l.strip() for l in f if l.strip()]
-        r["error"] = "exit %d: %s" % (p.returncode, lines[-1][:200] if lines else "no output")
+    if res["rc"] != 0 or not rows:
+        r["error"] = "exit %d: %s" % (res["rc"], fl.last_line(log, 200))
     return r
 
 

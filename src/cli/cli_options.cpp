@@ -6,6 +6,7 @@
 
 #include "ferry_version.h"
 #include "src/common/error.h"
+#include "src/io/atomic_file.h"
 
 namespace ferry::cli {
 namespace po = boost::program_options;
@@ -60,6 +61,10 @@ cli_request parse_cli(int argc, char** argv, tool which) {
   if (which == tool::tool_train)
     desc.add_options()("plan-json", po::value<std::string>(),
                        "write the memory plan (bytes) as JSON to FILE; with --dry-run, nothing else runs");
+  if (which == tool::tool_infer)
+    desc.add_options()("metrics-json", po::value<std::string>(),
+                       "when the jobs are done, write their figures (loss, tokens, tokens/s, times, peak GPU "
+                       "bytes) as JSON to FILE");
   for (const auto& f : kFlags) {
     if (!applies(f, which)) continue;
     if (f.fixed) desc.add_options()(f.flag, f.help);
@@ -101,6 +106,10 @@ cli_request parse_cli(int argc, char** argv, tool which) {
     if (which == tool::tool_infer && vm.count("model") && !req.cfg.is_explicit("init")) req.cfg.init = vm["model"].as<std::string>();
     req.dry_run = vm.count("dry-run") > 0;
     if (vm.count("plan-json")) req.plan_json = vm["plan-json"].as<std::string>();
+    if (vm.count("metrics-json")) {
+      req.metrics_json = vm["metrics-json"].as<std::string>();
+      io::check_output_path("--metrics-json", req.metrics_json);
+    }
     return req;
   } catch (const po::error& e) {
     throw config_error(std::string(e.what()) + " (see " + prog + " --help)");

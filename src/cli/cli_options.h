@@ -14,6 +14,7 @@ struct cli_request {
   io::run_config cfg;
   bool dry_run = false;
   std::string plan_json;  // --plan-json FILE: the memory plan as JSON (ferry-train), "" = none
+  std::string metrics_json;  // --metrics-json FILE: the run's figures as JSON (ferry-infer), "" = none
   bool exit_now = false;  // --help / --version handled
 };
 

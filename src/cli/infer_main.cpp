@@ -27,7 +27,7 @@ int infer_main(int argc, char** argv) {
   const bool evaluates = req.cfg.job == "evaluate" || req.cfg.job == "both";
   io::data_options data;
   if (evaluates) data = cli::data_options_for(req.cfg, mc);
-  return infer::run_inference(req.cfg, mc, eo, evaluates ? &data : nullptr);
+  return infer::run_inference(req.cfg, mc, eo, evaluates ? &data : nullptr, req.metrics_json);
 }
 }  // namespace
 

@@ -7,7 +7,10 @@
 //   ferry-bench-infer [--model-config debug] [--model DIR] [--dtype fp16] [--device auto|cuda|cpu]
 //                     [--modes none,blocked,overlapped] [--seqs 512,4096] [--batches 1,8,64]
 //                     [--prompt-len 128] [--new-tokens 64] [--reps 3] [--prefetch 2]
-//                     [--ce-chunk 512] [--chunk-rows 1024]
+//                     [--ce-chunk 512] [--chunk-rows 1024] [--json FILE]
+// --json FILE also writes the rows for scripts: {"device", "h2d_bytes_per_s", "forward": [{mode, seq,
+// ms, peak, plan, error}], "generate": [{mode, batch, tokens_per_s, decode_tokens_per_s,
+// bound_tokens_per_s, peak, plan, kv_cache_bytes, error}]} (bytes; error "" for a row that ran).
 // scripts/bench.sh runs it on the GPU machine; BENCHMARKS.md records the table.
 #include <ATen/ATen.h>
 
@@ -16,6 +19,7 @@
 #include <cstdio>
 #include <cstring>
 #include <map>
+#include <nlohmann/json.hpp>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -24,6 +28,7 @@
 #include "src/engine/engine.h"
 #include "src/infer/generate.h"
 #include "src/infer/kv_cache.h"
+#include "src/io/atomic_file.h"
 #include "src/io/hf_config.h"
 #include "src/model/block.h"
 #include "src/checkpoint/checkpoint.h"
@@ -65,7 +70,7 @@ double measure_h2d(engine::engine& e) {
 }
 
 struct args {
-  std::string model = "debug", weights, dtype, device = "auto", modes = "none,blocked,overlapped";
+  std::string model = "debug", weights, dtype, device = "auto", modes = "none,blocked,overlapped", json;
   std::vector<int64_t> seqs{512, 4096}, batches{1, 8, 64};
   int64_t prompt_len = 128, new_tokens = 64, reps = 3, prefetch = 2;
   int64_t ce_chunk = 512;     // logit rows per loss chunk (ferry-infer's default)
@@ -75,7 +80,7 @@ struct args {
 args parse(int argc, char** argv) {
   args a;
   std::map<std::string, std::string*> str{{"--model-config", &a.model}, {"--model", &a.weights}, {"--dtype", &a.dtype},
-                                          {"--device", &a.device}, {"--modes", &a.modes}};
+                                          {"--device", &a.device}, {"--modes", &a.modes}, {"--json", &a.json}};
   std::map<std::string, int64_t*> num{{"--prompt-len", &a.prompt_len}, {"--new-tokens", &a.new_tokens},
                                       {"--reps", &a.reps}, {"--prefetch", &a.prefetch},
                                       {"--ce-chunk", &a.ce_chunk}, {"--chunk-rows", &a.chunk_rows}};
@@ -85,7 +90,7 @@ args parse(int argc, char** argv) {
       std::printf("usage: ferry-bench-infer [--model-config NAME] [--model DIR] [--dtype fp16|bf16|fp32] "
                   "[--device auto|cuda|cpu] [--modes none,blocked,overlapped] [--seqs 512,4096] [--batches 1,8,64] "
                   "[--prompt-len 128] [--new-tokens 64] [--reps 3] [--prefetch 2] [--ce-chunk 512] "
-                  "[--chunk-rows 1024]\n");
+                  "[--chunk-rows 1024] [--json FILE]\n");
       std::exit(0);
     }
     FERRY_CONFIG_CHECK(i + 1 < argc, k, " needs a value (see --help)");
@@ -96,6 +101,7 @@ args parse(int argc, char** argv) {
     else if (k == "--batches") a.batches = split_ints(v);
     else FERRY_CONFIG_CHECK(false, "unknown flag ", k, " (see --help)");
   }
+  if (!a.json.empty()) io::check_output_path("--json", a.json);
   return a;
 }
 
@@ -234,6 +240,18 @@ int bench_main(int argc, char** argv) {
     else
       std::printf("| %s | %lld | %.1f | %.1f | %.1f | %.3f | %.3f | %.3f |\n", r.mode.c_str(), (long long)r.batch,
                   r.tok_s, r.decode_tok_s, r.bound, gib(r.peak), gib(r.plan), gib(r.kv));
+  }
+  if (!a.json.empty()) {
+    nlohmann::json j = {{"device", device_name}, {"h2d_bytes_per_s", bw}, {"forward", nlohmann::json::array()},
+                        {"generate", nlohmann::json::array()}};
+    for (const auto& r : fwd)
+      j["forward"].push_back({{"mode", r.mode}, {"seq", r.seq}, {"ms", r.ms}, {"peak", r.peak}, {"plan", r.plan},
+                              {"error", r.err}});
+    for (const auto& r : gen)
+      j["generate"].push_back({{"mode", r.mode}, {"batch", r.batch}, {"tokens_per_s", r.tok_s},
+                               {"decode_tokens_per_s", r.decode_tok_s}, {"bound_tokens_per_s", r.bound},
+                               {"peak", r.peak}, {"plan", r.plan}, {"kv_cache_bytes", r.kv}, {"error", r.err}});
+    io::write_file_atomic(a.json, j.dump(1) + "\n");
   }
   return 0;
 }

@@ -6,12 +6,14 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <nlohmann/json.hpp>
 
 #include "src/common/error.h"
 #include "src/engine/engine.h"
 #include "src/infer/evaluate.h"
 #include "src/infer/generate.h"
 #include "src/checkpoint/checkpoint.h"
+#include "src/io/atomic_file.h"
 
 namespace ferry::infer {
 namespace fs = std::filesystem;
@@ -36,15 +38,24 @@ void print_eval(const eval_result& r, int64_t seq_len) {
   std::printf("\n");
 }
 
-int run_generate(engine::engine& e, const io::run_config& cfg, const io::tokenizer& tok) {
+// The generate job summed over its batches (kv_cache_bytes and gpu_alloc_peak: the largest batch's).
+struct generate_totals {
+  int64_t prompts = 0, prompt_tokens = 0, new_tokens = 0, steps = 0;
+  double prefill_ms = 0, decode_ms = 0;
+  int64_t kv_cache_bytes = 0, gpu_alloc_peak = 0;
+  double ms() const { return prefill_ms + decode_ms; }
+  double tokens_per_s() const { return ms() > 0 ? double(new_tokens) / (ms() / 1e3) : 0.0; }
+};
+
+generate_totals run_generate(engine::engine& e, const io::run_config& cfg, const io::tokenizer& tok) {
   std::vector<std::string> texts;
   std::vector<std::vector<int64_t>> prompts = load_prompts(cfg, tok, &texts);
   generate_options g;
   g.eos_id = e.config().eos_token_id;
   g.sampling = {cfg.temperature, cfg.top_k, cfg.top_p, cfg.seed};
   const int64_t n = int64_t(prompts.size()), B = cfg.batch_size;
-  int64_t new_tokens = 0;
-  double ms = 0;
+  generate_totals sum;
+  sum.prompts = n;
   std::printf("generate: %lld prompt(s), batch %lld, %s, up to %lld new tokens\n", (long long)n, (long long)B,
               cfg.temperature > 0 ? "sampling" : "greedy", (long long)cfg.max_new_tokens);
   for (int64_t first = 0; first < n; first += B) {
@@ -72,12 +83,55 @@ int run_generate(engine::engine& e, const io::run_config& cfg, const io::tokeniz
                 r.tokens_per_s(), double(r.kv_cache_bytes) / double(1 << 20));
     if (r.gpu_alloc_peak > 0) std::printf(", peak GPU %.2f GiB", gib(r.gpu_alloc_peak));
     std::printf("\n");
-    new_tokens += r.new_tokens;
-    ms += r.prefill_ms + r.decode_ms;
+    sum.prompt_tokens += r.prompt_tokens;
+    sum.new_tokens += r.new_tokens;
+    sum.steps += r.steps;
+    sum.prefill_ms += r.prefill_ms;
+    sum.decode_ms += r.decode_ms;
+    sum.kv_cache_bytes = std::max(sum.kv_cache_bytes, r.kv_cache_bytes);
+    sum.gpu_alloc_peak = std::max(sum.gpu_alloc_peak, r.gpu_alloc_peak);
   }
-  std::printf("generate: %lld new tokens in %.2f s: %.1f tok/s\n", (long long)new_tokens, ms / 1e3,
-              ms > 0 ? double(new_tokens) / (ms / 1e3) : 0.0);
-  return 0;
+  std::printf("generate: %lld new tokens in %.2f s: %.1f tok/s\n", (long long)sum.new_tokens, sum.ms() / 1e3,
+              sum.tokens_per_s());
+  return sum;
+}
+
+// --metrics-json: one object with the run's figures, the counterpart of ferry-train's metrics.jsonl
+// (same key names where they mean the same); "evaluate" / "generate" only for the jobs that ran.
+void write_metrics_json(const std::string& path, const io::run_config& cfg, const model::llama_config& mc,
+                        engine::engine& e, const eval_result* ev, int64_t eval_seq_len, const generate_totals* gen) {
+  nlohmann::json j;
+  j["model"] = mc.name;
+  j["params"] = mc.total_params();
+  j["offload"] = cfg.offload;
+  j["dtype"] = cfg.dtype;
+  j["device"] = e.device().name();
+  j["job"] = cfg.job;
+  j["batch_size"] = cfg.batch_size;
+  if (ev) {
+    j["evaluate"] = {{"sequences", ev->sequences},
+                     {"seq_len", eval_seq_len},
+                     {"tokens", ev->tokens},
+                     {"loss", ev->loss},
+                     {"perplexity", ev->perplexity},
+                     {"ms", ev->ms},
+                     {"tokens_per_s", ev->tokens_per_s()},
+                     {"gpu_alloc_peak", ev->gpu_alloc_peak},
+                     {"from_train_split", ev->from_train_split}};
+  }
+  if (gen) {
+    j["generate"] = {{"prompts", gen->prompts},
+                     {"max_new_tokens", cfg.max_new_tokens},
+                     {"prompt_tokens", gen->prompt_tokens},
+                     {"new_tokens", gen->new_tokens},
+                     {"steps", gen->steps},
+                     {"prefill_ms", gen->prefill_ms},
+                     {"decode_ms", gen->decode_ms},
+                     {"tokens_per_s", gen->tokens_per_s()},
+                     {"kv_cache_bytes", gen->kv_cache_bytes},
+                     {"gpu_alloc_peak", gen->gpu_alloc_peak}};
+  }
+  io::write_file_atomic(path, j.dump(1) + "\n");
 }
 }  // namespace
 
@@ -132,7 +186,7 @@ std::vector<std::vector<int64_t>> load_prompts(const io::run_config& cfg, const 
 }
 
 int run_inference(const io::run_config& cfg, const model::llama_config& mc, const engine::engine_options& eo,
-                  const io::data_options* data) {
+                  const io::data_options* data, const std::string& metrics_json) {
   const bool do_eval = cfg.job == "evaluate" || cfg.job == "both";
   const bool do_gen = cfg.job == "generate" || cfg.job == "both";
   const std::string tok_spec = resolve_tokenizer(cfg, mc);
@@ -157,14 +211,21 @@ int run_inference(const io::run_config& cfg, const model::llama_config& mc, cons
   }
   e.params_changed();
 
+  eval_result ev;
+  int64_t eval_seq_len = 0;
   if (do_eval) {
     FERRY_ASSERT(data != nullptr, "evaluate job without data options");
     io::data_options d = *data;
     d.tokenizer = tok_spec;
     io::token_dataset ds = io::token_dataset::open(d);
-    print_eval(evaluate(e, ds, cfg.eval_batches, cfg.batch_size), ds.seq_len());
+    ev = evaluate(e, ds, cfg.eval_batches, cfg.batch_size);
+    eval_seq_len = ds.seq_len();
+    print_eval(ev, eval_seq_len);
   }
-  if (do_gen) return run_generate(e, cfg, *tok);
+  generate_totals gen;
+  if (do_gen) gen = run_generate(e, cfg, *tok);
+  if (!metrics_json.empty())
+    write_metrics_json(metrics_json, cfg, mc, e, do_eval ? &ev : nullptr, eval_seq_len, do_gen ? &gen : nullptr);
   return 0;
 }
 

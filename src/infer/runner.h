@@ -1,6 +1,7 @@
 #pragma once
 // ferry-infer's body once the command line is resolved: tokenizer, engine, weights, then the
-// evaluate and/or generate job, printing results and throughput to stdout.
+// evaluate and/or generate job, printing results and throughput to stdout (and, with
+// --metrics-json, the same figures as JSON for scripts).
 #include <memory>
 #include <string>
 #include <vector>
@@ -25,8 +26,15 @@ std::vector<std::vector<int64_t>> load_prompts(const io::run_config& cfg, const 
                                                std::vector<std::string>* texts);
 
 // data may be null when the job does not evaluate. The engine is built forward_only (an inference
-// engine) whatever eo says. Returns the process exit code.
+// engine) whatever eo says. metrics_json: "" or a file that receives one JSON object once the jobs
+// are done (written to a temporary name, then renamed): model, params, offload, dtype, device,
+// job, batch_size, and per job that ran
+//   "evaluate": sequences, seq_len, tokens (targets), loss, perplexity, ms, tokens_per_s, gpu_alloc_peak,
+//               from_train_split;
+//   "generate": prompts, max_new_tokens (asked per prompt), prompt_tokens, new_tokens (summed over rows,
+//               each up to its EOS), steps, prefill_ms, decode_ms, tokens_per_s, kv_cache_bytes, gpu_alloc_peak
+// (gpu_alloc_peak is 0 on the host backend). Returns the process exit code.
 int run_inference(const io::run_config& cfg, const model::llama_config& mc, const engine::engine_options& eo,
-                  const io::data_options* data);
+                  const io::data_options* data, const std::string& metrics_json);
 
 }  // namespace ferry::infer

@@ -64,6 +64,15 @@ void write_file_atomic(const std::string& path, const std::string& contents) {
   f.commit();
 }
 
+void check_output_path(const std::string& flag, const std::string& path) {
+  struct stat st {};
+  FERRY_CONFIG_CHECK(!path.empty() && !(::stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode)), flag,
+                     " needs a file name, got '", path, "'");
+  const std::string dir = parent_dir(path);
+  FERRY_CONFIG_CHECK(::stat(dir.c_str(), &st) == 0 && S_ISDIR(st.st_mode), "cannot write ", flag, " ", path,
+                     ": directory ", dir, " does not exist; create it or give another path");
+}
+
 std::string read_file(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   FERRY_CHECK(in.good(), "cannot read ", path, ": ", std::strerror(errno));

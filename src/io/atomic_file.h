@@ -28,6 +28,10 @@ class atomic_file {
 };
 
 void write_file_atomic(const std::string& path, const std::string& contents);
+// For a flag naming an output file (--metrics-json FILE): throws config_error naming the flag when
+// the path is empty or a directory or its directory does not exist, so that a bad path fails
+// before a long run rather than after it.
+void check_output_path(const std::string& flag, const std::string& path);
 std::string read_file(const std::string& path);  // throws ferry::error naming the path
 void fsync_directory(const std::string& dir);
 // Removes a file or a directory tree; a missing path is fine. (std::filesystem::remove_all is not

@@ -18,7 +18,6 @@ both implementations, and ferry's fp32 SwiGLU/RMSNorm rounding order differs fro
 """
 import argparse
 import copy
-import json
 import os
 import shutil
 import subprocess
@@ -29,6 +28,8 @@ SKIP = 77
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(ROOT, "scripts", "bench"))
+import ferrylib as fl  # noqa: E402
 
 try:
     import torch
@@ -66,10 +67,7 @@ def small_config(shape):
 
 def full_config(name, max_layers):
     """configs/models/<name>.json as a LlamaConfig (its own init range, eps and rope theta)."""
-    with open(os.path.join(ROOT, "configs", "models", name + ".json")) as f:
-        d = json.load(f)
-    for k in ("_name_or_path", "architectures", "transformers_version", "torch_dtype", "dtype"):
-        d.pop(k, None)
+    d = fl.hf_config_dict(fl.config_path(name))
     if max_layers:
         d["num_hidden_layers"] = min(d["num_hidden_layers"], max_layers)
     d["use_cache"] = False
