@@ -138,11 +138,11 @@ adamw::~adamw() = default;
 
 int adamw::num_threads() const { return impl_->threads; }
 
-grad_stats adamw::stats(const void* grad, dtype grad_dtype, size_t n, float grad_mult) {
+grad_stats adamw::stats(const void* grad, dtype grad_dtype, size_t n, float grad_mult, const float* grad_acc) {
   FERRY_ASSERT(n == 0 || grad, "adamw stats of a null gradient");
   const detail::kernel_table k = detail::kernels();
   return sum_stats(run_blocks(&impl_->arena, impl_->threads, n, tuning_.block_size, [&](size_t b, size_t e) {
-    return k.stats(grad, grad_dtype, b, e, grad_mult);
+    return k.stats(grad, grad_dtype, grad_acc, b, e, grad_mult);
   }));
 }
 
@@ -150,7 +150,7 @@ float adamw::max_abs(const chunk_ref& c) {
   const detail::kernel_table k = detail::kernels();
   float mx = 0;
   for (float x : run_blocks(&impl_->arena, impl_->threads, c.n, tuning_.block_size,
-                            [&](size_t b, size_t e) { return k.max_abs(c.grad, c.grad_dtype, b, e); })) {
+                            [&](size_t b, size_t e) { return k.max_abs(c.grad, c.grad_dtype, c.grad_acc, b, e); })) {
     mx = std::isnan(x) || std::isnan(mx) ? x + mx : std::max(mx, x);
   }
   return mx;
@@ -204,7 +204,7 @@ grad_stats adamw::step(const chunk_ref& c, const adamw_hparams& h, int64_t step,
   check_chunk(c);
   check_hparams(h, step);
   if (log) log->clear();
-  if (!all_finite(max_abs(c), grad_mult)) return stats(c.grad, c.grad_dtype, c.n, grad_mult);
+  if (!all_finite(max_abs(c), grad_mult)) return stats(c.grad, c.grad_dtype, c.n, grad_mult, c.grad_acc);
   return run(static_cast<int>(detail::op::op_step), c, h, step, grad_mult, grad_mult, log, nullptr);
 }
 
@@ -224,7 +224,7 @@ grad_stats adamw::redo(const chunk_ref& c, const adamw_hparams& h, int64_t step,
   if (!all_finite(mx, old_mult)) return this->step(c, h, step, new_mult);  // the first was refused
   if (!all_finite(mx, new_mult)) {
     run(static_cast<int>(detail::op::op_undo), c, h, step, old_mult, old_mult, nullptr, log);
-    return stats(c.grad, c.grad_dtype, c.n, new_mult);
+    return stats(c.grad, c.grad_dtype, c.n, new_mult, c.grad_acc);
   }
   return run(static_cast<int>(detail::op::op_redo), c, h, step, old_mult, new_mult, nullptr, log);
 }

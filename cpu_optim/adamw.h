@@ -42,6 +42,11 @@ struct grad_stats {
 // One contiguous chunk (e.g. one layer): param/m/v fp32 of n elements, updated in place; grad of
 // n elements in grad_dtype (read only); half_out of n elements in half_dtype (f16 or bf16), or
 // nullptr for no copy. half_out is written with non-temporal stores when it is 64-byte aligned.
+//
+// grad_acc (optional): the fp32 sum of earlier micro-batches' gradients. The gradient is then
+// grad_acc[i] + grad[i], added in fp32 with one rounding in the same pass that reads it (the last
+// micro-batch fused into the update): bit-identical to accumulate(grad, ..., grad_acc) followed by
+// the same call on the fp32 sum, without writing the sum. grad_acc is only read.
 struct chunk_ref {
   float* param;
   float* m;
@@ -51,6 +56,7 @@ struct chunk_ref {
   void* half_out;
   dtype half_dtype;
   size_t n;
+  const float* grad_acc = nullptr;
 };
 
 // What undo() cannot recover from the new moments alone. Inverting m' = b1 m + (1-b1) g and
@@ -97,7 +103,9 @@ class adamw {
   int num_threads() const;
   const adamw_tuning& tuning() const { return tuning_; }
 
-  grad_stats stats(const void* grad, dtype grad_dtype, size_t n, float grad_mult = 1.0f);
+  // Statistics of (grad_acc + grad) * grad_mult (grad_acc optional, as in chunk_ref).
+  grad_stats stats(const void* grad, dtype grad_dtype, size_t n, float grad_mult = 1.0f,
+                   const float* grad_acc = nullptr);
 
   // One AdamW step on one chunk, in place; `step` is 1-based (bias correction 1 - beta^step).
   // g = grad * grad_mult. PyTorch AdamW semantics:

@@ -156,8 +156,8 @@ HWY_NOINLINE void log_lanes(hn::Mask<df_t> ill, hn::Vec<df_t> m_old, hn::Vec<df_
 // p, m and v are lost (README.md "Precision and rollback tolerance"). With the step's log, lanes
 // restored to v < zero_ratio v' had m = v = 0 before (any other state that far below v' was
 // logged, and the front patches logged lanes after this).
-template <op O, class G, class H>
-HWY_INLINE void update_vec(const G* HWY_RESTRICT grad, float* HWY_RESTRICT p,
+template <op O, bool A, class G, class H>
+HWY_INLINE void update_vec(const G* HWY_RESTRICT grad, const float* HWY_RESTRICT gacc, float* HWY_RESTRICT p,
                            float* HWY_RESTRICT m, float* HWY_RESTRICT v, H* HWY_RESTRICT half_out,
                            const step_scalars& s, bool stream, sq_acc& acc, size_t offset,
                            std::vector<undo_entry>* log) {
@@ -166,7 +166,8 @@ HWY_INLINE void update_vec(const G* HWY_RESTRICT grad, float* HWY_RESTRICT p,
   const auto b2 = hn::Set(df, s.beta2), c2 = hn::Set(df, s.one_minus_beta2);
   const auto decay = hn::Set(df, s.decay), step_size = hn::Set(df, s.step_size);
   const auto inv_sqrt_bc2 = hn::Set(df, s.inv_sqrt_bc2), eps = hn::Set(df, s.eps);
-  const auto gr = load_f32(grad);
+  auto gr = load_f32(grad);
+  if constexpr (A) gr = hn::Add(hn::LoadU(df, gacc), gr);   // accumulate()'s order and rounding
   auto P = hn::LoadU(df, p), M = hn::LoadU(df, m), V = hn::LoadU(df, v);
   if constexpr (O != op::op_step) {
     const auto g = hn::Mul(gr, hn::Set(df, s.mult));
@@ -205,33 +206,35 @@ HWY_INLINE void update_vec(const G* HWY_RESTRICT grad, float* HWY_RESTRICT p,
   if constexpr (!std::is_same_v<H, no_half>) store_from_f32(P, half_out, stream);
 }
 
-template <op O, class G, class H>
+template <op O, bool A, class G, class H>
 grad_stats update_range(const chunk_ref& c, const step_scalars& s, size_t begin, size_t end,
                         std::vector<undo_entry>* log) {
   sq_acc acc;
   const size_t N = hn::Lanes(df_t());
   const G* grad = static_cast<const G*>(c.grad);
+  const float* gacc = c.grad_acc;
   H* half_out = nullptr;
   if constexpr (!std::is_same_v<H, no_half>) half_out = static_cast<H*>(c.half_out);
   size_t i = begin;
   for (; i + N <= end; i += N) {
-    update_vec<O>(grad + i, c.param + i, c.m + i, c.v + i, half_out ? half_out + i : nullptr, s,
-                  s.stream_half, acc, i - begin, log);
+    update_vec<O, A>(grad + i, A ? gacc + i : nullptr, c.param + i, c.m + i, c.v + i,
+                     half_out ? half_out + i : nullptr, s, s.stream_half, acc, i - begin, log);
   }
   if (s.stream_half && half_out) hwy::FlushStream();  // order the weakly-ordered stores
   if (i == end) return grad_stats{acc.sum(), 0};
   // Tail: the same vector body on zero-padded stack copies (zeros stay finite through it, and
   // a zero m, v is never logged).
   const size_t r = end - i;
-  HWY_ALIGN_MAX float tp[k_max_lanes] = {}, tm[k_max_lanes] = {}, tv[k_max_lanes] = {};
+  HWY_ALIGN_MAX float tp[k_max_lanes] = {}, tm[k_max_lanes] = {}, tv[k_max_lanes] = {}, ta[k_max_lanes] = {};
   HWY_ALIGN_MAX G tg[k_max_lanes] = {};
   HWY_ALIGN_MAX std::conditional_t<std::is_same_v<H, no_half>, uint16_t, H> th[k_max_lanes] = {};
   std::memcpy(tp, c.param + i, r * 4);
   std::memcpy(tm, c.m + i, r * 4);
   std::memcpy(tv, c.v + i, r * 4);
   std::memcpy(tg, grad + i, r * sizeof(G));
-  update_vec<O>(tg, tp, tm, tv, std::is_same_v<H, no_half> ? nullptr : reinterpret_cast<H*>(th), s,
-                false, acc, i - begin, log);
+  if constexpr (A) std::memcpy(ta, gacc + i, r * 4);
+  update_vec<O, A>(tg, ta, tp, tm, tv, std::is_same_v<H, no_half> ? nullptr : reinterpret_cast<H*>(th), s,
+                   false, acc, i - begin, log);
   std::memcpy(c.param + i, tp, r * 4);
   std::memcpy(c.m + i, tm, r * 4);
   std::memcpy(c.v + i, tv, r * 4);
@@ -239,12 +242,18 @@ grad_stats update_range(const chunk_ref& c, const step_scalars& s, size_t begin,
   return grad_stats{acc.sum(), 0};
 }
 
+template <op O, bool A, class G>
+grad_stats update_h(const chunk_ref& c, const step_scalars& s, size_t b, size_t e,
+                    std::vector<undo_entry>* log) {
+  if (c.half_out == nullptr) return update_range<O, A, G, no_half>(c, s, b, e, log);
+  if (c.half_dtype == dtype::dtype_f16) return update_range<O, A, G, hwy::float16_t>(c, s, b, e, log);
+  return update_range<O, A, G, hwy::bfloat16_t>(c, s, b, e, log);
+}
+
 template <op O, class G>
 grad_stats update_g(const chunk_ref& c, const step_scalars& s, size_t b, size_t e,
                     std::vector<undo_entry>* log) {
-  if (c.half_out == nullptr) return update_range<O, G, no_half>(c, s, b, e, log);
-  if (c.half_dtype == dtype::dtype_f16) return update_range<O, G, hwy::float16_t>(c, s, b, e, log);
-  return update_range<O, G, hwy::bfloat16_t>(c, s, b, e, log);
+  return c.grad_acc ? update_h<O, true, G>(c, s, b, e, log) : update_h<O, false, G>(c, s, b, e, log);
 }
 
 template <op O>
@@ -270,22 +279,36 @@ grad_stats update(op o, const chunk_ref& c, const step_scalars& s, size_t b, siz
 
 // The non-finite count is only taken (scalar) when the block's sum is not finite, which any
 // inf/NaN element forces.
+// g = acc + grad (acc may be null), as the update reads it.
 template <class G>
-grad_stats stats_range(const G* grad, size_t begin, size_t end, float mult) {
+HWY_INLINE auto load_g(const G* grad, const float* acc) {
+  const auto g = load_f32(grad);
+  return acc ? hn::Add(hn::LoadU(df_t(), acc), g) : g;
+}
+
+template <class G>
+float scalar_g(const G* grad, const float* acc, size_t k) {
+  return acc ? acc[k] + scalar_to_f32(grad[k]) : scalar_to_f32(grad[k]);
+}
+
+template <class G>
+grad_stats stats_range(const G* grad, const float* gacc, size_t begin, size_t end, float mult) {
   const df_t df;
   const size_t N = hn::Lanes(df);
   const auto vmult = hn::Set(df, mult);
   sq_acc acc;
   size_t i = begin;
-  for (; i + N <= end; i += N) acc.add(hn::Mul(load_f32(grad + i), vmult));
+  for (; i + N <= end; i += N) acc.add(hn::Mul(load_g(grad + i, gacc ? gacc + i : nullptr), vmult));
   if (i < end) {
     HWY_ALIGN_MAX G tg[k_max_lanes] = {};
+    HWY_ALIGN_MAX float ta[k_max_lanes] = {};
     std::memcpy(tg, grad + i, (end - i) * sizeof(G));
-    acc.add(hn::Mul(load_f32(tg), vmult));
+    if (gacc) std::memcpy(ta, gacc + i, (end - i) * 4);
+    acc.add(hn::Mul(load_g(tg, gacc ? ta : nullptr), vmult));
   }
   grad_stats st{acc.sum(), 0};
   if (!std::isfinite(st.sum_sq)) {
-    for (size_t k = begin; k < end; ++k) st.nonfinite += !std::isfinite(scalar_to_f32(grad[k]) * mult);
+    for (size_t k = begin; k < end; ++k) st.nonfinite += !std::isfinite(scalar_g(grad, gacc, k) * mult);
   }
   return st;
 }
@@ -294,39 +317,42 @@ grad_stats stats_range(const G* grad, size_t begin, size_t end, float mult) {
 // values the bit patterns order like the values, and NaN orders above inf. One AND and one
 // integer MAX per vector, so the pre-scan runs at read bandwidth.
 template <class G>
-float max_abs_range(const G* grad, size_t begin, size_t end) {
+float max_abs_range(const G* grad, const float* gacc, size_t begin, size_t end) {
   const df_t df;
   const hn::RebindToSigned<df_t> di;
   const size_t N = hn::Lanes(df);
   const auto mask = hn::Set(di, 0x7FFFFFFF);
   auto mx = hn::Zero(di);
   size_t i = begin;
-  for (; i + N <= end; i += N) mx = hn::Max(mx, hn::And(hn::BitCast(di, load_f32(grad + i)), mask));
+  for (; i + N <= end; i += N)
+    mx = hn::Max(mx, hn::And(hn::BitCast(di, load_g(grad + i, gacc ? gacc + i : nullptr)), mask));
   if (i < end) {
     HWY_ALIGN_MAX G tg[k_max_lanes] = {};
+    HWY_ALIGN_MAX float ta[k_max_lanes] = {};
     std::memcpy(tg, grad + i, (end - i) * sizeof(G));
-    mx = hn::Max(mx, hn::And(hn::BitCast(di, load_f32(tg)), mask));
+    if (gacc) std::memcpy(ta, gacc + i, (end - i) * 4);
+    mx = hn::Max(mx, hn::And(hn::BitCast(di, load_g(tg, gacc ? ta : nullptr)), mask));
   }
   const int32_t bits = hn::GetLane(hn::MaxOfLanes(di, mx));
   return half::f32_from_bits(static_cast<uint32_t>(bits));
 }
 
-float max_abs(const void* grad, dtype t, size_t begin, size_t end) {
+float max_abs(const void* grad, dtype t, const float* acc, size_t begin, size_t end) {
   switch (t) {
-    case dtype::dtype_f32: return max_abs_range(static_cast<const float*>(grad), begin, end);
-    case dtype::dtype_f16: return max_abs_range(static_cast<const hwy::float16_t*>(grad), begin, end);
-    case dtype::dtype_bf16: return max_abs_range(static_cast<const hwy::bfloat16_t*>(grad), begin, end);
+    case dtype::dtype_f32: return max_abs_range(static_cast<const float*>(grad), acc, begin, end);
+    case dtype::dtype_f16: return max_abs_range(static_cast<const hwy::float16_t*>(grad), acc, begin, end);
+    case dtype::dtype_bf16: return max_abs_range(static_cast<const hwy::bfloat16_t*>(grad), acc, begin, end);
   }
   return 0;
 }
 
-grad_stats stats(const void* grad, dtype t, size_t begin, size_t end, float mult) {
+grad_stats stats(const void* grad, dtype t, const float* acc, size_t begin, size_t end, float mult) {
   switch (t) {
-    case dtype::dtype_f32: return stats_range(static_cast<const float*>(grad), begin, end, mult);
+    case dtype::dtype_f32: return stats_range(static_cast<const float*>(grad), acc, begin, end, mult);
     case dtype::dtype_f16:
-      return stats_range(static_cast<const hwy::float16_t*>(grad), begin, end, mult);
+      return stats_range(static_cast<const hwy::float16_t*>(grad), acc, begin, end, mult);
     case dtype::dtype_bf16:
-      return stats_range(static_cast<const hwy::bfloat16_t*>(grad), begin, end, mult);
+      return stats_range(static_cast<const hwy::bfloat16_t*>(grad), acc, begin, end, mult);
   }
   return {};
 }

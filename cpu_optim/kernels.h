@@ -30,12 +30,13 @@ enum class op { op_step, op_undo, op_redo };
 
 struct kernel_table {
   const char* target;
-  // Sum of squares and non-finite count of grad*mult over [begin, end).
-  grad_stats (*stats)(const void* grad, dtype grad_dtype, size_t begin, size_t end, float mult);
-  // max |grad| over [begin, end) (NaN when any element is NaN); grad*mult is all finite iff
+  // Sum of squares and non-finite count of g*mult over [begin, end), g = acc + grad (acc may be
+  // null: g = grad).
+  grad_stats (*stats)(const void* grad, dtype grad_dtype, const float* acc, size_t begin, size_t end, float mult);
+  // max |g| over [begin, end) (NaN when any element is NaN); g*mult is all finite iff
   // max_abs*|mult| is finite, since fp32 multiplication rounds monotonically.
-  float (*max_abs)(const void* grad, dtype grad_dtype, size_t begin, size_t end);
-  // One op over [begin, end); returns the sum of squares of the g it applied (step, redo: new g;
+  float (*max_abs)(const void* grad, dtype grad_dtype, const float* acc, size_t begin, size_t end);
+  // One op over [begin, end) (with c.grad_acc, on g = grad_acc + grad); returns the sum of squares of the g it applied (step, redo: new g;
   // undo: 0), accumulated exactly as stats() does, nonfinite 0. A step with s.log_ratio > 0
   // appends to `log` the old m, v of the elements undo cannot invert well (adamw.h, undo_log),
   // offsets relative to begin.

@@ -25,6 +25,7 @@ gradient_path::gradient_path(const model::llama_config& cfg, const engine_option
   auto dev_opts = at::TensorOptions().dtype(opt.dtype).device(dev.device());
   slot_of_.assign(size_t(store.num_units()), nullptr);
   accum_.assign(size_t(store.num_units()), nullptr);
+  fused_.assign(size_t(store.num_units()), 0);
   if (opt.mode == offload_mode::offload_none) {
     for (int64_t u = 0; u < store.num_units(); ++u) resident_.push_back(at::empty({store.unit(u).numel}, dev_opts));
     return;
@@ -40,7 +41,8 @@ gradient_path::~gradient_path() {
 }
 
 void gradient_path::begin_step(int64_t n_micro) {
-  if (resident() || n_micro <= 1) return;
+  accumulating_ = !resident() && n_micro > 1;
+  if (!accumulating_) return;
   // The embedding's gradient is fp32 on the host already and sums its micro-batches itself.
   for (int64_t u = 1; u < store_.num_units(); ++u)
     if (!accum_[size_t(u)]) {
@@ -60,8 +62,7 @@ at::Tensor gradient_path::target(int64_t u) {
 }
 
 host_grad gradient_path::host(int64_t u) const {
-  if (accum_[size_t(u)]) return {accum_[size_t(u)], cpu_optim::dtype::dtype_f32};
-  return {store_.grad(u), to_optim_dtype(store_.grad_dtype(u))};
+  return {store_.grad(u), to_optim_dtype(store_.grad_dtype(u)), fused_[size_t(u)] ? accum_[size_t(u)] : nullptr};
 }
 
 void gradient_path::queue(int64_t u, std::function<void()> fn, bool updates_weights) {
@@ -82,6 +83,9 @@ void gradient_path::send(int64_t u, bool first_micro, bool last_micro, std::func
   // The host gradient buffer may still be read by the previous micro-batch's accumulation (or a
   // previous step's update) on the update thread: the copy must not overwrite it before then.
   meter_.stall_ms += worker_.wait_unit_tasks(u);
+  // The last micro-batch is not added into the accumulator: the optimizer reads both.
+  float* acc = accumulating_ && !last_micro ? accum_[size_t(u)] : nullptr;
+  fused_[size_t(u)] = accumulating_ && last_micro && accum_[size_t(u)];
   event_ptr t0 = dev_.record(queue::queue_d2h, true);
   dev_.copy_d2h(store_.grad(u), s.buf, bytes);
   s.copied = dev_.record(queue::queue_d2h, true);
@@ -89,7 +93,6 @@ void gradient_path::send(int64_t u, bool first_micro, bool last_micro, std::func
   meter_.d2h_bytes += int64_t(bytes);
 
   event_ptr copied = s.copied;
-  float* acc = accum_[size_t(u)];
   queue(u,
         [this, u, copied, acc, first_micro, last_micro, task = std::move(task)] {
           copied->synchronize();

@@ -3,8 +3,9 @@
 //   offloaded (blocked, overlapped)  each unit's gradient is written into one of two block
 //       gradient slots (the head has its own), copied on the d2h queue into the unit's pinned
 //       host buffer, and then, on the update thread: added into the unit's fp32 accumulator when
-//       the step has several micro-batches (cpu_optim::accumulate), and on the last micro-batch
-//       the unit's host task (statistics, or a speculative update) runs. The embedding's input
+//       the step has several micro-batches (cpu_optim::accumulate), except the last one, which
+//       stays in the host buffer and is added by the optimizer as it reads the sum; on the last
+//       micro-batch the unit's host task (statistics, or a speculative update) runs. The embedding's input
 //       gradient is scattered into its fp32 gradient on the host the same way.
 //   resident (none)  every unit has its gradient buffer on the device; micro-batches accumulate
 //       in place (the backward's accumulate flag) and nothing moves.
@@ -24,10 +25,13 @@
 
 namespace ferry::engine {
 
-// The gradient the optimizer reads for a unit: the host buffer (or accumulator) and its dtype.
+// The gradient the optimizer reads for a unit: the host buffer and its dtype, plus (after several
+// micro-batches) the fp32 sum of the earlier ones, which the optimizer adds in the same pass
+// (cpu_optim::chunk_ref::grad_acc: the last micro-batch fused into the update).
 struct host_grad {
   void* data = nullptr;
   cpu_optim::dtype dtype = cpu_optim::dtype::dtype_f32;
+  const float* acc = nullptr;
 };
 
 cpu_optim::dtype to_optim_dtype(at::ScalarType t);
@@ -85,6 +89,10 @@ class gradient_path {
   size_t next_slot_ = 0;
   std::vector<slot*> slot_of_;            // per unit: the slot target() handed out this micro-batch
   std::vector<float*> accum_;             // per unit: fp32 gradient sums when grad_accum > 1
+  bool accumulating_ = false;             // this step has several micro-batches
+  // Per unit: its host gradient is the accumulator plus the last micro-batch in the host buffer.
+  // Written by the engine thread only after the unit's earlier host tasks have run.
+  std::vector<char> fused_;
   void* embed_out_ = nullptr;             // pinned staging of the embedding's input gradient
 };
 

@@ -33,6 +33,7 @@ cpu_optim::chunk_ref optimizer_path::chunk(int64_t u, const state_view& s) const
   c.v = s.exp_avg_sq;
   c.grad = g.data;
   c.grad_dtype = g.dtype;
+  c.grad_acc = g.acc;
   c.half_out = opt_.dtype == at::kFloat ? nullptr : store_.shadow(u);
   c.half_dtype = to_optim_dtype(opt_.dtype);
   c.n = size_t(s.n);
@@ -47,7 +48,7 @@ void optimizer_path::refresh_f32_shadow(int64_t u, const state_view& s) {
 
 cpu_optim::grad_stats optimizer_path::stats(int64_t u, double mult) {
   const host_grad g = grads_.host(u);
-  return adam_->stats(g.data, g.dtype, size_t(store_.unit(u).numel), float(mult));
+  return adam_->stats(g.data, g.dtype, size_t(store_.unit(u).numel), float(mult), g.acc);
 }
 
 cpu_optim::grad_stats optimizer_path::step(int64_t u, double mult, const cpu_optim::adamw_hparams& hp, int64_t step,

@@ -319,6 +319,73 @@ TEST_P(adamw_target, thread_counts_give_identical_bits) {
   }
 }
 
+// The last micro-batch fused into the update (chunk_ref::grad_acc): step, undo, redo, stats and
+// the non-finite pre-scan on grad_acc + grad are bit-identical to accumulating the last
+// micro-batch into the fp32 sum first and running the same call on that sum, which the tests above
+// hold to the double reference. Sums include inf/NaN (one element of acc + grad overflowing in
+// fp32 or an inf already in the sum, another NaN) so the refusal path is exercised too.
+TEST_P(adamw_target, fused_accumulator_equals_accumulate_then_update) {
+  const uint32_t seed = fresh_seed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937 rng(seed);
+  adamw opt(2);
+  const adamw_hparams h{1e-2f, 0.9f, 0.95f, 1e-8f, 0.1f};
+  for (size_t n : k_lengths) {
+    for (dtype gt : k_grad_dtypes) {
+      for (bool poison : {false, true}) {
+        SCOPED_TRACE("n " + std::to_string(n) + " grad " + dtype_name(gt) + (poison ? " non-finite" : ""));
+        std::vector<float> decoded;
+        std::vector<float> acc = normal(rng, n, 300.0f);  // earlier micro-batches' fp32 sum
+        const auto grad = encode(normal(rng, n, 300.0f), gt, &decoded);
+        if (poison) {
+          // f32 grads: 3e38 + 3e38 overflows in the sum itself; half grads cannot reach that
+          acc[n / 2] = gt == dtype::dtype_f32 ? 3.0e38f : std::numeric_limits<float>::infinity();
+          if (n > 2) acc[n - 1] = std::nanf("");
+        }
+        if (poison && gt == dtype::dtype_f32) {
+          float big = 3.0e38f;
+          std::memcpy(const_cast<uint8_t*>(grad.data()) + 4 * (n / 2), &big, 4);
+        }
+        std::vector<float> sum = acc;   // the unfused route: accumulate, then the fp32 sum
+        accumulate(grad.data(), gt, sum.data(), n, false);
+        std::vector<uint8_t> sum_bytes(n * 4);
+        std::memcpy(sum_bytes.data(), sum.data(), n * 4);
+        const state init = stepped_state(rng, n, dtype::dtype_f32, opt, h, 2);
+
+        const grad_stats sa = opt.stats(sum.data(), dtype::dtype_f32, n, 0.01f);
+        const grad_stats sb = opt.stats(grad.data(), gt, n, 0.01f, acc.data());
+        EXPECT_EQ(std::memcmp(&sa.sum_sq, &sb.sum_sq, sizeof(double)), 0) << sa.sum_sq << " vs " << sb.sum_sq;
+        EXPECT_EQ(sa.nonfinite, sb.nonfinite);
+        if (poison) EXPECT_GT(sb.nonfinite, 0);
+
+        state a = init, b = init;
+        undo_log la, lb;
+        auto fused = [&](state& s) {
+          chunk_ref c = make_chunk(s, grad, gt, dtype::dtype_bf16, true);
+          c.grad_acc = acc.data();
+          return c;
+        };
+        const grad_stats ta = opt.step(make_chunk(a, sum_bytes, dtype::dtype_f32, dtype::dtype_bf16, true), h, 3, 0.01f, &la);
+        const grad_stats tb = opt.step(fused(b), h, 3, 0.01f, &lb);
+        EXPECT_EQ(std::memcmp(&ta.sum_sq, &tb.sum_sq, sizeof(double)), 0);
+        EXPECT_EQ(ta.nonfinite, tb.nonfinite);
+        EXPECT_EQ(la.entries(), lb.entries());
+        EXPECT_TRUE(bits_equal(a.p, b.p) && bits_equal(a.m, b.m) && bits_equal(a.v, b.v)) << "step";
+        EXPECT_EQ(a.half_out, b.half_out);
+        if (!poison) EXPECT_FALSE(bits_equal(a.p, init.p)) << "the step changed nothing";
+
+        opt.redo(make_chunk(a, sum_bytes, dtype::dtype_f32, dtype::dtype_bf16, true), h, 3, 0.01f, 0.004f, &la);
+        opt.redo(fused(b), h, 3, 0.01f, 0.004f, &lb);
+        EXPECT_TRUE(bits_equal(a.p, b.p) && bits_equal(a.m, b.m) && bits_equal(a.v, b.v)) << "redo";
+        opt.undo(make_chunk(a, sum_bytes, dtype::dtype_f32, dtype::dtype_bf16, true), h, 3, 0.004f, &la);
+        opt.undo(fused(b), h, 3, 0.004f, &lb);
+        EXPECT_TRUE(bits_equal(a.p, b.p) && bits_equal(a.m, b.m) && bits_equal(a.v, b.v)) << "undo";
+        EXPECT_EQ(a.half_out, b.half_out);
+      }
+    }
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(targets, adamw_target, ::testing::ValuesIn(targets()));
 
 // adamw.h: "all cores but one (at least 1)". The cores are those this process may run on (its

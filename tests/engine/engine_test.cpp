@@ -674,6 +674,49 @@ TEST(engine_accumulation, two_micro_batches_equal_one_batch) {
   }
 }
 
+// Gradient accumulation over 1, 2, 3 and 7 micro-batches equals one batch of the same 7 rows, in
+// every mode, unclipped and clipped (speculation on: every step is redone), and the overlapped
+// runs match the double-precision reference of the 7 rows as one batch. The last micro-batch is
+// read by the optimizer beside the fp32 sum of the others (chunk_ref::grad_acc).
+TEST(engine_accumulation, micro_batch_counts_equal_one_batch) {
+  FERRY_REQUIRE_ENGINE_DEVICE();
+  const int64_t rows = 7, T = k_seq;
+  const auto big = make_data(3, rows, T, 11);
+  for (auto mode : {k_overlapped, k_blocked, k_none}) {
+    for (double clip : {0.0, 0.05}) {
+      engine_options o = base_options(mode, at::kFloat);
+      o.clip_grad = clip;
+      o.max_batch = rows;
+      o.max_seq = T;
+      const run_result one = run_engine(o, big);
+      for (int64_t micro : {1, 2, 3, 7}) {
+        std::vector<step_data> split;
+        for (const auto& s : big) {
+          step_data d;
+          for (int64_t r = 0; r < rows;) {
+            const int64_t n = rows / micro + (r / (rows / micro) < rows % micro ? 1 : 0);
+            const int64_t take = std::min(n, rows - r);
+            d.push_back(s[0].narrow(0, r, take).contiguous());
+            r += take;
+          }
+          ASSERT_EQ(int64_t(d.size()), micro);
+          split.push_back(d);
+        }
+        const run_result got = run_engine(o, split);
+        const std::string what = mode_label(o) + " " + std::to_string(micro) + " micro-batches";
+        for (size_t k = 0; k < one.steps.size(); ++k) {
+          EXPECT_EQ(got.steps[k].n_targets, one.steps[k].n_targets) << what;
+          EXPECT_NEAR(got.steps[k].grad_norm, one.steps[k].grad_norm, 1e-5 * one.steps[k].grad_norm) << what;
+          EXPECT_EQ(got.steps[k].clip_coef < 1, one.steps[k].clip_coef < 1) << what;
+        }
+        expect_runs_close(got, one, tolerance_for(at::kFloat), what + " vs one batch");
+        if (mode == k_overlapped)
+          expect_matches_reference(got, run_reference(o, big), o, what + " vs reference");
+      }
+    }
+  }
+}
+
 // ---- 5. races ----
 
 // Random delays in every copy, compute phase and CPU update: the overlapped schedule must give
