@@ -21,7 +21,6 @@
 namespace ferry::engine::test {
 
 using ::ferry::test::k_cuda_suite;
-#define FERRY_REQUIRE_ENGINE_DEVICE() FERRY_SKIP_UNLESS_CUDA(::ferry::engine::cuda_usable())
 
 // The brief's tiny shape: odd vocabulary, GQA (2 query heads per kv head), head_dim 16.
 inline model::llama_config tiny_config() {

@@ -28,7 +28,6 @@ namespace ferry::infer {
 namespace {
 
 constexpr bool k_cuda = ::ferry::test::k_cuda_suite;
-#define FERRY_REQUIRE_DEVICE() FERRY_SKIP_UNLESS_CUDA(engine::cuda_usable())
 
 const engine::offload_mode k_modes[] = {engine::offload_mode::offload_none, engine::offload_mode::offload_blocked,
                                         engine::offload_mode::offload_overlapped};

@@ -21,7 +21,6 @@ namespace ferry::model::test {
 #define MODEL_SUITE(name) name
 #endif
 using ::ferry::test::k_cuda_suite;
-#define FERRY_REQUIRE_DEVICE() FERRY_SKIP_UNLESS_CUDA(at::hasCUDA())
 
 inline at::Device test_device() { return k_cuda_suite ? at::Device(at::kCUDA) : at::Device(at::kCPU); }
 
