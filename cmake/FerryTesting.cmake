@@ -1,10 +1,10 @@
 # ferry_add_test(NAME name SOURCES ... LIBS ... [LABELS ...] [GPU])
 # One GoogleTest binary per suite, registered with ctest through gtest_discover_tests so each
-# TEST is its own ctest entry. GPU suites get the label "gpu"; a GTEST_SKIP shows as skipped in
-# ctest, never as passed, through the exit code alone: tests/gtest_main.cpp exits 77 when every
-# test that ran was skipped, 1 on any failure (one after a skip too), and keeps gtest's
-# "[  SKIPPED ]" out of the output: gtest_discover_tests adds a skip regex on it, and in ctest a
-# matching skip regex overrides a failing exit code.
+# TEST is its own ctest entry. GPU suites get the label "gpu" and FERRY_TEST_CUDA=1
+# (tests/cuda_suite.h); a GTEST_SKIP shows as skipped in ctest, never as passed, through the exit
+# code alone: tests/gtest_main.cpp exits 77 when every test that ran was skipped, 1 on any failure
+# (one after a skip too), and keeps gtest's "[  SKIPPED ]" out of the output: gtest_discover_tests
+# adds a skip regex on it, and in ctest a matching skip regex overrides a failing exit code.
 add_library(ferry_gtest_main STATIC ${PROJECT_SOURCE_DIR}/tests/gtest_main.cpp)
 target_link_libraries(ferry_gtest_main PUBLIC GTest::gtest)
 
@@ -17,6 +17,8 @@ function(ferry_add_test)
   if(T_GPU)
     list(APPEND labels gpu)
     set(prefix "cuda:")  # CPU and CUDA builds of one source share test names; keep them apart
+    # tests/cuda_suite.h: k_cuda_suite, and FERRY_REQUIRE_DEVICE() skips where no device is usable
+    target_compile_definitions(${T_NAME} PRIVATE FERRY_TEST_CUDA=1)
   else()
     list(APPEND labels cpu)
   endif()

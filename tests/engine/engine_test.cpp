@@ -148,7 +148,7 @@ struct mode_case {
 class engine_modes : public ::testing::TestWithParam<mode_case> {};
 
 TEST_P(engine_modes, same_losses_and_weights) {
-  FERRY_REQUIRE_ENGINE_DEVICE();
+  FERRY_REQUIRE_DEVICE();
   const auto c = GetParam();
   auto data = make_data(k_steps);
   engine_options base = base_options(k_blocked, c.dtype);
@@ -205,7 +205,7 @@ std::vector<mode_case> mode_cases() {
 // speculate=auto starts speculating once 8 steps in a row needed no fix-up; without clipping a
 // speculative update is the direct update, so the run stays bit-identical to blocked.
 TEST(engine_speculation, auto_starts_after_eight_clean_steps) {
-  FERRY_REQUIRE_ENGINE_DEVICE();
+  FERRY_REQUIRE_DEVICE();
   auto data = make_data(11);
   engine_options ov = base_options(k_overlapped, at::kFloat);
   ov.clip_grad = 0;
@@ -222,7 +222,7 @@ TEST(engine_speculation, auto_starts_after_eight_clean_steps) {
 // (head_grad_.copied) orders them; the strict backend's d2h_reuse rule fails without it. (With three
 // or more layers the wait for a block's slot, later on the same in-order queue, covers it.)
 TEST(engine_modes, one_and_two_layer_models_equal_blocked) {
-  FERRY_REQUIRE_ENGINE_DEVICE();
+  FERRY_REQUIRE_DEVICE();
   auto data = make_data(3);
   for (int64_t layers : {1, 2}) {
     model::llama_config cfg = tiny_config();
@@ -308,7 +308,7 @@ struct ref_case {
 class engine_reference : public ::testing::TestWithParam<ref_case> {};
 
 TEST_P(engine_reference, trajectory_matches_pytorch) {
-  FERRY_REQUIRE_ENGINE_DEVICE();
+  FERRY_REQUIRE_DEVICE();
   const auto c = GetParam();
   auto data = make_data(k_steps);
   engine_options o = base_options(k_overlapped, c.dtype);
@@ -346,7 +346,7 @@ INSTANTIATE_TEST_SUITE_P(all, engine_reference, ::testing::ValuesIn(ref_cases())
 // count starts at 10^6, where 1 - beta^t = 1), and with 1% of the elements never updated (every
 // 100th restored after each step). Each must exceed a bound that the correct run stays within.
 TEST(engine_reference, update_bounds_catch_real_bugs) {
-  FERRY_REQUIRE_ENGINE_DEVICE();
+  FERRY_REQUIRE_DEVICE();
   auto data = make_data(k_steps);
   std::vector<at::ScalarType> dtypes = {at::kFloat, at::kBFloat16, at::kHalf};
   for (auto dt : dtypes) {
@@ -465,7 +465,7 @@ void expect_undo_within_bound(const engine_options& o, const std::vector<step_da
 // within the README's undo bound. (The speculative path's later trajectory: see
 // speculative_skip_trajectory below.)
 TEST_P(engine_injection, skip_matches_reference) {
-  FERRY_REQUIRE_ENGINE_DEVICE();
+  FERRY_REQUIRE_DEVICE();
   const auto c = GetParam();
   auto data = make_data(k_steps);
   for (double clip : {0.0, 0.05}) {
@@ -497,7 +497,7 @@ TEST_P(engine_injection, skip_matches_reference) {
 // logs (m, v exact where the new moments cannot give them back), so the later steps follow the
 // reference like the non-speculative path. (Before the logs: up to 838 lr0 off on this model.)
 TEST_P(engine_injection, speculative_skip_trajectory) {
-  FERRY_REQUIRE_ENGINE_DEVICE();
+  FERRY_REQUIRE_DEVICE();
   const auto c = GetParam();
   auto data = make_data(k_steps);
   for (double clip : {0.0, 0.05}) {
@@ -528,7 +528,7 @@ INSTANTIATE_TEST_SUITE_P(all, engine_injection,
 // fix-up (steps 11-18 speculate), never resuming (19-20 do not), or a wrong undo or redo (the
 // trajectory leaves the reference).
 TEST(engine_speculation, auto_fixup_then_recovery_matches_reference) {
-  FERRY_REQUIRE_ENGINE_DEVICE();
+  FERRY_REQUIRE_DEVICE();
   auto data = make_data(21);
   for (const auto& [c, clip] : {std::pair<inject_case, double>{inject_case{"auto_overflow", -2, k_inf, 10}, 0.0},
                                 std::pair<inject_case, double>{inject_case{"auto_clip", -2, 1e3, 10}, 50.0}}) {
@@ -557,7 +557,7 @@ TEST(engine_speculation, auto_fixup_then_recovery_matches_reference) {
 // poisoned step and doubles after every scale_window = 2 good steps, as the GradScaler emulation;
 // the non-speculative trajectory matches it, and the speculative run takes the same scale path.
 TEST(engine_scaler, fp16_matches_gradscaler_emulation) {
-  FERRY_REQUIRE_ENGINE_DEVICE();
+  FERRY_REQUIRE_DEVICE();
   auto data = make_data(k_steps);
   for (const auto& c : {inject_case{"inf_last_unit", 0, k_inf, 2}, inject_case{"nan_first_unit", -1, std::nan(""), 1}}) {
     engine_options o = base_options(k_overlapped, at::kHalf);
@@ -586,7 +586,7 @@ TEST(engine_scaler, fp16_matches_gradscaler_emulation) {
 // moves by at most lr: |m_hat / sqrt(v_hat)| <= 1), and m, v back to exact zeros (the undo log's
 // zero-state rule; without it residues of ~1 ulp of m_new, v_new remained).
 TEST(engine_rollback, undo_at_first_step_restores_zero_moments) {
-  FERRY_REQUIRE_ENGINE_DEVICE();
+  FERRY_REQUIRE_DEVICE();
   auto data = make_data(1);
   engine_options o = base_options(k_overlapped, at::kFloat);
   o.debug_poison_step = 1;
@@ -623,7 +623,7 @@ TEST(engine_rollback, undo_at_first_step_restores_zero_moments) {
 // restores m = v = 0 exactly, so the redone moments are bit-identical to the direct step's, and p
 // is within the README's redo bound.
 TEST(engine_rollback, redo_at_first_step_gives_the_direct_moments) {
-  FERRY_REQUIRE_ENGINE_DEVICE();
+  FERRY_REQUIRE_DEVICE();
   auto data = make_data(1);
   engine_options o = base_options(k_overlapped, at::kFloat);
   o.clip_grad = 0.05;
@@ -650,7 +650,7 @@ TEST(engine_rollback, redo_at_first_step_gives_the_direct_moments) {
 // ---- 4. gradient accumulation ----
 
 TEST(engine_accumulation, two_micro_batches_equal_one_batch) {
-  FERRY_REQUIRE_ENGINE_DEVICE();
+  FERRY_REQUIRE_DEVICE();
   auto big = make_data(k_steps);
   std::vector<step_data> split;
   for (const auto& s : big) split.push_back({s[0].narrow(0, 0, 1).contiguous(), s[0].narrow(0, 1, 1).contiguous()});
@@ -723,7 +723,7 @@ TEST(engine_accumulation, micro_batch_counts_equal_one_batch) {
 // bit-identical results every time, equal to a run without delays. Gradient accumulation and
 // clipping (rollback on every step) are on, so every host buffer handoff is exercised.
 TEST(engine_race, delays_change_nothing) {
-  FERRY_REQUIRE_ENGINE_DEVICE();
+  FERRY_REQUIRE_DEVICE();
   auto big = make_data(4);
   std::vector<step_data> split;
   for (const auto& s : big) split.push_back({s[0].narrow(0, 0, 1).contiguous(), s[0].narrow(0, 1, 1).contiguous()});
@@ -780,7 +780,7 @@ TEST(engine_memory, plan_matches_measured_bytes) {
 // A run that cannot fit fails in the constructor, before any step, saying how much it needs.
 TEST(engine_memory, refuses_a_run_that_does_not_fit) {
   if (!k_cuda_suite) GTEST_SKIP() << "the device-memory check applies to CUDA only";
-  FERRY_REQUIRE_ENGINE_DEVICE();
+  FERRY_REQUIRE_DEVICE();
   engine_options o = base_options(k_none, at::kHalf);
   o.max_seq = 4096;
   o.max_batch = 8;
@@ -802,7 +802,7 @@ TEST(engine_memory, refuses_a_run_that_does_not_fit) {
 // ---- 7. evaluate ----
 
 TEST(engine_evaluate, equals_training_forward_loss) {
-  FERRY_REQUIRE_ENGINE_DEVICE();
+  FERRY_REQUIRE_DEVICE();
   auto data = make_data(2);
   for (auto mode : {k_overlapped, k_blocked, k_none}) {
     for (auto dt : {at::kFloat, at::kBFloat16}) {
@@ -853,7 +853,7 @@ engine_options forward_only(engine_options o) {
 // No gradients or moments anywhere: the host store is the fp32 master plus the pinned shadows, the
 // plan has no gradient slots or optimizer, and training is refused.
 TEST(engine_forward_only, allocates_no_training_state) {
-  FERRY_REQUIRE_ENGINE_DEVICE();
+  FERRY_REQUIRE_DEVICE();
   const auto cfg = tiny_config();
   for (auto mode : {k_none, k_blocked, k_overlapped}) {
     for (auto dt : {at::kFloat, at::kBFloat16}) {
@@ -902,7 +902,7 @@ TEST(engine_forward_only, allocates_no_training_state) {
 // The same losses as a training engine's evaluate (bit for bit on the host backend: the same
 // forward), and on CUDA a peak within the plan.
 TEST(engine_forward_only, evaluate_equals_training_engine) {
-  FERRY_REQUIRE_ENGINE_DEVICE();
+  FERRY_REQUIRE_DEVICE();
   auto data = make_data(2);
   for (auto mode : {k_none, k_blocked, k_overlapped}) {
     for (auto dt : {at::kFloat, at::kBFloat16}) {
@@ -944,7 +944,7 @@ TEST(engine_forward_only, evaluate_equals_training_engine) {
 // the engine exactly as it was, so the run then goes on bit for bit like one that never saw it.
 // (Checked after the step count moved, a refused batch would shift AdamW's bias correction.)
 TEST(engine_inputs, refused_batch_changes_nothing) {
-  FERRY_REQUIRE_ENGINE_DEVICE();
+  FERRY_REQUIRE_DEVICE();
   const auto data = make_data(2);
   const int64_t V = tiny_config().vocab_size;
   std::vector<std::pair<std::string, step_data>> bad;

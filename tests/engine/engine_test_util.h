@@ -17,27 +17,16 @@
 #include "src/engine/engine.h"
 #include "src/model/llama_config.h"
 #include "tests/cuda_suite.h"
+#include "tests/test_configs.h"
 
 namespace ferry::engine::test {
 
 using ::ferry::test::k_cuda_suite;
-#define FERRY_REQUIRE_ENGINE_DEVICE() FERRY_SKIP_UNLESS_CUDA(::ferry::engine::cuda_usable())
 
 // The brief's tiny shape: odd vocabulary, GQA (2 query heads per kv head), head_dim 16.
 inline model::llama_config tiny_config() {
-  model::llama_config c;
-  c.name = "engine-test";
-  c.vocab_size = 97;
-  c.hidden_size = 64;
-  c.intermediate_size = 96;
-  c.num_hidden_layers = 3;
-  c.num_attention_heads = 4;
-  c.num_key_value_heads = 2;
-  c.head_dim = 16;
-  c.max_position_embeddings = 64;
-  c.rms_norm_eps = 1e-5;
-  c.rope_theta = 10000.0;
-  return c;
+  // vocab, hidden, intermediate, layers, heads, kv_heads, head_dim, max_positions, rms_norm_eps
+  return ::ferry::test::tiny_llama("engine-test", {97, 64, 96, 3, 4, 2, 16, 64, 1e-5});
 }
 
 constexpr int64_t k_batch = 2, k_seq = 16;
@@ -90,13 +79,16 @@ struct run_result {
 constexpr uint64_t k_init_seed = 42;
 constexpr double k_init_std = 0.05;
 
-inline std::unique_ptr<engine> make_engine(const engine_options& o, const model::llama_config& cfg = tiny_config()) {
+// The engine of the engine, checkpoint and infer suites: cfg under options o, its master weights
+// HF-initialised by param_store::init_random(seed, init_std) and handed to the engine.
+inline std::unique_ptr<engine> make_engine(const engine_options& o, const model::llama_config& cfg = tiny_config(),
+                                           uint64_t seed = k_init_seed, double init_std = k_init_std) {
   // The host backend's "device" ops and the update thread's ATen ops would otherwise each bring an
   // OpenMP team to the CI's 2 cores, and spin-waiting teams slow the tiny model's steps tenfold.
   static const bool one_thread = (at::set_num_threads(1), true);
   (void)one_thread;
   auto e = std::make_unique<engine>(cfg, o);
-  e->params().init_random(k_init_seed, k_init_std);
+  e->params().init_random(seed, init_std);
   e->params_changed();
   return e;
 }

@@ -1,6 +1,7 @@
 #pragma once
-// Shared helpers of the CUDA suites: skip without a device, dtype-aware comparison against a
-// float64 reference, judged relative to how far the ATen composition in the same dtype lands.
+// Shared helpers of the gpu/ suites (FERRY_REQUIRE_DEVICE() from tests/cuda_suite.h skips without a
+// device): dtype-aware comparison against a float64 reference, judged relative to how far the ATen
+// composition in the same dtype lands.
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 
@@ -8,11 +9,10 @@
 #include <string>
 
 #include "gpu/ops.h"
+#include "tests/cuda_suite.h"
 
-#define FERRY_REQUIRE_GPU()                                                    \
-  do {                                                                         \
-    if (!::ferry::gpu::device_available()) GTEST_SKIP() << "no CUDA device";   \
-  } while (0)
+// Without FERRY_TEST_CUDA, FERRY_REQUIRE_DEVICE() would not skip and a machine without a device would fail.
+static_assert(::ferry::test::k_cuda_suite, "the gpu suites are CUDA suites: register them with ferry_add_test(... GPU)");
 
 namespace ferry::gpu::testing {
 

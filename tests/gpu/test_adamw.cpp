@@ -13,7 +13,7 @@ using namespace ferry::gpu::testing;
 class adamw_test : public ::testing::TestWithParam<std::tuple<at::ScalarType, at::ScalarType>> {};
 
 TEST_P(adamw_test, matches_double_loop) {
-  FERRY_REQUIRE_GPU();
+  FERRY_REQUIRE_DEVICE();
   const auto [grad_dt, out_dt] = GetParam();
   const int64_t n = 1003;
   const double lr = 1e-3, b1 = 0.9, b2 = 0.95, eps = 1e-8, wd = 0.1, mult = 0.5;
@@ -46,7 +46,7 @@ TEST_P(adamw_test, matches_double_loop) {
 }
 
 TEST(adamw, without_half_output) {
-  FERRY_REQUIRE_GPU();
+  FERRY_REQUIRE_DEVICE();
   at::Tensor p = at::ones({5}, cuda(at::kFloat)), m = at::zeros_like(p), v = at::zeros_like(p), none;
   ferry::gpu::adamw_step(p, m, v, at::ones({5}, cuda(at::kHalf)), none, 0.1, 0.9, 0.999, 1e-8, 0.0, 1, 1.0);
   // First step of Adam moves each weight by lr (m/sqrt(v) = 1 after bias correction).

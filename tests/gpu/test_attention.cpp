@@ -27,7 +27,7 @@ ref_out reference(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 class attention_test : public ::testing::TestWithParam<std::tuple<at::ScalarType, int64_t, int64_t, int64_t>> {};
 
 TEST_P(attention_test, forward_backward_match_float64) {
-  FERRY_REQUIRE_GPU();
+  FERRY_REQUIRE_DEVICE();
   const auto [dt, d, ratio, t] = GetParam();
   const int64_t b = 2, hkv = 2, hq = hkv * ratio;
   const double scale = 1.0 / std::sqrt(static_cast<double>(d));
@@ -61,7 +61,7 @@ TEST_P(attention_test, forward_backward_match_float64) {
 // Inference: the last tq queries against all t keys equal the last tq rows of the full causal
 // attention, with k and v read in place from a prefix of a longer cache (batch strides of tmax).
 TEST_P(attention_test, offset_queries_match_last_rows) {
-  FERRY_REQUIRE_GPU();
+  FERRY_REQUIRE_DEVICE();
   const auto [dt, d, ratio, t] = GetParam();
   const int64_t b = 2, hkv = 2, hq = hkv * ratio, tmax = t + 5;
   const double scale = 1.0 / std::sqrt(static_cast<double>(d));

@@ -11,7 +11,7 @@ using namespace ferry::gpu::testing;
 class cross_entropy_test : public ::testing::TestWithParam<std::tuple<at::ScalarType, int64_t, int64_t>> {};
 
 TEST_P(cross_entropy_test, loss_and_grad_match_reference) {
-  FERRY_REQUIRE_GPU();
+  FERRY_REQUIRE_DEVICE();
   const auto [dt, n, v] = GetParam();
   at::manual_seed(n + v);
   const at::Tensor logits = (3 * at::randn({n, v}, cuda(at::kFloat))).to(dt);
@@ -49,7 +49,7 @@ TEST_P(cross_entropy_test, loss_and_grad_match_reference) {
 }
 
 TEST(cross_entropy, out_of_range_label_gives_nan_loss) {
-  FERRY_REQUIRE_GPU();
+  FERRY_REQUIRE_DEVICE();
   const at::Tensor logits = at::randn({2, 10}, cuda(at::kFloat));
   const at::Tensor labels = at::tensor({3, 10}, at::TensorOptions().dtype(at::kLong)).to(at::kCUDA);
   at::Tensor loss = at::zeros({1}, cuda(at::kFloat));

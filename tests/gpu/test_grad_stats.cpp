@@ -11,7 +11,7 @@ using namespace ferry::gpu::testing;
 class grad_stats_test : public ::testing::TestWithParam<std::tuple<at::ScalarType, int64_t, int64_t>> {};
 
 TEST_P(grad_stats_test, finite_buffer_matches_reference) {
-  FERRY_REQUIRE_GPU();
+  FERRY_REQUIRE_DEVICE();
   const auto [dt, n, offset] = GetParam();
   at::manual_seed(n + offset);
   const at::Tensor storage = at::randn({n + offset}, cuda(dt));
@@ -28,7 +28,7 @@ TEST_P(grad_stats_test, finite_buffer_matches_reference) {
 }
 
 TEST_P(grad_stats_test, planted_non_finite_values_are_counted) {
-  FERRY_REQUIRE_GPU();
+  FERRY_REQUIRE_DEVICE();
   const auto [dt, n, offset] = GetParam();
   at::Tensor flat = at::randn({n}, cuda(dt));
   flat[n - 1] = INFINITY;

@@ -18,7 +18,7 @@ at::Tensor ref_rmsnorm(const at::Tensor& x, const at::Tensor& w, double eps) {
 class rmsnorm_test : public ::testing::TestWithParam<std::tuple<at::ScalarType, int64_t, int64_t>> {};
 
 TEST_P(rmsnorm_test, forward_backward_match_reference) {
-  FERRY_REQUIRE_GPU();
+  FERRY_REQUIRE_DEVICE();
   const auto [dt, n, h] = GetParam();
   const double eps = 1e-5;
   at::manual_seed(n * 131 + h);

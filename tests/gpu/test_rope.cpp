@@ -25,7 +25,7 @@ std::pair<at::Tensor, at::Tensor> cos_sin(int64_t t, int64_t d) {
 class rope_test : public ::testing::TestWithParam<std::tuple<at::ScalarType, int64_t, bool>> {};
 
 TEST_P(rope_test, forward_and_inverse_match_reference) {
-  FERRY_REQUIRE_GPU();
+  FERRY_REQUIRE_DEVICE();
   const auto [dt, d, strided] = GetParam();
   const int64_t b = 2, t = 37, h = 3;
   at::manual_seed(d);
@@ -59,7 +59,7 @@ TEST_P(rope_test, forward_and_inverse_match_reference) {
 }
 
 TEST(rope, inverse_undoes_forward_fp32) {
-  FERRY_REQUIRE_GPU();
+  FERRY_REQUIRE_DEVICE();
   at::Tensor x = at::randn({1, 9, 2, 64}, cuda(at::kFloat));
   const at::Tensor x0 = x.clone();
   const auto [cos, sin] = cos_sin(9, 64);

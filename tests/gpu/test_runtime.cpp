@@ -11,18 +11,14 @@
 #include "gpu/ops.h"
 #include "gpu/runtime.h"
 #include "src/common/error.h"
+#include "tests/gpu/gpu_test_util.h"
 
 namespace {
 
 using namespace ferry::gpu;
 
-#define FERRY_REQUIRE_GPU()                                   \
-  do {                                                        \
-    if (!device_available()) GTEST_SKIP() << "no CUDA device"; \
-  } while (0)
-
 TEST(runtime, pinned_round_trip_through_device) {
-  FERRY_REQUIRE_GPU();
+  FERRY_REQUIRE_DEVICE();
   const size_t bytes = (1 << 20) + 3;  // exact, not rounded
   pinned_buffer src(bytes), dst(bytes);
   ASSERT_EQ(src.bytes(), bytes);
@@ -43,7 +39,7 @@ TEST(runtime, pinned_round_trip_through_device) {
 }
 
 TEST(runtime, buffers_are_move_only_owners) {
-  FERRY_REQUIRE_GPU();
+  FERRY_REQUIRE_DEVICE();
   pinned_buffer a(64);
   void* p = a.data();
   pinned_buffer b(std::move(a));
@@ -58,7 +54,7 @@ TEST(runtime, buffers_are_move_only_owners) {
 }
 
 TEST(runtime, host_func_runs_in_stream_order) {
-  FERRY_REQUIRE_GPU();
+  FERRY_REQUIRE_DEVICE();
   stream s;
   std::vector<int> order;
   std::atomic<int> calls{0};
@@ -72,14 +68,14 @@ TEST(runtime, host_func_runs_in_stream_order) {
 }
 
 TEST(runtime, memory_info_is_sane) {
-  FERRY_REQUIRE_GPU();
+  FERRY_REQUIRE_DEVICE();
   const memory_info_t info = memory_info();
   EXPECT_GT(info.total_bytes, 0u);
   EXPECT_LE(info.free_bytes, info.total_bytes);
 }
 
 TEST(runtime, impossible_allocations_throw_clear_errors) {
-  FERRY_REQUIRE_GPU();
+  FERRY_REQUIRE_DEVICE();
   const size_t huge = size_t{1} << 52;  // 4 PiB
   try {
     pinned_buffer b(huge);

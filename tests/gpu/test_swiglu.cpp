@@ -15,7 +15,7 @@ at::Tensor compose(const at::Tensor& gu) {
 }
 
 TEST_P(swiglu_test, forward_backward_match_reference) {
-  FERRY_REQUIRE_GPU();
+  FERRY_REQUIRE_DEVICE();
   const auto [dt, n, i] = GetParam();
   at::manual_seed(n * 7 + i);
   const at::Tensor gu = 2 * at::randn({n, 2 * i}, cuda(dt)), dy = at::randn({n, i}, cuda(dt));

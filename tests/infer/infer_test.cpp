@@ -2,9 +2,7 @@
 // FERRY_TEST_CUDA=1, CUDA (label gpu, skipped without a device). fp32 throughout.
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
-#include <stdlib.h>
 
-#include <filesystem>
 #include <fstream>
 #include <map>
 #include <memory>
@@ -16,66 +14,53 @@
 #include "src/infer/evaluate.h"
 #include "src/infer/generate.h"
 #include "src/infer/runner.h"
-#include "src/io/atomic_file.h"
 #include "src/io/hf_checkpoint.h"
 #include "src/io/hf_config.h"
 #include "src/model/block.h"
 #include "src/checkpoint/checkpoint.h"
 #include "tests/cuda_suite.h"
+#include "tests/engine/engine_test_util.h"
 #include "tests/model/model_test_ref.h"
+#include "tests/scratch_dir.h"
 
 namespace ferry::infer {
 namespace {
 
 constexpr bool k_cuda = ::ferry::test::k_cuda_suite;
-#define FERRY_REQUIRE_DEVICE() FERRY_SKIP_UNLESS_CUDA(engine::cuda_usable())
+using engine::test::make_engine;
 
 const engine::offload_mode k_modes[] = {engine::offload_mode::offload_none, engine::offload_mode::offload_blocked,
                                         engine::offload_mode::offload_overlapped};
 
 // Tiny GQA shape; vocabulary 320 holds the byte tokenizer (259 ids). A larger init spread than
 // HF's 0.02 gives decisive logits, so greedy choices are not near-ties.
+constexpr double k_init_range = 0.3;
+constexpr uint64_t k_weights_seed = 7;
 model::llama_config tiny() {
-  model::llama_config c;
-  c.name = "infer-test";
-  c.vocab_size = 320;
-  c.hidden_size = 32;
-  c.intermediate_size = 64;
-  c.num_hidden_layers = 3;
-  c.num_attention_heads = 4;
-  c.num_key_value_heads = 2;
-  c.head_dim = 8;
-  c.max_position_embeddings = 128;
+  // vocab, hidden, intermediate, layers, heads, kv_heads, head_dim, max_positions
+  model::llama_config c = ::ferry::test::tiny_llama("infer-test", {320, 32, 64, 3, 4, 2, 8, 128});
   c.torch_dtype = "float32";
-  c.initializer_range = 0.3;
+  c.initializer_range = k_init_range;
   return c;
 }
 
-std::unique_ptr<engine::engine> make_engine(const model::llama_config& c, engine::offload_mode mode,
-                                            int64_t max_batch = 4, int64_t max_seq = 64, bool forward_only = false) {
+// fp32 on the suite's device, one block slot ahead, batches up to 4 x 64.
+engine::engine_options infer_options(engine::offload_mode mode, bool forward_only = false) {
   engine::engine_options o;
   o.forward_only = forward_only;
   o.mode = mode;
   o.dtype = at::kFloat;
   o.cuda = k_cuda;
   o.prefetch = 1;
-  o.max_batch = max_batch;
-  o.max_seq = max_seq;
+  o.max_batch = 4;
+  o.max_seq = 64;
   o.cpu_threads = 1;
-  auto e = std::make_unique<engine::engine>(c, o);
-  e->params().init_random(7, c.initializer_range);
-  e->params_changed();
-  return e;
+  return o;
 }
 
-struct temp_dir {
-  std::string path;
-  temp_dir() {
-    std::string tmpl = (std::filesystem::temp_directory_path() / "ferry_infer_test.XXXXXX").string();
-    char* p = ::mkdtemp(tmpl.data());
-    if (p) path = p;
-  }
-  ~temp_dir() { io::remove_tree(path); }
+// A scratch directory per test (tests/scratch_dir.h).
+struct temp_dir : ::ferry::test::scratch_dir {
+  temp_dir() : ::ferry::test::scratch_dir("ferry_infer_test") {}
 };
 
 std::vector<std::vector<int64_t>> prompts_of(const std::vector<int64_t>& lengths, uint64_t seed) {
@@ -124,7 +109,7 @@ TEST(infer, evaluation_loss_equals_training_forward) {
   io::token_dataset ds = io::token_dataset::open(d);
   ASSERT_GE(ds.num_eval(), 4);
   for (auto mode : k_modes) {
-    auto e = make_engine(tiny(), mode);
+    auto e = make_engine(infer_options(mode), tiny(), k_weights_seed, k_init_range);
     eval_result r = evaluate(*e, ds, 2, 2);
     EXPECT_EQ(r.sequences, 4);
     EXPECT_EQ(r.tokens, 4 * 32);
@@ -142,7 +127,7 @@ TEST(infer, evaluation_loss_equals_training_forward) {
 // Greedy decoding with the KV cache equals the argmax of full-sequence forwards, and its logits
 // match at every step: unequal prompt lengths (per-row positions) and equal ones (shared position).
 void check_greedy_against_full(const std::vector<int64_t>& lengths) {
-  auto e = make_engine(tiny(), engine::offload_mode::offload_overlapped);
+  auto e = make_engine(infer_options(engine::offload_mode::offload_overlapped), tiny(), k_weights_seed, k_init_range);
   auto prompts = prompts_of(lengths, 11);
   generate_options g;
   g.max_new_tokens = 10;
@@ -179,7 +164,7 @@ TEST(infer, greedy_equals_full_forward_argmax_equal_lengths) {
 
 TEST(infer, batch_does_not_change_a_rows_tokens) {
   FERRY_REQUIRE_DEVICE();
-  auto e = make_engine(tiny(), engine::offload_mode::offload_blocked);
+  auto e = make_engine(infer_options(engine::offload_mode::offload_blocked), tiny(), k_weights_seed, k_init_range);
   auto prompts = prompts_of({4, 9, 6}, 3);
   generate_options g;
   g.max_new_tokens = 8;
@@ -193,7 +178,7 @@ TEST(infer, batch_does_not_change_a_rows_tokens) {
 
 TEST(infer, sampling_with_a_seed_is_deterministic) {
   FERRY_REQUIRE_DEVICE();
-  auto e = make_engine(tiny(), engine::offload_mode::offload_overlapped);
+  auto e = make_engine(infer_options(engine::offload_mode::offload_overlapped), tiny(), k_weights_seed, k_init_range);
   auto prompts = prompts_of({3, 8, 5}, 5);
   generate_options g;
   g.max_new_tokens = 16;
@@ -215,7 +200,7 @@ TEST(infer, sampling_with_a_seed_is_deterministic) {
 
 TEST(infer, stops_at_eos_per_row) {
   FERRY_REQUIRE_DEVICE();
-  auto e = make_engine(tiny(), engine::offload_mode::offload_none);
+  auto e = make_engine(infer_options(engine::offload_mode::offload_none), tiny(), k_weights_seed, k_init_range);
   auto prompts = prompts_of({4, 6}, 9);
   generate_options g;
   g.max_new_tokens = 12;
@@ -236,7 +221,7 @@ TEST(infer, offload_modes_give_identical_logits) {
   std::vector<std::vector<int64_t>> first_tokens;
   double first_loss = 0;
   for (auto mode : k_modes) {
-    auto e = make_engine(tiny(), mode);
+    auto e = make_engine(infer_options(mode), tiny(), k_weights_seed, k_init_range);
     generate_options g;
     g.max_new_tokens = 6;
     g.eos_id = -1;
@@ -268,8 +253,8 @@ TEST(infer, forward_only_engine_equals_training_engine) {
   at::Tensor tok = at::randint(3, 300, {2, 25}, at::kLong);
   for (auto mode : k_modes) {
     SCOPED_TRACE(engine::offload_mode_name(mode));
-    auto train = make_engine(tiny(), mode);
-    auto infer = make_engine(tiny(), mode, 4, 64, /*forward_only=*/true);
+    auto train = make_engine(infer_options(mode), tiny(), k_weights_seed, k_init_range);
+    auto infer = make_engine(infer_options(mode, /*forward_only=*/true), tiny(), k_weights_seed, k_init_range);
     ASSERT_FALSE(infer->params().has_optimizer_state());
     EXPECT_EQ(infer->plan().grad_slots, 0);
     EXPECT_EQ(infer->plan().host_moments, 0);
@@ -297,7 +282,8 @@ TEST(infer, forward_only_engine_equals_training_engine) {
 // reference) gives what one chunk gives.
 TEST(infer, chunked_forward_equals_one_chunk) {
   FERRY_REQUIRE_DEVICE();
-  auto e = make_engine(tiny(), engine::offload_mode::offload_overlapped, 4, 64, /*forward_only=*/true);
+  auto e = make_engine(infer_options(engine::offload_mode::offload_overlapped, /*forward_only=*/true), tiny(),
+                       k_weights_seed, k_init_range);
   auto prompts = prompts_of({9, 4, 12}, 5);
   at::Tensor tok = at::randint(3, 300, {3, 21}, at::kLong);
   generate_options g;
@@ -321,7 +307,7 @@ TEST(infer, chunked_forward_equals_one_chunk) {
 
 TEST(infer, clear_errors) {
   FERRY_REQUIRE_DEVICE();
-  auto e = make_engine(tiny(), engine::offload_mode::offload_overlapped);
+  auto e = make_engine(infer_options(engine::offload_mode::offload_overlapped), tiny(), k_weights_seed, k_init_range);
   generate_options g;
   g.max_new_tokens = 8;
   // 125 + 8 positions > the rotary table (max(max_seq 64, max_position_embeddings 128)).
@@ -359,11 +345,12 @@ void save_weights(engine::engine& e, const std::string& dir) {
 TEST(infer, checkpoint_round_trip_gives_the_saved_weights_and_logits) {
   FERRY_REQUIRE_DEVICE();
   temp_dir dir;
-  auto e = make_engine(tiny(), engine::offload_mode::offload_blocked);
+  auto e = make_engine(infer_options(engine::offload_mode::offload_blocked), tiny(), k_weights_seed, k_init_range);
   save_weights(*e, dir.path);
-  auto loaded = make_engine(io::load_hf_config(dir.path), engine::offload_mode::offload_blocked);
+  auto loaded = make_engine(infer_options(engine::offload_mode::offload_blocked), io::load_hf_config(dir.path),
+                            k_weights_seed, k_init_range);
   // Other weights first (make_engine's seed would give the saved ones): only the load can match.
-  loaded->params().init_random(8, tiny().initializer_range);
+  loaded->params().init_random(8, k_init_range);
   checkpoint::load_hf_weights(*loaded, dir.path);
   loaded->params_changed();
   const auto want = e->params().named_params(), got = loaded->params().named_params();
@@ -382,12 +369,13 @@ TEST(infer, checkpoint_round_trip_gives_the_saved_weights_and_logits) {
 TEST(infer, checkpoint_that_does_not_match_its_config_is_refused) {
   FERRY_REQUIRE_DEVICE();
   temp_dir dir;
-  auto e = make_engine(tiny(), engine::offload_mode::offload_blocked);
+  auto e = make_engine(infer_options(engine::offload_mode::offload_blocked), tiny(), k_weights_seed, k_init_range);
   save_weights(*e, dir.path);
   model::llama_config other = tiny();
   other.intermediate_size = 48;
   io::save_hf_config(other, dir.path + "/config.json");
-  auto mismatched = make_engine(io::load_hf_config(dir.path), engine::offload_mode::offload_blocked);
+  auto mismatched = make_engine(infer_options(engine::offload_mode::offload_blocked), io::load_hf_config(dir.path),
+                                k_weights_seed, k_init_range);
   EXPECT_THROW(checkpoint::load_hf_weights(*mismatched, dir.path), ferry::error);
 }
 

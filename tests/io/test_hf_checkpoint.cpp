@@ -10,6 +10,7 @@
 #include "src/io/hf_checkpoint.h"
 #include "src/io/hf_config.h"
 #include "tests/io/io_test_util.h"
+#include "tests/test_configs.h"
 
 namespace ferry::io {
 namespace {
@@ -17,16 +18,8 @@ namespace fs = std::filesystem;
 using test::scratch_dir;
 
 model::llama_config tiny_config(bool tied) {
-  model::llama_config c;
-  c.name = "tiny";
-  c.vocab_size = 37;
-  c.hidden_size = 16;
-  c.intermediate_size = 24;
-  c.num_hidden_layers = 2;
-  c.num_attention_heads = 4;
-  c.num_key_value_heads = 2;
-  c.head_dim = 4;
-  c.max_position_embeddings = 64;
+  // vocab, hidden, intermediate, layers, heads, kv_heads, head_dim
+  model::llama_config c = ::ferry::test::tiny_llama("tiny", {37, 16, 24, 2, 4, 2, 4});
   c.tie_word_embeddings = tied;
   return c;
 }

@@ -11,6 +11,7 @@
 
 #include "src/model/llama_config.h"
 #include "tests/cuda_suite.h"
+#include "tests/test_configs.h"
 
 namespace ferry::model::test {
 
@@ -21,7 +22,6 @@ namespace ferry::model::test {
 #define MODEL_SUITE(name) name
 #endif
 using ::ferry::test::k_cuda_suite;
-#define FERRY_REQUIRE_DEVICE() FERRY_SKIP_UNLESS_CUDA(at::hasCUDA())
 
 inline at::Device test_device() { return k_cuda_suite ? at::Device(at::kCUDA) : at::Device(at::kCPU); }
 
@@ -73,19 +73,8 @@ inline std::string dtype_name(at::ScalarType t) { return std::string(c10::toStri
 
 // Tiny shapes for whole-model checks: odd hidden and intermediate sizes, head_dim not a power of 2.
 inline llama_config tiny_config(int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t layers = 2) {
-  llama_config c;
-  c.name = "test";
-  c.vocab_size = 37;
-  c.num_attention_heads = heads;
-  c.num_key_value_heads = kv_heads;
-  c.head_dim = head_dim;
-  c.hidden_size = 22;
-  c.intermediate_size = 29;
-  c.num_hidden_layers = layers;
-  c.max_position_embeddings = 64;
-  c.rms_norm_eps = 1e-5;
-  c.rope_theta = 10000.0;
-  return c;
+  // vocab, hidden, intermediate, layers, heads, kv_heads, head_dim, max_positions, rms_norm_eps
+  return ::ferry::test::tiny_llama("test", {37, 22, 29, layers, heads, kv_heads, head_dim, 64, 1e-5});
 }
 
 }  // namespace ferry::model::test
