@@ -3,8 +3,15 @@
 # three lower bounds and the peers of shared/BASELINES.md (PyTorch AMP, FSDP2 CPU offload,
 # torchao offload) in one run, each peer in its own process with a timeout.
 #   scripts/bench.sh [--shape debug|1b|3b] [--seq 4096] [--steps N] [--dtype fp16|bf16]
-#                    [--peers|--no-peers] [--out DIR] [--batch 1] [--warmup 3] [--timeout S]
-#                    [--modes none,blocked,overlapped] [--ferry-set key=value] [--no-bounds] [--no-infer]
+#                    [--peers|--no-peers] [--out DIR] [--batch B] [--grad-accum K] [--warmup 3]
+#                    [--ferry-warmup N] [--timeout S] [--modes none,blocked,overlapped]
+#                    [--ferry-set key=value] [--no-bounds] [--no-infer]
+# Effective batch: K micro-batches of B sequences per optimizer step, for ferry (grad_accum=K;
+# --ferry-set grad_accum=K works too, but not together with --grad-accum) and the peers (their
+# own accumulation), so ratios are same-run; the tables give tokens/s = K x B x seq / step time.
+# Warm-up: every row measures steps - warmup steps; ferry's overlapped runs leave out
+# max(--warmup, 9) steps first (--ferry-warmup), since speculate=auto speculates only after 8
+# clean steps: the median is the steady state (see bench.md's notes).
 # Writes DIR/bench.json and DIR/bench.md (default out/bench-<shape>-<time>). Uses the build in
 # $FERRY_BUILD_DIR (default build/); Python with torch from $FERRY_PYTHON, .venv, or python3.
 # torchao: a wheel in .whl/ (pip download --no-deps --only-binary=:all: -d .whl torchao==0.18.0, for

@@ -13,6 +13,20 @@ One run measures, on one shape and one machine:
     accelerate cpu_offload peers.
 Prints the request's tables and writes bench.json + bench.md to --out. Standard library only;
 the torch work happens in the peer_*.py / *_bound.py subprocesses.
+
+Effective batch (issue 19): --batch B sequences per micro-batch, --grad-accum K micro-batches per
+optimizer step (ferry: --set grad_accum=K; `--ferry-set grad_accum=K` is taken the same way, and
+both at once is an error). The peers run the same K x B sequences per step through their own
+accumulation (peer_common.accumulate: backward of loss / K per micro-batch, one optimizer step),
+so every row's step does the same work and the ratios are same-run. tokens/s = K x B x seq / the
+row's median step time (bench.json: grad_accum and tokens_per_s per row).
+
+Warm-up: --steps counts warm-up and measured steps; every row measures steps - warmup steps. The
+peers and ferry's none/blocked runs drop the first --warmup steps. ferry's overlapped runs drop
+--ferry-warmup steps (default max(--warmup, 9)) and so run that many + the measured steps: with
+speculate=auto the engine speculates (updates during backward) only after 8 clean steps in a row
+(engine::step_validator::kRecentSteps), so a shorter warm-up would time the non-speculating start
+instead of the steady state. The overlapped row notes how many measured steps speculated.
 """
 import argparse
 import datetime
@@ -26,6 +40,7 @@ import ferrylib as fl  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODES = ["none", "blocked", "overlapped"]
+SPECULATE_WARMUP = 9   # step_validator::kRecentSteps (8) clean steps, then one speculating step, left out
 MODE_LABEL = {"none": "w/o offload", "blocked": "w/ blocked offload", "overlapped": "w/ overlapped offload"}
 PEERS = [("amp", "PyTorch AMP (no offload)", "peer_amp.py"), ("fsdp2", "FSDP2 CPU offload", "peer_fsdp2.py"),
          ("torchao", "torchao offload", "peer_torchao.py")]
@@ -35,13 +50,19 @@ def parse_args():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="debug", help="configs/models NAME (debug, 1b, 3b, tiny, ...) or a config.json")
     ap.add_argument("--seq", type=int, default=4096)
-    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--batch", type=int, default=1, help="sequences per micro-batch")
+    ap.add_argument("--grad-accum", type=int, default=None, metavar="K",
+                    help="micro-batches per optimizer step, ferry and peers alike (default 1)")
     ap.add_argument("--steps", type=int, default=12, help="steps per run, warm-up included")
     ap.add_argument("--warmup", type=int, default=3, help="steps left out of the median")
+    ap.add_argument("--ferry-warmup", type=int, default=None, metavar="N",
+                    help="warm-up of ferry's overlapped runs (default max(--warmup, %d): speculation's "
+                         "steady state); they run N + steps - warmup steps" % SPECULATE_WARMUP)
     ap.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16")
     ap.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     ap.add_argument("--modes", default=",".join(MODES))
-    ap.add_argument("--peers", dest="peers", action="store_true", default=True)
+    ap.add_argument("--peers", dest="peers", action="store_true", default=None,
+                    help="run the peers (default; without a GPU only when given: then on the CPU, a smoke test)")
     ap.add_argument("--no-peers", dest="peers", action="store_false")
     ap.add_argument("--no-bounds", dest="bounds", action="store_false", default=True)
     ap.add_argument("--no-infer", dest="infer", action="store_false", default=True)
@@ -52,6 +73,45 @@ def parse_args():
     ap.add_argument("--timeout", type=int, default=1200, help="seconds per ferry run or peer")
     ap.add_argument("--out", default=None, help="results folder (default out/bench-<shape>-<date>)")
     return ap.parse_args()
+
+
+def resolve_grad_accum(a):
+    """a.grad_accum from --grad-accum or `--ferry-set grad_accum=K` (taken out of a.ferry_set; it
+    goes to ferry through train_run_sets' keys); exits naming both when both are given."""
+    given = [kv for kv in a.ferry_set if kv.split("=", 1)[0].strip() == "grad_accum"]
+    if given and a.grad_accum is not None:
+        sys.exit("bench: --grad-accum %d and --ferry-set %s both given; pass --grad-accum alone" % (
+            a.grad_accum, given[-1]))
+    if given:
+        try:
+            a.grad_accum = int(given[-1].split("=", 1)[1])
+        except ValueError:
+            sys.exit("bench: --ferry-set %s: grad_accum must be an integer" % given[-1])
+        a.ferry_set = [kv for kv in a.ferry_set if kv not in given]
+    a.grad_accum = 1 if a.grad_accum is None else a.grad_accum
+    if a.grad_accum < 1 or a.batch < 1:
+        sys.exit("bench: --grad-accum and --batch must be at least 1")
+
+
+def measured_steps(a):
+    """Steps every row measures: --steps less --warmup (at least 1)."""
+    return max(1, a.steps - a.warmup)
+
+
+def ferry_warmup(a, mode):
+    """Steps a ferry run leaves out: --warmup, and for overlapped at least SPECULATE_WARMUP (or
+    --ferry-warmup), so the median is speculation's steady state."""
+    if mode != "overlapped":
+        return a.warmup
+    return a.ferry_warmup if a.ferry_warmup is not None else max(a.warmup, SPECULATE_WARMUP)
+
+
+def tokens_per_step(a):
+    return a.grad_accum * a.batch * a.seq
+
+
+def tokens_per_s(a, step_ms):
+    return tokens_per_step(a) / (step_ms / 1e3) if step_ms else None
 
 
 def ferry_train_rows(a, dev, tokfile, out):
@@ -66,16 +126,25 @@ def ferry_train_rows(a, dev, tokfile, out):
         d = os.path.join(out, "ferry-" + m)
         shutil.rmtree(d, ignore_errors=True)
         os.makedirs(d)
-        cmd = fl.ferry_cmd(train, a.shape, dev, m, a.dtype,
-                                 dict(fl.train_run_sets(a.steps, a.seq, a.batch, tokfile, d), log_every=1),
-                                 a.ferry_set, plan_json=os.path.join(d, "plan.json") if has_plan else None)
+        warm = ferry_warmup(a, m)
+        sets = dict(fl.train_run_sets(warm + measured_steps(a), a.seq, a.batch, tokfile, d), log_every=1)
+        if a.grad_accum > 1:
+            sets["grad_accum"] = a.grad_accum
+        cmd = fl.ferry_cmd(train, a.shape, dev, m, a.dtype, sets, a.ferry_set,
+                           plan_json=os.path.join(d, "plan.json") if has_plan else None)
         fl.ferry_log("ferry-train %s: %s" % (m, " ".join(cmd)))
         res = fl.run(cmd, a.timeout, os.path.join(d, "log.txt"))
         metrics = fl.read_metrics(os.path.join(d, "metrics.jsonl"))
-        row = dict(ok=res["rc"] == 0 and len(metrics) > 0, command=" ".join(cmd), log=os.path.join(d, "log.txt"))
+        row = dict(ok=res["rc"] == 0 and len(metrics) > 0, command=" ".join(cmd), log=os.path.join(d, "log.txt"),
+                   grad_accum=a.grad_accum, warmup=warm)
         if metrics:
-            row.update(fl.summarize_steps(metrics, a.warmup))
+            row.update(fl.summarize_steps(metrics, warm))
             row["peak"] = row["gpu_alloc_peak"]
+            row["ferry_tokens_per_s"] = row["tokens_per_s"]   # ferry's own figure: median of per-step tok/s
+            row["tokens_per_s"] = tokens_per_s(a, row["step_ms"])
+            used = metrics[warm:] if len(metrics) > warm else metrics
+            row["measured"] = len(used)
+            row["speculated"] = sum(1 for r in used if r.get("speculated"))
         if not row["ok"]:
             row["error"] = fl.failure_reason(res, "ferry-train")
         if has_plan and os.path.exists(os.path.join(d, "plan.json")):
@@ -102,6 +171,10 @@ def lower_bounds(a, cfg, rows, out, py, have_cuda):
         lb["pcie"] = load_json(j, res, "pcie_bound.py")
         lb["pcie"]["how"] = "half weights in twice (%.2f GB each), half grads out once (%.2f GB), pinned" % (
             params * e / 1e9, (params - embed) * e / 1e9)
+        if a.grad_accum > 1 and lb["pcie"].get("ok"):   # the weights stream in, the grads out, per micro-batch
+            lb["pcie"]["ms_per_micro_batch"] = lb["pcie"]["ms"]
+            lb["pcie"]["ms"] *= a.grad_accum
+            lb["pcie"]["how"] += ", per micro-batch, x %d" % a.grad_accum
     else:
         lb["pcie"] = dict(ok=False, error="no CUDA device")
     bench_adamw = fl.tool("ferry-bench-adamw")
@@ -138,18 +211,23 @@ def peer_rows(a, out, py, have_cuda, env):
     for key, label, script in PEERS:
         if not a.peers:
             continue
-        if not have_cuda:
-            rows[key] = dict(ok=False, error="no CUDA device")
+        if not have_cuda and not a.peers_on_cpu:
+            rows[key] = dict(ok=False, error="no CUDA device (--peers --device cpu runs them on the CPU)")
             continue
         j = fl.fresh_output(os.path.join(out, "peer_%s.json" % key))
         cmd = [py, os.path.join(HERE, script), "--config", fl.config_path(a.shape), "--seq", str(a.seq), "--batch",
-               str(a.batch), "--steps", str(max(1, a.steps - a.warmup)), "--warmup", str(a.warmup), "--dtype",
-               "bf16" if a.dtype == "bf16" else "fp16", "--json", j]
+               str(a.batch), "--grad-accum", str(a.grad_accum), "--steps", str(measured_steps(a)), "--warmup",
+               str(a.warmup), "--dtype", "bf16" if a.dtype == "bf16" else "fp16", "--json", j]
+        if not have_cuda:
+            cmd += ["--device", "cpu"]
         fl.ferry_log("peer %s: %s" % (key, " ".join(cmd)))
         res = fl.run(cmd, a.timeout, os.path.join(out, "peer_%s.log" % key), env=env)
         r = load_json(j, res, script)
+        r["grad_accum"] = a.grad_accum
+        r["warmup"] = a.warmup
         if r.get("ok"):
             r["peak"] = r.get("peak_alloc")
+            r["tokens_per_s"] = tokens_per_s(a, r.get("step_ms"))
         rows[key] = r
         fl.ferry_log("  -> %s" % (fl.fmt_ms(r.get("step_ms")) if r.get("ok") else r.get("error")))
     return rows
@@ -230,9 +308,9 @@ def render(rep):
     t, p, lb = rep["ferry"], rep["peers"], rep["bounds"]
     inf = rep.get("infer") or {}
     out = []
-    hdr = "ferry bench: shape %s (%.2f B params), seq %d, batch %d, %s, %s; %s; %s; commit %s" % (
-        rep["shape"], rep["params"] / 1e9, rep["seq"], rep["batch"], rep["dtype"], rep["card"], rep["cpu"],
-        rep["date"], rep["commit"])
+    hdr = "ferry bench: shape %s (%.2f B params), seq %d, batch %d, grad_accum %d (%d tokens per step), %s, %s; %s; " \
+          "%s; commit %s" % (rep["shape"], rep["params"] / 1e9, rep["seq"], rep["batch"], rep["grad_accum"],
+                             rep["tokens_per_step"], rep["dtype"], rep["card"], rep["cpu"], rep["date"], rep["commit"])
     out.append(hdr)
     out.append("command: " + rep["command"])
     out.append("GB = 1e9 bytes; peak = allocated (torch.cuda.max_memory_allocated for peers, ferry's gpu_alloc_peak)")
@@ -242,6 +320,9 @@ def render(rep):
 
     def cell_ms(r, key="step_ms"):
         return fl.fmt_ms(r.get(key)) if r and r.get("ok") else "-"
+
+    def cell_tok(r):
+        return fmt_tok_s(r.get("tokens_per_s")) if r and r.get("ok") else "-"
 
     for title, fn, ikey in (("Memory", cell_mem, None), ("Time", cell_ms, "forward_ms")):
         rows = []
@@ -259,18 +340,22 @@ def render(rep):
     for m in MODES:
         if m in t:
             r = t[m]
-            rows.append(["ferry " + m, cell_ms(r), cell_mem(r), ratio(r.get("step_ms"), amp_ms) if r.get("ok") else "-",
+            rows.append(["ferry " + m, cell_ms(r), cell_tok(r), cell_mem(r),
+                         ratio(r.get("step_ms"), amp_ms) if r.get("ok") else "-",
                          ratio(r.get("step_ms"), fsdp_ms) if r.get("ok") else "-",
-                         "" if r.get("ok") else "FAILED: " + r.get("error", "")])
+                         ferry_notes(m, r) if r.get("ok") else "FAILED: " + r.get("error", "")])
     for key, label, _ in PEERS:
         if key in p:
             r = p[key]
-            rows.append([label, cell_ms(r), cell_mem(r), ratio(r.get("step_ms"), amp_ms) if r.get("ok") else "-",
+            rows.append([label, cell_ms(r), cell_tok(r), cell_mem(r),
+                         ratio(r.get("step_ms"), amp_ms) if r.get("ok") else "-",
                          ratio(r.get("step_ms"), fsdp_ms) if r.get("ok") else "-",
                          r.get("notes", "") if r.get("ok") else "FAILED: " + r.get("error", "")])
     if rows:
-        out += ["", "Training step, ferry and peers (same run)",
-                fl.table(["", "time", "peak GPU", "vs PyTorch AMP", "vs FSDP2", "notes"], rows, markdown=True)]
+        out += ["", "Training step, ferry and peers (same run; %d x %d x %d = %d tokens per optimizer step)" % (
+            rep["grad_accum"], rep["batch"], rep["seq"], rep["tokens_per_step"]),
+                fl.table(["", "time", "tokens/s", "peak GPU", "vs PyTorch AMP", "vs FSDP2", "notes"], rows,
+                         markdown=True)]
 
     rows = []
     for key, label in (("compute", "GPU compute alone"), ("pcie", "PCIe traffic alone"), ("adamw", "CPU AdamW alone")):
@@ -293,8 +378,46 @@ def render(rep):
                 inf["raw"]["ferry-bench-infer"]["tail"][-3000:].strip()]
 
     if rep.get("goals"):
-        out += ["", "Goals (issue 5)", fl.table(["goal", "measured", "result"], rep["goals"], markdown=True)]
+        out += ["", "Goals (issues 5 and 19)", fl.table(["goal", "measured", "result"], rep["goals"], markdown=True)]
+    if t or p:
+        out += ["", "Notes"] + ["- " + x for x in notes(rep)]
     return "\n".join(out)
+
+
+def fmt_tok_s(v):
+    return "-" if not v else ("%.1fk" % (v / 1e3) if v >= 1e4 else "%.0f" % v)
+
+
+def ferry_notes(mode, r):
+    """The notes cell of a ferry row: its warm-up, and for overlapped how many measured steps
+    speculated (all of them in the steady state of speculate=auto)."""
+    n = "warm-up %d" % r.get("warmup", 0)
+    if mode == "overlapped" and r.get("measured"):
+        n += ", speculated %d/%d measured steps" % (r.get("speculated", 0), r["measured"])
+    return n
+
+
+def notes(rep):
+    """How the training rows were measured (the bench.md "notes")."""
+    t = rep["ferry"]
+    k = rep["grad_accum"]
+    n = ["Every training row measures %d steps (median) after leaving out the first %d (--warmup)%s." % (
+             rep["measured_steps"], rep["warmup"],
+             "; ferry overlapped leaves out the first %d (--ferry-warmup, default max(--warmup, %d)): with "
+             "speculate=auto ferry speculates (updates during backward) only after 8 clean steps in a row (no "
+             "clipping, no overflow), so its median is the steady state" % (
+                 rep["ferry_warmup_overlapped"], SPECULATE_WARMUP) if "overlapped" in t else ""),
+         "tokens/s = grad_accum x batch x seq / step time = %d x %d x %d / step time, the same effective batch for "
+         "every row; ratios are of step times in this run." % (k, rep["batch"], rep["seq"])]
+    if k > 1:
+        n.append("grad_accum %d: ferry --set grad_accum=%d; each peer runs %d forward+backward passes of loss / %d and "
+                 "one optimizer step (GradScaler and clipping once per step where it uses them)." % (k, k, k, k))
+    ov = t.get("overlapped", {})
+    if ov.get("ok") and ov.get("measured") and ov.get("speculated", 0) < ov["measured"]:
+        n.append("ferry overlapped speculated on %d of %d measured steps only (clipping or overflow fired, or "
+                 "speculate is not auto): its median is not speculation's steady state." % (
+                     ov.get("speculated", 0), ov["measured"]))
+    return n
 
 
 def goals(rep):
@@ -312,6 +435,10 @@ def goals(rep):
     amp, fsdp, tao = (p.get(k, {}) for k in ("amp", "fsdp2", "torchao"))
     bounds = [b["ms"] for b in lb.values() if b.get("ok") and b.get("ms")]
     shape = os.path.basename(rep["shape"]).replace(".json", "")
+    none, ga = t.get("none", {}), rep["grad_accum"]
+    if ga > 1 and none.get("ok") and shape in ("debug", "1b"):   # issue 19, at this run's accumulation
+        add("overlapped <= 1.15x none at grad_accum %d (issue 19)" % ga, "%.0f vs %.0f ms (%.2fx)" % (
+            ms, none["step_ms"], ms / none["step_ms"]), ms <= 1.15 * none["step_ms"])
     if shape == "debug":
         if amp.get("ok"):
             add("overlapped <= 1.0x PyTorch AMP", "%.0f vs %.0f ms (%.2fx)" % (ms, amp["step_ms"], ms / amp["step_ms"]),
@@ -330,6 +457,14 @@ def goals(rep):
             add("overlapped < torchao at < 1/3 its memory", "%.0f vs %.0f ms, %.2f vs %.2f GB" % (
                 ms, tao["step_ms"], peak / 1e9, (tao.get("peak") or 0) / 1e9),
                 ms < tao["step_ms"] and peak * 3 < (tao.get("peak") or 0))
+    if ga > 1 and amp.get("ok") and shape in ("debug", "1b"):
+        want = 1.5 if shape == "debug" else 1.0
+        a_tok, a_peak = amp.get("tokens_per_s") or 0, amp.get("peak") or 0
+        add("overlapped >= %.1fx PyTorch AMP tokens/s at < 1/4 its memory (issue 19)" % want,
+            "%.0f vs %.0f tok/s (%.2fx), %.2f vs %.2f GB" % (ov.get("tokens_per_s") or 0, a_tok,
+                                                            (ov.get("tokens_per_s") or 0) / a_tok if a_tok else 0,
+                                                            peak / 1e9, a_peak / 1e9),
+            a_tok > 0 and (ov.get("tokens_per_s") or 0) >= want * a_tok and peak * 4 < a_peak)
     if bounds and shape in ("debug", "1b"):
         add("overlapped <= 1.15x largest lower bound", "%.0f vs %.0f ms (%.2fx)" % (ms, max(bounds), ms / max(bounds)),
             ms <= 1.15 * max(bounds))
@@ -338,6 +473,7 @@ def goals(rep):
 
 def main():
     a = parse_args()
+    resolve_grad_accum(a)
     a.modes = [m for m in a.modes.split(",") if m]
     for m in a.modes:
         if m not in MODES:
@@ -345,6 +481,8 @@ def main():
     gpu = fl.gpu_info()
     dev = a.device if a.device != "auto" else ("cuda" if gpu else "cpu")
     have_cuda = dev == "cuda" and gpu is not None
+    a.peers_on_cpu = a.peers is True and not have_cuda   # asked for explicitly: the peers' CPU smoke path
+    a.peers = a.peers is not False
     if dev == "cpu" and a.dtype == "fp16":
         fl.ferry_log("no GPU: ferry runs on the CPU in bf16 (fp16 needs a GPU)")
         a.dtype = "bf16"
@@ -360,12 +498,18 @@ def main():
         env["PYTHONPATH"] = site + (":" + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else "")
     env["PYTHONPATH"] = HERE + ":" + env.get("PYTHONPATH", os.environ.get("PYTHONPATH", ""))
 
-    n_tok = int((a.steps * a.batch + 16) * (a.seq + 1) * 1.1) + 4096
+    # Enough sequences for the longest run (ferry overlapped's longer warm-up) x batch x grad_accum,
+    # at most 512 (ferry's reader wraps around, in a new order each epoch; the peers draw their own).
+    longest = max(a.steps, ferry_warmup(a, "overlapped") + measured_steps(a))
+    n_seq = min(512, longest * a.batch * a.grad_accum + 16)
+    n_tok = int(n_seq * (a.seq + 1) * 1.1) + 4096
     tokfile = fl.write_tokens(os.path.join(out, "tokens.bin"), n_tok, cfg["vocab_size"])
 
     rep = dict(shape=a.shape, params=fl.llama_params(cfg), seq=a.seq, batch=a.batch, dtype=a.dtype, device=dev,
                card=gpu["card"] if gpu else "no GPU (" + dev + ")", driver=gpu["driver"] if gpu else None,
                cpu=fl.cpu_name(), date=date, commit=fl.git_commit(), steps=a.steps, warmup=a.warmup,
+               grad_accum=a.grad_accum, tokens_per_step=tokens_per_step(a), measured_steps=measured_steps(a),
+               ferry_warmup_overlapped=ferry_warmup(a, "overlapped"),
                command="scripts/bench.sh " + " ".join(sys.argv[1:]), python=py)
     rep["ferry"] = ferry_train_rows(a, dev, tokfile, out) if a.train else {}
     rep["bounds"] = lower_bounds(a, cfg, rep["ferry"], out, py, have_cuda) if a.bounds and a.train else {}

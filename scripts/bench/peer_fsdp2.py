@@ -1,7 +1,11 @@
 """Peer "FSDP2 CPU offload": PyTorch FSDP2 fully_shard per decoder layer and on the root with
 CPUOffloadPolicy(pin_memory=True) and MixedPrecisionPolicy(param_dtype=fp16|bf16, reduce fp32),
 world size 1 (single-process init from environment variables), CPU AdamW after backward,
-clip_grad_norm_ 1.0, and for fp16 the ShardedGradScaler (dropped, with a note, if it fails)."""
+clip_grad_norm_ 1.0, and for fp16 the ShardedGradScaler (dropped, with a note, if it fails).
+With --grad-accum K: K forward+backward passes (loss / K, scaled); FSDP2's default gradient sync
+on every micro-batch, so each backward's sharded gradient is offloaded and summed into the CPU
+.grad (no set_requires_gradient_sync(False): that keeps the unsharded gradients on the GPU,
+which the offload is there to avoid); then one unscale_, clip, CPU AdamW step."""
 import os
 import socket
 import sys
@@ -50,33 +54,36 @@ def main():
                 from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
                 scaler = ShardedGradScaler()
 
-            def step(tok):
+            def fwd(tok):
+                return model(input_ids=tok, labels=tok).loss
+
+            def step(micro):
                 nonlocal scaler
-                loss = model(input_ids=tok, labels=tok).loss
                 if scaler is not None:
                     try:
-                        scaler.scale(loss).backward()
+                        loss = pc.accumulate(micro, fwd, scaler.scale)
                         scaler.unscale_(opt)
                         torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
                         scaler.step(opt)
                         scaler.update()
                         opt.zero_grad(set_to_none=True)
-                        return loss.detach()
+                        return loss
                     except RuntimeError as e:
                         notes.append("ShardedGradScaler failed (%s); ran without it" % str(e).splitlines()[0][:120])
                         scaler = None
                         opt.zero_grad(set_to_none=True)
-                        loss = model(input_ids=tok, labels=tok).loss
-                loss.backward()
+                        pc.restart_step()
+                loss = pc.accumulate(micro, fwd)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-                return loss.detach()
+                return loss
 
             res = pc.timed_loop(args, step, cfg.vocab_size, args.device)
-            notes.insert(0, "fully_shard per layer, %sMixedPrecision %s, CPU AdamW, clip %g%s" % (
+            notes.insert(0, "fully_shard per layer, %sMixedPrecision %s, CPU AdamW, clip %g%s%s" % (
                 "CPUOffloadPolicy(pin_memory=True), " if cuda else "", args.dtype, args.clip,
-                ", ShardedGradScaler" if scaler is not None else ""))
+                ", ShardedGradScaler" if scaler is not None else "",
+                ", grad accumulation %d (gradient sync per micro-batch)" % args.grad_accum if args.grad_accum > 1 else ""))
             res["notes"] = "; ".join(notes)
             return res
         finally:

@@ -3,8 +3,13 @@
 Runs a fixed workload (fixed seed, fixed random-token data), records it, compares it with the
 stored baseline of this card and exits non-zero on a regression:
   GPU: configs 1b and 3b at sequence 4096; N steps overlapped, shorter blocked and none runs
-       where the plan fits the card; ferry-infer evaluation + a short generation when built.
-  CPU (no GPU, or --cpu): the same pipeline on the tiny config, small sequence, fewer steps.
+       where the plan fits the card; ferry-infer evaluation + a short generation when built;
+       and 1b overlapped with gradient accumulation 4 (run "1b/overlapped-accum4", issue 19).
+  CPU (no GPU, or --cpu): the same pipeline on the tiny config, small sequence, fewer steps,
+       the accumulation run as tiny overlapped with grad_accum 2 ("tiny/overlapped-accum2").
+--accum SHAPE:K,... picks the accumulation runs (of shapes in --configs; "none" for none). A run
+missing from the baseline (e.g. a baseline written before the accumulation run existed) is
+reported as new, not as a regression; one in the baseline but not run tonight likewise.
 Record: per run the step-time median and spread, tokens/s, peak GPU memory (allocated and
 reserved), peak host memory (the child's max RSS), pinned bytes (plan), the loss curve,
 rollbacks, skipped steps; plus the commit, card, driver and CPU.
@@ -49,6 +54,8 @@ def parse_args():
     ap.add_argument("--record", default=None, help="compare this existing record.json instead of running")
     ap.add_argument("--configs", default=None, help="comma list (default 1b,3b on GPU, tiny on CPU)")
     ap.add_argument("--steps", type=int, default=None, help="overlapped steps (default 20 GPU, 4 CPU)")
+    ap.add_argument("--accum", default=None, metavar="SHAPE:K,...",
+                    help="overlapped runs with grad_accum K, N steps each (default 1b:4 GPU, tiny:2 CPU; none: no such run)")
     ap.add_argument("--short-steps", type=int, default=None, help="blocked/none steps (default 6 GPU, 2 CPU)")
     ap.add_argument("--seq", type=int, default=None, help="default 4096 GPU, 64 CPU")
     ap.add_argument("--time-tol", type=float, default=0.10)
@@ -67,19 +74,44 @@ def slug(s):
     return re.sub(r"[^a-z0-9]+", "-", s.lower()).strip("-") or "unknown"
 
 
-def train_run(a, train, shape, mode, steps, dev, dtype, tokfile, out):
-    d = os.path.join(out, "%s-%s" % (shape, mode))
+def run_key(shape, mode, grad_accum=1):
+    """The record's key of a run: SHAPE/MODE, with -accumK for gradient accumulation."""
+    return "%s/%s%s" % (shape, mode, "-accum%d" % grad_accum if grad_accum > 1 else "")
+
+
+def accum_runs(spec, configs):
+    """--accum "SHAPE:K,..." as [(shape, K)] for the shapes in `configs` (K > 1)."""
+    runs = []
+    for item in [x.strip() for x in spec.split(",") if x.strip() and x.strip() != "none"]:
+        shape, _, k = item.partition(":")
+        try:
+            k = int(k)
+        except ValueError:
+            k = 0
+        if k < 2:
+            raise SystemExit("nightly: --accum %s: want SHAPE:K with K >= 2" % item)
+        if shape in configs:
+            runs.append((shape, k))
+        else:
+            fl.ferry_log("--accum %s skipped: %s is not in --configs" % (item, shape))
+    return runs
+
+
+def train_run(a, train, shape, mode, steps, dev, dtype, tokfile, out, grad_accum=1):
+    d = os.path.join(out, run_key(shape, mode, grad_accum).replace("/", "-"))
     shutil.rmtree(d, ignore_errors=True)
     os.makedirs(d)
     plan = os.path.join(d, "plan.json")
-    cmd = fl.ferry_cmd(train, shape, dev, mode, dtype, fl.train_run_sets(steps, a.seq, 1, tokfile, d),
-                             a.ferry_set, seed=1234, plan_json=plan)
+    sets = fl.train_run_sets(steps, a.seq, 1, tokfile, d)
+    if grad_accum > 1:
+        sets["grad_accum"] = grad_accum
+    cmd = fl.ferry_cmd(train, shape, dev, mode, dtype, sets, a.ferry_set, seed=1234, plan_json=plan)
     fl.ferry_log("%s %s: %s" % (shape, mode, " ".join(cmd)))
     res = fl.run_measured(cmd, os.path.join(d, "log.txt"), a.timeout)
     rc, rss = res["rc"], res["host_peak"]
     rows = fl.read_metrics(os.path.join(d, "metrics.jsonl"))
-    rec = dict(kind="train", shape=shape, mode=mode, steps=steps, ok=rc == 0 and len(rows) == steps,
-               command=" ".join(cmd))
+    rec = dict(kind="train", shape=shape, mode=mode, steps=steps, grad_accum=grad_accum,
+               ok=rc == 0 and len(rows) == steps, command=" ".join(cmd))
     if not rec["ok"]:
         rec["error"] = "exit %d: %s" % (rc, fl.last_line(os.path.join(d, "log.txt")))
     if rows:
@@ -93,13 +125,13 @@ def train_run(a, train, shape, mode, steps, dev, dtype, tokfile, out):
     return rec
 
 
-def fits(train, shape, mode, a, dev, dtype, out, card_bytes):
+def fits(train, shape, mode, a, dev, dtype, out, card_bytes, grad_accum=1):
     """Whether the plan of (shape, mode) fits this card; on CPU always."""
     if dev != "cuda" or not card_bytes:
         return True, ""
-    j = os.path.join(out, "plan-%s-%s.json" % (shape, mode))
-    r = fl.run(fl.ferry_cmd(train, shape, dev, mode, dtype, dict(max_length=a.seq), dry_run=True, plan_json=j),
-               120)
+    j = os.path.join(out, "plan-%s.json" % run_key(shape, mode, grad_accum).replace("/", "-"))
+    sets = dict(max_length=a.seq, grad_accum=grad_accum) if grad_accum > 1 else dict(max_length=a.seq)
+    r = fl.run(fl.ferry_cmd(train, shape, dev, mode, dtype, sets, dry_run=True, plan_json=j), 120)
     if r["rc"] != 0:
         return False, fl.failure_reason(r, "dry-run")
     with open(j) as f:
@@ -260,7 +292,7 @@ def compare(cur, base, tol):
             lim = tol["loss_atol"] + tol["loss_rtol"] * abs(b["eval_loss"])
             (reg if d > lim else notes).append("%s: eval loss %.5f vs %.5f" % (key, c["eval_loss"], b["eval_loss"]))
     for key in sorted(set(cur["runs"]) - set(base["runs"])):
-        notes.append("%s: new tonight, not in the baseline" % key)
+        notes.append("%s: new run, no baseline yet (not compared; --update-baseline adds it)" % key)
     return reg, imp, notes
 
 
@@ -300,6 +332,7 @@ def main():
     dtype = "fp16" if gpu else "fp32"
     a.configs = (a.configs or ("1b,3b" if gpu else "tiny")).split(",")
     a.steps = a.steps or (20 if gpu else 4)
+    a.accum = accum_runs(a.accum if a.accum is not None else ("1b:4" if gpu else "tiny:2"), a.configs)
     a.short_steps = a.short_steps or (6 if gpu else 2)
     a.seq = a.seq or (4096 if gpu else 64)
     tol = dict(time=a.time_tol, mem=a.mem_tol, loss_atol=a.loss_atol if a.loss_atol is not None else
@@ -332,14 +365,17 @@ def main():
             with open(base_path) as f:
                 base_runs = json.load(f).get("runs", {})
         for shape in a.configs:
-            for mode, steps in (("overlapped", a.steps), ("blocked", a.short_steps), ("none", a.short_steps)):
-                key = "%s/%s" % (shape, mode)
-                ok, why = fits(train, shape, mode, a, dev, dtype, out, gpu and gpu["mem_bytes"])
+            runs = [("overlapped", a.steps, 1), ("blocked", a.short_steps, 1), ("none", a.short_steps, 1)]
+            runs += [("overlapped", a.steps, k) for s, k in a.accum if s == shape]
+            for mode, steps, ga in runs:
+                key = run_key(shape, mode, ga)
+                ok, why = fits(train, shape, mode, a, dev, dtype, out, gpu and gpu["mem_bytes"], ga)
                 if not ok:
                     fl.ferry_log("%s skipped: %s" % (key, why))
                     continue
-                cur["runs"][key] = measure(lambda: train_run(a, train, shape, mode, steps, dev, dtype, tokfile, out),
-                                           key, base_runs, a, tol)
+                cur["runs"][key] = measure(
+                    lambda: train_run(a, train, shape, mode, steps, dev, dtype, tokfile, out, ga), key, base_runs, a,
+                    tol)
             if infer:
                 key = "%s/infer" % shape
                 cur["runs"][key] = measure(lambda: infer_run(a, infer, shape, dev, dtype, tokfile, out),
