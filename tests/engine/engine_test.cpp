@@ -679,7 +679,7 @@ TEST(engine_accumulation, two_micro_batches_equal_one_batch) {
 // runs match the double-precision reference of the 7 rows as one batch. The last micro-batch is
 // read by the optimizer beside the fp32 sum of the others (chunk_ref::grad_acc).
 TEST(engine_accumulation, micro_batch_counts_equal_one_batch) {
-  FERRY_REQUIRE_ENGINE_DEVICE();
+  FERRY_REQUIRE_DEVICE();
   const int64_t rows = 7, T = k_seq;
   const auto big = make_data(3, rows, T, 11);
   for (auto mode : {k_overlapped, k_blocked, k_none}) {
