@@ -58,6 +58,7 @@ engine::engine_options engine_options_for(const io::run_config& cfg, const model
   o.prefetch = cfg.prefetch;
   o.cpu_threads = int(cfg.cpu_threads);
   o.speculate = engine::parse_speculate_mode(cfg.speculate);
+  o.recompute = engine::parse_recompute_mode(cfg.activation_checkpointing);
   o.beta1 = cfg.beta1;
   o.beta2 = cfg.beta2;
   o.eps = cfg.eps;
@@ -129,7 +130,7 @@ void write_plan_json(const std::string& path, const io::run_config& cfg, const m
   j["run"] = {{"offload", cfg.offload}, {"dtype", cfg.dtype},           {"device", cfg.device},
               {"batch", cfg.batch_size}, {"seq", cfg.max_length},       {"grad_accum", cfg.grad_accum},
               {"prefetch", cfg.prefetch}, {"gpu_mem_limit_gib", cfg.gpu_mem_limit_gib},
-              {"forward_only", eo.forward_only}};
+              {"forward_only", eo.forward_only}, {"recompute_blocks", p.recompute_blocks}};
   auto device_of = [](const engine::memory_plan& q) {
     return nlohmann::json{{"weight_slots", q.weight_slots}, {"grad_slots", q.grad_slots}, {"optimizer", q.optimizer},
                           {"activations", q.activations},   {"workspace", q.workspace},   {"total", q.device_total}};
@@ -144,7 +145,7 @@ void write_plan_json(const std::string& path, const io::run_config& cfg, const m
   if (!eo.forward_only) {
     std::vector<std::pair<const char*, engine::plan_what_if>> variants(3);
     variants[0].first = "activation checkpointing";
-    variants[0].second.recompute_blocks = true;
+    variants[0].second.recompute_blocks = mc.num_hidden_layers;
     variants[1].first = "bf16 optimizer moments";
     variants[1].second.moment_bytes = 4;
     variants[2].first = "NVMe offload of master+moments";

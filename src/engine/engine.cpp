@@ -25,14 +25,18 @@ engine::engine(const model::llama_config& cfg, const engine_options& opt) : cfg_
   FERRY_CONFIG_CHECK(!cfg_.tie_word_embeddings, "model ", cfg_.name,
                      ": tie_word_embeddings=true is not supported for training; untie the checkpoint first");
   dev_ = make_backend(opt_);
-  plan_ = plan_memory(cfg_, opt_, opt_.max_batch, opt_.max_seq, opt_.grad_accum);
+  // What the plan must fit (activation_checkpointing=auto fits it; the host backend plans for the
+  // limit too, so the CPU tests can exercise it).
+  const int64_t cap = opt_.gpu_mem_limit_gib > 0 ? int64_t(opt_.gpu_mem_limit_gib * double(1ull << 30))
+                      : dev_->is_cuda()          ? dev_->memory_stats().total
+                                                 : 0;
+  plan_ = plan_memory(cfg_, opt_, opt_.max_batch, opt_.max_seq, opt_.grad_accum, {}, cap);
   if (dev_->is_cuda()) {
     dev_->limit_memory(opt_.gpu_mem_limit_gib);
-    const int64_t cap = opt_.gpu_mem_limit_gib > 0 ? int64_t(opt_.gpu_mem_limit_gib * double(1ull << 30))
-                                                   : dev_->memory_stats().total;
     FERRY_CHECK(plan_.device_total <= cap, "model ", cfg_.name, " at batch ", opt_.max_batch, " x ", opt_.max_seq,
                 " tokens needs ", plan_.device_total >> 20, " MiB of GPU memory but ", cap >> 20,
-                " MiB are usable; lower max_length or batch_size, use --offload overlapped, or a smaller model");
+                " MiB are usable; lower max_length or batch_size, use --offload overlapped, activation_checkpointing=auto, or a ",
+                "smaller model");
   }
   store_ = std::make_unique<param_store>(cfg_, opt_.dtype, *dev_, /*optimizer_state=*/!opt_.forward_only, opt_.state);
   worker_ = std::make_unique<update_worker>(store_->num_units());
@@ -174,12 +178,21 @@ step_result engine::train_step(const std::vector<at::Tensor>& micro_batches, dou
     at::Tensor labels = tokens.narrow(1, 1, T).contiguous().to(dev_->device());
     auto task = [&](int64_t u) { return host_task(u, last, speculate, mult, hp, step); };
 
+    // The first plan_.recompute_blocks blocks keep only their input; their forward runs again,
+    // saving, just before their backward (block_forward_whole is block_forward's result, bit for bit).
     at::Tensor x = pool_->embed(inputs);
     std::vector<model::block_saved> saved(static_cast<size_t>(L));
+    std::vector<at::Tensor> block_in(static_cast<size_t>(plan_.recompute_blocks));
     size_t at = 0;
     for (int64_t i = 0; i < L; ++i, ++at) {
       const int64_t u = store_->block_unit(i);
-      x = model::block_forward(x, model::block_views(pool_->acquire(u, uses, at), cfg_), cfg_, rope_, saved[size_t(i)]);
+      const model::block_weights w = model::block_views(pool_->acquire(u, uses, at), cfg_);
+      if (i < plan_.recompute_blocks) {
+        block_in[size_t(i)] = x;
+        x = model::block_forward_whole(x, w, cfg_, rope_);
+      } else {
+        x = model::block_forward(x, w, cfg_, rope_, saved[size_t(i)]);
+      }
       pool_->release(u);
     }
 
@@ -198,9 +211,13 @@ step_result engine::train_step(const std::vector<at::Tensor>& micro_batches, dou
 
     for (int64_t i = L - 1; i >= 0; --i, ++at) {
       const int64_t u = store_->block_unit(i);
-      const at::Tensor& w = pool_->acquire(u, uses, at);
+      const model::block_weights w = model::block_views(pool_->acquire(u, uses, at), cfg_);
+      if (i < plan_.recompute_blocks) {
+        model::block_forward(block_in[size_t(i)], w, cfg_, rope_, saved[size_t(i)]);
+        block_in[size_t(i)] = at::Tensor();
+      }
       at::Tensor g = grads_->target(u);
-      dx = model::block_backward(dx, model::block_views(w, cfg_), cfg_, rope_, saved[size_t(i)], model::block_views(g, cfg_),
+      dx = model::block_backward(dx, w, cfg_, rope_, saved[size_t(i)], model::block_views(g, cfg_),
                                  grads_->accumulate_on_device(first));
       pool_->release(u);
       grads_->send(u, first, last, task(u), speculate);
@@ -246,52 +263,6 @@ step_result engine::train_step(const std::vector<at::Tensor>& micro_batches, dou
   r.gpu_reserved_peak = mem.reserved_peak;
   r.step_ms = ms_since(t_start);
   return r;
-}
-
-// ---- the forward pieces that evaluation and generation share ----
-
-at::Tensor engine::embed(const at::Tensor& tokens) {
-  FERRY_CHECK(tokens.numel() == 0 || (tokens.min().item<int64_t>() >= 0 && tokens.max().item<int64_t>() < cfg_.vocab_size),
-              "token id outside the model's vocabulary [0, ", cfg_.vocab_size, ")");
-  return pool_->embed(tokens);
-}
-
-at::Tensor engine::forward_blocks(at::Tensor x, const block_fn& fn) {
-  auto guard = dev_->enter_compute();
-  const std::vector<int64_t> uses = schedule(false);
-  for (int64_t i = 0; i < cfg_.num_hidden_layers; ++i) {
-    const int64_t u = store_->block_unit(i);
-    x = fn(i, model::block_views(pool_->acquire(u, uses, size_t(i)), cfg_), x);
-    pool_->release(u);
-  }
-  return x;
-}
-
-std::pair<at::Tensor, at::Tensor> engine::head_weights() {
-  const int64_t h = cfg_.hidden_size, V = cfg_.vocab_size, hu = store_->head_unit();
-  const at::Tensor& flat = pool_->acquire(hu, {hu}, 0);
-  return {flat.narrow(0, 0, h), flat.narrow(0, h, V * h).view({V, h})};
-}
-
-void engine::release_head() { pool_->release(store_->head_unit()); }
-
-model::head_result engine::evaluate(const at::Tensor& tokens) {
-  check_batch(tokens, false);
-  auto guard = dev_->enter_compute();
-  const int64_t T = tokens.size(1) - 1;
-  at::Tensor inputs = tokens.narrow(1, 0, T).contiguous();
-  at::Tensor labels = tokens.narrow(1, 1, T).contiguous().to(dev_->device());
-  // Resident weights leave memory to spare: one pass per block (block_forward_whole). Streamed
-  // ones run each block in chunks of tokens. The embedding output is freed once the first block
-  // has read it.
-  const bool whole = opt_.mode == offload_mode::offload_none;
-  at::Tensor x = forward_blocks(pool_->embed(inputs), [&](int64_t, const model::block_weights& w, const at::Tensor& in) {
-    return whole ? model::block_forward_whole(in, w, cfg_, rope_) : model::block_forward_chunked(in, w, cfg_, rope_);
-  });
-  auto [norm_w, lm_w] = head_weights();
-  auto hr = model::head_forward_backward(x, norm_w, lm_w, labels, cfg_, opt_.ce_chunk, 1.0, nullptr, nullptr, nullptr, false);
-  release_head();
-  return hr;
 }
 
 }  // namespace ferry::engine

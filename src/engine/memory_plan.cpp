@@ -71,9 +71,33 @@ memory_plan plan_forward_only(const model::llama_config& cfg, const engine_optio
 
 }  // namespace
 
+int64_t activation_bytes(const model::llama_config& cfg, int64_t batch, int64_t seq, int64_t elem_size,
+                         int64_t recomputed) {
+  const int64_t L = cfg.num_hidden_layers, c = std::min(std::max<int64_t>(recomputed, 0), L);
+  const int64_t S = model::block_saved_bytes(cfg, batch, seq, elem_size), I = batch * seq * cfg.hidden_size * elem_size;
+  // At the start of the backward: L - c saved sets (each holding its block's input) and c + 1
+  // hidden states (the checkpointed inputs and the gradient of the last output). When every block
+  // is recomputed, the first recompute's saved set holds its input already, beside the other
+  // L - 1 inputs and that gradient; with some blocks not recomputed, a recompute happens only after
+  // their saved sets are gone, so the start of the backward is the peak.
+  if (c == L && L > 0) return L * I + S;
+  return (L - c) * S + (c + 1) * I;
+}
+
 memory_plan plan_memory(const model::llama_config& cfg, const engine_options& opt, int64_t batch, int64_t seq,
-                        int64_t grad_accum, const plan_what_if& what_if) {
+                        int64_t grad_accum, const plan_what_if& what_if, int64_t device_bytes) {
   if (opt.forward_only) return plan_forward_only(cfg, opt, batch, seq);
+  if (what_if.recompute_blocks < 0 && opt.recompute == recompute_mode::recompute_auto) {
+    // The fewest recomputed blocks whose plan fits; all of them when none does (the engine then
+    // refuses the run, naming the bytes).
+    const int64_t cap = device_bytes > 0 ? device_bytes : int64_t(opt.gpu_mem_limit_gib * double(1ull << 30));
+    plan_what_if w = what_if;
+    for (int64_t c = 0; c <= cfg.num_hidden_layers; ++c) {
+      w.recompute_blocks = c;
+      memory_plan p = plan_memory(cfg, opt, batch, seq, grad_accum, w, device_bytes);
+      if (cap <= 0 || p.device_total <= cap || c == cfg.num_hidden_layers) return p;
+    }
+  }
   memory_plan p;
   const int64_t e = static_cast<int64_t>(c10::elementSize(opt.dtype));
   const int64_t L = cfg.num_hidden_layers, h = cfg.hidden_size, V = cfg.vocab_size;
@@ -90,8 +114,10 @@ memory_plan plan_memory(const model::llama_config& cfg, const engine_options& op
     p.weight_slots = (slots * block + head) * e;
     p.grad_slots = (2 * block + head) * e;
   }
-  p.activations = what_if.recompute_blocks ? (L + 1) * n * h * e + model::block_saved_bytes(cfg, batch, seq, e)
-                                           : L * model::block_saved_bytes(cfg, batch, seq, e) + n * h * e;
+  p.recompute_blocks = what_if.recompute_blocks >= 0 ? std::min(what_if.recompute_blocks, L)
+                       : opt.recompute == recompute_mode::recompute_blocks ? L
+                                                                            : 0;
+  p.activations = activation_bytes(cfg, batch, seq, e, p.recompute_blocks);
 
   // Transients: attention scores and probabilities where no fused kernel applies (head_dim > 256
   // or the CPU path), the MLP's recomputed product and gradients, one chunk of logits with its
@@ -117,11 +143,13 @@ memory_plan plan_memory(const model::llama_config& cfg, const engine_options& op
 
 std::string memory_plan::describe() const {
   auto gib = [](int64_t b) { return double(b) / double(1ull << 30); };
+  const std::string recompute_note =
+      recompute_blocks > 0 ? " (" + std::to_string(recompute_blocks) + " blocks recomputed)" : std::string();
   char buf[1024];
   std::snprintf(buf, sizeof buf,
-                "device  %8.2f GiB = weight slots %.2f + gradient slots %.2f + optimizer %.2f + activations %.2f + workspace %.2f\n"
+                "device  %8.2f GiB = weight slots %.2f + gradient slots %.2f + optimizer %.2f + activations %.2f%s + workspace %.2f\n"
                 "host    %8.2f GiB = fp32 master %.2f + moments %.2f + pinned %.2f + other %.2f",
-                gib(device_total), gib(weight_slots), gib(grad_slots), gib(optimizer), gib(activations), gib(workspace),
+                gib(device_total), gib(weight_slots), gib(grad_slots), gib(optimizer), gib(activations), recompute_note.c_str(), gib(workspace),
                 gib(host_total), gib(host_master), gib(host_moments), gib(host_pinned), gib(host_other));
   return buf;
 }

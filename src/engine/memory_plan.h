@@ -18,6 +18,7 @@ struct memory_plan {
   int64_t optimizer = 0;      // none mode only: fp32 master, m, v on the device (forward_only: 0)
   int64_t activations = 0;    // saved for backward by every block, plus the layer inputs
                               // (forward_only: one layer's input and output)
+  int64_t recompute_blocks = 0;  // blocks that keep only their input (activation checkpointing)
   int64_t workspace = 0;      // the largest transient: attention scores, MLP, logits chunk; rotary
                               // tables and cuBLAS workspace
   int64_t device_total = 0;
@@ -34,9 +35,8 @@ struct memory_plan {
 // Capabilities the planner prices before the engine runs them, so the largest-model finder can say
 // what each would buy (its what-if rows come from here, through ferry-train --plan-json):
 struct plan_what_if {
-  // Activation checkpointing: only the block inputs are kept, and one block's saved tensors exist
-  // at a time (recomputed in its backward).
-  bool recompute_blocks = false;
+  // Activation checkpointing of this many blocks (the first ones; -1: as opt.recompute says).
+  int64_t recompute_blocks = -1;
   // Bytes per parameter of the two AdamW moments; -1: the state tier's (opt.state). 4 = bf16.
   int64_t moment_bytes = -1;
   // fp32 master weights and moments in files on local disk instead of host memory.
@@ -46,8 +46,16 @@ struct plan_what_if {
 // opt.forward_only: an inference engine (no gradient slots or optimizer state anywhere; activations
 // are one layer's input and output, the workspace the larger of a block's chunked forward and the
 // loss head's logits chunk). Generation's KV cache is the caller's and not part of the plan.
+// device_bytes: the usable device memory, which recompute_mode::recompute_auto fits the plan into
+// (0: opt.gpu_mem_limit_gib, and without that no block is recomputed).
 memory_plan plan_memory(const model::llama_config& cfg, const engine_options& opt, int64_t batch, int64_t seq,
-                        int64_t grad_accum, const plan_what_if& what_if = {});
+                        int64_t grad_accum, const plan_what_if& what_if = {}, int64_t device_bytes = 0);
+
+// Device bytes of the activations kept for the backward when the first `recomputed` blocks keep
+// only their input: the others' saved tensors (model::block_saved_bytes) and inputs, plus, while a
+// recomputed block runs its backward, its own saved tensors (at most one at a time).
+int64_t activation_bytes(const model::llama_config& cfg, int64_t batch, int64_t seq, int64_t elem_size,
+                         int64_t recomputed);
 
 // Rows of the engine's rotary table (engine_options::max_positions, or its default).
 int64_t rotary_positions(const model::llama_config& cfg, const engine_options& opt);

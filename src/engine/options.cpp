@@ -27,6 +27,13 @@ speculate_mode parse_speculate_mode(const std::string& s) {
   throw config_error("speculate \"" + s + "\" is not one of auto, on, off");
 }
 
+recompute_mode parse_recompute_mode(const std::string& s) {
+  if (s == "none") return recompute_mode::recompute_none;
+  if (s == "blocks") return recompute_mode::recompute_blocks;
+  if (s == "auto") return recompute_mode::recompute_auto;
+  throw config_error("activation_checkpointing \"" + s + "\" is not one of none, blocks, auto");
+}
+
 at::ScalarType parse_compute_dtype(const std::string& s) {
   if (s == "fp16") return at::kHalf;
   if (s == "bf16") return at::kBFloat16;

@@ -17,6 +17,14 @@ enum class offload_mode {
   offload_overlapped,  // prefetch, gradient streaming, CPU AdamW overlapped with backward
 };
 
+// Activation checkpointing: which blocks keep only their input and recompute their forward in the
+// backward (the first ones: their saved tensors would live longest).
+enum class recompute_mode {
+  recompute_none,
+  recompute_blocks,  // every block
+  recompute_auto,    // the fewest blocks that make the plan fit the device (memory_plan.h)
+};
+
 enum class speculate_mode {
   speculate_auto,  // speculate unless clipping or overflow fired on most recent steps
   speculate_on,
@@ -26,6 +34,7 @@ enum class speculate_mode {
 offload_mode parse_offload_mode(const std::string& s);  // throws config_error
 const char* offload_mode_name(offload_mode m);
 speculate_mode parse_speculate_mode(const std::string& s);
+recompute_mode parse_recompute_mode(const std::string& s);  // none | blocks | auto
 at::ScalarType parse_compute_dtype(const std::string& s);  // fp16 | bf16 | fp32
 
 struct engine_options {
@@ -37,6 +46,7 @@ struct engine_options {
   int cpu_threads = 0;             // CPU AdamW threads, 0 = all cores but one
   state_kind state = state_kind::state_fp32;   // the form of master weights and moments (state_tier.h)
   speculate_mode speculate = speculate_mode::speculate_auto;
+  recompute_mode recompute = recompute_mode::recompute_none;
   // AdamW and clipping
   double beta1 = 0.9, beta2 = 0.999, eps = 1e-8, weight_decay = 0.01;
   double clip_grad = 1.0;          // global-norm clip, 0 = off

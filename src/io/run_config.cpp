@@ -57,6 +57,8 @@ const std::vector<key_desc>& keys() {
       {"device", str_key{&run_config::device, {"auto", "cuda", "cpu"}}, "compute device"},
       {"prefetch", int_key{&run_config::prefetch, 1, 64}, "layers prefetched ahead (overlapped)"},
       {"cpu_threads", int_key{&run_config::cpu_threads, 0, 4096}, "CPU AdamW threads; 0 = all cores but one"},
+      {"activation_checkpointing", str_key{&run_config::activation_checkpointing, {"none", "blocks", "auto"}},
+       "keep only block inputs and recompute each block's forward in its backward: none, blocks (all), auto (the fewest that fit the GPU)"},
       {"speculate", str_key{&run_config::speculate, {"auto", "on", "off"}}, "update layers during backward before clipping is known"},
       {"loss_scale", real_key{&run_config::loss_scale, 1, 1e30, false}, "initial dynamic loss scale (fp16)"},
       {"loss_scale_window", int_key{&run_config::loss_scale_window, 1, kIntMax}, "good steps before the loss scale doubles"},

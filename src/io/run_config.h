@@ -38,6 +38,7 @@ struct run_config {
   std::string device = "auto";         // auto | cuda | cpu
   int64_t prefetch = 2;                // layers prefetched ahead in overlapped mode
   int64_t cpu_threads = 0;             // CPU AdamW threads; 0 = all cores but one
+  std::string activation_checkpointing = "none";  // none | blocks | auto: recompute block forwards in the backward
   std::string speculate = "auto";      // auto | on | off: update layers during backward before the clip coefficient is known
   double loss_scale = 65536.0;         // initial dynamic loss scale (fp16)
   int64_t loss_scale_window = 2000;    // good steps before the scale doubles

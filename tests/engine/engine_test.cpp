@@ -1010,9 +1010,9 @@ TEST(engine_plan, what_if_rows) {
     const engine_options o = base_options(k_overlapped, dt);
     const memory_plan base = plan_memory(cfg, o, B, T, 1);
     plan_what_if ckpt;
-    ckpt.recompute_blocks = true;
+    ckpt.recompute_blocks = cfg.num_hidden_layers;
     const memory_plan r = plan_memory(cfg, o, B, T, 1, ckpt);
-    EXPECT_EQ(r.activations, (cfg.num_hidden_layers + 1) * int64_t(x.nbytes()) + saved.bytes());
+    EXPECT_EQ(r.activations, cfg.num_hidden_layers * int64_t(x.nbytes()) + saved.bytes());
     EXPECT_EQ(r.device_total - base.device_total, r.activations - base.activations);
     EXPECT_EQ(r.host_total, base.host_total);
     plan_what_if bf16;
@@ -1055,6 +1055,106 @@ TEST(engine_state_tier, host_fp32_tier) {
   } catch (const config_error& err) {
     EXPECT_NE(std::string(err.what()).find("fp32"), std::string::npos) << err.what();
   }
+}
+
+
+// Activation checkpointing recomputes a block's forward (saving) just before its backward; the
+// recomputation is the training forward itself, so every mode trains bit for bit as without it,
+// with all blocks recomputed or the first one only (auto under a limit), with accumulation and
+// with clipping (speculative redo).
+TEST(engine_recompute, same_bits_as_keeping_activations) {
+  FERRY_REQUIRE_DEVICE();
+  auto big = make_data(3);
+  std::vector<step_data> split;
+  for (const auto& s : big) split.push_back({s[0].narrow(0, 0, 1).contiguous(), s[0].narrow(0, 1, 1).contiguous()});
+  for (auto mode : {k_none, k_blocked, k_overlapped}) {
+    for (double clip : {0.0, 0.05}) {
+      engine_options o = base_options(mode, at::kFloat);
+      o.clip_grad = clip;
+      const run_result keep = run_engine(o, split);
+      engine_options all = o;
+      all.recompute = recompute_mode::recompute_blocks;
+      EXPECT_EQ(make_engine(all)->plan().recompute_blocks, tiny_config().num_hidden_layers);
+      expect_bit_identical(run_engine(all, split), keep, mode_label(o) + " all blocks recomputed");
+      // auto under a limit the plan of one recomputed block just fits
+      plan_what_if one;
+      one.recompute_blocks = 1;
+      engine_options some = o;
+      some.recompute = recompute_mode::recompute_auto;
+      some.gpu_mem_limit_gib =
+          double(plan_memory(tiny_config(), o, o.max_batch, o.max_seq, 1, one).device_total) / double(1ull << 30);
+      EXPECT_EQ(make_engine(some)->plan().recompute_blocks, 1);
+      expect_bit_identical(run_engine(some, split), keep, mode_label(o) + " first block recomputed");
+    }
+  }
+}
+
+// auto picks the fewest recomputed blocks whose plan fits; each recomputed block saves what the
+// planner says a block keeps, less its input (measured from a real forward).
+TEST(engine_recompute, auto_plans_the_fewest_blocks_that_fit) {
+  const auto cfg = tiny_config();
+  const int64_t B = 2, T = 9, L = cfg.num_hidden_layers;
+  engine_options o = base_options(k_overlapped, at::kBFloat16);
+  o.recompute = recompute_mode::recompute_auto;
+  at::Tensor w = (at::randn({cfg.block_params()}) * 0.05).to(at::kBFloat16);
+  at::Tensor x = at::randn({B, T, cfg.hidden_size}).to(at::kBFloat16);
+  auto rope = model::make_rope(cfg, T, at::kCPU);
+  model::block_saved saved;
+  model::block_forward(x, model::block_views(w, cfg), cfg, rope, saved);
+  std::vector<memory_plan> fixed;
+  for (int64_t c = 0; c <= L; ++c) {
+    plan_what_if w;
+    w.recompute_blocks = c;
+    fixed.push_back(plan_memory(cfg, o, B, T, 1, w));
+    EXPECT_EQ(fixed[size_t(c)].recompute_blocks, c);
+    if (c > 0 && c < L)
+      EXPECT_EQ(fixed[size_t(c - 1)].activations - fixed[size_t(c)].activations, saved.bytes() - int64_t(x.nbytes()));
+  }
+  // Recomputing the last block too saves nothing (its saved set holds the input it would keep).
+  EXPECT_EQ(fixed[size_t(L)].activations, fixed[size_t(L - 1)].activations);
+  for (int64_t c = 0; c <= L; ++c) {
+    const memory_plan p = plan_memory(cfg, o, B, T, 1, {}, fixed[size_t(c)].device_total);
+    const int64_t want = c == L ? L - 1 : c;
+    EXPECT_EQ(p.recompute_blocks, want) << "limit of the plan with " << c << " recomputed";
+    EXPECT_EQ(p.device_total, fixed[size_t(c)].device_total);
+  }
+  EXPECT_EQ(plan_memory(cfg, o, B, T, 1, {}, 1).recompute_blocks, L) << "nothing fits: all recomputed";
+  EXPECT_EQ(plan_memory(cfg, o, B, T, 1).recompute_blocks, 0) << "no limit known: nothing recomputed";
+}
+
+// On the GPU: a training step's measured peak with every block recomputed is within 5% of its plan
+// and below the peak of the same step keeping every block's activations, by about what the plans say.
+TEST(engine_recompute, measured_peak_within_the_plan) {
+  if (!k_cuda_suite) GTEST_SKIP() << "device memory is measured on CUDA only";
+  FERRY_REQUIRE_DEVICE();
+  model::llama_config cfg = tiny_config();
+  cfg.hidden_size = 256;
+  cfg.intermediate_size = 512;
+  cfg.num_hidden_layers = 6;
+  cfg.head_dim = 64;
+  cfg.max_position_embeddings = 1024;
+  const int64_t B = 2, T = 1024;
+  std::vector<step_data> data = make_data(2, B, T, 3);
+  int64_t peak[2] = {0, 0};
+  memory_plan plan[2];
+  for (int k = 0; k < 2; ++k) {
+    engine_options o = base_options(k_overlapped, at::kHalf);
+    o.max_batch = B;
+    o.max_seq = T;
+    o.recompute = k == 0 ? recompute_mode::recompute_none : recompute_mode::recompute_blocks;
+    auto e = make_engine(o, cfg);
+    e->train_step(data[0], 1e-3);  // warm-up: workspaces, the caching allocator's pools
+    const step_result r = e->train_step(data[1], 1e-3);
+    peak[k] = r.gpu_alloc_peak;
+    plan[k] = e->plan();
+    // The training plan's accuracy standard (the finder's): within 5% of the measured peak.
+    EXPECT_LE(double(peak[k]), 1.05 * double(plan[k].device_total)) << plan[k].describe();
+  }
+  EXPECT_EQ(plan[1].recompute_blocks, cfg.num_hidden_layers);
+  EXPECT_LT(peak[1], peak[0]);
+  const double planned = double(plan[0].activations - plan[1].activations), measured = double(peak[0] - peak[1]);
+  EXPECT_GT(measured, 0.5 * planned) << "planned saving " << planned << " B, measured " << measured << " B";
+  EXPECT_LT(measured, 1.5 * planned) << "planned saving " << planned << " B, measured " << measured << " B";
 }
 
 }  // namespace
