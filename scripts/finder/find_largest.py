@@ -129,6 +129,8 @@ def run_verify(train, name, cfg_path, a, dev, lim, tokfile, out):
     sets = fl.train_run_sets(a.steps, a.seq, a.batch, tokfile, d)
     if dev == "cuda":
         sets["gpu_mem_limit_gib"] = "%.4f" % (lim["gpu"] / fl.GIB)
+    # The run itself refuses a plan over the host limit the finder judged by (before its first step).
+    sets["host_mem_limit_gib"] = "%.4f" % (lim["host"] / fl.GIB)
     cmd = fl.ferry_cmd(train, cfg_path, dev, a.offload, a.dtype, sets, a.ferry_set)
     log = os.path.join(d, "log.txt")
     res = fl.run_measured(cmd, log, a.timeout)

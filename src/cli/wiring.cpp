@@ -71,6 +71,7 @@ engine::engine_options engine_options_for(const io::run_config& cfg, const model
   o.max_seq = cfg.max_length;
   o.grad_accum = cfg.grad_accum;
   o.gpu_mem_limit_gib = cfg.gpu_mem_limit_gib;
+  o.host_mem_limit_gib = cfg.host_mem_limit_gib;
   o.nvtx = cfg.nvtx;
   o.seed = cfg.seed;
   return o;
@@ -113,6 +114,11 @@ void print_dry_run(const io::run_config& cfg, const model::llama_config& mc, con
   std::printf("memory plan (offload %s, %s, batch %lld x %lld tokens%s):\n%s\n", cfg.offload.c_str(), cfg.dtype.c_str(),
               (long long)cfg.batch_size, (long long)cfg.max_length, eo.forward_only ? ", inference" : "",
               p.describe().c_str());
+  // The limits given in the config (the card itself is not probed by a dry run).
+  const std::string misfit =
+      engine::plan_misfit(p, mc, eo, int64_t(eo.gpu_mem_limit_gib * double(1ull << 30)));
+  if (!misfit.empty()) std::printf("does not fit: %s\n", misfit.c_str());
+  else if (eo.gpu_mem_limit_gib > 0 || eo.host_mem_limit_gib > 0) std::printf("fits the limits given\n");
 }
 
 void write_plan_json(const std::string& path, const io::run_config& cfg, const model::llama_config& mc,
@@ -129,7 +135,7 @@ void write_plan_json(const std::string& path, const io::run_config& cfg, const m
                 {"vocab", mc.vocab_size}};
   j["run"] = {{"offload", cfg.offload}, {"dtype", cfg.dtype},           {"device", cfg.device},
               {"batch", cfg.batch_size}, {"seq", cfg.max_length},       {"grad_accum", cfg.grad_accum},
-              {"prefetch", cfg.prefetch}, {"gpu_mem_limit_gib", cfg.gpu_mem_limit_gib},
+              {"prefetch", cfg.prefetch}, {"gpu_mem_limit_gib", cfg.gpu_mem_limit_gib}, {"host_mem_limit_gib", cfg.host_mem_limit_gib},
               {"forward_only", eo.forward_only}, {"recompute_blocks", p.recompute_blocks}};
   auto device_of = [](const engine::memory_plan& q) {
     return nlohmann::json{{"weight_slots", q.weight_slots}, {"grad_slots", q.grad_slots}, {"optimizer", q.optimizer},
@@ -141,6 +147,10 @@ void write_plan_json(const std::string& path, const io::run_config& cfg, const m
   };
   j["device"] = device_of(p);
   j["host"] = host_of(p);
+  const std::string misfit =
+      engine::plan_misfit(p, mc, eo, int64_t(eo.gpu_mem_limit_gib * double(1ull << 30)));
+  j["fits_limits"] = misfit.empty();
+  if (!misfit.empty()) j["misfit"] = misfit;
   // The same plan with capabilities the engine does not run yet (the finder's what-if rows).
   if (!eo.forward_only) {
     std::vector<std::pair<const char*, engine::plan_what_if>> variants(3);

@@ -31,13 +31,10 @@ engine::engine(const model::llama_config& cfg, const engine_options& opt) : cfg_
                       : dev_->is_cuda()          ? dev_->memory_stats().total
                                                  : 0;
   plan_ = plan_memory(cfg_, opt_, opt_.max_batch, opt_.max_seq, opt_.grad_accum, {}, cap);
-  if (dev_->is_cuda()) {
-    dev_->limit_memory(opt_.gpu_mem_limit_gib);
-    FERRY_CHECK(plan_.device_total <= cap, "model ", cfg_.name, " at batch ", opt_.max_batch, " x ", opt_.max_seq,
-                " tokens needs ", plan_.device_total >> 20, " MiB of GPU memory but ", cap >> 20,
-                " MiB are usable; lower max_length or batch_size, use --offload overlapped, activation_checkpointing=auto, or a ",
-                "smaller model");
-  }
+  if (dev_->is_cuda()) dev_->limit_memory(opt_.gpu_mem_limit_gib);
+  // Before anything is allocated: the device's limit (CUDA) and the host's (host_mem_limit_gib).
+  const std::string misfit = plan_misfit(plan_, cfg_, opt_, dev_->is_cuda() ? cap : 0);
+  FERRY_CONFIG_CHECK(misfit.empty(), misfit);
   store_ = std::make_unique<param_store>(cfg_, opt_.dtype, *dev_, /*optimizer_state=*/!opt_.forward_only, opt_.state);
   worker_ = std::make_unique<update_worker>(store_->num_units());
   pool_ = std::make_unique<weight_pool>(cfg_, opt_, *dev_, *store_, *worker_, meter_);

@@ -141,6 +141,23 @@ memory_plan plan_memory(const model::llama_config& cfg, const engine_options& op
   return p;
 }
 
+std::string plan_misfit(const memory_plan& p, const model::llama_config& cfg, const engine_options& opt,
+                        int64_t device_bytes) {
+  auto mib = [](int64_t b) { return std::to_string(b >> 20); };
+  std::string why;
+  if (device_bytes > 0 && p.device_total > device_bytes)
+    why = "model " + cfg.name + " at batch " + std::to_string(opt.max_batch) + " x " + std::to_string(opt.max_seq) +
+          " tokens needs " + mib(p.device_total) + " MiB of GPU memory but " + mib(device_bytes) +
+          " MiB are usable; lower max_length or batch_size, use --offload overlapped, activation_checkpointing=auto, "
+          "or a smaller model";
+  const int64_t host_cap = int64_t(opt.host_mem_limit_gib * double(1ull << 30));
+  if (why.empty() && host_cap > 0 && p.host_total > host_cap)
+    why = "model " + cfg.name + " needs " + mib(p.host_total) + " MiB of host memory (fp32 master " + mib(p.host_master) +
+          " + moments " + mib(p.host_moments) + " + pinned " + mib(p.host_pinned) + " + other " + mib(p.host_other) +
+          ") but host_mem_limit_gib allows " + mib(host_cap) + " MiB; train a smaller model or raise the limit";
+  return why;
+}
+
 std::string memory_plan::describe() const {
   auto gib = [](int64_t b) { return double(b) / double(1ull << 30); };
   const std::string recompute_note =

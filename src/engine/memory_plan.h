@@ -32,6 +32,12 @@ struct memory_plan {
   std::string describe() const;   // a few aligned lines, in GiB
 };
 
+// Why the plan does not fit the run's limits (opt.host_mem_limit_gib; the device's usable bytes,
+// 0 = not checked), naming the tier and its bytes, or "" when it fits. The engine refuses such a
+// run before it allocates; --dry-run prints the same line.
+std::string plan_misfit(const memory_plan& p, const model::llama_config& cfg, const engine_options& opt,
+                        int64_t device_bytes);
+
 // Capabilities the planner prices before the engine runs them, so the largest-model finder can say
 // what each would buy (its what-if rows come from here, through ferry-train --plan-json):
 struct plan_what_if {

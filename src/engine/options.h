@@ -65,6 +65,7 @@ struct engine_options {
   // mode: only the compute-dtype weights on the device); train_step refuses. Planned accordingly.
   bool forward_only = false;
   double gpu_mem_limit_gib = 0;    // cap on usable device memory, 0 = whole card
+  double host_mem_limit_gib = 0;   // the plan's host bytes must fit, 0 = not checked
   bool nvtx = false;
   // Race testing: each copy, compute phase and CPU update sleeps a random 0..debug_delay_us.
   int64_t debug_delay_us = 0;

@@ -63,6 +63,8 @@ const std::vector<key_desc>& keys() {
       {"loss_scale", real_key{&run_config::loss_scale, 1, 1e30, false}, "initial dynamic loss scale (fp16)"},
       {"loss_scale_window", int_key{&run_config::loss_scale_window, 1, kIntMax}, "good steps before the loss scale doubles"},
       {"gpu_mem_limit_gib", real_key{&run_config::gpu_mem_limit_gib, 0, 1e6, false}, "cap on usable GPU memory in GiB; 0 = whole card"},
+      {"host_mem_limit_gib", real_key{&run_config::host_mem_limit_gib, 0, 1e7, false},
+       "host memory the run's plan must fit in GiB (master, moments, pinned, other); 0 = not checked"},
       {"ce_chunk", int_key{&run_config::ce_chunk, 1, 1 << 24}, "logit rows computed at once in the loss"},
       {"seed", uint_key{&run_config::seed}, "seed for init, data order and sampling"},
       {"output_dir", str_key{&run_config::output_dir, {}}, "checkpoints and metrics; empty = runs/<model>"},

@@ -43,6 +43,7 @@ struct run_config {
   double loss_scale = 65536.0;         // initial dynamic loss scale (fp16)
   int64_t loss_scale_window = 2000;    // good steps before the scale doubles
   double gpu_mem_limit_gib = 0;        // cap usable GPU memory (0 = the whole card)
+  double host_mem_limit_gib = 0;       // host memory the run may plan for (0 = not checked)
   int64_t ce_chunk = 1024;             // rows of logits computed at once in the loss
   // run control
   uint64_t seed = 1234;
