@@ -82,12 +82,28 @@ model::llama_config parse_hf_config(const std::string& text, const std::string& 
 
   // transformers 4.x: rope_theta at top level; 5.x: rope_parameters {rope_type, rope_theta}.
   c.rope_theta = get_double(j, "rope_theta", c.rope_theta, origin);
+  // Frequency scaling: default, linear (factor) and llama3 (factor, low/high_freq_factor,
+  // original_max_position_embeddings), as transformers reads them.
   auto check_rope_type = [&](const json& r, const char* where) {
     if (r.is_null()) return;
     FERRY_CONFIG_CHECK(r.is_object(), origin, ": ", where, " must be an object or null");
     std::string type = r.value("rope_type", r.value("type", std::string("default")));
-    FERRY_CONFIG_CHECK(type == "default", origin, ": ", where, " rope_type \"", type,
-                       "\" is not supported; only the default rotary embedding is");
+    FERRY_CONFIG_CHECK(type == "default" || type == "linear" || type == "llama3", origin, ": ", where, " rope_type \"",
+                       type, "\" is not supported (valid: default, linear, llama3)");
+    const std::string at = origin + " " + where;
+    c.rope_type = type;
+    if (type == "default") return;
+    FERRY_CONFIG_CHECK(r.contains("factor"), at, ": rope_type ", type, " needs \"factor\"");
+    c.rope_factor = get_double(r, "factor", 1.0, at);
+    FERRY_CONFIG_CHECK(c.rope_factor > 0, at, ": factor must be > 0");
+    if (type != "llama3") return;
+    for (const char* k : {"low_freq_factor", "high_freq_factor", "original_max_position_embeddings"})
+      FERRY_CONFIG_CHECK(r.contains(k), at, ": rope_type llama3 needs \"", k, "\"");
+    c.rope_low_freq_factor = get_double(r, "low_freq_factor", 1.0, at);
+    c.rope_high_freq_factor = get_double(r, "high_freq_factor", 4.0, at);
+    c.rope_original_max_positions = get_int(r, "original_max_position_embeddings", 8192, at, 1);
+    FERRY_CONFIG_CHECK(c.rope_low_freq_factor > 0 && c.rope_high_freq_factor > c.rope_low_freq_factor, at,
+                       ": llama3 rope scaling needs 0 < low_freq_factor < high_freq_factor");
   };
   if (j.contains("rope_parameters")) {
     const json& r = j["rope_parameters"];
@@ -139,7 +155,15 @@ void save_hf_config(const model::llama_config& c, const std::string& path) {
   j["num_key_value_heads"] = c.num_key_value_heads;
   j["pretraining_tp"] = 1;
   j["rms_norm_eps"] = c.rms_norm_eps;
-  j["rope_parameters"] = {{"rope_type", "default"}, {"rope_theta", c.rope_theta}};
+  json rope = {{"rope_type", c.rope_type}, {"rope_theta", c.rope_theta}};
+  if (c.rope_type != "default") rope["factor"] = c.rope_factor;
+  if (c.rope_type == "llama3") {
+    rope["low_freq_factor"] = c.rope_low_freq_factor;
+    rope["high_freq_factor"] = c.rope_high_freq_factor;
+    rope["original_max_position_embeddings"] = c.rope_original_max_positions;
+  }
+  j["rope_parameters"] = rope;
+  if (c.rope_type != "default") j["rope_scaling"] = rope;   // transformers 4.x reads this key
   j["rope_theta"] = c.rope_theta;
   j["tie_word_embeddings"] = c.tie_word_embeddings;
   j["dtype"] = c.torch_dtype;

@@ -18,6 +18,14 @@ struct llama_config {
   int64_t max_position_embeddings = 2048;
   double rms_norm_eps = 1e-6;
   double rope_theta = 10000.0;
+  // Rotary frequency scaling (HF rope_parameters / rope_scaling): "default", "linear" (every
+  // frequency divided by rope_factor) or "llama3" (Llama 3.1's: low frequencies divided by
+  // rope_factor, high ones kept, a smooth blend between, by the wavelength bounds
+  // rope_original_max_positions / rope_low_freq_factor and / rope_high_freq_factor).
+  std::string rope_type = "default";
+  double rope_factor = 1.0;
+  double rope_low_freq_factor = 1.0, rope_high_freq_factor = 4.0;
+  int64_t rope_original_max_positions = 8192;
   bool tie_word_embeddings = false;
   bool attention_bias = false;        // only false is supported (LLaMA); checked on load
   bool mlp_bias = false;

@@ -2,6 +2,8 @@
 
 #include <ATen/ATen.h>
 
+#include <cmath>
+
 #include "src/common/error.h"
 #include "src/model/ops_common.h"
 #if FERRY_WITH_CUDA
@@ -20,6 +22,24 @@ rope_cache make_rope(const llama_config& cfg, int64_t max_pos, at::Device device
   // Same fp32 operations as transformers: base ** (arange(0, D, 2).float() / D), then 1 / that.
   at::Tensor expo = at::arange(0, D, 2, at::TensorOptions().dtype(at::kLong)).to(at::kFloat) / static_cast<double>(D);
   at::Tensor inv_freq = 1.0 / at::pow(at::Scalar(cfg.rope_theta), expo);
+  // Frequency scaling, transformers' modeling_rope_utils formulas with the same fp32 operations.
+  if (cfg.rope_type == "linear") {
+    inv_freq = inv_freq / cfg.rope_factor;
+  } else if (cfg.rope_type == "llama3") {
+    const double old_len = double(cfg.rope_original_max_positions);
+    const double low_wavelen = old_len / cfg.rope_low_freq_factor, high_wavelen = old_len / cfg.rope_high_freq_factor;
+    // (Python's scalar / tensor is reciprocal(tensor) * scalar.)
+    at::Tensor wavelen = at::reciprocal(inv_freq) * (2 * M_PI);
+    at::Tensor scaled = at::where(wavelen > low_wavelen, inv_freq / cfg.rope_factor, inv_freq);
+    at::Tensor smooth =
+        (at::reciprocal(wavelen) * old_len - cfg.rope_low_freq_factor) / (cfg.rope_high_freq_factor - cfg.rope_low_freq_factor);
+    at::Tensor smoothed = (1 - smooth) * scaled / cfg.rope_factor + smooth * scaled;
+    at::Tensor medium = (wavelen < high_wavelen).logical_not() & (wavelen > low_wavelen).logical_not();
+    inv_freq = at::where(medium, smoothed, scaled);
+  } else {
+    FERRY_CONFIG_CHECK(cfg.rope_type == "default", "model '", cfg.name, "': rope_type \"", cfg.rope_type,
+                       "\" is not one of default, linear, llama3");
+  }
   at::Tensor pos = at::arange(max_pos, f32.dtype(at::kLong)).to(at::kFloat);
   at::Tensor freqs = pos.unsqueeze(1) * inv_freq.unsqueeze(0);    // (max_pos, D/2)
   at::Tensor emb = at::cat({freqs, freqs}, 1);                    // (max_pos, D)

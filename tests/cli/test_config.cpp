@@ -9,6 +9,7 @@
 #include "src/common/error.h"
 #include "src/io/hf_config.h"
 #include "src/io/run_config.h"
+#include "tests/scratch_dir.h"
 
 namespace fs = std::filesystem;
 using ferry::config_error;
@@ -79,6 +80,31 @@ TEST(model_configs, transformers_4_and_5_spellings) {
   EXPECT_DOUBLE_EQ(v5.rope_theta, 500000.0);
 }
 
+// Llama 3.1's rope scaling as both transformers versions spell it, and back out through
+// save_hf_config (transformers reads what ferry writes: tests/parity/hf_parity.py's gqa_llama3).
+TEST(model_configs, llama3_rope_scaling) {
+  const char* v4 = R"({"rope_theta":500000.0,"rope_scaling":{"rope_type":"llama3","factor":32.0,
+      "low_freq_factor":1.0,"high_freq_factor":4.0,"original_max_position_embeddings":8192}})";
+  const char* v5 = R"({"rope_parameters":{"rope_type":"llama3","rope_theta":500000.0,"factor":32.0,
+      "low_freq_factor":1.0,"high_freq_factor":4.0,"original_max_position_embeddings":8192}})";
+  for (const char* text : {v4, v5}) {
+    auto c = ferry::io::parse_hf_config(text, "f.json");
+    EXPECT_EQ(c.rope_type, "llama3");
+    EXPECT_DOUBLE_EQ(c.rope_theta, 500000.0);
+    EXPECT_DOUBLE_EQ(c.rope_factor, 32.0);
+    EXPECT_DOUBLE_EQ(c.rope_high_freq_factor, 4.0);
+    EXPECT_EQ(c.rope_original_max_positions, 8192);
+  }
+  auto c = ferry::io::parse_hf_config(v5, "f.json");
+  ferry::test::scratch_dir d("llama3_rope");
+  ferry::io::save_hf_config(c, d.path + "/config.json");
+  auto back = ferry::io::load_hf_config(d.path + "/config.json");
+  EXPECT_EQ(back.rope_type, "llama3");
+  EXPECT_DOUBLE_EQ(back.rope_factor, 32.0);
+  EXPECT_DOUBLE_EQ(back.rope_low_freq_factor, 1.0);
+  EXPECT_EQ(back.rope_original_max_positions, 8192);
+}
+
 TEST(model_configs, bad_inputs) {
   using ferry::io::parse_hf_config;
   expect_config_error([] { parse_hf_config("{not json", "f.json"); }, {"f.json", "not valid JSON"});
@@ -89,6 +115,10 @@ TEST(model_configs, bad_inputs) {
                       {"num_key_value_heads", "multiple"});
   expect_config_error([] { parse_hf_config(R"({"rope_scaling":{"rope_type":"yarn","factor":4}})", "f.json"); },
                       {"rope_scaling", "yarn"});
+  expect_config_error([] { parse_hf_config(R"({"rope_scaling":{"rope_type":"llama3","factor":8}})", "f.json"); },
+                      {"rope_scaling", "llama3", "low_freq_factor"});
+  expect_config_error([] { parse_hf_config(R"({"rope_parameters":{"rope_type":"linear"}})", "f.json"); },
+                      {"rope_parameters", "factor"});
   expect_config_error([] { parse_hf_config(R"({"torch_dtype":"int8"})", "f.json"); }, {"int8", "float16"});
   expect_config_error([] { ferry::io::load_hf_config("no-such-model"); }, {"no-such-model", "debug", "tiny"});
   expect_config_error([] { ferry::io::load_hf_config("/nonexistent/config.json"); }, {"/nonexistent/config.json"});

@@ -40,9 +40,15 @@ except ImportError as e:  # reported as skipped by ctest, never as passed
     sys.exit(SKIP)
 
 CPU_SHAPES = {
-    # name: (hidden, intermediate, layers, heads, kv_heads, head_dim, vocab)
+    # name: (hidden, intermediate, layers, heads, kv_heads, head_dim, vocab[, rope_parameters])
     "mha": (48, 80, 2, 4, 4, 12, 101),
     "gqa": (60, 97, 3, 6, 2, 10, 131),
+    # Llama 3.1's frequency scaling with bounds that put head_dim 16's wavelengths in all three
+    # bands (kept, blended, divided), and linear scaling.
+    "gqa_llama3": (64, 96, 2, 4, 2, 16, 97, dict(rope_type="llama3", rope_theta=10000.0, factor=8.0,
+                                                 low_freq_factor=1.0, high_freq_factor=4.0,
+                                                 original_max_position_embeddings=64)),
+    "mha_linear": (48, 80, 2, 4, 4, 12, 101, dict(rope_type="linear", rope_theta=10000.0, factor=2.5)),
 }
 GPU_SHAPES = dict(CPU_SHAPES, gqa4=(256, 688, 2, 8, 2, 32, 1000))
 FULL_SHAPES = ("debug", "1b")   # configs/models/<name>.json
@@ -57,11 +63,12 @@ def rel_err(a, b):
 
 
 def small_config(shape):
-    hidden, inter, layers, heads, kv, hd, vocab = shape
+    hidden, inter, layers, heads, kv, hd, vocab = shape[:7]
+    rope = shape[7] if len(shape) > 7 else dict(rope_type="default", rope_theta=10000.0)
     return transformers.LlamaConfig(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv, head_dim=hd, max_position_embeddings=128,
-        rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False, initializer_range=0.1,
+        rms_norm_eps=1e-5, rope_parameters=rope, tie_word_embeddings=False, initializer_range=0.1,
         attention_bias=False, mlp_bias=False)
 
 
