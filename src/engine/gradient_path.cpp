@@ -5,6 +5,7 @@
 #include <cstdlib>
 
 #include "src/common/error.h"
+#include "src/engine/backend_util.h"
 #include "src/model/embed_head.h"
 
 namespace ferry::engine {
@@ -45,12 +46,8 @@ void gradient_path::begin_step(int64_t n_micro) {
   if (!accumulating_) return;
   // The embedding's gradient is fp32 on the host already and sums its micro-batches itself.
   for (int64_t u = 1; u < store_.num_units(); ++u)
-    if (!accum_[size_t(u)]) {
-      void* p = nullptr;
-      FERRY_CHECK(posix_memalign(&p, 64, size_t(store_.unit(u).numel) * 4) == 0,
-                  "cannot allocate the gradient-accumulation buffers (4 B/param); train a smaller model or add memory");
-      accum_[size_t(u)] = static_cast<float*>(p);
-    }
+    if (!accum_[size_t(u)])
+      accum_[size_t(u)] = detail::alloc_floats(store_.unit(u).numel, "the gradient-accumulation buffers (4 B/param)");
 }
 
 at::Tensor gradient_path::target(int64_t u) {

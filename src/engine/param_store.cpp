@@ -6,17 +6,10 @@
 #include <cstdlib>
 
 #include "src/common/error.h"
+#include "src/engine/backend_util.h"
 
 namespace ferry::engine {
 namespace {
-float* alloc_f32(int64_t n) {
-  void* p = nullptr;
-  size_t bytes = static_cast<size_t>(n) * sizeof(float);
-  FERRY_CHECK(posix_memalign(&p, 64, (bytes + 63) / 64 * 64) == 0, "cannot allocate ", bytes >> 20,
-              " MiB of host memory for the embedding's gradient; train a smaller model or add memory");
-  return static_cast<float*>(p);
-}
-
 bool is_norm(const std::string& name) { return name.find("norm") != std::string::npos; }
 }  // namespace
 
@@ -50,7 +43,7 @@ param_store::param_store(const model::llama_config& cfg, at::ScalarType dtype, b
     if (!optimizer_state_) {
       grad_.push_back(nullptr);
     } else if (u == 0) {
-      grad_.push_back(alloc_f32(n));
+      grad_.push_back(detail::alloc_floats(n, "the embedding's fp32 gradient"));
     } else {
       grad_.push_back(cursor);
       cursor += round64(n * elem);

@@ -4,6 +4,7 @@
 #include <cstring>
 
 #include "src/common/error.h"
+#include "src/engine/backend_util.h"
 
 namespace ferry::engine {
 
@@ -37,14 +38,6 @@ void state_tier::zero_moments() {
 
 namespace {
 
-float* alloc_f32(int64_t n) {
-  void* p = nullptr;
-  size_t bytes = static_cast<size_t>(n) * sizeof(float);
-  FERRY_CHECK(posix_memalign(&p, 64, (bytes + 63) / 64 * 64) == 0, "cannot allocate ", bytes >> 20,
-              " MiB of host memory for the optimizer state; train a smaller model or add memory");
-  return static_cast<float*>(p);
-}
-
 class host_state final : public state_tier {
  public:
   host_state(const std::vector<int64_t>& numel, state_kind kind, bool moments) : kind_(kind), moments_(moments) {
@@ -52,10 +45,10 @@ class host_state final : public state_tier {
     for (int64_t n : numel) {
       state_view v;
       v.n = n;
-      v.master = alloc_f32(n);
+      v.master = detail::alloc_floats(n, "the fp32 master weights");
       if (moments) {
-        v.exp_avg = alloc_f32(n);
-        v.exp_avg_sq = alloc_f32(n);
+        v.exp_avg = detail::alloc_floats(n, "the AdamW moments");
+        v.exp_avg_sq = detail::alloc_floats(n, "the AdamW moments");
       }
       units_.push_back(v);
       bytes_ += n * state_bytes_per_param(kind, moments);
