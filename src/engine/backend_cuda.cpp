@@ -10,6 +10,7 @@
 #include <array>
 
 #include "gpu/cuda_check.h"
+#include "gpu/ops.h"
 #include "gpu/runtime.h"
 #include "src/common/error.h"
 #include "src/engine/backend.h"
@@ -121,10 +122,7 @@ class cuda_backend final : public backend {
 
 }  // namespace
 
-bool cuda_usable() {
-  int n = 0;
-  return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
-}
+bool cuda_usable() { return gpu::device_available(); }
 
 std::unique_ptr<backend> make_cuda_backend(int device_index, int64_t debug_delay_us, uint64_t seed) {
   FERRY_CHECK(cuda_usable(), "no CUDA device is usable here; use --device cpu");
