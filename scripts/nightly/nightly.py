@@ -131,7 +131,8 @@ def fits(train, shape, mode, a, dev, dtype, out, card_bytes, grad_accum=1):
         return True, ""
     j = os.path.join(out, "plan-%s.json" % run_key(shape, mode, grad_accum).replace("/", "-"))
     sets = dict(max_length=a.seq, grad_accum=grad_accum) if grad_accum > 1 else dict(max_length=a.seq)
-    r = fl.run(fl.ferry_cmd(train, shape, dev, mode, dtype, sets, dry_run=True, plan_json=j), 120)
+    # The same --ferry-set overrides as the run itself (prefetch, activation checkpointing, ... change the plan).
+    r = fl.run(fl.ferry_cmd(train, shape, dev, mode, dtype, sets, a.ferry_set, dry_run=True, plan_json=j), 120)
     if r["rc"] != 0:
         return False, fl.failure_reason(r, "dry-run")
     with open(j) as f:
