@@ -116,7 +116,7 @@ void print_dry_run(const io::run_config& cfg, const model::llama_config& mc, con
               p.describe().c_str());
   // The limits given in the config (the card itself is not probed by a dry run).
   const std::string misfit =
-      engine::plan_misfit(p, mc, eo, int64_t(eo.gpu_mem_limit_gib * double(1ull << 30)));
+      engine::plan_misfit(p, mc, eo, engine::gib_bytes(eo.gpu_mem_limit_gib));
   if (!misfit.empty()) std::printf("does not fit: %s\n", misfit.c_str());
   else if (eo.gpu_mem_limit_gib > 0 || eo.host_mem_limit_gib > 0) std::printf("fits the limits given\n");
 }
@@ -148,7 +148,7 @@ void write_plan_json(const std::string& path, const io::run_config& cfg, const m
   j["device"] = device_of(p);
   j["host"] = host_of(p);
   const std::string misfit =
-      engine::plan_misfit(p, mc, eo, int64_t(eo.gpu_mem_limit_gib * double(1ull << 30)));
+      engine::plan_misfit(p, mc, eo, engine::gib_bytes(eo.gpu_mem_limit_gib));
   j["fits_limits"] = misfit.empty();
   if (!misfit.empty()) j["misfit"] = misfit;
   // The same plan with capabilities the engine does not run yet (the finder's what-if rows).

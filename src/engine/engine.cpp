@@ -27,7 +27,7 @@ engine::engine(const model::llama_config& cfg, const engine_options& opt) : cfg_
   dev_ = make_backend(opt_);
   // What the plan must fit (activation_checkpointing=auto fits it; the host backend plans for the
   // limit too, so the CPU tests can exercise it).
-  const int64_t cap = opt_.gpu_mem_limit_gib > 0 ? int64_t(opt_.gpu_mem_limit_gib * double(1ull << 30))
+  const int64_t cap = opt_.gpu_mem_limit_gib > 0 ? gib_bytes(opt_.gpu_mem_limit_gib)
                       : dev_->is_cuda()          ? dev_->memory_stats().total
                                                  : 0;
   plan_ = plan_memory(cfg_, opt_, opt_.max_batch, opt_.max_seq, opt_.grad_accum, {}, cap);
@@ -83,11 +83,15 @@ void engine::check_batch(const at::Tensor& tokens, bool training) const {
   const int64_t B = tokens.size(0), T = tokens.size(1) - 1;
   FERRY_CHECK(!training || B * T <= opt_.max_batch * opt_.max_seq, "batch of ", B, " x ", T,
               " tokens exceeds the planned ", opt_.max_batch, " x ", opt_.max_seq);
-  at::Tensor inputs = tokens.narrow(1, 0, T), targets = tokens.narrow(1, 1, T);
-  FERRY_CHECK(inputs.min().item<int64_t>() >= 0 && inputs.max().item<int64_t>() < cfg_.vocab_size,
-              "token id outside the model's vocabulary [0, ", cfg_.vocab_size, ")");
+  check_token_ids(tokens.narrow(1, 0, T));
+  const at::Tensor targets = tokens.narrow(1, 1, T);
   FERRY_CHECK(((targets == -100) | ((targets >= 0) & (targets < cfg_.vocab_size))).all().item<bool>(),
               "target id outside the model's vocabulary [0, ", cfg_.vocab_size, ") and not -100 (ignored)");
+}
+
+void engine::check_token_ids(const at::Tensor& ids) const {
+  FERRY_CHECK(ids.numel() == 0 || (ids.min().item<int64_t>() >= 0 && ids.max().item<int64_t>() < cfg_.vocab_size),
+              "token id outside the model's vocabulary [0, ", cfg_.vocab_size, ")");
 }
 
 // The use order of units in one micro-batch: blocks forward, head, and for training the blocks

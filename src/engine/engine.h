@@ -116,6 +116,7 @@ class engine {
 
  private:
   void check_batch(const at::Tensor& tokens, bool training) const;
+  void check_token_ids(const at::Tensor& ids) const;   // every id in [0, vocab_size)
   std::vector<int64_t> schedule(bool backward) const;
   std::function<void()> host_task(int64_t u, bool last, bool speculate, double mult,
                                   const cpu_optim::adamw_hparams& hp, int64_t step);

@@ -8,8 +8,7 @@
 namespace ferry::engine {
 
 at::Tensor engine::embed(const at::Tensor& tokens) {
-  FERRY_CHECK(tokens.numel() == 0 || (tokens.min().item<int64_t>() >= 0 && tokens.max().item<int64_t>() < cfg_.vocab_size),
-              "token id outside the model's vocabulary [0, ", cfg_.vocab_size, ")");
+  check_token_ids(tokens);
   return pool_->embed(tokens);
 }
 

@@ -90,7 +90,7 @@ memory_plan plan_memory(const model::llama_config& cfg, const engine_options& op
   if (what_if.recompute_blocks < 0 && opt.recompute == recompute_mode::recompute_auto) {
     // The fewest recomputed blocks whose plan fits; all of them when none does (the engine then
     // refuses the run, naming the bytes).
-    const int64_t cap = device_bytes > 0 ? device_bytes : int64_t(opt.gpu_mem_limit_gib * double(1ull << 30));
+    const int64_t cap = device_bytes > 0 ? device_bytes : gib_bytes(opt.gpu_mem_limit_gib);
     plan_what_if w = what_if;
     for (int64_t c = 0; c <= cfg.num_hidden_layers; ++c) {
       w.recompute_blocks = c;
@@ -150,7 +150,7 @@ std::string plan_misfit(const memory_plan& p, const model::llama_config& cfg, co
           " tokens needs " + mib(p.device_total) + " MiB of GPU memory but " + mib(device_bytes) +
           " MiB are usable; lower max_length or batch_size, use --offload overlapped, activation_checkpointing=auto, "
           "or a smaller model";
-  const int64_t host_cap = int64_t(opt.host_mem_limit_gib * double(1ull << 30));
+  const int64_t host_cap = gib_bytes(opt.host_mem_limit_gib);
   if (why.empty() && host_cap > 0 && p.host_total > host_cap)
     why = "model " + cfg.name + " needs " + mib(p.host_total) + " MiB of host memory (fp32 master " + mib(p.host_master) +
           " + moments " + mib(p.host_moments) + " + pinned " + mib(p.host_pinned) + " + other " + mib(p.host_other) +

@@ -37,6 +37,9 @@ speculate_mode parse_speculate_mode(const std::string& s);
 recompute_mode parse_recompute_mode(const std::string& s);  // none | blocks | auto
 at::ScalarType parse_compute_dtype(const std::string& s);  // fp16 | bf16 | fp32
 
+// A limit in GiB (gpu_mem_limit_gib, host_mem_limit_gib) in bytes; 0 stays 0 (no limit).
+inline int64_t gib_bytes(double gib) { return static_cast<int64_t>(gib * double(int64_t(1) << 30)); }
+
 struct engine_options {
   offload_mode mode = offload_mode::offload_overlapped;
   at::ScalarType dtype = at::kHalf;
