@@ -67,6 +67,8 @@ bool all_finite(float max_abs, float mult) { return std::isfinite(max_abs * std:
 
 void check_chunk(const chunk_ref& c) {
   FERRY_ASSERT(c.n == 0 || (c.param && c.m && c.v && c.grad), "adamw chunk with null array");
+  FERRY_ASSERT(c.moments != moments_kind::int8 || c.n == 0 || (c.m_scale && c.v_scale),
+               "adamw chunk with int8 moments but no scales");
   FERRY_ASSERT(c.half_out == nullptr || c.half_dtype != dtype::dtype_f32,
                "adamw half copy must be f16 or bf16");
 }
@@ -185,8 +187,8 @@ grad_stats adamw::run(int o, const chunk_ref& c, const adamw_hparams& h, int64_t
     const bool redo = op == detail::op::op_redo;
     k.update(detail::op::op_undo, c, s, b, e, nullptr);
     for (const undo_entry& x : restore->blocks_[bi]) {
-      c.m[b + x.offset] = x.m;
-      c.v[b + x.offset] = x.v;
+      static_cast<float*>(c.m)[b + x.offset] = x.m;
+      static_cast<float*>(c.v)[b + x.offset] = x.v;
     }
     if (!redo) return grad_stats{};
     detail::step_scalars again = s;

@@ -39,25 +39,69 @@ struct grad_stats {
   int64_t nonfinite = 0;
 };
 
-// One contiguous chunk (e.g. one layer): param/m/v fp32 of n elements, updated in place; grad of
-// n elements in grad_dtype (read only); half_out of n elements in half_dtype (f16 or bf16), or
-// nullptr for no copy. half_out is written with non-temporal stores when it is 64-byte aligned.
+// The form of the AdamW moments m (exp_avg) and v (exp_avg_sq) of a chunk (README.md "Compact
+// moments"). The fp32 master weights are fp32 in every kind.
+enum class moments_kind {
+  f32,   // float m[n], v[n]: 8 B/param
+  bf16,  // uint16_t m[n], v[n] (bf16 bits), stochastically rounded on write: 4 B/param
+  int8,  // int8_t m[n], uint8_t v[n] codes with a float scale per k_quant_block elements for each
+         // (m_scale, v_scale, quant_blocks(n) entries): 2 B/param + 8 B per block
+};
+
+// Elements per quantization block of the int8 moments (blocks start at multiples of it).
+constexpr size_t k_quant_block = 2048;
+size_t quant_blocks(size_t n);
+// Bytes of both moments of n elements in this kind (int8: codes and scales).
+size_t moments_bytes(moments_kind k, size_t n);
+const char* moments_kind_name(moments_kind k);
+
+// One contiguous chunk (e.g. one layer): param fp32 and the moments m, v (in `moments` form) of n
+// elements, updated in place; grad of n elements in grad_dtype (read only); half_out of n elements
+// in half_dtype (f16 or bf16), or nullptr for no copy. half_out is written with non-temporal
+// stores when it is 64-byte aligned.
 //
 // grad_acc (optional): the fp32 sum of earlier micro-batches' gradients. The gradient is then
 // grad_acc[i] + grad[i], added in fp32 with one rounding in the same pass that reads it (the last
 // micro-batch fused into the update): bit-identical to accumulate(grad, ..., grad_acc) followed by
 // the same call on the fp32 sum, without writing the sum. grad_acc is only read.
+//
+// Compact moments (moments != f32): the step updates m and v in fp32 from their stored values,
+// stores them in the compact form, and computes the weight update from the values it stored, so
+// undo() inverts the weight update exactly as for f32 and the moments to within one rounding of
+// their form (bf16: about 2^-8 relative; int8: one code step). seed (bf16) selects this chunk's
+// stochastic-rounding stream; the step count is mixed in, so each step draws fresh bits, and redo
+// draws the same bits as the step it replaces.
 struct chunk_ref {
   float* param;
-  float* m;
-  float* v;
+  void* m;
+  void* v;
   const void* grad;
   dtype grad_dtype;
   void* half_out;
   dtype half_dtype;
   size_t n;
   const float* grad_acc = nullptr;
+  moments_kind moments = moments_kind::f32;
+  float* m_scale = nullptr;  // int8 only
+  float* v_scale = nullptr;  // int8 only
+  uint64_t seed = 0;         // bf16 only
 };
+
+// The moments of n elements alone, for conversions (checkpoints, resuming with another kind).
+struct moments_ref {
+  moments_kind kind = moments_kind::f32;
+  void* m = nullptr;
+  void* v = nullptr;
+  float* m_scale = nullptr;
+  float* v_scale = nullptr;
+  size_t n = 0;
+};
+// The stored values as fp32 (exact: every bf16 and int8-code value is an fp32 value), on the
+// caller's oneTBB arena.
+void decode_moments(const moments_ref& src, float* m, float* v);
+// fp32 moments into `dst`'s form: bf16 rounded to nearest even; int8 with each block's scales
+// taken from its largest |m| and v. f32 copies.
+void encode_moments(const float* m, const float* v, const moments_ref& dst);
 
 // What undo() cannot recover from the new moments alone. Inverting m' = b1 m + (1-b1) g and
 // v' = b2 v + (1-b2) g^2 loses only the final roundings, about one ulp *of the new value*: a

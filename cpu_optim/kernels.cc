@@ -213,11 +213,13 @@ grad_stats update_range(const chunk_ref& c, const step_scalars& s, size_t begin,
   const size_t N = hn::Lanes(df_t());
   const G* grad = static_cast<const G*>(c.grad);
   const float* gacc = c.grad_acc;
+  float* cm = static_cast<float*>(c.m);
+  float* cv = static_cast<float*>(c.v);
   H* half_out = nullptr;
   if constexpr (!std::is_same_v<H, no_half>) half_out = static_cast<H*>(c.half_out);
   size_t i = begin;
   for (; i + N <= end; i += N) {
-    update_vec<O, A>(grad + i, A ? gacc + i : nullptr, c.param + i, c.m + i, c.v + i,
+    update_vec<O, A>(grad + i, A ? gacc + i : nullptr, c.param + i, cm + i, cv + i,
                      half_out ? half_out + i : nullptr, s, s.stream_half, acc, i - begin, log);
   }
   if (s.stream_half && half_out) hwy::FlushStream();  // order the weakly-ordered stores
@@ -229,15 +231,15 @@ grad_stats update_range(const chunk_ref& c, const step_scalars& s, size_t begin,
   HWY_ALIGN_MAX G tg[k_max_lanes] = {};
   HWY_ALIGN_MAX std::conditional_t<std::is_same_v<H, no_half>, uint16_t, H> th[k_max_lanes] = {};
   std::memcpy(tp, c.param + i, r * 4);
-  std::memcpy(tm, c.m + i, r * 4);
-  std::memcpy(tv, c.v + i, r * 4);
+  std::memcpy(tm, cm + i, r * 4);
+  std::memcpy(tv, cv + i, r * 4);
   std::memcpy(tg, grad + i, r * sizeof(G));
   if constexpr (A) std::memcpy(ta, gacc + i, r * 4);
   update_vec<O, A>(tg, ta, tp, tm, tv, std::is_same_v<H, no_half> ? nullptr : reinterpret_cast<H*>(th), s,
                    false, acc, i - begin, log);
   std::memcpy(c.param + i, tp, r * 4);
-  std::memcpy(c.m + i, tm, r * 4);
-  std::memcpy(c.v + i, tv, r * 4);
+  std::memcpy(cm + i, tm, r * 4);
+  std::memcpy(cv + i, tv, r * 4);
   if constexpr (!std::is_same_v<H, no_half>) std::memcpy(half_out + i, th, r * sizeof(H));
   return grad_stats{acc.sum(), 0};
 }
