@@ -368,6 +368,21 @@ grad_stats update_range_bf16(const chunk_ref& c, const step_scalars& s, size_t b
   return grad_stats{acc.sum(), 0};
 }
 
+// The update term from sqrt(v) (int8: sqrt(A (q/255)^4) = sqrt(A) (q/255)^2, no square root per
+// element; step and undo use the same expression, so undo still recomputes the step's term).
+HWY_INLINE hn::Vec<df_t> update_term_sqrt(hn::Vec<df_t> M, hn::Vec<df_t> sqrt_v, const step_scalars& s) {
+  const df_t df;
+  const auto denom = hn::MulAdd(sqrt_v, hn::Set(df, s.inv_sqrt_bc2), hn::Set(df, s.eps));
+  return hn::Mul(hn::Div(M, denom), hn::Set(df, s.step_size));
+}
+
+// sqrt of a v code's value: sqrt(A) (q/255)^2.
+HWY_INLINE hn::Vec<df_t> sqrt_v_code(hn::Vec<df_t> q, float sqrt_a) {
+  const df_t df;
+  const auto t = hn::Mul(q, hn::Set(df, codes::k_inv_v_levels));
+  return hn::Mul(hn::Mul(t, t), hn::Set(df, sqrt_a));
+}
+
 // int8 codes (moment_codes.h): value = sign * A * (|q|/levels)^4.
 HWY_INLINE hn::Vec<df_t> decode_code(hn::Vec<df_t> q, float inv_levels, float a) {
   const df_t df;
@@ -450,7 +465,7 @@ HWY_NOINLINE void update_qblock(const chunk_ref& c, const step_scalars& s, size_
   H* half_out = nullptr;
   if constexpr (!std::is_same_v<H, no_half>) half_out = static_cast<H*>(c.half_out);
   const size_t qi = b / k_quant_block;
-  const float am_old = c.m_scale[qi], av_old = c.v_scale[qi];
+  const float am_old = c.m_scale[qi], av_old = c.v_scale[qi], sqrt_av_old = std::sqrt(av_old);
   const auto b1 = hn::Set(df, s.beta1), c1 = hn::Set(df, s.one_minus_beta1);
   const auto b2 = hn::Set(df, s.beta2), c2 = hn::Set(df, s.one_minus_beta2);
   const auto decay = hn::Set(df, s.decay), mult = hn::Set(df, s.mult);
@@ -461,9 +476,11 @@ HWY_NOINLINE void update_qblock(const chunk_ref& c, const step_scalars& s, size_
     if constexpr (A) gr = hn::Add(load_lanes(c.grad_acc + i, n), gr);
     const auto g = hn::Mul(gr, mult);
     auto M = decode_code(load_codes(qm + i, n), codes::k_inv_m_levels, am_old);
-    auto V = decode_code(load_codes(qv + i, n), codes::k_inv_v_levels, av_old);
+    const auto qv_old = load_codes(qv + i, n);
+    auto V = decode_code(qv_old, codes::k_inv_v_levels, av_old);
     if constexpr (O == op::op_undo) {
-      const auto P = hn::Div(hn::Add(load_lanes(c.param + i, n), update_term(M, V, s)), decay);
+      const auto term = update_term_sqrt(M, sqrt_v_code(qv_old, sqrt_av_old), s);
+      const auto P = hn::Div(hn::Add(load_lanes(c.param + i, n), term), decay);
       store_f32_lanes(P, c.param + i, n);
       store_half_lanes(P, half_out ? half_out + i : nullptr, n, false);
       M = hn::Div(hn::Sub(M, hn::Mul(c1, g)), b1);
@@ -481,7 +498,7 @@ HWY_NOINLINE void update_qblock(const chunk_ref& c, const step_scalars& s, size_
   const float am = hn::GetLane(hn::MaxOfLanes(df, max_m)), av = hn::GetLane(hn::MaxOfLanes(df, max_v));
   c.m_scale[qi] = am;
   c.v_scale[qi] = av;
-  const float im = codes::inv_scale(am), iv = codes::inv_scale(av);
+  const float im = codes::inv_scale(am), iv = codes::inv_scale(av), sqrt_av = std::sqrt(av);
   for (size_t i = b; i < e; i += N) {
     const size_t n = std::min(N, e - i);
     const auto cm = encode_level(hn::Load(df, bm + (i - b)), im, codes::k_m_levels);
@@ -490,8 +507,7 @@ HWY_NOINLINE void update_qblock(const chunk_ref& c, const step_scalars& s, size_
     store_codes(cv, qv + i, n);
     if constexpr (O == op::op_step) {
       const auto M = decode_code(cm, codes::k_inv_m_levels, am);
-      const auto V = decode_code(cv, codes::k_inv_v_levels, av);
-      const auto P = hn::MulSub(load_lanes(c.param + i, n), decay, update_term(M, V, s));
+      const auto P = hn::MulSub(load_lanes(c.param + i, n), decay, update_term_sqrt(M, sqrt_v_code(cv, sqrt_av), s));
       store_f32_lanes(P, c.param + i, n);
       store_half_lanes(P, half_out ? half_out + i : nullptr, n, stream && n == N);
     }
