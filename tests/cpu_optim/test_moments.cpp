@@ -129,13 +129,15 @@ void expect_moments(compact& after, const std::vector<double>& mr, const std::ve
   }
   for (size_t b = 0; b < quant_blocks(after.n) && bad < 5; ++b) {
     const size_t lo = b * k_quant_block, hi = std::min(after.n, lo + k_quant_block);
-    double am = 0, av = 0;
+    double am = 0, av = 0, sam = 0, sav = 0;
     for (size_t i = lo; i < hi; ++i) {
       am = std::max(am, std::fabs(mr[i]));
       av = std::max(av, vr[i]);
+      sam = std::max(sam, sm[i]);
+      sav = std::max(sav, sv[i]);
     }
-    EXPECT_NEAR(after.ms[b], am, 1e-6 * am) << "m scale of block " << b;
-    EXPECT_NEAR(after.vs[b], av, 1e-6 * av) << "v scale of block " << b;
+    EXPECT_NEAR(after.ms[b], am, 1e-6 * am + sam) << "m scale of block " << b;
+    EXPECT_NEAR(after.vs[b], av, 1e-6 * av + sav) << "v scale of block " << b;
     for (size_t i = lo; i < hi && bad < 5; ++i) {
       // The levels of the value's interval [x - slack, x + slack]; the code must be the nearest
       // level of some point in it.
