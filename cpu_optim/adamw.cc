@@ -216,11 +216,12 @@ grad_stats adamw::run(int o, const chunk_ref& c, const adamw_hparams& h, int64_t
 // write, so a separate pass over the gradient is unavoidable; it only takes max |grad| (one
 // integer max per vector, at read bandwidth) and the sum of squares rides in the update pass.
 grad_stats adamw::step(const chunk_ref& c, const adamw_hparams& h, int64_t step, float grad_mult,
-                       undo_log* log) {
+                       undo_log* log, bool finite_known) {
   check_chunk(c);
   check_hparams(h, step);
   if (log) log->clear();
-  if (!all_finite(max_abs(c), grad_mult)) return stats(c.grad, c.grad_dtype, c.n, grad_mult, c.grad_acc);
+  if (!finite_known && !all_finite(max_abs(c), grad_mult))
+    return stats(c.grad, c.grad_dtype, c.n, grad_mult, c.grad_acc);
   return run(static_cast<int>(detail::op::op_step), c, h, step, grad_mult, grad_mult, log, nullptr);
 }
 

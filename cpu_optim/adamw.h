@@ -160,8 +160,12 @@ class adamw {
   // grads, at read bandwidth) plus one fused pass that also sums the squares.
   // With `log` (a step that may be undone), also records in it what undo() needs to restore the
   // moments exactly (undo_log); the log is cleared first.
+  // finite_known: the caller has established that every grad * grad_mult is finite (e.g. stats()
+  // of the same gradient with a multiplier at least as large reported no non-finite element), so
+  // the pre-scan is skipped (2 B/param of a half gradient's 30). Wrongly set, non-finite values
+  // reach the state.
   grad_stats step(const chunk_ref& c, const adamw_hparams& h, int64_t step, float grad_mult,
-                  undo_log* log = nullptr);
+                  undo_log* log = nullptr, bool finite_known = false);
 
   // Undoes a step() made with the same (h, step, grad_mult) and the same gradient still in the
   // buffer: restores p, m, v (README.md "Precision and rollback tolerance" gives the bounds,
