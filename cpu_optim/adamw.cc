@@ -106,6 +106,7 @@ detail::step_scalars make_scalars(const adamw_hparams& h, int64_t step, float mu
   // base keeps every vector store of the half copy aligned.
   s.stream_half = t.stream_half && (reinterpret_cast<uintptr_t>(c.half_out) % 64 == 0);
   s.sr_key = codes::sr_key(c.seed, step);
+  s.fast_roots = t.fast_roots;
   return s;
 }
 

@@ -294,7 +294,8 @@ HWY_INLINE hn::Vec<df_t> update_term(hn::Vec<df_t> M, hn::Vec<df_t> V, const ste
 template <op O, bool A, class G, class H>
 HWY_INLINE void update_vec_bf16(const G* HWY_RESTRICT grad, const float* HWY_RESTRICT gacc, float* HWY_RESTRICT p,
                                 uint16_t* HWY_RESTRICT m, uint16_t* HWY_RESTRICT v, H* HWY_RESTRICT half_out,
-                                const step_scalars& s, bool stream, sq_acc& acc, size_t index) {
+                                const step_scalars& s, bool stream, sq_acc& acc, size_t index,
+                                hn::Vec<du_t> lanes) {
   const df_t df;
   const du_t du;
   const hn::Rebind<uint16_t, df_t> d16;
@@ -322,7 +323,7 @@ HWY_INLINE void update_vec_bf16(const G* HWY_RESTRICT grad, const float* HWY_RES
     acc.add(g);
     M = hn::MulAdd(b1, M, hn::Mul(c1, g));
     V = hn::MulAdd(b2, V, hn::Mul(c2, hn::Mul(g, g)));
-    const auto r = mix32_vec(hn::Add(hn::Iota(du, uint32_t(index)), hn::Set(du, s.sr_key)));
+    const auto r = mix32_vec(hn::Add(lanes, hn::Set(du, uint32_t(index) + s.sr_key)));
     const auto mq = bf16_sr_vec(M, r), vq = bf16_sr_vec(V, hn::ShiftRight<16>(r));
     hn::StoreU(mq, d16, m);
     hn::StoreU(vq, d16, v);
@@ -342,10 +343,11 @@ grad_stats update_range_bf16(const chunk_ref& c, const step_scalars& s, size_t b
   auto* cv = static_cast<uint16_t*>(c.v);
   H* half_out = nullptr;
   if constexpr (!std::is_same_v<H, no_half>) half_out = static_cast<H*>(c.half_out);
+  const auto lanes = hn::Iota(du_t(), 0);  // (Highway's Iota goes through memory: once per range)
   size_t i = begin;
   for (; i + N <= end; i += N) {
     update_vec_bf16<O, A>(grad + i, A ? gacc + i : nullptr, c.param + i, cm + i, cv + i,
-                          half_out ? half_out + i : nullptr, s, s.stream_half, acc, i);
+                          half_out ? half_out + i : nullptr, s, s.stream_half, acc, i, lanes);
   }
   if (s.stream_half && half_out) hwy::FlushStream();
   if (i == end) return grad_stats{acc.sum(), 0};
@@ -360,7 +362,7 @@ grad_stats update_range_bf16(const chunk_ref& c, const step_scalars& s, size_t b
   std::memcpy(tg, grad + i, r * sizeof(G));
   if constexpr (A) std::memcpy(ta, gacc + i, r * 4);
   update_vec_bf16<O, A>(tg, ta, tp, tm, tv, std::is_same_v<H, no_half> ? nullptr : reinterpret_cast<H*>(th), s,
-                        false, acc, i);
+                        false, acc, i, lanes);
   std::memcpy(c.param + i, tp, r * 4);
   std::memcpy(cm + i, tm, r * 2);
   std::memcpy(cv + i, tv, r * 2);
@@ -392,11 +394,29 @@ HWY_INLINE hn::Vec<df_t> decode_code(hn::Vec<df_t> q, float inv_levels, float a)
   return hn::IfThenElse(hn::Lt(q, hn::Zero(df)), hn::Neg(x), x);
 }
 
-// round(levels * (|x| inv_a)^(1/4)), clamped to levels, with x's sign.
-HWY_INLINE hn::Vec<df_t> encode_level(hn::Vec<df_t> x, float inv_a, float levels) {
+// sqrt(r) from the hardware's reciprocal-square-root estimate (AVX-512 14 bits, AVX2 12 bits) and
+// one Newton step: within about 4 ulp, at a fraction of a square root's cost; 0 for r below 2^-100.
+HWY_INLINE hn::Vec<df_t> fast_sqrt(hn::Vec<df_t> r) {
+  const df_t df;
+  auto y = hn::ApproximateReciprocalSqrt(r);
+  y = hn::Mul(y, hn::NegMulAdd(hn::Mul(hn::Set(df, 0.5f), r), hn::Mul(y, y), hn::Set(df, 1.5f)));
+  return hn::IfThenZeroElse(hn::Lt(r, hn::Set(df, 7.8886e-31f)), hn::Mul(r, y));
+}
+
+// round(levels * (|x| inv_a)^(1/4)), clamped to levels, with x's sign. The fourth root is two
+// square roots (exact, the scalar definition) or, with s.fast_roots on AVX2/AVX3, two fast_sqrt
+// (within about 1e-6 relative: a code can differ from the definition only where the level is
+// within 2e-4 of a tie).
+HWY_INLINE hn::Vec<df_t> encode_level(hn::Vec<df_t> x, float inv_a, float levels, bool fast) {
   const df_t df;
   const auto r = hn::Mul(hn::Abs(x), hn::Set(df, inv_a));
-  const auto q = hn::Min(hn::Round(hn::Mul(hn::Set(df, levels), hn::Sqrt(hn::Sqrt(r)))), hn::Set(df, levels));
+#if HWY_TARGET == HWY_EMU128 || HWY_TARGET == HWY_SCALAR
+  (void)fast;
+  const auto root = hn::Sqrt(hn::Sqrt(r));
+#else
+  const auto root = fast ? fast_sqrt(fast_sqrt(r)) : hn::Sqrt(hn::Sqrt(r));
+#endif
+  const auto q = hn::Min(hn::Round(hn::Mul(hn::Set(df, levels), root)), hn::Set(df, levels));
   return hn::IfThenElse(hn::Lt(x, hn::Zero(df)), hn::Neg(q), q);
 }
 
@@ -501,8 +521,8 @@ HWY_NOINLINE void update_qblock(const chunk_ref& c, const step_scalars& s, size_
   const float im = codes::inv_scale(am), iv = codes::inv_scale(av), sqrt_av = std::sqrt(av);
   for (size_t i = b; i < e; i += N) {
     const size_t n = std::min(N, e - i);
-    const auto cm = encode_level(hn::Load(df, bm + (i - b)), im, codes::k_m_levels);
-    const auto cv = encode_level(hn::Load(df, bv + (i - b)), iv, codes::k_v_levels);
+    const auto cm = encode_level(hn::Load(df, bm + (i - b)), im, codes::k_m_levels, s.fast_roots);
+    const auto cv = encode_level(hn::Load(df, bv + (i - b)), iv, codes::k_v_levels, s.fast_roots);
     store_codes(cm, qm + i, n);
     store_codes(cv, qv + i, n);
     if constexpr (O == op::op_step) {

@@ -25,6 +25,7 @@ struct step_scalars {
   float zero_ratio;         // undo/redo: restored v < zero_ratio v' means m = v = 0 was the
                             // old state (0: plain inversion, the step kept no log)
   uint32_t sr_key;          // bf16 moments: the stochastic-rounding stream (codes::sr_key)
+  bool fast_roots;          // int8 moments: fourth roots from reciprocal-square-root estimates
 };
 
 enum class op { op_step, op_undo, op_redo };

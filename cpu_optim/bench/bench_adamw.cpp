@@ -199,8 +199,11 @@ int main(int argc, char** argv) {
           const double s = median_seconds(reps, [&] { opt.step(c, h, ++step, 1.0f, &log); });
           report({"adamw", tgt, "f16->f16 NT +undo log", nt, n, s, 28});
         }
-        for (co::moments_kind k : {co::moments_kind::bf16, co::moments_kind::int8}) {  // compact moments
-          co::adamw opt(nt);
+        for (int variant = 0; variant < 3; ++variant) {  // compact moments (int8 with exact roots too)
+          const co::moments_kind k = variant == 0 ? co::moments_kind::bf16 : co::moments_kind::int8;
+          co::adamw_tuning tune;
+          tune.fast_roots = variant != 2;
+          co::adamw opt(nt, tune);
           const bool b16 = k == co::moments_kind::bf16;
           co::chunk_ref c{p, b16 ? static_cast<void*>(m16) : mq, b16 ? static_cast<void*>(v16) : vq, grad,
                           co::dtype::dtype_f16, half, co::dtype::dtype_f16, n};
@@ -212,7 +215,8 @@ int main(int argc, char** argv) {
           const double s = median_seconds(reps, [&] { opt.step(c, h, ++step, 1.0f); });
           // p 8, grad 2, half 2, plus the moments read and written
           const double bytes = 12.0 + 2.0 * double(co::moments_bytes(k, n)) / double(n);
-          report({"adamw", tgt, std::string(co::moments_kind_name(k)) + " moments f16->f16 NT", nt, n, s, bytes});
+          report({"adamw", tgt, std::string(co::moments_kind_name(k)) + " moments f16->f16 NT" + (variant == 2 ? " exact roots" : ""),
+                  nt, n, s, bytes});
         }
         {  // the last micro-batch fused into the step: g = acc (fp32) + grad (f16), 32 B/param
           co::adamw opt(nt);
@@ -276,7 +280,7 @@ int main(int argc, char** argv) {
   }
   // Per optimizer-state kind: bytes per parameter moved and the fraction of the measured copy
   // bandwidth (the memory-bound ceiling for those bytes).
-  std::printf("\n%11s %4s %-7s %-6s %8s %10s %8s %9s %9s\n", "n", "thr", "target", "state", "B/param", "Gparam/s",
+  std::printf("\n%11s %4s %-7s %-18s %8s %10s %8s %9s %9s\n", "n", "thr", "target", "state", "B/param", "Gparam/s",
               "GB/s", "copy GB/s", "of copy");
   for (const row& r : rows) {
     if (r.kind != "adamw") continue;
@@ -284,11 +288,12 @@ int main(int argc, char** argv) {
     if (r.variant == "f16->f16 NT") kind = "fp32";
     else if (r.variant == "bf16 moments f16->f16 NT") kind = "bf16";
     else if (r.variant == "int8 moments f16->f16 NT") kind = "int8";
+    else if (r.variant == "int8 moments f16->f16 NT exact roots") kind = "int8 (exact roots)";
     else continue;
     double copy = 0;
     for (const row& o : rows)
       if (o.n == r.n && o.threads == r.threads && o.kind == "stream" && o.variant.rfind("copy", 0) == 0) copy = o.gb_s();
-    std::printf("%11zu %4d %-7s %-6s %8.2f %10.3f %8.2f %9.2f %8.0f%%\n", r.n, r.threads, r.target.c_str(), kind.c_str(),
+    std::printf("%11zu %4d %-7s %-18s %8.2f %10.3f %8.2f %9.2f %8.0f%%\n", r.n, r.threads, r.target.c_str(), kind.c_str(),
                 r.bytes_per_elem, r.gparam_s(), r.gb_s(), copy, 100 * r.gb_s() / copy);
   }
   if (!json_path.empty()) {
