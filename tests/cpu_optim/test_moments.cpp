@@ -425,6 +425,38 @@ TEST_P(moments_target, finite_known_step_is_the_same_step) {
   }
 }
 
+// The last micro-batch fused into the update (chunk_ref::grad_acc) with compact moments:
+// bit-identical to accumulating first and stepping on the fp32 sum (step, undo, redo).
+TEST_P(moments_target, fused_accumulator_equals_accumulate_then_update) {
+  std::mt19937 rng(fresh_seed());
+  adamw opt(2);
+  const adamw_hparams h{1e-3f, 0.9f, 0.999f, 1e-8f, 0.1f};
+  for (moments_kind k : k_kinds) {
+    for (size_t n : {size_t(19), size_t(40000)}) {
+      SCOPED_TRACE(std::string(moments_kind_name(k)) + " n " + std::to_string(n));
+      const compact s0 = random_compact(rng, k, n);
+      std::vector<float> g, acc = normal(rng, n, 0.02f);
+      const auto grad = encode(normal(rng, n, 0.02f), dtype::dtype_bf16, &g);
+      std::vector<float> sum = acc;
+      accumulate(grad.data(), dtype::dtype_bf16, sum.data(), n, false);
+      compact fused = s0, plain = s0;
+      chunk_ref cf = fused.chunk(grad, dtype::dtype_bf16, dtype::dtype_bf16, true);
+      cf.grad_acc = acc.data();
+      chunk_ref cp = plain.chunk(std::vector<uint8_t>(), dtype::dtype_f32, dtype::dtype_bf16, true);
+      cp.grad = sum.data();
+      const grad_stats a = opt.step(cf, h, 3, 0.5f), b = opt.step(cp, h, 3, 0.5f);
+      EXPECT_EQ(a.sum_sq, b.sum_sq);
+      EXPECT_TRUE(fused.same_bits(plain)) << "step";
+      opt.redo(cf, h, 3, 0.5f, 0.25f);
+      opt.redo(cp, h, 3, 0.5f, 0.25f);
+      EXPECT_TRUE(fused.same_bits(plain)) << "redo";
+      opt.undo(cf, h, 3, 0.25f);
+      opt.undo(cp, h, 3, 0.25f);
+      EXPECT_TRUE(fused.same_bits(plain)) << "undo";
+    }
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(targets, moments_target, ::testing::ValuesIn(targets()));
 
 // The scalar definitions: the largest value codes to the top level and decodes exactly; codes
