@@ -69,8 +69,8 @@ std::string save_checkpoint(engine::engine& e, const trainer_state& st, const st
       const size_t bytes = size_t(p.numel) * 4;
       weights.push_back({p.name, p.shape, s.master + p.offset});
       optim.push_back({p.name, "F32", p.shape, s.master + p.offset, bytes});
-      optim.push_back({p.name + ".exp_avg", "F32", p.shape, s.exp_avg + p.offset, bytes});
-      optim.push_back({p.name + ".exp_avg_sq", "F32", p.shape, s.exp_avg_sq + p.offset, bytes});
+      optim.push_back({p.name + ".exp_avg", "F32", p.shape, engine::exp_avg_f32(s) + p.offset, bytes});
+      optim.push_back({p.name + ".exp_avg_sq", "F32", p.shape, engine::exp_avg_sq_f32(s) + p.offset, bytes});
     }
     model::llama_config cfg = e.config();
     io::write_hf_checkpoint(tmp_dir.string(), cfg, weights, export_dtype(e.options().dtype));
@@ -152,8 +152,8 @@ trainer_state load_checkpoint(engine::engine& e, const std::string& dir) {
     engine::state_lease s(store.state(), p.unit, true);
     const int64_t n = p.numel;
     for (auto [suffix, dst] : {std::pair<const char*, float*>{"", s->master + p.offset},
-                               {".exp_avg", s->exp_avg + p.offset},
-                               {".exp_avg_sq", s->exp_avg_sq + p.offset}}) {
+                               {".exp_avg", engine::exp_avg_f32(*s) + p.offset},
+                               {".exp_avg_sq", engine::exp_avg_sq_f32(*s) + p.offset}}) {
       const io::st_tensor_info* t = opt.find(p.name + suffix);
       FERRY_CHECK(t != nullptr, opt_path, ": missing tensor ", p.name + suffix, " (a checkpoint of another model?)");
       FERRY_CHECK(t->dtype == "F32" && t->shape == p.shape, opt_path, ": tensor ", p.name + suffix,

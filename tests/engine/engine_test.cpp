@@ -4,6 +4,7 @@
 // evaluate(). Built for the host backend (label cpu) and for CUDA (label gpu, FERRY_TEST_CUDA=1).
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <limits>
 #include <string>
 
@@ -45,6 +46,8 @@ void expect_bit_identical(const run_result& a, const run_result& b, const std::s
                                                  << max_abs_diff(a.master[u], b.master[u]);
     EXPECT_TRUE(a.m[u].equal(b.m[u])) << what << " exp_avg, unit " << u;
     EXPECT_TRUE(a.v[u].equal(b.v[u])) << what << " exp_avg_sq, unit " << u;
+    EXPECT_TRUE(a.m_scale[u].equal(b.m_scale[u])) << what << " exp_avg scales, unit " << u;
+    EXPECT_TRUE(a.v_scale[u].equal(b.v_scale[u])) << what << " exp_avg_sq scales, unit " << u;
   }
 }
 
@@ -1016,10 +1019,19 @@ TEST(engine_plan, what_if_rows) {
     EXPECT_EQ(r.device_total - base.device_total, r.activations - base.activations);
     EXPECT_EQ(r.host_total, base.host_total);
     plan_what_if bf16;
-    bf16.moment_bytes = 4;
+    bf16.state = state_kind::state_bf16;
     const memory_plan b = plan_memory(cfg, o, B, T, 1, bf16);
     EXPECT_EQ(b.host_moments * 2, base.host_moments);
     EXPECT_EQ(base.host_total - b.host_total, cfg.total_params() * 4);
+    // int8: 2 B/param of codes and 8 B per quantization block of every unit (blocks do not span units)
+    plan_what_if int8;
+    int8.state = state_kind::state_int8;
+    const memory_plan q = plan_memory(cfg, o, B, T, 1, int8);
+    auto qb = [](int64_t n) { return (n + 2047) / 2048; };
+    const int64_t blocks = qb(cfg.embed_params()) + cfg.num_hidden_layers * qb(cfg.block_params()) + qb(cfg.head_params());
+    EXPECT_EQ(q.host_moments, cfg.total_params() * 2 + blocks * 8);
+    EXPECT_EQ(q.host_master, base.host_master);
+    EXPECT_EQ(q.device_total, base.device_total);
     plan_what_if disk;
     disk.state_on_disk = true;
     const memory_plan d = plan_memory(cfg, o, B, T, 1, disk);
@@ -1045,7 +1057,7 @@ TEST(engine_state_tier, host_fp32_tier) {
     at::Tensor v = store.master_view(p);
     EXPECT_EQ(v.sizes().vec(), p.shape) << p.name;
     EXPECT_EQ(v.data_ptr<float>(), s->master + p.offset) << p.name;
-    EXPECT_EQ(at::from_blob(s->exp_avg + p.offset, {p.numel}).abs().sum().item<float>(), 0.0f) << p.name;
+    EXPECT_EQ(at::from_blob(exp_avg_f32(*s) + p.offset, {p.numel}).abs().sum().item<float>(), 0.0f) << p.name;
     covered += p.numel;
   }
   EXPECT_EQ(covered, cfg.total_params());
@@ -1057,6 +1069,104 @@ TEST(engine_state_tier, host_fp32_tier) {
   }
 }
 
+
+// ---- 10. compact optimizer state (optimizer_state = bf16 | int8) ----
+
+int64_t quant_blocks_of(const model::llama_config& cfg) {
+  auto qb = [](int64_t n) { return (n + 2047) / 2048; };
+  return qb(cfg.embed_params()) + cfg.num_hidden_layers * qb(cfg.block_params()) + qb(cfg.head_params());
+}
+
+// The compact tiers hold exactly their bytes (bf16: 4 + 2 + 2 B/param; int8: 4 + 1 + 1 B/param and
+// one fp32 scale per 2048-element block of each unit for m and for v), which is what the planner
+// charges; zero_moments zeroes codes and scales; each unit has its own fixed stochastic-rounding
+// seed; the fp32 moment tensors are refused.
+TEST(engine_state_tier, compact_kinds) {
+  const auto cfg = tiny_config();
+  auto host = make_host_backend();
+  const int64_t P = cfg.total_params();
+  EXPECT_EQ(state_bytes_per_param(state_kind::state_fp32, true), 12.0);
+  EXPECT_EQ(state_bytes_per_param(state_kind::state_bf16, true), 8.0);
+  EXPECT_EQ(state_bytes_per_param(state_kind::state_int8, true), 6.0 + 8.0 / 2048);
+  for (auto kind : {state_kind::state_bf16, state_kind::state_int8}) {
+    SCOPED_TRACE(state_kind_name(kind));
+    EXPECT_EQ(state_bytes_per_param(kind, false), 4.0);
+    EXPECT_EQ(parse_state_kind(state_kind_name(kind)), kind);
+    param_store store(cfg, at::kBFloat16, *host, true, kind);
+    store.init_random(3, 0.1);
+    state_tier& tier = store.state();
+    EXPECT_EQ(tier.kind(), kind);
+    const int64_t want = kind == state_kind::state_bf16 ? P * 8 : P * 6 + quant_blocks_of(cfg) * 8;
+    EXPECT_EQ(tier.host_bytes(), want);
+    engine_options o = base_options(k_overlapped, at::kBFloat16);
+    o.state = kind;
+    const memory_plan p = plan_memory(cfg, o, k_batch, k_seq, 1);
+    EXPECT_EQ(p.state, kind);
+    EXPECT_EQ(p.host_master + p.host_moments, tier.host_bytes());
+    EXPECT_EQ(p.host_master, P * 4);
+    EXPECT_EQ(store.host_bytes() - store.pinned_bytes() - cfg.embed_params() * 4, tier.host_bytes());
+    for (int64_t u = 0; u < tier.num_units(); ++u) {
+      {
+        state_lease s(tier, u, true);
+        EXPECT_EQ(s->moments, moments_kind_of(kind));
+        EXPECT_EQ(s->seed, uint64_t(u) + 1);
+        EXPECT_EQ(s->m_scale != nullptr, kind == state_kind::state_int8);
+        EXPECT_EQ(s->v_scale != nullptr, kind == state_kind::state_int8);
+        const size_t n = size_t(s->n), elem = kind == state_kind::state_bf16 ? 2 : 1;
+        std::memset(s->exp_avg, 0xff, n * elem);
+        std::memset(s->exp_avg_sq, 0xff, n * elem);
+        if (s->m_scale) {
+          std::memset(s->m_scale, 0xff, cpu_optim::quant_blocks(n) * 4);
+          std::memset(s->v_scale, 0xff, cpu_optim::quant_blocks(n) * 4);
+        }
+      }
+    }
+    tier.zero_moments();
+    for (int64_t u = 0; u < tier.num_units(); ++u) {
+      const unit_moments m = moments_copy(store, u);
+      for (const at::Tensor* t : {&m.m, &m.v, &m.m_scale, &m.v_scale})
+        EXPECT_EQ(t->ne(0).sum().item<int64_t>(), 0) << "unit " << u;
+      EXPECT_EQ(m.m_scale.numel(), kind == state_kind::state_int8 ? (store.unit(u).numel + 2047) / 2048 : 0);
+    }
+    try {
+      store.exp_avg_tensor(1);
+      ADD_FAILURE() << "fp32 moment tensors of a " << state_kind_name(kind) << " tier";
+    } catch (const ferry::error& err) {
+      EXPECT_NE(std::string(err.what()).find("optimizer_state=fp32"), std::string::npos) << err.what();
+    }
+  }
+  try {
+    parse_state_kind("int4");
+    ADD_FAILURE() << "int4 accepted";
+  } catch (const config_error& err) {
+    for (const char* w : {"optimizer_state", "fp32", "bf16", "int8"})
+      EXPECT_NE(std::string(err.what()).find(w), std::string::npos) << err.what();
+  }
+}
+
+// offload none runs the device AdamW over fp32 moments: a compact kind there is a config error at
+// construction (one line naming both keys); an inference engine keeps no moments and is built.
+TEST(engine_state_tier, compact_kinds_need_offload) {
+  for (auto kind : {state_kind::state_bf16, state_kind::state_int8}) {
+    engine_options o = base_options(k_none, at::kFloat);
+    o.cuda = false;
+    o.state = kind;
+    try {
+      engine e(tiny_config(), o);
+      ADD_FAILURE() << "offload none with optimizer_state " << state_kind_name(kind);
+    } catch (const config_error& err) {
+      const std::string msg = err.what();
+      EXPECT_EQ(msg.find('\n'), std::string::npos) << msg;
+      for (const char* w : {"optimizer_state", "offload", state_kind_name(kind)})
+        EXPECT_NE(msg.find(w), std::string::npos) << msg;
+    }
+    o.forward_only = true;
+    EXPECT_NO_THROW(engine(tiny_config(), o));
+    o.forward_only = false;
+    o.mode = k_blocked;
+    EXPECT_NO_THROW(engine(tiny_config(), o));
+  }
+}
 
 // Activation checkpointing recomputes a block's forward (saving) just before its backward; the
 // recomputation is the training forward itself, so every mode trains bit for bit as without it,
