@@ -90,6 +90,9 @@ int run_training(const io::run_config& cfg, const model::llama_config& mc, const
     checkpoint::trainer_state loaded = checkpoint::load_checkpoint(e, dir);
     st.step = loaded.step;
     st.data_cursor = loaded.data_cursor;
+    const char* kind = engine::state_kind_name(e.params().state().kind());
+    if (loaded.optimizer_state != kind)
+      std::printf("resume: optimizer state %s in %s converted to %s\n", loaded.optimizer_state.c_str(), dir.c_str(), kind);
     std::printf("resumed from %s at step %lld\n", dir.c_str(), (long long)st.step);
   } else if (!cfg.init.empty()) {
     checkpoint::load_hf_weights(e, cfg.init);
