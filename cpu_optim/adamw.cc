@@ -13,6 +13,7 @@
 #include <cstdint>
 
 #include "cpu_optim/kernels.h"
+#include "cpu_optim/moment_codes.h"
 #include "src/common/error.h"
 
 namespace ferry::cpu_optim {
@@ -104,6 +105,7 @@ detail::step_scalars make_scalars(const adamw_hparams& h, int64_t step, float mu
   // Blocks start at multiples of block_size (a multiple of 64 elements), so a 64-byte aligned
   // base keeps every vector store of the half copy aligned.
   s.stream_half = t.stream_half && (reinterpret_cast<uintptr_t>(c.half_out) % 64 == 0);
+  s.sr_key = codes::sr_key(c.seed, step);
   return s;
 }
 
@@ -166,12 +168,18 @@ grad_stats adamw::run(int o, const chunk_ref& c, const adamw_hparams& h, int64_t
   detail::step_scalars s = make_scalars(h, step, mult, c, tuning_);
   s.new_mult = new_mult;
   const size_t block = tuning_.block_size, nb = (c.n + block - 1) / block;
+  const bool compact = c.moments != moments_kind::f32;
+  FERRY_ASSERT(c.moments != moments_kind::int8 || block % k_quant_block == 0, "adamw block size ", block,
+               " is not a multiple of the int8 quantization block (", k_quant_block, ")");
   if (record) {  // step() cleared it
     record->n_ = c.n;
     record->block_size_ = block;
     record->blocks_.resize(nb);
-    s.log_ratio = k_undo_log_ratio;
+    // Compact moments keep no log: their undo is within one rounding of their form anyway
+    // (README.md "Compact moments").
+    if (!compact) s.log_ratio = k_undo_log_ratio;
   }
+  if (compact) restore = nullptr;
   if (restore) {
     FERRY_ASSERT(restore->n_ == c.n && restore->block_size_ == block,
                  "undo log written for another chunk (", restore->n_, " elements in blocks of ",
@@ -182,6 +190,12 @@ grad_stats adamw::run(int o, const chunk_ref& c, const adamw_hparams& h, int64_t
   const auto op = static_cast<detail::op>(o);
   return sum_stats(run_blocks(&impl_->arena, impl_->threads, c.n, block, [&](size_t b, size_t e) {
     const size_t bi = b / block;
+    if (c.moments == moments_kind::int8 && op == detail::op::op_redo) {  // not fused: re-encoding
+      k.update(detail::op::op_undo, c, s, b, e, nullptr);               // needs the whole block
+      detail::step_scalars again = s;
+      again.mult = new_mult;
+      return k.update(detail::op::op_step, c, again, b, e, nullptr);
+    }
     if (restore == nullptr || restore->blocks_[bi].empty())
       return k.update(op, c, s, b, e, record ? &record->blocks_[bi] : nullptr);
     const bool redo = op == detail::op::op_redo;

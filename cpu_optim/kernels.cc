@@ -2,6 +2,7 @@
 // HWY_TARGETS (AVX3, AVX2, and the portable fallback: EMU128, or SCALAR with GCC < 12.3; SSSE3/SSE4 are disabled, they would only add build time),
 // each time with that target's instruction set enabled for these functions only; the library
 // is never built with -march. HWY_EXPORT/HWY_DYNAMIC_DISPATCH pick the table at run time.
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <type_traits>
@@ -17,6 +18,7 @@
 
 #include "cpu_optim/half.h"
 #include "cpu_optim/kernels.h"
+#include "cpu_optim/moment_codes.h"
 
 HWY_BEFORE_NAMESPACE();
 namespace ferry::cpu_optim::detail::HWY_NAMESPACE {
@@ -244,12 +246,301 @@ grad_stats update_range(const chunk_ref& c, const step_scalars& s, size_t begin,
   return grad_stats{acc.sum(), 0};
 }
 
+// ---- Compact moments (moment_codes.h defines each operation; the lanes repeat it exactly) ----
+
+using du_t = hn::RebindToUnsigned<df_t>;
+using di_t = hn::RebindToSigned<df_t>;
+
+// bf16 bits -> fp32 (exact).
+HWY_INLINE hn::Vec<df_t> load_bf16_bits(const uint16_t* HWY_RESTRICT p) {
+  const df_t df;
+  const du_t du;
+  const hn::Rebind<uint16_t, df_t> d16;
+  return hn::BitCast(df, hn::ShiftLeft<16>(hn::PromoteTo(du, hn::LoadU(d16, p))));
+}
+
+HWY_INLINE hn::Vec<du_t> mix32_vec(hn::Vec<du_t> x) {
+  const du_t du;
+  x = hn::Xor(x, hn::ShiftRight<16>(x));
+  x = hn::Mul(x, hn::Set(du, 0x7feb352dU));
+  x = hn::Xor(x, hn::ShiftRight<15>(x));
+  x = hn::Mul(x, hn::Set(du, 0x846ca68bU));
+  return hn::Xor(x, hn::ShiftRight<16>(x));
+}
+
+// codes::bf16_sr of each lane with the low 16 bits of r.
+HWY_INLINE hn::Vec<hn::Rebind<uint16_t, df_t>> bf16_sr_vec(hn::Vec<df_t> x, hn::Vec<du_t> r) {
+  const du_t du;
+  const di_t di;
+  const auto bits = hn::ShiftRight<16>(hn::Add(hn::BitCast(du, x), hn::And(r, hn::Set(du, 0xFFFFu))));
+  return hn::DemoteTo(hn::Rebind<uint16_t, df_t>(), hn::BitCast(di, bits));
+}
+
+HWY_INLINE hn::Vec<df_t> bf16_bits_to_f32(hn::Vec<hn::Rebind<uint16_t, df_t>> b) {
+  return hn::BitCast(df_t(), hn::ShiftLeft<16>(hn::PromoteTo(du_t(), b)));
+}
+
+// The Adam update term from (stored) moments: lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps).
+HWY_INLINE hn::Vec<df_t> update_term(hn::Vec<df_t> M, hn::Vec<df_t> V, const step_scalars& s) {
+  const df_t df;
+  const auto denom = hn::MulAdd(hn::Sqrt(V), hn::Set(df, s.inv_sqrt_bc2), hn::Set(df, s.eps));
+  return hn::Mul(hn::Div(M, denom), hn::Set(df, s.step_size));
+}
+
+// One vector with bf16 moments: the f32 update on the decoded moments, the new moments rounded
+// stochastically and the weight update computed from the rounded values (so undo recomputes it
+// exactly); undo rounds the inverted moments to nearest even. `index`: the first lane's element
+// index in the chunk (the stochastic-rounding stream).
+template <op O, bool A, class G, class H>
+HWY_INLINE void update_vec_bf16(const G* HWY_RESTRICT grad, const float* HWY_RESTRICT gacc, float* HWY_RESTRICT p,
+                                uint16_t* HWY_RESTRICT m, uint16_t* HWY_RESTRICT v, H* HWY_RESTRICT half_out,
+                                const step_scalars& s, bool stream, sq_acc& acc, size_t index) {
+  const df_t df;
+  const du_t du;
+  const hn::Rebind<uint16_t, df_t> d16;
+  const auto b1 = hn::Set(df, s.beta1), c1 = hn::Set(df, s.one_minus_beta1);
+  const auto b2 = hn::Set(df, s.beta2), c2 = hn::Set(df, s.one_minus_beta2);
+  const auto decay = hn::Set(df, s.decay);
+  auto gr = load_f32(grad);
+  if constexpr (A) gr = hn::Add(hn::LoadU(df, gacc), gr);
+  auto P = hn::LoadU(df, p), M = load_bf16_bits(m), V = load_bf16_bits(v);
+  if constexpr (O != op::op_step) {
+    const auto g = hn::Mul(gr, hn::Set(df, s.mult));
+    P = hn::Div(hn::Add(P, update_term(M, V, s)), decay);
+    M = hn::Div(hn::Sub(M, hn::Mul(c1, g)), b1);
+    V = hn::Max(hn::Div(hn::Sub(V, hn::Mul(c2, hn::Mul(g, g))), b2), hn::Zero(df));
+    const auto mq = bf16_rne(M), vq = bf16_rne(V);
+    if constexpr (O == op::op_undo) {
+      hn::StoreU(mq, d16, m);
+      hn::StoreU(vq, d16, v);
+    }
+    M = bf16_bits_to_f32(mq);
+    V = bf16_bits_to_f32(vq);
+  }
+  if constexpr (O != op::op_undo) {
+    const auto g = hn::Mul(gr, hn::Set(df, O == op::op_redo ? s.new_mult : s.mult));
+    acc.add(g);
+    M = hn::MulAdd(b1, M, hn::Mul(c1, g));
+    V = hn::MulAdd(b2, V, hn::Mul(c2, hn::Mul(g, g)));
+    const auto r = mix32_vec(hn::Add(hn::Iota(du, uint32_t(index)), hn::Set(du, s.sr_key)));
+    const auto mq = bf16_sr_vec(M, r), vq = bf16_sr_vec(V, hn::ShiftRight<16>(r));
+    hn::StoreU(mq, d16, m);
+    hn::StoreU(vq, d16, v);
+    P = hn::MulSub(P, decay, update_term(bf16_bits_to_f32(mq), bf16_bits_to_f32(vq), s));
+  }
+  hn::StoreU(P, df, p);
+  if constexpr (!std::is_same_v<H, no_half>) store_from_f32(P, half_out, stream);
+}
+
+template <op O, bool A, class G, class H>
+grad_stats update_range_bf16(const chunk_ref& c, const step_scalars& s, size_t begin, size_t end) {
+  sq_acc acc;
+  const size_t N = hn::Lanes(df_t());
+  const G* grad = static_cast<const G*>(c.grad);
+  const float* gacc = c.grad_acc;
+  auto* cm = static_cast<uint16_t*>(c.m);
+  auto* cv = static_cast<uint16_t*>(c.v);
+  H* half_out = nullptr;
+  if constexpr (!std::is_same_v<H, no_half>) half_out = static_cast<H*>(c.half_out);
+  size_t i = begin;
+  for (; i + N <= end; i += N) {
+    update_vec_bf16<O, A>(grad + i, A ? gacc + i : nullptr, c.param + i, cm + i, cv + i,
+                          half_out ? half_out + i : nullptr, s, s.stream_half, acc, i);
+  }
+  if (s.stream_half && half_out) hwy::FlushStream();
+  if (i == end) return grad_stats{acc.sum(), 0};
+  const size_t r = end - i;
+  HWY_ALIGN_MAX float tp[k_max_lanes] = {}, ta[k_max_lanes] = {};
+  HWY_ALIGN_MAX uint16_t tm[k_max_lanes] = {}, tv[k_max_lanes] = {};
+  HWY_ALIGN_MAX G tg[k_max_lanes] = {};
+  HWY_ALIGN_MAX std::conditional_t<std::is_same_v<H, no_half>, uint16_t, H> th[k_max_lanes] = {};
+  std::memcpy(tp, c.param + i, r * 4);
+  std::memcpy(tm, cm + i, r * 2);
+  std::memcpy(tv, cv + i, r * 2);
+  std::memcpy(tg, grad + i, r * sizeof(G));
+  if constexpr (A) std::memcpy(ta, gacc + i, r * 4);
+  update_vec_bf16<O, A>(tg, ta, tp, tm, tv, std::is_same_v<H, no_half> ? nullptr : reinterpret_cast<H*>(th), s,
+                        false, acc, i);
+  std::memcpy(c.param + i, tp, r * 4);
+  std::memcpy(cm + i, tm, r * 2);
+  std::memcpy(cv + i, tv, r * 2);
+  if constexpr (!std::is_same_v<H, no_half>) std::memcpy(half_out + i, th, r * sizeof(H));
+  return grad_stats{acc.sum(), 0};
+}
+
+// The update term from sqrt(v) (int8: sqrt(A (q/255)^4) = sqrt(A) (q/255)^2, no square root per
+// element; step and undo use the same expression, so undo still recomputes the step's term).
+HWY_INLINE hn::Vec<df_t> update_term_sqrt(hn::Vec<df_t> M, hn::Vec<df_t> sqrt_v, const step_scalars& s) {
+  const df_t df;
+  const auto denom = hn::MulAdd(sqrt_v, hn::Set(df, s.inv_sqrt_bc2), hn::Set(df, s.eps));
+  return hn::Mul(hn::Div(M, denom), hn::Set(df, s.step_size));
+}
+
+// sqrt of a v code's value: sqrt(A) (q/255)^2.
+HWY_INLINE hn::Vec<df_t> sqrt_v_code(hn::Vec<df_t> q, float sqrt_a) {
+  const df_t df;
+  const auto t = hn::Mul(q, hn::Set(df, codes::k_inv_v_levels));
+  return hn::Mul(hn::Mul(t, t), hn::Set(df, sqrt_a));
+}
+
+// int8 codes (moment_codes.h): value = sign * A * (|q|/levels)^4.
+HWY_INLINE hn::Vec<df_t> decode_code(hn::Vec<df_t> q, float inv_levels, float a) {
+  const df_t df;
+  const auto t = hn::Mul(hn::Abs(q), hn::Set(df, inv_levels));
+  const auto t2 = hn::Mul(t, t);
+  const auto x = hn::Mul(hn::Mul(t2, t2), hn::Set(df, a));
+  return hn::IfThenElse(hn::Lt(q, hn::Zero(df)), hn::Neg(x), x);
+}
+
+// round(levels * (|x| inv_a)^(1/4)), clamped to levels, with x's sign.
+HWY_INLINE hn::Vec<df_t> encode_level(hn::Vec<df_t> x, float inv_a, float levels) {
+  const df_t df;
+  const auto r = hn::Mul(hn::Abs(x), hn::Set(df, inv_a));
+  const auto q = hn::Min(hn::Round(hn::Mul(hn::Set(df, levels), hn::Sqrt(hn::Sqrt(r)))), hn::Set(df, levels));
+  return hn::IfThenElse(hn::Lt(x, hn::Zero(df)), hn::Neg(q), q);
+}
+
+// Lanes(df) codes (or fewer, `count`, zero-padded) widened to fp32 levels.
+template <class T>
+HWY_INLINE hn::Vec<df_t> load_codes(const T* HWY_RESTRICT p, size_t count) {
+  const df_t df;
+  const hn::Rebind<T, df_t> d8;
+  if (count == hn::Lanes(df)) return hn::ConvertTo(df, hn::PromoteTo(di_t(), hn::LoadU(d8, p)));
+  HWY_ALIGN_MAX T tmp[k_max_lanes] = {};
+  std::memcpy(tmp, p, count * sizeof(T));
+  return hn::ConvertTo(df, hn::PromoteTo(di_t(), hn::Load(d8, tmp)));
+}
+
+template <class T>
+HWY_INLINE void store_codes(hn::Vec<df_t> q, T* HWY_RESTRICT p, size_t count) {
+  const df_t df;
+  const hn::Rebind<T, df_t> d8;
+  const auto c = hn::DemoteTo(d8, hn::ConvertTo(di_t(), q));
+  if (count == hn::Lanes(df)) return hn::StoreU(c, d8, p);
+  HWY_ALIGN_MAX T tmp[k_max_lanes];
+  hn::Store(c, d8, tmp);
+  std::memcpy(p, tmp, count * sizeof(T));
+}
+
+template <class T>
+HWY_INLINE hn::Vec<df_t> load_lanes(const T* HWY_RESTRICT p, size_t count) {
+  if (count == hn::Lanes(df_t())) return load_f32(p);
+  HWY_ALIGN_MAX T tmp[k_max_lanes] = {};
+  std::memcpy(tmp, p, count * sizeof(T));
+  return load_f32(tmp);
+}
+
+HWY_INLINE void store_f32_lanes(hn::Vec<df_t> x, float* HWY_RESTRICT p, size_t count) {
+  const df_t df;
+  if (count == hn::Lanes(df)) return hn::StoreU(x, df, p);
+  HWY_ALIGN_MAX float tmp[k_max_lanes];
+  hn::Store(x, df, tmp);
+  std::memcpy(p, tmp, count * 4);
+}
+
+template <class H>
+HWY_INLINE void store_half_lanes(hn::Vec<df_t> x, H* HWY_RESTRICT p, size_t count, bool stream) {
+  if constexpr (!std::is_same_v<H, no_half>) {
+    if (count == hn::Lanes(df_t())) return store_from_f32(x, p, stream);
+    HWY_ALIGN_MAX H tmp[k_max_lanes];
+    store_from_f32(x, tmp, false);
+    std::memcpy(p, tmp, count * sizeof(H));
+  }
+}
+
+// One quantization block [b, e) with int8 moments, op_step or op_undo. Pass 1 decodes the
+// moments, applies the f32 step (or its inverse, restoring p there) and keeps the new moments
+// in a block-sized stack buffer with their largest |m| and v; pass 2 encodes them against the new
+// scales, stores the codes, and (step) updates p from the decoded stored values.
+template <op O, bool A, class G, class H>
+HWY_NOINLINE void update_qblock(const chunk_ref& c, const step_scalars& s, size_t b, size_t e, bool stream,
+                                sq_acc& acc) {
+  static_assert(O != op::op_redo, "int8 redo runs as undo then step");
+  const df_t df;
+  const size_t N = hn::Lanes(df);
+  HWY_ALIGN_MAX float bm[k_quant_block], bv[k_quant_block];
+  const G* grad = static_cast<const G*>(c.grad);
+  auto* qm = static_cast<int8_t*>(c.m);
+  auto* qv = static_cast<uint8_t*>(c.v);
+  H* half_out = nullptr;
+  if constexpr (!std::is_same_v<H, no_half>) half_out = static_cast<H*>(c.half_out);
+  const size_t qi = b / k_quant_block;
+  const float am_old = c.m_scale[qi], av_old = c.v_scale[qi], sqrt_av_old = std::sqrt(av_old);
+  const auto b1 = hn::Set(df, s.beta1), c1 = hn::Set(df, s.one_minus_beta1);
+  const auto b2 = hn::Set(df, s.beta2), c2 = hn::Set(df, s.one_minus_beta2);
+  const auto decay = hn::Set(df, s.decay), mult = hn::Set(df, s.mult);
+  auto max_m = hn::Zero(df), max_v = hn::Zero(df);
+  for (size_t i = b; i < e; i += N) {
+    const size_t n = std::min(N, e - i);
+    auto gr = load_lanes(grad + i, n);
+    if constexpr (A) gr = hn::Add(load_lanes(c.grad_acc + i, n), gr);
+    const auto g = hn::Mul(gr, mult);
+    auto M = decode_code(load_codes(qm + i, n), codes::k_inv_m_levels, am_old);
+    const auto qv_old = load_codes(qv + i, n);
+    auto V = decode_code(qv_old, codes::k_inv_v_levels, av_old);
+    if constexpr (O == op::op_undo) {
+      const auto term = update_term_sqrt(M, sqrt_v_code(qv_old, sqrt_av_old), s);
+      const auto P = hn::Div(hn::Add(load_lanes(c.param + i, n), term), decay);
+      store_f32_lanes(P, c.param + i, n);
+      store_half_lanes(P, half_out ? half_out + i : nullptr, n, false);
+      M = hn::Div(hn::Sub(M, hn::Mul(c1, g)), b1);
+      V = hn::Max(hn::Div(hn::Sub(V, hn::Mul(c2, hn::Mul(g, g))), b2), hn::Zero(df));
+    } else {
+      acc.add(g);
+      M = hn::MulAdd(b1, M, hn::Mul(c1, g));
+      V = hn::MulAdd(b2, V, hn::Mul(c2, hn::Mul(g, g)));
+    }
+    hn::Store(M, df, bm + (i - b));
+    hn::Store(V, df, bv + (i - b));
+    max_m = hn::Max(max_m, hn::Abs(M));
+    max_v = hn::Max(max_v, V);
+  }
+  const float am = hn::GetLane(hn::MaxOfLanes(df, max_m)), av = hn::GetLane(hn::MaxOfLanes(df, max_v));
+  c.m_scale[qi] = am;
+  c.v_scale[qi] = av;
+  const float im = codes::inv_scale(am), iv = codes::inv_scale(av), sqrt_av = std::sqrt(av);
+  for (size_t i = b; i < e; i += N) {
+    const size_t n = std::min(N, e - i);
+    const auto cm = encode_level(hn::Load(df, bm + (i - b)), im, codes::k_m_levels);
+    const auto cv = encode_level(hn::Load(df, bv + (i - b)), iv, codes::k_v_levels);
+    store_codes(cm, qm + i, n);
+    store_codes(cv, qv + i, n);
+    if constexpr (O == op::op_step) {
+      const auto M = decode_code(cm, codes::k_inv_m_levels, am);
+      const auto P = hn::MulSub(load_lanes(c.param + i, n), decay, update_term_sqrt(M, sqrt_v_code(cv, sqrt_av), s));
+      store_f32_lanes(P, c.param + i, n);
+      store_half_lanes(P, half_out ? half_out + i : nullptr, n, stream && n == N);
+    }
+  }
+}
+
+template <op O, bool A, class G, class H>
+grad_stats update_range_int8(const chunk_ref& c, const step_scalars& s, size_t begin, size_t end) {
+  sq_acc acc;
+  if constexpr (O != op::op_redo) {
+    for (size_t b = begin; b < end; b += k_quant_block)
+      update_qblock<O, A, G, H>(c, s, b, std::min(end, b + k_quant_block), s.stream_half, acc);
+    if (s.stream_half && c.half_out) hwy::FlushStream();
+  }
+  return grad_stats{acc.sum(), 0};
+}
+
+template <op O, bool A, class G, class H>
+grad_stats update_k(const chunk_ref& c, const step_scalars& s, size_t b, size_t e, std::vector<undo_entry>* log) {
+  switch (c.moments) {
+    case moments_kind::f32: return update_range<O, A, G, H>(c, s, b, e, log);
+    case moments_kind::bf16: return update_range_bf16<O, A, G, H>(c, s, b, e);
+    case moments_kind::int8: return update_range_int8<O, A, G, H>(c, s, b, e);
+  }
+  return {};
+}
+
 template <op O, bool A, class G>
 grad_stats update_h(const chunk_ref& c, const step_scalars& s, size_t b, size_t e,
                     std::vector<undo_entry>* log) {
-  if (c.half_out == nullptr) return update_range<O, A, G, no_half>(c, s, b, e, log);
-  if (c.half_dtype == dtype::dtype_f16) return update_range<O, A, G, hwy::float16_t>(c, s, b, e, log);
-  return update_range<O, A, G, hwy::bfloat16_t>(c, s, b, e, log);
+  if (c.half_out == nullptr) return update_k<O, A, G, no_half>(c, s, b, e, log);
+  if (c.half_dtype == dtype::dtype_f16) return update_k<O, A, G, hwy::float16_t>(c, s, b, e, log);
+  return update_k<O, A, G, hwy::bfloat16_t>(c, s, b, e, log);
 }
 
 template <op O, class G>

@@ -24,6 +24,7 @@ struct step_scalars {
   float log_ratio;          // step: log elements with v' > log_ratio v (0: no log)
   float zero_ratio;         // undo/redo: restored v < zero_ratio v' means m = v = 0 was the
                             // old state (0: plain inversion, the step kept no log)
+  uint32_t sr_key;          // bf16 moments: the stochastic-rounding stream (codes::sr_key)
 };
 
 enum class op { op_step, op_undo, op_redo };
@@ -36,7 +37,9 @@ struct kernel_table {
   // max |g| over [begin, end) (NaN when any element is NaN); g*mult is all finite iff
   // max_abs*|mult| is finite, since fp32 multiplication rounds monotonically.
   float (*max_abs)(const void* grad, dtype grad_dtype, const float* acc, size_t begin, size_t end);
-  // One op over [begin, end) (with c.grad_acc, on g = grad_acc + grad); returns the sum of squares of the g it applied (step, redo: new g;
+  // One op over [begin, end) (with c.grad_acc, on g = grad_acc + grad), in c.moments' form
+  // (int8: begin a multiple of k_quant_block, and op_redo is not fused: the front runs undo then
+  // step); returns the sum of squares of the g it applied (step, redo: new g;
   // undo: 0), accumulated exactly as stats() does, nonfinite 0. A step with s.log_ratio > 0
   // appends to `log` the old m, v of the elements undo cannot invert well (adamw.h, undo_log),
   // offsets relative to begin.

@@ -12,7 +12,8 @@
 //         v as uint8 q = round(255 (v/A)^(1/4)), value A (q/255)^4. The fourth root spreads the
 //         255 levels over about 10 decades of v (the smallest non-zero v is A·2^-36) and the
 //         relative step is 4/q (1.6% at the top of m's range), so small second moments keep their
-//         magnitude and m/sqrt(v) stays bounded.
+//         magnitude and m/sqrt(v) stays bounded. A block whose largest value is subnormal is
+//         stored as zeros.
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -45,8 +46,9 @@ inline uint16_t bf16_sr(float x, uint32_t r16) {
 constexpr float k_m_levels = 127.0f, k_v_levels = 255.0f;
 constexpr float k_inv_m_levels = 1.0f / 127.0f, k_inv_v_levels = 1.0f / 255.0f;
 
-// 1/A, or 0 for an all-zero block (every code then 0).
-inline float inv_scale(float a) { return a > 0 ? 1.0f / a : 0.0f; }
+// 1/A, or 0 (every code 0) for a block whose largest value is 0 or subnormal, where 1/A would
+// overflow: moments that small are flushed to zero.
+inline float inv_scale(float a) { return a >= 1.17549435e-38f ? 1.0f / a : 0.0f; }
 
 inline float code_level(float r, float levels) {  // round(levels * r^(1/4)), r in [0, ~1]
   const float q = std::nearbyint(levels * std::sqrt(std::sqrt(r)));

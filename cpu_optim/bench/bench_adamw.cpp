@@ -136,6 +136,13 @@ int main(int argc, char** argv) {
     uint16_t* grad = alloc<uint16_t>(n);
     uint16_t* half = alloc<uint16_t>(n);
     float* acc = alloc<float>(n);   // the earlier micro-batches' fp32 sum (the fused step's grad_acc)
+    // Compact moments: bf16 (2 + 2 B) and int8 codes (1 + 1 B) with a scale per 2048 elements.
+    uint16_t* m16 = alloc<uint16_t>(n);
+    uint16_t* v16 = alloc<uint16_t>(n);
+    int8_t* mq = alloc<int8_t>(n);
+    uint8_t* vq = alloc<uint8_t>(n);
+    float* ms = alloc<float>(co::quant_blocks(n));
+    float* vs = alloc<float>(co::quant_blocks(n));
     for (int t0 : threads) {
       const int nt = co::adamw(t0).num_threads();
       tbb::task_arena arena(nt);
@@ -147,8 +154,13 @@ int main(int argc, char** argv) {
           grad[i] = 0x3C00 ^ (i & 0x8000);  // fp16 +-1
           half[i] = 0;
           acc[i] = 0.5f;
+          m16[i] = v16[i] = 0;
+          mq[i] = 0;
+          vq[i] = 0;
         }
       });
+      std::fill(ms, ms + co::quant_blocks(n), 0.0f);
+      std::fill(vs, vs + co::quant_blocks(n), 0.0f);
       const double copy_s = median_seconds(reps, [&] { for_range(arena, n, [&](size_t b, size_t e) { for (size_t i = b; i < e; ++i) m[i] = p[i]; }); });
       report({"stream", "-", "copy (8 B/elem)", nt, n, copy_s, 8});
       const double triad_s = median_seconds(reps, [&] { for_range(arena, n, [&](size_t b, size_t e) { for (size_t i = b; i < e; ++i) v[i] = p[i] + 3.0f * m[i]; }); });
@@ -179,6 +191,21 @@ int main(int argc, char** argv) {
           int64_t step = 0;
           const double s = median_seconds(reps, [&] { opt.step(c, h, ++step, 1.0f, &log); });
           report({"adamw", tgt, "f16->f16 NT +undo log", nt, n, s, 28});
+        }
+        for (co::moments_kind k : {co::moments_kind::bf16, co::moments_kind::int8}) {  // compact moments
+          co::adamw opt(nt);
+          const bool b16 = k == co::moments_kind::bf16;
+          co::chunk_ref c{p, b16 ? static_cast<void*>(m16) : mq, b16 ? static_cast<void*>(v16) : vq, grad,
+                          co::dtype::dtype_f16, half, co::dtype::dtype_f16, n};
+          c.moments = k;
+          c.m_scale = ms;
+          c.v_scale = vs;
+          c.seed = 1;
+          int64_t step = 0;
+          const double s = median_seconds(reps, [&] { opt.step(c, h, ++step, 1.0f); });
+          // p 8, grad 2, half 2, plus the moments read and written
+          const double bytes = 12.0 + 2.0 * double(co::moments_bytes(k, n)) / double(n);
+          report({"adamw", tgt, std::string(co::moments_kind_name(k)) + " moments f16->f16 NT", nt, n, s, bytes});
         }
         {  // the last micro-batch fused into the step: g = acc (fp32) + grad (f16), 32 B/param
           co::adamw opt(nt);
@@ -223,6 +250,7 @@ int main(int argc, char** argv) {
       report({"torch", "ATen", "_fused_adamw_ f32 grad", nt, n, ts, 28});
     }
     std::free(p), std::free(m), std::free(v), std::free(grad), std::free(half), std::free(acc);
+    std::free(m16), std::free(v16), std::free(mq), std::free(vq), std::free(ms), std::free(vs);
   }
 
   // Compact table: per (n, threads) the best product variant against PyTorch and the triad.
@@ -239,11 +267,28 @@ int main(int argc, char** argv) {
     std::printf("%11zu %4d %-7s %10.3f %8.2f %10.3f %8.2f %9.2f %8.0f%%\n", r.n, r.threads, r.target.c_str(),
                 r.gparam_s(), r.gb_s(), torch, r.gparam_s() / torch, triad, 100 * r.gb_s() / triad);
   }
+  // Per optimizer-state kind: bytes per parameter moved and the fraction of the measured copy
+  // bandwidth (the memory-bound ceiling for those bytes).
+  std::printf("\n%11s %4s %-7s %-6s %8s %10s %8s %9s %9s\n", "n", "thr", "target", "state", "B/param", "Gparam/s",
+              "GB/s", "copy GB/s", "of copy");
+  for (const row& r : rows) {
+    if (r.kind != "adamw") continue;
+    std::string kind;
+    if (r.variant == "f16->f16 NT") kind = "fp32";
+    else if (r.variant == "bf16 moments f16->f16 NT") kind = "bf16";
+    else if (r.variant == "int8 moments f16->f16 NT") kind = "int8";
+    else continue;
+    double copy = 0;
+    for (const row& o : rows)
+      if (o.n == r.n && o.threads == r.threads && o.kind == "stream" && o.variant.rfind("copy", 0) == 0) copy = o.gb_s();
+    std::printf("%11zu %4d %-7s %-6s %8.2f %10.3f %8.2f %9.2f %8.0f%%\n", r.n, r.threads, r.target.c_str(), kind.c_str(),
+                r.bytes_per_elem, r.gparam_s(), r.gb_s(), copy, 100 * r.gb_s() / copy);
+  }
   if (!json_path.empty()) {
     nlohmann::json j = nlohmann::json::array();
     for (const row& r : rows) {
       j.push_back({{"kind", r.kind}, {"target", r.target}, {"variant", r.variant}, {"threads", r.threads},
-                   {"n", r.n}, {"seconds", r.seconds}, {"gparam_s", r.gparam_s()}, {"gb_s", r.gb_s()}});
+                   {"n", r.n}, {"seconds", r.seconds}, {"bytes_per_param", r.bytes_per_elem}, {"gparam_s", r.gparam_s()}, {"gb_s", r.gb_s()}});
     }
     std::ofstream(json_path) << j.dump(2) << "\n";
   }

@@ -1,0 +1,172 @@
+#!/usr/bin/env python3
+"""Convergence of the compact optimizer states (issue 14): the same training run (model, data,
+seed, steps) once per `optimizer_state` kind, and each kind's loss curve against fp32's.
+
+  scripts/convergence.sh [--model tiny] [--device cpu] [--steps 300] [--kinds fp32,bf16,int8]
+                         [--final-tol 0.01] [--step-tol 0.03] [--out DIR] [--plot FILE.png]
+                         [--from-json FILE] [--ferry-set KEY=VALUE ...]
+
+Same seed and data order, so the curves are paired step by step; they differ only by the optimizer
+state's rounding. A kind passes when its final loss (the mean of the last 10 steps' losses,
+which smooths the batch-to-batch noise both curves share) is within --final-tol of fp32's, and no
+step's loss is more than --step-tol above fp32's loss at the same step. Exit 0 all pass, 1 a kind
+failed (or a run failed), 2 usage. Writes DIR/convergence.json (the curves; --from-json reads one
+back to compare or plot again, e.g. a GPU machine's run on a machine with matplotlib).
+--plot needs matplotlib (not a dependency of ferry; only for the BENCHMARKS.md figure).
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import ferrylib as fl  # noqa: E402
+
+FINAL_WINDOW = 10
+
+
+def parse_args():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="tiny")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--offload", default="overlapped", choices=["blocked", "overlapped"])
+    ap.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default fp32 on cpu, fp16 on cuda)")
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--seq", type=int, default=None, help="max_length (default: the run config's)")
+    ap.add_argument("--batch", type=int, default=None)
+    ap.add_argument("--kinds", default="fp32,bf16,int8")
+    ap.add_argument("--final-tol", type=float, default=0.01)
+    ap.add_argument("--step-tol", type=float, default=0.03)
+    ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--plot", default=None, metavar="FILE.png")
+    ap.add_argument("--from-json", default=None, metavar="FILE")
+    ap.add_argument("--timeout", type=int, default=3600)
+    ap.add_argument("--ferry-set", action="append", default=[], metavar="KEY=VALUE")
+    a = ap.parse_args()
+    kinds = [k.strip() for k in a.kinds.split(",") if k.strip()]
+    if not kinds or kinds[0] != "fp32":
+        ap.error("--kinds must start with fp32 (the reference), got %s" % a.kinds)
+    a.kinds = kinds
+    if a.dtype is None:
+        a.dtype = "fp32" if a.device == "cpu" else "fp16"
+    if a.steps < FINAL_WINDOW:
+        ap.error("--steps must be at least %d" % FINAL_WINDOW)
+    return a
+
+
+def run_kind(a, kind, out):
+    train = fl.tool("ferry-train")
+    if not os.path.exists(train):
+        raise SystemExit("convergence: %s is missing; run scripts/build.sh" % train)
+    run_dir = os.path.join(out, kind)
+    os.makedirs(run_dir, exist_ok=True)
+    sets = dict(steps=a.steps, output_dir=run_dir, save_final="false", tensorboard="false", optimizer_state=kind)
+    if a.seq:
+        sets["max_length"] = a.seq
+    if a.batch:
+        sets["batch_size"] = a.batch
+    cmd = fl.ferry_cmd(train, a.model, a.device, a.offload, a.dtype, sets=sets, overrides=a.ferry_set, seed=a.seed)
+    metrics = os.path.join(run_dir, "metrics.jsonl")
+    if os.path.exists(metrics):
+        os.remove(metrics)
+    fl.ferry_log("%s: %s" % (kind, " ".join(cmd)))
+    res = fl.run_measured(cmd, os.path.join(run_dir, "log.txt"), a.timeout)
+    rows = fl.read_metrics(metrics)
+    losses = [r["loss"] for r in rows if "loss" in r]
+    if res["rc"] != 0 or len(losses) != a.steps:
+        raise RuntimeError("%s run failed (exit %d, %d of %d steps): %s" % (
+            kind, res["rc"], len(losses), a.steps, fl.last_line(os.path.join(run_dir, "log.txt"))))
+    step_ms = fl.median([r["step_ms"] for r in rows[len(rows) // 3:]])
+    return dict(losses=losses, step_ms=step_ms, host_peak=res["host_peak"], command=" ".join(cmd))
+
+
+def compare(result, final_tol, step_tol):
+    ref = result["runs"]["fp32"]["losses"]
+    ref_final = sum(ref[-FINAL_WINDOW:]) / FINAL_WINDOW
+    rows, ok = [], True
+    for kind, r in result["runs"].items():
+        losses = r["losses"]
+        final = sum(losses[-FINAL_WINDOW:]) / FINAL_WINDOW
+        rel = final / ref_final - 1
+        worst, worst_step = 0.0, 0
+        for i, (x, y) in enumerate(zip(losses, ref)):
+            if x / y - 1 > worst:
+                worst, worst_step = x / y - 1, i + 1
+        passed = kind == "fp32" or (abs(rel) <= final_tol and worst <= step_tol)
+        ok = ok and passed
+        rows.append([kind, "%.4f" % losses[0], "%.4f" % final, "%+.2f%%" % (100 * rel),
+                     "%+.2f%% (step %d)" % (100 * worst, worst_step), "%.1f" % r["step_ms"],
+                     "ref" if kind == "fp32" else ("ok" if passed else "FAIL")])
+    head = ["state", "first loss", "final loss (mean of last %d)" % FINAL_WINDOW, "vs fp32",
+            "worst step above fp32", "step ms (median)", "status"]
+    return ok, fl.table(head, rows, markdown=True)
+
+
+def plot(result, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("convergence: --plot needs matplotlib (pip install matplotlib); the curves are in the JSON")
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    ref = result["runs"]["fp32"]["losses"]
+    for kind, r in result["runs"].items():
+        steps = range(1, len(r["losses"]) + 1)
+        ax.plot(steps, r["losses"], label=kind, linewidth=1)
+        if kind != "fp32":
+            ax2.plot(steps, [100 * (x / y - 1) for x, y in zip(r["losses"], ref)], label=kind, linewidth=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.legend()
+    ax2.axhline(0, color="grey", linewidth=0.5)
+    ax2.set_xlabel("step")
+    ax2.set_ylabel("loss vs fp32 at the same step (%)")
+    ax2.legend()
+    fig.suptitle("%s, %s, %s %s, %d steps (%s)" % (result["model"], result["device_name"], result["offload"],
+                                                  result["dtype"], result["steps"], result["date"]))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    fl.ferry_log("plot: %s" % path)
+
+
+def main():
+    a = parse_args()
+    if a.from_json:
+        result = fl.read_json(a.from_json)
+        if not result or "fp32" not in result.get("runs", {}):
+            raise SystemExit("convergence: %s holds no fp32 run" % a.from_json)
+    else:
+        out = a.out or os.path.join(fl.ROOT, "out", "convergence", a.model)
+        os.makedirs(out, exist_ok=True)
+        result = dict(model=a.model, device=a.device, offload=a.offload, dtype=a.dtype, steps=a.steps, seed=a.seed,
+                      date=time.strftime("%Y-%m-%d"), commit=fl.git_commit(),
+                      device_name=(fl.gpu_info() or {}).get("card", "GPU") if a.device == "cuda" else fl.cpu_name(),
+                      runs={})
+        try:
+            for kind in a.kinds:
+                result["runs"][kind] = run_kind(a, kind, out)
+        except RuntimeError as e:
+            print("convergence: %s" % e, file=sys.stderr)
+            return 1
+        path = os.path.join(out, "convergence.json")
+        with open(path + ".tmp", "w") as f:
+            json.dump(result, f, indent=1)
+        os.replace(path + ".tmp", path)
+        fl.ferry_log("curves: %s" % path)
+    ok, text = compare(result, a.final_tol, a.step_tol)
+    print("## convergence: %s, %s, %s %s, %d steps, %s, commit %s\n" % (
+        result["model"], result["device_name"], result["offload"], result["dtype"], result["steps"], result["date"],
+        result["commit"]))
+    print(text)
+    print("\n%s (final loss within %.1f%%, no step more than %.1f%% above fp32)" % (
+        "pass" if ok else "FAIL", 100 * a.final_tol, 100 * a.step_tol))
+    if a.plot:
+        plot(result, a.plot)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,430 @@
+// Compact AdamW moments (bf16, int8) against a double-precision scalar model of the same
+// quantizer and update, for every compiled ISA target: step, undo, redo, thread counts, the
+// special blocks (zeros, subnormals, an outlier, all-equal values), stochastic rounding's bias, and
+// the whole-chunk conversions checkpoints use.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "cpu_optim/moment_codes.h"
+#include "tests/cpu_optim/test_util.h"
+
+namespace ferry::cpu_optim::test {
+namespace {
+
+constexpr double k_flt_min = 1.17549435e-38;
+const double k_slack = std::ldexp(1.0, -22);  // fp32 evaluation error, relative to the terms
+
+// One chunk's fp32 master weights and compact moments.
+struct compact {
+  moments_kind kind;
+  size_t n;
+  std::vector<float> p;
+  std::vector<uint16_t> m16, v16;
+  std::vector<int8_t> mq;
+  std::vector<uint8_t> vq;
+  std::vector<float> ms, vs;
+  std::vector<uint16_t> half_out;
+
+  compact(moments_kind k, size_t n_) : kind(k), n(n_), p(n_), half_out(n_, 0xABCD) {
+    if (k == moments_kind::bf16) {
+      m16.assign(n, 0);
+      v16.assign(n, 0);
+    } else {
+      mq.assign(n, 0);
+      vq.assign(n, 0);
+      ms.assign(quant_blocks(n), 0.0f);
+      vs.assign(quant_blocks(n), 0.0f);
+    }
+  }
+  moments_ref ref() {
+    moments_ref r;
+    r.kind = kind;
+    r.n = n;
+    if (kind == moments_kind::bf16) {
+      r.m = m16.data();
+      r.v = v16.data();
+    } else {
+      r.m = mq.data();
+      r.v = vq.data();
+      r.m_scale = ms.data();
+      r.v_scale = vs.data();
+    }
+    return r;
+  }
+  chunk_ref chunk(const std::vector<uint8_t>& grad, dtype gt, dtype ht, bool with_half, uint64_t seed = 11) {
+    const moments_ref r = ref();
+    chunk_ref c{p.data(), r.m, r.v, grad.data(), gt, with_half ? half_out.data() : nullptr, ht, n};
+    c.moments = kind;
+    c.m_scale = r.m_scale;
+    c.v_scale = r.v_scale;
+    c.seed = seed;
+    return c;
+  }
+  void decoded(std::vector<float>& m, std::vector<float>& v) {
+    m.resize(n);
+    v.resize(n);
+    decode_moments(ref(), m.data(), v.data());
+  }
+  bool same_bits(const compact& o) const {
+    return bits_equal(p, o.p) && m16 == o.m16 && v16 == o.v16 && mq == o.mq && vq == o.vq && bits_equal(ms, o.ms) &&
+           bits_equal(vs, o.vs) && half_out == o.half_out;
+  }
+};
+
+// A state after some training: master ~ N(0, 0.5), m ~ N(0, s_m), v = m'^2-like, stored in the kind.
+compact random_compact(std::mt19937& rng, moments_kind k, size_t n) {
+  compact c(k, n);
+  c.p = normal(rng, n, 0.5f);
+  std::vector<float> m = normal(rng, n, 0.01f), v = normal(rng, n, 0.01f);
+  for (float& x : v) x = x * x + 1e-6f;
+  encode_moments(m.data(), v.data(), c.ref());
+  return c;
+}
+
+double ulp_bf16(double x) {
+  const double a = std::fabs(x);
+  if (a < k_flt_min) return std::ldexp(1.0, -133);
+  return std::ldexp(1.0, std::ilogb(a) - 7);
+}
+
+struct scalars {
+  double b1, c1, b2, c2, decay, step_size, inv_sqrt_bc2, eps;
+  scalars(const adamw_hparams& h, int64_t step) {
+    b1 = h.beta1;
+    b2 = h.beta2;
+    c1 = float(1.0 - b1);
+    c2 = float(1.0 - b2);
+    decay = float(1.0 - double(h.lr) * h.weight_decay);
+    step_size = float(h.lr / (1.0 - std::pow(b1, double(step))));
+    inv_sqrt_bc2 = float(1.0 / std::sqrt(1.0 - std::pow(b2, double(step))));
+    eps = h.eps;
+  }
+  double term(double m, double v) const { return step_size * m / (std::sqrt(v) * inv_sqrt_bc2 + eps); }
+};
+
+// The stored moments of `after` against the double-precision values the op should have stored
+// (mr, vr: before rounding to the kind's form; sm, sv: the kernel's fp32 evaluation error of
+// them, 2^-22 of the terms' magnitudes, which dominates where the terms cancel). int8: each
+// block's scale is its largest |value| and each code the nearest level of (|x|/A)^(1/4)
+// (subnormal blocks: all zero); bf16: within one bf16 ulp (stochastic rounding picks one of the
+// two neighbours; round to nearest is closer).
+void expect_moments(compact& after, const std::vector<double>& mr, const std::vector<double>& vr,
+                    const std::vector<double>& sm, const std::vector<double>& sv, const char* what) {
+  SCOPED_TRACE(what);
+  std::vector<float> md, vd;
+  after.decoded(md, vd);
+  int bad = 0;
+  if (after.kind == moments_kind::bf16) {
+    for (size_t i = 0; i < after.n && bad < 5; ++i) {
+      if (std::fabs(md[i] - mr[i]) > ulp_bf16(mr[i]) * 1.0001 + sm[i] ||
+          std::fabs(vd[i] - vr[i]) > ulp_bf16(vr[i]) * 1.0001 + sv[i]) {
+        ADD_FAILURE() << "element " << i << ": m " << md[i] << " vs " << mr[i] << ", v " << vd[i] << " vs " << vr[i];
+        ++bad;
+      }
+    }
+    return;
+  }
+  for (size_t b = 0; b < quant_blocks(after.n) && bad < 5; ++b) {
+    const size_t lo = b * k_quant_block, hi = std::min(after.n, lo + k_quant_block);
+    double am = 0, av = 0, sam = 0, sav = 0;
+    for (size_t i = lo; i < hi; ++i) {
+      am = std::max(am, std::fabs(mr[i]));
+      av = std::max(av, vr[i]);
+      sam = std::max(sam, sm[i]);
+      sav = std::max(sav, sv[i]);
+    }
+    EXPECT_NEAR(after.ms[b], am, 1e-6 * am + sam) << "m scale of block " << b;
+    EXPECT_NEAR(after.vs[b], av, 1e-6 * av + sav) << "v scale of block " << b;
+    for (size_t i = lo; i < hi && bad < 5; ++i) {
+      // The levels of the value's interval [x - slack, x + slack]; the code must be the nearest
+      // level of some point in it.
+      auto level = [](double x, double a, double levels) { return a < k_flt_min ? 0 : levels * std::pow(std::max(0.0, x) / a, 0.25); };
+      const double am_k = after.ms[b], av_k = after.vs[b];
+      const double m_lo = level(std::fabs(mr[i]) - sm[i], am_k, 127), m_hi = level(std::fabs(mr[i]) + sm[i], am_k, 127);
+      const double v_lo = level(vr[i] - sv[i], av_k, 255), v_hi = level(vr[i] + sv[i], av_k, 255);
+      const int qm = after.mq[i], qv = after.vq[i];
+      const bool sign_ok = qm == 0 || std::fabs(mr[i]) <= sm[i] || (qm < 0) == (mr[i] < 0);
+      const double t = 0.5 + 1e-4;
+      if (std::abs(qm) < m_lo - t || std::abs(qm) > std::min(127.0, m_hi + t) || qv < v_lo - t || qv > v_hi + t ||
+          !sign_ok) {
+        ADD_FAILURE() << "element " << i << ": m code " << qm << " for level " << m_lo << ".." << m_hi << " (m " << mr[i]
+                      << "), v code " << qv << " for level " << v_lo << ".." << v_hi;
+        ++bad;
+      }
+    }
+  }
+}
+
+// p against p_ref, with the documented f32 bound (README.md): 1e-6 |p| + 1e-5 lr; the half copy
+// is p rounded.
+void expect_params(const compact& after, const std::vector<double>& pr, float lr, dtype ht, bool with_half) {
+  int bad = 0;
+  for (size_t i = 0; i < after.n && bad < 5; ++i) {
+    if (std::fabs(after.p[i] - pr[i]) > 1e-6 * std::fabs(pr[i]) + 1e-5 * lr) {
+      ADD_FAILURE() << "p[" << i << "] " << after.p[i] << " vs " << pr[i];
+      ++bad;
+    }
+    if (with_half && after.half_out[i] != to_half(after.p[i], ht)) {
+      ADD_FAILURE() << "half copy of p[" << i << "]";
+      ++bad;
+    }
+  }
+}
+
+class moments_target : public target_test {};
+
+const moments_kind k_kinds[] = {moments_kind::bf16, moments_kind::int8};
+const size_t k_sizes[] = {1, 7, 17, 2048, 2049, 5000, 16384 + 33, 40000};
+
+// Three steps with weight decay, every gradient dtype and half copy, lengths over the vector tail,
+// the quantization block and the work block; each step checked against the model computed from
+// the state the kernel left before it (the moments' rounding makes trajectories diverge, so the
+// model is stepwise). The update must use the stored moments: p is checked against them.
+TEST_P(moments_target, step_matches_the_double_model) {
+  const uint32_t seed = fresh_seed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937 rng(seed);
+  adamw opt(3);
+  const adamw_hparams h{1e-3f, 0.9f, 0.999f, 1e-8f, 0.1f};
+  for (moments_kind k : k_kinds) {
+    for (size_t n : k_sizes) {
+      for (dtype gt : {dtype::dtype_f32, dtype::dtype_f16, dtype::dtype_bf16}) {
+        const dtype ht = gt == dtype::dtype_bf16 ? dtype::dtype_bf16 : dtype::dtype_f16;
+        const bool with_half = gt != dtype::dtype_f32;
+        SCOPED_TRACE(std::string(moments_kind_name(k)) + " n " + std::to_string(n) + " grad " + dtype_name(gt));
+        compact s = random_compact(rng, k, n);
+        for (int64_t step = 1; step <= 3; ++step) {
+          std::vector<float> g, m0, v0;
+          const auto grad = encode(normal(rng, n, 0.02f), gt, &g);
+          const float mult = 0.75f;
+          s.decoded(m0, v0);
+          const std::vector<float> p0 = s.p;
+          opt.step(s.chunk(grad, gt, ht, with_half), h, step, mult);
+          const scalars c(h, step);
+          std::vector<double> mr(n), vr(n), pr(n), sm(n), sv(n);
+          for (size_t i = 0; i < n; ++i) {
+            const double gi = double(g[i]) * mult;
+            mr[i] = c.b1 * m0[i] + c.c1 * gi;
+            vr[i] = c.b2 * v0[i] + c.c2 * gi * gi;
+            sm[i] = k_slack * (std::fabs(c.b1 * m0[i]) + std::fabs(c.c1 * gi));
+            sv[i] = k_slack * vr[i];
+          }
+          expect_moments(s, mr, vr, sm, sv, "step");
+          std::vector<float> m1, v1;
+          s.decoded(m1, v1);
+          for (size_t i = 0; i < n; ++i) pr[i] = p0[i] * c.decay - c.term(m1[i], v1[i]);
+          expect_params(s, pr, h.lr, ht, with_half);
+          if (HasFailure()) return;
+        }
+      }
+    }
+  }
+}
+
+// undo(a) against the inverse computed from what the step stored; the restored state within one
+// rounding of the kind of the state before; redo(a -> b) bit-identical to undo then step(b).
+TEST_P(moments_target, undo_and_redo) {
+  const uint32_t seed = fresh_seed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937 rng(seed);
+  adamw opt(2);
+  const adamw_hparams h{1e-3f, 0.9f, 0.999f, 1e-8f, 0.1f};
+  const int64_t step = 4;
+  const scalars c(h, step);
+  for (moments_kind k : k_kinds) {
+    for (size_t n : {size_t(17), size_t(40000)}) {
+      SCOPED_TRACE(std::string(moments_kind_name(k)) + " n " + std::to_string(n));
+      const compact s0 = random_compact(rng, k, n);
+      std::vector<float> g;
+      const auto grad = encode(normal(rng, n, 0.02f), dtype::dtype_f16, &g);
+      const float a = 1.0f, b = 0.37f;
+      compact s1 = s0;
+      opt.step(s1.chunk(grad, dtype::dtype_f16, dtype::dtype_f16, true), h, step, a);
+      compact undone = s1;
+      opt.undo(undone.chunk(grad, dtype::dtype_f16, dtype::dtype_f16, true), h, step, a);
+      std::vector<float> m1, v1, m0, v0, m2, v2;
+      s1.decoded(m1, v1);
+      compact s0c = s0;
+      s0c.decoded(m0, v0);
+      undone.decoded(m2, v2);
+      std::vector<double> mr(n), vr(n), pr(n), sm(n), sv(n);
+      for (size_t i = 0; i < n; ++i) {
+        const double gi = double(g[i]) * a;
+        pr[i] = (double(s1.p[i]) + c.term(m1[i], v1[i])) / c.decay;
+        mr[i] = (m1[i] - c.c1 * gi) / c.b1;
+        vr[i] = std::max(0.0, (v1[i] - c.c2 * gi * gi) / c.b2);
+        sm[i] = k_slack * (std::fabs(m1[i]) + std::fabs(c.c1 * gi)) / c.b1;
+        sv[i] = k_slack * (v1[i] + c.c2 * gi * gi) / c.b2;
+      }
+      expect_moments(undone, mr, vr, sm, sv, "undo");
+      expect_params(undone, pr, h.lr, dtype::dtype_f16, true);
+      // Against the state before the step: p as the f32 bound (the update term is recomputed
+      // exactly), the moments within the two roundings (step and undo) of their form.
+      const double u = std::ldexp(1.0, -23);
+      for (size_t i = 0; i < n; ++i) {
+        ASSERT_LE(std::fabs(undone.p[i] - s0.p[i]), 4 * u * (std::fabs(s0.p[i]) + std::fabs(s1.p[i])) + 1e-12) << i;
+        const double rel = k == moments_kind::bf16 ? std::ldexp(1.0, -7) : 0.035;  // int8: 4/127 top step
+        const double ref_m = k == moments_kind::bf16 ? std::fabs(m0[i]) + std::fabs(m1[i]) / c.b1
+                                                     : s0c.ms[i / k_quant_block] + s1.ms[i / k_quant_block] / c.b1;
+        const double ref_v = k == moments_kind::bf16 ? v0[i] + v1[i] / c.b2
+                                                     : s0c.vs[i / k_quant_block] + s1.vs[i / k_quant_block] / c.b2;
+        ASSERT_LE(std::fabs(m2[i] - m0[i]), rel * ref_m + 1e-30) << "m " << i;
+        ASSERT_LE(std::fabs(v2[i] - v0[i]), rel * ref_v + 1e-30) << "v " << i;
+      }
+      compact redone = s1, again = undone;
+      opt.redo(redone.chunk(grad, dtype::dtype_f16, dtype::dtype_f16, true), h, step, a, b);
+      opt.step(again.chunk(grad, dtype::dtype_f16, dtype::dtype_f16, true), h, step, b);
+      EXPECT_TRUE(redone.same_bits(again)) << "redo differs from undo + step";
+    }
+  }
+}
+
+// Bit-identical for any thread count; a different seed draws different bf16 roundings.
+TEST_P(moments_target, thread_count_and_seed) {
+  const uint32_t seed = fresh_seed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937 rng(seed);
+  const adamw_hparams h{1e-3f, 0.9f, 0.999f, 1e-8f, 0.1f};
+  for (moments_kind k : k_kinds) {
+    const size_t n = 100003;
+    const compact s0 = random_compact(rng, k, n);
+    std::vector<float> g;
+    const auto grad = encode(normal(rng, n, 0.02f), dtype::dtype_bf16, &g);
+    compact a = s0, b = s0, other = s0;
+    adamw one(1), three(3);
+    for (int64_t step = 1; step <= 3; ++step) {
+      one.step(a.chunk(grad, dtype::dtype_bf16, dtype::dtype_bf16, true), h, step, 1.0f);
+      three.step(b.chunk(grad, dtype::dtype_bf16, dtype::dtype_bf16, true), h, step, 1.0f);
+      three.step(other.chunk(grad, dtype::dtype_bf16, dtype::dtype_bf16, true, 12), h, step, 1.0f);
+    }
+    EXPECT_TRUE(a.same_bits(b)) << moments_kind_name(k);
+    if (k == moments_kind::bf16) EXPECT_NE(a.m16, other.m16) << "the seed changes no rounding";
+    if (k == moments_kind::int8) EXPECT_TRUE(a.same_bits(other)) << "int8 rounds to nearest, whatever the seed";
+  }
+}
+
+// Stochastic rounding is unbiased: 65536 elements with the same state and gradient; their mean
+// stored m must be the exact m within 8 standard errors (round to nearest or truncation would be
+// off by at least a tenth of an ulp here).
+TEST_P(moments_target, bf16_rounding_is_unbiased) {
+  const size_t n = 65536;
+  compact s(moments_kind::bf16, n);
+  const float gval = 1.0f + 0.3f * std::ldexp(1.0f, -7);
+  std::vector<float> g(n, gval), dec;
+  const auto grad = encode(g, dtype::dtype_f32, &dec);
+  adamw opt(2);
+  const adamw_hparams h{1e-3f, 0.9f, 0.999f, 1e-8f, 0.0f};
+  for (int64_t step = 1; step <= 2; ++step) {
+    std::vector<float> m0, v0;
+    s.decoded(m0, v0);
+    opt.step(s.chunk(grad, dtype::dtype_f32, dtype::dtype_f16, false), h, step, 1.0f);
+    const double exact = double(0.9f * m0[0]) + double(float(1.0 - 0.9) * gval);  // the kernel's fp32 value
+    const double ulp = ulp_bf16(exact);
+    const double frac = (exact - std::ldexp(std::floor(std::ldexp(exact, -std::ilogb(exact) + 7)), std::ilogb(exact) - 7)) / ulp;
+    ASSERT_GT(frac, 0.1);
+    ASSERT_LT(frac, 0.9);
+    std::vector<float> m1, v1;
+    s.decoded(m1, v1);
+    double mean = 0;
+    for (float x : m1) mean += x;
+    mean /= double(n);
+    EXPECT_NEAR(mean, exact, 8 * ulp * 0.5 / std::sqrt(double(n))) << "step " << step << " fraction " << frac;
+    std::fill(s.m16.begin(), s.m16.end(), s.m16[0]);  // the same state again for the next step
+    std::fill(s.v16.begin(), s.v16.end(), s.v16[0]);
+  }
+}
+
+// Special blocks: all zeros (codes and scales stay 0, p only decays), subnormal moments (flushed
+// to zero, p unchanged by them), one huge outlier (the others keep non-zero v codes down to
+// 1e-10 of the block's largest v), all-equal values (stored exactly).
+TEST_P(moments_target, int8_special_blocks) {
+  const size_t n = 3 * k_quant_block;
+  adamw opt(2);
+  const adamw_hparams h{1e-3f, 0.9f, 0.999f, 1e-8f, 0.1f};
+  const scalars c(h, 1);
+  compact s(moments_kind::int8, n);
+  std::mt19937 rng(5);
+  s.p = normal(rng, n, 1.0f);
+  std::vector<float> g(n, 0.0f);
+  for (size_t i = k_quant_block; i < 2 * k_quant_block; ++i) g[i] = 1e-40f;      // block 1: subnormal
+  for (size_t i = 2 * k_quant_block; i < n; ++i) g[i] = -0.25f;                  // block 2: all equal
+  std::vector<float> dec;
+  const auto grad = encode(g, dtype::dtype_f32, &dec);
+  const std::vector<float> p0 = s.p;
+  opt.step(s.chunk(grad, dtype::dtype_f32, dtype::dtype_f16, false), h, 1, 1.0f);
+  for (size_t i = 0; i < 2 * k_quant_block; ++i) {
+    ASSERT_EQ(s.mq[i], 0) << i;
+    ASSERT_EQ(s.vq[i], 0) << i;
+    ASSERT_EQ(s.p[i], p0[i] * float(c.decay)) << i;
+  }
+  EXPECT_EQ(s.ms[0], 0.0f);
+  EXPECT_EQ(s.vs[0], 0.0f);
+  std::vector<float> m1, v1;
+  s.decoded(m1, v1);
+  for (size_t i = 2 * k_quant_block; i < n; ++i) {
+    ASSERT_EQ(s.mq[i], -127) << i;
+    ASSERT_EQ(s.vq[i], 255) << i;
+    ASSERT_EQ(m1[i], -s.ms[2]) << i;
+    ASSERT_EQ(v1[i], s.vs[2]) << i;
+  }
+  // Outlier: v spans 10 decades inside one block.
+  compact o(moments_kind::int8, k_quant_block);
+  std::vector<float> go(k_quant_block);
+  for (size_t i = 0; i < k_quant_block; ++i) go[i] = std::ldexp(1.0f, -int(i % 17));  // 1 .. 2^-16
+  go[100] = 1e3f;
+  const auto grad_o = encode(go, dtype::dtype_f32, &dec);
+  opt.step(o.chunk(grad_o, dtype::dtype_f32, dtype::dtype_f16, false), h, 1, 1.0f);
+  std::vector<double> mr(k_quant_block), vr(k_quant_block);
+  for (size_t i = 0; i < k_quant_block; ++i) {
+    mr[i] = c.c1 * go[i];
+    vr[i] = c.c2 * double(go[i]) * go[i];
+  }
+  std::vector<double> so(k_quant_block);
+  for (size_t i = 0; i < k_quant_block; ++i) so[i] = k_slack * std::fabs(mr[i]);
+  std::vector<double> sov(k_quant_block);
+  for (size_t i = 0; i < k_quant_block; ++i) sov[i] = k_slack * vr[i];
+  expect_moments(o, mr, vr, so, sov, "outlier block");
+  for (size_t i = 0; i < k_quant_block; ++i)
+    if (vr[i] >= 1e-10 * o.vs[0]) ASSERT_GT(o.vq[i], 0) << "v of element " << i << " lost beside the outlier";
+}
+
+INSTANTIATE_TEST_SUITE_P(targets, moments_target, ::testing::ValuesIn(targets()));
+
+// The scalar definitions: the largest value codes to the top level and decodes exactly; codes
+// round-trip (decode then encode gives the same codes and scales, which resuming relies on);
+// encode of bf16 rounds to nearest even.
+TEST(moment_codes, conversions_round_trip) {
+  std::mt19937 rng(3);
+  const size_t n = 5 * k_quant_block + 77;
+  std::vector<float> m = normal(rng, n, 0.01f), v = normal(rng, n, 0.01f);
+  for (float& x : v) x *= x;
+  compact a(moments_kind::int8, n), b(moments_kind::int8, n), h(moments_kind::bf16, n);
+  encode_moments(m.data(), v.data(), a.ref());
+  std::vector<float> md, vd;
+  a.decoded(md, vd);
+  encode_moments(md.data(), vd.data(), b.ref());
+  EXPECT_EQ(a.mq, b.mq);
+  EXPECT_EQ(a.vq, b.vq);
+  EXPECT_TRUE(bits_equal(a.ms, b.ms) && bits_equal(a.vs, b.vs));
+  for (size_t blk = 0; blk < quant_blocks(n); ++blk) {
+    const size_t lo = blk * k_quant_block, hi = std::min(n, lo + k_quant_block);
+    EXPECT_EQ(*std::max_element(md.begin() + long(lo), md.begin() + long(hi),
+                                [](float x, float y) { return std::fabs(x) < std::fabs(y); }) == a.ms[blk] ||
+                  -*std::min_element(md.begin() + long(lo), md.begin() + long(hi)) == a.ms[blk],
+              true);
+  }
+  encode_moments(m.data(), v.data(), h.ref());
+  for (size_t i = 0; i < n; ++i) {
+    ASSERT_EQ(h.m16[i], half::f32_to_bf16(m[i]));
+    ASSERT_EQ(h.v16[i], half::f32_to_bf16(v[i]));
+  }
+  EXPECT_EQ(moments_bytes(moments_kind::f32, n), 8 * n);
+  EXPECT_EQ(moments_bytes(moments_kind::bf16, n), 4 * n);
+  EXPECT_EQ(moments_bytes(moments_kind::int8, n), 2 * n + 8 * 6);
+}
+
+}  // namespace
+}  // namespace ferry::cpu_optim::test
