@@ -41,6 +41,8 @@ struct resume_case {
   state_kind kind = state_kind::state_fp32;   // optimizer_state
 };
 
+void PrintTo(const resume_case& c, std::ostream* os) { *os << c.name; }
+
 trainer_state state_of(engine::engine& e, int64_t step) {
   trainer_state st;
   st.step = step;
@@ -140,13 +142,21 @@ TEST_P(checkpoint_resume, continues_bit_for_bit) {
 // auto_speculating: saved while speculate=auto speculates (8 clean steps), a fix-up after resuming.
 // spec_on_clipped: every step clipped, so every speculative update is redone.
 // accumulation: 3 micro-batches per step (the fp32 accumulation buffers are not checkpointed state).
+// The compact kinds (optimizer_state bf16, int8: codes, int8 scales and the bf16 stochastic-rounding
+// stream, whose seed is fixed per unit and mixed with the step count) in the same states.
 constexpr state_kind k_bf16 = state_kind::state_bf16, k_int8 = state_kind::state_int8;
 INSTANTIATE_TEST_SUITE_P(
     all, checkpoint_resume,
     ::testing::Values(resume_case{"fp16_skip_before", at::kHalf, speculate_mode::speculate_on, 1.0, 1, 3, 6, 1},
                       resume_case{"auto_speculating", at::kFloat, speculate_mode::speculate_auto, 0.0, 1, 10, 13, 11},
                       resume_case{"spec_on_clipped", at::kFloat, speculate_mode::speculate_on, 0.05, 1, 3, 5, -1},
-                      resume_case{"accumulation", at::kFloat, speculate_mode::speculate_on, 1.0, 3, 2, 4, -1}),
+                      resume_case{"accumulation", at::kFloat, speculate_mode::speculate_on, 1.0, 3, 2, 4, -1},
+                      resume_case{"bf16_state_fp16_skip_before", at::kHalf, speculate_mode::speculate_on, 1.0, 1, 3, 6, 1, k_bf16},
+                      resume_case{"bf16_state_auto_speculating", at::kFloat, speculate_mode::speculate_auto, 0.0, 1, 10, 13, 11, k_bf16},
+                      resume_case{"int8_state_fp16_skip_before", at::kHalf, speculate_mode::speculate_on, 1.0, 1, 3, 6, 1, k_int8},
+                      resume_case{"int8_state_auto_speculating", at::kFloat, speculate_mode::speculate_auto, 0.0, 1, 10, 13, 11, k_int8},
+                      resume_case{"int8_state_spec_on_clipped", at::kFloat, speculate_mode::speculate_on, 0.05, 1, 3, 5, -1, k_int8},
+                      resume_case{"bf16_state_accumulation", at::kFloat, speculate_mode::speculate_on, 1.0, 3, 2, 4, -1, k_bf16}),
     [](const auto& info) { return std::string(info.param.name); });
 
 // ---- optimizer_state kinds: layout, conversion on resume, errors ----

@@ -144,6 +144,15 @@ inline void snapshot(engine& e, run_result& r) {
   }
 }
 
+// Unit u's moments decoded to fp32 (cpu_optim::decode_moments; the fp32 values themselves in fp32).
+inline std::pair<at::Tensor, at::Tensor> decoded_moments(engine& e, int64_t u) {
+  e.wait_updates();
+  state_lease s(e.params().state(), u, false);
+  at::Tensor m = at::empty({s->n}), v = at::empty({s->n});
+  cpu_optim::decode_moments(moments_of(*s), m.data_ptr<float>(), v.data_ptr<float>());
+  return {m, v};
+}
+
 // before(k, engine) runs before step k (0-based): parameter surgery for the injection tests.
 using step_hook = std::function<void(int64_t, engine&)>;
 inline run_result run_engine(const engine_options& o, const std::vector<step_data>& data, const step_hook& before = {},
