@@ -15,7 +15,7 @@ optimizer_path::optimizer_path(const engine_options& opt, backend& dev, param_st
   adam_ = std::make_unique<cpu_optim::adamw>(opt.cpu_threads);
   if (opt.mode != offload_mode::offload_none) return;
   // The device AdamW keeps fp32 moments (check_options refuses another kind with offload none).
-  FERRY_ASSERT(store.state().kind() == state_kind::state_fp32, "bug: offload none over a ",
+  FERRY_ASSERT(store.state().kind() == state_kind::state_fp32, "offload none over a ",
                state_kind_name(store.state().kind()), " state tier");
   auto f32 = at::TensorOptions().dtype(at::kFloat).device(dev.device());
   for (int64_t u = 0; u < store.num_units(); ++u) {
