@@ -5,6 +5,8 @@
 #   scripts/find_largest_model.sh [--gpu-mem 24GiB] [--host-mem auto|SIZE] [--seq 4096] [--batch 1]
 #       [--offload overlapped] [--fp16|--bf16] [--verify 3] [--steps 3] [--out DIR]
 #       [--device auto|cuda|cpu] [--family llama|small] [--gpu-reserve 0.5GiB] [--ferry-set k=v]
+#       [--optimizer-state fp32|bf16|int8]   (the AdamW moments' form planned and verified; the
+#       what-if rows and the "pred host fp32/bf16/int8" column show every kind from the plans)
 # CI / CPU: scripts/find_largest_model.sh --device cpu --family small --gpu-mem 64MiB --seq 64
 # Writes DIR/finder.json and DIR/finder.md (default out/finder-<time>); exit 1 when nothing fits.
 set -euo pipefail

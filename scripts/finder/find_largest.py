@@ -8,6 +8,10 @@ one cheap process per shape. The largest candidates that fit both limits are the
 real runs of a few steps with the GPU capped at the target (`--set gpu_mem_limit_gib`), measuring
 the GPU peak (metrics.jsonl) and the host peak (the child's max RSS from wait4).
 
+--optimizer-state KIND plans and verifies with that form of the AdamW moments (run-config
+optimizer_state); the plan's what-if rows ("optimizer_state fp32|bf16|int8", ferry's own bytes)
+give the answer for every kind.
+
 --family small with --device cpu is the CI mode: tiny-ish shapes, host backend, no cap.
 Standard library only.
 """
@@ -25,6 +29,9 @@ import ferrylib as fl  # noqa: E402
 # interpolated linearly in hidden between them.
 LLAMA_ANCHORS = [(2048, 22), (3200, 26), (4096, 32), (5120, 40), (6656, 60), (8192, 80)]
 SMALL_ANCHORS = [(128, 4), (256, 6), (384, 8), (512, 10), (768, 12)]
+# ferry-train's optimizer_state kinds; the plan JSON has a what-if row "optimizer_state KIND" for each
+# the offload mode can run.
+STATE_KINDS = ["fp32", "bf16", "int8"]
 
 
 def parse_args():
@@ -41,6 +48,9 @@ def parse_args():
     ap.add_argument("--offload", default="overlapped", choices=["none", "blocked", "overlapped"])
     ap.add_argument("--dtype", default=None, choices=["fp16", "bf16", "fp32"])
     ap.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    ap.add_argument("--optimizer-state", default="fp32", choices=STATE_KINDS,
+                    help="the AdamW moments' form on the host (run-config optimizer_state) of the plans and the "
+                         "verification runs (default fp32); the what-if rows show every kind")
     ap.add_argument("--family", default="llama", choices=["llama", "small"],
                     help="llama: configs/ shapes + the LLaMA-scaled family; small: CPU-sized (CI)")
     ap.add_argument("--verify", type=int, default=3, help="verified candidates (0: plan only)")
@@ -91,8 +101,9 @@ def family(kind, seq):
 
 def plan(train, name, cfg_path, a, dev, out):
     j = os.path.join(out, "plans", name + ".json")
-    cmd = fl.ferry_cmd(train, cfg_path, dev, a.offload, a.dtype, dict(max_length=a.seq, batch_size=a.batch),
-                             a.ferry_set, dry_run=True, plan_json=j)
+    cmd = fl.ferry_cmd(train, cfg_path, dev, a.offload, a.dtype,
+                       dict(max_length=a.seq, batch_size=a.batch, optimizer_state=a.optimizer_state),
+                       a.ferry_set, dry_run=True, plan_json=j)
     res = fl.run(cmd, 120)
     if res["rc"] != 0 or not os.path.exists(j):
         raise SystemExit("find_largest_model: ferry-train --plan-json failed for %s: %s" % (
@@ -122,6 +133,21 @@ def what_if(p, change):
     return dict(p, device=w["device"], host=w["host"])
 
 
+def what_if_changes(p):
+    """The what-if rows of a plan, in the order the finder reports them: activation checkpointing,
+    each optimizer_state kind the plan has a row for (offload none: fp32 only), NVMe."""
+    rows = p.get("what_if", {})
+    kinds = ["optimizer_state " + k for k in STATE_KINDS if "optimizer_state " + k in rows]
+    return ["activation checkpointing"] + kinds + ["NVMe offload of master+moments"]
+
+
+def host_by_state(p):
+    """Predicted host bytes per optimizer_state kind, from the plan's rows ("a / b / c")."""
+    rows = p.get("what_if", {})
+    return " / ".join(fl.fmt_bytes(rows["optimizer_state " + k]["host"]["total"]) if "optimizer_state " + k in rows
+                      else "-" for k in STATE_KINDS)
+
+
 def run_verify(train, name, cfg_path, a, dev, lim, tokfile, out):
     d = os.path.join(out, "verify", name)
     shutil.rmtree(d, ignore_errors=True)
@@ -131,6 +157,7 @@ def run_verify(train, name, cfg_path, a, dev, lim, tokfile, out):
         sets["gpu_mem_limit_gib"] = "%.4f" % (lim["gpu"] / fl.GIB)
     # The run itself refuses a plan over the host limit the finder judged by (before its first step).
     sets["host_mem_limit_gib"] = "%.4f" % (lim["host"] / fl.GIB)
+    sets["optimizer_state"] = a.optimizer_state
     cmd = fl.ferry_cmd(train, cfg_path, dev, a.offload, a.dtype, sets, a.ferry_set)
     log = os.path.join(d, "log.txt")
     res = fl.run_measured(cmd, log, a.timeout)
@@ -203,6 +230,7 @@ def main():
     report = dict(date=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), card=gpu["card"] if gpu else "no GPU",
                   device=dev, commit=fl.git_commit(), command="scripts/find_largest_model.sh " + " ".join(sys.argv[1:]),
                   limits=lim, seq=a.seq, batch=a.batch, offload=a.offload, dtype=a.dtype,
+                  optimizer_state=a.optimizer_state,
                   largest_verified=largest and largest["name"], largest_predicted=largest_pred and largest_pred["name"],
                   candidates=[dict((k, v) for k, v in c.items() if k != "path") for c in cands])
 
@@ -213,7 +241,7 @@ def main():
         if above:
             lines.append("next limit: %s (%.2f B) does not fit: %s" % (above[0]["name"], above[0]["params"] / 1e9,
                                                                           judge(above[0]["plan"], lim) or above[0]["why"]))
-        for change in ("activation checkpointing", "bf16 optimizer moments", "NVMe offload of master+moments"):
+        for change in what_if_changes(best["plan"]):
             fit = [c for c in cands if not judge(what_if(c["plan"], change), lim)]
             big = max(fit, key=lambda c: c["params"]) if fit else None
             lines.append("with %s: largest %s (%.2f B params)" % (change, big["name"] if big else "none",
@@ -231,16 +259,18 @@ def main():
         rows.append([c["name"], "%.2f B" % (c["params"] / 1e9) if c["params"] >= 1e8 else "%.1f M" % (c["params"] / 1e6),
                      "%d x %d" % (c["plan"]["model"]["layers"], c["plan"]["model"]["hidden"]),
                      fl.fmt_bytes(c["plan"]["device"]["total"]), fl.fmt_bytes(c["plan"]["host"]["total"]),
+                     host_by_state(c["plan"]),
                      (fl.fmt_bytes(meas_gpu) + dev_err) if meas_gpu else "-",
                      fl.fmt_bytes(r["host_peak"]) if r.get("host_peak") and "error" not in r else "-",
                      fl.fmt_ms(r.get("step_ms")) if r.get("step_ms") else "-",
                      ("fits, verified" if c in verified else "fits (predicted)") if not c["why"] else c["why"]])
     hdr = ("largest-model finder: target GPU %s (usable %.2f GiB), host %.1f GiB (usable %.1f, pinned up to %.1f), "
-           "seq %d, batch %d, offload %s, %s; run on %s (%s), %s, commit %s" % (
+           "seq %d, batch %d, offload %s, %s, optimizer_state %s; run on %s (%s), %s, commit %s" % (
                a.gpu_mem, lim["gpu"] / fl.GIB, host_total / fl.GIB, lim["host"] / fl.GIB, lim["pinned"] / fl.GIB, a.seq,
-               a.batch, a.offload, a.dtype, report["card"], dev, report["date"], report["commit"]))
+               a.batch, a.offload, a.dtype, a.optimizer_state, report["card"], dev, report["date"], report["commit"]))
     text = "\n".join([hdr, "command: " + report["command"], "",
-                      fl.table(["shape", "params", "layers x hidden", "pred GPU", "pred host", "meas GPU (vs pred)",
+                      fl.table(["shape", "params", "layers x hidden", "pred GPU", "pred host",
+                                "pred host " + "/".join(STATE_KINDS), "meas GPU (vs pred)",
                                 "meas host", "step", "fits / why not"], rows, markdown=True), "",
                       "largest trainable: %s" % (
                           "%s (%.3f B params, verified)" % (largest["name"], largest["params"] / 1e9) if largest else

@@ -28,6 +28,35 @@ std::string step_name(int64_t step) {
 
 std::string export_dtype(at::ScalarType t) { return t == at::kBFloat16 ? "BF16" : t == at::kFloat ? "F32" : "F16"; }
 
+// The per-unit tensors of compact moments (checkpoint.h).
+std::string unit_tensor(int64_t u, const char* what) { return "optimizer.unit" + std::to_string(u) + what; }
+
+// safetensors dtype and element size of exp_avg (m) and exp_avg_sq (v) in a compact kind.
+struct compact_dtypes {
+  const char* m;
+  const char* v;
+  size_t elem;
+};
+compact_dtypes compact_dtypes_of(engine::state_kind k) {
+  return k == engine::state_kind::state_bf16 ? compact_dtypes{"BF16", "BF16", 2} : compact_dtypes{"I8", "U8", 1};
+}
+
+// The compact moments of every unit, as st_write_entry rows pointing into the leased views.
+void add_compact_moments(std::vector<io::st_write_entry>& out, engine::state_kind kind,
+                         const std::vector<std::unique_ptr<engine::state_lease>>& leases) {
+  const compact_dtypes d = compact_dtypes_of(kind);
+  for (size_t u = 0; u < leases.size(); ++u) {
+    const engine::state_view& s = **leases[u];
+    const int64_t n = s.n, blocks = int64_t(cpu_optim::quant_blocks(size_t(n)));
+    out.push_back({unit_tensor(int64_t(u), ".exp_avg"), d.m, {n}, s.exp_avg, size_t(n) * d.elem});
+    out.push_back({unit_tensor(int64_t(u), ".exp_avg_sq"), d.v, {n}, s.exp_avg_sq, size_t(n) * d.elem});
+    if (kind == engine::state_kind::state_int8) {
+      out.push_back({unit_tensor(int64_t(u), ".exp_avg.scale"), "F32", {blocks}, s.m_scale, size_t(blocks) * 4});
+      out.push_back({unit_tensor(int64_t(u), ".exp_avg_sq.scale"), "F32", {blocks}, s.v_scale, size_t(blocks) * 4});
+    }
+  }
+}
+
 void fsync_tree(const fs::path& dir) {
   for (const auto& e : fs::directory_iterator(dir)) {
     if (!e.is_regular_file()) continue;
@@ -62,6 +91,7 @@ std::string save_checkpoint(engine::engine& e, const trainer_state& st, const st
     std::vector<std::unique_ptr<engine::state_lease>> leases;
     for (int64_t u = 0; u < store.num_units(); ++u)
       leases.push_back(std::make_unique<engine::state_lease>(store.state(), u, false));
+    const engine::state_kind kind = store.state().kind();
     std::vector<io::named_f32> weights;
     std::vector<io::st_write_entry> optim;
     for (const auto& p : store.named_params()) {
@@ -69,9 +99,11 @@ std::string save_checkpoint(engine::engine& e, const trainer_state& st, const st
       const size_t bytes = size_t(p.numel) * 4;
       weights.push_back({p.name, p.shape, s.master + p.offset});
       optim.push_back({p.name, "F32", p.shape, s.master + p.offset, bytes});
-      optim.push_back({p.name + ".exp_avg", "F32", p.shape, s.exp_avg + p.offset, bytes});
-      optim.push_back({p.name + ".exp_avg_sq", "F32", p.shape, s.exp_avg_sq + p.offset, bytes});
+      if (kind != engine::state_kind::state_fp32) continue;
+      optim.push_back({p.name + ".exp_avg", "F32", p.shape, engine::exp_avg_f32(s) + p.offset, bytes});
+      optim.push_back({p.name + ".exp_avg_sq", "F32", p.shape, engine::exp_avg_sq_f32(s) + p.offset, bytes});
     }
+    if (kind != engine::state_kind::state_fp32) add_compact_moments(optim, kind, leases);
     model::llama_config cfg = e.config();
     io::write_hf_checkpoint(tmp_dir.string(), cfg, weights, export_dtype(e.options().dtype));
     io::write_safetensors((tmp_dir / "optimizer.safetensors").string(), optim, {{"format", "ferry-optimizer-v1"}});
@@ -85,6 +117,7 @@ std::string save_checkpoint(engine::engine& e, const trainer_state& st, const st
     js["seed"] = st.seed;
     js["recent_fixes"] = es.recent_fixes;
     js["model_name"] = st.model_name;
+    js["optimizer_state"] = engine::state_kind_name(kind);
     js["run_config"] = json::parse(st.run_config_json.empty() ? "{}" : st.run_config_json);
     io::write_file_atomic((tmp_dir / "trainer_state.json").string(), js.dump(2) + "\n");
     if (!tokenizer_model.empty()) fs::copy_file(tokenizer_model, tmp_dir / "tokenizer.model", fs::copy_options::overwrite_existing);
@@ -141,26 +174,102 @@ void load_hf_weights(engine::engine& e, const std::string& dir) {
   }
 }
 
+namespace {
+
+// The checkpoint's fp32 moments of unit u, gathered from its per-parameter tensors into m, v
+// (numel of the unit each).
+void read_f32_moments(const io::safetensors_file& opt, const engine::param_store& store, int64_t u, float* m,
+                      float* v) {
+  for (const auto& p : store.named_params()) {
+    if (p.unit != u) continue;
+    for (auto [suffix, dst] : {std::pair<const char*, float*>{".exp_avg", m + p.offset}, {".exp_avg_sq", v + p.offset}}) {
+      const io::st_tensor_info* t = opt.find(p.name + suffix);
+      FERRY_CHECK(t != nullptr, opt.path(), ": missing tensor ", p.name + suffix, " (a checkpoint of another model?)");
+      FERRY_CHECK(t->dtype == "F32" && t->shape == p.shape, opt.path(), ": tensor ", p.name + suffix,
+                  " has the wrong dtype or shape for this model");
+      std::memcpy(dst, opt.data(*t), size_t(p.numel) * 4);
+    }
+  }
+}
+
+// One tensor of unit u's compact moments, checked against the dtype and length it must have.
+const io::st_tensor_info& compact_tensor(const io::safetensors_file& opt, int64_t u, const char* what,
+                                         const char* dtype, int64_t n, const char* kind) {
+  const std::string name = unit_tensor(u, what);
+  const io::st_tensor_info* t = opt.find(name);
+  FERRY_CHECK(t != nullptr, opt.path(), ": missing tensor ", name, " of the ", kind,
+              " optimizer state its trainer_state.json names (a checkpoint of another model?)");
+  FERRY_CHECK(t->dtype == dtype && t->shape == std::vector<int64_t>{n}, opt.path(), ": tensor ", name, " is ", t->dtype,
+              " of ", t->shape.size() == 1 ? t->shape[0] : -1, " elements; this model's ", kind, " state needs ", dtype,
+              " of ", n);
+  return *t;
+}
+
+// Unit u's moments as the checkpoint holds them in a compact kind: the codes in the mapped file;
+// the int8 scales copied into `scales` (2 x blocks floats, aligned).
+cpu_optim::moments_ref read_compact_moments(const io::safetensors_file& opt, engine::state_kind kind, int64_t u,
+                                            int64_t n, std::vector<float>& scales) {
+  const compact_dtypes d = compact_dtypes_of(kind);
+  const char* name = engine::state_kind_name(kind);
+  cpu_optim::moments_ref r;
+  r.kind = engine::moments_kind_of(kind);
+  r.n = size_t(n);
+  // decode_moments only reads: the const of the mapped file is dropped for moments_ref's fields.
+  r.m = const_cast<void*>(opt.data(compact_tensor(opt, u, ".exp_avg", d.m, n, name)));
+  r.v = const_cast<void*>(opt.data(compact_tensor(opt, u, ".exp_avg_sq", d.v, n, name)));
+  if (kind == engine::state_kind::state_int8) {
+    const int64_t blocks = int64_t(cpu_optim::quant_blocks(size_t(n)));
+    scales.assign(size_t(2 * blocks), 0.0f);
+    std::memcpy(scales.data(), opt.data(compact_tensor(opt, u, ".exp_avg.scale", "F32", blocks, name)), size_t(blocks) * 4);
+    std::memcpy(scales.data() + blocks, opt.data(compact_tensor(opt, u, ".exp_avg_sq.scale", "F32", blocks, name)),
+                size_t(blocks) * 4);
+    r.m_scale = scales.data();
+    r.v_scale = scales.data() + blocks;
+  }
+  return r;
+}
+
+// The checkpoint's moments (kind `from`) into the engine's tier: bytes copied when the kinds agree,
+// otherwise decoded to fp32 and encoded into the tier's kind.
+void load_moments(const io::safetensors_file& opt, engine::param_store& store, engine::state_kind from) {
+  const engine::state_kind to = store.state().kind();
+  std::vector<float> m32, v32, scales;
+  for (int64_t u = 0; u < store.num_units(); ++u) {
+    engine::state_lease s(store.state(), u, true);
+    const cpu_optim::moments_ref dst = engine::moments_of(*s);
+    const size_t n = size_t(s->n);
+    if (from == engine::state_kind::state_fp32 && to == engine::state_kind::state_fp32) {
+      read_f32_moments(opt, store, u, engine::exp_avg_f32(*s), engine::exp_avg_sq_f32(*s));
+      continue;
+    }
+    if (from == to) {
+      const cpu_optim::moments_ref src = read_compact_moments(opt, from, u, s->n, scales);
+      const size_t elem = compact_dtypes_of(from).elem;
+      std::memcpy(dst.m, src.m, n * elem);
+      std::memcpy(dst.v, src.v, n * elem);
+      if (from == engine::state_kind::state_int8) {
+        const size_t blocks = cpu_optim::quant_blocks(n);
+        std::memcpy(dst.m_scale, src.m_scale, blocks * 4);
+        std::memcpy(dst.v_scale, src.v_scale, blocks * 4);
+      }
+      continue;
+    }
+    m32.resize(n);
+    v32.resize(n);
+    if (from == engine::state_kind::state_fp32) {
+      read_f32_moments(opt, store, u, m32.data(), v32.data());
+    } else {
+      cpu_optim::decode_moments(read_compact_moments(opt, from, u, s->n, scales), m32.data(), v32.data());
+    }
+    cpu_optim::encode_moments(m32.data(), v32.data(), dst);
+  }
+}
+
+}  // namespace
+
 trainer_state load_checkpoint(engine::engine& e, const std::string& dir) {
   FERRY_CHECK(e.params().has_optimizer_state(), "load_checkpoint: an inference (forward_only) engine cannot resume ",
               "training state; load its weights with load_hf_weights");
-  load_hf_weights(e, dir);  // validates shape and files; overwritten below by the fp32 masters
-  const std::string opt_path = (fs::path(dir) / "optimizer.safetensors").string();
-  io::safetensors_file opt(opt_path);
-  auto& store = e.params();
-  for (const auto& p : store.named_params()) {
-    engine::state_lease s(store.state(), p.unit, true);
-    const int64_t n = p.numel;
-    for (auto [suffix, dst] : {std::pair<const char*, float*>{"", s->master + p.offset},
-                               {".exp_avg", s->exp_avg + p.offset},
-                               {".exp_avg_sq", s->exp_avg_sq + p.offset}}) {
-      const io::st_tensor_info* t = opt.find(p.name + suffix);
-      FERRY_CHECK(t != nullptr, opt_path, ": missing tensor ", p.name + suffix, " (a checkpoint of another model?)");
-      FERRY_CHECK(t->dtype == "F32" && t->shape == p.shape, opt_path, ": tensor ", p.name + suffix,
-                  " has the wrong dtype or shape for this model");
-      std::memcpy(dst, opt.data(*t), size_t(n) * 4);
-    }
-  }
   json js;
   const std::string state_path = (fs::path(dir) / "trainer_state.json").string();
   try {
@@ -179,9 +288,30 @@ trainer_state load_checkpoint(engine::engine& e, const std::string& dir) {
     st.seed = js.at("seed").get<uint64_t>();
     es.recent_fixes = js.at("recent_fixes").get<std::vector<bool>>();
     st.model_name = js.value("model_name", "");
+    st.optimizer_state = js.value("optimizer_state", "fp32");
   } catch (const json::exception& ex) {
     throw error(state_path + ": missing or malformed field (" + ex.what() + ")");
   }
+  engine::state_kind from;
+  try {
+    from = engine::parse_state_kind(st.optimizer_state);
+  } catch (const config_error& ex) {
+    throw error(state_path + ": " + ex.what());
+  }
+
+  load_hf_weights(e, dir);  // validates shape and files; overwritten below by the fp32 masters
+  const std::string opt_path = (fs::path(dir) / "optimizer.safetensors").string();
+  io::safetensors_file opt(opt_path);
+  auto& store = e.params();
+  for (const auto& p : store.named_params()) {
+    engine::state_lease s(store.state(), p.unit, true);
+    const io::st_tensor_info* t = opt.find(p.name);
+    FERRY_CHECK(t != nullptr, opt_path, ": missing tensor ", p.name, " (a checkpoint of another model?)");
+    FERRY_CHECK(t->dtype == "F32" && t->shape == p.shape, opt_path, ": tensor ", p.name,
+                " has the wrong dtype or shape for this model");
+    std::memcpy(s->master + p.offset, opt.data(*t), size_t(p.numel) * 4);
+  }
+  load_moments(opt, store, from);
   e.state() = es;
   e.params_changed();
   return st;

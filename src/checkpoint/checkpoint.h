@@ -2,9 +2,16 @@
 // Checkpoints, below both the training loop and inference: train saves and resumes them, infer
 // and the tools read their weights. Layout of <output_dir>/checkpoint-<step>/:
 //   config.json, model.safetensors       the model in HF form (loadable by transformers and ferry-infer)
-//   optimizer.safetensors                fp32 master weights, exp_avg, exp_avg_sq per HF name
+//   optimizer.safetensors                fp32 master weights per HF name, and the AdamW moments in
+//                                        the engine's optimizer_state kind:
+//                                          fp32  <name>.exp_avg, <name>.exp_avg_sq (F32, the param's shape)
+//                                          bf16  optimizer.unit<U>.exp_avg, .exp_avg_sq (BF16, [numel of unit U])
+//                                          int8  optimizer.unit<U>.exp_avg (I8), .exp_avg_sq (U8), and
+//                                                .exp_avg.scale, .exp_avg_sq.scale (F32, [quant blocks of U])
+//                                        (units: param_store.h; compact moments are saved per unit, as
+//                                        their int8 blocks span parameters)
 //   trainer_state.json                   step, loss scaler, data cursor, seed, speculation history,
-//                                        the resolved run config
+//                                        optimizer_state, the resolved run config
 //   tokenizer.model                      when training used a sentencepiece tokenizer
 // A checkpoint is written into ".checkpoint-<step>.tmp" beside its target, every file fsynced,
 // then renamed into place; only then is <output_dir>/latest (a one-line file naming it) replaced
@@ -26,6 +33,9 @@ struct trainer_state {
   uint64_t seed = 0;
   std::string run_config_json;   // the resolved run config, for the record
   std::string model_name;
+  // The optimizer_state kind of the checkpoint's moments (load: as saved, "fp32" for checkpoints that
+  // predate the key; save writes the engine's kind whatever this says).
+  std::string optimizer_state = "fp32";
 };
 
 // Saves engine state (waits for pending updates first). Returns the checkpoint directory. Training
@@ -38,8 +48,11 @@ std::string resolve_checkpoint(const std::string& spec, const std::string& outpu
 
 // Loads weights, moments and trainer state into e (which must have the checkpoint's shape), then
 // refreshes the device copies. Streams tensors from the memory-mapped files straight into the
-// parameter store. Throws ferry::error naming the file for a corrupt or mismatched checkpoint, and
-// for a forward_only engine.
+// parameter store. Moments of the engine's kind are copied bit for bit; moments of another kind are
+// decoded to fp32 and encoded into the engine's (cpu_optim::decode_moments / encode_moments), and
+// the returned optimizer_state names the checkpoint's kind so the caller can say so. Throws
+// ferry::error naming the file (and tensor) for a corrupt or mismatched checkpoint, and for a
+// forward_only engine.
 trainer_state load_checkpoint(engine::engine& e, const std::string& dir);
 
 // Loads only model weights from an HF checkpoint directory (fine-tuning start).

@@ -50,7 +50,8 @@ model::llama_config resolve_model(const io::run_config& cfg) {
   return io::load_hf_config(cfg.model);
 }
 
-engine::engine_options engine_options_for(const io::run_config& cfg, const model::llama_config& mc) {
+namespace {
+engine::engine_options options_of(const io::run_config& cfg) {
   engine::engine_options o;
   o.mode = engine::parse_offload_mode(cfg.offload);
   o.dtype = engine::parse_compute_dtype(cfg.dtype);
@@ -59,6 +60,7 @@ engine::engine_options engine_options_for(const io::run_config& cfg, const model
   o.cpu_threads = int(cfg.cpu_threads);
   o.speculate = engine::parse_speculate_mode(cfg.speculate);
   o.recompute = engine::parse_recompute_mode(cfg.activation_checkpointing);
+  o.state = engine::parse_state_kind(cfg.optimizer_state);
   o.beta1 = cfg.beta1;
   o.beta2 = cfg.beta2;
   o.eps = cfg.eps;
@@ -76,9 +78,16 @@ engine::engine_options engine_options_for(const io::run_config& cfg, const model
   o.seed = cfg.seed;
   return o;
 }
+}  // namespace
 
-engine::engine_options inference_options_for(const io::run_config& cfg, const model::llama_config& mc) {
-  engine::engine_options o = engine_options_for(cfg, mc);
+engine::engine_options engine_options_for(const io::run_config& cfg, const model::llama_config&) {
+  engine::engine_options o = options_of(cfg);
+  engine::check_options(o);
+  return o;
+}
+
+engine::engine_options inference_options_for(const io::run_config& cfg, const model::llama_config&) {
+  engine::engine_options o = options_of(cfg);
   o.forward_only = true;
   o.max_positions = cfg.max_length;
   if (!cfg.is_explicit("ce_chunk")) o.ce_chunk = kInferCeChunk;
@@ -114,6 +123,11 @@ void print_dry_run(const io::run_config& cfg, const model::llama_config& mc, con
   std::printf("memory plan (offload %s, %s, batch %lld x %lld tokens%s):\n%s\n", cfg.offload.c_str(), cfg.dtype.c_str(),
               (long long)cfg.batch_size, (long long)cfg.max_length, eo.forward_only ? ", inference" : "",
               p.describe().c_str());
+  if (!eo.forward_only)
+    std::printf("optimizer state %s: %.4f B/param on the host (fp32 master + moments; %s)\n",
+                engine::state_kind_name(p.state), engine::state_bytes_per_param(p.state, true),
+                eo.mode == engine::offload_mode::offload_none ? "offload none: fp32 on the GPU, the host copy for checkpoints"
+                                                               : "updated by the CPU AdamW");
   // The limits given in the config (the card itself is not probed by a dry run).
   const std::string misfit =
       engine::plan_misfit(p, mc, eo, engine::gib_bytes(eo.gpu_mem_limit_gib));
@@ -136,14 +150,20 @@ void write_plan_json(const std::string& path, const io::run_config& cfg, const m
   j["run"] = {{"offload", cfg.offload}, {"dtype", cfg.dtype},           {"device", cfg.device},
               {"batch", cfg.batch_size}, {"seq", cfg.max_length},       {"grad_accum", cfg.grad_accum},
               {"prefetch", cfg.prefetch}, {"gpu_mem_limit_gib", cfg.gpu_mem_limit_gib}, {"host_mem_limit_gib", cfg.host_mem_limit_gib},
-              {"forward_only", eo.forward_only}, {"recompute_blocks", p.recompute_blocks}};
+              {"forward_only", eo.forward_only}, {"recompute_blocks", p.recompute_blocks},
+              {"optimizer_state", engine::state_kind_name(p.state)}};
   auto device_of = [](const engine::memory_plan& q) {
     return nlohmann::json{{"weight_slots", q.weight_slots}, {"grad_slots", q.grad_slots}, {"optimizer", q.optimizer},
                           {"activations", q.activations},   {"workspace", q.workspace},   {"total", q.device_total}};
   };
-  auto host_of = [](const engine::memory_plan& q) {
-    return nlohmann::json{{"master", q.host_master}, {"moments", q.host_moments}, {"pinned", q.host_pinned},
-                          {"other", q.host_other},   {"total", q.host_total}};
+  auto host_of = [&eo](const engine::memory_plan& q) {
+    return nlohmann::json{{"master", q.host_master},
+                          {"moments", q.host_moments},
+                          {"pinned", q.host_pinned},
+                          {"other", q.host_other},
+                          {"total", q.host_total},
+                          {"optimizer_state", engine::state_kind_name(q.state)},
+                          {"state_bytes_per_param", engine::state_bytes_per_param(q.state, !eo.forward_only)}};
   };
   j["device"] = device_of(p);
   j["host"] = host_of(p);
@@ -151,15 +171,21 @@ void write_plan_json(const std::string& path, const io::run_config& cfg, const m
       engine::plan_misfit(p, mc, eo, engine::gib_bytes(eo.gpu_mem_limit_gib));
   j["fits_limits"] = misfit.empty();
   if (!misfit.empty()) j["misfit"] = misfit;
-  // The same plan with capabilities the engine does not run yet (the finder's what-if rows).
+  // The same plan with another option or a capability the engine does not run yet (the finder's
+  // what-if rows): one row per optimizer_state kind the mode can run ("optimizer_state KIND"; offload
+  // none: fp32 only).
   if (!eo.forward_only) {
-    std::vector<std::pair<const char*, engine::plan_what_if>> variants(3);
+    std::vector<std::pair<std::string, engine::plan_what_if>> variants(2);
     variants[0].first = "activation checkpointing";
     variants[0].second.recompute_blocks = mc.num_hidden_layers;
-    variants[1].first = "bf16 optimizer moments";
-    variants[1].second.moment_bytes = 4;
-    variants[2].first = "NVMe offload of master+moments";
-    variants[2].second.state_on_disk = true;
+    variants[1].first = "NVMe offload of master+moments";
+    variants[1].second.state_on_disk = true;
+    for (auto k : {engine::state_kind::state_fp32, engine::state_kind::state_bf16, engine::state_kind::state_int8}) {
+      if (eo.mode == engine::offload_mode::offload_none && k != engine::state_kind::state_fp32) continue;
+      engine::plan_what_if w;
+      w.state = k;
+      variants.push_back({std::string("optimizer_state ") + engine::state_kind_name(k), w});
+    }
     for (const auto& [name, w] : variants) {
       engine::memory_plan q = engine::plan_memory(mc, eo, cfg.batch_size, cfg.max_length, cfg.grad_accum, w);
       j["what_if"][name] = {{"device", device_of(q)}, {"host", host_of(q)}};

@@ -16,12 +16,15 @@ void* host_alloc_aligned(size_t bytes) {
   return p;
 }
 
-float* alloc_floats(int64_t n, const char* what) {
+void* alloc_bytes(size_t bytes, const char* what) {
   void* p = nullptr;
-  const size_t bytes = static_cast<size_t>(n) * sizeof(float);
-  FERRY_CHECK(posix_memalign(&p, 64, (bytes + 63) / 64 * 64) == 0, "cannot allocate ", bytes >> 20,
+  FERRY_CHECK(posix_memalign(&p, 64, bytes == 0 ? 64 : (bytes + 63) / 64 * 64) == 0, "cannot allocate ", bytes >> 20,
               " MiB of host memory for ", what, "; train a smaller model or add memory");
-  return static_cast<float*>(p);
+  return p;
+}
+
+float* alloc_floats(int64_t n, const char* what) {
+  return static_cast<float*>(alloc_bytes(static_cast<size_t>(n) * sizeof(float), what));
 }
 
 void random_delay::operator()() {

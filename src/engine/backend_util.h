@@ -13,6 +13,8 @@ void* host_alloc_aligned(size_t bytes);
 // n floats of 64-byte aligned pageable host memory (free with std::free) for `what` (the optimizer
 // state, the accumulation buffers, ...): the error names it and the size.
 float* alloc_floats(int64_t n, const char* what);
+// `bytes` of 64-byte aligned pageable host memory (free with std::free) for `what`, as alloc_floats.
+void* alloc_bytes(size_t bytes, const char* what);
 
 // Race testing (engine_options::debug_delay_us): each call sleeps a random 0..max_us, from a
 // seeded generator shared by the threads that call it. max_us <= 0: no delay.

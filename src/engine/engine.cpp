@@ -24,6 +24,7 @@ std::unique_ptr<backend> make_backend(const engine_options& o) {
 engine::engine(const model::llama_config& cfg, const engine_options& opt) : cfg_(cfg), opt_(opt) {
   FERRY_CONFIG_CHECK(!cfg_.tie_word_embeddings, "model ", cfg_.name,
                      ": tie_word_embeddings=true is not supported for training; untie the checkpoint first");
+  check_options(opt_);
   dev_ = make_backend(opt_);
   // What the plan must fit (activation_checkpointing=auto fits it; the host backend plans for the
   // limit too, so the CPU tests can exercise it).

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstdio>
 
+#include "src/engine/param_store.h"
 #include "src/model/attention.h"
 #include "src/model/block.h"
 #include "src/model/device_bytes.h"
@@ -11,6 +12,12 @@ namespace ferry::engine {
 
 int64_t rotary_positions(const model::llama_config& cfg, const engine_options& opt) {
   return opt.max_positions > 0 ? opt.max_positions : std::max(opt.max_seq, cfg.max_position_embeddings);
+}
+
+int64_t state_host_bytes(const model::llama_config& cfg, state_kind kind, bool moments) {
+  int64_t bytes = 0;
+  for (int64_t n : param_store::unit_numels(cfg)) bytes += state_bytes(kind, moments, n);
+  return bytes;
 }
 
 namespace {
@@ -62,7 +69,8 @@ memory_plan plan_forward_only(const model::llama_config& cfg, const engine_optio
   p.workspace = labels + std::max({tokens, block, head}) + fixed_bytes(cfg, opt, std::max(seq, rotary_positions(cfg, opt)));
   p.device_total = p.weight_slots + p.activations + p.workspace;
 
-  p.host_master = params * state_bytes_per_param(opt.state, false);
+  p.state = opt.state;
+  p.host_master = state_host_bytes(cfg, opt.state, false);
   p.host_pinned = params * e;     // the shadows (none mode: the copies params_changed uploads)
   p.host_other = n * h * e;       // embedding staging
   p.host_total = p.host_master + p.host_pinned + p.host_other;
@@ -108,7 +116,7 @@ memory_plan plan_memory(const model::llama_config& cfg, const engine_options& op
   if (opt.mode == offload_mode::offload_none) {
     p.weight_slots = params * e;
     p.grad_slots = params * e;
-    p.optimizer = params * state_bytes_per_param(state_kind::state_fp32, true);   // the device AdamW keeps fp32
+    p.optimizer = state_host_bytes(cfg, state_kind::state_fp32, true);   // the device AdamW keeps fp32
   } else {
     int64_t slots = opt.mode == offload_mode::offload_blocked ? 1 : opt.prefetch + 1;
     p.weight_slots = (slots * block + head) * e;
@@ -129,10 +137,12 @@ memory_plan plan_memory(const model::llama_config& cfg, const engine_options& op
                 fixed_bytes(cfg, opt, std::max(seq, rotary_positions(cfg, opt)));
   p.device_total = p.weight_slots + p.grad_slots + p.optimizer + p.activations + p.workspace;
 
-  // The state tier's bytes (state_tier.h): master weights, then what the moments add.
-  p.host_master = params * state_bytes_per_param(opt.state, false);
-  p.host_moments = what_if.moment_bytes >= 0 ? params * what_if.moment_bytes
-                                             : params * state_bytes_per_param(opt.state, true) - p.host_master;
+  // The state tier's bytes (state_tier.h), unit by unit as it allocates them: master weights, then
+  // what the moments add.
+  // offload none: the host tier is fp32 like the device's state (check_options refuses another kind).
+  p.state = opt.mode == offload_mode::offload_none ? state_kind::state_fp32 : what_if.state.value_or(opt.state);
+  p.host_master = state_host_bytes(cfg, p.state, false);
+  p.host_moments = state_host_bytes(cfg, p.state, true) - p.host_master;
   if (what_if.state_on_disk) p.host_master = p.host_moments = 0;
   p.host_pinned = opt.mode == offload_mode::offload_none ? 0 : params * e + (params - embed) * e;
   p.host_other = embed * 4 + 2 * n * h * e + (grad_accum > 1 ? (params - embed) * 4 : 0);

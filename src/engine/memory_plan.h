@@ -4,6 +4,7 @@
 // moments and pinned buffers. --dry-run prints it, the engine refuses to start a run that does
 // not fit, and the largest-model finder searches over it.
 #include <cstdint>
+#include <optional>
 #include <string>
 
 #include "src/engine/options.h"
@@ -23,8 +24,9 @@ struct memory_plan {
                               // tables and cuBLAS workspace
   int64_t device_total = 0;
   // host bytes
+  state_kind state = state_kind::state_fp32;   // the state tier's kind (optimizer_state) planned
   int64_t host_master = 0;    // fp32 master weights
-  int64_t host_moments = 0;   // fp32 m and v (forward_only: 0)
+  int64_t host_moments = 0;   // m and v in the tier's kind, int8 scales included (forward_only: 0)
   int64_t host_pinned = 0;    // compute-dtype shadow + gradient (4 B/param for fp16; forward_only 2)
   int64_t host_other = 0;     // embedding fp32 gradient, staging, accumulation buffers
   int64_t host_total = 0;
@@ -43,8 +45,9 @@ std::string plan_misfit(const memory_plan& p, const model::llama_config& cfg, co
 struct plan_what_if {
   // Activation checkpointing of this many blocks (the first ones; -1: as opt.recompute says).
   int64_t recompute_blocks = -1;
-  // Bytes per parameter of the two AdamW moments; -1: the state tier's (opt.state). 4 = bf16.
-  int64_t moment_bytes = -1;
+  // The state tier's kind (optimizer_state) instead of opt.state: its exact bytes (state_bytes per
+  // unit). Offloaded modes only: offload none keeps fp32 state (check_options).
+  std::optional<state_kind> state;
   // fp32 master weights and moments in files on local disk instead of host memory.
   bool state_on_disk = false;
 };
@@ -56,6 +59,10 @@ struct plan_what_if {
 // (0: opt.gpu_mem_limit_gib, and without that no block is recomputed).
 memory_plan plan_memory(const model::llama_config& cfg, const engine_options& opt, int64_t batch, int64_t seq,
                         int64_t grad_accum, const plan_what_if& what_if = {}, int64_t device_bytes = 0);
+
+// Host bytes of the state tier of model cfg in this kind: state_bytes over param_store's units
+// (exactly what the tier allocates: its host_bytes()).
+int64_t state_host_bytes(const model::llama_config& cfg, state_kind kind, bool moments);
 
 // Device bytes of the activations kept for the backward when the first `recomputed` blocks keep
 // only their input: the others' saved tensors (model::block_saved_bytes) and inputs, plus, while a

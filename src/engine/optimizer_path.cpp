@@ -14,6 +14,9 @@ optimizer_path::optimizer_path(const engine_options& opt, backend& dev, param_st
     : opt_(opt), dev_(dev), store_(store), grads_(grads), pool_(pool) {
   adam_ = std::make_unique<cpu_optim::adamw>(opt.cpu_threads);
   if (opt.mode != offload_mode::offload_none) return;
+  // The device AdamW keeps fp32 moments (check_options refuses another kind with offload none).
+  FERRY_ASSERT(store.state().kind() == state_kind::state_fp32, "offload none over a ",
+               state_kind_name(store.state().kind()), " state tier");
   auto f32 = at::TensorOptions().dtype(at::kFloat).device(dev.device());
   for (int64_t u = 0; u < store.num_units(); ++u) {
     const int64_t n = store.unit(u).numel;
@@ -31,6 +34,10 @@ cpu_optim::chunk_ref optimizer_path::chunk(int64_t u, const state_view& s) const
   c.param = s.master;
   c.m = s.exp_avg;
   c.v = s.exp_avg_sq;
+  c.moments = s.moments;
+  c.m_scale = s.m_scale;
+  c.v_scale = s.v_scale;
+  c.seed = s.seed;
   c.grad = g.data;
   c.grad_dtype = g.dtype;
   c.grad_acc = g.acc;
@@ -119,8 +126,8 @@ void optimizer_path::upload() {
     state_lease s(store_.state(), u, false);
     auto cpu = [&](float* p) { return at::from_blob(p, {s->n}, at::TensorOptions().dtype(at::kFloat)); };
     master_[size_t(u)].copy_(cpu(s->master));
-    m_[size_t(u)].copy_(cpu(s->exp_avg));
-    v_[size_t(u)].copy_(cpu(s->exp_avg_sq));
+    m_[size_t(u)].copy_(cpu(exp_avg_f32(*s)));
+    v_[size_t(u)].copy_(cpu(exp_avg_sq_f32(*s)));
   }
 }
 
@@ -129,8 +136,8 @@ void optimizer_path::download() {
     state_lease s(store_.state(), u, true);
     auto cpu = [&](float* p) { return at::from_blob(p, {s->n}, at::TensorOptions().dtype(at::kFloat)); };
     cpu(s->master).copy_(master_[size_t(u)]);
-    cpu(s->exp_avg).copy_(m_[size_t(u)]);
-    cpu(s->exp_avg_sq).copy_(v_[size_t(u)]);
+    cpu(exp_avg_f32(*s)).copy_(m_[size_t(u)]);
+    cpu(exp_avg_sq_f32(*s)).copy_(v_[size_t(u)]);
   }
 }
 

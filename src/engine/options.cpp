@@ -41,4 +41,11 @@ at::ScalarType parse_compute_dtype(const std::string& s) {
   throw config_error("dtype \"" + s + "\" is not one of fp16, bf16, fp32");
 }
 
+void check_options(const engine_options& o) {
+  FERRY_CONFIG_CHECK(o.forward_only || o.mode != offload_mode::offload_none || o.state == state_kind::state_fp32,
+                     "optimizer_state=", state_kind_name(o.state),
+                     " needs offload blocked or overlapped (offload none keeps fp32 AdamW moments on the GPU); "
+                     "use optimizer_state=fp32 with offload none");
+}
+
 }  // namespace ferry::engine

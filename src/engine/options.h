@@ -85,4 +85,9 @@ struct engine_options {
   uint64_t seed = 1234;
 };
 
+// Combinations the engine does not run, as config_errors naming the keys (the engine's constructor
+// and the CLI's wiring call it): a compact optimizer_state with offload none, whose device AdamW
+// keeps fp32 moments. An inference (forward_only) engine keeps no moments and passes.
+void check_options(const engine_options& o);
+
 }  // namespace ferry::engine

@@ -22,6 +22,7 @@ param_store::param_store(const model::llama_config& cfg, at::ScalarType dtype, b
   units_.push_back({"", model::head_layout(cfg), cfg.head_params()});
   std::vector<int64_t> numel;
   for (const auto& u : units_) numel.push_back(u.numel);
+  FERRY_ASSERT(numel == unit_numels(cfg), "the units differ from param_store::unit_numels");
   state_ = make_host_state(numel, kind, optimizer_state);
 
   const int64_t elem = static_cast<int64_t>(c10::elementSize(dtype));
@@ -58,6 +59,13 @@ param_store::~param_store() {
   if (pinned_) dev_.host_free(pinned_);
 }
 
+std::vector<int64_t> param_store::unit_numels(const model::llama_config& cfg) {
+  std::vector<int64_t> n{cfg.embed_params()};
+  n.insert(n.end(), size_t(cfg.num_hidden_layers), cfg.block_params());
+  n.push_back(cfg.head_params());
+  return n;
+}
+
 int64_t param_store::total_params() const {
   int64_t n = 0;
   for (const auto& u : units_) n += u.numel;
@@ -83,13 +91,18 @@ at::Tensor param_store::master_tensor(int64_t u) const {
   state_lease s(*state_, u, true);
   return view_of(s->master, units_[u].numel, at::kFloat);
 }
-at::Tensor param_store::exp_avg_tensor(int64_t u) const {
+void param_store::check_fp32_moments() const {
   check_optimizer_state("AdamW moments");
+  FERRY_CHECK(state_->kind() == state_kind::state_fp32, "the AdamW moments are fp32 tensors only with optimizer_state=fp32; "
+              "this store keeps them as ", state_kind_name(state_->kind()), ": read them through state() (moments_of)");
+}
+at::Tensor param_store::exp_avg_tensor(int64_t u) const {
+  check_fp32_moments();
   state_lease s(*state_, u, true);
   return view_of(s->exp_avg, units_[u].numel, at::kFloat);
 }
 at::Tensor param_store::exp_avg_sq_tensor(int64_t u) const {
-  check_optimizer_state("AdamW moments");
+  check_fp32_moments();
   state_lease s(*state_, u, true);
   return view_of(s->exp_avg_sq, units_[u].numel, at::kFloat);
 }

@@ -2,8 +2,8 @@
 // The host parameter store: the units' layout and names, the compute-dtype shadow copy the device
 // loads and the gradient buffer the device writes back (page-locked, 2 B + 2 B per param in
 // fp16/bf16, allocated as one exact-size block), and the optimizer state tier (state_tier.h) that
-// owns every parameter's fp32 master copy and AdamW moments (today in pageable host memory,
-// 12 B/param). Parameters are grouped in units, each one flat buffer streamed by one copy:
+// owns every parameter's fp32 master copy and AdamW moments (pageable host memory; 12 B/param with
+// fp32 moments, 8 with bf16, about 6 with int8: engine_options::state). Parameters are grouped in units, each one flat buffer streamed by one copy:
 //   unit 0          the token embedding            ("model.embed_tokens.weight")
 //   units 1..L      the decoder blocks             ("model.layers.<i>.*", layout.h order)
 //   unit L+1        final norm + lm_head           ("model.norm.weight", "lm_head.weight")
@@ -49,6 +49,10 @@ class param_store {
   param_store(const param_store&) = delete;
   param_store& operator=(const param_store&) = delete;
 
+  // The units' parameter counts in unit order (embedding, blocks, head): what the planner charges
+  // the state tier for, without building a store.
+  static std::vector<int64_t> unit_numels(const model::llama_config& cfg);
+
   int64_t num_units() const { return static_cast<int64_t>(units_.size()); }
   int64_t embed_unit() const { return 0; }
   int64_t block_unit(int64_t layer) const { return 1 + layer; }
@@ -65,7 +69,8 @@ class param_store {
 
   // CPU tensors aliasing the buffers above (1-D, numel of the unit). The master and moment tensors
   // alias the tier's memory and so exist only for a tier that keeps its state in host memory
-  // (init, tests); the engine and checkpoints go through state().
+  // (init, tests); the engine and checkpoints go through state(). The moment tensors exist only for
+  // fp32 moments (optimizer_state=fp32; other kinds throw: read them through state()).
   at::Tensor master_tensor(int64_t u) const;
   at::Tensor shadow_tensor(int64_t u) const;
   at::Tensor grad_tensor(int64_t u) const;
@@ -102,6 +107,7 @@ class param_store {
   std::vector<named_param> named_;
 
   void check_optimizer_state(const char* what) const;
+  void check_fp32_moments() const;
 };
 
 }  // namespace ferry::engine

@@ -4,33 +4,58 @@
 // a unit's state only between acquire(u) and release(u); the planner asks it for bytes per
 // parameter. cpu_optim keeps taking raw spans, which a view provides.
 //
-// Implementations: host memory in fp32 (make_host_state, today's). The compact kinds (bf16 and
-// int8 moments) and a tier on local disk plug in behind the same calls: a view then carries the
-// moments' form, and acquire reads ahead / release writes behind.
+// Implementations: host memory (make_host_state), the master weights in fp32 and the moments in
+// the tier's kind (fp32, bf16, or blockwise int8 codes: cpu_optim/adamw.h moments_kind). A tier on
+// local disk plugs in behind the same calls: acquire reads ahead / release writes behind.
 #include <cstdint>
 #include <memory>
 #include <string>
 #include <vector>
 
+#include "cpu_optim/adamw.h"
+
 namespace ferry::engine {
 
+// The run-config key optimizer_state. The master weights are fp32 in every kind.
 enum class state_kind {
   state_fp32,  // master, exp_avg, exp_avg_sq in fp32: 12 B/param (4 without moments)
+  state_bf16,  // exp_avg, exp_avg_sq in bf16 (stochastically rounded): 8 B/param
+  state_int8,  // exp_avg int8 / exp_avg_sq uint8 codes and one fp32 scale per
+               // cpu_optim::k_quant_block elements of a unit for each: 6 B/param + 8 B per block
 };
 
-state_kind parse_state_kind(const std::string& s);  // throws config_error naming the valid kinds
-const char* state_kind_name(state_kind k);
-// Host bytes per parameter a tier of this kind keeps (master, plus the moments when `moments`).
-int64_t state_bytes_per_param(state_kind k, bool moments);
+state_kind parse_state_kind(const std::string& s);  // throws config_error naming the key and the valid kinds
+const char* state_kind_name(state_kind k);            // "fp32", "bf16", "int8"
+cpu_optim::moments_kind moments_kind_of(state_kind k);
+// Exact host bytes of one unit of numel parameters in a tier of this kind: the fp32 master, plus
+// the moments (cpu_optim::moments_bytes, int8 scales included) when `moments`.
+int64_t state_bytes(state_kind k, bool moments, int64_t numel);
+// Bytes per parameter for reports (fp32 12, bf16 8, int8 6 + 8/k_quant_block = 6.0039); the planner
+// and the tier count state_bytes per unit.
+double state_bytes_per_param(state_kind k, bool moments);
 
 // Unit u's state while acquired. exp_avg / exp_avg_sq are null without optimizer state (an
-// inference engine's tier holds only the master weights).
+// inference engine's tier holds only the master weights); their element type follows `moments`
+// (f32: float; bf16: uint16_t bf16 bits; int8: int8_t m and uint8_t v codes with m_scale, v_scale
+// of cpu_optim::quant_blocks(n) floats each, null in the other kinds).
 struct state_view {
   float* master = nullptr;
-  float* exp_avg = nullptr;
-  float* exp_avg_sq = nullptr;
+  void* exp_avg = nullptr;
+  void* exp_avg_sq = nullptr;
+  float* m_scale = nullptr;
+  float* v_scale = nullptr;
+  cpu_optim::moments_kind moments = cpu_optim::moments_kind::f32;
+  // The unit's stochastic-rounding stream (bf16): fixed per unit (unit index + 1), so a run and
+  // its resumed continuation draw the same bits.
+  uint64_t seed = 0;
   int64_t n = 0;
 };
+
+// The moments of a view as cpu_optim takes them (conversions: checkpoints, resuming with another kind).
+cpu_optim::moments_ref moments_of(const state_view& s);
+// The fp32 moments of an fp32 view; a bug (assert) for another kind.
+float* exp_avg_f32(const state_view& s);
+float* exp_avg_sq_f32(const state_view& s);
 
 class state_tier {
  public:
@@ -43,12 +68,13 @@ class state_tier {
   virtual state_view acquire(int64_t u) = 0;
   // dirty: the holder changed the state (a tier with a backing store writes it back).
   virtual void release(int64_t u, bool dirty) = 0;
-  // Host memory the tier holds (what the planner charges it: state_bytes_per_param x params).
+  // Host memory the tier holds (what the planner charges it: state_bytes of every unit).
   virtual int64_t host_bytes() const = 0;
   void zero_moments();
 };
 
-// fp32 master and moments in pageable host memory, 64-byte aligned, one buffer per array and unit.
+// The master weights and the moments of `kind` in pageable host memory, 64-byte aligned, one buffer
+// per array and unit; the moments start at zero.
 std::unique_ptr<state_tier> make_host_state(const std::vector<int64_t>& unit_numel, state_kind kind, bool moments);
 
 // Scoped acquire/release of one unit.

@@ -60,6 +60,9 @@ const std::vector<key_desc>& keys() {
       {"activation_checkpointing", str_key{&run_config::activation_checkpointing, {"none", "blocks", "auto"}},
        "keep only block inputs and recompute each block's forward in its backward: none, blocks (all), auto (the fewest that fit the GPU)"},
       {"speculate", str_key{&run_config::speculate, {"auto", "on", "off"}}, "update layers during backward before clipping is known"},
+      {"optimizer_state", str_key{&run_config::optimizer_state, {"fp32", "bf16", "int8"}},
+       "AdamW moments on the host: fp32 (12 B/param with the fp32 master), bf16 (8), int8 (blockwise codes, 6); "
+       "bf16 and int8 need offload blocked or overlapped"},
       {"loss_scale", real_key{&run_config::loss_scale, 1, 1e30, false}, "initial dynamic loss scale (fp16)"},
       {"loss_scale_window", int_key{&run_config::loss_scale_window, 1, kIntMax}, "good steps before the loss scale doubles"},
       {"gpu_mem_limit_gib", real_key{&run_config::gpu_mem_limit_gib, 0, 1e6, false}, "cap on usable GPU memory in GiB; 0 = whole card"},

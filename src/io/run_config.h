@@ -40,6 +40,7 @@ struct run_config {
   int64_t cpu_threads = 0;             // CPU AdamW threads; 0 = all cores but one
   std::string activation_checkpointing = "none";  // none | blocks | auto: recompute block forwards in the backward
   std::string speculate = "auto";      // auto | on | off: update layers during backward before the clip coefficient is known
+  std::string optimizer_state = "fp32";  // fp32 | bf16 | int8: the form of the AdamW moments on the host
   double loss_scale = 65536.0;         // initial dynamic loss scale (fp16)
   int64_t loss_scale_window = 2000;    // good steps before the scale doubles
   double gpu_mem_limit_gib = 0;        // cap usable GPU memory (0 = the whole card)

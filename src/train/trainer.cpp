@@ -90,6 +90,9 @@ int run_training(const io::run_config& cfg, const model::llama_config& mc, const
     checkpoint::trainer_state loaded = checkpoint::load_checkpoint(e, dir);
     st.step = loaded.step;
     st.data_cursor = loaded.data_cursor;
+    const char* kind = engine::state_kind_name(e.params().state().kind());
+    if (loaded.optimizer_state != kind)
+      std::printf("resume: optimizer state %s in %s converted to %s\n", loaded.optimizer_state.c_str(), dir.c_str(), kind);
     std::printf("resumed from %s at step %lld\n", dir.c_str(), (long long)st.step);
   } else if (!cfg.init.empty()) {
     checkpoint::load_hf_weights(e, cfg.init);
@@ -141,6 +144,7 @@ int run_training(const io::run_config& cfg, const model::llama_config& mc, const
   };
 
   int exit_code = 0;
+  bool first_record = true;
   std::vector<int64_t> tokens(size_t(B * (T + 1)));
   while (st.step < cfg.steps) {
     std::vector<at::Tensor> micro;
@@ -179,6 +183,13 @@ int run_training(const io::run_config& cfg, const model::llama_config& mc, const
     m["gpu_alloc_peak"] = r.gpu_alloc_peak;
     m["gpu_reserved_peak"] = r.gpu_reserved_peak;
     m["data_cursor"] = st.data_cursor;
+    if (first_record) {
+      // The run's constants, once per process (a resumed run appends its own, which may differ).
+      const engine::state_kind kind = e.params().state().kind();
+      m["optimizer_state"] = engine::state_kind_name(kind);
+      m["state_bytes_per_param"] = engine::state_bytes_per_param(kind, true);
+      first_record = false;
+    }
     if (cfg.eval_every > 0 && st.step % cfg.eval_every == 0) {
       double el = evaluate();
       m["eval_loss"] = el;

@@ -5,10 +5,16 @@
 // (tests/engine/engine_test_util.h), in the states where resuming is easy to get wrong.
 #include <gtest/gtest.h>
 
+#include <filesystem>
 #include <limits>
+#include <map>
+#include <nlohmann/json.hpp>
 #include <string>
 
 #include "src/checkpoint/checkpoint.h"
+#include "src/common/error.h"
+#include "src/io/atomic_file.h"
+#include "src/io/safetensors.h"
 #include "tests/engine/engine_test_util.h"
 #include "tests/scratch_dir.h"
 
@@ -32,7 +38,10 @@ struct resume_case {
   int64_t save_after;   // steps before the checkpoint
   int64_t steps;        // steps in all
   int64_t poison_step;  // 0-based step whose gradient gets an inf (skipped step), -1 none
+  state_kind kind = state_kind::state_fp32;   // optimizer_state
 };
+
+void PrintTo(const resume_case& c, std::ostream* os) { *os << c.name; }
 
 trainer_state state_of(engine::engine& e, int64_t step) {
   trainer_state st;
@@ -60,6 +69,8 @@ void expect_same_state(const run_result& a, const run_result& b, const std::stri
     EXPECT_TRUE(a.master[u].equal(b.master[u])) << what << ": master of unit " << u;
     EXPECT_TRUE(a.m[u].equal(b.m[u])) << what << ": exp_avg of unit " << u;
     EXPECT_TRUE(a.v[u].equal(b.v[u])) << what << ": exp_avg_sq of unit " << u;
+    EXPECT_TRUE(a.m_scale[u].equal(b.m_scale[u])) << what << ": exp_avg scales of unit " << u;
+    EXPECT_TRUE(a.v_scale[u].equal(b.v_scale[u])) << what << ": exp_avg_sq scales of unit " << u;
   }
 }
 
@@ -78,6 +89,7 @@ TEST_P(checkpoint_resume, continues_bit_for_bit) {
   o.speculate = c.spec;
   o.clip_grad = c.clip;
   o.scale_window = 2;   // the loss scale moves within the run (fp16)
+  o.state = c.kind;
 
   // the uninterrupted run
   run_result full = run_engine(with_poison(o, c, 0), data);
@@ -98,6 +110,7 @@ TEST_P(checkpoint_resume, continues_bit_for_bit) {
   const trainer_state loaded = load_checkpoint(*e, dir);
   EXPECT_EQ(loaded.step, saved.step);
   EXPECT_EQ(loaded.data_cursor, saved.data_cursor);
+  EXPECT_EQ(loaded.optimizer_state, state_kind_name(c.kind));
   EXPECT_EQ(e->state().scaler.scale, first->state().scaler.scale);
   EXPECT_EQ(e->state().scaler.good_steps, first->state().scaler.good_steps);
   EXPECT_EQ(e->state().optimizer_steps, first->state().optimizer_steps);
@@ -129,13 +142,234 @@ TEST_P(checkpoint_resume, continues_bit_for_bit) {
 // auto_speculating: saved while speculate=auto speculates (8 clean steps), a fix-up after resuming.
 // spec_on_clipped: every step clipped, so every speculative update is redone.
 // accumulation: 3 micro-batches per step (the fp32 accumulation buffers are not checkpointed state).
+// The compact kinds (optimizer_state bf16, int8: codes, int8 scales and the bf16 stochastic-rounding
+// stream, whose seed is fixed per unit and mixed with the step count) in the same states.
+constexpr state_kind k_bf16 = state_kind::state_bf16, k_int8 = state_kind::state_int8;
 INSTANTIATE_TEST_SUITE_P(
     all, checkpoint_resume,
     ::testing::Values(resume_case{"fp16_skip_before", at::kHalf, speculate_mode::speculate_on, 1.0, 1, 3, 6, 1},
                       resume_case{"auto_speculating", at::kFloat, speculate_mode::speculate_auto, 0.0, 1, 10, 13, 11},
                       resume_case{"spec_on_clipped", at::kFloat, speculate_mode::speculate_on, 0.05, 1, 3, 5, -1},
-                      resume_case{"accumulation", at::kFloat, speculate_mode::speculate_on, 1.0, 3, 2, 4, -1}),
+                      resume_case{"accumulation", at::kFloat, speculate_mode::speculate_on, 1.0, 3, 2, 4, -1},
+                      resume_case{"bf16_state_fp16_skip_before", at::kHalf, speculate_mode::speculate_on, 1.0, 1, 3, 6, 1, k_bf16},
+                      resume_case{"bf16_state_auto_speculating", at::kFloat, speculate_mode::speculate_auto, 0.0, 1, 10, 13, 11, k_bf16},
+                      resume_case{"int8_state_fp16_skip_before", at::kHalf, speculate_mode::speculate_on, 1.0, 1, 3, 6, 1, k_int8},
+                      resume_case{"int8_state_auto_speculating", at::kFloat, speculate_mode::speculate_auto, 0.0, 1, 10, 13, 11, k_int8},
+                      resume_case{"int8_state_spec_on_clipped", at::kFloat, speculate_mode::speculate_on, 0.05, 1, 3, 5, -1, k_int8},
+                      resume_case{"bf16_state_accumulation", at::kFloat, speculate_mode::speculate_on, 1.0, 3, 2, 4, -1, k_bf16}),
     [](const auto& info) { return std::string(info.param.name); });
+
+// ---- optimizer_state kinds: layout, conversion on resume, errors ----
+
+engine_options kind_options(state_kind k) {
+  engine_options o = base_options(offload_mode::offload_overlapped, at::kFloat);
+  o.state = k;
+  return o;
+}
+
+// Every unit's moments set from random fp32 values (as they would be after some training: m of
+// both signs, v >= 0, a zero block, an outlier and equal values inside blocks), stored in the
+// engine's kind by cpu_optim::encode_moments; the master weights moved off their init.
+void fill_random_state(engine::engine& e, uint64_t seed) {
+  auto& store = e.params();
+  for (int64_t u = 0; u < store.num_units(); ++u) {
+    engine::state_lease s(store.state(), u, true);
+    at::Generator gen = at::detail::createCPUGenerator(seed * 131 + uint64_t(u));
+    at::Tensor m = at::randn({s->n}, gen) * 1e-3, v = (at::randn({s->n}, gen) * 1e-3).square();
+    m.narrow(0, 0, std::min<int64_t>(s->n, 2048)).zero_();
+    v.narrow(0, 0, std::min<int64_t>(s->n, 2048)).zero_();
+    if (s->n > 3000) {
+      m.index_put_({2500}, 0.5);
+      v.index_put_({2600}, 1e3);
+      m.narrow(0, 2048 * (s->n / 2048 - 1), 64).fill_(3e-4);
+    }
+    cpu_optim::encode_moments(m.data_ptr<float>(), v.data_ptr<float>(), moments_of(*s));
+    at::from_blob(s->master, {s->n}).add_(at::randn({s->n}, gen) * 1e-2);
+  }
+  e.params_changed();
+}
+
+// Unit u's moments of e decoded to fp32.
+std::pair<at::Tensor, at::Tensor> decoded(engine::engine& e, int64_t u) {
+  engine::state_lease s(e.params().state(), u, false);
+  at::Tensor m = at::empty({s->n}), v = at::empty({s->n});
+  cpu_optim::decode_moments(moments_of(*s), m.data_ptr<float>(), v.data_ptr<float>());
+  return {m, v};
+}
+
+// Fp32 moments m, v encoded into `kind`, as unit_moments.
+unit_moments encoded(const at::Tensor& m, const at::Tensor& v, state_kind kind) {
+  const int64_t n = m.numel(), blocks = int64_t(cpu_optim::quant_blocks(size_t(n)));
+  const bool int8 = kind == state_kind::state_int8;
+  unit_moments r;
+  r.m = at::empty({n}, int8 ? at::kChar : at::kShort);
+  r.v = at::empty({n}, int8 ? at::kByte : at::kShort);
+  r.m_scale = at::empty({int8 ? blocks : 0});
+  r.v_scale = at::empty({int8 ? blocks : 0});
+  cpu_optim::moments_ref ref;
+  ref.kind = moments_kind_of(kind);
+  ref.m = r.m.data_ptr();
+  ref.v = r.v.data_ptr();
+  ref.m_scale = int8 ? r.m_scale.data_ptr<float>() : nullptr;
+  ref.v_scale = int8 ? r.v_scale.data_ptr<float>() : nullptr;
+  ref.n = size_t(n);
+  cpu_optim::encode_moments(m.contiguous().data_ptr<float>(), v.contiguous().data_ptr<float>(), ref);
+  return r;
+}
+
+void expect_same_moments(const unit_moments& got, const unit_moments& want, const std::string& what) {
+  EXPECT_TRUE(got.m.equal(want.m)) << what << " exp_avg";
+  EXPECT_TRUE(got.v.equal(want.v)) << what << " exp_avg_sq";
+  EXPECT_TRUE(got.m_scale.equal(want.m_scale)) << what << " exp_avg scales";
+  EXPECT_TRUE(got.v_scale.equal(want.v_scale)) << what << " exp_avg_sq scales";
+}
+
+// Bitwise: float tensors compared as their bits (0 and -0 differ).
+bool same_bits(const at::Tensor& a, const at::Tensor& b) {
+  return a.sizes() == b.sizes() && a.view(at::kInt).equal(b.view(at::kInt));
+}
+
+trainer_state saved_state(int64_t step) {
+  trainer_state st;
+  st.step = step;
+  st.data_cursor = step;
+  st.seed = 1;
+  st.model_name = "engine-test";
+  return st;
+}
+
+// Resuming with another kind converts: fp32 -> int8 gives encode(x); int8 -> fp32 gives
+// decode(encode(x)) bit for bit; bf16 -> int8 gives encode(decode(bf16)); bf16 -> fp32 decode(bf16);
+// the masters are copied exactly; the loaded state names the checkpoint's kind; the same kind
+// loads its codes and scales bit for bit.
+TEST(checkpoint_kinds, resume_with_another_kind_converts) {
+  scratch_dir d;
+  auto a = make_engine(kind_options(state_kind::state_fp32));
+  fill_random_state(*a, 1);
+  const std::string fp32_dir = save_checkpoint(*a, saved_state(3), d.path + "/fp32", 2);
+
+  auto b = make_engine(kind_options(k_int8));
+  const trainer_state from_fp32 = load_checkpoint(*b, fp32_dir);
+  EXPECT_EQ(from_fp32.optimizer_state, "fp32");
+  for (int64_t u = 0; u < b->params().num_units(); ++u) {
+    SCOPED_TRACE("fp32 -> int8, unit " + std::to_string(u));
+    EXPECT_TRUE(same_bits(b->params().master_tensor(u), a->params().master_tensor(u)));
+    expect_same_moments(moments_copy(b->params(), u),
+                        encoded(a->params().exp_avg_tensor(u), a->params().exp_avg_sq_tensor(u), k_int8), "");
+  }
+  const std::string int8_dir = save_checkpoint(*b, saved_state(4), d.path + "/int8", 2);
+
+  auto c = make_engine(kind_options(state_kind::state_fp32));
+  EXPECT_EQ(load_checkpoint(*c, int8_dir).optimizer_state, "int8");
+  auto b2 = make_engine(kind_options(k_int8));
+  EXPECT_EQ(load_checkpoint(*b2, int8_dir).optimizer_state, "int8");
+  for (int64_t u = 0; u < c->params().num_units(); ++u) {
+    SCOPED_TRACE("int8 -> fp32 and int8 -> int8, unit " + std::to_string(u));
+    const auto [m, v] = decoded(*b, u);
+    EXPECT_TRUE(same_bits(c->params().exp_avg_tensor(u), m));
+    EXPECT_TRUE(same_bits(c->params().exp_avg_sq_tensor(u), v));
+    EXPECT_TRUE(same_bits(c->params().master_tensor(u), a->params().master_tensor(u)));
+    expect_same_moments(moments_copy(b2->params(), u), moments_copy(b->params(), u), "");
+    EXPECT_GT(m.abs().max().item<float>(), 0.0f);
+  }
+
+  auto bf = make_engine(kind_options(k_bf16));
+  fill_random_state(*bf, 2);
+  const std::string bf16_dir = save_checkpoint(*bf, saved_state(5), d.path + "/bf16", 2);
+  auto e8 = make_engine(kind_options(k_int8));
+  auto e32 = make_engine(kind_options(state_kind::state_fp32));
+  EXPECT_EQ(load_checkpoint(*e8, bf16_dir).optimizer_state, "bf16");
+  load_checkpoint(*e32, bf16_dir);
+  for (int64_t u = 0; u < e8->params().num_units(); ++u) {
+    SCOPED_TRACE("bf16 -> int8 and bf16 -> fp32, unit " + std::to_string(u));
+    const auto [m, v] = decoded(*bf, u);
+    expect_same_moments(moments_copy(e8->params(), u), encoded(m, v, k_int8), "");
+    EXPECT_TRUE(same_bits(e32->params().exp_avg_tensor(u), m));
+    EXPECT_TRUE(same_bits(e32->params().exp_avg_sq_tensor(u), v));
+    EXPECT_TRUE(same_bits(e8->params().master_tensor(u), bf->params().master_tensor(u)));
+  }
+}
+
+// fp32 checkpoints are laid out as before the compact kinds (per parameter: master, exp_avg,
+// exp_avg_sq, F32); compact ones keep the per-parameter F32 master and their moments per unit.
+TEST(checkpoint_kinds, file_layout) {
+  scratch_dir d;
+  for (auto kind : {state_kind::state_fp32, k_bf16, k_int8}) {
+    SCOPED_TRACE(state_kind_name(kind));
+    auto e = make_engine(kind_options(kind));
+    const std::string dir = save_checkpoint(*e, saved_state(1), d.path + "/" + state_kind_name(kind), 2);
+    io::safetensors_file f(dir + "/optimizer.safetensors");
+    std::map<std::string, std::string> want;
+    for (const auto& p : e->params().named_params()) {
+      want[p.name] = "F32";
+      if (kind == state_kind::state_fp32) want[p.name + ".exp_avg"] = want[p.name + ".exp_avg_sq"] = "F32";
+    }
+    for (int64_t u = 0; kind != state_kind::state_fp32 && u < e->params().num_units(); ++u) {
+      const std::string prefix = "optimizer.unit" + std::to_string(u);
+      want[prefix + ".exp_avg"] = kind == k_bf16 ? "BF16" : "I8";
+      want[prefix + ".exp_avg_sq"] = kind == k_bf16 ? "BF16" : "U8";
+      if (kind == k_int8) want[prefix + ".exp_avg.scale"] = want[prefix + ".exp_avg_sq.scale"] = "F32";
+    }
+    std::map<std::string, std::string> got;
+    for (const auto& t : f.tensors()) got[t.name] = t.dtype;
+    EXPECT_EQ(got, want);
+    const auto js = nlohmann::json::parse(io::read_file(dir + "/trainer_state.json"));
+    EXPECT_EQ(js.at("optimizer_state").get<std::string>(), state_kind_name(kind));
+  }
+}
+
+// A checkpoint whose moments are missing or do not match the kind its trainer_state.json names is
+// refused with one line naming the file and the tensor; an unknown kind names trainer_state.json.
+TEST(checkpoint_kinds, missing_or_mismatched_moments_are_refused) {
+  scratch_dir d;
+  auto src = make_engine(kind_options(k_int8));
+  const std::string good = save_checkpoint(*src, saved_state(1), d.path + "/good", 2);
+  auto copy_of = [&](const std::string& name) {
+    const std::string dir = d.path + "/" + name;
+    std::filesystem::create_directories(dir);
+    for (const auto& f : std::filesystem::directory_iterator(good))
+      std::filesystem::copy_file(f.path(), dir + "/" + f.path().filename().string());
+    return dir;
+  };
+  auto set_kind = [](const std::string& dir, const std::string& kind) {
+    auto js = nlohmann::json::parse(io::read_file(dir + "/trainer_state.json"));
+    js["optimizer_state"] = kind;
+    io::write_file_atomic(dir + "/trainer_state.json", js.dump(2));
+  };
+  auto expect_refused = [](engine::engine& e, const std::string& dir, std::initializer_list<std::string> needles) {
+    try {
+      load_checkpoint(e, dir);
+      ADD_FAILURE() << "loaded " << dir;
+    } catch (const ferry::error& err) {
+      const std::string msg = err.what();
+      EXPECT_EQ(msg.find('\n'), std::string::npos) << msg;
+      for (const auto& n : needles) EXPECT_NE(msg.find(n), std::string::npos) << "'" << n << "' not in: " << msg;
+    }
+  };
+  // a tensor left out
+  const std::string dropped = copy_of("dropped");
+  {
+    io::safetensors_file f(good + "/optimizer.safetensors");
+    std::vector<io::st_write_entry> keep;
+    for (const auto& t : f.tensors())
+      if (t.name != "optimizer.unit2.exp_avg_sq.scale")
+        keep.push_back({t.name, t.dtype, t.shape, f.data(t), t.end - t.begin});
+    io::write_safetensors(dropped + "/optimizer.safetensors", keep);
+  }
+  auto e = make_engine(kind_options(k_int8));
+  expect_refused(*e, dropped, {"optimizer.safetensors", "optimizer.unit2.exp_avg_sq.scale"});
+  // int8 tensors named bf16 (another dtype), fp32 ones named int8 (missing), an unknown kind
+  const std::string relabelled = copy_of("relabelled");
+  set_kind(relabelled, "bf16");
+  expect_refused(*e, relabelled, {"optimizer.safetensors", "optimizer.unit0.exp_avg", "BF16"});
+  auto f32 = make_engine(kind_options(state_kind::state_fp32));
+  const std::string fp32_dir = save_checkpoint(*f32, saved_state(1), d.path + "/fp32", 2);
+  set_kind(fp32_dir, "int8");
+  expect_refused(*e, fp32_dir, {"optimizer.safetensors", "optimizer.unit0.exp_avg"});
+  const std::string unknown = copy_of("unknown");
+  set_kind(unknown, "int4");
+  expect_refused(*e, unknown, {"trainer_state.json", "int4"});
+}
 
 }  // namespace
 }  // namespace ferry::checkpoint::test

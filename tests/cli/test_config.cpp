@@ -171,3 +171,18 @@ TEST(run_config, to_json_round_trips) {
   EXPECT_EQ(d.data, "a.txt,b.txt");
   EXPECT_FALSE(d.tensorboard);
 }
+
+// optimizer_state: fp32 by default; bf16 and int8 from a file or --set; anything else is one line
+// naming the key and the valid kinds. (offload none with a compact kind is refused by the engine's
+// check_options: engine_state_tier.compact_kinds_need_offload and the CLI test cli_none_compact_state.)
+TEST(run_config, optimizer_state_key) {
+  EXPECT_EQ(ferry::io::run_config().optimizer_state, "fp32");
+  EXPECT_EQ(ferry::io::load_run_config("", {"optimizer_state=int8"}).optimizer_state, "int8");
+  std::string f = temp_file("state.json", R"({"optimizer_state": "bf16"})");
+  EXPECT_EQ(ferry::io::load_run_config(f, {}).optimizer_state, "bf16");
+  expect_config_error([] { ferry::io::load_run_config("", {"optimizer_state=int4"}); },
+                      {"--set optimizer_state=int4", "optimizer_state", "fp32, bf16, int8"});
+  std::string g = temp_file("state_bad.json", R"({"optimizer_state": "fp16"})");
+  expect_config_error([&] { ferry::io::load_run_config(g, {}); }, {g, "optimizer_state", "fp32, bf16, int8"});
+  for (auto* p : {&f, &g}) std::remove(p->c_str());
+}

@@ -71,10 +71,44 @@ inline std::vector<step_data> make_data(int64_t steps, int64_t B = k_batch, int6
 }
 
 // What a run leaves: per-step results, final master weights and moments per unit (CPU clones).
+// m, v hold the moments as stored (moments_copy): fp32 float; bf16 int16 bits; int8 int8 / uint8
+// codes, with the int8 scales in m_scale, v_scale (empty tensors in the other kinds).
 struct run_result {
   std::vector<step_result> steps;
-  std::vector<at::Tensor> master, m, v;
+  std::vector<at::Tensor> master, m, v, m_scale, v_scale;
 };
+
+// Unit u's moments as CPU tensor clones of their stored form (run_result's m, v, m_scale, v_scale).
+struct unit_moments {
+  at::Tensor m, v, m_scale, v_scale;
+};
+inline unit_moments moments_copy(param_store& ps, int64_t u) {
+  state_lease s(ps.state(), u, false);
+  auto blob = [](void* p, int64_t n, at::ScalarType t) {
+    return at::from_blob(p, {n}, at::TensorOptions().dtype(t)).clone();
+  };
+  const int64_t n = s->n, blocks = int64_t(cpu_optim::quant_blocks(size_t(n)));
+  unit_moments r;
+  r.m_scale = at::empty({0}, at::kFloat);
+  r.v_scale = at::empty({0}, at::kFloat);
+  switch (s->moments) {
+    case cpu_optim::moments_kind::f32:
+      r.m = blob(s->exp_avg, n, at::kFloat);
+      r.v = blob(s->exp_avg_sq, n, at::kFloat);
+      break;
+    case cpu_optim::moments_kind::bf16:
+      r.m = blob(s->exp_avg, n, at::kShort);
+      r.v = blob(s->exp_avg_sq, n, at::kShort);
+      break;
+    case cpu_optim::moments_kind::int8:
+      r.m = blob(s->exp_avg, n, at::kChar);
+      r.v = blob(s->exp_avg_sq, n, at::kByte);
+      r.m_scale = blob(s->m_scale, blocks, at::kFloat);
+      r.v_scale = blob(s->v_scale, blocks, at::kFloat);
+      break;
+  }
+  return r;
+}
 
 constexpr uint64_t k_init_seed = 42;
 constexpr double k_init_std = 0.05;
@@ -98,11 +132,25 @@ inline void snapshot(engine& e, run_result& r) {
   r.master.clear();
   r.m.clear();
   r.v.clear();
+  r.m_scale.clear();
+  r.v_scale.clear();
   for (int64_t u = 0; u < e.params().num_units(); ++u) {
     r.master.push_back(e.params().master_tensor(u).clone());
-    r.m.push_back(e.params().exp_avg_tensor(u).clone());
-    r.v.push_back(e.params().exp_avg_sq_tensor(u).clone());
+    unit_moments mo = moments_copy(e.params(), u);
+    r.m.push_back(mo.m);
+    r.v.push_back(mo.v);
+    r.m_scale.push_back(mo.m_scale);
+    r.v_scale.push_back(mo.v_scale);
   }
+}
+
+// Unit u's moments decoded to fp32 (cpu_optim::decode_moments; the fp32 values themselves in fp32).
+inline std::pair<at::Tensor, at::Tensor> decoded_moments(engine& e, int64_t u) {
+  e.wait_updates();
+  state_lease s(e.params().state(), u, false);
+  at::Tensor m = at::empty({s->n}), v = at::empty({s->n});
+  cpu_optim::decode_moments(moments_of(*s), m.data_ptr<float>(), v.data_ptr<float>());
+  return {m, v};
 }
 
 // before(k, engine) runs before step k (0-based): parameter surgery for the injection tests.

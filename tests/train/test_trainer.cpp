@@ -202,3 +202,45 @@ TEST(trainer, subword_tokenizer_is_trained_once_on_the_default_corpus_and_saved)
   EXPECT_THROW(run_train(bad), ferry::config_error);
   ::unsetenv("XDG_CACHE_HOME");
 }
+
+// optimizer_state: metrics.jsonl's first record of each process names the kind and its host bytes
+// per parameter; resuming an fp32 checkpoint with int8 converts the moments with one line saying so,
+// and the run goes on (its losses near the fp32 run's).
+TEST(trainer, resume_with_another_optimizer_state_converts_and_metrics_name_it) {
+  scratch_dir d;
+  std::string corpus = write_corpus(d.path);
+  auto full = config_for(d.path + "/a", corpus, 6);
+  fs::create_directories(d.path + "/a");
+  ASSERT_EQ(run_train(full), 0);
+  const auto ref = losses(full.output_dir + "/metrics.jsonl");
+
+  fs::create_directories(d.path + "/b");
+  auto first = config_for(d.path + "/b", corpus, 3);
+  ASSERT_EQ(run_train(first), 0);
+  auto second = config_for(d.path + "/b", corpus, 6);
+  second.resume = "latest";
+  second.optimizer_state = "int8";
+  testing::internal::CaptureStdout();
+  const int rc = run_train(second);
+  std::fflush(stdout);
+  const std::string out = testing::internal::GetCapturedStdout();
+  ASSERT_EQ(rc, 0) << out;
+  EXPECT_NE(out.find("resume: optimizer state fp32 in " + second.output_dir + "/checkpoint-000003 converted to int8\n"),
+            std::string::npos) << out;
+
+  std::vector<nlohmann::json> rows;
+  std::ifstream f(second.output_dir + "/metrics.jsonl");
+  for (std::string line; std::getline(f, line);) rows.push_back(nlohmann::json::parse(line));
+  ASSERT_EQ(rows.size(), 6u);
+  for (size_t i = 0; i < rows.size(); ++i) {
+    const bool first_of_process = i == 0 || i == 3;
+    EXPECT_EQ(rows[i].contains("optimizer_state"), first_of_process) << "record " << i;
+    EXPECT_EQ(rows[i].contains("state_bytes_per_param"), first_of_process) << "record " << i;
+  }
+  EXPECT_EQ(rows[0]["optimizer_state"], "fp32");
+  EXPECT_EQ(rows[0]["state_bytes_per_param"].get<double>(), 12.0);
+  EXPECT_EQ(rows[3]["optimizer_state"], "int8");
+  EXPECT_EQ(rows[3]["state_bytes_per_param"].get<double>(), 6.0 + 8.0 / 2048);
+  for (size_t i = 0; i < 3; ++i) EXPECT_EQ(rows[i]["loss"].get<double>(), ref[i]) << "step " << i + 1;
+  for (size_t i = 3; i < 6; ++i) EXPECT_NEAR(rows[i]["loss"].get<double>(), ref[i], 0.02 * ref[i]) << "step " << i + 1;
+}
