@@ -12,6 +12,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "cpu_optim/half.h"
 #include "cpu_optim/kernels.h"
 #include "cpu_optim/moment_codes.h"
 #include "src/common/error.h"
@@ -118,9 +119,17 @@ size_t undo_log::entries() const {
   return n;
 }
 
+size_t undo_log::bytes() const {
+  size_t n = entries() * sizeof(undo_entry);
+  for (const auto& b : scales_) n += b.size() * sizeof(float);
+  return n;
+}
+
 void undo_log::clear() {
   blocks_.clear();
   blocks_.shrink_to_fit();
+  scales_.clear();
+  scales_.shrink_to_fit();
   n_ = block_size_ = 0;
 }
 
@@ -169,42 +178,71 @@ grad_stats adamw::run(int o, const chunk_ref& c, const adamw_hparams& h, int64_t
   detail::step_scalars s = make_scalars(h, step, mult, c, tuning_);
   s.new_mult = new_mult;
   const size_t block = tuning_.block_size, nb = (c.n + block - 1) / block;
-  const bool compact = c.moments != moments_kind::f32;
-  FERRY_ASSERT(c.moments != moments_kind::int8 || block % k_quant_block == 0, "adamw block size ", block,
+  const bool compact = c.moments != moments_kind::f32, int8 = c.moments == moments_kind::int8;
+  const float ratio = compact ? k_undo_log_ratio_compact : k_undo_log_ratio;
+  FERRY_ASSERT(!int8 || block % k_quant_block == 0, "adamw block size ", block,
                " is not a multiple of the int8 quantization block (", k_quant_block, ")");
   if (record) {  // step() cleared it
     record->n_ = c.n;
     record->block_size_ = block;
     record->blocks_.resize(nb);
-    // Compact moments keep no log: their undo is within one rounding of their form anyway
-    // (README.md "Compact moments").
-    if (!compact) s.log_ratio = k_undo_log_ratio;
+    if (int8) record->scales_.resize(nb);
+    s.log_ratio = ratio;
   }
-  if (compact) restore = nullptr;
   if (restore) {
-    FERRY_ASSERT(restore->n_ == c.n && restore->block_size_ == block,
+    FERRY_ASSERT(restore->n_ == c.n && restore->block_size_ == block && (!int8 || restore->scales_.size() == nb),
                  "undo log written for another chunk (", restore->n_, " elements in blocks of ",
                  restore->block_size_, ") than this one (", c.n, " in blocks of ", block, ")");
-    s.zero_ratio = 0.5f / k_undo_log_ratio;
+    // int8 restores the old scales instead (a zero-state element then re-encodes near zero).
+    s.zero_ratio = int8 ? 0.0f : 0.5f / ratio;
   }
   const detail::kernel_table k = detail::kernels();
   const auto op = static_cast<detail::op>(o);
+  // Patches a block's logged elements with their exact old moments.
+  auto patch = [&](size_t b, size_t bi) {
+    const std::vector<undo_entry>& entries = restore->blocks_[bi];
+    for (const undo_entry& x : entries) {
+      const size_t i = b + x.offset;
+      if (c.moments == moments_kind::f32) {
+        static_cast<float*>(c.m)[i] = x.m;
+        static_cast<float*>(c.v)[i] = x.v;
+      } else if (c.moments == moments_kind::bf16) {  // x holds bf16 values: exact
+        static_cast<uint16_t*>(c.m)[i] = half::f32_to_bf16(x.m);
+        static_cast<uint16_t*>(c.v)[i] = half::f32_to_bf16(x.v);
+      } else {  // x holds code values of the old scales: re-encoding them gives the old codes
+        const float* sc = restore->scales_[bi].data() + 2 * ((i - b) / k_quant_block);
+        static_cast<int8_t*>(c.m)[i] = codes::encode_m(x.m, codes::inv_scale(sc[0]));
+        static_cast<uint8_t*>(c.v)[i] = codes::encode_v(x.v, codes::inv_scale(sc[1]));
+      }
+    }
+  };
   return sum_stats(run_blocks(&impl_->arena, impl_->threads, c.n, block, [&](size_t b, size_t e) {
     const size_t bi = b / block;
-    if (c.moments == moments_kind::int8 && op == detail::op::op_redo) {  // not fused: re-encoding
-      k.update(detail::op::op_undo, c, s, b, e, nullptr);               // needs the whole block
+    std::vector<undo_entry>* rec_log = record ? &record->blocks_[bi] : nullptr;
+    if (int8) {
+      if (record) {
+        std::vector<float>& sc = record->scales_[bi];
+        sc.clear();
+        for (size_t q = b / k_quant_block; q < quant_blocks(e); ++q) {
+          sc.push_back(c.m_scale[q]);
+          sc.push_back(c.v_scale[q]);
+        }
+      }
+      if (op == detail::op::op_step) return k.update(op, c, s, b, e, rec_log);
+      // Undo (redo: then step; re-encoding needs the whole quantization block, so not fused).
+      detail::step_scalars u = s;
+      u.old_scales = restore ? restore->scales_[bi].data() : nullptr;
+      k.update(detail::op::op_undo, c, u, b, e, nullptr);
+      if (restore) patch(b, bi);
+      if (op == detail::op::op_undo) return grad_stats{};
       detail::step_scalars again = s;
       again.mult = new_mult;
       return k.update(detail::op::op_step, c, again, b, e, nullptr);
     }
-    if (restore == nullptr || restore->blocks_[bi].empty())
-      return k.update(op, c, s, b, e, record ? &record->blocks_[bi] : nullptr);
+    if (restore == nullptr || restore->blocks_[bi].empty()) return k.update(op, c, s, b, e, rec_log);
     const bool redo = op == detail::op::op_redo;
     k.update(detail::op::op_undo, c, s, b, e, nullptr);
-    for (const undo_entry& x : restore->blocks_[bi]) {
-      static_cast<float*>(c.m)[b + x.offset] = x.m;
-      static_cast<float*>(c.v)[b + x.offset] = x.v;
-    }
+    patch(b, bi);
     if (!redo) return grad_stats{};
     detail::step_scalars again = s;
     again.mult = new_mult;

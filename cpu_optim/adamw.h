@@ -116,11 +116,15 @@ struct undo_entry {
 };
 
 constexpr float k_undo_log_ratio = 256.0f;
+// Compact moments (bf16, int8) log at a lower ratio: their undo is exact only to within a
+// rounding of their form *of the new value*, so growth past 4x is logged (README.md "Compact
+// moments"). An int8 log also keeps each quantization block's scales before the step.
+constexpr float k_undo_log_ratio_compact = 4.0f;
 
 class undo_log {
  public:
   size_t entries() const;
-  size_t bytes() const { return entries() * sizeof(undo_entry); }
+  size_t bytes() const;
   // Frees the entries (a log's size follows the step that wrote it, not the largest one seen).
   void clear();
 
@@ -128,6 +132,7 @@ class undo_log {
   friend class adamw;
   size_t n_ = 0, block_size_ = 0;                // the chunk layout of the step that wrote it
   std::vector<std::vector<undo_entry>> blocks_;  // one list per block, in block order
+  std::vector<std::vector<float>> scales_;       // int8: per block, (m, v) scale pairs before the step
 };
 
 // Kernel-lab knobs for the benchmark; the defaults are what the product uses.

@@ -153,6 +153,16 @@ HWY_NOINLINE void log_lanes(hn::Mask<df_t> ill, hn::Vec<df_t> m_old, hn::Vec<df_
   }
 }
 
+// The lanes a step must log (adamw.h undo_log): v grew past `ratio` times a non-zero old v, or v
+// was zero while m was not.
+HWY_INLINE hn::Mask<df_t> ill_lanes(hn::Vec<df_t> m_old, hn::Vec<df_t> v_old, hn::Vec<df_t> v_new, float ratio) {
+  const df_t df;
+  const auto zero = hn::Zero(df);
+  const auto v_was_zero = hn::Eq(v_old, zero);
+  return hn::Or(hn::And(v_was_zero, hn::Ne(m_old, zero)),
+                hn::AndNot(v_was_zero, hn::Gt(v_new, hn::Mul(v_old, hn::Set(df, ratio)))));
+}
+
 // One vector of the update. Undo inverts the step's operations in reverse order, recomputing
 // the step's update term from the (unchanged) new m and v, so only the final roundings of
 // p, m and v are lost (README.md "Precision and rollback tolerance"). With the step's log, lanes
@@ -295,7 +305,7 @@ template <op O, bool A, class G, class H>
 HWY_INLINE void update_vec_bf16(const G* HWY_RESTRICT grad, const float* HWY_RESTRICT gacc, float* HWY_RESTRICT p,
                                 uint16_t* HWY_RESTRICT m, uint16_t* HWY_RESTRICT v, H* HWY_RESTRICT half_out,
                                 const step_scalars& s, bool stream, sq_acc& acc, size_t index,
-                                hn::Vec<du_t> lanes) {
+                                hn::Vec<du_t> lanes, size_t offset, std::vector<undo_entry>* log) {
   const df_t df;
   const du_t du;
   const hn::Rebind<uint16_t, df_t> d16;
@@ -308,8 +318,14 @@ HWY_INLINE void update_vec_bf16(const G* HWY_RESTRICT grad, const float* HWY_RES
   if constexpr (O != op::op_step) {
     const auto g = hn::Mul(gr, hn::Set(df, s.mult));
     P = hn::Div(hn::Add(P, update_term(M, V, s)), decay);
+    const auto v_new = V;
     M = hn::Div(hn::Sub(M, hn::Mul(c1, g)), b1);
     V = hn::Max(hn::Div(hn::Sub(V, hn::Mul(c2, hn::Mul(g, g))), b2), hn::Zero(df));
+    if (s.zero_ratio > 0) {  // with the step's log: far below v' means m = v = 0 before
+      const auto was_zero = hn::Lt(V, hn::Mul(v_new, hn::Set(df, s.zero_ratio)));
+      M = hn::IfThenZeroElse(was_zero, M);
+      V = hn::IfThenZeroElse(was_zero, V);
+    }
     const auto mq = bf16_rne(M), vq = bf16_rne(V);
     if constexpr (O == op::op_undo) {
       hn::StoreU(mq, d16, m);
@@ -321,8 +337,13 @@ HWY_INLINE void update_vec_bf16(const G* HWY_RESTRICT grad, const float* HWY_RES
   if constexpr (O != op::op_undo) {
     const auto g = hn::Mul(gr, hn::Set(df, O == op::op_redo ? s.new_mult : s.mult));
     acc.add(g);
+    const auto m_old = M, v_old = V;
     M = hn::MulAdd(b1, M, hn::Mul(c1, g));
     V = hn::MulAdd(b2, V, hn::Mul(c2, hn::Mul(g, g)));
+    if (O == op::op_step && s.log_ratio > 0) {
+      const auto ill = ill_lanes(m_old, v_old, V, s.log_ratio);
+      if (!hn::AllFalse(df, ill)) log_lanes(ill, m_old, v_old, offset, log);
+    }
     const auto r = mix32_vec(hn::Add(lanes, hn::Set(du, uint32_t(index) + s.sr_key)));
     const auto mq = bf16_sr_vec(M, r), vq = bf16_sr_vec(V, hn::ShiftRight<16>(r));
     hn::StoreU(mq, d16, m);
@@ -334,7 +355,8 @@ HWY_INLINE void update_vec_bf16(const G* HWY_RESTRICT grad, const float* HWY_RES
 }
 
 template <op O, bool A, class G, class H>
-grad_stats update_range_bf16(const chunk_ref& c, const step_scalars& s, size_t begin, size_t end) {
+grad_stats update_range_bf16(const chunk_ref& c, const step_scalars& s, size_t begin, size_t end,
+                             std::vector<undo_entry>* log) {
   sq_acc acc;
   const size_t N = hn::Lanes(df_t());
   const G* grad = static_cast<const G*>(c.grad);
@@ -347,7 +369,7 @@ grad_stats update_range_bf16(const chunk_ref& c, const step_scalars& s, size_t b
   size_t i = begin;
   for (; i + N <= end; i += N) {
     update_vec_bf16<O, A>(grad + i, A ? gacc + i : nullptr, c.param + i, cm + i, cv + i,
-                          half_out ? half_out + i : nullptr, s, s.stream_half, acc, i, lanes);
+                          half_out ? half_out + i : nullptr, s, s.stream_half, acc, i, lanes, i - begin, log);
   }
   if (s.stream_half && half_out) hwy::FlushStream();
   if (i == end) return grad_stats{acc.sum(), 0};
@@ -362,7 +384,7 @@ grad_stats update_range_bf16(const chunk_ref& c, const step_scalars& s, size_t b
   std::memcpy(tg, grad + i, r * sizeof(G));
   if constexpr (A) std::memcpy(ta, gacc + i, r * 4);
   update_vec_bf16<O, A>(tg, ta, tp, tm, tv, std::is_same_v<H, no_half> ? nullptr : reinterpret_cast<H*>(th), s,
-                        false, acc, i, lanes);
+                        false, acc, i, lanes, i - begin, log);
   std::memcpy(c.param + i, tp, r * 4);
   std::memcpy(cm + i, tm, r * 2);
   std::memcpy(cv + i, tv, r * 2);
@@ -403,10 +425,12 @@ HWY_INLINE hn::Vec<df_t> fast_sqrt(hn::Vec<df_t> r) {
   return hn::IfThenZeroElse(hn::Lt(r, hn::Set(df, 7.8886e-31f)), hn::Mul(r, y));
 }
 
-// round(levels * (|x| inv_a)^(1/4)), clamped to levels, with x's sign. The fourth root is two
+// round(levels * (|x| inv_a)^(1/4)), clamped to levels, with x's sign (v: at least 1 where
+// positive, moment_codes.h encode_v). The fourth root is two
 // square roots (exact, the scalar definition) or, with s.fast_roots on AVX2/AVX3, two fast_sqrt
 // (within about 1e-6 relative: a code can differ from the definition only where the level is
 // within 2e-4 of a tie).
+template <bool V>
 HWY_INLINE hn::Vec<df_t> encode_level(hn::Vec<df_t> x, float inv_a, float levels, bool fast) {
   const df_t df;
   const auto r = hn::Mul(hn::Abs(x), hn::Set(df, inv_a));
@@ -417,6 +441,7 @@ HWY_INLINE hn::Vec<df_t> encode_level(hn::Vec<df_t> x, float inv_a, float levels
   const auto root = fast ? fast_sqrt(fast_sqrt(r)) : hn::Sqrt(hn::Sqrt(r));
 #endif
   const auto q = hn::Min(hn::Round(hn::Mul(hn::Set(df, levels), root)), hn::Set(df, levels));
+  if constexpr (V) return hn::Max(q, hn::IfThenElseZero(hn::Gt(r, hn::Zero(df)), hn::Set(df, 1.0f)));
   return hn::IfThenElse(hn::Lt(x, hn::Zero(df)), hn::Neg(q), q);
 }
 
@@ -474,7 +499,7 @@ HWY_INLINE void store_half_lanes(hn::Vec<df_t> x, H* HWY_RESTRICT p, size_t coun
 // scales, stores the codes, and (step) updates p from the decoded stored values.
 template <op O, bool A, class G, class H>
 HWY_NOINLINE void update_qblock(const chunk_ref& c, const step_scalars& s, size_t b, size_t e, bool stream,
-                                sq_acc& acc) {
+                                sq_acc& acc, size_t begin, std::vector<undo_entry>* log, const float* old_scales) {
   static_assert(O != op::op_redo, "int8 redo runs as undo then step");
   const df_t df;
   const size_t N = hn::Lanes(df);
@@ -507,22 +532,30 @@ HWY_NOINLINE void update_qblock(const chunk_ref& c, const step_scalars& s, size_
       V = hn::Max(hn::Div(hn::Sub(V, hn::Mul(c2, hn::Mul(g, g))), b2), hn::Zero(df));
     } else {
       acc.add(g);
+      const auto m_old = M, v_old = V;
       M = hn::MulAdd(b1, M, hn::Mul(c1, g));
       V = hn::MulAdd(b2, V, hn::Mul(c2, hn::Mul(g, g)));
+      if (s.log_ratio > 0) {
+        const auto ill = ill_lanes(m_old, v_old, V, s.log_ratio);
+        if (!hn::AllFalse(df, ill)) log_lanes(ill, m_old, v_old, i - begin, log);
+      }
     }
     hn::Store(M, df, bm + (i - b));
     hn::Store(V, df, bv + (i - b));
     max_m = hn::Max(max_m, hn::Abs(M));
     max_v = hn::Max(max_v, V);
   }
-  const float am = hn::GetLane(hn::MaxOfLanes(df, max_m)), av = hn::GetLane(hn::MaxOfLanes(df, max_v));
+  // Undo with the step's log re-encodes against the scales before the step (what the logged
+  // elements' old codes were coded with), not the maxima of the inverted values.
+  const float am = old_scales ? old_scales[0] : hn::GetLane(hn::MaxOfLanes(df, max_m));
+  const float av = old_scales ? old_scales[1] : hn::GetLane(hn::MaxOfLanes(df, max_v));
   c.m_scale[qi] = am;
   c.v_scale[qi] = av;
   const float im = codes::inv_scale(am), iv = codes::inv_scale(av), sqrt_av = std::sqrt(av);
   for (size_t i = b; i < e; i += N) {
     const size_t n = std::min(N, e - i);
-    const auto cm = encode_level(hn::Load(df, bm + (i - b)), im, codes::k_m_levels, s.fast_roots);
-    const auto cv = encode_level(hn::Load(df, bv + (i - b)), iv, codes::k_v_levels, s.fast_roots);
+    const auto cm = encode_level<false>(hn::Load(df, bm + (i - b)), im, codes::k_m_levels, s.fast_roots);
+    const auto cv = encode_level<true>(hn::Load(df, bv + (i - b)), iv, codes::k_v_levels, s.fast_roots);
     store_codes(cm, qm + i, n);
     store_codes(cv, qv + i, n);
     if constexpr (O == op::op_step) {
@@ -535,11 +568,14 @@ HWY_NOINLINE void update_qblock(const chunk_ref& c, const step_scalars& s, size_
 }
 
 template <op O, bool A, class G, class H>
-grad_stats update_range_int8(const chunk_ref& c, const step_scalars& s, size_t begin, size_t end) {
+grad_stats update_range_int8(const chunk_ref& c, const step_scalars& s, size_t begin, size_t end,
+                             std::vector<undo_entry>* log) {
   sq_acc acc;
   if constexpr (O != op::op_redo) {
-    for (size_t b = begin; b < end; b += k_quant_block)
-      update_qblock<O, A, G, H>(c, s, b, std::min(end, b + k_quant_block), s.stream_half, acc);
+    for (size_t b = begin; b < end; b += k_quant_block) {
+      const float* old = s.old_scales ? s.old_scales + 2 * ((b - begin) / k_quant_block) : nullptr;
+      update_qblock<O, A, G, H>(c, s, b, std::min(end, b + k_quant_block), s.stream_half, acc, begin, log, old);
+    }
     if (s.stream_half && c.half_out) hwy::FlushStream();
   }
   return grad_stats{acc.sum(), 0};
@@ -549,8 +585,8 @@ template <op O, bool A, class G, class H>
 grad_stats update_k(const chunk_ref& c, const step_scalars& s, size_t b, size_t e, std::vector<undo_entry>* log) {
   switch (c.moments) {
     case moments_kind::f32: return update_range<O, A, G, H>(c, s, b, e, log);
-    case moments_kind::bf16: return update_range_bf16<O, A, G, H>(c, s, b, e);
-    case moments_kind::int8: return update_range_int8<O, A, G, H>(c, s, b, e);
+    case moments_kind::bf16: return update_range_bf16<O, A, G, H>(c, s, b, e, log);
+    case moments_kind::int8: return update_range_int8<O, A, G, H>(c, s, b, e, log);
   }
   return {};
 }

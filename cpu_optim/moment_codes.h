@@ -12,8 +12,8 @@
 //         v as uint8 q = round(255 (v/A)^(1/4)), value A (q/255)^4. The fourth root spreads the
 //         255 levels over about 10 decades of v (the smallest non-zero v is A·2^-36) and the
 //         relative step is 4/q (1.6% at the top of m's range), so small second moments keep their
-//         magnitude and m/sqrt(v) stays bounded. A block whose largest value is subnormal is
-//         stored as zeros.
+//         magnitude and m/sqrt(v) stays bounded; a positive v codes to at least 1. A block whose
+//         largest value is subnormal is stored as zeros.
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -66,8 +66,13 @@ inline float decode_m(int8_t q, float a) {
   return q < 0 ? -x : x;
 }
 
+// A positive v never codes to 0 (unless its block is flushed): the smallest level is A 2^-32,
+// which keeps m/sqrt(v) bounded where m survives beside a large block maximum and v = (1-b2) g^2
+// would fall below the range (v underflowing while m does not would make the update m/eps).
 inline uint8_t encode_v(float x, float inv_a) {
-  return static_cast<uint8_t>(code_level(x * inv_a, k_v_levels));
+  const float r = x * inv_a;
+  const float q = code_level(r, k_v_levels);
+  return static_cast<uint8_t>(q == 0 && r > 0 ? 1.0f : q);
 }
 inline float decode_v(uint8_t q, float a) {
   const float t = static_cast<float>(q) * k_inv_v_levels;
