@@ -59,9 +59,9 @@ cpu_optim::grad_stats optimizer_path::stats(int64_t u, double mult) {
 }
 
 cpu_optim::grad_stats optimizer_path::step(int64_t u, double mult, const cpu_optim::adamw_hparams& hp, int64_t step,
-                                           cpu_optim::undo_log* log) {
+                                           cpu_optim::undo_log* log, bool finite_known) {
   state_lease s(store_.state(), u, true);
-  cpu_optim::grad_stats st = adam_->step(chunk(u, *s), hp, step, float(mult), log);
+  cpu_optim::grad_stats st = adam_->step(chunk(u, *s), hp, step, float(mult), log, finite_known);
   refresh_f32_shadow(u, *s);
   return st;
 }

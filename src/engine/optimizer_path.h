@@ -27,8 +27,10 @@ class optimizer_path {
 
   // Offloaded units (update thread). mult multiplies the gradient (1/loss scale x clip).
   cpu_optim::grad_stats stats(int64_t u, double mult);
+  // finite_known: the step's statistics already showed every grad * mult finite (cpu_optim
+  // skips its pre-scan; see adamw::step).
   cpu_optim::grad_stats step(int64_t u, double mult, const cpu_optim::adamw_hparams& hp, int64_t step,
-                             cpu_optim::undo_log* log);
+                             cpu_optim::undo_log* log, bool finite_known = false);
   void undo(int64_t u, double mult, const cpu_optim::adamw_hparams& hp, int64_t step, const cpu_optim::undo_log& log);
   void redo(int64_t u, double old_mult, double new_mult, const cpu_optim::adamw_hparams& hp, int64_t step,
             const cpu_optim::undo_log& log);

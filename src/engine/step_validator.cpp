@@ -72,9 +72,11 @@ int64_t step_validator::queue_updates(const step_verdict& v, bool speculate, dou
         rec.log.clear();
       });
     } else if (!v.skipped) {
+      // Not skipped: every unit's gradient times spec_mult was finite, and final_mult <= spec_mult
+      // (clip coefficient <= 1), so the optimizer need not scan it again.
       worker.submit_update(u, [&rec, &optim, &dev, u, final_mult, hp, step] {
         dev.debug_delay();
-        rec.stats = optim.step(u, final_mult, hp, step, nullptr);
+        rec.stats = optim.step(u, final_mult, hp, step, nullptr, /*finite_known=*/true);
         rec.applied = rec.stats.nonfinite == 0;
       });
     } else {

@@ -1325,6 +1325,39 @@ TEST(engine_compact_state, one_rollback_stays_close) {
   }
 }
 
+// Every step clipped (clip_grad far below the gradient norm) under speculate=on: each step's
+// speculative update of every unit is redone with the clip coefficient, 20 times in a row. With
+// the compact undo log (cpu_optim README "Compact moments") the losses stay near the blocked
+// run's, which never speculates; the printed worst relative difference is the figure README
+// quotes.
+TEST(engine_compact_state, every_step_rolled_back_stays_close) {
+  FERRY_REQUIRE_DEVICE();
+  const int64_t steps = 20;
+  const double lr = 3e-3;
+  const auto data = cycled_data(steps);
+  for (auto kind : {state_kind::state_bf16, state_kind::state_int8}) {
+    const std::string label = std::string(state_kind_name(kind)) + " every step clipped";
+    engine_options o = base_options(k_blocked, at::kFloat);
+    o.state = kind;
+    o.clip_grad = 0.05;
+    engine_options ov = with(o, speculate_mode::speculate_on);
+    ov.mode = k_overlapped;
+    auto eb = make_engine(o), es = make_engine(ov);
+    run_result blocked, spec;
+    double worst = 0;
+    for (int64_t k = 0; k < steps; ++k) {
+      blocked.steps.push_back(eb->train_step(data[size_t(k)], lr));
+      spec.steps.push_back(es->train_step(data[size_t(k)], lr));
+      EXPECT_LT(blocked.steps.back().clip_coef, 1.0) << label << " step " << k;
+      EXPECT_EQ(spec.steps.back().rollbacks, es->params().num_units()) << label << " step " << k;
+      worst = std::max(worst, std::fabs(spec.steps.back().loss / blocked.steps.back().loss - 1));
+    }
+    std::printf("[ compact ] %s: worst |loss_spec / loss_blocked - 1| %.2e, final losses %.4f / %.4f\n", label.c_str(),
+                worst, spec.steps.back().loss, blocked.steps.back().loss);
+    expect_losses_near(spec, blocked, k_compact_loss_rel, label + ", speculative vs blocked");
+  }
+}
+
 // Activation checkpointing recomputes a block's forward (saving) just before its backward; the
 // recomputation is the training forward itself, so every mode trains bit for bit as without it,
 // with all blocks recomputed or the first one only (auto under a limit), with accumulation and
