@@ -3,15 +3,19 @@
 seed, steps) once per `optimizer_state` kind, and each kind's loss curve against fp32's.
 
   scripts/convergence.sh [--model tiny] [--device cpu] [--steps 300] [--kinds fp32,bf16,int8]
-                         [--final-tol 0.01] [--step-tol 0.03] [--out DIR] [--plot FILE.png]
+                         [--final-tol 0.02] [--step-tol 0.03] [--out DIR] [--plot FILE.png]
                          [--from-json FILE] [--ferry-set KEY=VALUE ...]
 
-Same seed and data order, so the curves are paired step by step; they differ only by the optimizer
-state's rounding. A kind passes when its final loss (the mean of the last 10 steps' losses,
-which smooths the batch-to-batch noise both curves share) is within --final-tol of fp32's, and no
-step's loss is more than --step-tol above fp32's loss at the same step. Exit 0 all pass, 1 a kind
-failed (or a run failed), 2 usage. Writes DIR/convergence.json (the curves; --from-json reads one
-back to compare or plot again, e.g. a GPU machine's run on a machine with matplotlib).
+Same seed and data order, so the curves are paired step by step and differ only by the optimizer
+state's rounding. At a training learning rate they decorrelate after some 100 steps (any
+rounding difference grows), and one small batch's loss then varies by a few percent between
+them: on the tiny model at lr 3e-3 the mean of 10 steps differed by up to 2.3% at step 300 (H100
+host, 2026-11-27), that of 25 steps by up to 1.6% (dev VM). So the rule averages: a kind passes
+when its final loss (the mean of the last 50 steps) is at most --final-tol above fp32's (a lower
+loss is no failure) and the mean of every 25-step window is at most --step-tol above fp32's mean
+over the same steps. Exit 0 all pass, 1 a kind failed (or a run failed), 2 usage. Writes
+DIR/convergence.json (the curves; --from-json reads one back to compare or plot again, e.g. a GPU
+machine's run on a machine with matplotlib).
 --plot needs matplotlib (not a dependency of ferry; only for the BENCHMARKS.md figure).
 """
 import argparse
@@ -23,7 +27,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import ferrylib as fl  # noqa: E402
 
-FINAL_WINDOW = 10
+FINAL_WINDOW = 50   # steps averaged for the final loss
+WINDOW = 25         # steps per window of the "never far above" rule
 
 
 def parse_args():
@@ -36,8 +41,8 @@ def parse_args():
     ap.add_argument("--seq", type=int, default=None, help="max_length (default: the run config's)")
     ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--kinds", default="fp32,bf16,int8")
-    ap.add_argument("--final-tol", type=float, default=0.01)
-    ap.add_argument("--step-tol", type=float, default=0.03)
+    ap.add_argument("--final-tol", type=float, default=0.02)
+    ap.add_argument("--step-tol", type=float, default=0.03, help="per 25-step window")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--out", default=None)
     ap.add_argument("--plot", default=None, metavar="FILE.png")
@@ -51,8 +56,8 @@ def parse_args():
     a.kinds = kinds
     if a.dtype is None:
         a.dtype = "fp32" if a.device == "cpu" else "fp16"
-    if a.steps < FINAL_WINDOW:
-        ap.error("--steps must be at least %d" % FINAL_WINDOW)
+    if a.steps < max(FINAL_WINDOW, WINDOW):
+        ap.error("--steps must be at least %d" % max(FINAL_WINDOW, WINDOW))
     return a
 
 
@@ -91,16 +96,18 @@ def compare(result, final_tol, step_tol):
         final = sum(losses[-FINAL_WINDOW:]) / FINAL_WINDOW
         rel = final / ref_final - 1
         worst, worst_step = 0.0, 0
-        for i, (x, y) in enumerate(zip(losses, ref)):
-            if x / y - 1 > worst:
-                worst, worst_step = x / y - 1, i + 1
+        for i in range(0, len(ref) - WINDOW + 1, WINDOW):
+            w = sum(losses[i:i + WINDOW]) / sum(ref[i:i + WINDOW]) - 1
+            if w > worst:
+                worst, worst_step = w, i + 1
         passed = kind == "fp32" or (rel <= final_tol and worst <= step_tol)
         ok = ok and passed
         rows.append([kind, "%.4f" % losses[0], "%.4f" % final, "%+.2f%%" % (100 * rel),
-                     "%+.2f%% (step %d)" % (100 * worst, worst_step), "%.1f" % r["step_ms"],
+                     "%+.2f%% (steps %d-%d)" % (100 * worst, worst_step, worst_step + WINDOW - 1) if worst_step else "none",
+                     "%.1f" % r["step_ms"],
                      "ref" if kind == "fp32" else ("ok" if passed else "FAIL")])
     head = ["state", "first loss", "final loss (mean of last %d)" % FINAL_WINDOW, "vs fp32",
-            "worst step above fp32", "step ms (median)", "status"]
+            "worst %d-step window above fp32" % WINDOW, "step ms (median)", "status"]
     return ok, fl.table(head, rows, markdown=True)
 
 
@@ -161,8 +168,8 @@ def main():
         result["model"], result["device_name"], result["offload"], result["dtype"], result["steps"], result["date"],
         result["commit"]))
     print(text)
-    print("\n%s (final loss at most %.1f%% above fp32's, no step more than %.1f%% above)" % (
-        "pass" if ok else "FAIL", 100 * a.final_tol, 100 * a.step_tol))
+    print("\n%s (final loss at most %.1f%% above fp32's, no %d-step window more than %.1f%% above)" % (
+        "pass" if ok else "FAIL", 100 * a.final_tol, WINDOW, 100 * a.step_tol))
     if a.plot:
         plot(result, a.plot)
     return 0 if ok else 1
