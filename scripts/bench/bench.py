@@ -184,8 +184,15 @@ def lower_bounds(a, cfg, rows, out, py, have_cuda):
                      a.timeout, os.path.join(out, "adamw_bound.log"))
         lb["adamw"] = dict(ok=False, error=fl.failure_reason(res, "ferry-bench-adamw"))
         try:
+            # The rows of the run's optimizer_state kind (fp32: the "f16->f16 ..." variants).
+            state = "fp32"
+            for kv in a.ferry_set:
+                if kv.startswith("optimizer_state="):
+                    state = kv.split("=", 1)[1]
+            prefix = "f16->f16" if state == "fp32" else "%s moments f16->f16" % state
             with open(j) as f:
-                recs = [r for r in json.load(f) if r["kind"] == "adamw"]
+                recs = [r for r in json.load(f) if r["kind"] == "adamw" and r["variant"].startswith(prefix)
+                        and "fast roots" not in r["variant"]]
             best = min(recs, key=lambda r: r["seconds"])
             lb["adamw"] = dict(ok=True, ms=best["seconds"] * 1e3, gparam_s=best["gparam_s"],
                                how="ferry-bench-adamw %s %s, %d threads, %d params" % (
