@@ -120,11 +120,12 @@ def plot(result, path):
         raise SystemExit("convergence: --plot needs matplotlib (pip install matplotlib); the curves are in the JSON")
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     ref = result["runs"]["fp32"]["losses"]
-    for kind, r in result["runs"].items():
+    for i, (kind, r) in enumerate(result["runs"].items()):
         steps = range(1, len(r["losses"]) + 1)
-        ax.plot(steps, r["losses"], label=kind, linewidth=1)
+        color = "C%d" % i  # the same colour for a kind in both panels
+        ax.plot(steps, r["losses"], label=kind, linewidth=1, color=color)
         if kind != "fp32":
-            ax2.plot(steps, [100 * (x / y - 1) for x, y in zip(r["losses"], ref)], label=kind, linewidth=1)
+            ax2.plot(steps, [100 * (x / y - 1) for x, y in zip(r["losses"], ref)], label=kind, linewidth=1, color=color)
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
     ax.legend()
