@@ -108,7 +108,6 @@ detail::step_scalars make_scalars(const adamw_hparams& h, int64_t step, float mu
   s.stream_half = t.stream_half && (reinterpret_cast<uintptr_t>(c.half_out) % 64 == 0);
   s.sr_key = codes::sr_key(c.seed, step);
   s.fast_roots = t.fast_roots;
-  s.prefetch = t.prefetch;
   return s;
 }
 

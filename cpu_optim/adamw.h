@@ -139,7 +139,6 @@ class undo_log {
 struct adamw_tuning {
   size_t block_size = 16384;  // elements per work item; a multiple of 64
   bool stream_half = true;    // non-temporal stores for half_out (no read-for-ownership)
-  bool prefetch = true;       // int8 moments: software prefetch across a block's two passes
   bool fast_roots = false;    // int8 moments: the codes' fourth roots from the hardware's
                               // reciprocal-square-root estimate + a Newton step (README.md; not
                               // faster on the H100 host's Xeon, 2026-11-27)

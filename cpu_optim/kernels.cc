@@ -515,15 +515,8 @@ HWY_NOINLINE void update_qblock(const chunk_ref& c, const step_scalars& s, size_
   const auto b2 = hn::Set(df, s.beta2), c2 = hn::Set(df, s.one_minus_beta2);
   const auto decay = hn::Set(df, s.decay), mult = hn::Set(df, s.mult);
   auto max_m = hn::Zero(df), max_v = hn::Zero(df);
-  // Two short passes per block defeat the hardware prefetcher's stream detection, so each pass
-  // prefetches what the next one reads: pass 1 the block's p (one cache line per 16 floats), pass 2
-  // the next block's gradient and codes.
-  const size_t next = e, next_end = std::min(c.n, e + k_quant_block);
   for (size_t i = b; i < e; i += N) {
     const size_t n = std::min(N, e - i);
-    if (s.prefetch) {
-      for (size_t k = i; k < i + n; k += 16) hwy::Prefetch(c.param + k);
-    }
     auto gr = load_lanes(grad + i, n);
     if constexpr (A) gr = hn::Add(load_lanes(c.grad_acc + i, n), gr);
     const auto g = hn::Mul(gr, mult);
@@ -561,16 +554,6 @@ HWY_NOINLINE void update_qblock(const chunk_ref& c, const step_scalars& s, size_
   const float im = codes::inv_scale(am), iv = codes::inv_scale(av), sqrt_av = std::sqrt(av);
   for (size_t i = b; i < e; i += N) {
     const size_t n = std::min(N, e - i);
-    if (s.prefetch) {
-      const size_t j = next + (i - b);
-      if (j < next_end) {
-        if ((j & 63) < N) {  // codes: one line per 64 elements
-          hwy::Prefetch(qm + j);
-          hwy::Prefetch(qv + j);
-        }
-        for (size_t k = j; k < std::min(j + n, next_end); k += 64 / sizeof(G)) hwy::Prefetch(grad + k);
-      }
-    }
     const auto cm = encode_level<false>(hn::Load(df, bm + (i - b)), im, codes::k_m_levels, s.fast_roots);
     const auto cv = encode_level<true>(hn::Load(df, bv + (i - b)), iv, codes::k_v_levels, s.fast_roots);
     store_codes(cm, qm + i, n);

@@ -26,7 +26,6 @@ struct step_scalars {
                             // old state (0: plain inversion, the step kept no log)
   uint32_t sr_key;          // bf16 moments: the stochastic-rounding stream (codes::sr_key)
   bool fast_roots;          // int8 moments: fourth roots from reciprocal-square-root estimates
-  bool prefetch;             // int8 moments: software prefetch across the block's two passes
   const float* old_scales;  // int8 undo with the step's log: this work block's (m, v) scales
                             // before the step, a pair per quantization block (else null)
 };

@@ -199,11 +199,10 @@ int main(int argc, char** argv) {
           const double s = median_seconds(reps, [&] { opt.step(c, h, ++step, 1.0f, &log); });
           report({"adamw", tgt, "f16->f16 NT +undo log", nt, n, s, 28});
         }
-        for (int variant = 0; variant < 4; ++variant) {  // compact moments (int8: fast roots, no prefetch)
+        for (int variant = 0; variant < 3; ++variant) {  // compact moments (int8 with fast roots too)
           const co::moments_kind k = variant == 0 ? co::moments_kind::bf16 : co::moments_kind::int8;
           co::adamw_tuning tune;
           tune.fast_roots = variant == 2;
-          tune.prefetch = variant != 3;
           co::adamw opt(nt, tune);
           const bool b16 = k == co::moments_kind::bf16;
           co::chunk_ref c{p, b16 ? static_cast<void*>(m16) : mq, b16 ? static_cast<void*>(v16) : vq, grad,
@@ -216,7 +215,7 @@ int main(int argc, char** argv) {
           const double s = median_seconds(reps, [&] { opt.step(c, h, ++step, 1.0f); });
           // p 8, grad 2, half 2, plus the moments read and written
           const double bytes = 12.0 + 2.0 * double(co::moments_bytes(k, n)) / double(n);
-          report({"adamw", tgt, std::string(co::moments_kind_name(k)) + " moments f16->f16 NT" + (variant == 2 ? " fast roots" : variant == 3 ? " no prefetch" : ""),
+          report({"adamw", tgt, std::string(co::moments_kind_name(k)) + " moments f16->f16 NT" + (variant == 2 ? " fast roots" : ""),
                   nt, n, s, bytes});
         }
         {  // the last micro-batch fused into the step: g = acc (fp32) + grad (f16), 32 B/param
@@ -290,7 +289,6 @@ int main(int argc, char** argv) {
     else if (r.variant == "bf16 moments f16->f16 NT") kind = "bf16";
     else if (r.variant == "int8 moments f16->f16 NT") kind = "int8";
     else if (r.variant == "int8 moments f16->f16 NT fast roots") kind = "int8 (fast roots)";
-    else if (r.variant == "int8 moments f16->f16 NT no prefetch") kind = "int8 (no prefetch)";
     else continue;
     double copy = 0;
     for (const row& o : rows)
