@@ -10,7 +10,7 @@ Same seed and data order, so the curves are paired step by step and differ only 
 state's rounding. At a training learning rate they decorrelate after some 100 steps (any
 rounding difference grows), and one small batch's loss then varies by a few percent between
 them: on the tiny model at lr 3e-3 the mean of 10 steps differed by up to 2.3% at step 300 (H100
-host, 2026-11-27), that of 25 steps by up to 1.6% (dev VM). So the rule averages: a kind passes
+host, 2026-11-27), that of 25 steps by up to 2.1% (dev VM). So the rule averages: a kind passes
 when its final loss (the mean of the last 50 steps) is at most --final-tol above fp32's (a lower
 loss is no failure) and the mean of every 25-step window is at most --step-tol above fp32's mean
 over the same steps. Exit 0 all pass, 1 a kind failed (or a run failed), 2 usage. Writes
