@@ -43,7 +43,7 @@ struct resume_case {
 
 void PrintTo(const resume_case& c, std::ostream* os) { *os << c.name; }
 
-trainer_state state_of(engine::engine& e, int64_t step) {
+trainer_state saved_state(int64_t step) {
   trainer_state st;
   st.step = step;
   st.data_cursor = step;
@@ -99,7 +99,7 @@ TEST_P(checkpoint_resume, continues_bit_for_bit) {
   run_result part;
   for (int64_t k = 0; k < c.save_after; ++k) part.steps.push_back(first->train_step(data[size_t(k)], lr_at(k)));
   snapshot(*first, part);
-  const trainer_state saved = state_of(*first, c.save_after);
+  const trainer_state saved = saved_state(c.save_after);
   const std::string dir = save_checkpoint(*first, saved, d.path, 2);
 
   // a fresh engine (other random weights) loads it and goes on
@@ -227,15 +227,6 @@ void expect_same_moments(const unit_moments& got, const unit_moments& want, cons
 // Bitwise: float tensors compared as their bits (0 and -0 differ).
 bool same_bits(const at::Tensor& a, const at::Tensor& b) {
   return a.sizes() == b.sizes() && a.view(at::kInt).equal(b.view(at::kInt));
-}
-
-trainer_state saved_state(int64_t step) {
-  trainer_state st;
-  st.step = step;
-  st.data_cursor = step;
-  st.seed = 1;
-  st.model_name = "engine-test";
-  return st;
 }
 
 // Resuming with another kind converts: fp32 -> int8 gives encode(x); int8 -> fp32 gives
