@@ -153,6 +153,38 @@ HWY_NOINLINE void log_lanes(hn::Mask<df_t> ill, hn::Vec<df_t> m_old, hn::Vec<df_
   }
 }
 
+// The Adam update term from (stored) moments: lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps).
+HWY_INLINE hn::Vec<df_t> update_term(hn::Vec<df_t> M, hn::Vec<df_t> V, const step_scalars& s) {
+  const df_t df;
+  const auto denom = hn::MulAdd(hn::Sqrt(V), hn::Set(df, s.inv_sqrt_bc2), hn::Set(df, s.eps));
+  return hn::Mul(hn::Div(M, denom), hn::Set(df, s.step_size));
+}
+
+// The moments' step on g, m = b1 m + (1-b1) g and v = b2 v + (1-b2) g^2, and its inverse (v kept
+// >= 0), in every moment form (the forms round only the stored results).
+HWY_INLINE void advance_moments(hn::Vec<df_t>& M, hn::Vec<df_t>& V, hn::Vec<df_t> g, const step_scalars& s) {
+  const df_t df;
+  M = hn::MulAdd(hn::Set(df, s.beta1), M, hn::Mul(hn::Set(df, s.one_minus_beta1), g));
+  V = hn::MulAdd(hn::Set(df, s.beta2), V, hn::Mul(hn::Set(df, s.one_minus_beta2), hn::Mul(g, g)));
+}
+
+HWY_INLINE void invert_moments(hn::Vec<df_t>& M, hn::Vec<df_t>& V, hn::Vec<df_t> g, const step_scalars& s) {
+  const df_t df;
+  M = hn::Div(hn::Sub(M, hn::Mul(hn::Set(df, s.one_minus_beta1), g)), hn::Set(df, s.beta1));
+  V = hn::Max(hn::Div(hn::Sub(V, hn::Mul(hn::Set(df, s.one_minus_beta2), hn::Mul(g, g))), hn::Set(df, s.beta2)),
+              hn::Zero(df));
+}
+
+// With the step's log (s.zero_ratio > 0): lanes restored to v < zero_ratio v' had m = v = 0
+// before (any other state that far below v' was logged and is patched by the front).
+HWY_INLINE void restore_zero_state(hn::Vec<df_t>& M, hn::Vec<df_t>& V, hn::Vec<df_t> v_new, const step_scalars& s) {
+  if (s.zero_ratio > 0) {
+    const auto was_zero = hn::Lt(V, hn::Mul(v_new, hn::Set(df_t(), s.zero_ratio)));
+    M = hn::IfThenZeroElse(was_zero, M);
+    V = hn::IfThenZeroElse(was_zero, V);
+  }
+}
+
 // The lanes a step must log (adamw.h undo_log): v grew past `ratio` times a non-zero old v, or v
 // was zero while m was not.
 HWY_INLINE hn::Mask<df_t> ill_lanes(hn::Vec<df_t> m_old, hn::Vec<df_t> v_old, hn::Vec<df_t> v_new, float ratio) {
@@ -174,86 +206,31 @@ HWY_INLINE void update_vec(const G* HWY_RESTRICT grad, const float* HWY_RESTRICT
                            const step_scalars& s, bool stream, sq_acc& acc, size_t offset,
                            std::vector<undo_entry>* log) {
   const df_t df;
-  const auto b1 = hn::Set(df, s.beta1), c1 = hn::Set(df, s.one_minus_beta1);
-  const auto b2 = hn::Set(df, s.beta2), c2 = hn::Set(df, s.one_minus_beta2);
-  const auto decay = hn::Set(df, s.decay), step_size = hn::Set(df, s.step_size);
-  const auto inv_sqrt_bc2 = hn::Set(df, s.inv_sqrt_bc2), eps = hn::Set(df, s.eps);
+  const auto decay = hn::Set(df, s.decay);
   auto gr = load_f32(grad);
   if constexpr (A) gr = hn::Add(hn::LoadU(df, gacc), gr);   // accumulate()'s order and rounding
   auto P = hn::LoadU(df, p), M = hn::LoadU(df, m), V = hn::LoadU(df, v);
   if constexpr (O != op::op_step) {
-    const auto g = hn::Mul(gr, hn::Set(df, s.mult));
-    const auto denom = hn::MulAdd(hn::Sqrt(V), inv_sqrt_bc2, eps);
-    const auto u = hn::Mul(hn::Div(M, denom), step_size);
-    P = hn::Div(hn::Add(P, u), decay);
+    P = hn::Div(hn::Add(P, update_term(M, V, s)), decay);
     const auto v_new = V;
-    M = hn::Div(hn::Sub(M, hn::Mul(c1, g)), b1);
-    V = hn::Max(hn::Div(hn::Sub(V, hn::Mul(c2, hn::Mul(g, g))), b2), hn::Zero(df));
-    if (s.zero_ratio > 0) {
-      const auto was_zero = hn::Lt(V, hn::Mul(v_new, hn::Set(df, s.zero_ratio)));
-      M = hn::IfThenZeroElse(was_zero, M);
-      V = hn::IfThenZeroElse(was_zero, V);
-    }
+    invert_moments(M, V, hn::Mul(gr, hn::Set(df, s.mult)), s);
+    restore_zero_state(M, V, v_new, s);
   }
   if constexpr (O != op::op_undo) {
     const auto g = hn::Mul(gr, hn::Set(df, O == op::op_redo ? s.new_mult : s.mult));
     acc.add(g);
     const auto m_old = M, v_old = V;
-    M = hn::MulAdd(b1, M, hn::Mul(c1, g));
-    V = hn::MulAdd(b2, V, hn::Mul(c2, hn::Mul(g, g)));
+    advance_moments(M, V, g, s);
     if (O == op::op_step && s.log_ratio > 0) {
-      const auto zero = hn::Zero(df);
-      const auto v_was_zero = hn::Eq(v_old, zero);
-      const auto ill = hn::Or(hn::And(v_was_zero, hn::Ne(m_old, zero)),
-                              hn::AndNot(v_was_zero, hn::Gt(V, hn::Mul(v_old, hn::Set(df, s.log_ratio)))));
+      const auto ill = ill_lanes(m_old, v_old, V, s.log_ratio);
       if (!hn::AllFalse(df, ill)) log_lanes(ill, m_old, v_old, offset, log);
     }
-    const auto denom = hn::MulAdd(hn::Sqrt(V), inv_sqrt_bc2, eps);
-    const auto u = hn::Mul(hn::Div(M, denom), step_size);
-    P = hn::MulSub(P, decay, u);
+    P = hn::MulSub(P, decay, update_term(M, V, s));
   }
   hn::StoreU(P, df, p);
   hn::StoreU(M, df, m);
   hn::StoreU(V, df, v);
   if constexpr (!std::is_same_v<H, no_half>) store_from_f32(P, half_out, stream);
-}
-
-template <op O, bool A, class G, class H>
-grad_stats update_range(const chunk_ref& c, const step_scalars& s, size_t begin, size_t end,
-                        std::vector<undo_entry>* log) {
-  sq_acc acc;
-  const size_t N = hn::Lanes(df_t());
-  const G* grad = static_cast<const G*>(c.grad);
-  const float* gacc = c.grad_acc;
-  float* cm = static_cast<float*>(c.m);
-  float* cv = static_cast<float*>(c.v);
-  H* half_out = nullptr;
-  if constexpr (!std::is_same_v<H, no_half>) half_out = static_cast<H*>(c.half_out);
-  size_t i = begin;
-  for (; i + N <= end; i += N) {
-    update_vec<O, A>(grad + i, A ? gacc + i : nullptr, c.param + i, cm + i, cv + i,
-                     half_out ? half_out + i : nullptr, s, s.stream_half, acc, i - begin, log);
-  }
-  if (s.stream_half && half_out) hwy::FlushStream();  // order the weakly-ordered stores
-  if (i == end) return grad_stats{acc.sum(), 0};
-  // Tail: the same vector body on zero-padded stack copies (zeros stay finite through it, and
-  // a zero m, v is never logged).
-  const size_t r = end - i;
-  HWY_ALIGN_MAX float tp[k_max_lanes] = {}, tm[k_max_lanes] = {}, tv[k_max_lanes] = {}, ta[k_max_lanes] = {};
-  HWY_ALIGN_MAX G tg[k_max_lanes] = {};
-  HWY_ALIGN_MAX std::conditional_t<std::is_same_v<H, no_half>, uint16_t, H> th[k_max_lanes] = {};
-  std::memcpy(tp, c.param + i, r * 4);
-  std::memcpy(tm, cm + i, r * 4);
-  std::memcpy(tv, cv + i, r * 4);
-  std::memcpy(tg, grad + i, r * sizeof(G));
-  if constexpr (A) std::memcpy(ta, gacc + i, r * 4);
-  update_vec<O, A>(tg, ta, tp, tm, tv, std::is_same_v<H, no_half> ? nullptr : reinterpret_cast<H*>(th), s,
-                   false, acc, i - begin, log);
-  std::memcpy(c.param + i, tp, r * 4);
-  std::memcpy(cm + i, tm, r * 4);
-  std::memcpy(cv + i, tv, r * 4);
-  if constexpr (!std::is_same_v<H, no_half>) std::memcpy(half_out + i, th, r * sizeof(H));
-  return grad_stats{acc.sum(), 0};
 }
 
 // ---- Compact moments (moment_codes.h defines each operation; the lanes repeat it exactly) ----
@@ -290,13 +267,6 @@ HWY_INLINE hn::Vec<df_t> bf16_bits_to_f32(hn::Vec<hn::Rebind<uint16_t, df_t>> b)
   return hn::BitCast(df_t(), hn::ShiftLeft<16>(hn::PromoteTo(du_t(), b)));
 }
 
-// The Adam update term from (stored) moments: lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps).
-HWY_INLINE hn::Vec<df_t> update_term(hn::Vec<df_t> M, hn::Vec<df_t> V, const step_scalars& s) {
-  const df_t df;
-  const auto denom = hn::MulAdd(hn::Sqrt(V), hn::Set(df, s.inv_sqrt_bc2), hn::Set(df, s.eps));
-  return hn::Mul(hn::Div(M, denom), hn::Set(df, s.step_size));
-}
-
 // One vector with bf16 moments: the f32 update on the decoded moments, the new moments rounded
 // stochastically and the weight update computed from the rounded values (so undo recomputes it
 // exactly); undo rounds the inverted moments to nearest even. `index`: the first lane's element
@@ -309,23 +279,15 @@ HWY_INLINE void update_vec_bf16(const G* HWY_RESTRICT grad, const float* HWY_RES
   const df_t df;
   const du_t du;
   const hn::Rebind<uint16_t, df_t> d16;
-  const auto b1 = hn::Set(df, s.beta1), c1 = hn::Set(df, s.one_minus_beta1);
-  const auto b2 = hn::Set(df, s.beta2), c2 = hn::Set(df, s.one_minus_beta2);
   const auto decay = hn::Set(df, s.decay);
   auto gr = load_f32(grad);
   if constexpr (A) gr = hn::Add(hn::LoadU(df, gacc), gr);
   auto P = hn::LoadU(df, p), M = load_bf16_bits(m), V = load_bf16_bits(v);
   if constexpr (O != op::op_step) {
-    const auto g = hn::Mul(gr, hn::Set(df, s.mult));
     P = hn::Div(hn::Add(P, update_term(M, V, s)), decay);
     const auto v_new = V;
-    M = hn::Div(hn::Sub(M, hn::Mul(c1, g)), b1);
-    V = hn::Max(hn::Div(hn::Sub(V, hn::Mul(c2, hn::Mul(g, g))), b2), hn::Zero(df));
-    if (s.zero_ratio > 0) {  // with the step's log: far below v' means m = v = 0 before
-      const auto was_zero = hn::Lt(V, hn::Mul(v_new, hn::Set(df, s.zero_ratio)));
-      M = hn::IfThenZeroElse(was_zero, M);
-      V = hn::IfThenZeroElse(was_zero, V);
-    }
+    invert_moments(M, V, hn::Mul(gr, hn::Set(df, s.mult)), s);
+    restore_zero_state(M, V, v_new, s);
     const auto mq = bf16_rne(M), vq = bf16_rne(V);
     if constexpr (O == op::op_undo) {
       hn::StoreU(mq, d16, m);
@@ -338,8 +300,7 @@ HWY_INLINE void update_vec_bf16(const G* HWY_RESTRICT grad, const float* HWY_RES
     const auto g = hn::Mul(gr, hn::Set(df, O == op::op_redo ? s.new_mult : s.mult));
     acc.add(g);
     const auto m_old = M, v_old = V;
-    M = hn::MulAdd(b1, M, hn::Mul(c1, g));
-    V = hn::MulAdd(b2, V, hn::Mul(c2, hn::Mul(g, g)));
+    advance_moments(M, V, g, s);
     if (O == op::op_step && s.log_ratio > 0) {
       const auto ill = ill_lanes(m_old, v_old, V, s.log_ratio);
       if (!hn::AllFalse(df, ill)) log_lanes(ill, m_old, v_old, offset, log);
@@ -354,40 +315,60 @@ HWY_INLINE void update_vec_bf16(const G* HWY_RESTRICT grad, const float* HWY_RES
   if constexpr (!std::is_same_v<H, no_half>) store_from_f32(P, half_out, stream);
 }
 
+// One vector in the moments' form (MT: float for f32, uint16_t for bf16 bits). `index`: the first
+// lane's element index in the chunk (bf16's rounding stream); `offset`: the same relative to the
+// work block (the undo log's).
 template <op O, bool A, class G, class H>
-grad_stats update_range_bf16(const chunk_ref& c, const step_scalars& s, size_t begin, size_t end,
-                             std::vector<undo_entry>* log) {
+HWY_INLINE void update_vec_any(const G* grad, const float* gacc, float* p, float* m, float* v, H* half_out,
+                               const step_scalars& s, bool stream, sq_acc& acc, size_t /*index*/, size_t offset,
+                               hn::Vec<du_t> /*lanes*/, std::vector<undo_entry>* log) {
+  update_vec<O, A>(grad, gacc, p, m, v, half_out, s, stream, acc, offset, log);
+}
+
+template <op O, bool A, class G, class H>
+HWY_INLINE void update_vec_any(const G* grad, const float* gacc, float* p, uint16_t* m, uint16_t* v, H* half_out,
+                               const step_scalars& s, bool stream, sq_acc& acc, size_t index, size_t offset,
+                               hn::Vec<du_t> lanes, std::vector<undo_entry>* log) {
+  update_vec_bf16<O, A>(grad, gacc, p, m, v, half_out, s, stream, acc, index, lanes, offset, log);
+}
+
+// [begin, end) of a chunk with f32 (MT float) or bf16 (MT uint16_t) moments, vector by vector.
+template <op O, bool A, class G, class H, class MT>
+grad_stats update_range(const chunk_ref& c, const step_scalars& s, size_t begin, size_t end,
+                        std::vector<undo_entry>* log) {
   sq_acc acc;
   const size_t N = hn::Lanes(df_t());
   const G* grad = static_cast<const G*>(c.grad);
   const float* gacc = c.grad_acc;
-  auto* cm = static_cast<uint16_t*>(c.m);
-  auto* cv = static_cast<uint16_t*>(c.v);
+  auto* cm = static_cast<MT*>(c.m);
+  auto* cv = static_cast<MT*>(c.v);
   H* half_out = nullptr;
   if constexpr (!std::is_same_v<H, no_half>) half_out = static_cast<H*>(c.half_out);
-  const auto lanes = hn::Iota(du_t(), 0);  // (Highway's Iota goes through memory: once per range)
+  const auto lanes = hn::Iota(du_t(), 0);  // bf16's lane indices (Highway's Iota goes through memory)
   size_t i = begin;
   for (; i + N <= end; i += N) {
-    update_vec_bf16<O, A>(grad + i, A ? gacc + i : nullptr, c.param + i, cm + i, cv + i,
-                          half_out ? half_out + i : nullptr, s, s.stream_half, acc, i, lanes, i - begin, log);
+    update_vec_any<O, A>(grad + i, A ? gacc + i : nullptr, c.param + i, cm + i, cv + i,
+                         half_out ? half_out + i : nullptr, s, s.stream_half, acc, i, i - begin, lanes, log);
   }
-  if (s.stream_half && half_out) hwy::FlushStream();
+  if (s.stream_half && half_out) hwy::FlushStream();  // order the weakly-ordered stores
   if (i == end) return grad_stats{acc.sum(), 0};
+  // Tail: the same vector body on zero-padded stack copies (zeros stay finite through it, and
+  // a zero m, v is never logged).
   const size_t r = end - i;
   HWY_ALIGN_MAX float tp[k_max_lanes] = {}, ta[k_max_lanes] = {};
-  HWY_ALIGN_MAX uint16_t tm[k_max_lanes] = {}, tv[k_max_lanes] = {};
+  HWY_ALIGN_MAX MT tm[k_max_lanes] = {}, tv[k_max_lanes] = {};
   HWY_ALIGN_MAX G tg[k_max_lanes] = {};
   HWY_ALIGN_MAX std::conditional_t<std::is_same_v<H, no_half>, uint16_t, H> th[k_max_lanes] = {};
   std::memcpy(tp, c.param + i, r * 4);
-  std::memcpy(tm, cm + i, r * 2);
-  std::memcpy(tv, cv + i, r * 2);
+  std::memcpy(tm, cm + i, r * sizeof(MT));
+  std::memcpy(tv, cv + i, r * sizeof(MT));
   std::memcpy(tg, grad + i, r * sizeof(G));
   if constexpr (A) std::memcpy(ta, gacc + i, r * 4);
-  update_vec_bf16<O, A>(tg, ta, tp, tm, tv, std::is_same_v<H, no_half> ? nullptr : reinterpret_cast<H*>(th), s,
-                        false, acc, i, lanes, i - begin, log);
+  update_vec_any<O, A>(tg, ta, tp, tm, tv, std::is_same_v<H, no_half> ? nullptr : reinterpret_cast<H*>(th), s, false,
+                       acc, i, i - begin, lanes, log);
   std::memcpy(c.param + i, tp, r * 4);
-  std::memcpy(cm + i, tm, r * 2);
-  std::memcpy(cv + i, tv, r * 2);
+  std::memcpy(cm + i, tm, r * sizeof(MT));
+  std::memcpy(cv + i, tv, r * sizeof(MT));
   if constexpr (!std::is_same_v<H, no_half>) std::memcpy(half_out + i, th, r * sizeof(H));
   return grad_stats{acc.sum(), 0};
 }
@@ -511,8 +492,6 @@ HWY_NOINLINE void update_qblock(const chunk_ref& c, const step_scalars& s, size_
   if constexpr (!std::is_same_v<H, no_half>) half_out = static_cast<H*>(c.half_out);
   const size_t qi = b / k_quant_block;
   const float am_old = c.m_scale[qi], av_old = c.v_scale[qi], sqrt_av_old = std::sqrt(av_old);
-  const auto b1 = hn::Set(df, s.beta1), c1 = hn::Set(df, s.one_minus_beta1);
-  const auto b2 = hn::Set(df, s.beta2), c2 = hn::Set(df, s.one_minus_beta2);
   const auto decay = hn::Set(df, s.decay), mult = hn::Set(df, s.mult);
   auto max_m = hn::Zero(df), max_v = hn::Zero(df);
   for (size_t i = b; i < e; i += N) {
@@ -528,13 +507,11 @@ HWY_NOINLINE void update_qblock(const chunk_ref& c, const step_scalars& s, size_
       const auto P = hn::Div(hn::Add(load_lanes(c.param + i, n), term), decay);
       store_f32_lanes(P, c.param + i, n);
       store_half_lanes(P, half_out ? half_out + i : nullptr, n, false);
-      M = hn::Div(hn::Sub(M, hn::Mul(c1, g)), b1);
-      V = hn::Max(hn::Div(hn::Sub(V, hn::Mul(c2, hn::Mul(g, g))), b2), hn::Zero(df));
+      invert_moments(M, V, g, s);
     } else {
       acc.add(g);
       const auto m_old = M, v_old = V;
-      M = hn::MulAdd(b1, M, hn::Mul(c1, g));
-      V = hn::MulAdd(b2, V, hn::Mul(c2, hn::Mul(g, g)));
+      advance_moments(M, V, g, s);
       if (s.log_ratio > 0) {
         const auto ill = ill_lanes(m_old, v_old, V, s.log_ratio);
         if (!hn::AllFalse(df, ill)) log_lanes(ill, m_old, v_old, i - begin, log);
@@ -584,8 +561,8 @@ grad_stats update_range_int8(const chunk_ref& c, const step_scalars& s, size_t b
 template <op O, bool A, class G, class H>
 grad_stats update_k(const chunk_ref& c, const step_scalars& s, size_t b, size_t e, std::vector<undo_entry>* log) {
   switch (c.moments) {
-    case moments_kind::f32: return update_range<O, A, G, H>(c, s, b, e, log);
-    case moments_kind::bf16: return update_range_bf16<O, A, G, H>(c, s, b, e, log);
+    case moments_kind::f32: return update_range<O, A, G, H, float>(c, s, b, e, log);
+    case moments_kind::bf16: return update_range<O, A, G, H, uint16_t>(c, s, b, e, log);
     case moments_kind::int8: return update_range_int8<O, A, G, H>(c, s, b, e, log);
   }
   return {};
