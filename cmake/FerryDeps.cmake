@@ -23,6 +23,19 @@ else()
   message(FATAL_ERROR "sentencepiece not found: run scripts/setup.sh (installs libsentencepiece-dev or unpacks the offline bundle)")
 endif()
 
+# PCRE2 (8-bit code units) runs the Unicode pre-tokenizer patterns of HF tokenizer.json files
+# (src/io/hf_regex.cpp). Debian's libpcre2-dev; found like sentencepiece so the offline prefix works.
+find_path(PCRE2_INCLUDE_DIR pcre2.h)
+find_library(PCRE2_LIBRARY pcre2-8)
+if(PCRE2_INCLUDE_DIR AND PCRE2_LIBRARY)
+  add_library(ferry_pcre2 INTERFACE)
+  target_include_directories(ferry_pcre2 SYSTEM INTERFACE ${PCRE2_INCLUDE_DIR})
+  target_link_libraries(ferry_pcre2 INTERFACE ${PCRE2_LIBRARY})
+  target_compile_definitions(ferry_pcre2 INTERFACE PCRE2_CODE_UNIT_WIDTH=8)
+else()
+  message(FATAL_ERROR "PCRE2 not found: run scripts/setup.sh (installs libpcre2-dev or unpacks the offline bundle)")
+endif()
+
 if(FERRY_BUILD_TESTS)
   find_package(GTest REQUIRED)
   include(GoogleTest)

@@ -14,6 +14,7 @@ pkgs=(
   libhwy-dev libhwy1
   nlohmann-json3-dev
   libsentencepiece-dev libsentencepiece0
+  libpcre2-dev libpcre2-8-0 libpcre2-16-0 libpcre2-32-0 libpcre2-posix3
   libgtest-dev googletest
 )
 mkdir -p "$dest"

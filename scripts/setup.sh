@@ -33,6 +33,7 @@ declare -A need=(
   [hwy/highway.h]=libhwy-dev
   [nlohmann/json.hpp]=nlohmann-json3-dev
   [sentencepiece_processor.h]=libsentencepiece-dev
+  [pcre2.h]=libpcre2-dev
   [gtest/gtest.h]=libgtest-dev
 )
 
@@ -44,6 +45,7 @@ bundle_glob() {
     libhwy-dev) echo "libhwy*.deb" ;;
     nlohmann-json3-dev) echo "nlohmann*.deb" ;;
     libsentencepiece-dev) echo "libsentencepiece*.deb" ;;
+    libpcre2-dev) echo "libpcre2*.deb" ;;
     libgtest-dev) echo "libgtest*.deb googletest*.deb" ;;
     *) echo "$1_*.deb" ;;
   esac
