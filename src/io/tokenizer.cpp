@@ -33,6 +33,12 @@ class byte_tokenizer final : public tokenizer {
   int64_t vocab_size() const override { return k_offset + 256; }
   int32_t bos_id() const override { return 1; }
   int32_t eos_id() const override { return 2; }
+  int32_t token_id(const std::string& piece) const override {
+    if (piece == "<unk>") return 0;
+    if (piece == "<s>") return 1;
+    if (piece == "</s>") return 2;
+    return piece.size() == 1 ? k_offset + static_cast<unsigned char>(piece[0]) : -1;
+  }
   std::string name() const override { return "byte"; }
 };
 
@@ -67,6 +73,11 @@ class sp_tokenizer final : public tokenizer {
   int64_t vocab_size() const override { return sp_.GetPieceSize(); }
   int32_t bos_id() const override { return sp_.bos_id(); }
   int32_t eos_id() const override { return sp_.eos_id(); }
+  int32_t token_id(const std::string& piece) const override {
+    // PieceToId answers unk_id() for a piece it does not know.
+    const int id = sp_.PieceToId(piece);
+    return id == sp_.unk_id() && sp_.IdToPiece(id) != piece ? -1 : id;
+  }
   std::string name() const override { return "sentencepiece:" + path_; }
 
  private:

@@ -13,9 +13,11 @@ class tokenizer {
   virtual ~tokenizer() = default;
   virtual std::vector<int32_t> encode(const std::string& text) const = 0;  // thread-safe
   virtual std::string decode(const std::vector<int32_t>& ids) const = 0;
-  virtual int64_t vocab_size() const = 0;
-  virtual int32_t bos_id() const = 0;
-  virtual int32_t eos_id() const = 0;
+  virtual int64_t vocab_size() const = 0;  // 1 + the largest id
+  virtual int32_t bos_id() const = 0;      // -1 when the tokenizer has none
+  virtual int32_t eos_id() const = 0;      // -1 when the tokenizer has none
+  // Id of the vocabulary entry spelled exactly `piece` (added and special tokens included), or -1.
+  virtual int32_t token_id(const std::string& piece) const = 0;
   virtual std::string name() const = 0;
 };
 

@@ -1,7 +1,8 @@
-// Tokenizers: the byte tokenizer on UTF-8, sentencepiece trained on the system licenses, and the
-// errors for missing files and files that are not sentencepiece models.
+// Tokenizers: the byte tokenizer on UTF-8, sentencepiece trained on the system licenses, token_id,
+// and the errors for missing files and files that are not sentencepiece models.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <filesystem>
 
 #include "src/io/tokenizer.h"
@@ -58,6 +59,24 @@ TEST(sentencepiece, train_encode_decode) {
     EXPECT_EQ(tok->decode(ids), text);  // byte fallback covers characters the corpus lacks
     EXPECT_ERROR_HAS(tok->decode({5, test::k_sp_vocab}), "outside the vocabulary");
   }
+}
+
+TEST(tokenizer, token_id_of_byte_and_sentencepiece) {
+  auto byte = make_tokenizer("byte");
+  EXPECT_EQ(byte->token_id("</s>"), byte->eos_id());
+  EXPECT_EQ(byte->token_id("A"), byte->encode("A")[0]);
+  EXPECT_EQ(byte->token_id("AB"), -1);
+  const std::string& d = test::sp_model_dir();
+  if (d.empty()) GTEST_SKIP() << "/usr/share/common-licenses is absent";
+  auto sp = make_tokenizer(d);
+  EXPECT_EQ(sp->token_id("<s>"), sp->bos_id());
+  EXPECT_EQ(sp->token_id("<unk>"), 0);
+  EXPECT_EQ(sp->token_id("certainly not a piece"), -1);
+  // U+4E16 is not in the licences: byte fallback spells it with the pieces <0xE4> <0xB8> <0x96>.
+  const auto ids = sp->encode("\xE4\xB8\x96");
+  const int32_t e4 = sp->token_id("<0xE4>");
+  EXPECT_GE(e4, 0);
+  EXPECT_NE(std::find(ids.begin(), ids.end(), e4), ids.end());
 }
 
 TEST(sentencepiece, train_errors) {
