@@ -27,7 +27,7 @@ const flag_desc kFlags[] = {
     {"model", "model", nullptr, "HF model directory (config.json + safetensors) to evaluate or generate with", true},
     {"init", "init", nullptr, "HF checkpoint directory to fine-tune from", false, true},
     {"data", "data", nullptr, "training/evaluation data: files or dirs, comma-separated"},
-    {"tokenizer", "tokenizer", nullptr, "\"byte\" or a sentencepiece tokenizer.model"},
+    {"tokenizer", "tokenizer", nullptr, "\"byte\", a tokenizer.json, a sentencepiece tokenizer.model, or a directory holding one"},
     {"offload", "offload", nullptr, "none | blocked | overlapped"},
     {"offloading", "offload", "overlapped", "the request's spelling: --offload overlapped"},
     {"fp16", "dtype", "fp16", "fp16 compute with dynamic loss scaling"},

@@ -37,7 +37,7 @@ const std::vector<key_desc>& keys() {
       {"model", str_key{&run_config::model, {}}, "configs/models NAME, config.json path or HF model dir; auto = debug on a GPU, tiny on CPU"},
       {"init", str_key{&run_config::init, {}}, "HF checkpoint dir to start from (empty: random init from seed)"},
       {"data", str_key{&run_config::data, {}}, "comma-separated text/JSONL/token files or dirs; empty = embedded default corpus"},
-      {"tokenizer", str_key{&run_config::tokenizer, {}}, "\"byte\", a sentencepiece tokenizer.model, or spm:N (N pieces trained on the default corpus once)"},
+      {"tokenizer", str_key{&run_config::tokenizer, {}}, "\"byte\", an HF tokenizer.json, a sentencepiece tokenizer.model, a directory holding one, or spm:N (N pieces trained on the default corpus once)"},
       {"eval_fraction", real_key{&run_config::eval_fraction, 0, 0.5, false}, "fraction of sequences held out for evaluation"},
       {"batch_size", int_key{&run_config::batch_size, 1, 4096}, "sequences per micro-batch"},
       {"learning_rate", real_key{&run_config::learning_rate, 0, 10, true}, "peak learning rate"},

@@ -15,7 +15,7 @@ struct run_config {
   std::string model = "auto";        // configs/models NAME, a config.json, or an HF model dir; auto: debug on a GPU, tiny without
   std::string init = "";             // HF checkpoint dir to start from ("" = random init from seed)
   std::string data = "";             // comma-separated files/dirs; "" = the embedded default corpus
-  std::string tokenizer = "byte";    // "byte" or a sentencepiece tokenizer.model
+  std::string tokenizer = "byte";    // "byte", a tokenizer.json or tokenizer.model (or a dir), or spm:N
   double eval_fraction = 0.01;
   // the request's training keys
   int64_t batch_size = 1;

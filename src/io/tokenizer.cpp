@@ -9,6 +9,7 @@
 
 #include "src/common/error.h"
 #include "src/io/atomic_file.h"
+#include "src/io/hf_tokenizer.h"
 
 namespace ferry::io {
 namespace fs = std::filesystem;
@@ -123,13 +124,16 @@ class file_lines final : public sentencepiece::SentenceIterator {
 std::unique_ptr<tokenizer> make_tokenizer(const std::string& spec) {
   if (spec == "byte") return std::make_unique<byte_tokenizer>();
   std::string path = spec;
-  if (fs::is_directory(path)) {
-    path = (fs::path(spec) / "tokenizer.model").string();
-    FERRY_CHECK(fs::exists(path), "tokenizer directory ", spec,
-                " holds no tokenizer.model; pass a sentencepiece model file or --tokenizer byte");
+  std::error_code ec;
+  if (fs::is_directory(path, ec)) {
+    const fs::path json = fs::path(spec) / "tokenizer.json", model = fs::path(spec) / "tokenizer.model";
+    FERRY_CHECK(fs::exists(json, ec) || fs::exists(model, ec), "tokenizer directory ", spec,
+                " holds no tokenizer.json or tokenizer.model; pass a tokenizer file or --tokenizer byte");
+    path = (fs::exists(json, ec) ? json : model).string();
   }
-  FERRY_CHECK(fs::exists(path), "tokenizer '", spec,
-              "' not found; pass 'byte' or the path of a sentencepiece tokenizer.model");
+  FERRY_CHECK(fs::exists(path, ec), "tokenizer '", spec,
+              "' not found; pass 'byte' or the path of a tokenizer.json or sentencepiece tokenizer.model");
+  if (fs::path(path).extension() == ".json") return load_hf_tokenizer(path);
   return std::make_unique<sp_tokenizer>(path);
 }
 

@@ -1,6 +1,7 @@
 #pragma once
-// Tokenizers: a built-in byte-level one (the default) and sentencepiece models (LLaMA-1/2's
-// tokenizer.model). encode() adds no BOS/EOS; the dataset puts EOS between documents.
+// Tokenizers: a built-in byte-level one (the default), sentencepiece models (LLaMA-1/2's
+// tokenizer.model) and HF tokenizer.json files with a BPE model (Llama 3, Mistral, ...; see
+// hf_tokenizer.h). encode() adds no BOS/EOS; the dataset puts EOS between documents.
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -22,9 +23,10 @@ class tokenizer {
 };
 
 // "byte": ids 0..2 are <unk>/<s>/</s> as in LLaMA, byte b is id 3 + b, vocabulary 259; decode
-// skips the special ids. Anything else is a path to a sentencepiece tokenizer.model, or to a
-// directory holding one. Throws ferry::error for a missing or unreadable file or one that is not
-// a sentencepiece model.
+// skips the special ids. Anything else is a path: a file named *.json is read as an HF
+// tokenizer.json, any other file as a sentencepiece model; a directory is read through its
+// tokenizer.json, else its tokenizer.model (transformers' fast tokenizers also prefer
+// tokenizer.json). Throws ferry::error for a missing or unreadable file or one that is neither.
 std::unique_ptr<tokenizer> make_tokenizer(const std::string& spec);
 
 // Trains a sentencepiece BPE model (LLaMA-style: byte fallback, digits split, <unk>=0 <s>=1

@@ -1,5 +1,6 @@
 // Tokenizers: the byte tokenizer on UTF-8, sentencepiece trained on the system licenses, token_id,
-// and the errors for missing files and files that are not sentencepiece models.
+// and the errors for missing files and files that are not sentencepiece models. (HF tokenizer.json:
+// test_hf_tokenizer.cpp.)
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -34,7 +35,7 @@ TEST(byte_tokenizer, utf8_round_trip) {
 TEST(tokenizer, spec_errors) {
   scratch_dir dir;
   EXPECT_ERROR_HAS(make_tokenizer(dir / "missing.model"), "missing.model", "not found");
-  EXPECT_ERROR_HAS(make_tokenizer(dir.path()), "holds no tokenizer.model");
+  EXPECT_ERROR_HAS(make_tokenizer(dir.path()), "holds no tokenizer.json or tokenizer.model");
   test::write_bytes(dir / "bad.model", "this is not a protobuf \xff\xfe");
   EXPECT_ERROR_HAS(make_tokenizer(dir / "bad.model"), "bad.model", "is not a sentencepiece model");
 }

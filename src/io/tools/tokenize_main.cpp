@@ -17,10 +17,11 @@ const char* k_usage =
     "Tokenizes INPUTs (text files, .jsonl with a \"text\" field, llm.c or nanoGPT token files, or\n"
     "directories of them, walked recursively in sorted order) into FILE in llm.c format (256 int32\n"
     "header, magic 20240520; uint16 tokens for vocabularies up to 65536, else uint32). Documents\n"
-    "are separated by the tokenizer's EOS.\n"
+    "are separated by the tokenizer's EOS (nothing where it has none).\n"
     "\n"
-    "  --tokenizer SPEC   'byte' (default: bytes as ids 3..258) or a sentencepiece tokenizer.model\n"
-    "                     (or a directory holding one)\n"
+    "  --tokenizer SPEC   'byte' (default: bytes as ids 3..258), an HF tokenizer.json (BPE: Llama 3,\n"
+    "                     Mistral, ...), a sentencepiece tokenizer.model, or a directory holding\n"
+    "                     either (tokenizer.json first)\n"
     "  --vocab-limit N    fail if the tokenizer or a token file has ids >= N (the model's vocab_size)\n"
     "  --out FILE         output token file (written atomically)\n";
 
