@@ -140,17 +140,17 @@ std::string resolve_tokenizer(const io::run_config& cfg, const model::llama_conf
   const std::string dir = model_dir(cfg);
   std::error_code ec;
   if (!cfg.is_explicit("tokenizer") && !dir.empty()) {
-    if (fs::is_regular_file(fs::path(dir) / "tokenizer.model", ec)) {
-      spec = (fs::path(dir) / "tokenizer.model").string();
-    } else {
-      FERRY_CONFIG_CHECK(!fs::exists(fs::path(dir) / "tokenizer.json", ec), "model directory ", dir,
-                         " has tokenizer.json but no tokenizer.model; ferry reads sentencepiece models only: pass "
-                         "--tokenizer PATH/tokenizer.model (or --tokenizer byte for a byte-level model)");
+    // As transformers' fast tokenizers: tokenizer.json first, then the sentencepiece model.
+    for (const char* file : {"tokenizer.json", "tokenizer.model"}) {
+      if (fs::is_regular_file(fs::path(dir) / file, ec)) {
+        spec = (fs::path(dir) / file).string();
+        break;
+      }
     }
   }
   if (spec != "byte") {
     FERRY_CONFIG_CHECK(fs::exists(spec, ec), "tokenizer ", spec, " does not exist; pass --tokenizer with a "
-                       "sentencepiece tokenizer.model (or a directory holding one), or --tokenizer byte");
+                       "tokenizer.json or sentencepiece tokenizer.model (or a directory holding one), or --tokenizer byte");
   }
   std::unique_ptr<io::tokenizer> tok = io::make_tokenizer(spec);
   FERRY_CONFIG_CHECK(tok->vocab_size() <= mc.vocab_size, "tokenizer ", tok->name(), " has ", tok->vocab_size(),
@@ -174,8 +174,11 @@ std::vector<std::vector<int64_t>> load_prompts(const io::run_config& cfg, const 
   }
   std::vector<std::vector<int64_t>> out;
   for (size_t i = 0; i < lines.size(); ++i) {
-    std::vector<int64_t> ids{tok.bos_id()};
+    std::vector<int64_t> ids;
+    if (tok.bos_id() >= 0) ids.push_back(tok.bos_id());  // a tokenizer without BOS starts at the text
     for (int32_t t : tok.encode(lines[i])) ids.push_back(t);
+    FERRY_CONFIG_CHECK(!ids.empty(), "prompt ", i, " encodes to no tokens and tokenizer ", tok.name(),
+                       " has no BOS to start from; give a non-empty prompt");
     FERRY_CONFIG_CHECK(int64_t(ids.size()) < cfg.max_length, "prompt ", i, " has ", ids.size(),
                        " tokens (with BOS) but the context is max_length ", cfg.max_length,
                        " and at least one new token must fit; shorten the prompt or raise --max-length");

@@ -15,13 +15,14 @@
 namespace ferry::infer {
 
 // The tokenizer for a run: an explicit tokenizer key wins; otherwise the model directory's
-// tokenizer.model when present; otherwise "byte". Throws config_error when the model directory
-// ships only an HF tokenizer.json (ferry reads sentencepiece models), when the tokenizer file is
-// missing, or when its vocabulary exceeds the model's. Returns the spec make_tokenizer took.
+// tokenizer.json, else its tokenizer.model, when present; otherwise "byte". Throws config_error
+// when the tokenizer file is missing or its vocabulary exceeds the model's (ferry::error for a file
+// make_tokenizer cannot read). Returns the spec make_tokenizer took.
 std::string resolve_tokenizer(const io::run_config& cfg, const model::llama_config& mc);
 
 // Prompts from cfg.prompt, cfg.prompt_file (one per non-empty line) or the built-in default,
-// encoded as BOS + tokens. Throws config_error for a prompt longer than cfg.max_length.
+// encoded as BOS + tokens (tokens alone when the tokenizer has no BOS). Throws config_error for a
+// prompt longer than cfg.max_length, or one with no tokens at all.
 std::vector<std::vector<int64_t>> load_prompts(const io::run_config& cfg, const io::tokenizer& tok,
                                                std::vector<std::string>* texts);
 

@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 
+#include <cstdio>
 #include <fstream>
 #include <map>
 #include <memory>
@@ -325,7 +326,19 @@ TEST(infer, clear_errors) {
   io::run_config tc;
   tc.init = dir.path;
   std::ofstream(dir.path + "/tokenizer.json") << "{}";
-  EXPECT_THROW(resolve_tokenizer(tc, tiny()), ferry::config_error);   // only an HF fast tokenizer
+  EXPECT_THROW(resolve_tokenizer(tc, tiny()), ferry::error);   // the directory's tokenizer.json, unreadable
+  // A tokenizer.json without BOS (a single byte-level piece "a"): prompts start at the text, and
+  // an empty prompt has nothing to start from.
+  std::ofstream(dir.path + "/tokenizer.json")
+      << R"({"version": "1.0", "model": {"type": "BPE", "vocab": {"a": 0, "b": 1}, "merges": []}})";
+  EXPECT_EQ(resolve_tokenizer(tc, tiny()), dir.path + "/tokenizer.json");
+  auto no_bos = io::make_tokenizer(dir.path + "/tokenizer.json");
+  ASSERT_EQ(no_bos->bos_id(), -1);
+  cfg.prompt = "ab";
+  EXPECT_EQ(load_prompts(cfg, *no_bos, nullptr)[0], (std::vector<int64_t>{0, 1}));
+  cfg.prompt = "zz";  // no piece for 'z' and no unknown token: no ids at all
+  EXPECT_THROW(load_prompts(cfg, *no_bos, nullptr), ferry::config_error);
+  std::remove((dir.path + "/tokenizer.json").c_str());
   tc.tokenizer = dir.path + "/missing.model";
   tc.explicit_keys.push_back("tokenizer");
   EXPECT_THROW(resolve_tokenizer(tc, tiny()), ferry::config_error);
