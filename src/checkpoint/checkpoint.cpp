@@ -120,7 +120,15 @@ std::string save_checkpoint(engine::engine& e, const trainer_state& st, const st
     js["optimizer_state"] = engine::state_kind_name(kind);
     js["run_config"] = json::parse(st.run_config_json.empty() ? "{}" : st.run_config_json);
     io::write_file_atomic((tmp_dir / "trainer_state.json").string(), js.dump(2) + "\n");
-    if (!tokenizer_model.empty()) fs::copy_file(tokenizer_model, tmp_dir / "tokenizer.model", fs::copy_options::overwrite_existing);
+    if (!tokenizer_model.empty()) {
+      // A tokenizer.json keeps the tokenizer_config.json beside it (BOS/EOS come from there).
+      const bool hf = fs::path(tokenizer_model).extension() == ".json";
+      fs::copy_file(tokenizer_model, tmp_dir / (hf ? "tokenizer.json" : "tokenizer.model"),
+                    fs::copy_options::overwrite_existing);
+      const fs::path config = fs::path(tokenizer_model).parent_path() / "tokenizer_config.json";
+      if (hf && fs::is_regular_file(config, ec))
+        fs::copy_file(config, tmp_dir / "tokenizer_config.json", fs::copy_options::overwrite_existing);
+    }
     fsync_tree(tmp_dir);
     io::remove_tree(final_dir.string());
     fs::rename(tmp_dir, final_dir);

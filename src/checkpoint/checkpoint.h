@@ -13,6 +13,7 @@
 //   trainer_state.json                   step, loss scaler, data cursor, seed, speculation history,
 //                                        optimizer_state, the resolved run config
 //   tokenizer.model                      when training used a sentencepiece tokenizer
+//   tokenizer.json (+ tokenizer_config.json) when training used an HF tokenizer.json (and its config)
 // A checkpoint is written into ".checkpoint-<step>.tmp" beside its target, every file fsynced,
 // then renamed into place; only then is <output_dir>/latest (a one-line file naming it) replaced
 // atomically and older checkpoints beyond keep_last removed. A half-written checkpoint is never
@@ -41,7 +42,7 @@ struct trainer_state {
 // Saves engine state (waits for pending updates first). Returns the checkpoint directory. Training
 // engines only (a forward_only engine has no optimizer state: error).
 std::string save_checkpoint(engine::engine& e, const trainer_state& st, const std::string& output_dir,
-                            int64_t keep_last, const std::string& tokenizer_model = "");
+                            int64_t keep_last, const std::string& tokenizer_model = "");  // "" or its file
 
 // Resolves "latest" (or a directory) to a checkpoint directory; throws config_error when absent.
 std::string resolve_checkpoint(const std::string& spec, const std::string& output_dir);

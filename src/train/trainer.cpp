@@ -111,11 +111,13 @@ int run_training(const io::run_config& cfg, const model::llama_config& mc, const
   FERRY_CHECK(metrics.good(), "cannot write ", metrics_path, "; check output_dir");
   std::unique_ptr<io::tensorboard_writer> tb;
   if (cfg.tensorboard) tb = std::make_unique<io::tensorboard_writer>(cfg.output_dir + "/tensorboard");
-  // The resolved tokenizer (spm:N has become a path by now) travels with each checkpoint.
-  std::string sp_model = dopt.tokenizer != "byte" && fs::is_regular_file(dopt.tokenizer, ec) ? dopt.tokenizer
-                         : dopt.tokenizer != "byte" && fs::is_regular_file(dopt.tokenizer + "/tokenizer.model", ec)
-                             ? dopt.tokenizer + "/tokenizer.model"
-                             : "";
+  // The resolved tokenizer file (spm:N has become a path by now) travels with each checkpoint; a
+  // directory stands for its tokenizer.json, else its tokenizer.model, as make_tokenizer reads it.
+  std::string sp_model;
+  if (dopt.tokenizer != "byte" && fs::is_regular_file(dopt.tokenizer, ec)) sp_model = dopt.tokenizer;
+  for (const char* file : {"/tokenizer.json", "/tokenizer.model"})
+    if (dopt.tokenizer != "byte" && sp_model.empty() && fs::is_regular_file(dopt.tokenizer + file, ec))
+      sp_model = dopt.tokenizer + file;
 
   lr_schedule sched{cfg.learning_rate, cfg.warmup_steps, cfg.steps, cfg.lr_schedule, cfg.min_lr_ratio};
   const double fpt = flops_per_token(mc, T);

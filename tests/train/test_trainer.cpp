@@ -13,6 +13,8 @@
 #include "src/common/error.h"
 #include "src/engine/engine.h"
 #include "src/io/atomic_file.h"
+#include "src/io/hf_text.h"
+#include "src/io/tokenizer.h"
 #include "tests/scratch_dir.h"
 #include "src/checkpoint/checkpoint.h"
 #include "src/train/lr_schedule.h"
@@ -201,6 +203,35 @@ TEST(trainer, subword_tokenizer_is_trained_once_on_the_default_corpus_and_saved)
   bad.tokenizer = "spm:abc";
   EXPECT_THROW(run_train(bad), ferry::config_error);
   ::unsetenv("XDG_CACHE_HOME");
+}
+
+// A tokenizer.json named by its directory goes into each checkpoint with its tokenizer_config.json,
+// and the checkpoint directory then reads as the same tokenizer (EOS from the config).
+TEST(trainer, tokenizer_json_is_saved_with_its_config) {
+  scratch_dir d;
+  nlohmann::json vocab = nlohmann::json::object();  // byte-level: byte b is id b, no merges
+  for (int b = 0; b < 256; ++b) {
+    std::string piece;
+    io::hf::utf8_append(piece, io::hf::byte_char(static_cast<uint8_t>(b)));
+    vocab[piece] = b;
+  }
+  nlohmann::json tok = {{"version", "1.0"},
+                        {"added_tokens", {{{"id", 256}, {"content", "<|end|>"}, {"special", true}, {"normalized", false}}}},
+                        {"pre_tokenizer", {{"type", "ByteLevel"}, {"add_prefix_space", false}, {"use_regex", true}}},
+                        {"decoder", {{"type", "ByteLevel"}}},
+                        {"model", {{"type", "BPE"}, {"vocab", vocab}, {"merges", nlohmann::json::array()}}}};
+  fs::create_directories(d.path + "/tok");
+  io::write_file_atomic(d.path + "/tok/tokenizer.json", tok.dump());
+  io::write_file_atomic(d.path + "/tok/tokenizer_config.json", R"({"eos_token": "<|end|>"})");
+  auto c = config_for(d.path, write_corpus(d.path), 2);
+  c.tokenizer = d.path + "/tok";
+  ASSERT_EQ(run_train(c), 0);
+  const std::string ckpt = c.output_dir + "/checkpoint-000002";
+  EXPECT_EQ(io::read_file(ckpt + "/tokenizer.json"), tok.dump());
+  EXPECT_FALSE(fs::exists(ckpt + "/tokenizer.model"));
+  auto saved = io::make_tokenizer(ckpt);
+  EXPECT_EQ(saved->eos_id(), 256);
+  EXPECT_EQ(saved->encode("héllo <|end|>"), io::make_tokenizer(d.path + "/tok")->encode("héllo <|end|>"));
 }
 
 // optimizer_state: metrics.jsonl's first record of each process names the kind and its host bytes
