@@ -65,6 +65,7 @@ class param_store {
 
   void* shadow(int64_t u) const { return shadow_[u]; }    // compute dtype, what the device loads
   void* grad(int64_t u) const { return grad_[u]; }        // compute dtype (fp32 for unit 0)
+  const model::llama_config& config() const { return cfg_; }
   at::ScalarType grad_dtype(int64_t u) const { return u == embed_unit() ? at::kFloat : dtype_; }
 
   // CPU tensors aliasing the buffers above (1-D, numel of the unit). The master and moment tensors
