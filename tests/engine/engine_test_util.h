@@ -30,6 +30,17 @@ inline model::llama_config tiny_config() {
   return ::ferry::test::tiny_llama("engine-test", {97, 64, 96, 3, 4, 2, 16, 64, 1e-5});
 }
 
+// The same shape with tied input and output embeddings (Llama 3.2's tie_word_embeddings), four
+// query heads per kv head and head_dim 24, so heads * head_dim (96) != hidden_size (64).
+inline model::llama_config tied_config() {
+  model::llama_config c = tiny_config();
+  c.name = "engine-tied-test";
+  c.tie_word_embeddings = true;
+  c.num_key_value_heads = 1;
+  c.head_dim = 24;
+  return c;
+}
+
 constexpr int64_t k_batch = 2, k_seq = 16;
 
 // prefetch 1 gives two block slots for three layers, so the schedule evicts and reloads.
