@@ -174,6 +174,10 @@ void load_hf_weights(engine::engine& e, const std::string& dir) {
               "checkpoint ", dir, " has another shape (hidden ", c.hidden_size, ", layers ", c.num_hidden_layers,
               ", vocab ", c.vocab_size, ") than the model being trained (hidden ", m.hidden_size, ", layers ",
               m.num_hidden_layers, ", vocab ", m.vocab_size, "); use the checkpoint's config.json as --model-config");
+  FERRY_CHECK(c.tie_word_embeddings == m.tie_word_embeddings, "checkpoint ", dir,
+              c.tie_word_embeddings ? " ties lm_head to the embedding (tie_word_embeddings=true) but the model being trained has its own lm_head"
+                                    : " has its own lm_head.weight but the model being trained ties it to the embedding (tie_word_embeddings=true)",
+              "; use the checkpoint's config.json as --model-config");
   reader.validate_against_config();
   auto& store = e.params();
   for (const auto& p : store.named_params()) {

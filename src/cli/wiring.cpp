@@ -115,10 +115,10 @@ io::data_options data_options_for(const io::run_config& cfg, const model::llama_
 
 void print_dry_run(const io::run_config& cfg, const model::llama_config& mc, const engine::engine_options& eo) {
   std::printf("%s\n", io::to_json(cfg).c_str());
-  std::printf("model %s: %.3f B parameters (%lld layers, hidden %lld, heads %lld/%lld, head_dim %lld, vocab %lld)\n",
+  std::printf("model %s: %.3f B parameters (%lld layers, hidden %lld, heads %lld/%lld, head_dim %lld, vocab %lld%s)\n",
               mc.name.c_str(), double(mc.total_params()) / 1e9, (long long)mc.num_hidden_layers,
               (long long)mc.hidden_size, (long long)mc.num_attention_heads, (long long)mc.num_key_value_heads,
-              (long long)mc.head_dim, (long long)mc.vocab_size);
+              (long long)mc.head_dim, (long long)mc.vocab_size, mc.tie_word_embeddings ? ", tied embeddings" : "");
   engine::memory_plan p = engine::plan_memory(mc, eo, cfg.batch_size, cfg.max_length, cfg.grad_accum);
   std::printf("memory plan (offload %s, %s, batch %lld x %lld tokens%s):\n%s\n", cfg.offload.c_str(), cfg.dtype.c_str(),
               (long long)cfg.batch_size, (long long)cfg.max_length, eo.forward_only ? ", inference" : "",
@@ -146,7 +146,8 @@ void write_plan_json(const std::string& path, const io::run_config& cfg, const m
                 {"heads", mc.num_attention_heads},
                 {"kv_heads", mc.num_key_value_heads},
                 {"intermediate", mc.intermediate_size},
-                {"vocab", mc.vocab_size}};
+                {"vocab", mc.vocab_size},
+                {"tie_word_embeddings", mc.tie_word_embeddings}};   // params count a tied matrix once
   j["run"] = {{"offload", cfg.offload}, {"dtype", cfg.dtype},           {"device", cfg.device},
               {"batch", cfg.batch_size}, {"seq", cfg.max_length},       {"grad_accum", cfg.grad_accum},
               {"prefetch", cfg.prefetch}, {"gpu_mem_limit_gib", cfg.gpu_mem_limit_gib}, {"host_mem_limit_gib", cfg.host_mem_limit_gib},

@@ -22,8 +22,6 @@ std::unique_ptr<backend> make_backend(const engine_options& o) {
 }  // namespace
 
 engine::engine(const model::llama_config& cfg, const engine_options& opt) : cfg_(cfg), opt_(opt) {
-  FERRY_CONFIG_CHECK(!cfg_.tie_word_embeddings, "model ", cfg_.name,
-                     ": tie_word_embeddings=true is not supported for training; untie the checkpoint first");
   check_options(opt_);
   dev_ = make_backend(opt_);
   // What the plan must fit (activation_checkpointing=auto fits it; the host backend plans for the
@@ -165,7 +163,7 @@ step_result engine::train_step(const std::vector<at::Tensor>& micro_batches, dou
   const double mult = 1.0 / st.scaler.scale;                       // unscales the gradient
   const double grad_scale = st.scaler.scale / double(total_targets);  // what the loss's backward starts from
   const std::vector<int64_t> uses = schedule(true);
-  const int64_t L = cfg_.num_hidden_layers, h = cfg_.hidden_size, V = cfg_.vocab_size;
+  const int64_t L = cfg_.num_hidden_layers;
   const int64_t eu = store_->embed_unit(), hu = store_->head_unit();
 
   step_result r;
@@ -199,13 +197,12 @@ step_result engine::train_step(const std::vector<at::Tensor>& micro_batches, dou
     }
 
     // The loss and its backward, in chunks: no logits kept.
-    const at::Tensor& hw = pool_->acquire(hu, uses, at++);
-    at::Tensor hg = grads_->target(hu);
-    at::Tensor g_norm = hg.narrow(0, 0, h), g_lm = hg.narrow(0, h, V * h).view({V, h});
+    const model::head_weights hw = pool_->head_views(pool_->acquire(hu, uses, at++));
+    model::head_weights hg = grads_->head_views(grads_->target(hu));
     at::Tensor dx;
-    model::head_result hr = model::head_forward_backward(
-        x, hw.narrow(0, 0, h), hw.narrow(0, h, V * h).view({V, h}), labels, cfg_, opt_.ce_chunk, grad_scale, &dx, &g_norm,
-        &g_lm, grads_->accumulate_on_device(first));
+    model::head_result hr =
+        model::head_forward_backward(x, hw.norm, hw.lm_head, labels, cfg_, opt_.ce_chunk, grad_scale, &dx, &hg.norm,
+                                     &hg.lm_head, grads_->accumulate_on_device(first));
     pool_->release(hu);
     x = at::Tensor();
     loss_sum += hr.loss_sum;

@@ -7,7 +7,8 @@
 // Step, overlapped mode (ARCHITECTURE.md "The step"):
 //   forward   embed rows gathered on the host -> blocks 1..L streamed through a pool of
 //             prefetch+1 weight slots -> final norm + lm_head + chunked cross-entropy, whose
-//             backward runs at once (no logits kept)
+//             backward runs at once (no logits kept; with tied embeddings lm_head is the
+//             embedding's matrix, and its gradient is added to the embedding's on the host)
 //   backward  blocks L..1; the last units of the forward are still resident and are reused;
 //             gradients go to one of two gradient slots, then to pinned host memory on the d2h
 //             queue; the update thread waits for that copy and updates the unit

@@ -24,9 +24,9 @@ at::Tensor engine::forward_blocks(at::Tensor x, const block_fn& fn) {
 }
 
 std::pair<at::Tensor, at::Tensor> engine::head_weights() {
-  const int64_t h = cfg_.hidden_size, V = cfg_.vocab_size, hu = store_->head_unit();
-  const at::Tensor& flat = pool_->acquire(hu, {hu}, 0);
-  return {flat.narrow(0, 0, h), flat.narrow(0, h, V * h).view({V, h})};
+  const int64_t hu = store_->head_unit();
+  const model::head_weights w = pool_->head_views(pool_->acquire(hu, {hu}, 0));
+  return {w.norm, w.lm_head};
 }
 
 void engine::release_head() { pool_->release(store_->head_unit()); }

@@ -32,7 +32,7 @@ gradient_path::gradient_path(const model::llama_config& cfg, const engine_option
     return;
   }
   for (int i = 0; i < 2; ++i) block_slots_.push_back({at::empty({cfg.block_params()}, dev_opts), nullptr});
-  head_slot_.buf = at::empty({cfg.head_params()}, dev_opts);
+  head_slot_.buf = at::empty({cfg.head_slot_params()}, dev_opts);
   embed_out_ = dev.host_alloc(size_t(opt.max_batch * opt.max_seq * cfg.hidden_size) * c10::elementSize(opt.dtype));
 }
 
@@ -55,7 +55,12 @@ at::Tensor gradient_path::target(int64_t u) {
   slot& s = u == store_.head_unit() ? head_slot_ : block_slots_[next_slot_++ % block_slots_.size()];
   if (s.copied) dev_.wait(queue::queue_compute, s.copied);
   slot_of_[size_t(u)] = &s;
-  return s.buf.narrow(0, 0, store_.unit(u).numel);
+  return s.buf.narrow(0, 0, store_.grad_numel(u));
+}
+
+model::head_weights gradient_path::head_views(const at::Tensor& head_target) {
+  if (!resident() || !cfg_.tie_word_embeddings) return model::head_slot_views(head_target, cfg_);
+  return {head_target, resident_[size_t(store_.embed_unit())].view({cfg_.vocab_size, cfg_.hidden_size})};
 }
 
 host_grad gradient_path::host(int64_t u) const {
@@ -76,7 +81,7 @@ void gradient_path::send(int64_t u, bool first_micro, bool last_micro, std::func
   slot& s = *slot_of_[size_t(u)];
   event_ptr computed = dev_.record(queue::queue_compute);
   dev_.wait(queue::queue_d2h, computed);
-  const size_t bytes = size_t(store_.unit(u).numel) * c10::elementSize(opt_.dtype);
+  const size_t bytes = size_t(store_.grad_numel(u)) * c10::elementSize(opt_.dtype);
   // The host gradient buffer may still be read by the previous micro-batch's accumulation (or a
   // previous step's update) on the update thread: the copy must not overwrite it before then.
   meter_.stall_ms += worker_.wait_unit_tasks(u);
@@ -90,10 +95,16 @@ void gradient_path::send(int64_t u, bool first_micro, bool last_micro, std::func
   meter_.d2h_bytes += int64_t(bytes);
 
   event_ptr copied = s.copied;
+  const bool tied_head = u == store_.head_unit() && cfg_.tie_word_embeddings;
   queue(u,
-        [this, u, copied, acc, first_micro, last_micro, task = std::move(task)] {
+        [this, u, copied, acc, tied_head, first_micro, last_micro, task = std::move(task)] {
           copied->synchronize();
           dev_.debug_delay();
+          // The tied lm_head's gradient into the embedding's, which the scatter task adds to next.
+          if (tied_head)
+            cpu_optim::accumulate(static_cast<const char*>(store_.grad(u)) + cfg_.hidden_size * c10::elementSize(opt_.dtype),
+                                  to_optim_dtype(opt_.dtype), static_cast<float*>(store_.grad(store_.embed_unit())),
+                                  size_t(cfg_.embed_params()), first_micro);
           if (acc)
             cpu_optim::accumulate(store_.grad(u), to_optim_dtype(store_.grad_dtype(u)), acc, size_t(store_.unit(u).numel),
                                   first_micro);
@@ -108,7 +119,8 @@ void gradient_path::send_embed(const at::Tensor& dx, const at::Tensor& tokens, b
   if (resident()) {
     FERRY_ASSERT(!task, "resident gradients take no host task");
     at::Tensor g = resident_[size_t(eu)].view({cfg_.vocab_size, h});
-    model::embed_backward(dx, tokens.to(dev_.device()), g, !first_micro);
+    // Tied: the head's backward has written this micro-batch's lm_head gradient here already.
+    model::embed_backward(dx, tokens.to(dev_.device()), g, !first_micro || cfg_.tie_word_embeddings);
     return;
   }
   // The copy waits for all compute that made its source, the contiguous layout included.
@@ -129,7 +141,7 @@ void gradient_path::send_embed(const at::Tensor& dx, const at::Tensor& tokens, b
           dev_.debug_delay();
           at::Tensor rows = at::from_blob(embed_out_, {tok.numel(), h}, at::TensorOptions().dtype(opt_.dtype));
           at::Tensor grad = store_.grad_tensor(eu).view({cfg_.vocab_size, h});
-          if (first_micro) grad.zero_();
+          if (first_micro && !cfg_.tie_word_embeddings) grad.zero_();   // tied: the head's task wrote it
           grad.index_add_(0, tok.reshape({-1}), rows.to(at::kFloat));
           if (last_micro && task) task();
         },

@@ -9,6 +9,12 @@
 //       gradient is scattered into its fp32 gradient on the host the same way.
 //   resident (none)  every unit has its gradient buffer on the device; micro-batches accumulate
 //       in place (the backward's accumulate flag) and nothing moves.
+// Tied embeddings: the tied matrix has one gradient, the embedding's, summed from both uses. The
+// head's backward writes its lm_head gradient (V, h) after the norm's in the head slot; on the host
+// the head's task adds it into the embedding's fp32 gradient (it is the first to write that
+// gradient in a step, so it overwrites on the first micro-batch and the scatter task then only
+// adds), before the embedding's one update at the end of backward. Resident, the head's backward
+// writes straight into the embedding's device gradient and the embedding's backward adds to it.
 // Later: reduce-scatter across ranks before the copy, then only this rank's shard moves.
 #include <ATen/core/Tensor.h>
 
@@ -21,6 +27,7 @@
 #include "src/engine/param_store.h"
 #include "src/engine/step_meter.h"
 #include "src/engine/update_worker.h"
+#include "src/model/layout.h"
 #include "src/model/llama_config.h"
 
 namespace ferry::engine {
@@ -52,9 +59,12 @@ class gradient_path {
   // micro-batch).
   bool accumulate_on_device(bool first_micro) const { return resident() && !first_micro; }
 
-  // Where the backward writes unit u's gradient (flat, numel of the unit); the compute queue
-  // waits until the slot's previous copy to the host is done.
+  // Where the backward writes unit u's gradient (flat, param_store::grad_numel elements); the
+  // compute queue waits until the slot's previous copy to the host is done.
   at::Tensor target(int64_t u);
+  // The norm's (h) and lm_head's (V, h) gradients in target(head unit); with tied embeddings,
+  // resident, lm_head's is the embedding's gradient buffer.
+  model::head_weights head_views(const at::Tensor& head_target);
   // Unit u's gradient of this micro-batch is complete in target(u): moves it to the host and
   // queues its accumulation; on the last micro-batch, `task` runs on the update thread after it
   // (as an update of unit u's weights when `updates_weights`). Resident: nothing to move, and

@@ -50,7 +50,7 @@ memory_plan plan_forward_only(const model::llama_config& cfg, const engine_optio
     p.weight_slots = c(cfg.embed_params() * e) + cfg.num_hidden_layers * c(cfg.block_params() * e) + c(cfg.head_params() * e);
   } else {
     int64_t slots = opt.mode == offload_mode::offload_blocked ? 1 : opt.prefetch + 1;
-    p.weight_slots = slots * c(cfg.block_params() * e) + c(cfg.head_params() * e);
+    p.weight_slots = slots * c(cfg.block_params() * e) + c(cfg.head_slot_params() * e);
   }
   p.activations = 2 * c(n * h * e);
   const model::attention_path path = model::attention_path_for(cfg, opt.dtype, opt.cuda);
@@ -110,8 +110,13 @@ memory_plan plan_memory(const model::llama_config& cfg, const engine_options& op
   const int64_t e = static_cast<int64_t>(c10::elementSize(opt.dtype));
   const int64_t L = cfg.num_hidden_layers, h = cfg.hidden_size, V = cfg.vocab_size;
   const int64_t n = batch * seq;
-  const int64_t block = cfg.block_params(), head = cfg.head_params(), embed = cfg.embed_params();
+  // The head slot holds the norm and lm_head (tied: a copy of the embedding's matrix); the
+  // parameters (tied: lm_head counted once, in the embedding) are what the host and none mode keep.
+  const int64_t block = cfg.block_params(), head = cfg.head_slot_params(), embed = cfg.embed_params();
   const int64_t params = cfg.total_params();
+  // The head's pinned gradient holds a whole head slot (param_store::grad_numel): with tied
+  // embeddings its lm_head part beside the parameters.
+  const int64_t tied_grad = cfg.head_slot_params() - cfg.head_params();
 
   if (opt.mode == offload_mode::offload_none) {
     p.weight_slots = params * e;
@@ -144,9 +149,9 @@ memory_plan plan_memory(const model::llama_config& cfg, const engine_options& op
   p.host_master = state_host_bytes(cfg, p.state, false);
   p.host_moments = state_host_bytes(cfg, p.state, true) - p.host_master;
   if (what_if.state_on_disk) p.host_master = p.host_moments = 0;
-  p.host_pinned = opt.mode == offload_mode::offload_none ? 0 : params * e + (params - embed) * e;
+  p.host_pinned = opt.mode == offload_mode::offload_none ? 0 : params * e + (params - embed + tied_grad) * e;
   p.host_other = embed * 4 + 2 * n * h * e + (grad_accum > 1 ? (params - embed) * 4 : 0);
-  if (opt.mode == offload_mode::offload_none) p.host_pinned = params * e + (params - embed) * e;  // init/checkpoint copies
+  if (opt.mode == offload_mode::offload_none) p.host_pinned = params * e + (params - embed + tied_grad) * e;  // init/checkpoint copies
   p.host_total = p.host_master + p.host_moments + p.host_pinned + p.host_other;
   return p;
 }

@@ -27,12 +27,12 @@ param_store::param_store(const model::llama_config& cfg, at::ScalarType dtype, b
 
   const int64_t elem = static_cast<int64_t>(c10::elementSize(dtype));
   // One exact-size pinned block: shadows of every unit, then (with optimizer state) gradients of
-  // units 1..L+1, each rounded up to 64 bytes so every buffer starts cache-line aligned.
+  // units 1..L+1 (grad_numel), each rounded up to 64 bytes so every buffer starts cache-line aligned.
   auto round64 = [](int64_t b) { return (b + 63) / 64 * 64; };
   int64_t total = 0;
   for (size_t u = 0; u < units_.size(); ++u) {
     total += round64(units_[u].numel * elem);
-    if (u != 0 && optimizer_state_) total += round64(units_[u].numel * elem);
+    if (u != 0 && optimizer_state_) total += round64(grad_numel(int64_t(u)) * elem);
   }
   pinned_bytes_ = total;
   pinned_ = dev_.host_alloc(static_cast<size_t>(total));
@@ -47,7 +47,7 @@ param_store::param_store(const model::llama_config& cfg, at::ScalarType dtype, b
       grad_.push_back(detail::alloc_floats(n, "the embedding's fp32 gradient"));
     } else {
       grad_.push_back(cursor);
-      cursor += round64(n * elem);
+      cursor += round64(grad_numel(int64_t(u)) * elem);
     }
   }
   for (size_t u = 0; u < units_.size(); ++u)
@@ -64,6 +64,10 @@ std::vector<int64_t> param_store::unit_numels(const model::llama_config& cfg) {
   n.insert(n.end(), size_t(cfg.num_hidden_layers), cfg.block_params());
   n.push_back(cfg.head_params());
   return n;
+}
+
+int64_t param_store::grad_numel(int64_t u) const {
+  return u == head_unit() ? cfg_.head_slot_params() : units_[size_t(u)].numel;
 }
 
 int64_t param_store::total_params() const {

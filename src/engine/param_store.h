@@ -6,10 +6,15 @@
 // fp32 moments, 8 with bf16, about 6 with int8: engine_options::state). Parameters are grouped in units, each one flat buffer streamed by one copy:
 //   unit 0          the token embedding            ("model.embed_tokens.weight")
 //   units 1..L      the decoder blocks             ("model.layers.<i>.*", layout.h order)
-//   unit L+1        final norm + lm_head           ("model.norm.weight", "lm_head.weight")
+//   unit L+1        final norm + lm_head           ("model.norm.weight", "lm_head.weight"; tied: the norm)
 // The embedding's gradient is accumulated on the host in fp32 (its rows are gathered and
 // scattered on the host; the device never holds the embedding), so its grad buffer is fp32 and
 // pageable.
+// Tied embeddings (tie_word_embeddings): lm_head is the embedding's matrix, one parameter with one
+// master copy and one set of moments in unit 0; unit L+1 holds only the final norm. The head's
+// pinned gradient buffer still has room for the whole head slot (norm, then the (V, h) lm_head
+// gradient, grad_numel): the device sends it back as one copy, and the update thread adds the
+// matrix part into the embedding's fp32 gradient (gradient_path).
 // Without optimizer state (an inference engine) the store holds only the fp32 master weights (what
 // init and load write) and the pinned shadows: 4 B + 2 B per param in fp16/bf16. The tier then
 // has no moments, grad is null, and the moment and gradient tensor accessors throw.
@@ -65,6 +70,10 @@ class param_store {
 
   void* shadow(int64_t u) const { return shadow_[u]; }    // compute dtype, what the device loads
   void* grad(int64_t u) const { return grad_[u]; }        // compute dtype (fp32 for unit 0)
+  // Elements of grad(u): the unit's, except the head's, which holds a whole head slot
+  // (cfg.head_slot_params(): with tied embeddings the lm_head gradient after the norm's).
+  int64_t grad_numel(int64_t u) const;
+  const model::llama_config& config() const { return cfg_; }
   at::ScalarType grad_dtype(int64_t u) const { return u == embed_unit() ? at::kFloat : dtype_; }
 
   // CPU tensors aliasing the buffers above (1-D, numel of the unit). The master and moment tensors

@@ -22,7 +22,7 @@ weight_pool::weight_pool(const model::llama_config& cfg, const engine_options& o
     blocks_.emplace_back();
     blocks_.back().buf = at::empty({cfg.block_params()}, dev_opts);
   }
-  head_.buf = at::empty({cfg.head_params()}, dev_opts);
+  head_.buf = at::empty({cfg.head_slot_params()}, dev_opts);
   embed_in_ = dev.host_alloc(size_t(opt.max_batch * opt.max_seq * cfg.hidden_size) * c10::elementSize(opt.dtype));
 }
 
@@ -34,7 +34,10 @@ void weight_pool::refresh() {
   for (int64_t u = 0; u < int64_t(resident_.size()); ++u) resident_[size_t(u)].copy_(store_.shadow_tensor(u));
 }
 
-bool weight_pool::current(const slot& s) const { return s.unit >= 0 && s.version == worker_.queued_version(s.unit); }
+bool weight_pool::current(const slot& s) const {
+  if (s.unit < 0 || s.version != worker_.queued_version(s.unit)) return false;
+  return &s != &head_ || !cfg_.tie_word_embeddings || s.embed_version == worker_.queued_version(store_.embed_unit());
+}
 
 weight_pool::slot* weight_pool::find(int64_t u) {
   if (u == store_.head_unit()) return head_.unit == u && current(head_) ? &head_ : nullptr;
@@ -64,17 +67,33 @@ void weight_pool::load(int64_t u, const std::vector<int64_t>& uses, size_t at) {
     }
     FERRY_ASSERT(best > at, "no free weight slot for unit ", u, " (prefetch window larger than the pool)");
   }
-  // The host copy must hold this unit's latest update before it moves.
+  // The host copy must hold this unit's latest update before it moves (and, for the head of a tied
+  // model, the embedding's, whose matrix it copies as lm_head).
+  const bool tied_head = u == store_.head_unit() && cfg_.tie_word_embeddings;
+  const int64_t eu = store_.embed_unit();
   meter_.stall_ms += worker_.wait_updated(u);
+  if (tied_head) meter_.stall_ms += worker_.wait_updated(eu);
   if (target->released) dev_.wait(queue::queue_h2d, target->released);
-  const size_t bytes = size_t(store_.unit(u).numel) * c10::elementSize(opt_.dtype);
+  const size_t elem = c10::elementSize(opt_.dtype), bytes = size_t(store_.unit(u).numel) * elem;
   event_ptr t0 = meter_.timing ? dev_.record(queue::queue_h2d, true) : nullptr;
   dev_.copy_h2d(target->buf, store_.shadow(u), bytes);
+  size_t moved = bytes;
+  if (tied_head) {
+    const size_t lm = size_t(cfg_.embed_params()) * elem;
+    dev_.copy_h2d(target->buf.narrow(0, cfg_.hidden_size, cfg_.embed_params()), store_.shadow(eu), lm);
+    moved += lm;
+  }
   target->ready = dev_.record(queue::queue_h2d, meter_.timing);
   if (meter_.timing) meter_.h2d_timers.emplace_back(t0, target->ready);
-  meter_.h2d_bytes += int64_t(bytes);
+  meter_.h2d_bytes += int64_t(moved);
   target->unit = u;
   target->version = worker_.queued_version(u);
+  target->embed_version = tied_head ? worker_.queued_version(eu) : -1;
+}
+
+model::head_weights weight_pool::head_views(const at::Tensor& acquired) {
+  if (resident_.empty() || !cfg_.tie_word_embeddings) return model::head_slot_views(acquired, cfg_);
+  return {acquired, resident_[size_t(store_.embed_unit())].view({cfg_.vocab_size, cfg_.hidden_size})};
 }
 
 const at::Tensor& weight_pool::acquire(int64_t u, const std::vector<int64_t>& uses, size_t at) {

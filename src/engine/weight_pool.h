@@ -8,7 +8,9 @@
 // A unit's device copy is current while its slot holds the version the update thread has queued
 // for it (update_worker::queued_version); a load first waits for that update to have run on the
 // host. The embedding never moves as a whole: its rows are gathered on the host from the shadow
-// and sent as the layer input (embed).
+// and sent as the layer input (embed). With tied embeddings the head slot holds the final norm and
+// a copy of the embedding's matrix as lm_head, current while both units' versions are the ones it
+// was loaded at; resident, the head reads the embedding's own device buffer.
 // Later: "my shard in, then all-gather" for ranks that share the weights.
 #include <ATen/core/Tensor.h>
 
@@ -19,6 +21,7 @@
 #include "src/engine/param_store.h"
 #include "src/engine/step_meter.h"
 #include "src/engine/update_worker.h"
+#include "src/model/layout.h"
 #include "src/model/llama_config.h"
 
 namespace ferry::engine {
@@ -36,6 +39,9 @@ class weight_pool {
   // compute work that reads them is queued.
   const at::Tensor& acquire(int64_t u, const std::vector<int64_t>& uses, size_t at);
   void release(int64_t u);
+  // The final norm (h) and lm_head (V, h) in what acquire(head unit) returned; lm_head is the
+  // embedding's matrix when the model ties them.
+  model::head_weights head_views(const at::Tensor& acquired);
 
   // The embedding rows of tokens (B,T) as a (B,T,h) device tensor, the compute queue waiting for
   // them. Token ids must be in the vocabulary (the engine checks before the step changes state).
@@ -52,6 +58,7 @@ class weight_pool {
     at::Tensor buf;
     int64_t unit = -1;
     int64_t version = -1;
+    int64_t embed_version = -1;   // the head slot of a tied model: the embedding's version in it
     event_ptr ready, released;
   };
   bool current(const slot& s) const;

@@ -1,6 +1,7 @@
 #include "src/io/hf_checkpoint.h"
 
 #include <algorithm>
+#include <cstring>
 #include <filesystem>
 #include <nlohmann/json.hpp>
 #include <set>
@@ -120,7 +121,41 @@ void hf_checkpoint_reader::read_f32(const std::string& name, const std::vector<i
   convert_to_f32(file->data(*t), t->dtype.c_str(), n, dst);
 }
 
+bool hf_checkpoint_reader::same_values(const std::string& a, const std::string& b) const {
+  const auto& [fa, ta] = where_.at(a);
+  const auto& [fb, tb] = where_.at(b);
+  if (ta->shape != tb->shape) return false;
+  const size_t n = (ta->end - ta->begin) / st_dtype_size(ta->dtype);
+  if (ta->dtype == tb->dtype) return std::memcmp(fa->data(*ta), fb->data(*tb), ta->end - ta->begin) == 0;
+  // Different dtypes: compare the fp32 values, in chunks (the tensors may be large).
+  constexpr size_t k_chunk = size_t(1) << 20;
+  std::vector<float> va(std::min(n, k_chunk)), vb(va.size());
+  const size_t ea = st_dtype_size(ta->dtype), eb = st_dtype_size(tb->dtype);
+  for (size_t i = 0; i < n; i += k_chunk) {
+    const size_t m = std::min(k_chunk, n - i);
+    convert_to_f32(static_cast<const char*>(fa->data(*ta)) + i * ea, ta->dtype.c_str(), m, va.data());
+    convert_to_f32(static_cast<const char*>(fb->data(*tb)) + i * eb, tb->dtype.c_str(), m, vb.data());
+    if (std::memcmp(va.data(), vb.data(), m * sizeof(float)) != 0) return false;
+  }
+  return true;
+}
+
 void hf_checkpoint_reader::validate_against_config() const {
+  // A tied checkpoint that also stores lm_head.weight: transformers ties the two when the values
+  // are equal and unties them (a warning) when they differ; ferry loads the first kind as tied and
+  // refuses the second, which is two matrices under a config that says one.
+  const char* emb = "model.embed_tokens.weight";
+  auto readable = [&](const char* name) {
+    const std::string& d = where_.at(name).second->dtype;
+    return d == "F32" || d == "F16" || d == "BF16";
+  };
+  const bool lm_beside_tied = config_.tie_word_embeddings && contains("lm_head.weight") && contains(emb) &&
+                              readable(emb) && readable("lm_head.weight");
+  if (lm_beside_tied)
+    FERRY_CHECK(same_values("lm_head.weight", emb), "checkpoint ", dir_,
+                ": config.json sets tie_word_embeddings but lm_head.weight differs from ", emb,
+                " (transformers would untie them); set \"tie_word_embeddings\": false in ", dir_,
+                "/config.json to train them as two matrices");
   std::vector<std::string> problems;
   std::set<std::string> expected;
   for (const auto& [name, shape] : llama_tensor_names(config_)) {
@@ -138,6 +173,7 @@ void hf_checkpoint_reader::validate_against_config() const {
   }
   for (const auto& [name, loc] : where_) {
     if (expected.count(name) || is_ignored_buffer(name)) continue;
+    if (name == "lm_head.weight" && lm_beside_tied) continue;   // equal to the embedding (checked above)
     if (name == "lm_head.weight" && config_.tie_word_embeddings)
       problems.push_back("'lm_head.weight' is present but config.json sets tie_word_embeddings");
     else

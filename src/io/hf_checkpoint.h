@@ -34,9 +34,15 @@ class hf_checkpoint_reader {
   // Every LlamaForCausalLM tensor is present with the config's shape and a readable dtype,
   // lm_head.weight is absent iff tie_word_embeddings, and nothing unexpected is there (older
   // transformers' rotary_emb.inv_freq buffers are ignored). The message lists the first problems.
+  // A tied checkpoint may also store lm_head.weight if it equals model.embed_tokens.weight (as
+  // transformers, which ties such a pair); it is then ignored. One that differs is refused: a
+  // one-line error saying to set tie_word_embeddings to false.
   void validate_against_config() const;
 
  private:
+  // Whether tensors a and b (both present, readable dtypes) hold the same fp32 values.
+  bool same_values(const std::string& a, const std::string& b) const;
+
   std::string dir_;
   model::llama_config config_;
   std::vector<std::unique_ptr<safetensors_file>> shards_;

@@ -41,14 +41,19 @@ std::vector<tensor_slot> embed_layout(const llama_config& cfg) {
 }
 
 std::vector<tensor_slot> head_layout(const llama_config& cfg) {
-  FERRY_CONFIG_CHECK(!cfg.tie_word_embeddings, "model '", cfg.name,
-                     "' ties lm_head to the embedding (tie_word_embeddings=true), which ferry cannot train; "
-                     "untie it (copy model.embed_tokens.weight to lm_head.weight and set tie_word_embeddings=false)");
   std::vector<tensor_slot> s;
   int64_t off = 0;
   push(s, off, "model.norm.weight", {cfg.hidden_size});
-  push(s, off, "lm_head.weight", {cfg.vocab_size, cfg.hidden_size});
+  if (!cfg.tie_word_embeddings) push(s, off, "lm_head.weight", {cfg.vocab_size, cfg.hidden_size});
+  FERRY_ASSERT(off == cfg.head_params(), "head layout covers ", off, " elements, config says ", cfg.head_params());
   return s;
+}
+
+head_weights head_slot_views(const at::Tensor& flat, const llama_config& cfg) {
+  const int64_t h = cfg.hidden_size, V = cfg.vocab_size;
+  FERRY_ASSERT(flat.dim() == 1 && flat.is_contiguous() && flat.numel() == cfg.head_slot_params(),
+               "head slot must be 1-D contiguous with ", cfg.head_slot_params(), " elements, got ", flat.numel());
+  return {flat.narrow(0, 0, h), flat.narrow(0, h, V * h).view({V, h})};
 }
 
 at::Tensor slot_view(const at::Tensor& flat, const tensor_slot& slot) {

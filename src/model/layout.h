@@ -28,9 +28,18 @@ struct tensor_slot {
 std::vector<tensor_slot> block_layout(const llama_config& cfg);
 // {"model.embed_tokens.weight" [V,h]}.
 std::vector<tensor_slot> embed_layout(const llama_config& cfg);
-// {"model.norm.weight" [h], "lm_head.weight" [V,h]}. Throws config_error for tied embeddings,
-// which training does not support (the head's gradient would have to meet the embedding's).
+// {"model.norm.weight" [h], "lm_head.weight" [V,h]}; with tied embeddings only the norm (the head
+// reads model.embed_tokens.weight, and its gradient is added to the embedding's).
 std::vector<tensor_slot> head_layout(const llama_config& cfg);
+
+// The head's weights (or gradients) as the loss takes them: norm (h) and lm_head (V, h).
+struct head_weights {
+  at::Tensor norm;
+  at::Tensor lm_head;
+};
+// Views into a head slot buffer: 1-D, contiguous, cfg.head_slot_params() elements, the norm then
+// the lm_head matrix, whether or not the model ties it to the embedding.
+head_weights head_slot_views(const at::Tensor& flat, const llama_config& cfg);
 
 // Views into one block's flat buffer (weights or gradients).
 struct block_weights {

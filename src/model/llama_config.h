@@ -43,8 +43,12 @@ struct llama_config {
            3 * hidden_size * intermediate_size;
   }
   int64_t embed_params() const { return vocab_size * hidden_size; }
-  // Final norm plus lm_head (absent when tied to the embedding).
+  // Final norm plus lm_head (absent when tied to the embedding: the head then reads the embedding's
+  // matrix, and the parameter is counted once, in embed_params).
   int64_t head_params() const { return hidden_size + (tie_word_embeddings ? 0 : vocab_size * hidden_size); }
+  // The head's weights as a device slot holds them for the loss: the final norm, then the lm_head
+  // matrix (V, h), which is a copy of the embedding's when tied. The same in both cases.
+  int64_t head_slot_params() const { return hidden_size + vocab_size * hidden_size; }
   int64_t total_params() const { return embed_params() + num_hidden_layers * block_params() + head_params(); }
 };
 

@@ -39,7 +39,10 @@ struct resume_case {
   int64_t steps;        // steps in all
   int64_t poison_step;  // 0-based step whose gradient gets an inf (skipped step), -1 none
   state_kind kind = state_kind::state_fp32;   // optimizer_state
+  bool tied = false;    // tied_config(): lm_head is the embedding (tie_word_embeddings)
 };
+
+model::llama_config config_of(const resume_case& c) { return c.tied ? tied_config() : tiny_config(); }
 
 void PrintTo(const resume_case& c, std::ostream* os) { *os << c.name; }
 
@@ -55,7 +58,7 @@ trainer_state saved_state(int64_t step) {
 // The poison hook counts train_step calls of one engine: a resumed engine counts from the resume.
 engine_options with_poison(engine_options o, const resume_case& c, int64_t first_step) {
   if (c.poison_step < first_step) return o;
-  auto probe = make_engine(base_options(offload_mode::offload_blocked, at::kFloat));
+  auto probe = make_engine(base_options(offload_mode::offload_blocked, at::kFloat), config_of(c));
   o.debug_poison_step = c.poison_step - first_step + 1;
   o.debug_poison_unit = probe->params().block_unit(1);
   o.debug_poison_index = probe->params().unit(o.debug_poison_unit).numel / 3;
@@ -91,11 +94,12 @@ TEST_P(checkpoint_resume, continues_bit_for_bit) {
   o.scale_window = 2;   // the loss scale moves within the run (fp16)
   o.state = c.kind;
 
+  const model::llama_config cfg = config_of(c);
   // the uninterrupted run
-  run_result full = run_engine(with_poison(o, c, 0), data);
+  run_result full = run_engine(with_poison(o, c, 0), data, {}, cfg);
 
   // the first part, saved
-  auto first = make_engine(with_poison(o, c, 0));
+  auto first = make_engine(with_poison(o, c, 0), cfg);
   run_result part;
   for (int64_t k = 0; k < c.save_after; ++k) part.steps.push_back(first->train_step(data[size_t(k)], lr_at(k)));
   snapshot(*first, part);
@@ -104,7 +108,7 @@ TEST_P(checkpoint_resume, continues_bit_for_bit) {
 
   // a fresh engine (other random weights) loads it and goes on
   engine_options o2 = with_poison(o, c, c.save_after);
-  auto e = make_engine(o2);
+  auto e = make_engine(o2, cfg);
   e->params().init_random(777, 0.2);
   e->params_changed();
   const trainer_state loaded = load_checkpoint(*e, dir);
@@ -144,7 +148,8 @@ TEST_P(checkpoint_resume, continues_bit_for_bit) {
 // accumulation: 3 micro-batches per step (the fp32 accumulation buffers are not checkpointed state).
 // The compact kinds (optimizer_state bf16, int8: codes, int8 scales and the bf16 stochastic-rounding
 // stream, whose seed is fixed per unit and mixed with the step count) in the same states.
-constexpr state_kind k_bf16 = state_kind::state_bf16, k_int8 = state_kind::state_int8;
+// tied_*: the same states with tied embeddings (one parameter, saved once).
+constexpr state_kind k_fp32 = state_kind::state_fp32, k_bf16 = state_kind::state_bf16, k_int8 = state_kind::state_int8;
 INSTANTIATE_TEST_SUITE_P(
     all, checkpoint_resume,
     ::testing::Values(resume_case{"fp16_skip_before", at::kHalf, speculate_mode::speculate_on, 1.0, 1, 3, 6, 1},
@@ -156,7 +161,11 @@ INSTANTIATE_TEST_SUITE_P(
                       resume_case{"int8_state_fp16_skip_before", at::kHalf, speculate_mode::speculate_on, 1.0, 1, 3, 6, 1, k_int8},
                       resume_case{"int8_state_auto_speculating", at::kFloat, speculate_mode::speculate_auto, 0.0, 1, 10, 13, 11, k_int8},
                       resume_case{"int8_state_spec_on_clipped", at::kFloat, speculate_mode::speculate_on, 0.05, 1, 3, 5, -1, k_int8},
-                      resume_case{"bf16_state_accumulation", at::kFloat, speculate_mode::speculate_on, 1.0, 3, 2, 4, -1, k_bf16}),
+                      resume_case{"bf16_state_accumulation", at::kFloat, speculate_mode::speculate_on, 1.0, 3, 2, 4, -1, k_bf16},
+                      resume_case{"tied_fp16_skip_before", at::kHalf, speculate_mode::speculate_on, 1.0, 1, 3, 6, 1, k_fp32, true},
+                      resume_case{"tied_accumulation", at::kFloat, speculate_mode::speculate_on, 1.0, 3, 2, 4, -1, k_fp32, true},
+                      resume_case{"tied_bf16_state_auto_speculating", at::kFloat, speculate_mode::speculate_auto, 0.0, 1, 10, 13, 11, k_bf16, true},
+                      resume_case{"tied_int8_state_spec_on_clipped", at::kFloat, speculate_mode::speculate_on, 0.05, 1, 3, 5, -1, k_int8, true}),
     [](const auto& info) { return std::string(info.param.name); });
 
 // ---- optimizer_state kinds: layout, conversion on resume, errors ----
@@ -307,6 +316,44 @@ TEST(checkpoint_kinds, file_layout) {
     const auto js = nlohmann::json::parse(io::read_file(dir + "/trainer_state.json"));
     EXPECT_EQ(js.at("optimizer_state").get<std::string>(), state_kind_name(kind));
   }
+}
+
+// A tied model is saved tied: HF's layout (no lm_head.weight, tie_word_embeddings true in
+// config.json), no lm_head in optimizer.safetensors, and the saved weights load into a tied engine
+// bit for bit; an untied engine refuses them with one line, and the other way round.
+TEST(checkpoint_tied, saved_tied_and_loaded_tied) {
+  scratch_dir d;
+  engine_options o = kind_options(state_kind::state_fp32);
+  auto e = make_engine(o, tied_config());
+  e->train_step(make_data(1)[0], lr_at(0));
+  const std::string dir = save_checkpoint(*e, saved_state(1), d.path, 2);
+  for (const char* file : {"/model.safetensors", "/optimizer.safetensors"}) {
+    io::safetensors_file f(dir + file);
+    EXPECT_NE(f.find("model.embed_tokens.weight"), nullptr) << file;
+    for (const auto& t : f.tensors()) EXPECT_EQ(t.name.find("lm_head"), std::string::npos) << file << ": " << t.name;
+  }
+  const auto js = nlohmann::json::parse(io::read_file(dir + "/config.json"));
+  EXPECT_TRUE(js.at("tie_word_embeddings").get<bool>());
+
+  auto back = make_engine(o, tied_config(), 5);
+  load_hf_weights(*back, dir);
+  for (const auto& p : e->params().named_params())
+    EXPECT_TRUE(back->params().master_view(p).equal(e->params().master_view(p))) << p.name;
+
+  model::llama_config untied = tied_config();
+  untied.tie_word_embeddings = false;
+  auto other = make_engine(o, untied);
+  try {
+    load_hf_weights(*other, dir);
+    ADD_FAILURE() << "an untied model loaded a tied checkpoint";
+  } catch (const ferry::error& err) {
+    const std::string msg = err.what();
+    EXPECT_NE(msg.find("tie_word_embeddings"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("--model-config"), std::string::npos) << msg;
+    EXPECT_EQ(msg.find('\n'), std::string::npos) << msg;
+  }
+  const std::string untied_dir = save_checkpoint(*other, saved_state(2), d.path + "/untied", 2);
+  EXPECT_THROW(load_hf_weights(*back, untied_dir), ferry::error);
 }
 
 // A checkpoint whose moments are missing or do not match the kind its trainer_state.json names is

@@ -3,14 +3,16 @@
 #include <torch/nn/utils/clip_grad.h>
 #include <torch/optim/adamw.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdio>
 
 #include "tests/model/model_test_ref.h"
 
 namespace ferry::engine::test {
 namespace ref = ::ferry::model::test::ref;
 
-reference_model::reference_model(const param_store& store) {
+reference_model::reference_model(const param_store& store) : cfg(store.config()) {
   for (const auto& np : store.named_params()) {
     at::Tensor t = store.master_view(np).to(at::kDouble).clone().requires_grad_(true);
     names.push_back(np.name);
@@ -21,7 +23,7 @@ reference_model::reference_model(const param_store& store) {
 
 at::Tensor reference_model::loss_sum(const at::Tensor& tokens) const {
   const int64_t B = tokens.size(0), T = tokens.size(1) - 1;
-  const model::llama_config c = tiny_config();
+  const model::llama_config& c = cfg;
   at::Tensor inputs = tokens.narrow(1, 0, T).contiguous();
   at::Tensor labels = tokens.narrow(1, 1, T).contiguous();
   at::Tensor x = by_name.at("model.embed_tokens.weight").index_select(0, inputs.reshape({-1})).view({B, T, -1});
@@ -35,7 +37,8 @@ at::Tensor reference_model::loss_sum(const at::Tensor& tokens) const {
     x = ref::block(x, bp, c);
   }
   at::Tensor xn = ref::rmsnorm(x, by_name.at("model.norm.weight"), c.rms_norm_eps);
-  at::Tensor logits = at::matmul(xn, by_name.at("lm_head.weight").t());
+  const char* lm = c.tie_word_embeddings ? "model.embed_tokens.weight" : "lm_head.weight";
+  at::Tensor logits = at::matmul(xn, by_name.at(lm).t());
   return ref::ce_sum(logits, labels);
 }
 
@@ -120,6 +123,135 @@ reference_step reference_trainer::step(const step_data& micro_batches, double lr
   }
   ++step_index_;
   return r;
+}
+
+// ---- comparing runs ----
+
+std::string mode_label(const engine_options& o) {
+  std::string s = offload_mode_name(o.mode);
+  if (o.mode == offload_mode::offload_overlapped)
+    s += o.speculate == speculate_mode::speculate_on ? "/spec-on" : o.speculate == speculate_mode::speculate_off ? "/spec-off" : "/spec-auto";
+  return s + " " + c10::toString(o.dtype) + " clip=" + std::to_string(o.clip_grad);
+}
+
+engine_options with(engine_options o, speculate_mode s) {
+  o.speculate = s;
+  return o;
+}
+
+void expect_bit_identical(const run_result& a, const run_result& b, const std::string& what) {
+  ASSERT_EQ(a.steps.size(), b.steps.size());
+  for (size_t k = 0; k < a.steps.size(); ++k) {
+    EXPECT_EQ(a.steps[k].loss, b.steps[k].loss) << what << " step " << k;
+    EXPECT_EQ(a.steps[k].skipped, b.steps[k].skipped) << what << " step " << k;
+  }
+  for (size_t u = 0; u < a.master.size(); ++u) {
+    EXPECT_TRUE(a.master[u].equal(b.master[u])) << what << " master, unit " << u << " max diff "
+                                                 << max_abs_diff(a.master[u], b.master[u]);
+    EXPECT_TRUE(a.m[u].equal(b.m[u])) << what << " exp_avg, unit " << u;
+    EXPECT_TRUE(a.v[u].equal(b.v[u])) << what << " exp_avg_sq, unit " << u;
+    EXPECT_TRUE(a.m_scale[u].equal(b.m_scale[u])) << what << " exp_avg scales, unit " << u;
+    EXPECT_TRUE(a.v_scale[u].equal(b.v_scale[u])) << what << " exp_avg_sq scales, unit " << u;
+  }
+}
+
+trajectory_tol tolerance_for(at::ScalarType t) {
+  const double lr = lr_at(0);
+  switch (t) {
+    case at::kFloat: return {1e-4 * lr, 1e-5, 0.01, 0.05 * lr, 2e-5, 1e-4, 1e-3, 1e-3};
+    case at::kHalf: return {0.02 * lr, 1e-3, 0.05, 4 * lr, 5e-3, 2e-2, 0.1, 0.05};
+    default: return {0.1 * lr, 1e-2, 0.05, 6 * lr, 2e-2, 5e-2, 0.1, 0.35};
+  }
+}
+
+update_error update_error_of(const std::vector<at::Tensor>& got, const std::vector<at::Tensor>& want,
+                             const model::llama_config& cfg) {
+  auto e = make_engine(base_options(offload_mode::offload_blocked, at::kFloat), cfg);
+  run_result init;
+  snapshot(*e, init);
+  const auto p0 = engine_params_from(e->params(), init);
+  const auto names = e->params().named_params();
+  update_error r;
+  double num = 0, den = 0;
+  for (size_t i = 0; i < got.size(); ++i) {
+    at::Tensor dg = got[i].to(at::kDouble) - p0[i].to(at::kDouble);
+    at::Tensor dw = want[i].to(at::kDouble) - p0[i].to(at::kDouble);
+    const double n2 = (dg - dw).pow(2).sum().item<double>(), d2 = dw.pow(2).sum().item<double>();
+    num += n2;
+    den += d2;
+    if (names[i].name.find("norm") != std::string::npos) r.norms = std::max(r.norms, std::sqrt(n2 / d2));
+  }
+  r.model = std::sqrt(num / den);
+  return r;
+}
+
+double expect_tensor_close(const at::Tensor& got, const at::Tensor& want, const trajectory_tol& tol, const std::string& what) {
+  at::Tensor d = (got.to(at::kDouble) - want.to(at::kDouble)).abs();
+  at::Tensor tight = tol.atol + tol.rtol * want.to(at::kDouble).abs();
+  double outside = d.gt(tight).to(at::kDouble).mean().item<double>();
+  double worst = d.max().item<double>();
+  EXPECT_LE(worst, tol.loose) << what << ": max |dp| " << worst;
+  EXPECT_LE(outside, tol.frac) << what << ": " << outside * 100 << "% of elements outside " << tol.atol << " + "
+                               << tol.rtol << "|p| (max |dp| " << worst << ")";
+  return outside;
+}
+
+void expect_runs_close(const run_result& a, const run_result& b, const trajectory_tol& tol, const std::string& what) {
+  ASSERT_EQ(a.steps.size(), b.steps.size());
+  for (size_t k = 0; k < a.steps.size(); ++k) {
+    EXPECT_NEAR(a.steps[k].loss, b.steps[k].loss, tol.loss) << what << " step " << k;
+    EXPECT_EQ(a.steps[k].skipped, b.steps[k].skipped) << what << " step " << k;
+  }
+  double worst_frac = 0, worst_abs = 0;
+  for (size_t u = 0; u < a.master.size(); ++u) {
+    worst_frac = std::max(worst_frac, expect_tensor_close(a.master[u], b.master[u], tol, what + " unit " + std::to_string(u)));
+    worst_abs = std::max(worst_abs, max_abs_diff(a.master[u], b.master[u]));
+  }
+  std::printf("  [%s] max |dp| %.3g (%.3g lr0), %.3g%% outside the tight bound\n", what.c_str(), worst_abs,
+              worst_abs / lr_at(0), worst_frac * 100);
+}
+
+ref_run run_reference(const engine_options& o, const std::vector<step_data>& data, const poison& p,
+                      const model::llama_config& cfg) {
+  auto e = make_engine(base_options(offload_mode::offload_blocked, at::kFloat), cfg);   // only for the initial weights
+  reference_trainer t(e->params(), reference_options_for(o));
+  ref_run r;
+  for (size_t k = 0; k < data.size(); ++k) r.steps.push_back(t.step(data[k], lr_at(int64_t(k)), p));
+  for (auto& x : t.model().params) r.params.push_back(x.detach().clone());
+  return r;
+}
+
+void expect_matches_reference(const run_result& got, const ref_run& want, const engine_options& o, const std::string& what,
+                              const model::llama_config& cfg) {
+  auto tol = tolerance_for(o.dtype);
+  auto e = make_engine(base_options(offload_mode::offload_blocked, at::kFloat), cfg);
+  ASSERT_EQ(got.steps.size(), want.steps.size());
+  for (size_t k = 0; k < got.steps.size(); ++k) {
+    const step_result& g = got.steps[k];
+    const reference_step& w = want.steps[k];
+    SCOPED_TRACE(what + " step " + std::to_string(k));
+    EXPECT_EQ(g.skipped, w.skipped);
+    EXPECT_EQ(g.loss_scale, w.loss_scale);
+    if (std::isfinite(w.loss)) {
+      EXPECT_NEAR(g.loss, w.loss, tol.loss);
+    }
+    if (!w.skipped) {
+      EXPECT_NEAR(g.grad_norm, w.grad_norm, tol.norm_rel * w.grad_norm);
+      EXPECT_NEAR(g.clip_coef, w.clip_coef, tol.norm_rel);
+    }
+  }
+  auto params = engine_params_from(e->params(), got);
+  auto names = e->params().named_params();
+  double worst_frac = 0, worst_abs = 0;
+  for (size_t i = 0; i < params.size(); ++i) {
+    worst_frac = std::max(worst_frac, expect_tensor_close(params[i], want.params[i], tol, what + " " + names[i].name));
+    worst_abs = std::max(worst_abs, max_abs_diff(params[i], want.params[i]));
+  }
+  const update_error ue = update_error_of(params, want.params, cfg);
+  EXPECT_LE(ue.model, tol.update_model) << what << ": relative error of the whole update";
+  EXPECT_LE(ue.norms, tol.update_norms) << what << ": relative error of an RMSNorm weight's update";
+  std::printf("  [%s] vs reference: max |dp| %.3g (%.3g lr0), %.3g%% outside the tight bound; update error %.3g, norms %.3g\n",
+              what.c_str(), worst_abs, worst_abs / lr_at(0), worst_frac * 100, ue.model, ue.norms);
 }
 
 }  // namespace ferry::engine::test

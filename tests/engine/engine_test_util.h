@@ -8,6 +8,7 @@
 #include <ATen/Parallel.h>
 #include <gtest/gtest.h>
 
+#include <cstdio>
 #include <functional>
 #include <map>
 #include <memory>
@@ -27,6 +28,17 @@ using ::ferry::test::k_cuda_suite;
 inline model::llama_config tiny_config() {
   // vocab, hidden, intermediate, layers, heads, kv_heads, head_dim, max_positions, rms_norm_eps
   return ::ferry::test::tiny_llama("engine-test", {97, 64, 96, 3, 4, 2, 16, 64, 1e-5});
+}
+
+// The same shape with tied input and output embeddings (Llama 3.2's tie_word_embeddings), four
+// query heads per kv head and head_dim 24, so heads * head_dim (96) != hidden_size (64).
+inline model::llama_config tied_config() {
+  model::llama_config c = tiny_config();
+  c.name = "engine-tied-test";
+  c.tie_word_embeddings = true;
+  c.num_key_value_heads = 1;
+  c.head_dim = 24;
+  return c;
 }
 
 constexpr int64_t k_batch = 2, k_seq = 16;
@@ -177,7 +189,9 @@ inline double max_abs_diff(const at::Tensor& a, const at::Tensor& e) {
   return a.numel() ? (a.to(at::kDouble) - e.to(at::kDouble)).abs().max().item<double>() : 0.0;
 }
 
-// Reference model: fp64 autograd leaves initialised from an engine's master weights, HF order.
+// Reference model: fp64 autograd leaves initialised from an engine's master weights, HF order, of
+// the store's shape. With tied embeddings there is no lm_head leaf: the head reads the embedding's,
+// and autograd sums the gradients of both uses into it.
 struct reference_model {
   model::llama_config cfg;
   std::vector<std::string> names;
@@ -250,5 +264,73 @@ class reference_trainer {
 
 // The engine's final master weights as fp32 tensors by HF name, from a run_result's unit clones.
 std::vector<at::Tensor> engine_params_from(const param_store& store, const run_result& r);
+
+// ---- comparing runs (engine_test.cpp, engine_tied_test.cpp) ----
+
+// "overlapped/spec-on float clip=0.05" and the like.
+std::string mode_label(const engine_options& o);
+engine_options with(engine_options o, speculate_mode s);
+
+// Every unit's master, m and v bit-identical, and the same losses and skips.
+void expect_bit_identical(const run_result& a, const run_result& b, const std::string& what);
+
+// Two runs whose gradients differ by rounding (fp32: ~1e-6 relative; bf16/fp16: the forward is
+// rounded to 2^-8 / 2^-11 at every stored activation). AdamW normalises each element's step by
+// sqrt(v) + eps, so a gradient error dg moves p by about lr * dg / (|g| + eps) per step: tiny for
+// most elements, but up to ~lr for the few whose gradient is itself at the rounding level (there
+// the step's direction is noise). Hence two bounds on |dp|:
+//   tight: atol + rtol |p|, which all but a small fraction of each tensor's elements must meet;
+//   loose: every element within `loose` (a fraction of one step's lr, or a few steps for halves).
+// The measured worst cases are printed.
+struct trajectory_tol {
+  double atol, rtol, frac, loose, loss, norm_rel;
+  double update_model, update_norms;   // bounds of update_error (below)
+};
+// One tolerance for speculative and direct runs alike: with the undo log a redo restores m, v
+// exactly where the new moments cannot (before it, speculative runs with clipping needed 3% of
+// the elements outside the tight bound in fp32; now they show the direct runs' 0.1%).
+trajectory_tol tolerance_for(at::ScalarType t);
+
+// The element bounds above cannot see a systematic bug in half precision: over 5 steps no element
+// moves more than sum(lr) ~ 2.3 lr0, under the loose bound, and the tight bound's 1% of |p| is 5 lr0
+// for RMSNorm weights (~1). The whole update (p_final - p_init) can: its relative error
+// ||dp_got - dp_want|| / ||dp_want||, over the whole model and per RMSNorm weight (the max).
+// Measured, whole model / norms, 5 steps: correct runs fp32 2e-5 / 7e-5, fp16 0.03 / 0.008, bf16
+// 0.07-0.08 / 0.05 on the CPU and 0.074 / 0.167 on an H100 (bf16 rounds the norm weights, ~1, to
+// 2^-8 ~ 2 lr0, more than their 5-step update); in engine_reference.update_bounds_catch_real_bugs
+// (weight decay 1): no bias correction 0.47 / 0.29, no weight decay 0.13-0.15 / 0.94, 1% of the
+// elements never updated 0.10-0.12 / 0.16. The bounds sit between. got and want are by HF name
+// (engine_params_from) of a model of shape cfg, initialised by make_engine.
+struct update_error {
+  double model = 0, norms = 0;
+};
+update_error update_error_of(const std::vector<at::Tensor>& got, const std::vector<at::Tensor>& want,
+                             const model::llama_config& cfg = tiny_config());
+
+// got vs want (same shapes): every element within tol.loose, at most tol.frac of them outside
+// the tight bound. Returns the fraction outside the tight bound.
+double expect_tensor_close(const at::Tensor& got, const at::Tensor& want, const trajectory_tol& tol, const std::string& what);
+// Losses, skips and every unit's master weights of two runs within tol.
+void expect_runs_close(const run_result& a, const run_result& b, const trajectory_tol& tol, const std::string& what);
+
+// Engine vs an fp64 autograd reference trained by torch::optim::AdamW + clip_grad_norm_ (+ a
+// GradScaler emulation for fp16). Tolerances:
+// - fp32: the engine's gradients carry fp32 rounding (~1e-6 relative). AdamW normalises each
+//   element's step, so a relative gradient error e moves p by about lr*e per step, except where
+//   the gradient is itself at the rounding level (then the step direction is noise: up to 2 lr).
+//   Over 5 steps with sum(lr) = 4.6e-3 we allow |Δp| <= 1e-4 * lr0 + 1e-5 |p| and check
+//   the max measured (printed) stays far below the few-lr regime.
+// - bf16/fp16: the forward itself is rounded to 2^-8 / 2^-11 at every stored activation; we
+//   bound |Δp| by a few steps' worth of lr (an element whose gradient changes sign moves by up to
+//   2 lr per step) and the loss to 2e-2 / 5e-3.
+struct ref_run {
+  std::vector<reference_step> steps;
+  std::vector<at::Tensor> params;
+};
+// The reference trained from make_engine's initial weights of a model of shape cfg.
+ref_run run_reference(const engine_options& o, const std::vector<step_data>& data, const poison& p = {},
+                      const model::llama_config& cfg = tiny_config());
+void expect_matches_reference(const run_result& got, const ref_run& want, const engine_options& o, const std::string& what,
+                              const model::llama_config& cfg = tiny_config());
 
 }  // namespace ferry::engine::test

@@ -44,6 +44,13 @@ model::llama_config tiny() {
   c.initializer_range = k_init_range;
   return c;
 }
+// The same with lm_head tied to the embedding (Llama 3.2's tie_word_embeddings).
+model::llama_config tied() {
+  model::llama_config c = tiny();
+  c.name = "infer-tied-test";
+  c.tie_word_embeddings = true;
+  return c;
+}
 
 // fp32 on the suite's device, one block slot ahead, batches up to 4 x 64.
 engine::engine_options infer_options(engine::offload_mode mode, bool forward_only = false) {
@@ -92,7 +99,8 @@ double reference_loss(engine::engine& e, const at::Tensor& tokens) {
                        w.at(p + "mlp.gate_proj.weight"), w.at(p + "mlp.up_proj.weight"), w.at(p + "mlp.down_proj.weight")},
                    c);
   }
-  at::Tensor logits = at::matmul(ref::rmsnorm(x, w.at("model.norm.weight"), c.rms_norm_eps), w.at("lm_head.weight").t());
+  const at::Tensor& lm = w.at(c.tie_word_embeddings ? "model.embed_tokens.weight" : "lm_head.weight");
+  at::Tensor logits = at::matmul(ref::rmsnorm(x, w.at("model.norm.weight"), c.rms_norm_eps), lm.t());
   return ref::ce_sum(logits, tokens.narrow(1, 1, T)).item<double>() / double(B * T);
 }
 
@@ -127,8 +135,8 @@ TEST(infer, evaluation_loss_equals_training_forward) {
 
 // Greedy decoding with the KV cache equals the argmax of full-sequence forwards, and its logits
 // match at every step: unequal prompt lengths (per-row positions) and equal ones (shared position).
-void check_greedy_against_full(const std::vector<int64_t>& lengths) {
-  auto e = make_engine(infer_options(engine::offload_mode::offload_overlapped), tiny(), k_weights_seed, k_init_range);
+void check_greedy_against_full(const std::vector<int64_t>& lengths, const model::llama_config& cfg = tiny()) {
+  auto e = make_engine(infer_options(engine::offload_mode::offload_overlapped), cfg, k_weights_seed, k_init_range);
   auto prompts = prompts_of(lengths, 11);
   generate_options g;
   g.max_new_tokens = 10;
@@ -161,6 +169,40 @@ TEST(infer, greedy_equals_full_forward_argmax_unequal_lengths) {
 TEST(infer, greedy_equals_full_forward_argmax_equal_lengths) {
   FERRY_REQUIRE_DEVICE();
   check_greedy_against_full({7, 7, 7});
+}
+
+// Tied embeddings: the head reads the embedding's matrix (resident, or its copy in the streamed
+// head slot). Every mode, training and inference engines, evaluates the fp64 reference's loss (whose
+// head reads the embedding) and generates the same tokens and logits; greedy decoding with the KV
+// cache equals the full forward's argmax.
+TEST(infer, tied_embeddings_in_every_mode) {
+  FERRY_REQUIRE_DEVICE();
+  check_greedy_against_full({5, 12, 2}, tied());
+  auto prompts = prompts_of({6, 3, 10}, 21);
+  at::Tensor tok = at::randint(3, 300, {2, 25}, at::kLong);
+  generate_result first;
+  for (auto mode : k_modes) {
+    for (bool forward_only : {false, true}) {
+      SCOPED_TRACE(std::string(engine::offload_mode_name(mode)) + (forward_only ? " forward_only" : ""));
+      auto e = make_engine(infer_options(mode, forward_only), tied(), k_weights_seed, k_init_range);
+      ASSERT_EQ(e->params().find("lm_head.weight"), nullptr);
+      const auto hr = e->evaluate(tok);
+      const double ref = reference_loss(*e, tok);
+      EXPECT_NEAR(hr.loss_sum / double(hr.n_targets), ref, 1e-5 * std::abs(ref));
+      generate_options g;
+      g.max_new_tokens = 6;
+      g.eos_id = -1;
+      g.keep_logits = true;
+      generate_result r = generate(*e, prompts, g);
+      if (first.tokens.empty()) {
+        first = r;
+        continue;
+      }
+      EXPECT_EQ(r.tokens, first.tokens);
+      for (size_t s = 0; s < r.logits.size(); ++s)
+        EXPECT_LE((r.logits[s] - first.logits[s]).abs().max().item<double>(), k_cuda ? 1e-5 : 0.0) << "step " << s;
+    }
+  }
 }
 
 TEST(infer, batch_does_not_change_a_rows_tokens) {
@@ -355,28 +397,34 @@ void save_weights(engine::engine& e, const std::string& dir) {
   io::write_hf_checkpoint(dir, e.config(), tensors, "F32");
 }
 
+// Untied and tied (no lm_head.weight in the file, tie_word_embeddings in config.json).
 TEST(infer, checkpoint_round_trip_gives_the_saved_weights_and_logits) {
   FERRY_REQUIRE_DEVICE();
-  temp_dir dir;
-  auto e = make_engine(infer_options(engine::offload_mode::offload_blocked), tiny(), k_weights_seed, k_init_range);
-  save_weights(*e, dir.path);
-  auto loaded = make_engine(infer_options(engine::offload_mode::offload_blocked), io::load_hf_config(dir.path),
-                            k_weights_seed, k_init_range);
-  // Other weights first (make_engine's seed would give the saved ones): only the load can match.
-  loaded->params().init_random(8, k_init_range);
-  checkpoint::load_hf_weights(*loaded, dir.path);
-  loaded->params_changed();
-  const auto want = e->params().named_params(), got = loaded->params().named_params();
-  ASSERT_EQ(got.size(), want.size());
-  for (size_t i = 0; i < want.size(); ++i) {
-    ASSERT_EQ(got[i].name, want[i].name);
-    ASSERT_EQ(got[i].shape, want[i].shape) << want[i].name;
-    // F32 on disk: bit for bit.
-    EXPECT_TRUE(at::equal(loaded->params().master_view(got[i]), e->params().master_view(want[i])))
-        << want[i].name << " differs after the round trip";
+  for (const auto& cfg : {tiny(), tied()}) {
+    SCOPED_TRACE(cfg.name);
+    temp_dir dir;
+    auto e = make_engine(infer_options(engine::offload_mode::offload_blocked), cfg, k_weights_seed, k_init_range);
+    save_weights(*e, dir.path);
+    auto loaded = make_engine(infer_options(engine::offload_mode::offload_blocked), io::load_hf_config(dir.path),
+                              k_weights_seed, k_init_range);
+    // Other weights first (make_engine's seed would give the saved ones): only the load can match.
+    loaded->params().init_random(8, k_init_range);
+    checkpoint::load_hf_weights(*loaded, dir.path);
+    loaded->params_changed();
+    const auto want = e->params().named_params(), got = loaded->params().named_params();
+    ASSERT_EQ(got.size(), want.size());
+    for (size_t i = 0; i < want.size(); ++i) {
+      ASSERT_EQ(got[i].name, want[i].name);
+      ASSERT_EQ(got[i].shape, want[i].shape) << want[i].name;
+      // F32 on disk: bit for bit.
+      EXPECT_TRUE(at::equal(loaded->params().master_view(got[i]), e->params().master_view(want[i])))
+          << want[i].name << " differs after the round trip";
+    }
+    at::Tensor tok = at::randint(3, 300, {2, 17}, at::kLong);
+    EXPECT_TRUE(at::equal(full_forward_logits(*loaded, tok), full_forward_logits(*e, tok))) << "logits after loading";
+    EXPECT_EQ(io::hf_checkpoint_reader(dir.path).contains("lm_head.weight"), !cfg.tie_word_embeddings);
+    EXPECT_EQ(io::load_hf_config(dir.path).tie_word_embeddings, cfg.tie_word_embeddings);
   }
-  at::Tensor tok = at::randint(3, 300, {2, 17}, at::kLong);
-  EXPECT_TRUE(at::equal(full_forward_logits(*loaded, tok), full_forward_logits(*e, tok))) << "logits after loading";
 }
 
 TEST(infer, checkpoint_that_does_not_match_its_config_is_refused) {

@@ -9,6 +9,7 @@
 #include "src/io/half_convert.h"
 #include "src/io/hf_checkpoint.h"
 #include "src/io/hf_config.h"
+#include "src/io/safetensors.h"
 #include "tests/io/io_test_util.h"
 #include "tests/test_configs.h"
 
@@ -173,11 +174,66 @@ TEST(hf_checkpoint, validate_against_another_config) {
   hf_checkpoint_reader r(dir.path());
   EXPECT_ERROR_HAS(r.validate_against_config(), "does not match its config.json", "mlp.gate_proj.weight",
                    "[24, 16]", "[32, 16]", "more");
-  // Untied config for a tied checkpoint: lm_head missing; tied config for an untied one: extra.
+  // A tied config for an untied checkpoint (lm_head.weight there, and unlike the embedding): refused.
   auto tied = cfg;
   tied.tie_word_embeddings = true;
   save_hf_config(tied, dir / "config.json");
-  EXPECT_ERROR_HAS(hf_checkpoint_reader(dir.path()).validate_against_config(), "'lm_head.weight' is present");
+  EXPECT_ERROR_HAS(hf_checkpoint_reader(dir.path()).validate_against_config(), "tie_word_embeddings",
+                   "lm_head.weight differs");
+}
+
+// A tied checkpoint that also stores lm_head.weight (some exporters write both): transformers ties
+// them when the values are equal and unties them when they differ. ferry validates the first kind
+// (also with lm_head in another dtype holding the same values) and refuses the second with one line
+// that says what to change.
+TEST(hf_checkpoint, tied_with_lm_head_beside_the_embedding) {
+  auto tied = tiny_config(true);
+  auto w = random_weights(tied, 9);
+  const std::vector<float>& emb = w.data[0];
+  ASSERT_EQ(w.names[0].first, "model.embed_tokens.weight");
+  std::vector<float> emb_bf16(emb.size());
+  for (size_t i = 0; i < emb.size(); ++i) emb_bf16[i] = round_to("BF16", emb[i]);
+  auto write_with_lm = [&](const std::string& dir, const std::vector<float>& embed, const std::vector<float>& lm,
+                           const char* lm_dtype) {
+    // The embedding and lm_head as an untied checkpoint, then its config.json saying tied.
+    auto untied = tiny_config(false);
+    auto all = random_weights(untied, 9);
+    all.data[0] = embed;
+    all.data.back() = lm;
+    write_hf_checkpoint(dir, untied, all.views(), "F32");
+    if (std::string(lm_dtype) != "F32") {   // lm_head re-stored in lm_dtype
+      std::vector<uint16_t> half(lm.size());
+      convert_from_f32(lm.data(), lm.size(), lm_dtype, half.data());
+      hf_checkpoint_reader r(dir);
+      std::vector<st_write_entry> entries;
+      std::vector<std::vector<float>> keep;
+      for (const auto& [name, shape] : llama_tensor_names(untied)) {
+        if (name == "lm_head.weight") {
+          entries.push_back({name, lm_dtype, shape, half.data(), half.size() * 2});
+          continue;
+        }
+        size_t n = 1;
+        for (int64_t d : shape) n *= size_t(d);
+        keep.emplace_back(n);
+        r.read_f32(name, shape, keep.back().data());
+        entries.push_back({name, "F32", shape, keep.back().data(), n * 4});
+      }
+      write_safetensors(dir + "/model.safetensors", entries, {{"format", "pt"}});
+    }
+    save_hf_config(tied, dir + "/config.json");
+  };
+  scratch_dir dir;
+  write_with_lm(dir / "equal", emb, emb, "F32");
+  EXPECT_NO_THROW(hf_checkpoint_reader(dir / "equal").validate_against_config());
+  write_with_lm(dir / "equal_bf16", emb_bf16, emb_bf16, "BF16");
+  EXPECT_NO_THROW(hf_checkpoint_reader(dir / "equal_bf16").validate_against_config());
+  std::vector<float> other = emb;
+  other[other.size() / 2] += 1.0f;
+  write_with_lm(dir / "differ", emb, other, "F32");
+  EXPECT_ERROR_HAS(hf_checkpoint_reader(dir / "differ").validate_against_config(), "tie_word_embeddings",
+                   "lm_head.weight differs from model.embed_tokens.weight", "false", "config.json");
+  write_with_lm(dir / "differ_bf16", emb, emb, "BF16");   // rounding to bf16 changes the values
+  EXPECT_ERROR_HAS(hf_checkpoint_reader(dir / "differ_bf16").validate_against_config(), "differs");
 }
 
 TEST(hf_checkpoint, missing_pieces) {

@@ -67,9 +67,22 @@ TEST(MODEL_SUITE(model_layout), slots_tile_buffers_and_views_alias) {
 
   auto hl = head_layout(c);
   EXPECT_EQ(hl[0].numel + hl[1].numel, c.head_params());
+  EXPECT_EQ(c.head_slot_params(), c.head_params());
   EXPECT_EQ(embed_layout(c)[0].numel, c.embed_params());
+  // Tied: the head unit is the final norm only; the head slot still holds norm + lm_head.
+  const int64_t untied_total = c.total_params();
   c.tie_word_embeddings = true;
-  EXPECT_THROW(head_layout(c), ferry::config_error);
+  auto tied = head_layout(c);
+  ASSERT_EQ(tied.size(), 1u);
+  EXPECT_EQ(tied[0].name, "model.norm.weight");
+  EXPECT_EQ(tied[0].numel, c.head_params());
+  EXPECT_EQ(c.head_params(), c.hidden_size);
+  EXPECT_EQ(c.total_params(), untied_total - c.embed_params());
+  at::Tensor slot = at::arange(c.head_slot_params(), at::kDouble);
+  head_weights hw = head_slot_views(slot, c);
+  EXPECT_EQ(hw.norm.sizes(), (std::vector<int64_t>{c.hidden_size}));
+  EXPECT_EQ(hw.lm_head.sizes(), (std::vector<int64_t>{c.vocab_size, c.hidden_size}));
+  EXPECT_EQ(hw.lm_head.data_ptr<double>(), slot.data_ptr<double>() + c.hidden_size);
 }
 
 void check_block(at::ScalarType t, const llama_config& c, int64_t B, int64_t T) {
@@ -313,9 +326,14 @@ TEST(MODEL_SUITE(model_embed), backward_sums_duplicates_deterministically) {
 }
 
 // The whole model: embedding, layers, final norm, lm_head, summed cross-entropy; every gradient.
+// Tied embeddings (c.tie_word_embeddings): lm_head is the embedding's matrix; the head's backward
+// writes its gradient into the embedding's and the embedding's backward adds to it, which must give
+// autograd's gradient of the one shared leaf.
 void check_model(at::ScalarType t, const llama_config& c, int64_t B, int64_t T) {
   SCOPED_TRACE(dtype_name(t) + " layers=" + std::to_string(c.num_hidden_layers) +
-               " Hq=" + std::to_string(c.num_attention_heads) + " Hkv=" + std::to_string(c.num_key_value_heads));
+               " Hq=" + std::to_string(c.num_attention_heads) + " Hkv=" + std::to_string(c.num_key_value_heads) +
+               " D=" + std::to_string(c.head_dim) + (c.tie_word_embeddings ? " tied" : ""));
+  const bool tied = c.tie_word_embeddings;
   const int64_t L = c.num_hidden_layers;
   auto bl = block_layout(c), el = embed_layout(c), hl = head_layout(c);
   at::Tensor eflat = random_flat(el, c.embed_params(), t), hflat = random_flat(hl, c.head_params(), t);
@@ -333,18 +351,19 @@ void check_model(at::ScalarType t, const llama_config& c, int64_t B, int64_t T) 
   for (auto& f : bflat) bd.push_back(dev(f, t)), gd.push_back(at::zeros_like(bd.back()));
   at::Tensor g_emb = at::zeros({c.vocab_size, c.hidden_size}, ed.options());
   at::Tensor g_head = at::zeros_like(hd);
-  at::Tensor g_norm = slot_view(g_head, hl[0]), g_lm = slot_view(g_head, hl[1]);
+  const at::Tensor emb = ed.view({c.vocab_size, c.hidden_size});
+  at::Tensor g_norm = slot_view(g_head, hl[0]), g_lm = tied ? g_emb : slot_view(g_head, hl[1]);
   at::Tensor tok = tokens.to(test_device());
-  at::Tensor x = embed_forward(tok, ed.view({c.vocab_size, c.hidden_size}));
+  at::Tensor x = embed_forward(tok, emb);
   std::vector<block_saved> saved(L);
   for (int64_t l = 0; l < L; ++l) x = block_forward(x, block_views(bd[l], c), c, rc, saved[l]);
   at::Tensor dx;
-  head_result r = head_forward_backward(x, slot_view(hd, hl[0]), slot_view(hd, hl[1]), labels.to(test_device()), c, 5,
-                                        1.0, &dx, &g_norm, &g_lm, false);
+  head_result r = head_forward_backward(x, slot_view(hd, hl[0]), tied ? emb : slot_view(hd, hl[1]),
+                                        labels.to(test_device()), c, 5, 1.0, &dx, &g_norm, &g_lm, false);
   for (int64_t l = L - 1; l >= 0; --l) {
     dx = block_backward(dx, block_views(bd[l], c), c, rc, saved[l], block_views(gd[l], c), false);
   }
-  embed_backward(dx, tok, g_emb, false);
+  embed_backward(dx, tok, g_emb, /*accumulate=*/tied);
 
   // autograd reference
   auto pe = leaves(eflat, el);
@@ -353,7 +372,8 @@ void check_model(at::ScalarType t, const llama_config& c, int64_t B, int64_t T) 
   for (auto& f : bflat) pb.push_back(leaves(f, bl));
   at::Tensor xr = pe["model.embed_tokens.weight"].index_select(0, tokens.reshape({-1})).view({B, T, -1});
   for (int64_t l = 0; l < L; ++l) xr = ref::block(xr, ref_block(pb[l]), c);
-  at::Tensor logits = at::matmul(ref::rmsnorm(xr, ph["model.norm.weight"], c.rms_norm_eps), ph["lm_head.weight"].t());
+  const at::Tensor& lm = tied ? pe["model.embed_tokens.weight"] : ph["lm_head.weight"];
+  at::Tensor logits = at::matmul(ref::rmsnorm(xr, ph["model.norm.weight"], c.rms_norm_eps), lm.t());
   at::Tensor loss = ref::ce_sum(logits, labels);
   loss.backward();
 
@@ -362,7 +382,7 @@ void check_model(at::ScalarType t, const llama_config& c, int64_t B, int64_t T) 
   EXPECT_NEAR(r.loss_sum, loss.item<double>(), std::abs(loss.item<double>()) * tol);
   FERRY_EXPECT_CLOSE(g_emb, pe["model.embed_tokens.weight"].grad(), tol, "model.embed_tokens.weight");
   FERRY_EXPECT_CLOSE(g_norm, ph["model.norm.weight"].grad(), tol, "model.norm.weight");
-  FERRY_EXPECT_CLOSE(g_lm, ph["lm_head.weight"].grad(), tol, "lm_head.weight");
+  if (!tied) FERRY_EXPECT_CLOSE(g_lm, ph["lm_head.weight"].grad(), tol, "lm_head.weight");
   for (int64_t l = 0; l < L; ++l)
     for (const auto& s : bl)
       FERRY_EXPECT_CLOSE(slot_view(gd[l], s), pb[l][s.name].grad(), tol,
@@ -375,6 +395,18 @@ TEST(MODEL_SUITE(model_tiny), loss_and_every_gradient_match_autograd) {
     check_model(t, tiny_config(2, 2, 6, 2), 2, 9);
     check_model(t, tiny_config(4, 2, 10, 3), 1, 12);
     check_model(t, tiny_config(4, 1, 6, 2), 2, 6);
+    check_model(t, tiny_config(8, 1, 4, 2), 2, 7);   // 8 query heads per kv head (Llama 3 70B's ratio)
+  }
+}
+
+// Tied input and output embeddings (Llama 3.2 1B/3B): the embedding's gradient is the sum of its
+// two uses. Four query heads per kv head and heads * head_dim (40) != hidden (22).
+TEST(MODEL_SUITE(model_tiny), tied_embeddings_match_autograd) {
+  FERRY_REQUIRE_DEVICE();
+  for (auto t : test_dtypes()) {
+    llama_config c = tiny_config(4, 1, 10, 2);
+    c.tie_word_embeddings = true;
+    check_model(t, c, 2, 9);
   }
 }
 

@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """HF parity for ferry's model: random-initialised transformers LlamaForCausalLM models, saved with
 save_pretrained, are run by ferry-model-check; logits, loss and every weight gradient must agree,
-and the checkpoint ferry writes back must load in transformers with the same logits.
+and the checkpoint ferry writes back must load in transformers with the same logits. Tied shapes
+(tie_word_embeddings) also: neither file holds lm_head.weight, transformers ties ferry's, and a copy
+that stores lm_head.weight equal to the embedding gives the same results.
 
 --shapes small (default): tiny MHA/GQA shapes, batch 2 x 23 tokens. --shapes full: the request's
 debug and 1b shapes (configs/models/), batch 1 x --seq tokens; --max-layers scales them down for a
@@ -18,6 +20,7 @@ both implementations, and ferry's fp32 SwiGLU/RMSNorm rounding order differs fro
 """
 import argparse
 import copy
+import json
 import os
 import shutil
 import subprocess
@@ -35,20 +38,28 @@ try:
     import torch
     import transformers
     from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
 except ImportError as e:  # reported as skipped by ctest, never as passed
     print(f"hf_parity skipped: {e}")
     sys.exit(SKIP)
 
+LLAMA3_ROPE = dict(rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                   original_max_position_embeddings=64)
 CPU_SHAPES = {
-    # name: (hidden, intermediate, layers, heads, kv_heads, head_dim, vocab[, rope_parameters])
+    # name: (hidden, intermediate, layers, heads, kv_heads, head_dim, vocab[, LlamaConfig keys])
     "mha": (48, 80, 2, 4, 4, 12, 101),
     "gqa": (60, 97, 3, 6, 2, 10, 131),
     # Llama 3.1's frequency scaling with bounds that put head_dim 16's wavelengths in all three
     # bands (kept, blended, divided), and linear scaling.
-    "gqa_llama3": (64, 96, 2, 4, 2, 16, 97, dict(rope_type="llama3", rope_theta=10000.0, factor=8.0,
-                                                 low_freq_factor=1.0, high_freq_factor=4.0,
-                                                 original_max_position_embeddings=64)),
-    "mha_linear": (48, 80, 2, 4, 4, 12, 101, dict(rope_type="linear", rope_theta=10000.0, factor=2.5)),
+    "gqa_llama3": (64, 96, 2, 4, 2, 16, 97, dict(rope_parameters=LLAMA3_ROPE)),
+    "mha_linear": (48, 80, 2, 4, 4, 12, 101, dict(rope_parameters=dict(rope_type="linear", rope_theta=10000.0,
+                                                                       factor=2.5))),
+    # Llama 3.2 1B/3B: tied embeddings (no lm_head.weight in the file; the embedding's gradient is
+    # the sum of both uses), llama3 rope, 4 query heads per kv head, heads * head_dim (64) != hidden.
+    "tied_llama32": (32, 64, 2, 4, 1, 16, 97, dict(rope_parameters=LLAMA3_ROPE, tie_word_embeddings=True)),
+    # Llama 3 70B's 8 query heads per kv head; Mistral 7B v0.3's 4 with rope_theta 1e6.
+    "gqa8": (48, 80, 2, 8, 1, 8, 101),
+    "mistral_gqa4": (64, 96, 2, 8, 2, 8, 103, dict(rope_parameters=dict(rope_type="default", rope_theta=1e6))),
 }
 GPU_SHAPES = dict(CPU_SHAPES, gqa4=(256, 688, 2, 8, 2, 32, 1000))
 FULL_SHAPES = ("debug", "1b")   # configs/models/<name>.json
@@ -64,12 +75,12 @@ def rel_err(a, b):
 
 def small_config(shape):
     hidden, inter, layers, heads, kv, hd, vocab = shape[:7]
-    rope = shape[7] if len(shape) > 7 else dict(rope_type="default", rope_theta=10000.0)
+    keys = dict(rope_parameters=dict(rope_type="default", rope_theta=10000.0), tie_word_embeddings=False)
+    keys.update(shape[7] if len(shape) > 7 else {})
     return transformers.LlamaConfig(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv, head_dim=hd, max_position_embeddings=128,
-        rms_norm_eps=1e-5, rope_parameters=rope, tie_word_embeddings=False, initializer_range=0.1,
-        attention_bias=False, mlp_bias=False)
+        rms_norm_eps=1e-5, initializer_range=0.1, attention_bias=False, mlp_bias=False, **keys)
 
 
 def full_config(name, max_layers):
@@ -154,6 +165,21 @@ def compare(label, out_path, ref, limit, failures, device, half_err=None):
     print(f"{label}: {len(ref)} tensors, worst relative error {worst[0]:.3g} ({worst[1]}{hf})", flush=True)
 
 
+def check_tied_files(name, hf_dir, ferry_dir, back_tied, failures):
+    """Neither transformers' file nor ferry's holds lm_head.weight; ferry's config.json says tied, and
+    transformers ties the checkpoint ferry wrote."""
+    for who, d in (("transformers", hf_dir), ("ferry", ferry_dir)):
+        with safe_open(os.path.join(d, "model.safetensors"), framework="pt") as f:
+            if "lm_head.weight" in f.keys():
+                failures.append(f"{name}: {who}'s tied checkpoint holds lm_head.weight")
+    with open(os.path.join(ferry_dir, "config.json")) as f:
+        if json.load(f).get("tie_word_embeddings") is not True:
+            failures.append(f"{name}: ferry's config.json does not set tie_word_embeddings")
+    if not back_tied:
+        failures.append(f"{name}: transformers did not tie lm_head to the embedding of ferry's checkpoint")
+    print(f"{name}: tied checkpoints hold no lm_head.weight; transformers ties ferry's: {back_tied}")
+
+
 def check_shape(args, name, cfg, seed, tokens, model_device, dtypes, chunk, failures):
     d = os.path.join(args.workdir, name)
     hf_dir, ferry_dir = os.path.join(d, "hf"), os.path.join(d, "ferry_written")
@@ -174,6 +200,7 @@ def check_shape(args, name, cfg, seed, tokens, model_device, dtypes, chunk, fail
             back = transformers.LlamaForCausalLM.from_pretrained(
                 ferry_dir, torch_dtype=torch.float32, attn_implementation="eager").to(args.device)
             back_params = dict(back.named_parameters())
+            back_tied = back.lm_head.weight.data_ptr() == back.model.embed_tokens.weight.data_ptr()
             changed = [n for n, p in model.named_parameters() if not torch.equal(p, back_params[n])]
             with torch.no_grad():
                 lb = back(input_ids=ids).logits
@@ -184,6 +211,18 @@ def check_shape(args, name, cfg, seed, tokens, model_device, dtypes, chunk, fail
                 failures.append(f"{name} ferry-written checkpoint: weights differ: {changed[:5]}")
             if e > 1e-5:
                 failures.append(f"{name} ferry-written checkpoint: logits relative error {e:.3g}")
+            if cfg.tie_word_embeddings:
+                check_tied_files(name, hf_dir, ferry_dir, back_tied, failures)
+                # A tied checkpoint that also stores lm_head.weight equal to the embedding (transformers
+                # ties such a pair) gives the same results.
+                both_dir = os.path.join(d, "hf_both")
+                shutil.copytree(hf_dir, both_dir)
+                w = load_file(os.path.join(hf_dir, "model.safetensors"))
+                w["lm_head.weight"] = w["model.embed_tokens.weight"].clone()
+                save_file(w, os.path.join(both_dir, "model.safetensors"), metadata={"format": "pt"})
+                run_tool(args, both_dir, tokens, out, dt, chunk)
+                compare(label + " (lm_head.weight stored too)", out, ref, 1e-4, failures, args.device)
+                shutil.rmtree(both_dir)
             shutil.rmtree(ferry_dir)
         else:
             half = hf_run(model, ids, DTYPES[dt])

@@ -150,8 +150,11 @@ int run(const options& o) {
   std::vector<at::Tensor> blocks, grads;
   for (auto& b : blocks32) blocks.push_back(to_dev(b)), grads.push_back(at::zeros_like(blocks.back()));
   at::Tensor g_emb = at::zeros_like(emb), g_head = at::zeros_like(head);
-  at::Tensor norm_w = slot_view(head, hl[0]), lm_w = slot_view(head, hl[1]);
-  at::Tensor g_norm = slot_view(g_head, hl[0]), g_lm = slot_view(g_head, hl[1]);
+  // Tied embeddings: lm_head is the embedding's matrix, and its gradient the embedding's (the head
+  // writes it, the embedding's backward adds to it).
+  const bool tied = cfg.tie_word_embeddings;
+  at::Tensor norm_w = slot_view(head, hl[0]), lm_w = tied ? emb : slot_view(head, hl[1]);
+  at::Tensor g_norm = slot_view(g_head, hl[0]), g_lm = tied ? g_emb : slot_view(g_head, hl[1]);
   rope_cache rope = make_rope(cfg, T, device);
 
   at::Tensor x = embed_forward(tokens, emb);
@@ -165,7 +168,7 @@ int run(const options& o) {
                                          &g_lm, false);
   for (int64_t l = L - 1; l >= 0; --l)
     dx = block_backward(dx, block_views(blocks[l], cfg), cfg, rope, saved[l], block_views(grads[l], cfg), false);
-  embed_backward(dx, tokens, g_emb, false);
+  embed_backward(dx, tokens, g_emb, /*accumulate=*/tied);
 
   std::vector<named_out> out;
   out.push_back({"logits", logits});
