@@ -34,6 +34,9 @@ class byte_tokenizer final : public tokenizer {
   int32_t bos_id() const override { return 1; }
   int32_t eos_id() const override { return 2; }
   std::string name() const override { return "byte"; }
+  int32_t token_id(const std::string& piece) const override {
+    return piece == "<unk>" ? 0 : piece == "<s>" ? 1 : piece == "</s>" ? 2 : -1;
+  }
 };
 
 class sp_tokenizer final : public tokenizer {
@@ -68,6 +71,10 @@ class sp_tokenizer final : public tokenizer {
   int32_t bos_id() const override { return sp_.bos_id(); }
   int32_t eos_id() const override { return sp_.eos_id(); }
   std::string name() const override { return "sentencepiece:" + path_; }
+  int32_t token_id(const std::string& piece) const override {
+    const int id = sp_.PieceToId(piece);  // unknown pieces map to the unk id
+    return id == sp_.unk_id() && piece != sp_.IdToPiece(id) ? -1 : id;
+  }
 
  private:
   std::string path_;

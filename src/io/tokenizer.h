@@ -17,6 +17,8 @@ class tokenizer {
   virtual int32_t bos_id() const = 0;
   virtual int32_t eos_id() const = 0;
   virtual std::string name() const = 0;
+  // Id of the vocabulary entry spelled exactly `piece` (added and special tokens included), or -1.
+  virtual int32_t token_id(const std::string& piece) const = 0;
 };
 
 // "byte": ids 0..2 are <unk>/<s>/</s> as in LLaMA, byte b is id 3 + b, vocabulary 259; decode
