@@ -31,12 +31,13 @@ std::pair<at::Tensor, at::Tensor> engine::head_weights() {
 
 void engine::release_head() { pool_->release(store_->head_unit()); }
 
-model::head_result engine::evaluate(const at::Tensor& tokens) {
-  check_batch(tokens, false);
+model::head_result engine::evaluate(const at::Tensor& tokens) { return evaluate(micro_batch::from_tokens(tokens)); }
+
+model::head_result engine::evaluate(const micro_batch& batch) {
+  check_batch(batch, false);
   auto guard = dev_->enter_compute();
-  const int64_t T = tokens.size(1) - 1;
-  at::Tensor inputs = tokens.narrow(1, 0, T).contiguous();
-  at::Tensor labels = tokens.narrow(1, 1, T).contiguous().to(dev_->device());
+  at::Tensor inputs = batch.inputs.to(at::kLong).contiguous();
+  at::Tensor labels = batch.labels.to(at::kLong).contiguous().to(dev_->device());
   // Resident weights leave memory to spare: one pass per block (block_forward_whole). Streamed
   // ones run each block in chunks of tokens. The embedding output is freed once the first block
   // has read it.
