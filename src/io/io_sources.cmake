@@ -8,6 +8,8 @@ set(FERRY_IO_SOURCES
   tokenizer.cpp
   progress.cpp
   token_stream.cpp
+  chat_template.cpp
+  examples.cpp
   dataset.cpp)
 set(FERRY_IO_TOOLS ferry-tokenize)
 
