@@ -116,6 +116,7 @@ io::data_options data_options_for(const io::run_config& cfg, const model::llama_
                    : std::filesystem::is_directory(d.tokenizer, ec)    ? d.tokenizer
                    : std::filesystem::is_regular_file(d.tokenizer, ec) ? std::filesystem::path(d.tokenizer).parent_path().string()
                                                                        : "";
+  d.packing = cfg.packing;
   d.long_examples = cfg.long_examples;
   d.skip_invalid_examples = cfg.skip_invalid_examples;
   return d;

@@ -106,7 +106,11 @@ void engine::check_batch(const micro_batch& mb, bool training) const {
   check_token_ids(inputs);
   FERRY_CHECK(((labels == -100) | ((labels >= 0) & (labels < cfg_.vocab_size))).all().item<bool>(),
               "target id outside the model's vocabulary [0, ", cfg_.vocab_size, ") and not -100 (ignored)");
-  FERRY_CHECK(!mb.positions.defined(), "packed batches (positions) are not supported by this engine yet");
+  if (mb.positions.defined()) {
+    FERRY_CHECK(mb.positions.sizes() == inputs.sizes(), "packed positions ", mb.positions.sizes(),
+                " must be shaped like the inputs ", inputs.sizes());
+    model::check_positions(mb.positions, rope_.cos.size(0));
+  }
 }
 
 void engine::check_token_ids(const at::Tensor& ids) const {
@@ -202,6 +206,9 @@ step_result engine::train_step(const std::vector<micro_batch>& micro_batches, do
     at::Tensor inputs = micro_batches[mb].inputs.to(at::kLong).contiguous();
     at::Tensor labels = micro_batches[mb].labels.to(at::kLong).contiguous().to(dev_->device());
     auto task = [&](int64_t u) { return host_task(u, last, speculate, mult, hp, step); };
+    model::packing pk;  // packed rows: positions restart per example, attention stays within it
+    if (micro_batches[mb].positions.defined()) pk = model::make_packing(micro_batches[mb].positions, rope_);
+    const model::packing* packed = pk.positions.defined() ? &pk : nullptr;
 
     // The first plan_.recompute_blocks blocks keep only their input; their forward runs again,
     // saving, just before their backward (block_forward_whole is block_forward's result, bit for bit).
@@ -214,9 +221,9 @@ step_result engine::train_step(const std::vector<micro_batch>& micro_batches, do
       const model::block_weights w = model::block_views(pool_->acquire(u, uses, at), cfg_);
       if (i < plan_.recompute_blocks) {
         block_in[size_t(i)] = x;
-        x = model::block_forward_whole(x, w, cfg_, rope_);
+        x = model::block_forward_whole(x, w, cfg_, rope_, packed);
       } else {
-        x = model::block_forward(x, w, cfg_, rope_, saved[size_t(i)]);
+        x = model::block_forward(x, w, cfg_, rope_, saved[size_t(i)], packed);
       }
       pool_->release(u);
     }
@@ -238,7 +245,7 @@ step_result engine::train_step(const std::vector<micro_batch>& micro_batches, do
       const int64_t u = store_->block_unit(i);
       const model::block_weights w = model::block_views(pool_->acquire(u, uses, at), cfg_);
       if (i < plan_.recompute_blocks) {
-        model::block_forward(block_in[size_t(i)], w, cfg_, rope_, saved[size_t(i)]);
+        model::block_forward(block_in[size_t(i)], w, cfg_, rope_, saved[size_t(i)], packed);
         block_in[size_t(i)] = at::Tensor();
       }
       at::Tensor g = grads_->target(u);

@@ -111,6 +111,7 @@ class engine {
   step_result train_step(const std::vector<at::Tensor>& micro_batches, double lr);
 
   // Forward only: summed loss and target count of one batch ((B, T+1) tokens: from_tokens).
+  // Packed batches run each block in one pass (block_forward_whole), as training does.
   model::head_result evaluate(const micro_batch& batch);
   model::head_result evaluate(const at::Tensor& tokens);
 

@@ -42,6 +42,9 @@ const std::vector<key_desc>& keys() {
       {"chat_template", str_key{&run_config::chat_template, {"auto", "llama2", "llama3", "chatml", "zephyr"}},
        "how {\"messages\": ...} examples are rendered; auto = the format of the init checkpoint's (else the tokenizer "
        "dir's) tokenizer_config.json chat_template, when it is one ferry renders exactly"},
+      {"packing", bool_key{&run_config::packing},
+       "instruction/chat examples: pack several into each max_length row (best-fit decreasing; positions restart and "
+       "attention stays within each example) instead of one padded example per row"},
       {"long_examples", str_key{&run_config::long_examples, {"truncate", "drop", "error"}},
        "instruction/chat examples longer than max_length: keep their first max_length tokens, drop them, or stop; counted on one line"},
       {"skip_invalid_examples", bool_key{&run_config::skip_invalid_examples},

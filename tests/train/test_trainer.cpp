@@ -82,9 +82,12 @@ TEST(trainer, loss_falls_and_final_checkpoint_is_written) {
   EXPECT_TRUE(fs::is_regular_file(c.output_dir + "/checkpoint-000012/config.json"));
 }
 
-// Prompt/completion data: every step's trained_tokens is the number of labels the dataset gave it
-// that are not -100 (only completions and their EOS), the padding is trimmed, and the loss falls.
+// Prompt/completion data, one example per row and packed: every step's trained_tokens is the
+// number of labels the dataset gave it that are not -100 (only completions and their EOS), rows
+// are cut after the longest, and the loss falls.
 TEST(trainer, instruction_data_reports_trained_tokens_per_step) {
+  for (bool packing : {false, true}) {
+  SCOPED_TRACE(packing ? "packed" : "padded");
   scratch_dir d;
   const std::string data = d.path + "/sft.jsonl";
   {
@@ -94,7 +97,8 @@ TEST(trainer, instruction_data_reports_trained_tokens_per_step) {
   }
   auto c = config_for(d.path, data, 10);
   c.grad_accum = 2;
-  c.max_length = 48;  // the examples have 31 or 32 tokens: rows are cut to 32 columns
+  c.max_length = packing ? 72 : 48;  // 31 or 32 tokens each: padded rows are cut to 32 columns, two fit packed
+  c.packing = packing;
   ASSERT_EQ(run_train(c), 0);
   model::llama_config mc = cli::resolve_model(c);
   const io::token_dataset ds = io::token_dataset::open(cli::data_options_for(c, mc));
@@ -116,10 +120,13 @@ TEST(trainer, instruction_data_reports_trained_tokens_per_step) {
     EXPECT_EQ(m["trained_tokens"].get<int64_t>(), trained) << "step " << steps + 1;
     EXPECT_EQ(m["tokens"].get<int64_t>(), tokens) << "step " << steps + 1;
     EXPECT_LT(tokens, c.grad_accum * B * T) << "padding past the longest row is not run";
+    EXPECT_GT(trained, packing ? c.grad_accum * B * 11 : 0) << "packed rows hold more than one example (11 targets each)";
     loss.push_back(m["loss"].get<double>());
   }
   ASSERT_EQ(steps, 10);
+  EXPECT_EQ(ds.packed(), packing);
   EXPECT_LT(loss.back(), loss.front() - 0.5) << "loss did not fall";
+  }
 }
 
 TEST(trainer, resume_continues_exactly_as_the_uninterrupted_run) {
