@@ -9,6 +9,10 @@
 //    backward recomputes the scores and P from lse. GQA is free: q viewed as (b*hkv, g*t, d) shares
 //    one k/v per group, and the dk/dv GEMMs sum over the group in their reduction dimension.
 //    Memory: two (b*hq, t, t) score buffers in the input dtype during the backward.
+//  - packed rows (several sequences per row, each attending only to itself), fp16/bf16 with
+//    head_dim <= 256: flash attention's variable-length kernels (at::_flash_attention_forward with
+//    cu_seqlens) over the rows' tokens laid end to end. Other packed cases take the model's ATen
+//    composition with a block-diagonal mask (src/model/attention.cpp).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -162,7 +166,63 @@ at::Tensor large_head_forward_offset(const at::Tensor& q, const at::Tensor& k, c
   return at::bmm(scores, vg).view({s.b, s.hq, s.t, s.d});
 }
 
+// (b, h, t, d) -> (b*t, h, d): the token-major layout of the variable-length kernels (a copy
+// unless x is already a transposed view of that memory), head_dim padded to a multiple of 8.
+at::Tensor tokens_major(const at::Tensor& x) {
+  return pad_head_dim(x.transpose(1, 2).reshape({x.size(0) * x.size(2), x.size(1), x.size(3)}));
+}
+// (b*t, h, dp) -> (b, h, t, d), a view.
+at::Tensor heads_major(const at::Tensor& x, int64_t b, int64_t t, int64_t d) {
+  return unpad_head_dim(x, d).view({b, t, x.size(1), d}).transpose(1, 2);
+}
+
+void check_varlen(const at::Tensor& q, const at::Tensor& cu_seqlens, int64_t max_run, const attn_shape& s,
+                  const char* op) {
+  FERRY_CHECK(use_flash(q) && s.d <= k_sdpa_max_head_dim, op, ": packed attention runs flash attention, which needs ",
+              "fp16/bf16 and head_dim <= 256; got ", q.scalar_type(), " and head_dim ", s.d);
+  FERRY_CHECK(cu_seqlens.is_cuda() && cu_seqlens.scalar_type() == at::kInt && cu_seqlens.dim() == 1 &&
+                  cu_seqlens.size(0) >= 2,
+              op, ": cu_seqlens must be int32 (runs + 1) on the device");
+  FERRY_CHECK(max_run >= 1 && max_run <= s.t, op, ": max_run ", max_run, " outside [1, ", s.t, "]");
+}
+
 }  // namespace
+
+bool attention_varlen_supported(const at::Tensor& q) {
+  return q.is_cuda() && use_flash(q) && q.size(-1) <= k_sdpa_max_head_dim;
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_forward_varlen(const at::Tensor& q, const at::Tensor& k,
+                                                            const at::Tensor& v, const at::Tensor& cu_seqlens,
+                                                            int64_t max_run, double scale) {
+  constexpr const char* op = "ferry::gpu::attention_forward_varlen";
+  const attn_shape s = check_qkv(q, k, v, op);
+  check_varlen(q, cu_seqlens, max_run, s, op);
+  const c10::cuda::CUDAGuard guard(q.device());
+  auto r = at::_flash_attention_forward(tokens_major(q), tokens_major(k), tokens_major(v), cu_seqlens, cu_seqlens,
+                                        max_run, max_run, 0.0, /*is_causal=*/true, /*return_debug_mask=*/false, scale);
+  return {heads_major(std::get<0>(r), s.b, s.t, s.d), std::get<1>(r)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_varlen(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const at::Tensor& cu_seqlens, int64_t max_run, double scale) {
+  constexpr const char* op = "ferry::gpu::attention_backward_varlen";
+  const attn_shape s = check_qkv(q, k, v, op);
+  check_varlen(q, cu_seqlens, max_run, s, op);
+  FERRY_CHECK(dout.sizes() == q.sizes() && out.sizes() == q.sizes(), op, ": dout and out must be shaped like q ",
+              q.sizes());
+  FERRY_CHECK(lse.defined() && lse.scalar_type() == at::kFloat, op, ": lse must be the fp32 tensor the forward returned");
+  const c10::cuda::CUDAGuard guard(q.device());
+  // No dropout: the rng state is never read, but the op wants defined tensors.
+  const at::Tensor seed = at::zeros({2}, q.options().dtype(at::kUInt64));
+  const at::Tensor offset = at::empty({0}, q.options().dtype(at::kUInt64));
+  auto r = at::_flash_attention_backward(tokens_major(dout), tokens_major(q), tokens_major(k), tokens_major(v),
+                                         tokens_major(out), lse.contiguous(), cu_seqlens, cu_seqlens, max_run, max_run,
+                                         0.0, /*is_causal=*/true, seed, offset, scale);
+  return {heads_major(std::get<0>(r), s.b, s.t, s.d), heads_major(std::get<1>(r), s.b, s.t, s.d),
+          heads_major(std::get<2>(r), s.b, s.t, s.d)};
+}
 
 at::Tensor attention_forward_offset(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale) {
   constexpr const char* op = "ferry::gpu::attention_forward_offset";

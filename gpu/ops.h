@@ -59,6 +59,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(const at::Tens
                                                                   const at::Tensor& out, const at::Tensor& lse,
                                                                   double scale);
 
+// Packed rows (block-diagonal causal attention) through flash attention's variable-length entry:
+// q (B, Hq, T, D), k, v (B, Hkv, T, D) fp16/bf16 with D <= 256; cu_seqlens (runs + 1) int32 on the
+// device: where each run of the B*T tokens (rows laid end to end) starts, then B*T; max_run the
+// longest run. A token attends causally to the tokens of its own run. Returns out (B, Hq, T, D) (a
+// transposed view of (B, T, Hq, D) memory) and lse, fp32 in the kernel's layout ((Hq, B*T) in
+// flash attention 2), which only the backward reads.
+bool attention_varlen_supported(const at::Tensor& q);
+std::tuple<at::Tensor, at::Tensor> attention_forward_varlen(const at::Tensor& q, const at::Tensor& k,
+                                                            const at::Tensor& v, const at::Tensor& cu_seqlens,
+                                                            int64_t max_run, double scale);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_varlen(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const at::Tensor& cu_seqlens, int64_t max_run, double scale);
+
 // Adds to acc (fp32 (2) on the device) [sum of squares of flat in fp32, count of non-finite
 // elements]. flat is a 1-D gradient buffer (half, bfloat16 or float).
 void grad_stats_accumulate(const at::Tensor& flat, at::Tensor& acc);

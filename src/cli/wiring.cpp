@@ -110,6 +110,15 @@ io::data_options data_options_for(const io::run_config& cfg, const model::llama_
   d.seed = cfg.seed;
   d.eval_fraction = cfg.eval_fraction;
   d.vocab_limit = mc.vocab_size;
+  d.chat_template = cfg.chat_template;
+  std::error_code ec;
+  d.template_dir = !cfg.init.empty()                                   ? cfg.init
+                   : std::filesystem::is_directory(d.tokenizer, ec)    ? d.tokenizer
+                   : std::filesystem::is_regular_file(d.tokenizer, ec) ? std::filesystem::path(d.tokenizer).parent_path().string()
+                                                                       : "";
+  d.packing = cfg.packing;
+  d.long_examples = cfg.long_examples;
+  d.skip_invalid_examples = cfg.skip_invalid_examples;
   return d;
 }
 

@@ -76,16 +76,39 @@ void engine::wait_updates() {
   }
 }
 
-void engine::check_batch(const at::Tensor& tokens, bool training) const {
+micro_batch micro_batch::from_tokens(const at::Tensor& tokens) {
   FERRY_CHECK(tokens.dim() == 2 && tokens.size(1) >= 2 && at::isIntegralType(tokens.scalar_type(), false),
               "a batch is (B, T+1) integer token ids with T >= 1; got ", tokens.scalar_type(), " ", tokens.sizes());
-  const int64_t B = tokens.size(0), T = tokens.size(1) - 1;
+  const int64_t T = tokens.size(1) - 1;
+  return {tokens.narrow(1, 0, T), tokens.narrow(1, 1, T), at::Tensor()};
+}
+
+micro_batch micro_batch::from_rows(const int64_t* inputs, const int64_t* labels, const int64_t* positions, int64_t B,
+                                  int64_t T, int64_t columns) {
+  FERRY_ASSERT(columns >= 1 && columns <= T, "from_rows: ", columns, " columns of ", T);
+  auto take = [&](const int64_t* p) {
+    return at::from_blob(const_cast<int64_t*>(p), {B, T}, at::kLong).narrow(1, 0, columns).clone();
+  };
+  return {take(inputs), take(labels), positions ? take(positions) : at::Tensor()};
+}
+
+void engine::check_batch(const micro_batch& mb, bool training) const {
+  const at::Tensor &inputs = mb.inputs, &labels = mb.labels;
+  FERRY_CHECK(inputs.dim() == 2 && inputs.size(1) >= 1 && at::isIntegralType(inputs.scalar_type(), false) &&
+                  labels.sizes() == inputs.sizes() && at::isIntegralType(labels.scalar_type(), false),
+              "a batch is (B, T) integer inputs and labels of the same shape, T >= 1; got inputs ",
+              inputs.scalar_type(), " ", inputs.sizes(), " and labels ", labels.scalar_type(), " ", labels.sizes());
+  const int64_t B = inputs.size(0), T = inputs.size(1);
   FERRY_CHECK(!training || B * T <= opt_.max_batch * opt_.max_seq, "batch of ", B, " x ", T,
               " tokens exceeds the planned ", opt_.max_batch, " x ", opt_.max_seq);
-  check_token_ids(tokens.narrow(1, 0, T));
-  const at::Tensor targets = tokens.narrow(1, 1, T);
-  FERRY_CHECK(((targets == -100) | ((targets >= 0) & (targets < cfg_.vocab_size))).all().item<bool>(),
+  check_token_ids(inputs);
+  FERRY_CHECK(((labels == -100) | ((labels >= 0) & (labels < cfg_.vocab_size))).all().item<bool>(),
               "target id outside the model's vocabulary [0, ", cfg_.vocab_size, ") and not -100 (ignored)");
+  if (mb.positions.defined()) {
+    FERRY_CHECK(mb.positions.sizes() == inputs.sizes(), "packed positions ", mb.positions.sizes(),
+                " must be shaped like the inputs ", inputs.sizes());
+    model::check_positions(mb.positions, rope_.cos.size(0));
+  }
 }
 
 void engine::check_token_ids(const at::Tensor& ids) const {
@@ -138,13 +161,19 @@ void engine::debug_poison(int64_t u) {
 }
 
 step_result engine::train_step(const std::vector<at::Tensor>& micro_batches, double lr) {
+  std::vector<micro_batch> mbs;
+  for (const at::Tensor& tokens : micro_batches) mbs.push_back(micro_batch::from_tokens(tokens));
+  return train_step(mbs, lr);
+}
+
+step_result engine::train_step(const std::vector<micro_batch>& micro_batches, double lr) {
   FERRY_CHECK(!opt_.forward_only, "train_step on an inference engine (engine_options::forward_only): it has no ",
               "gradient buffers or optimizer state; build the engine without forward_only to train");
   FERRY_ASSERT(!micro_batches.empty(), "train_step without micro-batches");
   int64_t total_targets = 0;
   for (const auto& mb : micro_batches) {
     check_batch(mb, true);
-    total_targets += (mb.narrow(1, 1, mb.size(1) - 1) != -100).sum().item<int64_t>();
+    total_targets += (mb.labels != -100).sum().item<int64_t>();
   }
   FERRY_CHECK(total_targets > 0, "the batch has no target tokens (every label is -100)");
 
@@ -172,11 +201,12 @@ step_result engine::train_step(const std::vector<at::Tensor>& micro_batches, dou
   double loss_sum = 0;
   for (size_t mb = 0; mb < micro_batches.size(); ++mb) {
     const bool first = mb == 0, last = mb + 1 == micro_batches.size();
-    const at::Tensor& tokens = micro_batches[mb];
-    const int64_t T = tokens.size(1) - 1;
-    at::Tensor inputs = tokens.narrow(1, 0, T).contiguous();
-    at::Tensor labels = tokens.narrow(1, 1, T).contiguous().to(dev_->device());
+    at::Tensor inputs = micro_batches[mb].inputs.to(at::kLong).contiguous();
+    at::Tensor labels = micro_batches[mb].labels.to(at::kLong).contiguous().to(dev_->device());
     auto task = [&](int64_t u) { return host_task(u, last, speculate, mult, hp, step); };
+    model::packing pk;  // packed rows: positions restart per example, attention stays within it
+    if (micro_batches[mb].positions.defined()) pk = model::make_packing(micro_batches[mb].positions, rope_);
+    const model::packing* packed = pk.positions.defined() ? &pk : nullptr;
 
     // The first plan_.recompute_blocks blocks keep only their input; their forward runs again,
     // saving, just before their backward (block_forward_whole is block_forward's result, bit for bit).
@@ -189,9 +219,9 @@ step_result engine::train_step(const std::vector<at::Tensor>& micro_batches, dou
       const model::block_weights w = model::block_views(pool_->acquire(u, uses, at), cfg_);
       if (i < plan_.recompute_blocks) {
         block_in[size_t(i)] = x;
-        x = model::block_forward_whole(x, w, cfg_, rope_);
+        x = model::block_forward_whole(x, w, cfg_, rope_, packed);
       } else {
-        x = model::block_forward(x, w, cfg_, rope_, saved[size_t(i)]);
+        x = model::block_forward(x, w, cfg_, rope_, saved[size_t(i)], packed);
       }
       pool_->release(u);
     }
@@ -212,7 +242,7 @@ step_result engine::train_step(const std::vector<at::Tensor>& micro_batches, dou
       const int64_t u = store_->block_unit(i);
       const model::block_weights w = model::block_views(pool_->acquire(u, uses, at), cfg_);
       if (i < plan_.recompute_blocks) {
-        model::block_forward(block_in[size_t(i)], w, cfg_, rope_, saved[size_t(i)]);
+        model::block_forward(block_in[size_t(i)], w, cfg_, rope_, saved[size_t(i)], packed);
         block_in[size_t(i)] = at::Tensor();
       }
       at::Tensor g = grads_->target(u);

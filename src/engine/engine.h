@@ -54,6 +54,23 @@
 
 namespace ferry::engine {
 
+// One micro-batch, int64 tensors on the CPU.
+struct micro_batch {
+  at::Tensor inputs;   // (B, T) token ids
+  at::Tensor labels;   // (B, T) the target of each input position; -100: no loss there
+  // (B, T) the rotary position of each token, or undefined for 0..T-1 in every row. Defined for
+  // packed examples: each example is a run 0, 1, 2, ... of positions, and its tokens attend only to
+  // earlier tokens of the same run.
+  at::Tensor positions;
+
+  // One sequence of T+1 tokens per row: inputs [:, :-1], labels [:, 1:].
+  static micro_batch from_tokens(const at::Tensor& tokens);
+  // Copies the first `columns` columns of (B, T) row-major buffers (the rest is padding the step
+  // need not run); positions may be null (undefined positions).
+  static micro_batch from_rows(const int64_t* inputs, const int64_t* labels, const int64_t* positions, int64_t B,
+                               int64_t T, int64_t columns);
+};
+
 struct step_result {
   double loss = 0;          // mean cross-entropy over the step's target tokens
   int64_t n_targets = 0;
@@ -86,13 +103,17 @@ class engine {
   // After changing the master weights (init, load, resume): refreshes shadows and device copies.
   void params_changed();
 
-  // One optimizer step over micro-batches, each (B, T+1) int64 tokens on the CPU (inputs are
-  // [:, :-1], targets [:, 1:]; -100 targets are ignored). The loss is normalised over all target
-  // tokens of all micro-batches. lr is this step's learning rate. Every input is checked before
-  // anything changes: a refused batch leaves the engine as it was. Refused on a forward_only engine.
+  // One optimizer step over micro-batches (-100 labels are ignored). The loss is normalised over
+  // all target tokens of all micro-batches. lr is this step's learning rate. Every input is checked
+  // before anything changes: a refused batch leaves the engine as it was. Refused on a
+  // forward_only engine.
+  step_result train_step(const std::vector<micro_batch>& micro_batches, double lr);
+  // The same with each micro-batch (B, T+1) tokens (micro_batch::from_tokens).
   step_result train_step(const std::vector<at::Tensor>& micro_batches, double lr);
 
-  // Forward only: summed loss and target count of one (B, T+1) batch.
+  // Forward only: summed loss and target count of one batch ((B, T+1) tokens: from_tokens).
+  // Packed batches run each block in one pass (block_forward_whole), as training does.
+  model::head_result evaluate(const micro_batch& batch);
   model::head_result evaluate(const at::Tensor& tokens);
 
   // Streams the blocks through fn in forward order (the forward half of the training schedule):
@@ -116,7 +137,7 @@ class engine {
   bool speculating() const { return validator_->speculating(); }
 
  private:
-  void check_batch(const at::Tensor& tokens, bool training) const;
+  void check_batch(const micro_batch& batch, bool training) const;
   void check_token_ids(const at::Tensor& ids) const;   // every id in [0, vocab_size)
   std::vector<int64_t> schedule(bool backward) const;
   std::function<void()> host_task(int64_t u, bool last, bool speculate, double mult,

@@ -31,18 +31,24 @@ std::pair<at::Tensor, at::Tensor> engine::head_weights() {
 
 void engine::release_head() { pool_->release(store_->head_unit()); }
 
-model::head_result engine::evaluate(const at::Tensor& tokens) {
-  check_batch(tokens, false);
+model::head_result engine::evaluate(const at::Tensor& tokens) { return evaluate(micro_batch::from_tokens(tokens)); }
+
+model::head_result engine::evaluate(const micro_batch& batch) {
+  check_batch(batch, false);
   auto guard = dev_->enter_compute();
-  const int64_t T = tokens.size(1) - 1;
-  at::Tensor inputs = tokens.narrow(1, 0, T).contiguous();
-  at::Tensor labels = tokens.narrow(1, 1, T).contiguous().to(dev_->device());
+  at::Tensor inputs = batch.inputs.to(at::kLong).contiguous();
+  at::Tensor labels = batch.labels.to(at::kLong).contiguous().to(dev_->device());
   // Resident weights leave memory to spare: one pass per block (block_forward_whole). Streamed
-  // ones run each block in chunks of tokens. The embedding output is freed once the first block
-  // has read it.
-  const bool whole = opt_.mode == offload_mode::offload_none;
+  // ones run each block in chunks of tokens. Packed rows run in one pass too (the chunked forward
+  // has no packed attention; the training plan covers a whole pass). The embedding output is
+  // freed once the first block has read it.
+  model::packing pk;
+  if (batch.positions.defined()) pk = model::make_packing(batch.positions, rope_);
+  const model::packing* packed = pk.positions.defined() ? &pk : nullptr;
+  const bool whole = opt_.mode == offload_mode::offload_none || packed;
   at::Tensor x = forward_blocks(pool_->embed(inputs), [&](int64_t, const model::block_weights& w, const at::Tensor& in) {
-    return whole ? model::block_forward_whole(in, w, cfg_, rope_) : model::block_forward_chunked(in, w, cfg_, rope_);
+    return whole ? model::block_forward_whole(in, w, cfg_, rope_, packed)
+                 : model::block_forward_chunked(in, w, cfg_, rope_);
   });
   auto [norm_w, lm_w] = head_weights();
   auto hr = model::head_forward_backward(x, norm_w, lm_w, labels, cfg_, opt_.ce_chunk, 1.0, nullptr, nullptr, nullptr, false);

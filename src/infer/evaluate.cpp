@@ -19,19 +19,16 @@ eval_result evaluate(engine::engine& e, const io::token_dataset& data, int64_t b
   const int64_t available = r.from_train_split ? data.num_train() : data.num_eval();
   const int64_t n = std::min(batches * batch_size, available);
   FERRY_CHECK(n > 0, "the dataset has no sequences to evaluate; give more data or a smaller max_length");
-  std::vector<int64_t> buf(size_t(batch_size * (T + 1)));
+  std::vector<int64_t> inputs(size_t(batch_size * T)), labels(inputs.size()), positions(inputs.size());
+  const io::batch_rows out{inputs.data(), labels.data(), positions.data()};
   double loss_sum = 0;
   e.device().reset_memory_peak();
   auto t0 = std::chrono::steady_clock::now();
   for (int64_t first = 0; first < n; first += batch_size) {
     const int64_t rows = std::min(batch_size, n - first);
-    for (int64_t b = 0; b < rows; ++b) {
-      int64_t* out = buf.data() + b * (T + 1);
-      if (r.from_train_split) data.train_batch(first + b, 1, out);
-      else data.eval_sequence(first + b, out);
-    }
-    at::Tensor tok = at::from_blob(buf.data(), {rows, T + 1}, at::kLong);
-    model::head_result hr = e.evaluate(tok);   // reads the loss: synchronises
+    const int64_t columns = r.from_train_split ? data.train_rows(first, rows, out) : data.eval_rows(first, rows, out);
+    model::head_result hr = e.evaluate(engine::micro_batch::from_rows(
+        inputs.data(), labels.data(), data.packed() ? positions.data() : nullptr, rows, T, columns));  // synchronises
     loss_sum += hr.loss_sum;
     r.tokens += hr.n_targets;
     r.sequences += rows;

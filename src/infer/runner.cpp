@@ -220,6 +220,7 @@ int run_inference(const io::run_config& cfg, const model::llama_config& mc, cons
     FERRY_ASSERT(data != nullptr, "evaluate job without data options");
     io::data_options d = *data;
     d.tokenizer = tok_spec;
+    d.packing = false;  // the inference forward runs in chunks, which packed rows cannot; the loss is the same
     io::token_dataset ds = io::token_dataset::open(d);
     ev = evaluate(e, ds, cfg.eval_batches, cfg.batch_size);
     eval_seq_len = ds.seq_len();

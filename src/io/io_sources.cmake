@@ -14,6 +14,8 @@ set(FERRY_IO_SOURCES
   hf_tokenizer.cpp
   progress.cpp
   token_stream.cpp
+  chat_template.cpp
+  examples.cpp
   dataset.cpp)
 set(FERRY_IO_TOOLS ferry-tokenize)
 

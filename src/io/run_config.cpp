@@ -38,7 +38,17 @@ const std::vector<key_desc>& keys() {
       {"init", str_key{&run_config::init, {}}, "HF checkpoint dir to start from (empty: random init from seed)"},
       {"data", str_key{&run_config::data, {}}, "comma-separated text/JSONL/token files or dirs; empty = embedded default corpus"},
       {"tokenizer", str_key{&run_config::tokenizer, {}}, "\"byte\", an HF tokenizer.json, a sentencepiece tokenizer.model, a directory holding one, or spm:N (N pieces trained on the default corpus once)"},
-      {"eval_fraction", real_key{&run_config::eval_fraction, 0, 0.5, false}, "fraction of sequences held out for evaluation"},
+      {"eval_fraction", real_key{&run_config::eval_fraction, 0, 0.5, false}, "fraction of sequences (of examples, for instruction/chat data) held out for evaluation"},
+      {"chat_template", str_key{&run_config::chat_template, {"auto", "llama2", "llama3", "chatml", "zephyr"}},
+       "how {\"messages\": ...} examples are rendered; auto = the format of the init checkpoint's (else the tokenizer "
+       "dir's) tokenizer_config.json chat_template, when it is one ferry renders exactly"},
+      {"packing", bool_key{&run_config::packing},
+       "instruction/chat examples: pack several into each max_length row (best-fit decreasing; positions restart and "
+       "attention stays within each example) instead of one padded example per row"},
+      {"long_examples", str_key{&run_config::long_examples, {"truncate", "drop", "error"}},
+       "instruction/chat examples longer than max_length: keep their first max_length tokens, drop them, or stop; counted on one line"},
+      {"skip_invalid_examples", bool_key{&run_config::skip_invalid_examples},
+       "skip malformed example lines (counted, the first named) instead of stopping at the first with its file and line"},
       {"batch_size", int_key{&run_config::batch_size, 1, 4096}, "sequences per micro-batch"},
       {"learning_rate", real_key{&run_config::learning_rate, 0, 10, true}, "peak learning rate"},
       {"max_length", int_key{&run_config::max_length, 2, 1 << 20}, "tokens per sequence"},

@@ -17,6 +17,11 @@ struct run_config {
   std::string data = "";             // comma-separated files/dirs; "" = the embedded default corpus
   std::string tokenizer = "byte";    // "byte", a tokenizer.json or tokenizer.model (or a dir), or spm:N
   double eval_fraction = 0.01;
+  // instruction and chat data (src/io/examples.h)
+  std::string chat_template = "auto";     // llama2 | llama3 | chatml | zephyr | auto (the init checkpoint's)
+  bool packing = false;                   // pack short examples into max_length rows (attention stays within each)
+  std::string long_examples = "truncate"; // truncate | drop | error: examples longer than max_length
+  bool skip_invalid_examples = false;     // skip (and count) malformed example lines instead of stopping
   // the request's training keys
   int64_t batch_size = 1;
   double learning_rate = 1e-5;

@@ -31,15 +31,23 @@ int64_t rows_per_block(int64_t B, int64_t Hq, int64_t Tq, int64_t Tk) {
 
 // Masked, scaled scores of query rows [t0, t0+n) against all keys: (B, Hkv, G*n, Tk), rows ordered
 // (g, t). qg is q viewed (B, Hkv, G, Tq, D); kf (B, Hkv, Tk, D) in the accumulation dtype.
+// positions (B, Tq) or undefined: packed runs, see attention.h.
 at::Tensor block_scores(const at::Tensor& qg, const at::Tensor& kf, int64_t t0, int64_t n, double scale,
-                        int64_t q_offset, at::Tensor* q_block) {
+                        int64_t q_offset, at::Tensor* q_block, const at::Tensor& positions) {
   const int64_t B = qg.size(0), Hkv = qg.size(1), G = qg.size(2), D = qg.size(4), Tk = kf.size(2);
   at::Tensor qc = qg.narrow(3, t0, n).to(kf.scalar_type()).reshape({B, Hkv, G * n, D});
   at::Tensor s = at::matmul(qc, kf.transpose(-1, -2)).mul_(scale);
   auto lopt = at::TensorOptions().dtype(at::kLong).device(qg.device());
   at::Tensor qpos = at::arange(q_offset + t0, q_offset + t0 + n, lopt).unsqueeze(1);   // (n, 1)
   at::Tensor kpos = at::arange(Tk, lopt).unsqueeze(0);                                 // (1, Tk)
-  at::Tensor mask = (kpos > qpos).repeat({G, 1});                                       // (G*n, Tk)
+  at::Tensor mask;
+  if (positions.defined()) {
+    // A query's run starts at its column minus its position; keys before that are another run's.
+    at::Tensor start = (qpos.squeeze(1) - positions.narrow(1, t0, n)).unsqueeze(2);     // (B, n, 1)
+    mask = ((kpos > qpos).unsqueeze(0) | (kpos.unsqueeze(0) < start)).repeat({1, G, 1}).unsqueeze(1);  // (B, 1, G*n, Tk)
+  } else {
+    mask = (kpos > qpos).repeat({G, 1});                                                // (G*n, Tk)
+  }
   s.masked_fill_(mask, -std::numeric_limits<double>::infinity());
   if (q_block) *q_block = qc;
   return s;
@@ -62,7 +70,8 @@ int64_t attention_set_score_budget(int64_t elements) {
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_forward_aten(const at::Tensor& q, const at::Tensor& k,
-                                                          const at::Tensor& v, double scale, int64_t q_offset) {
+                                                          const at::Tensor& v, double scale, int64_t q_offset,
+                                                          const at::Tensor& positions) {
   check_shapes(q, k, v);
   const int64_t B = q.size(0), Hq = q.size(1), Tq = q.size(2), D = q.size(3);
   const int64_t Hkv = k.size(1), G = Hq / Hkv, Tk = k.size(2);
@@ -75,7 +84,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_aten(const at::Tensor& q, c
   const int64_t step = rows_per_block(B, Hq, Tq, Tk);
   for (int64_t t0 = 0; t0 < Tq; t0 += step) {
     const int64_t n = std::min(step, Tq - t0);
-    at::Tensor s = block_scores(qg, kf, t0, n, scale, q_offset, nullptr);
+    at::Tensor s = block_scores(qg, kf, t0, n, scale, q_offset, nullptr, positions);
     at::Tensor l = at::logsumexp(s, -1, /*keepdim=*/true);          // (B, Hkv, G*n, 1)
     at::Tensor o = at::matmul(s.sub_(l).exp_(), vf);                // (B, Hkv, G*n, D)
     out.narrow(3, t0, n).copy_(o.view({B, Hkv, G, n, D}));
@@ -87,7 +96,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_aten(const at::Tensor& q, c
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_aten(const at::Tensor& dout, const at::Tensor& q,
                                                                        const at::Tensor& k, const at::Tensor& v,
                                                                        const at::Tensor& out, const at::Tensor& lse,
-                                                                       double scale) {
+                                                                       double scale, const at::Tensor& positions) {
   check_shapes(q, k, v);
   const int64_t B = q.size(0), Hq = q.size(1), T = q.size(2), D = q.size(3);
   const int64_t Hkv = k.size(1), G = Hq / Hkv;
@@ -104,7 +113,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_aten(const at:
   for (int64_t t0 = 0; t0 < T; t0 += step) {
     const int64_t n = std::min(step, T - t0);
     at::Tensor qc;
-    at::Tensor s = block_scores(qg, kf, t0, n, scale, 0, &qc);
+    at::Tensor s = block_scores(qg, kf, t0, n, scale, 0, &qc, positions);
     at::Tensor l = lg.narrow(3, t0, n).to(acc).reshape({B, Hkv, G * n, 1});
     at::Tensor p = s.sub_(l).exp_();                                                   // (B, Hkv, G*n, T)
     at::Tensor doc = dog.narrow(3, t0, n).to(acc).reshape({B, Hkv, G * n, D});
@@ -119,9 +128,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_aten(const at:
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                                     double scale) {
+                                                     double scale, const packing* packed) {
   check_shapes(q, k, v);
   FERRY_ASSERT(q.size(2) == k.size(2), "attention_forward: training attention needs as many queries as keys");
+  if (packed) {
+    FERRY_ASSERT(packed->positions.dim() == 2 && packed->positions.size(0) == q.size(0) &&
+                     packed->positions.size(1) == q.size(2),
+                 "attention_forward: packing for ", packed->positions.sizes(), " but q is ", q.sizes());
+#if FERRY_WITH_CUDA
+    if (gpu::attention_varlen_supported(q))
+      return gpu::attention_forward_varlen(q, k, v, packed->cu_seqlens, packed->max_run, scale);
+#endif
+    return attention_forward_aten(q, k, v, scale, 0, packed->positions);
+  }
 #if FERRY_WITH_CUDA
   if (q.is_cuda()) return gpu::attention_forward(q.contiguous(), k.contiguous(), v.contiguous(), scale);
 #endif
@@ -131,8 +150,15 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q, const 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(const at::Tensor& dout, const at::Tensor& q,
                                                                   const at::Tensor& k, const at::Tensor& v,
                                                                   const at::Tensor& out, const at::Tensor& lse,
-                                                                  double scale) {
+                                                                  double scale, const packing* packed) {
   check_shapes(q, k, v);
+  if (packed) {
+#if FERRY_WITH_CUDA
+    if (gpu::attention_varlen_supported(q))
+      return gpu::attention_backward_varlen(dout, q, k, v, out, lse, packed->cu_seqlens, packed->max_run, scale);
+#endif
+    return attention_backward_aten(dout, q, k, v, out, lse, scale, packed->positions);
+  }
 #if FERRY_WITH_CUDA
   if (q.is_cuda()) {
     return gpu::attention_backward(dout.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(), out.contiguous(),

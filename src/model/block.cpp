@@ -18,22 +18,37 @@ namespace {
 double attn_scale(const llama_config& cfg) { return 1.0 / std::sqrt(static_cast<double>(cfg.head_dim)); }
 
 void check_input(const at::Tensor& x, const block_weights& w, const llama_config& cfg, const rope_cache& rope,
-                 int64_t end_pos) {
+                 int64_t end_pos, const packing* packed = nullptr) {
   FERRY_ASSERT(x.dim() == 3 && x.size(2) == cfg.hidden_size, "block: x must be (B, T, hidden_size)");
+  FERRY_ASSERT(!packed || (packed->positions.size(0) == x.size(0) && packed->positions.size(1) == x.size(1)),
+               "block: packing for ", packed->positions.sizes(), " but x is ", x.sizes());
   FERRY_ASSERT(x.scalar_type() == w.wqkv.scalar_type(), "block: activations and weights must share a dtype");
   FERRY_CHECK(end_pos <= rope.cos.size(0), "sequence reaches position ", end_pos, " but the rotary cache holds ",
               rope.cos.size(0), " positions; build it with make_rope(cfg, max_pos >= ", end_pos, ")");
 }
 
-// The attention input projections for positions [pos, pos+T): returns qkv (B, T, Hq+2Hkv, D)
-// with RoPE applied to the q and k heads.
+// RoPE in place on the q and k heads qk (B, T, Hq+Hkv, D) of positions [pos, pos+T), or of each
+// token's position in its packed run (the rows laid end to end as one sequence of B*T tokens,
+// whose rotary rows packing gathered).
+void rope_qk_(at::Tensor& qk, const rope_cache& rope, int64_t pos, const packing* packed, bool inverse) {
+  if (packed) {
+    at::Tensor flat = qk.view({1, qk.size(0) * qk.size(1), qk.size(2), qk.size(3)});
+    rope_apply_(flat, packed->cos, packed->sin, inverse);
+    return;
+  }
+  const int64_t T = qk.size(1);
+  rope_apply_(qk, rope.cos.narrow(0, pos, T), rope.sin.narrow(0, pos, T), inverse);
+}
+
+// The attention input projections for positions [pos, pos+T) (or packed runs): returns qkv
+// (B, T, Hq+2Hkv, D) with RoPE applied to the q and k heads.
 at::Tensor project_qkv(const at::Tensor& xn, const block_weights& w, const llama_config& cfg, const rope_cache& rope,
-                       int64_t pos) {
+                       int64_t pos, const packing* packed = nullptr) {
   const int64_t B = xn.size(0), T = xn.size(1), h = cfg.hidden_size;
   const int64_t Hq = cfg.num_attention_heads, Hkv = cfg.num_key_value_heads, D = cfg.head_dim;
   at::Tensor qkv = at::mm(xn.reshape({B * T, h}), w.wqkv.t()).view({B, T, Hq + 2 * Hkv, D});
   at::Tensor qk = qkv.narrow(2, 0, Hq + Hkv);
-  rope_apply_(qk, rope.cos.narrow(0, pos, T), rope.sin.narrow(0, pos, T), /*inverse=*/false);
+  rope_qk_(qk, rope, pos, packed, /*inverse=*/false);
   return qkv;
 }
 
@@ -118,21 +133,22 @@ int64_t block_saved_bytes(const llama_config& cfg, int64_t batch, int64_t seq, i
 namespace {
 // The whole sequence at once; saved == nullptr keeps nothing (block_forward_whole).
 at::Tensor forward_one_pass(const at::Tensor& x, const block_weights& w, const llama_config& cfg,
-                            const rope_cache& rope, block_saved* saved) {
+                            const rope_cache& rope, block_saved* saved, const packing* packed) {
   const int64_t B = x.size(0), T = x.size(1), h = cfg.hidden_size;
   const int64_t Hq = cfg.num_attention_heads, Hkv = cfg.num_key_value_heads;
   at::Tensor x2 = x.reshape({B * T, h});
   at::Tensor attn_rstd;
   at::Tensor xn = rmsnorm_forward(x2, w.attn_norm, cfg.rms_norm_eps, saved ? &attn_rstd : nullptr);
-  at::Tensor qkv = project_qkv(xn.view({B, T, h}), w, cfg, rope, 0);
+  at::Tensor qkv = project_qkv(xn.view({B, T, h}), w, cfg, rope, 0, packed);
   xn.reset();
   at::Tensor q = qkv.narrow(2, 0, Hq).transpose(1, 2).contiguous();
   at::Tensor k = qkv.narrow(2, Hq, Hkv).transpose(1, 2).contiguous();
   at::Tensor v = qkv.narrow(2, Hq + Hkv, Hkv).transpose(1, 2).contiguous();
   qkv.reset();
-  auto [out, lse] = attention_forward(q, k, v, attn_scale(cfg));
+  auto [out, lse] = attention_forward(q, k, v, attn_scale(cfg), packed);
   if (saved) {
     saved->clear();
+    if (packed) saved->packed = *packed;
     saved->x = x;
     saved->attn_rstd = attn_rstd;
     saved->q = q;
@@ -160,9 +176,9 @@ at::Tensor forward_one_pass(const at::Tensor& x, const block_weights& w, const l
 }  // namespace
 
 at::Tensor block_forward(const at::Tensor& x, const block_weights& w, const llama_config& cfg, const rope_cache& rope,
-                         block_saved& saved) {
-  check_input(x, w, cfg, rope, x.size(1));
-  return forward_one_pass(x, w, cfg, rope, &saved);
+                         block_saved& saved, const packing* packed) {
+  check_input(x, w, cfg, rope, x.size(1), packed);
+  return forward_one_pass(x, w, cfg, rope, &saved, packed);
 }
 
 at::Tensor block_forward_chunked(const at::Tensor& x, const block_weights& w, const llama_config& cfg,
@@ -174,9 +190,9 @@ at::Tensor block_forward_chunked(const at::Tensor& x, const block_weights& w, co
 }
 
 at::Tensor block_forward_whole(const at::Tensor& x, const block_weights& w, const llama_config& cfg,
-                               const rope_cache& rope) {
-  check_input(x, w, cfg, rope, x.size(1));
-  return forward_one_pass(x, w, cfg, rope, nullptr);
+                               const rope_cache& rope, const packing* packed) {
+  check_input(x, w, cfg, rope, x.size(1), packed);
+  return forward_one_pass(x, w, cfg, rope, nullptr, packed);
 }
 
 at::Tensor block_backward(const at::Tensor& dy, const block_weights& w, const llama_config& cfg,
@@ -212,7 +228,8 @@ at::Tensor block_backward(const at::Tensor& dy, const block_weights& w, const ll
   // Attention: x_mid = x + out W_o^T.
   detail::grad_mm(g.wo, dh, heads_to_rows(s.attn_out), accumulate);
   at::Tensor dout = at::mm(dh, w.wo).view({B, T, Hq, D}).transpose(1, 2);
-  auto [dq, dk, dv] = attention_backward(dout, s.q, s.k, s.v, s.attn_out, s.lse, attn_scale(cfg));
+  const packing* packed = s.packed.positions.defined() ? &s.packed : nullptr;
+  auto [dq, dk, dv] = attention_backward(dout, s.q, s.k, s.v, s.attn_out, s.lse, attn_scale(cfg), packed);
   dout.reset();
   s.q.reset(), s.k.reset(), s.v.reset(), s.attn_out.reset(), s.lse.reset();
   at::Tensor dqkv = at::empty({B, T, Hq + 2 * Hkv, D}, dy.options());
@@ -221,7 +238,7 @@ at::Tensor block_backward(const at::Tensor& dy, const block_weights& w, const ll
   dqkv.narrow(2, Hq + Hkv, Hkv).copy_(dv.transpose(1, 2));
   dq.reset(), dk.reset(), dv.reset();
   at::Tensor dqk = dqkv.narrow(2, 0, Hq + Hkv);
-  rope_apply_(dqk, rope.cos.narrow(0, 0, T), rope.sin.narrow(0, 0, T), /*inverse=*/true);
+  rope_qk_(dqk, rope, 0, packed, /*inverse=*/true);
   at::Tensor dqkv2 = dqkv.view({N, -1});
   at::Tensor x2 = s.x.reshape({N, h});
   at::Tensor xn1 = rmsnorm_forward(x2, w.attn_norm, cfg.rms_norm_eps, nullptr);

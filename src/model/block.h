@@ -32,6 +32,7 @@ namespace ferry::model {
 // total = N * (e*(2h + 2q + 2kv + 2i) + a*(Hq + 2)); see block_saved_bytes.
 struct block_saved {
   at::Tensor x, attn_rstd, q, k, v, attn_out, lse, x_mid, mlp_rstd, gate_up;
+  packing packed;  // packed rows (defined positions): shared by every block of the micro-batch, not counted
 
   int64_t bytes() const;   // bytes of the defined tensors above
   void clear();
@@ -42,9 +43,10 @@ struct block_saved {
 int64_t block_saved_bytes(const llama_config& cfg, int64_t batch, int64_t seq, int64_t elem_size);
 
 // The training forward: x (B,T,h) in the compute dtype, the weights' dtype. Positions are 0..T-1
-// (T <= rope rows). Fills saved for block_backward. Returns y (B,T,h).
+// (T <= rope rows), or packed runs (packing.h: positions restart per sequence and attention stays
+// within each). Fills saved for block_backward. Returns y (B,T,h).
 at::Tensor block_forward(const at::Tensor& x, const block_weights& w, const llama_config& cfg, const rope_cache& rope,
-                         block_saved& saved);
+                         block_saved& saved, const packing* packed = nullptr);
 
 // The inference forward of streamed weights: the block runs in chunks of about
 // block_forward_chunk_rows() tokens (time steps x batch): each chunk's keys and values go to a
@@ -59,7 +61,7 @@ at::Tensor block_forward_chunked(const at::Tensor& x, const block_weights& w, co
 // bit for bit. For resident weights (offload none), where memory is not the constraint and the
 // chunks' extra launches and narrower GEMMs cost time; its peak is block_forward_whole_bytes.
 at::Tensor block_forward_whole(const at::Tensor& x, const block_weights& w, const llama_config& cfg,
-                               const rope_cache& rope);
+                               const rope_cache& rope, const packing* packed = nullptr);
 
 // Rows per chunk of the inference forward (default 1024; block_forward_cached chunks the same way).
 // Tests lower it to exercise the chunking; returns the previous value.

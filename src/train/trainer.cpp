@@ -72,8 +72,17 @@ int run_training(const io::run_config& cfg, const model::llama_config& mc, const
   namespace fs = std::filesystem;
   const int64_t B = cfg.batch_size, T = cfg.max_length;
   io::token_dataset data = io::token_dataset::open(dopt);
-  std::printf("data: %lld tokens, %lld training / %lld evaluation sequences of %lld tokens\n",
-              (long long)data.num_tokens(), (long long)data.num_train(), (long long)data.num_eval(), (long long)T);
+  if (const io::example_set* ex = data.examples()) {
+    std::printf("data: %lld examples, %lld tokens (%lld trained), %lld training / %lld evaluation sequences of up "
+                "to %lld tokens, %s\n",
+                (long long)ex->size(), (long long)ex->num_tokens(), (long long)ex->num_targets(),
+                (long long)data.num_train(), (long long)data.num_eval(), (long long)T,
+                data.packed() ? "packed" : "one example each, padded");
+    if (!ex->notes().empty()) std::printf("data: %s\n", ex->notes().c_str());
+  } else {
+    std::printf("data: %lld tokens, %lld training / %lld evaluation sequences of %lld tokens\n",
+                (long long)data.num_tokens(), (long long)data.num_train(), (long long)data.num_eval(), (long long)T);
+  }
 
   engine::engine e(mc, eo);
   std::printf("model %s: %.3f B parameters, %lld layers; offload %s, %s on %s\n", mc.name.c_str(),
@@ -130,15 +139,20 @@ int run_training(const io::run_config& cfg, const model::llama_config& mc, const
     std::printf("checkpoint (%s): %s\n", why, dir.c_str());
   };
 
+  // (B, T) rows as the dataset writes them; positions reach the engine only for packed rows.
+  std::vector<int64_t> inputs(size_t(B * T)), labels(size_t(B * T)), positions(size_t(B * T));
+  const io::batch_rows rows{inputs.data(), labels.data(), positions.data()};
+  auto micro_batch_of = [&](int64_t rows_used, int64_t columns) {
+    return engine::micro_batch::from_rows(inputs.data(), labels.data(), data.packed() ? positions.data() : nullptr,
+                                          rows_used, T, columns);
+  };
+
   auto evaluate = [&]() {
     double loss = 0;
     int64_t n = 0;
-    std::vector<int64_t> buf(size_t(T + 1));
-    int64_t batches = std::min<int64_t>(cfg.eval_batches * B, data.num_eval());
-    for (int64_t i = 0; i < batches; ++i) {
-      data.eval_sequence(i, buf.data());
-      at::Tensor tok = at::from_blob(buf.data(), {1, T + 1}, at::kLong).clone();
-      auto r = e.evaluate(tok);
+    int64_t sequences = std::min<int64_t>(cfg.eval_batches * B, data.num_eval());
+    for (int64_t i = 0; i < sequences; ++i) {
+      auto r = e.evaluate(micro_batch_of(1, data.eval_rows(i, 1, rows)));
       loss += r.loss_sum;
       n += r.n_targets;
     }
@@ -147,19 +161,20 @@ int run_training(const io::run_config& cfg, const model::llama_config& mc, const
 
   int exit_code = 0;
   bool first_record = true;
-  std::vector<int64_t> tokens(size_t(B * (T + 1)));
   while (st.step < cfg.steps) {
-    std::vector<at::Tensor> micro;
+    std::vector<engine::micro_batch> micro;
+    int64_t step_tokens = 0;  // positions the step runs, padding included
     for (int64_t a = 0; a < cfg.grad_accum; ++a) {
-      data.train_batch(st.data_cursor, B, tokens.data());
+      const int64_t columns = data.train_rows(st.data_cursor, B, rows);
       st.data_cursor += B;
-      micro.push_back(at::from_blob(tokens.data(), {B, T + 1}, at::kLong).clone());
+      micro.push_back(micro_batch_of(B, columns));
+      step_tokens += B * columns;
     }
     double lr = sched.at(st.step + 1);
     engine::step_result r = e.train_step(micro, lr);
     ++st.step;
 
-    double tok_s = double(B * T * cfg.grad_accum) / (r.step_ms / 1e3);
+    double tok_s = double(step_tokens) / (r.step_ms / 1e3);
     double mfu = peak > 0 ? tok_s * fpt / peak : 0;
     nlohmann::json m;
     m["step"] = st.step;
@@ -172,7 +187,10 @@ int run_training(const io::run_config& cfg, const model::llama_config& mc, const
     m["rollbacks"] = r.rollbacks;
     m["undo_log_bytes"] = r.undo_log_bytes;
     m["speculated"] = r.speculated;
+    m["tokens"] = step_tokens;
+    m["trained_tokens"] = r.n_targets;
     m["tokens_per_s"] = tok_s;
+    m["trained_tokens_per_s"] = double(r.n_targets) / (r.step_ms / 1e3);
     m["mfu"] = mfu;
     m["step_ms"] = r.step_ms;
     m["h2d_bytes"] = r.h2d_bytes;
@@ -202,6 +220,7 @@ int run_training(const io::run_config& cfg, const model::llama_config& mc, const
     if (tb) {
       std::vector<std::pair<std::string, double>> sc = {{"train/loss", r.loss}, {"train/lr", lr},
                                                         {"train/tokens_per_s", tok_s}, {"train/step_ms", r.step_ms},
+                                                        {"train/trained_tokens", double(r.n_targets)},
                                                         {"train/loss_scale", r.loss_scale}};
       if (std::isfinite(r.grad_norm)) sc.push_back({"train/grad_norm", r.grad_norm});
       if (m.contains("eval_loss")) sc.push_back({"eval/loss", m["eval_loss"].get<double>()});
@@ -210,9 +229,10 @@ int run_training(const io::run_config& cfg, const model::llama_config& mc, const
     }
     if (st.step % cfg.log_every == 0 || st.step == cfg.steps) {
       if (tty) std::fprintf(stderr, "\r\033[K");
-      std::printf("step %lld/%lld | loss %.4f | lr %.2e | gnorm %.3f%s | scale %g%s | %s tok/s", (long long)st.step,
-                  (long long)cfg.steps, r.loss, lr, r.grad_norm, r.clip_coef < 1 ? " (clipped)" : "", r.loss_scale,
-                  r.skipped ? " | SKIPPED (overflow)" : "", human(tok_s).c_str());
+      std::printf("step %lld/%lld | loss %.4f | lr %.2e | gnorm %.3f%s | scale %g%s | %s tok/s | %s trained",
+                  (long long)st.step, (long long)cfg.steps, r.loss, lr, r.grad_norm, r.clip_coef < 1 ? " (clipped)" : "",
+                  r.loss_scale, r.skipped ? " | SKIPPED (overflow)" : "", human(tok_s).c_str(),
+                  human(double(r.n_targets)).c_str());
       if (mfu > 0) std::printf(" | MFU %.1f%%", 100 * mfu);
       std::printf(" | %.0f ms | gpu %.2f GiB", r.step_ms, gib(r.gpu_alloc_peak));
       if (r.h2d_bytes)

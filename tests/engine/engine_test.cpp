@@ -551,6 +551,77 @@ TEST(engine_accumulation, micro_batch_counts_equal_one_batch) {
   }
 }
 
+// Packed rows (micro_batch::positions): rows holding several examples, each with positions from 0
+// and attention confined to itself, train exactly like the examples one by one as micro-batches of
+// their own (the same targets, loss, gradient norm, and after three steps the same weights and
+// moments), in every mode, unclipped and clipped; evaluation agrees too. Malformed positions are
+// refused before anything changes.
+TEST(engine_packing, packed_rows_equal_examples_one_by_one) {
+  FERRY_REQUIRE_DEVICE();
+  const std::vector<std::vector<int64_t>> runs = {{5, 3, 6}, {7, 2, 4}};  // and padding: 2 and 3 columns
+  const int64_t B = 2, T = 16, V = tiny_config().vocab_size;
+  at::Generator gen = at::detail::createCPUGenerator(5);
+  micro_batch packed{at::randint(0, V, {B, T}, gen, at::kLong), at::full({B, T}, -100, at::kLong),
+                     at::zeros({B, T}, at::kLong)};
+  std::vector<micro_batch> examples;
+  for (int64_t b = 0; b < B; ++b) {
+    int64_t at = 0;
+    for (int64_t len : runs[size_t(b)]) {
+      at::Tensor in = packed.inputs[b].narrow(0, at, len), lab = packed.labels[b].narrow(0, at, len);
+      lab.narrow(0, 0, len - 1).copy_(in.narrow(0, 1, len - 1));  // the run's next tokens
+      lab[0] = -100;                                                 // a prompt token: not trained
+      packed.positions[b].narrow(0, at, len).copy_(at::arange(len, at::kLong));
+      examples.push_back({in.unsqueeze(0).clone(), lab.unsqueeze(0).clone(), at::Tensor()});
+      at += len;
+    }
+    packed.positions[b].narrow(0, at, T - at).copy_(at::arange(T - at, at::kLong));  // the padding's own run
+  }
+  for (auto mode : {k_overlapped, k_blocked, k_none}) {
+    for (double clip : {0.0, 0.05}) {
+      engine_options o = base_options(mode, at::kFloat);
+      o.clip_grad = clip;
+      o.max_batch = B;
+      o.max_seq = T;
+      const std::string what = mode_label(o) + " packed vs one by one";
+      auto a = make_engine(o), b = make_engine(o);
+      run_result ra, rb;
+      for (int64_t k = 0; k < 3; ++k) {
+        ra.steps.push_back(a->train_step({packed}, lr_at(k)));
+        rb.steps.push_back(b->train_step(examples, lr_at(k)));
+        EXPECT_EQ(ra.steps[k].n_targets, rb.steps[k].n_targets) << what;
+        EXPECT_NEAR(ra.steps[k].loss, rb.steps[k].loss, 1e-5 * rb.steps[k].loss) << what;
+        EXPECT_NEAR(ra.steps[k].grad_norm, rb.steps[k].grad_norm, 1e-5 * rb.steps[k].grad_norm) << what;
+      }
+      EXPECT_EQ(ra.steps[0].n_targets, 27 - 2 * 6) << "each run: its next tokens but the first label";
+      double sum = 0;
+      for (const micro_batch& ex : examples) sum += a->evaluate(ex).loss_sum;
+      const model::head_result ev = a->evaluate(packed);
+      EXPECT_NEAR(ev.loss_sum, sum, 1e-5 * sum) << what;
+      snapshot(*a, ra);
+      snapshot(*b, rb);
+      expect_runs_close(ra, rb, tolerance_for(at::kFloat), what);
+    }
+  }
+  engine_options o = base_options(k_blocked, at::kFloat);
+  o.max_batch = B;
+  o.max_seq = T;
+  auto e = make_engine(o);
+  micro_batch bad = packed;
+  bad.positions = packed.positions.clone();
+  bad.positions[1][6] = 3;  // 0 1 2 3 4 5 3: neither a restart nor the next position
+  EXPECT_THROW(
+      {
+        try {
+          e->train_step({bad}, 1e-3);
+        } catch (const ferry::error& err) {
+          EXPECT_NE(std::string(err.what()).find("row 1 has 3 at column 6 after 5"), std::string::npos) << err.what();
+          throw;
+        }
+      },
+      ferry::error);
+  EXPECT_EQ(e->state().optimizer_steps, 0);
+}
+
 // ---- 5. races ----
 
 // Random delays in every copy, compute phase and CPU update: the overlapped schedule must give

@@ -30,6 +30,11 @@ TEST(byte_tokenizer, utf8_round_trip) {
   ids.push_back(0);
   EXPECT_EQ(tok->decode(ids), text);  // specials are skipped
   EXPECT_TRUE(tok->encode("").empty());
+  EXPECT_EQ(tok->token_id("<unk>"), 0);
+  EXPECT_EQ(tok->token_id("<s>"), 1);
+  EXPECT_EQ(tok->token_id("</s>"), 2);
+  EXPECT_EQ(tok->token_id("<|im_start|>"), -1);
+  EXPECT_EQ(tok->token_id("a"), 3 + int('a'));  // a byte is the entry spelled by that one byte
 }
 
 TEST(tokenizer, spec_errors) {
@@ -59,6 +64,13 @@ TEST(sentencepiece, train_encode_decode) {
     }
     EXPECT_EQ(tok->decode(ids), text);  // byte fallback covers characters the corpus lacks
     EXPECT_ERROR_HAS(tok->decode({5, test::k_sp_vocab}), "outside the vocabulary");
+    EXPECT_EQ(tok->token_id("<unk>"), 0);
+    EXPECT_EQ(tok->token_id("<s>"), 1);
+    EXPECT_EQ(tok->token_id("</s>"), 2);
+    EXPECT_EQ(tok->token_id("<|eot_id|>"), -1);  // absent: not the unk id
+    const std::vector<int32_t> cjk = tok->encode("世");  // not in the corpus: byte fallback E4 B8 96
+    ASSERT_FALSE(cjk.empty());
+    EXPECT_EQ(tok->token_id("<0x96>"), cjk.back());
   }
 }
 

@@ -2,6 +2,7 @@
 #include <cmath>
 #include <functional>
 #include <map>
+#include <numeric>
 #include <string>
 
 #include "src/common/error.h"
@@ -10,6 +11,7 @@
 #include "src/model/device_bytes.h"
 #include "src/model/embed_head.h"
 #include "src/model/layout.h"
+#include "src/model/packing.h"
 #include "src/model/rope.h"
 #include "tests/alloc_meter.h"
 #include "tests/model/model_test_ref.h"
@@ -387,6 +389,105 @@ void check_model(at::ScalarType t, const llama_config& c, int64_t B, int64_t T) 
     for (const auto& s : bl)
       FERRY_EXPECT_CLOSE(slot_view(gd[l], s), pb[l][s.name].grad(), tol,
                          "model.layers." + std::to_string(l) + "." + s.name);
+}
+
+// Packed rows: each row holds runs (the rest of the row is one more run, of padding), positions
+// restart at 0 in each and attention stays within it. The loss, the logits and every gradient
+// equal running each run on its own (gradients summed). On CUDA, fp16/bf16 run flash attention's
+// variable-length kernels, fp32 the masked ATen composition.
+void check_packed(at::ScalarType t, const llama_config& c, const std::vector<std::vector<int64_t>>& runs, int64_t T) {
+  SCOPED_TRACE(dtype_name(t) + " Hq=" + std::to_string(c.num_attention_heads) +
+               " Hkv=" + std::to_string(c.num_key_value_heads) + " D=" + std::to_string(c.head_dim));
+  const int64_t L = c.num_hidden_layers, B = int64_t(runs.size()), V = c.vocab_size, h = c.hidden_size;
+  auto bl = block_layout(c), el = embed_layout(c), hl = head_layout(c);
+  at::Tensor eflat = random_flat(el, c.embed_params(), t), hflat = random_flat(hl, c.head_params(), t);
+  std::vector<at::Tensor> bflat;
+  for (int64_t l = 0; l < L; ++l) bflat.push_back(random_flat(bl, c.block_params(), t));
+  at::Tensor tokens = at::randint(V, {B, T}, at::kLong);
+  at::Tensor labels = at::full({B, T}, -100, at::kLong), positions = at::zeros({B, T}, at::kLong);
+  struct span { int64_t row, start, len; };
+  std::vector<span> spans;
+  for (int64_t b = 0; b < B; ++b) {
+    int64_t at = 0;
+    for (int64_t len : runs[size_t(b)]) {
+      labels[b].narrow(0, at, len - 1).copy_(tokens[b].narrow(0, at + 1, len - 1));
+      positions[b].narrow(0, at, len).copy_(at::arange(len, at::kLong));
+      spans.push_back({b, at, len});
+      at += len;
+    }
+    positions[b].narrow(0, at, T - at).copy_(at::arange(T - at, at::kLong));
+  }
+  const at::Tensor ed = dev(eflat, t), hd = dev(hflat, t);
+  const at::Tensor emb = ed.view({V, h}), norm_w = slot_view(hd, hl[0]), lm_w = slot_view(hd, hl[1]);
+  std::vector<at::Tensor> bd;
+  for (auto& f : bflat) bd.push_back(dev(f, t));
+  const rope_cache rc = make_rope(c, T, test_device());
+
+  // One forward and backward; gradients added into g_* (accumulate).
+  struct grads { at::Tensor emb, head; std::vector<at::Tensor> blocks; };
+  auto zero_grads = [&] {
+    grads g{at::zeros_like(emb), at::zeros_like(hd), {}};
+    for (auto& b : bd) g.blocks.push_back(at::zeros_like(b));
+    return g;
+  };
+  auto run = [&](const at::Tensor& tok, const at::Tensor& lab, const packing* pk, grads& g, at::Tensor* logits) {
+    const at::Tensor td = tok.to(test_device());
+    at::Tensor x = embed_forward(td, emb);
+    std::vector<block_saved> saved(static_cast<size_t>(L));
+    for (int64_t l = 0; l < L; ++l) x = block_forward(x, block_views(bd[l], c), c, rc, saved[size_t(l)], pk);
+    *logits = head_logits(x, norm_w, lm_w, c);
+    at::Tensor g_norm = slot_view(g.head, hl[0]), g_lm = slot_view(g.head, hl[1]), dx;
+    head_result r = head_forward_backward(x, norm_w, lm_w, lab.to(test_device()), c, 7, 1.0, &dx, &g_norm, &g_lm, true);
+    for (int64_t l = L - 1; l >= 0; --l)
+      dx = block_backward(dx, block_views(bd[l], c), c, rc, saved[size_t(l)], block_views(g.blocks[size_t(l)], c), true);
+    embed_backward(dx, td, g.emb, true);
+    return r;
+  };
+
+  const packing pk = make_packing(positions, rc);
+  int64_t padded_rows = 0;
+  for (const auto& r : runs) padded_rows += std::accumulate(r.begin(), r.end(), int64_t(0)) < T;
+  EXPECT_EQ(pk.runs, int64_t(spans.size()) + padded_rows);
+  grads gp = zero_grads(), g1 = zero_grads();
+  at::Tensor logits_packed, logits_one;
+  const head_result rp = run(tokens, labels, &pk, gp, &logits_packed);
+  double loss_one = 0;
+  int64_t targets_one = 0;
+  const double tol = tolerance(t, 3.0);
+  for (const span& s : spans) {
+    const head_result r = run(tokens[s.row].narrow(0, s.start, s.len).unsqueeze(0),
+                              labels[s.row].narrow(0, s.start, s.len).unsqueeze(0), nullptr, g1, &logits_one);
+    loss_one += r.loss_sum;
+    targets_one += r.n_targets;
+    FERRY_EXPECT_CLOSE(logits_packed[s.row].narrow(0, s.start, s.len), logits_one[0], tol,
+                       "logits of row " + std::to_string(s.row) + " from " + std::to_string(s.start));
+  }
+  EXPECT_EQ(rp.n_targets, targets_one);
+  EXPECT_NEAR(rp.loss_sum, loss_one, std::abs(loss_one) * tol);
+  FERRY_EXPECT_CLOSE(gp.emb, g1.emb, tol, "model.embed_tokens.weight");
+  FERRY_EXPECT_CLOSE(gp.head, g1.head, tol, "model.norm.weight + lm_head.weight");
+  for (int64_t l = 0; l < L; ++l)
+    for (const auto& sl : bl)
+      FERRY_EXPECT_CLOSE(slot_view(gp.blocks[size_t(l)], sl), slot_view(g1.blocks[size_t(l)], sl), tol,
+                         "model.layers." + std::to_string(l) + "." + sl.name);
+}
+
+TEST(MODEL_SUITE(model_packed), equals_each_sequence_on_its_own) {
+  FERRY_REQUIRE_DEVICE();
+  for (auto t : test_dtypes()) {
+    check_packed(t, tiny_config(4, 2, 8, 2), {{5, 3, 4}, {7, 2}}, 14);
+    check_packed(t, tiny_config(2, 2, 6, 2), {{3, 3, 3, 3}, {12}}, 12);
+  }
+  // Positions that neither restart at 0 nor count up by one are refused.
+  at::Tensor bad = at::tensor({0, 1, 2, 0, 2}, at::kLong).view({1, 5});
+  const rope_cache rc = make_rope(tiny_config(2, 2, 6, 2), 8, test_device());
+  try {
+    make_packing(bad, rc);
+    ADD_FAILURE() << "positions 0 1 2 0 2 accepted";
+  } catch (const ferry::error& e) {
+    EXPECT_NE(std::string(e.what()).find("row 0 has 2 at column 4 after 0"), std::string::npos) << e.what();
+  }
+  EXPECT_THROW(make_packing(at::zeros({1, 9}, at::kLong) + at::arange(9, at::kLong), rc), ferry::error);
 }
 
 TEST(MODEL_SUITE(model_tiny), loss_and_every_gradient_match_autograd) {

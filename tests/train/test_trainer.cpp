@@ -84,6 +84,53 @@ TEST(trainer, loss_falls_and_final_checkpoint_is_written) {
   EXPECT_TRUE(fs::is_regular_file(c.output_dir + "/checkpoint-000012/config.json"));
 }
 
+// Prompt/completion data, one example per row and packed: every step's trained_tokens is the
+// number of labels the dataset gave it that are not -100 (only completions and their EOS), rows
+// are cut after the longest, and the loss falls.
+TEST(trainer, instruction_data_reports_trained_tokens_per_step) {
+  for (bool packing : {false, true}) {
+  SCOPED_TRACE(packing ? "packed" : "padded");
+  scratch_dir d;
+  const std::string data = d.path + "/sft.jsonl";
+  {
+    std::ofstream f(data);
+    for (int i = 0; i < 60; ++i)
+      f << R"({"prompt": "question )" << i << R"( of many:", "completion": " answer )" << (i % 3) << R"(."})" << "\n";
+  }
+  auto c = config_for(d.path, data, 10);
+  c.grad_accum = 2;
+  c.max_length = packing ? 72 : 48;  // 31 or 32 tokens each: padded rows are cut to 32 columns, two fit packed
+  c.packing = packing;
+  ASSERT_EQ(run_train(c), 0);
+  model::llama_config mc = cli::resolve_model(c);
+  const io::token_dataset ds = io::token_dataset::open(cli::data_options_for(c, mc));
+  ASSERT_TRUE(ds.has_examples());
+  const int64_t B = c.batch_size, T = c.max_length;
+  std::vector<int64_t> in(size_t(B * T)), lab(in.size()), pos(in.size());
+  std::ifstream f(c.output_dir + "/metrics.jsonl");
+  int64_t cursor = 0, steps = 0;
+  std::vector<double> loss;
+  for (std::string line; std::getline(f, line); ++steps) {
+    const auto m = nlohmann::json::parse(line);
+    int64_t trained = 0, tokens = 0;
+    for (int64_t a = 0; a < c.grad_accum; ++a, cursor += B) {
+      const int64_t cols = ds.train_rows(cursor, B, {in.data(), lab.data(), pos.data()});
+      tokens += B * cols;
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t t = 0; t < T; ++t) trained += lab[size_t(b * T + t)] != -100;
+    }
+    EXPECT_EQ(m["trained_tokens"].get<int64_t>(), trained) << "step " << steps + 1;
+    EXPECT_EQ(m["tokens"].get<int64_t>(), tokens) << "step " << steps + 1;
+    EXPECT_LT(tokens, c.grad_accum * B * T) << "padding past the longest row is not run";
+    EXPECT_GT(trained, packing ? c.grad_accum * B * 11 : 0) << "packed rows hold more than one example (11 targets each)";
+    loss.push_back(m["loss"].get<double>());
+  }
+  ASSERT_EQ(steps, 10);
+  EXPECT_EQ(ds.packed(), packing);
+  EXPECT_LT(loss.back(), loss.front() - 0.5) << "loss did not fall";
+  }
+}
+
 TEST(trainer, resume_continues_exactly_as_the_uninterrupted_run) {
   scratch_dir d;
   std::string corpus = write_corpus(d.path);
