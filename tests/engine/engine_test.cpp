@@ -599,7 +599,13 @@ TEST(engine_packing, packed_rows_equal_examples_one_by_one) {
       EXPECT_NEAR(ev.loss_sum, sum, 1e-5 * sum) << what;
       snapshot(*a, ra);
       snapshot(*b, rb);
-      expect_runs_close(ra, rb, tolerance_for(at::kFloat), what);
+      // On CUDA the examples one by one run other attention kernels than the packed rows' masked
+      // composition; AdamW turns that summation-order noise into up to ~0.05 lr0 on elements whose
+      // gradient is near zero (H100, 2026-11-27: 0.0529 lr0), so the loose bound doubles there.
+      // A row attending across examples is off by whole lr0s.
+      trajectory_tol tol = tolerance_for(at::kFloat);
+      if (k_cuda_suite) tol.loose *= 2;
+      expect_runs_close(ra, rb, tol, what);
     }
   }
   engine_options o = base_options(k_blocked, at::kFloat);
