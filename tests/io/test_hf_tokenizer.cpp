@@ -46,10 +46,10 @@ std::string reference_dir(std::string* skip) {
   return dir;
 }
 
-#define REQUIRE_REFERENCE(dir)             \
-  std::string skip_;                       \
+#define REQUIRE_REFERENCE(dir)                   \
+  std::string skip_;                             \
   const std::string dir = reference_dir(&skip_); \
-  if (!skip_.empty()) GTEST_SKIP() << skip_; \
+  if (!skip_.empty()) GTEST_SKIP() << skip_;     \
   ASSERT_FALSE(dir.empty())
 
 json load_json(const std::string& path) { return json::parse(test::read_bytes(path)); }
@@ -67,9 +67,14 @@ std::string shown(const std::string& s) {
   std::string out;
   for (unsigned char c : s.substr(0, 160)) {
     char buf[8];
-    if (c == '\n') out += "\\n";
-    else if (c < 0x20 || c == 0x7F) std::snprintf(buf, sizeof(buf), "\\x%02x", c), out += buf;
-    else out.push_back(static_cast<char>(c));
+    if (c == '\n') {
+      out += "\\n";
+    } else if (c < 0x20 || c == 0x7F) {
+      std::snprintf(buf, sizeof(buf), "\\x%02x", c);
+      out += buf;
+    } else {
+      out.push_back(static_cast<char>(c));
+    }
   }
   return out + (s.size() > 160 ? "..." : "");
 }
