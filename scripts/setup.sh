@@ -34,6 +34,7 @@ declare -A need=(
   [nlohmann/json.hpp]=nlohmann-json3-dev
   [sentencepiece_processor.h]=libsentencepiece-dev
   [gtest/gtest.h]=libgtest-dev
+  [liburing.h]=liburing-dev
 )
 
 # Debian package -> the bundle's .deb files that make it usable (the -dev package and its runtime libs).
@@ -45,6 +46,7 @@ bundle_glob() {
     nlohmann-json3-dev) echo "nlohmann*.deb" ;;
     libsentencepiece-dev) echo "libsentencepiece*.deb" ;;
     libgtest-dev) echo "libgtest*.deb googletest*.deb" ;;
+    liburing-dev) echo "liburing*.deb" ;;
     *) echo "$1_*.deb" ;;
   esac
 }
@@ -69,7 +71,7 @@ done
 # Headers alone are not enough where a package ships a compiled library (Ubuntu's libboost-dev
 # has the program_options headers without the library).
 for pair in libboost_program_options:libboost-program-options-dev libtbb:libtbb-dev libhwy:libhwy-dev \
-            libsentencepiece:libsentencepiece-dev; do
+            libsentencepiece:libsentencepiece-dev liburing:liburing-dev; do
   lib="${pair%%:*}" pkg="${pair##*:}"
   if ! have_lib "$lib" && [[ " ${missing[*]} " != *" $pkg "* ]]; then missing+=("$pkg"); fi
 done
