@@ -166,7 +166,10 @@ class nvme_state final : public state_tier {
       memory_.emplace_back(p);
       bufs_.push_back({p});
     }
-    io_ = std::make_unique<uring_io>(o.queue_depth, k_nvme_chunk);
+    io_ = std::make_unique<uring_io>(o.queue_depth, k_nvme_chunk, !o.debug_no_uring);
+    if (io_->uring_error() != 0)
+      note(std::string("io_uring is not available (") + std::strerror(io_->uring_error()) +
+           "); the tier reads and writes with pread/pwrite on one thread");
   }
 
   ~nvme_state() override {
@@ -188,8 +191,11 @@ class nvme_state final : public state_tier {
   std::string describe() const override {
     std::string s = "optimizer state on disk: " + file_.path + " (" + fmt_gib(file_bytes_) + "), " +
                     std::to_string(opt_.buffers) + " buffers of " + std::to_string(buffer_bytes_ >> 20) +
-                    " MiB, queue depth " + std::to_string(opt_.queue_depth) + " x " +
-                    std::to_string(k_nvme_chunk >> 20) + " MiB, " + (direct_ ? "O_DIRECT" : "buffered I/O");
+                    " MiB, " +
+                    (io_->uring_error() == 0 ? "io_uring queue depth " + std::to_string(opt_.queue_depth) + " x " +
+                                                   std::to_string(k_nvme_chunk >> 20) + " MiB"
+                                             : std::string("pread/pwrite")) +
+                    ", " + (direct_ ? "O_DIRECT" : "buffered I/O");
     for (const auto& n : notes_) s += "\nnotice: " + n;
     return s;
   }

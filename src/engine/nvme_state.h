@@ -9,7 +9,8 @@
 // removed when the tier is destroyed. Unit u's block starts at a 4096-aligned offset and holds
 // exactly state_bytes(kind) bytes of the in-memory form, arrays in this order: the fp32 master,
 // (int8) the fp32 scales of m and of v, then m and v; a buffer holds a block the same way.
-// A filesystem that refuses O_DIRECT (tmpfs before Linux 6.6) gets buffered I/O and a notice in
+// A filesystem that refuses O_DIRECT (tmpfs before Linux 6.6) gets buffered I/O, and a kernel or
+// container that refuses io_uring gets uring_io's pread/pwrite path, each with a notice in
 // describe().
 //
 // Streaming: prefetch(u) queues a read of u into a free buffer (an empty one, else the least
@@ -45,6 +46,7 @@ struct nvme_options {
   int64_t queue_depth = 16;    // nvme_queue_depth: requests of k_nvme_chunk bytes in flight
   // Test hooks (tests/engine only; never set by the CLI).
   bool debug_refuse_direct = false;  // act as if the filesystem refused O_DIRECT
+  bool debug_no_uring = false;       // act as if the kernel refused io_uring (pread/pwrite path)
   int debug_fallocate_errno = 0;     // preallocation fails with this errno
   int64_t debug_fail_write = -1;     // write-backs from this one on (0-based) go to a read-only
                                      // descriptor, so their completions carry EBADF

@@ -1,6 +1,7 @@
 #include "src/engine/uring_io.h"
 
 #include <liburing.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
@@ -37,18 +38,31 @@ struct uring_io::op {
   callback done;
 };
 
-uring_io::uring_io(int64_t depth, int64_t chunk)
+uring_io::uring_io(int64_t depth, int64_t chunk, bool use_uring)
     : ring_(std::make_unique<ring>()), depth_(depth), chunk_(chunk), slots_(size_t(depth)) {
   FERRY_ASSERT(depth >= 1 && chunk >= 4096 && chunk <= (int64_t(1) << 30), "uring_io depth ", depth, " chunk ", chunk);
   // One entry more than the requests in flight: the stop message of the destructor.
-  const int e = io_uring_queue_init(unsigned(depth + 1), &ring_->r, 0);
-  FERRY_CHECK(e == 0, "io_uring_queue_init failed: ", std::strerror(-e),
-              "; the optimizer state tier on disk needs io_uring (Linux 5.6 or later, kernel.io_uring_disabled=0)");
+  const int e = use_uring ? io_uring_queue_init(unsigned(depth + 1), &ring_->r, 0) : -ENOSYS;
+  if (e != 0) {
+    uring_error_ = -e;
+    thread_ = std::thread([this] { sync_loop(); });
+    return;
+  }
   for (int64_t s = depth - 1; s >= 0; --s) free_slots_.push_back(s);
   thread_ = std::thread([this] { loop(); });
 }
 
 uring_io::~uring_io() {
+  if (uring_error_ != 0) {
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      idle_.wait(lock, [&] { return ops_open_ == 0; });
+      stop_ = true;
+    }
+    work_.notify_all();
+    thread_.join();
+    return;
+  }
   {
     std::unique_lock<std::mutex> lock(mu_);
     idle_.wait(lock, [&] { return ops_open_ == 0; });
@@ -86,7 +100,8 @@ void uring_io::queue(bool write, int fd, void* buf, int64_t offset, int64_t len,
   std::lock_guard<std::mutex> lock(mu_);
   ++ops_open_;
   queued_.push_back(o.release());
-  pump();
+  if (uring_error_ != 0) work_.notify_one();
+  else pump();
 }
 
 void uring_io::pump() {
@@ -156,6 +171,37 @@ void uring_io::loop() {
       idle_.notify_all();
     }
     if (stop) return;
+  }
+}
+
+void uring_io::sync_loop() {
+  for (;;) {
+    op* o;
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      work_.wait(lock, [&] { return stop_ || !queued_.empty(); });
+      if (queued_.empty()) return;
+      o = queued_.front();
+      queued_.pop_front();
+    }
+    for (int64_t at = 0; at < o->len;) {
+      const size_t n = size_t(std::min(chunk_, o->len - at));
+      const ssize_t r = o->write ? ::pwrite(o->fd, o->buf + at, n, off_t(o->offset + at))
+                                 : ::pread(o->fd, o->buf + at, n, off_t(o->offset + at));
+      if (r < 0 && errno == EINTR) continue;
+      if (r < 0) {
+        o->res.err = errno;
+        break;
+      }
+      if (r == 0) break;   // end of file: a short transfer
+      o->res.done += r;
+      at += r;
+    }
+    o->done(o->res);
+    delete o;
+    std::lock_guard<std::mutex> lock(mu_);
+    --ops_open_;
+    idle_.notify_all();
   }
 }
 

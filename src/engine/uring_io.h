@@ -8,6 +8,10 @@
 // Threads: read/write may be called from any thread (one mutex guards the submission queue); one
 // completion thread reaps the ring and runs the callbacks, with no lock of this class held, so a
 // callback may queue further operations.
+//
+// Where the kernel refuses io_uring (seccomp profiles of container runtimes block io_uring_setup,
+// older kernels lack it), the same thread runs the operations itself with pread/pwrite, one
+// request at a time: the same results, no queue depth. uring_error() says which path runs.
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
@@ -30,8 +34,8 @@ class uring_io {
  public:
   using callback = std::function<void(const uring_result&)>;
 
-  // Throws ferry::error naming the errno when the kernel refuses io_uring.
-  uring_io(int64_t depth, int64_t chunk);
+  // use_uring false: the pread/pwrite path even where io_uring works (tests).
+  uring_io(int64_t depth, int64_t chunk, bool use_uring = true);
   // Waits for every queued operation to complete, then stops the completion thread.
   ~uring_io();
   uring_io(const uring_io&) = delete;
@@ -40,6 +44,9 @@ class uring_io {
   // buf, offset and len as the file's open mode needs them (O_DIRECT: 4096-aligned).
   void read(int fd, void* buf, int64_t offset, int64_t len, callback done);
   void write(int fd, const void* buf, int64_t offset, int64_t len, callback done);
+  // 0 while io_uring runs the I/O, else the errno io_uring_queue_init failed with (ENOSYS when
+  // use_uring was false): the pread/pwrite path.
+  int uring_error() const { return uring_error_; }
 
  private:
   struct op;
@@ -50,12 +57,15 @@ class uring_io {
   void queue(bool write, int fd, void* buf, int64_t offset, int64_t len, callback done);
   void pump();   // with mu_ held: requests from the queue into free slots, then one submit
   void loop();
+  void sync_loop();   // the pread/pwrite path
 
   struct ring;
   std::unique_ptr<ring> ring_;
   const int64_t depth_, chunk_;
+  int uring_error_ = 0;
+  bool stop_ = false;                // sync_loop: no operation will come
   std::mutex mu_;
-  std::condition_variable idle_;
+  std::condition_variable idle_, work_;
   std::deque<op*> queued_;           // operations with requests not yet issued, in order
   std::vector<request> slots_;       // requests in flight, by user_data
   std::vector<int64_t> free_slots_;

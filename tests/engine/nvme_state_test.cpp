@@ -94,8 +94,9 @@ void expect_same_state(const run_result& a, const run_result& b, const std::stri
 
 // An operation larger than one request is split into chunks with at most `depth` in flight, and
 // lands byte for byte; a read past the end is short (err 0, done < want); a failing request's
-// errno reaches the callback.
-TEST(nvme_uring, chunked_round_trip_short_read_and_errors) {
+// errno reaches the callback. The same through the pread/pwrite path.
+void round_trip(bool use_uring) {
+  SCOPED_TRACE(use_uring ? "io_uring" : "pread/pwrite");
   scratch d;
   const std::string path = d.path + "/f";
   const int fd = ::open(path.c_str(), O_RDWR | O_CREAT, 0600);
@@ -116,7 +117,8 @@ TEST(nvme_uring, chunked_round_trip_short_read_and_errors) {
     cv.wait(lock, [&] { return got.size() >= k; });
   };
   {
-    uring_io io(3, 4096 * 2);
+    uring_io io(3, 4096 * 2, use_uring);
+    EXPECT_EQ(io.uring_error() == 0, use_uring);
     io.write(fd, a.data(), 0, n / 2, done);
     io.write(fd, a.data() + n / 2, n / 2, n - n / 2, done);
     wait_for(2);
@@ -137,6 +139,11 @@ TEST(nvme_uring, chunked_round_trip_short_read_and_errors) {
   EXPECT_EQ(got[3].want, 3 * 4096);
   EXPECT_EQ(got[3].done, 4096);
   EXPECT_EQ(got[4].err, EBADF);
+}
+
+TEST(nvme_uring, chunked_round_trip_short_read_and_errors) {
+  round_trip(true);
+  round_trip(false);
 }
 
 // ---- the tier ----
@@ -294,7 +301,7 @@ TEST(nvme_state, a_pass_moves_each_unit_once) {
       }
       tier->flush();
       const tier_io io = tier->take_io();
-      if (pass > 0) EXPECT_EQ(io.read_bytes, strides) << "pass " << pass;   // pass 0: never written, nothing read
+      EXPECT_EQ(io.read_bytes, pass > 0 ? strides : 0) << "pass " << pass;   // pass 0: never written, nothing read
       EXPECT_EQ(io.write_bytes, strides) << "pass " << pass;
     }
     for (int64_t u = 0; u < tier->num_units(); ++u) {
@@ -310,6 +317,7 @@ struct nvme_case {
   const char* name;
   state_kind kind;
   bool refuse_direct;   // the buffered I/O path (as on a filesystem without O_DIRECT)
+  bool no_uring;        // the pread/pwrite path (as where a container refuses io_uring)
   double poison;        // the gradient spike at step k_fix_step: inf (skip: undo) or 1e3 with clip 50 (redo)
 };
 
@@ -340,11 +348,14 @@ TEST_P(nvme_training, bit_identical_to_the_host_tier) {
   o.clip_grad = std::isinf(c.poison) ? 0.0 : 50.0;
   engine_options on = nvme(o, d.path);
   on.nvme.debug_refuse_direct = c.refuse_direct;
+  on.nvme.debug_no_uring = c.no_uring;
 
   auto host = make_engine(o), disk = make_engine(on);
   EXPECT_TRUE(host->params().state().in_memory());
   EXPECT_FALSE(disk->params().state().in_memory());
   EXPECT_EQ(disk->params().state().describe().find("buffered I/O") != std::string::npos, c.refuse_direct)
+      << disk->params().state().describe();
+  EXPECT_EQ(disk->params().state().describe().find("pread/pwrite") != std::string::npos, c.no_uring)
       << disk->params().state().describe();
   run_result h, n;
   for (int64_t k = 0; k < k_nvme_steps; ++k) {
@@ -373,10 +384,11 @@ TEST_P(nvme_training, bit_identical_to_the_host_tier) {
 }
 
 INSTANTIATE_TEST_SUITE_P(all, nvme_training,
-                         ::testing::Values(nvme_case{"fp32_undo", state_kind::state_fp32, false, k_inf},
-                                           nvme_case{"int8_undo", state_kind::state_int8, false, k_inf},
-                                           nvme_case{"int8_redo_buffered", state_kind::state_int8, true, 1e3},
-                                           nvme_case{"fp32_redo_buffered", state_kind::state_fp32, true, 1e3}),
+                         ::testing::Values(nvme_case{"fp32_undo", state_kind::state_fp32, false, false, k_inf},
+                                           nvme_case{"int8_undo", state_kind::state_int8, false, false, k_inf},
+                                           nvme_case{"int8_redo_buffered", state_kind::state_int8, true, false, 1e3},
+                                           nvme_case{"fp32_redo_buffered", state_kind::state_fp32, true, false, 1e3},
+                                           nvme_case{"int8_undo_pread_pwrite", state_kind::state_int8, false, true, k_inf}),
                          [](const auto& info) { return std::string(info.param.name); });
 
 // The planner charges what the tier allocates: buffers on the host, the file on disk, no master or
