@@ -36,6 +36,23 @@ else()
   message(FATAL_ERROR "PCRE2 not found: run scripts/setup.sh (installs libpcre2-dev or unpacks the offline bundle)")
 endif()
 
+# liburing (the optimizer state tier on disk, src/engine/uring_io.cpp): pkg-config's liburing where
+# pkg-config is installed, else (a clean machine, or the offline bundle's .deps/prefix, whose .pc
+# names /usr) the header and library searched directly, as for sentencepiece.
+find_package(PkgConfig QUIET)
+if(PKG_CONFIG_FOUND)
+  pkg_check_modules(PC_LIBURING QUIET liburing)
+endif()
+find_path(LIBURING_INCLUDE_DIR liburing.h HINTS ${PC_LIBURING_INCLUDE_DIRS})
+find_library(LIBURING_LIBRARY uring HINTS ${PC_LIBURING_LIBRARY_DIRS})
+if(LIBURING_INCLUDE_DIR AND LIBURING_LIBRARY)
+  add_library(ferry_liburing INTERFACE)
+  target_include_directories(ferry_liburing SYSTEM INTERFACE ${LIBURING_INCLUDE_DIR})
+  target_link_libraries(ferry_liburing INTERFACE ${LIBURING_LIBRARY})
+else()
+  message(FATAL_ERROR "liburing not found: run scripts/setup.sh (installs liburing-dev or unpacks the offline bundle)")
+endif()
+
 if(FERRY_BUILD_TESTS)
   find_package(GTest REQUIRED)
   include(GoogleTest)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Downloads the Debian packages ferry needs into a folder, for an offline GPU server that has
-# libtorch (e.g. a PyTorch install) but lacks oneTBB, Boost.Program_options, Highway and
-# friends. Copy the folder to the server as deps/bundle (or pass --bundle DIR to setup.sh there);
+# libtorch (e.g. a PyTorch install) but lacks oneTBB, Boost.Program_options, Highway, liburing
+# and friends. Copy the folder to the server as deps/bundle (or pass --bundle DIR to setup.sh there);
 # setup.sh unpacks it without root into .deps/prefix.
 #   scripts/bundle-deps.sh [DIR]          (default: deps/bundle)
 set -euo pipefail
@@ -16,6 +16,7 @@ pkgs=(
   libsentencepiece-dev libsentencepiece0
   libpcre2-dev libpcre2-8-0 libpcre2-16-0 libpcre2-32-0 libpcre2-posix3
   libgtest-dev googletest
+  liburing-dev liburing2
 )
 mkdir -p "$dest"
 cd "$dest"

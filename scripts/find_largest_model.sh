@@ -7,6 +7,8 @@
 #       [--device auto|cuda|cpu] [--family llama|small] [--gpu-reserve 0.5GiB] [--ferry-set k=v]
 #       [--optimizer-state fp32|bf16|int8]   (the AdamW moments' form planned and verified; the
 #       what-if rows and the "pred host fp32/bf16/int8" column show every kind from the plans)
+#       [--ferry-set optimizer_state_on=nvme --ferry-set nvme_path=DIR]   (the state on disk:
+#       planned with its host buffers, its disk bytes judged against DIR's free space, verified)
 # CI / CPU: scripts/find_largest_model.sh --device cpu --family small --gpu-mem 64MiB --seq 64
 # Writes DIR/finder.json and DIR/finder.md (default out/finder-<time>); exit 1 when nothing fits.
 set -euo pipefail

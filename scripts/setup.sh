@@ -35,6 +35,7 @@ declare -A need=(
   [sentencepiece_processor.h]=libsentencepiece-dev
   [pcre2.h]=libpcre2-dev
   [gtest/gtest.h]=libgtest-dev
+  [liburing.h]=liburing-dev
 )
 
 # Debian package -> the bundle's .deb files that make it usable (the -dev package and its runtime libs).
@@ -47,6 +48,7 @@ bundle_glob() {
     libsentencepiece-dev) echo "libsentencepiece*.deb" ;;
     libpcre2-dev) echo "libpcre2*.deb" ;;
     libgtest-dev) echo "libgtest*.deb googletest*.deb" ;;
+    liburing-dev) echo "liburing*.deb" ;;
     *) echo "$1_*.deb" ;;
   esac
 }
@@ -71,7 +73,7 @@ done
 # Headers alone are not enough where a package ships a compiled library (Ubuntu's libboost-dev
 # has the program_options headers without the library).
 for pair in libboost_program_options:libboost-program-options-dev libtbb:libtbb-dev libhwy:libhwy-dev \
-            libsentencepiece:libsentencepiece-dev; do
+            libsentencepiece:libsentencepiece-dev libpcre2-8:libpcre2-dev liburing:liburing-dev; do
   lib="${pair%%:*}" pkg="${pair##*:}"
   if ! have_lib "$lib" && [[ " ${missing[*]} " != *" $pkg "* ]]; then missing+=("$pkg"); fi
 done

@@ -11,6 +11,7 @@ cd "$root" || { echo "layering_check: no such directory $root"; exit 2; }
 # folder -> the project folders its files may include (besides itself and common)
 declare -A allowed=(
   [cpu_optim]=""
+  [cpu_optim/bench]="src/engine"                    # a tool: --nvme measures the state tier on disk
   [gpu]=""
   [src/model]="gpu"
   [src/model/bench]="src/model src/io gpu"          # a tool: reads HF configs

@@ -6,6 +6,9 @@
 //
 //   ferry-bench-adamw [--sizes 1M,16M,64M,256M] [--threads 1,15] [--targets AVX3,AVX2]
 //                     [--blocks 16384] [--reps 5] [--json FILE]
+//   ferry-bench-adamw --nvme DIR [--nvme-bytes 2G] [--nvme-depths 1,2,4,8,16,32]
+//                     [--nvme-buffers 2,3,4,6] [--nvme-units 8] [--sizes 16M] [--threads 0] [--reps 3]
+//                     (the disk under the optimizer state tier: bench_nvme.h; nothing else runs)
 // Sizes take K/M/G suffixes (powers of two).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -27,6 +30,7 @@
 #include <vector>
 
 #include "cpu_optim/adamw.h"
+#include "cpu_optim/bench/bench_nvme.h"
 
 namespace co = ferry::cpu_optim;
 
@@ -95,12 +99,18 @@ int main(int argc, char** argv) {
   std::vector<size_t> blocks = {co::adamw_tuning{}.block_size};
   int reps = 5;
   std::string json_path;
+  ferry::bench::nvme_bench_args nv;
+  bool reps_given = false, sizes_given = false;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     const std::string v = i + 1 < argc ? argv[i + 1] : "";
     if (a == "--help" || a == "-h") {
       std::printf("ferry-bench-adamw [--sizes 1M,16M,64M,256M] [--threads 0,1,...] [--targets AVX3,AVX2,...]\n"
                   "                  [--blocks 16384] [--reps 5] [--json FILE]\n"
+                  "ferry-bench-adamw --nvme DIR [--nvme-bytes 2G] [--nvme-depths 1,2,4,8,16,32] [--nvme-buffers 2,3,4,6]\n"
+                  "                  [--nvme-units 8] [--sizes 16M (params per unit)] [--threads 0] [--reps 3]\n"
+                  "  the disk under optimizer_state_on=nvme: sequential write/read GB/s through the tier's I/O path\n"
+                  "  per queue depth, then AdamW through the tier per state kind and buffer count\n"
                   "threads 0 = all cores but one; compiled targets:");
       for (const auto& t : co::compiled_targets()) std::printf(" %s", t.c_str());
       std::printf("\n");
@@ -111,13 +121,25 @@ int main(int argc, char** argv) {
       return 2;
     }
     ++i;
-    if (a == "--sizes") { sizes.clear(); for (auto& s : split(v)) sizes.push_back(parse_size(s)); }
+    if (a == "--sizes") { sizes.clear(); for (auto& s : split(v)) sizes.push_back(parse_size(s)); sizes_given = true; }
+    else if (a == "--nvme") nv.path = v;
+    else if (a == "--nvme-bytes") nv.file_bytes = parse_size(v);
+    else if (a == "--nvme-depths") { nv.depths.clear(); for (auto& s : split(v)) nv.depths.push_back(std::stoi(s)); }
+    else if (a == "--nvme-buffers") { nv.buffers.clear(); for (auto& s : split(v)) nv.buffers.push_back(std::stoi(s)); }
+    else if (a == "--nvme-units") nv.units = std::stoi(v);
     else if (a == "--threads") { threads.clear(); for (auto& s : split(v)) threads.push_back(std::stoi(s)); }
     else if (a == "--targets") targets = split(v);
     else if (a == "--blocks") { blocks.clear(); for (auto& s : split(v)) blocks.push_back(std::stoull(s)); }
-    else if (a == "--reps") reps = std::stoi(v);
+    else if (a == "--reps") { reps = std::stoi(v); reps_given = true; }
     else if (a == "--json") json_path = v;
     else { std::fprintf(stderr, "unknown flag %s; see --help\n", a.c_str()); return 2; }
+  }
+
+  if (!nv.path.empty()) {
+    if (sizes_given) nv.unit_params = sizes.front();
+    nv.threads = threads.front();
+    if (reps_given) nv.reps = reps;
+    return ferry::bench::bench_nvme(nv);
   }
 
   std::vector<row> rows;

@@ -10,7 +10,12 @@ the GPU peak (metrics.jsonl) and the host peak (the child's max RSS from wait4).
 
 --optimizer-state KIND plans and verifies with that form of the AdamW moments (run-config
 optimizer_state); the plan's what-if rows ("optimizer_state fp32|bf16|int8", ferry's own bytes)
-give the answer for every kind.
+give the answer for every kind. The optimizer state on disk (`--ferry-set optimizer_state_on=nvme
+--ferry-set nvme_path=DIR`) plans and verifies with the tier's host buffers in place of master and
+moments, and the plans' disk bytes judged against what DIR has free; the what-if rows
+"optimizer_state_on nvme, optimizer_state KIND" give the answer with the state on disk for every
+kind (their disk bytes judged only where the run names an nvme_path). A verified run on disk
+reports its disk bytes per step and the time its steps waited on the disk.
 
 --family small with --device cpu is the CI mode: tiny-ish shapes, host backend, no cap.
 Standard library only.
@@ -32,6 +37,8 @@ SMALL_ANCHORS = [(128, 4), (256, 6), (384, 8), (512, 10), (768, 12)]
 # ferry-train's optimizer_state kinds; the plan JSON has a what-if row "optimizer_state KIND" for each
 # the offload mode can run.
 STATE_KINDS = ["fp32", "bf16", "int8"]
+# The plan's what-if row of each kind with the optimizer state on disk (optimizer_state_on=nvme).
+NVME_ROW = "optimizer_state_on nvme, optimizer_state %s"
 
 
 def parse_args():
@@ -113,8 +120,13 @@ def plan(train, name, cfg_path, a, dev, out):
 
 
 def judge(p, lim):
-    """Why a plan does not fit the limits, or "" when it fits."""
+    """Why a plan does not fit the limits, or "" when it fits. The disk (the optimizer state tier's
+    file) is judged against the free bytes the plan found at nvme_path, where it found any."""
     why = []
+    disk = p.get("disk", {})
+    if disk.get("state", 0) > 0 and disk.get("free", -1) >= 0 and disk["state"] > disk["free"]:
+        why.append("disk (needs %s, %s free in %s)" % (fl.fmt_bytes(disk["state"]), fl.fmt_bytes(disk["free"]),
+                                                     disk.get("path", "?")))
     if p["device"]["total"] > lim["gpu"]:
         why.append("GPU (needs %s, activations %s)" % (fl.fmt_bytes(p["device"]["total"]),
                                                        fl.fmt_bytes(p["device"]["activations"])))
@@ -130,15 +142,17 @@ def what_if(p, change):
     w = p.get("what_if", {}).get(change)
     if w is None:
         raise SystemExit("find_largest_model: the plan has no what-if row %r (ferry-train too old?)" % change)
-    return dict(p, device=w["device"], host=w["host"])
+    return dict(p, device=w["device"], host=w["host"], disk=w.get("disk", {}))
 
 
 def what_if_changes(p):
     """The what-if rows of a plan, in the order the finder reports them: activation checkpointing,
-    each optimizer_state kind the plan has a row for (offload none: fp32 only), NVMe."""
+    each optimizer_state kind the plan has a row for (offload none: fp32 only), then each kind with
+    the state on disk (offloaded modes)."""
     rows = p.get("what_if", {})
     kinds = ["optimizer_state " + k for k in STATE_KINDS if "optimizer_state " + k in rows]
-    return ["activation checkpointing"] + kinds + ["NVMe offload of master+moments"]
+    nvme = [NVME_ROW % k for k in STATE_KINDS if NVME_ROW % k in rows]
+    return ["activation checkpointing"] + kinds + nvme
 
 
 def host_by_state(p):
@@ -166,6 +180,10 @@ def run_verify(train, name, cfg_path, a, dev, lim, tokfile, out):
     if rows:
         s = fl.summarize_steps(rows, 1)
         r.update(step_ms=s["step_ms"], gpu_alloc=s["gpu_alloc_peak"], gpu_reserved=s["gpu_reserved_peak"])
+        if any("disk_wait_ms" in x for x in rows):   # optimizer_state_on=nvme: the tier's traffic
+            use = rows[1:] if len(rows) > 1 else rows
+            r.update(disk_bytes=fl.median([x.get("disk_read_bytes", 0) + x.get("disk_write_bytes", 0) for x in use]),
+                     disk_wait_ms=fl.median([x.get("disk_wait_ms", 0) for x in use]))
     if res["rc"] != 0 or not rows:
         r["error"] = "exit %d: %s" % (res["rc"], fl.last_line(log, 200))
     return r
@@ -244,8 +262,10 @@ def main():
         for change in what_if_changes(best["plan"]):
             fit = [c for c in cands if not judge(what_if(c["plan"], change), lim)]
             big = max(fit, key=lambda c: c["params"]) if fit else None
-            lines.append("with %s: largest %s (%.2f B params)" % (change, big["name"] if big else "none",
-                                                                 big["params"] / 1e9 if big else 0))
+            disk = (" (disk %s)" % fl.fmt_bytes(what_if(big["plan"], change)["disk"].get("state", 0))
+                    if big and what_if(big["plan"], change)["disk"].get("state", 0) else "")
+            lines.append("with %s: largest %s (%.2f B params)%s" % (change, big["name"] if big else "none",
+                                                                   big["params"] / 1e9 if big else 0, disk))
             report.setdefault("what_if", {})[change] = big and dict(name=big["name"], params=big["params"])
 
     rows = []
@@ -262,12 +282,17 @@ def main():
                      host_by_state(c["plan"]),
                      (fl.fmt_bytes(meas_gpu) + dev_err) if meas_gpu else "-",
                      fl.fmt_bytes(r["host_peak"]) if r.get("host_peak") and "error" not in r else "-",
-                     fl.fmt_ms(r.get("step_ms")) if r.get("step_ms") else "-",
+                     (fl.fmt_ms(r.get("step_ms")) if r.get("step_ms") else "-") +
+                     (" (disk %s, waited %s)" % (fl.fmt_bytes(r["disk_bytes"]), fl.fmt_ms(r["disk_wait_ms"]))
+                      if "disk_bytes" in r else ""),
                      ("fits, verified" if c in verified else "fits (predicted)") if not c["why"] else c["why"]])
+    sets = dict(kv.split("=", 1) for kv in a.ferry_set if "=" in kv)
+    on_disk = (" on disk in %s" % sets.get("nvme_path", "?")) if sets.get("optimizer_state_on") == "nvme" else ""
     hdr = ("largest-model finder: target GPU %s (usable %.2f GiB), host %.1f GiB (usable %.1f, pinned up to %.1f), "
-           "seq %d, batch %d, offload %s, %s, optimizer_state %s; run on %s (%s), %s, commit %s" % (
+           "seq %d, batch %d, offload %s, %s, optimizer_state %s%s; run on %s (%s), %s, commit %s" % (
                a.gpu_mem, lim["gpu"] / fl.GIB, host_total / fl.GIB, lim["host"] / fl.GIB, lim["pinned"] / fl.GIB, a.seq,
-               a.batch, a.offload, a.dtype, a.optimizer_state, report["card"], dev, report["date"], report["commit"]))
+               a.batch, a.offload, a.dtype, a.optimizer_state, on_disk, report["card"], dev, report["date"],
+               report["commit"]))
     text = "\n".join([hdr, "command: " + report["command"], "",
                       fl.table(["shape", "params", "layers x hidden", "pred GPU", "pred host",
                                 "pred host " + "/".join(STATE_KINDS), "meas GPU (vs pred)",

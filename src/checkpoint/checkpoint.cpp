@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <numeric>
 #include <cstring>
 #include <memory>
 #include <filesystem>
@@ -41,19 +42,98 @@ compact_dtypes compact_dtypes_of(engine::state_kind k) {
   return k == engine::state_kind::state_bf16 ? compact_dtypes{"BF16", "BF16", 2} : compact_dtypes{"I8", "U8", 1};
 }
 
-// The compact moments of every unit, as st_write_entry rows pointing into the leased views.
-void add_compact_moments(std::vector<io::st_write_entry>& out, engine::state_kind kind,
-                         const std::vector<std::unique_ptr<engine::state_lease>>& leases) {
-  const compact_dtypes d = compact_dtypes_of(kind);
-  for (size_t u = 0; u < leases.size(); ++u) {
-    const engine::state_view& s = **leases[u];
-    const int64_t n = s.n, blocks = int64_t(cpu_optim::quant_blocks(size_t(n)));
-    out.push_back({unit_tensor(int64_t(u), ".exp_avg"), d.m, {n}, s.exp_avg, size_t(n) * d.elem});
-    out.push_back({unit_tensor(int64_t(u), ".exp_avg_sq"), d.v, {n}, s.exp_avg_sq, size_t(n) * d.elem});
-    if (kind == engine::state_kind::state_int8) {
-      out.push_back({unit_tensor(int64_t(u), ".exp_avg.scale"), "F32", {blocks}, s.m_scale, size_t(blocks) * 4});
-      out.push_back({unit_tensor(int64_t(u), ".exp_avg_sq.scale"), "F32", {blocks}, s.v_scale, size_t(blocks) * 4});
+// Leases the tier's units one at a time for a pass in a known order (a file written or read tensor
+// by tensor): at(u) keeps unit u leased while consecutive calls ask for it, releases it when another
+// unit is asked for, and tells the tier which units come next, so a tier on disk reads them ahead.
+// Holding one unit at a time is what lets a tier on disk checkpoint through a few buffers.
+class unit_cursor {
+ public:
+  // order: the units in the order at() will ask for them (a unit may come back in a later sweep).
+  unit_cursor(engine::state_tier& tier, std::vector<int64_t> order, bool dirty)
+      : tier_(tier), order_(std::move(order)), dirty_(dirty) {
+    for (size_t k = 0; k < std::min(order_.size(), k_ahead); ++k) tier_.prefetch(order_[k]);
+  }
+  const engine::state_view& at(int64_t u) {
+    if (lease_ && unit_ == u) return **lease_;
+    lease_.reset();
+    while (pos_ < order_.size() && order_[pos_] != u) ++pos_;
+    FERRY_ASSERT(pos_ < order_.size(), "unit_cursor: unit ", u, " out of the announced order");
+    for (size_t k = pos_ + 1; k < std::min(order_.size(), pos_ + 1 + k_ahead); ++k) tier_.prefetch(order_[k]);
+    lease_ = std::make_unique<engine::state_lease>(tier_, u, dirty_);
+    unit_ = u;
+    return **lease_;
+  }
+  void done() { lease_.reset(); }
+
+ private:
+  static constexpr size_t k_ahead = 16;   // hints queued ahead (the tier reads as many as it has buffers)
+  engine::state_tier& tier_;
+  std::vector<int64_t> order_;
+  bool dirty_;
+  size_t pos_ = 0;
+  int64_t unit_ = -1;
+  std::unique_ptr<engine::state_lease> lease_;
+};
+
+// A sequence of units with consecutive repeats removed.
+std::vector<int64_t> sweep(const std::vector<int64_t>& units) {
+  std::vector<int64_t> out;
+  for (int64_t u : units)
+    if (out.empty() || out.back() != u) out.push_back(u);
+  return out;
+}
+
+// Where the bytes of one optimizer.safetensors tensor are in a unit's state view.
+enum class state_array { master, exp_avg, exp_avg_sq, m_scale, v_scale };
+struct state_slice {
+  int64_t unit;
+  state_array array;
+  int64_t offset;   // elements into the array
+};
+const void* slice_data(const engine::state_view& s, const state_slice& x) {
+  switch (x.array) {
+    case state_array::master: return s.master + x.offset;
+    case state_array::exp_avg: return x.offset == 0 ? s.exp_avg : static_cast<const float*>(s.exp_avg) + x.offset;
+    case state_array::exp_avg_sq: return x.offset == 0 ? s.exp_avg_sq : static_cast<const float*>(s.exp_avg_sq) + x.offset;
+    case state_array::m_scale: return s.m_scale;
+    case state_array::v_scale: return s.v_scale;
+  }
+  return nullptr;
+}
+
+// optimizer.safetensors' tensors (checkpoint.h) and where each one's bytes are: per parameter its
+// fp32 master (and fp32 moments); per unit, after its parameters, the int8 scales; then per unit
+// the compact codes. write_safetensors_streamed orders them by decreasing element size, which
+// keeps each group in unit order: one sweep over the units for the F32 group and one for the codes.
+void optimizer_entries(const engine::param_store& store, engine::state_kind kind, std::vector<io::st_write_entry>& out,
+                       std::vector<state_slice>& where) {
+  const bool fp32 = kind == engine::state_kind::state_fp32;
+  const std::vector<engine::named_param> params = store.named_params();
+  auto add = [&](std::string name, const char* dtype, std::vector<int64_t> shape, size_t bytes, state_slice x) {
+    out.push_back({std::move(name), dtype, std::move(shape), nullptr, bytes});
+    where.push_back(x);
+  };
+  for (size_t i = 0; i < params.size(); ++i) {
+    const engine::named_param& p = params[i];
+    const size_t bytes = size_t(p.numel) * 4;
+    add(p.name, "F32", p.shape, bytes, {p.unit, state_array::master, p.offset});
+    if (fp32) {
+      add(p.name + ".exp_avg", "F32", p.shape, bytes, {p.unit, state_array::exp_avg, p.offset});
+      add(p.name + ".exp_avg_sq", "F32", p.shape, bytes, {p.unit, state_array::exp_avg_sq, p.offset});
     }
+    const bool unit_ends = i + 1 == params.size() || params[i + 1].unit != p.unit;
+    if (kind == engine::state_kind::state_int8 && unit_ends) {
+      const int64_t blocks = int64_t(cpu_optim::quant_blocks(size_t(store.unit(p.unit).numel)));
+      add(unit_tensor(p.unit, ".exp_avg.scale"), "F32", {blocks}, size_t(blocks) * 4, {p.unit, state_array::m_scale, 0});
+      add(unit_tensor(p.unit, ".exp_avg_sq.scale"), "F32", {blocks}, size_t(blocks) * 4, {p.unit, state_array::v_scale, 0});
+    }
+  }
+  if (fp32) return;
+  const compact_dtypes d = compact_dtypes_of(kind);
+  for (int64_t u = 0; u < store.num_units(); ++u) {
+    const int64_t n = store.unit(u).numel;
+    add(unit_tensor(u, ".exp_avg"), d.m, {n}, size_t(n) * d.elem, {u, state_array::exp_avg, 0});
+    add(unit_tensor(u, ".exp_avg_sq"), d.v, {n}, size_t(n) * d.elem, {u, state_array::exp_avg_sq, 0});
   }
 }
 
@@ -85,28 +165,45 @@ std::string save_checkpoint(engine::engine& e, const trainer_state& st, const st
   fs::create_directories(tmp_dir, ec);
   FERRY_CHECK(!ec, "cannot create ", tmp_dir.string(), ": ", ec.message());
   try {
-    // The tier's state of every unit, held while it is written (the host tier hands out its own
-    // buffers; a tier on disk reads each unit in).
+    // The tier's state unit by unit in each file's order (a tier on disk holds only a few units).
     auto& store = e.params();
-    std::vector<std::unique_ptr<engine::state_lease>> leases;
-    for (int64_t u = 0; u < store.num_units(); ++u)
-      leases.push_back(std::make_unique<engine::state_lease>(store.state(), u, false));
-    const engine::state_kind kind = store.state().kind();
+    engine::state_tier& tier = store.state();
+    const engine::state_kind kind = tier.kind();
     std::vector<io::named_f32> weights;
-    std::vector<io::st_write_entry> optim;
-    for (const auto& p : store.named_params()) {
-      const engine::state_view& s = **leases[size_t(p.unit)];
-      const size_t bytes = size_t(p.numel) * 4;
-      weights.push_back({p.name, p.shape, s.master + p.offset});
-      optim.push_back({p.name, "F32", p.shape, s.master + p.offset, bytes});
-      if (kind != engine::state_kind::state_fp32) continue;
-      optim.push_back({p.name + ".exp_avg", "F32", p.shape, engine::exp_avg_f32(s) + p.offset, bytes});
-      optim.push_back({p.name + ".exp_avg_sq", "F32", p.shape, engine::exp_avg_sq_f32(s) + p.offset, bytes});
+    std::vector<int64_t> weight_units;
+    for (const auto& hf : io::llama_tensor_names(e.config())) {
+      const engine::named_param* p = store.find(hf.first);
+      FERRY_ASSERT(p != nullptr, "no parameter ", hf.first);
+      weights.push_back({p->name, p->shape, nullptr});
+      weight_units.push_back(p->unit);
     }
-    if (kind != engine::state_kind::state_fp32) add_compact_moments(optim, kind, leases);
+    std::vector<io::st_write_entry> optim;
+    std::vector<state_slice> where;
+    optimizer_entries(store, kind, optim, where);
+    // The writer's file order: by decreasing element size, ties in the order given.
+    std::vector<size_t> file_order(optim.size());
+    std::iota(file_order.begin(), file_order.end(), size_t(0));
+    std::stable_sort(file_order.begin(), file_order.end(), [&](size_t a, size_t b) {
+      return io::st_dtype_size(optim[a].dtype) > io::st_dtype_size(optim[b].dtype);
+    });
+    std::vector<int64_t> optim_units;
+    for (size_t i : file_order) optim_units.push_back(where[i].unit);
     model::llama_config cfg = e.config();
-    io::write_hf_checkpoint(tmp_dir.string(), cfg, weights, export_dtype(e.options().dtype));
-    io::write_safetensors((tmp_dir / "optimizer.safetensors").string(), optim, {{"format", "ferry-optimizer-v1"}});
+    {
+      unit_cursor cursor(tier, sweep(weight_units), false);
+      io::write_hf_checkpoint(tmp_dir.string(), cfg, weights, export_dtype(e.options().dtype), size_t(5) << 30,
+                              [&](const io::named_f32& t) {
+                                const engine::named_param* p = store.find(t.name);
+                                return cursor.at(p->unit).master + p->offset;
+                              });
+    }
+    {
+      unit_cursor cursor(tier, sweep(optim_units), false);
+      io::write_safetensors_streamed((tmp_dir / "optimizer.safetensors").string(), optim,
+                                     {{"format", "ferry-optimizer-v1"}}, [&](size_t i, const io::st_sink& sink) {
+                                       sink(slice_data(cursor.at(where[i].unit), where[i]), optim[i].bytes);
+                                     });
+    }
     json js;
     js["step"] = st.step;
     js["data_cursor"] = st.data_cursor;
@@ -164,8 +261,9 @@ std::string resolve_checkpoint(const std::string& spec, const std::string& outpu
   return spec;
 }
 
-void load_hf_weights(engine::engine& e, const std::string& dir) {
-  io::hf_checkpoint_reader reader(dir);
+namespace {
+// The checkpoint has the engine's model shape (else a one-line error naming both).
+void check_shape(const io::hf_checkpoint_reader& reader, const engine::engine& e, const std::string& dir) {
   const auto& c = reader.config();
   const auto& m = e.config();
   FERRY_CHECK(c.hidden_size == m.hidden_size && c.num_hidden_layers == m.num_hidden_layers &&
@@ -178,12 +276,23 @@ void load_hf_weights(engine::engine& e, const std::string& dir) {
               c.tie_word_embeddings ? " ties lm_head to the embedding (tie_word_embeddings=true) but the model being trained has its own lm_head"
                                     : " has its own lm_head.weight but the model being trained ties it to the embedding (tie_word_embeddings=true)",
               "; use the checkpoint's config.json as --model-config");
+}
+
+std::vector<int64_t> every_unit(const engine::param_store& store) {
+  std::vector<int64_t> u(size_t(store.num_units()));
+  std::iota(u.begin(), u.end(), int64_t(0));
+  return u;
+}
+}  // namespace
+
+void load_hf_weights(engine::engine& e, const std::string& dir) {
+  io::hf_checkpoint_reader reader(dir);
+  check_shape(reader, e, dir);
   reader.validate_against_config();
   auto& store = e.params();
-  for (const auto& p : store.named_params()) {
-    engine::state_lease s(store.state(), p.unit, true);
-    reader.read_f32(p.name, p.shape, s->master + p.offset);
-  }
+  const std::vector<engine::named_param> params = store.named_params();   // grouped by unit
+  unit_cursor cursor(store.state(), every_unit(store), true);
+  for (const auto& p : params) reader.read_f32(p.name, p.shape, cursor.at(p.unit).master + p.offset);
 }
 
 namespace {
@@ -241,40 +350,37 @@ cpu_optim::moments_ref read_compact_moments(const io::safetensors_file& opt, eng
   return r;
 }
 
-// The checkpoint's moments (kind `from`) into the engine's tier: bytes copied when the kinds agree,
-// otherwise decoded to fp32 and encoded into the tier's kind.
-void load_moments(const io::safetensors_file& opt, engine::param_store& store, engine::state_kind from) {
+// Unit u's moments from the checkpoint (kind `from`) into the acquired view s of the engine's tier:
+// bytes copied when the kinds agree, otherwise decoded to fp32 and encoded into the tier's kind.
+void load_unit_moments(const io::safetensors_file& opt, const engine::param_store& store, engine::state_kind from,
+                       int64_t u, const engine::state_view& s) {
   const engine::state_kind to = store.state().kind();
-  std::vector<float> m32, v32, scales;
-  for (int64_t u = 0; u < store.num_units(); ++u) {
-    engine::state_lease s(store.state(), u, true);
-    const cpu_optim::moments_ref dst = engine::moments_of(*s);
-    const size_t n = size_t(s->n);
-    if (from == engine::state_kind::state_fp32 && to == engine::state_kind::state_fp32) {
-      read_f32_moments(opt, store, u, engine::exp_avg_f32(*s), engine::exp_avg_sq_f32(*s));
-      continue;
-    }
-    if (from == to) {
-      const cpu_optim::moments_ref src = read_compact_moments(opt, from, u, s->n, scales);
-      const size_t elem = compact_dtypes_of(from).elem;
-      std::memcpy(dst.m, src.m, n * elem);
-      std::memcpy(dst.v, src.v, n * elem);
-      if (from == engine::state_kind::state_int8) {
-        const size_t blocks = cpu_optim::quant_blocks(n);
-        std::memcpy(dst.m_scale, src.m_scale, blocks * 4);
-        std::memcpy(dst.v_scale, src.v_scale, blocks * 4);
-      }
-      continue;
-    }
-    m32.resize(n);
-    v32.resize(n);
-    if (from == engine::state_kind::state_fp32) {
-      read_f32_moments(opt, store, u, m32.data(), v32.data());
-    } else {
-      cpu_optim::decode_moments(read_compact_moments(opt, from, u, s->n, scales), m32.data(), v32.data());
-    }
-    cpu_optim::encode_moments(m32.data(), v32.data(), dst);
+  const cpu_optim::moments_ref dst = engine::moments_of(s);
+  const size_t n = size_t(s.n);
+  std::vector<float> scales;
+  if (from == engine::state_kind::state_fp32 && to == engine::state_kind::state_fp32) {
+    read_f32_moments(opt, store, u, engine::exp_avg_f32(s), engine::exp_avg_sq_f32(s));
+    return;
   }
+  if (from == to) {
+    const cpu_optim::moments_ref src = read_compact_moments(opt, from, u, s.n, scales);
+    const size_t elem = compact_dtypes_of(from).elem;
+    std::memcpy(dst.m, src.m, n * elem);
+    std::memcpy(dst.v, src.v, n * elem);
+    if (from == engine::state_kind::state_int8) {
+      const size_t blocks = cpu_optim::quant_blocks(n);
+      std::memcpy(dst.m_scale, src.m_scale, blocks * 4);
+      std::memcpy(dst.v_scale, src.v_scale, blocks * 4);
+    }
+    return;
+  }
+  std::vector<float> m32(n), v32(n);
+  if (from == engine::state_kind::state_fp32) {
+    read_f32_moments(opt, store, u, m32.data(), v32.data());
+  } else {
+    cpu_optim::decode_moments(read_compact_moments(opt, from, u, s.n, scales), m32.data(), v32.data());
+  }
+  cpu_optim::encode_moments(m32.data(), v32.data(), dst);
 }
 
 }  // namespace
@@ -311,19 +417,28 @@ trainer_state load_checkpoint(engine::engine& e, const std::string& dir) {
     throw error(state_path + ": " + ex.what());
   }
 
-  load_hf_weights(e, dir);  // validates shape and files; overwritten below by the fp32 masters
+  {
+    io::hf_checkpoint_reader reader(dir);   // opens and checks model.safetensors; the fp32 masters come from below
+    check_shape(reader, e, dir);
+    reader.validate_against_config();
+  }
   const std::string opt_path = (fs::path(dir) / "optimizer.safetensors").string();
   io::safetensors_file opt(opt_path);
   auto& store = e.params();
-  for (const auto& p : store.named_params()) {
-    engine::state_lease s(store.state(), p.unit, true);
+  const std::vector<engine::named_param> params = store.named_params();   // grouped by unit
+  // Unit by unit: its fp32 masters, then its moments, within one lease.
+  unit_cursor cursor(store.state(), every_unit(store), true);
+  for (size_t i = 0; i < params.size(); ++i) {
+    const engine::named_param& p = params[i];
+    const engine::state_view& s = cursor.at(p.unit);
     const io::st_tensor_info* t = opt.find(p.name);
     FERRY_CHECK(t != nullptr, opt_path, ": missing tensor ", p.name, " (a checkpoint of another model?)");
     FERRY_CHECK(t->dtype == "F32" && t->shape == p.shape, opt_path, ": tensor ", p.name,
                 " has the wrong dtype or shape for this model");
-    std::memcpy(s->master + p.offset, opt.data(*t), size_t(p.numel) * 4);
+    std::memcpy(s.master + p.offset, opt.data(*t), size_t(p.numel) * 4);
+    if (i + 1 == params.size() || params[i + 1].unit != p.unit) load_unit_moments(opt, store, from, p.unit, s);
   }
-  load_moments(opt, store, from);
+  cursor.done();
   e.state() = es;
   e.params_changed();
   return st;

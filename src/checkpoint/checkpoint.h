@@ -39,7 +39,10 @@ struct trainer_state {
   std::string optimizer_state = "fp32";
 };
 
-// Saves engine state (waits for pending updates first). Returns the checkpoint directory. Training
+// Saves engine state (waits for pending updates and the tier's write-backs first; a failed one
+// throws and nothing is saved). The tier's state is read unit by unit in each file's order, one unit
+// leased at a time, so a tier on disk (optimizer_state_on=nvme) streams through its few buffers;
+// the files are the same bytes whatever the tier. Returns the checkpoint directory. Training
 // engines only (a forward_only engine has no optimizer state: error).
 std::string save_checkpoint(engine::engine& e, const trainer_state& st, const std::string& output_dir,
                             int64_t keep_last, const std::string& tokenizer_model = "");  // "" or its file
@@ -49,7 +52,8 @@ std::string resolve_checkpoint(const std::string& spec, const std::string& outpu
 
 // Loads weights, moments and trainer state into e (which must have the checkpoint's shape), then
 // refreshes the device copies. Streams tensors from the memory-mapped files straight into the
-// parameter store. Moments of the engine's kind are copied bit for bit; moments of another kind are
+// parameter store, unit by unit (a tier on disk holds one unit at a time; any tier loads any
+// checkpoint). Moments of the engine's kind are copied bit for bit; moments of another kind are
 // decoded to fp32 and encoded into the engine's (cpu_optim::decode_moments / encode_moments), and
 // the returned optimizer_state names the checkpoint's kind so the caller can say so. Throws
 // ferry::error naming the file (and tensor) for a corrupt or mismatched checkpoint, and for a

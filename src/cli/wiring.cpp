@@ -7,6 +7,7 @@
 
 #include "src/common/error.h"
 #include "src/engine/memory_plan.h"
+#include "src/engine/nvme_state.h"
 #include "src/io/hf_config.h"
 #include "src/io/token_stream.h"
 #include "src/io/tokenizer.h"
@@ -61,6 +62,10 @@ engine::engine_options options_of(const io::run_config& cfg) {
   o.speculate = engine::parse_speculate_mode(cfg.speculate);
   o.recompute = engine::parse_recompute_mode(cfg.activation_checkpointing);
   o.state = engine::parse_state_kind(cfg.optimizer_state);
+  o.state_on = engine::parse_state_place(cfg.optimizer_state_on);
+  o.nvme.path = cfg.nvme_path;
+  o.nvme.buffers = cfg.nvme_buffers;
+  o.nvme.queue_depth = cfg.nvme_queue_depth;
   o.beta1 = cfg.beta1;
   o.beta2 = cfg.beta2;
   o.eps = cfg.eps;
@@ -122,6 +127,15 @@ io::data_options data_options_for(const io::run_config& cfg, const model::llama_
   return d;
 }
 
+namespace {
+// The disk the nvme tier's file needs against the free space of nvme_path (-1: unknown, not judged).
+std::string disk_misfit(const engine::memory_plan& p, const engine::engine_options& eo, int64_t free_bytes) {
+  if (!p.state_on_disk || free_bytes < 0 || p.disk_state <= free_bytes) return "";
+  return "the optimizer state needs " + std::to_string(p.disk_state >> 20) + " MiB on disk but nvme_path " + eo.nvme.path +
+         " has " + std::to_string(free_bytes >> 20) + " MiB free; free space there or point nvme_path at a larger disk";
+}
+}  // namespace
+
 void print_dry_run(const io::run_config& cfg, const model::llama_config& mc, const engine::engine_options& eo) {
   std::printf("%s\n", io::to_json(cfg).c_str());
   std::printf("model %s: %.3f B parameters (%lld layers, hidden %lld, heads %lld/%lld, head_dim %lld, vocab %lld%s)\n",
@@ -132,16 +146,24 @@ void print_dry_run(const io::run_config& cfg, const model::llama_config& mc, con
   std::printf("memory plan (offload %s, %s, batch %lld x %lld tokens%s):\n%s\n", cfg.offload.c_str(), cfg.dtype.c_str(),
               (long long)cfg.batch_size, (long long)cfg.max_length, eo.forward_only ? ", inference" : "",
               p.describe().c_str());
-  if (!eo.forward_only)
+  if (!eo.forward_only && !p.state_on_disk)
     std::printf("optimizer state %s: %.4f B/param on the host (fp32 master + moments; %s)\n",
                 engine::state_kind_name(p.state), engine::state_bytes_per_param(p.state, true),
                 eo.mode == engine::offload_mode::offload_none ? "offload none: fp32 on the GPU, the host copy for checkpoints"
                                                                : "updated by the CPU AdamW");
+  const int64_t disk_free = p.state_on_disk ? engine::nvme_free_bytes(eo.nvme.path) : -1;
+  if (p.state_on_disk)
+    std::printf("optimizer state %s: %.4f B/param on disk in %s (%.2f GiB; %s free there), streamed through %lld "
+                "host buffers of %.2f GiB (updated by the CPU AdamW)\n",
+                engine::state_kind_name(p.state), engine::state_bytes_per_param(p.state, true), eo.nvme.path.c_str(),
+                double(p.disk_state) / double(1ull << 30),
+                disk_free >= 0 ? (std::to_string(disk_free >> 20) + " MiB").c_str() : "unknown",
+                (long long)eo.nvme.buffers, double(p.host_state_buffers) / double(eo.nvme.buffers) / double(1ull << 30));
   // The limits given in the config (the card itself is not probed by a dry run).
-  const std::string misfit =
-      engine::plan_misfit(p, mc, eo, engine::gib_bytes(eo.gpu_mem_limit_gib));
+  std::string misfit = engine::plan_misfit(p, mc, eo, engine::gib_bytes(eo.gpu_mem_limit_gib));
+  if (misfit.empty()) misfit = disk_misfit(p, eo, disk_free);
   if (!misfit.empty()) std::printf("does not fit: %s\n", misfit.c_str());
-  else if (eo.gpu_mem_limit_gib > 0 || eo.host_mem_limit_gib > 0) std::printf("fits the limits given\n");
+  else if (eo.gpu_mem_limit_gib > 0 || eo.host_mem_limit_gib > 0 || p.state_on_disk) std::printf("fits the limits given\n");
 }
 
 void write_plan_json(const std::string& path, const io::run_config& cfg, const model::llama_config& mc,
@@ -161,7 +183,8 @@ void write_plan_json(const std::string& path, const io::run_config& cfg, const m
               {"batch", cfg.batch_size}, {"seq", cfg.max_length},       {"grad_accum", cfg.grad_accum},
               {"prefetch", cfg.prefetch}, {"gpu_mem_limit_gib", cfg.gpu_mem_limit_gib}, {"host_mem_limit_gib", cfg.host_mem_limit_gib},
               {"forward_only", eo.forward_only}, {"recompute_blocks", p.recompute_blocks},
-              {"optimizer_state", engine::state_kind_name(p.state)}};
+              {"optimizer_state", engine::state_kind_name(p.state)},
+              {"optimizer_state_on", p.state_on_disk ? "nvme" : "host"}};
   auto device_of = [](const engine::memory_plan& q) {
     return nlohmann::json{{"weight_slots", q.weight_slots}, {"grad_slots", q.grad_slots}, {"optimizer", q.optimizer},
                           {"activations", q.activations},   {"workspace", q.workspace},   {"total", q.device_total}};
@@ -169,36 +192,51 @@ void write_plan_json(const std::string& path, const io::run_config& cfg, const m
   auto host_of = [&eo](const engine::memory_plan& q) {
     return nlohmann::json{{"master", q.host_master},
                           {"moments", q.host_moments},
+                          {"state_buffers", q.host_state_buffers},
                           {"pinned", q.host_pinned},
                           {"other", q.host_other},
                           {"total", q.host_total},
                           {"optimizer_state", engine::state_kind_name(q.state)},
                           {"state_bytes_per_param", engine::state_bytes_per_param(q.state, !eo.forward_only)}};
   };
+  // disk: the nvme tier's file (0 with the state in host memory) and what nvme_path has free (-1:
+  // no nvme_path, or unknown).
+  const int64_t disk_free = eo.nvme.path.empty() ? -1 : engine::nvme_free_bytes(eo.nvme.path);
+  auto disk_of = [&](const engine::memory_plan& q) {
+    return nlohmann::json{{"state", q.disk_state}, {"path", eo.nvme.path}, {"free", disk_free}};
+  };
   j["device"] = device_of(p);
   j["host"] = host_of(p);
-  const std::string misfit =
-      engine::plan_misfit(p, mc, eo, engine::gib_bytes(eo.gpu_mem_limit_gib));
+  j["disk"] = disk_of(p);
+  std::string misfit = engine::plan_misfit(p, mc, eo, engine::gib_bytes(eo.gpu_mem_limit_gib));
+  if (misfit.empty()) misfit = disk_misfit(p, eo, disk_free);
   j["fits_limits"] = misfit.empty();
   if (!misfit.empty()) j["misfit"] = misfit;
-  // The same plan with another option or a capability the engine does not run yet (the finder's
-  // what-if rows): one row per optimizer_state kind the mode can run ("optimizer_state KIND"; offload
-  // none: fp32 only).
+  // The same plan with another option (the finder's what-if rows): activation checkpointing, one
+  // row per optimizer_state kind the mode can run ("optimizer_state KIND"; offload none: fp32 only),
+  // and, for the offloaded modes, each kind with the state on disk ("optimizer_state_on nvme,
+  // optimizer_state KIND": nvme_buffers host buffers and the file's disk bytes).
   if (!eo.forward_only) {
-    std::vector<std::pair<std::string, engine::plan_what_if>> variants(2);
+    std::vector<std::pair<std::string, engine::plan_what_if>> variants(1);
     variants[0].first = "activation checkpointing";
     variants[0].second.recompute_blocks = mc.num_hidden_layers;
-    variants[1].first = "NVMe offload of master+moments";
-    variants[1].second.state_on_disk = true;
-    for (auto k : {engine::state_kind::state_fp32, engine::state_kind::state_bf16, engine::state_kind::state_int8}) {
+    const auto kinds = {engine::state_kind::state_fp32, engine::state_kind::state_bf16, engine::state_kind::state_int8};
+    for (auto k : kinds) {
       if (eo.mode == engine::offload_mode::offload_none && k != engine::state_kind::state_fp32) continue;
       engine::plan_what_if w;
       w.state = k;
       variants.push_back({std::string("optimizer_state ") + engine::state_kind_name(k), w});
     }
+    for (auto k : kinds) {
+      if (eo.mode == engine::offload_mode::offload_none) continue;
+      engine::plan_what_if w;
+      w.state = k;
+      w.state_on_disk = true;
+      variants.push_back({std::string("optimizer_state_on nvme, optimizer_state ") + engine::state_kind_name(k), w});
+    }
     for (const auto& [name, w] : variants) {
       engine::memory_plan q = engine::plan_memory(mc, eo, cfg.batch_size, cfg.max_length, cfg.grad_accum, w);
-      j["what_if"][name] = {{"device", device_of(q)}, {"host", host_of(q)}};
+      j["what_if"][name] = {{"device", device_of(q)}, {"host", host_of(q)}, {"disk", disk_of(q)}};
     }
   }
   std::ofstream out(path);

@@ -34,7 +34,8 @@ engine::engine(const model::llama_config& cfg, const engine_options& opt) : cfg_
   // Before anything is allocated: the device's limit (CUDA) and the host's (host_mem_limit_gib).
   const std::string misfit = plan_misfit(plan_, cfg_, opt_, dev_->is_cuda() ? cap : 0);
   FERRY_CONFIG_CHECK(misfit.empty(), misfit);
-  store_ = std::make_unique<param_store>(cfg_, opt_.dtype, *dev_, /*optimizer_state=*/!opt_.forward_only, opt_.state);
+  store_ = std::make_unique<param_store>(cfg_, opt_.dtype, *dev_, /*optimizer_state=*/!opt_.forward_only, opt_.state,
+                                         opt_.state_on == state_place::place_nvme ? &opt_.nvme : nullptr);
   worker_ = std::make_unique<update_worker>(store_->num_units());
   pool_ = std::make_unique<weight_pool>(cfg_, opt_, *dev_, *store_, *worker_, meter_);
   if (!opt_.forward_only) {
@@ -74,6 +75,7 @@ void engine::wait_updates() {
     optim_->download();  // the host tier is the checkpoint source
     dev_->synchronize();
   }
+  store_->state().flush();
 }
 
 micro_batch micro_batch::from_tokens(const at::Tensor& tokens) {
@@ -126,6 +128,21 @@ std::vector<int64_t> engine::schedule(bool backward) const {
   if (backward)
     for (int64_t i = L - 1; i >= 0; --i) uses.push_back(store_->block_unit(i));
   return uses;
+}
+
+// The order the offloaded updates acquire the units' state, which the state tier reads ahead in:
+// speculative updates follow the backward (head, blocks L..1, embedding); otherwise the updates
+// (and a speculative step's fix-ups) run after the backward in forward order.
+std::vector<int64_t> engine::update_order(bool speculate) const {
+  std::vector<int64_t> order;
+  if (speculate) {
+    order.push_back(store_->head_unit());
+    for (int64_t i = cfg_.num_hidden_layers - 1; i >= 0; --i) order.push_back(store_->block_unit(i));
+    order.push_back(store_->embed_unit());
+  } else {
+    for (int64_t u = 0; u < store_->num_units(); ++u) order.push_back(u);
+  }
+  return order;
 }
 
 // What runs on the update thread once unit u's gradient of the last micro-batch is summed on the
@@ -198,6 +215,9 @@ step_result engine::train_step(const std::vector<micro_batch>& micro_batches, do
   step_result r;
   r.loss_scale = st.scaler.scale;
   r.speculated = speculate;
+  state_tier& tier = store_->state();
+  if (!grads_->resident())
+    for (int64_t u : update_order(speculate)) tier.prefetch(u);   // reads overlap the forward and backward
   double loss_sum = 0;
   for (size_t mb = 0; mb < micro_batches.size(); ++mb) {
     const bool first = mb == 0, last = mb + 1 == micro_batches.size();
@@ -269,6 +289,8 @@ step_result engine::train_step(const std::vector<micro_batch>& micro_batches, do
   } else {
     worker_->wait_idle();
     v = validator_->judge();
+    if (speculate && v.fix)
+      for (int64_t u : update_order(false)) tier.prefetch(u);   // the fix-ups re-acquire every unit
     r.undo_log_bytes = validator_->undo_log_bytes();
     r.rollbacks = validator_->queue_updates(v, speculate, mult, hp, step, *worker_, *optim_, *dev_);
     if (speculate || opt_.mode == offload_mode::offload_blocked) worker_->wait_idle();
@@ -287,6 +309,10 @@ step_result engine::train_step(const std::vector<micro_batch>& micro_batches, do
   r.d2h_bytes = meter_.d2h_bytes;
   r.stall_update_ms = meter_.stall_ms;
   r.cpu_adam_ms = worker_->take_busy_ms();
+  const tier_io io = tier.take_io();   // write-backs of this step's last updates may still run
+  r.disk_wait_ms = io.wait_ms;
+  r.disk_read_bytes = io.read_bytes;
+  r.disk_write_bytes = io.write_bytes;
   const device_memory_stats mem = dev_->memory_stats();
   r.gpu_alloc_peak = mem.allocated_peak;
   r.gpu_reserved_peak = mem.reserved_peak;

@@ -84,6 +84,11 @@ struct step_result {
   // where the time went (milliseconds) and what moved
   double step_ms = 0, h2d_ms = 0, d2h_ms = 0, cpu_adam_ms = 0, stall_update_ms = 0, tail_ms = 0;
   int64_t h2d_bytes = 0, d2h_bytes = 0;
+  // The optimizer state tier on disk (optimizer_state_on=nvme; 0 otherwise): time its acquires
+  // blocked on the disk (on the update thread: part of cpu_adam_ms, and of the stall where the
+  // device waited for an update), and the bytes read and written back during the step.
+  double disk_wait_ms = 0;
+  int64_t disk_read_bytes = 0, disk_write_bytes = 0;
   int64_t gpu_alloc_peak = 0, gpu_reserved_peak = 0;
 };
 
@@ -128,8 +133,9 @@ class engine {
   void release_head();
   const model::rope_cache& rope() const { return rope_; }
 
-  // Blocks until every pending CPU update is applied and the state tier holds the latest state
-  // (before saving a checkpoint, at the end).
+  // Blocks until every pending CPU update is applied and the state tier holds the latest state,
+  // its write-backs complete (before saving a checkpoint, at the end). Throws ferry::error when a
+  // write-back of a tier on disk failed.
   void wait_updates();
   // Step count, loss scaler, recent fix-ups: what checkpoints save beside the tier's state and
   // restore (then params_changed()).
@@ -140,6 +146,7 @@ class engine {
   void check_batch(const micro_batch& batch, bool training) const;
   void check_token_ids(const at::Tensor& ids) const;   // every id in [0, vocab_size)
   std::vector<int64_t> schedule(bool backward) const;
+  std::vector<int64_t> update_order(bool speculate) const;
   std::function<void()> host_task(int64_t u, bool last, bool speculate, double mult,
                                   const cpu_optim::adamw_hparams& hp, int64_t step);
   // engine_options::debug_poison_* (test hook): whether unit u's gradient is poisoned this step,

@@ -2,7 +2,10 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <string>
+#include <vector>
 
+#include "src/engine/nvme_state.h"
 #include "src/engine/param_store.h"
 #include "src/model/attention.h"
 #include "src/model/block.h"
@@ -148,11 +151,19 @@ memory_plan plan_memory(const model::llama_config& cfg, const engine_options& op
   p.state = opt.mode == offload_mode::offload_none ? state_kind::state_fp32 : what_if.state.value_or(opt.state);
   p.host_master = state_host_bytes(cfg, p.state, false);
   p.host_moments = state_host_bytes(cfg, p.state, true) - p.host_master;
-  if (what_if.state_on_disk) p.host_master = p.host_moments = 0;
+  // On disk (nvme_state.h): the file holds every unit's block, the host only the buffers.
+  p.state_on_disk = opt.mode != offload_mode::offload_none &&
+                    what_if.state_on_disk.value_or(opt.state_on == state_place::place_nvme);
+  if (p.state_on_disk) {
+    const std::vector<int64_t> numel = param_store::unit_numels(cfg);
+    p.host_master = p.host_moments = 0;
+    p.host_state_buffers = nvme_buffer_bytes(numel, p.state, true, opt.nvme.buffers);
+    p.disk_state = nvme_file_bytes(numel, p.state, true);
+  }
   p.host_pinned = opt.mode == offload_mode::offload_none ? 0 : params * e + (params - embed + tied_grad) * e;
   p.host_other = embed * 4 + 2 * n * h * e + (grad_accum > 1 ? (params - embed) * 4 : 0);
   if (opt.mode == offload_mode::offload_none) p.host_pinned = params * e + (params - embed + tied_grad) * e;  // init/checkpoint copies
-  p.host_total = p.host_master + p.host_moments + p.host_pinned + p.host_other;
+  p.host_total = p.host_master + p.host_moments + p.host_state_buffers + p.host_pinned + p.host_other;
   return p;
 }
 
@@ -167,9 +178,12 @@ std::string plan_misfit(const memory_plan& p, const model::llama_config& cfg, co
           "or a smaller model";
   const int64_t host_cap = gib_bytes(opt.host_mem_limit_gib);
   if (why.empty() && host_cap > 0 && p.host_total > host_cap)
-    why = "model " + cfg.name + " needs " + mib(p.host_total) + " MiB of host memory (fp32 master " + mib(p.host_master) +
-          " + moments " + mib(p.host_moments) + " + pinned " + mib(p.host_pinned) + " + other " + mib(p.host_other) +
-          ") but host_mem_limit_gib allows " + mib(host_cap) + " MiB; train a smaller model or raise the limit";
+    why = "model " + cfg.name + " needs " + mib(p.host_total) + " MiB of host memory (" +
+          (p.state_on_disk ? "nvme buffers " + mib(p.host_state_buffers)
+                           : "fp32 master " + mib(p.host_master) + " + moments " + mib(p.host_moments)) +
+          " + pinned " + mib(p.host_pinned) + " + other " + mib(p.host_other) + ") but host_mem_limit_gib allows " +
+          mib(host_cap) + " MiB; train a smaller model or raise the limit" +
+          (p.state_on_disk ? ", or lower nvme_buffers" : ", or put the optimizer state on disk (optimizer_state_on=nvme)");
   return why;
 }
 
@@ -179,11 +193,20 @@ std::string memory_plan::describe() const {
       recompute_blocks > 0 ? " (" + std::to_string(recompute_blocks) + " blocks recomputed)" : std::string();
   char buf[1024];
   std::snprintf(buf, sizeof buf,
-                "device  %8.2f GiB = weight slots %.2f + gradient slots %.2f + optimizer %.2f + activations %.2f%s + workspace %.2f\n"
-                "host    %8.2f GiB = fp32 master %.2f + moments %.2f + pinned %.2f + other %.2f",
-                gib(device_total), gib(weight_slots), gib(grad_slots), gib(optimizer), gib(activations), recompute_note.c_str(), gib(workspace),
-                gib(host_total), gib(host_master), gib(host_moments), gib(host_pinned), gib(host_other));
-  return buf;
+                "device  %8.2f GiB = weight slots %.2f + gradient slots %.2f + optimizer %.2f + activations %.2f%s + workspace %.2f\n",
+                gib(device_total), gib(weight_slots), gib(grad_slots), gib(optimizer), gib(activations), recompute_note.c_str(), gib(workspace));
+  std::string s = buf;
+  if (state_on_disk) {
+    std::snprintf(buf, sizeof buf,
+                  "host    %8.2f GiB = nvme buffers %.2f + pinned %.2f + other %.2f\n"
+                  "disk    %8.2f GiB = fp32 master + moments on nvme_path (%lld bytes)",
+                  gib(host_total), gib(host_state_buffers), gib(host_pinned), gib(host_other), gib(disk_state),
+                  (long long)disk_state);
+  } else {
+    std::snprintf(buf, sizeof buf, "host    %8.2f GiB = fp32 master %.2f + moments %.2f + pinned %.2f + other %.2f",
+                  gib(host_total), gib(host_master), gib(host_moments), gib(host_pinned), gib(host_other));
+  }
+  return s + buf;
 }
 
 }  // namespace ferry::engine

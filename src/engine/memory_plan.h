@@ -25,11 +25,16 @@ struct memory_plan {
   int64_t device_total = 0;
   // host bytes
   state_kind state = state_kind::state_fp32;   // the state tier's kind (optimizer_state) planned
-  int64_t host_master = 0;    // fp32 master weights
-  int64_t host_moments = 0;   // m and v in the tier's kind, int8 scales included (forward_only: 0)
+  int64_t host_master = 0;    // fp32 master weights (optimizer_state_on=nvme: 0, they are on disk)
+  int64_t host_moments = 0;   // m and v in the tier's kind, int8 scales included (forward_only, nvme: 0)
+  int64_t host_state_buffers = 0;  // optimizer_state_on=nvme: the tier's buffers (nvme_buffers x the
+                                   // largest unit's state), which replace master and moments
   int64_t host_pinned = 0;    // compute-dtype shadow + gradient (4 B/param for fp16; forward_only 2)
   int64_t host_other = 0;     // embedding fp32 gradient, staging, accumulation buffers
   int64_t host_total = 0;
+  // disk bytes
+  bool state_on_disk = false;  // optimizer_state_on=nvme
+  int64_t disk_state = 0;      // the tier's file on nvme_path: every unit's state, 4096-aligned
 
   std::string describe() const;   // a few aligned lines, in GiB
 };
@@ -48,8 +53,10 @@ struct plan_what_if {
   // The state tier's kind (optimizer_state) instead of opt.state: its exact bytes (state_bytes per
   // unit). Offloaded modes only: offload none keeps fp32 state (check_options).
   std::optional<state_kind> state;
-  // fp32 master weights and moments in files on local disk instead of host memory.
-  bool state_on_disk = false;
+  // true: the fp32 master weights and moments in a file on local disk (optimizer_state_on=nvme),
+  // streamed through opt.nvme.buffers host buffers; false: in host memory (unset: as opt.state_on).
+  // Offloaded modes only, as the kind.
+  std::optional<bool> state_on_disk;
 };
 
 // opt.forward_only: an inference engine (no gradient slots or optimizer state anywhere; activations
@@ -61,7 +68,7 @@ memory_plan plan_memory(const model::llama_config& cfg, const engine_options& op
                         int64_t grad_accum, const plan_what_if& what_if = {}, int64_t device_bytes = 0);
 
 // Host bytes of the state tier of model cfg in this kind: state_bytes over param_store's units
-// (exactly what the tier allocates: its host_bytes()).
+// (exactly what the host tier allocates: its host_bytes()).
 int64_t state_host_bytes(const model::llama_config& cfg, state_kind kind, bool moments);
 
 // Device bytes of the activations kept for the backward when the first `recomputed` blocks keep

@@ -46,6 +46,11 @@ void check_options(const engine_options& o) {
                      "optimizer_state=", state_kind_name(o.state),
                      " needs offload blocked or overlapped (offload none keeps fp32 AdamW moments on the GPU); "
                      "use optimizer_state=fp32 with offload none");
+  if (o.forward_only || o.state_on != state_place::place_nvme) return;
+  FERRY_CONFIG_CHECK(o.mode != offload_mode::offload_none,
+                     "optimizer_state_on=nvme needs offload blocked or overlapped (offload none keeps the optimizer "
+                     "state on the GPU)");
+  FERRY_CONFIG_CHECK(!o.nvme.path.empty(), "optimizer_state_on=nvme needs nvme_path, a directory on a local disk");
 }
 
 }  // namespace ferry::engine

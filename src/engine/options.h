@@ -7,6 +7,7 @@
 #include <limits>
 #include <string>
 
+#include "src/engine/nvme_state.h"
 #include "src/engine/state_tier.h"
 
 namespace ferry::engine {
@@ -48,6 +49,8 @@ struct engine_options {
   int64_t prefetch = 2;            // layers copied ahead of the one computing
   int cpu_threads = 0;             // CPU AdamW threads, 0 = all cores but one
   state_kind state = state_kind::state_fp32;   // the form of master weights and moments (state_tier.h)
+  state_place state_on = state_place::place_host;   // where they live (optimizer_state_on)
+  nvme_options nvme;               // state_on == place_nvme: the directory, buffers, queue depth
   speculate_mode speculate = speculate_mode::speculate_auto;
   recompute_mode recompute = recompute_mode::recompute_none;
   // AdamW and clipping
@@ -86,8 +89,9 @@ struct engine_options {
 };
 
 // Combinations the engine does not run, as config_errors naming the keys (the engine's constructor
-// and the CLI's wiring call it): a compact optimizer_state with offload none, whose device AdamW
-// keeps fp32 moments. An inference (forward_only) engine keeps no moments and passes.
+// and the CLI's wiring call it): a compact optimizer_state, or optimizer_state_on=nvme, with offload
+// none, whose device AdamW keeps fp32 moments on the GPU; nvme without nvme_path. An inference
+// (forward_only) engine keeps no moments and passes (its master weights stay in host memory).
 void check_options(const engine_options& o);
 
 }  // namespace ferry::engine

@@ -14,7 +14,7 @@ bool is_norm(const std::string& name) { return name.find("norm") != std::string:
 }  // namespace
 
 param_store::param_store(const model::llama_config& cfg, at::ScalarType dtype, backend& dev, bool optimizer_state,
-                         state_kind kind)
+                         state_kind kind, const nvme_options* nvme)
     : cfg_(cfg), dtype_(dtype), dev_(dev), optimizer_state_(optimizer_state) {
   units_.push_back({"", model::embed_layout(cfg), cfg.embed_params()});
   for (int64_t i = 0; i < cfg.num_hidden_layers; ++i)
@@ -23,7 +23,8 @@ param_store::param_store(const model::llama_config& cfg, at::ScalarType dtype, b
   std::vector<int64_t> numel;
   for (const auto& u : units_) numel.push_back(u.numel);
   FERRY_ASSERT(numel == unit_numels(cfg), "the units differ from param_store::unit_numels");
-  state_ = make_host_state(numel, kind, optimizer_state);
+  state_ = nvme && optimizer_state ? make_nvme_state(numel, kind, optimizer_state, *nvme)
+                                   : make_host_state(numel, kind, optimizer_state);
 
   const int64_t elem = static_cast<int64_t>(c10::elementSize(dtype));
   // One exact-size pinned block: shadows of every unit, then (with optimizer state) gradients of
@@ -89,9 +90,15 @@ void param_store::check_optimizer_state(const char* what) const {
               "; build the engine without forward_only to train or to save optimizer state");
 }
 
+void param_store::check_in_memory(const char* what) const {
+  FERRY_CHECK(state_->in_memory(), "param_store::", what, ": the optimizer state is on disk (optimizer_state_on=nvme), ",
+              "where no tensor can alias it; read it through state() leases");
+}
+
 // The host tier's buffers stay where they are between acquire and release, so a view may outlive
 // the lease (documented in the header: in-memory tiers only).
 at::Tensor param_store::master_tensor(int64_t u) const {
+  check_in_memory("master_tensor");
   state_lease s(*state_, u, true);
   return view_of(s->master, units_[u].numel, at::kFloat);
 }
@@ -102,11 +109,13 @@ void param_store::check_fp32_moments() const {
 }
 at::Tensor param_store::exp_avg_tensor(int64_t u) const {
   check_fp32_moments();
+  check_in_memory("exp_avg_tensor");
   state_lease s(*state_, u, true);
   return view_of(s->exp_avg, units_[u].numel, at::kFloat);
 }
 at::Tensor param_store::exp_avg_sq_tensor(int64_t u) const {
   check_fp32_moments();
+  check_in_memory("exp_avg_sq_tensor");
   state_lease s(*state_, u, true);
   return view_of(s->exp_avg_sq, units_[u].numel, at::kFloat);
 }
@@ -119,23 +128,33 @@ at::Tensor param_store::grad_tensor(int64_t u) const {
 void param_store::init_random(uint64_t seed, double std) {
   // One task per unit, each with its own generator: the values do not depend on the thread count.
   // ATen's ops inside run single-threaded here (at::parallel_for does not nest).
+  for (int64_t u = 0; u < num_units(); ++u) state_->prefetch(u);
   at::parallel_for(0, num_units(), 1, [&](int64_t begin, int64_t end) {
     for (int64_t u = begin; u < end; ++u) {
       at::Generator gen = at::detail::createCPUGenerator(seed * 1000003ull + uint64_t(u));
-      at::Tensor flat = master_tensor(u);
-      for (const auto& s : units_[u].slots) {
-        at::Tensor t = flat.narrow(0, s.offset, s.numel);
-        if (is_norm(s.name)) t.fill_(1.0);
+      state_lease s(*state_, u, true);
+      at::Tensor flat = view_of(s->master, units_[u].numel, at::kFloat);
+      for (const auto& slot : units_[u].slots) {
+        at::Tensor t = flat.narrow(0, slot.offset, slot.numel);
+        if (is_norm(slot.name)) t.fill_(1.0);
         else t.normal_(0.0, std, gen);
       }
+      zero_moments_of(*s);
+      refresh_shadow(u, *s);
     }
   });
-  state_->zero_moments();
-  refresh_shadows();
+}
+
+void param_store::refresh_shadow(int64_t u, const state_view& s) {
+  shadow_tensor(u).copy_(view_of(s.master, units_[u].numel, at::kFloat));
 }
 
 void param_store::refresh_shadows() {
-  for (int64_t u = 0; u < num_units(); ++u) shadow_tensor(u).copy_(master_tensor(u));
+  for (int64_t u = 0; u < num_units(); ++u) state_->prefetch(u);
+  for (int64_t u = 0; u < num_units(); ++u) {
+    state_lease s(*state_, u, false);
+    refresh_shadow(u, *s);
+  }
 }
 
 

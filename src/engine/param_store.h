@@ -3,7 +3,9 @@
 // loads and the gradient buffer the device writes back (page-locked, 2 B + 2 B per param in
 // fp16/bf16, allocated as one exact-size block), and the optimizer state tier (state_tier.h) that
 // owns every parameter's fp32 master copy and AdamW moments (pageable host memory; 12 B/param with
-// fp32 moments, 8 with bf16, about 6 with int8: engine_options::state). Parameters are grouped in units, each one flat buffer streamed by one copy:
+// fp32 moments, 8 with bf16, about 6 with int8: engine_options::state; or a file on a local disk
+// streamed through a few host buffers: nvme_state.h). Parameters are grouped in units, each one
+// flat buffer streamed by one copy:
 //   unit 0          the token embedding            ("model.embed_tokens.weight")
 //   units 1..L      the decoder blocks             ("model.layers.<i>.*", layout.h order)
 //   unit L+1        final norm + lm_head           ("model.norm.weight", "lm_head.weight"; tied: the norm)
@@ -26,6 +28,7 @@
 #include <vector>
 
 #include "src/engine/backend.h"
+#include "src/engine/nvme_state.h"
 #include "src/engine/state_tier.h"
 #include "src/model/layout.h"
 #include "src/model/llama_config.h"
@@ -48,8 +51,11 @@ struct named_param {
 
 class param_store {
  public:
+  // nvme: the optimizer state on disk (make_nvme_state) instead of host memory; inference stores
+  // (no optimizer state) keep their master weights in host memory whatever it says.
   param_store(const model::llama_config& cfg, at::ScalarType compute_dtype, backend& dev,
-              bool optimizer_state = true, state_kind kind = state_kind::state_fp32);
+              bool optimizer_state = true, state_kind kind = state_kind::state_fp32,
+              const nvme_options* nvme = nullptr);
   ~param_store();
   param_store(const param_store&) = delete;
   param_store& operator=(const param_store&) = delete;
@@ -78,8 +84,9 @@ class param_store {
 
   // CPU tensors aliasing the buffers above (1-D, numel of the unit). The master and moment tensors
   // alias the tier's memory and so exist only for a tier that keeps its state in host memory
-  // (init, tests); the engine and checkpoints go through state(). The moment tensors exist only for
-  // fp32 moments (optimizer_state=fp32; other kinds throw: read them through state()).
+  // (state_tier::in_memory; tests, inference); the engine and checkpoints go through state(), and
+  // a tier on disk throws here. The moment tensors exist only for fp32 moments
+  // (optimizer_state=fp32; other kinds throw: read them through state()).
   at::Tensor master_tensor(int64_t u) const;
   at::Tensor shadow_tensor(int64_t u) const;
   at::Tensor grad_tensor(int64_t u) const;
@@ -87,8 +94,8 @@ class param_store {
   at::Tensor exp_avg_sq_tensor(int64_t u) const;
 
   // HF initialisation: normal(0, std) for matrices and the embedding, ones for norms; moments
-  // zeroed. Deterministic for a seed (each unit has its own generator, whatever the thread count);
-  // units are drawn in parallel.
+  // zeroed; shadows refreshed. Deterministic for a seed (each unit has its own generator, whatever
+  // the thread count); units are drawn in parallel, each within one lease of its state.
   void init_random(uint64_t seed, double std);
   // Master -> shadow for every unit (after init, load or resume).
   void refresh_shadows();
@@ -117,6 +124,8 @@ class param_store {
 
   void check_optimizer_state(const char* what) const;
   void check_fp32_moments() const;
+  void check_in_memory(const char* what) const;
+  void refresh_shadow(int64_t u, const state_view& s);
 };
 
 }  // namespace ferry::engine

@@ -65,28 +65,34 @@ float* exp_avg_sq_f32(const state_view& s) {
   return static_cast<float*>(s.exp_avg_sq);
 }
 
+void zero_moments_of(const state_view& s) {
+  if (!s.exp_avg) return;
+  const size_t n = size_t(s.n), blocks = cpu_optim::quant_blocks(n);
+  switch (s.moments) {
+    case cpu_optim::moments_kind::f32:
+      std::memset(s.exp_avg, 0, n * 4);
+      std::memset(s.exp_avg_sq, 0, n * 4);
+      break;
+    case cpu_optim::moments_kind::bf16:
+      std::memset(s.exp_avg, 0, n * 2);
+      std::memset(s.exp_avg_sq, 0, n * 2);
+      break;
+    case cpu_optim::moments_kind::int8:
+      std::memset(s.exp_avg, 0, n);
+      std::memset(s.exp_avg_sq, 0, n);
+      std::memset(s.m_scale, 0, blocks * 4);
+      std::memset(s.v_scale, 0, blocks * 4);
+      break;
+  }
+}
+
 // All-zero codes and scales are zero moments in every kind (cpu_optim/adamw.h).
 void state_tier::zero_moments() {
   if (!has_moments()) return;
+  for (int64_t u = 0; u < num_units(); ++u) prefetch(u);
   for (int64_t u = 0; u < num_units(); ++u) {
     state_lease s(*this, u, true);
-    const size_t n = size_t(s->n), blocks = cpu_optim::quant_blocks(n);
-    switch (s->moments) {
-      case cpu_optim::moments_kind::f32:
-        std::memset(s->exp_avg, 0, n * 4);
-        std::memset(s->exp_avg_sq, 0, n * 4);
-        break;
-      case cpu_optim::moments_kind::bf16:
-        std::memset(s->exp_avg, 0, n * 2);
-        std::memset(s->exp_avg_sq, 0, n * 2);
-        break;
-      case cpu_optim::moments_kind::int8:
-        std::memset(s->exp_avg, 0, n);
-        std::memset(s->exp_avg_sq, 0, n);
-        std::memset(s->m_scale, 0, blocks * 4);
-        std::memset(s->v_scale, 0, blocks * 4);
-        break;
-    }
+    zero_moments_of(*s);
   }
 }
 

@@ -5,8 +5,10 @@
 // parameter. cpu_optim keeps taking raw spans, which a view provides.
 //
 // Implementations: host memory (make_host_state), the master weights in fp32 and the moments in
-// the tier's kind (fp32, bf16, or blockwise int8 codes: cpu_optim/adamw.h moments_kind). A tier on
-// local disk plugs in behind the same calls: acquire reads ahead / release writes behind.
+// the tier's kind (fp32, bf16, or blockwise int8 codes: cpu_optim/adamw.h moments_kind); and files
+// on a local disk (make_nvme_state, nvme_state.h: optimizer_state_on=nvme), streamed through a few
+// host buffers: prefetch(u) reads ahead, acquire(u) waits for the read, release(u, dirty) writes
+// behind.
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -57,6 +59,14 @@ cpu_optim::moments_ref moments_of(const state_view& s);
 float* exp_avg_f32(const state_view& s);
 float* exp_avg_sq_f32(const state_view& s);
 
+// A tier's disk traffic since the last take_io() (zero for the host tier): the step report's
+// disk figures.
+struct tier_io {
+  double wait_ms = 0;        // time acquire() and flush() blocked on the disk or for a free buffer
+  int64_t read_bytes = 0;    // reads issued
+  int64_t write_bytes = 0;   // write-backs issued
+};
+
 class state_tier {
  public:
   virtual ~state_tier() = default;
@@ -68,10 +78,31 @@ class state_tier {
   virtual state_view acquire(int64_t u) = 0;
   // dirty: the holder changed the state (a tier with a backing store writes it back).
   virtual void release(int64_t u, bool dirty) = 0;
-  // Host memory the tier holds (what the planner charges it: state_bytes of every unit).
+  // Host memory the tier holds (what the planner charges it: state_bytes of every unit, or the
+  // disk tier's buffers).
   virtual int64_t host_bytes() const = 0;
+  // A hint that unit u will be acquired soon; calls come in the order the acquires will. A tier on
+  // disk starts reading it into a free buffer (the host tier: nothing to do).
+  virtual void prefetch(int64_t) {}
+  // Blocks until every write-back has completed; throws ferry::error naming the file and unit when
+  // one failed (the host tier: nothing to wait for).
+  virtual void flush() {}
+  // Whether a view stays valid after its release (the state lives in host memory for good): only
+  // then may param_store hand out tensors that alias it.
+  virtual bool in_memory() const { return true; }
+  // Bytes the tier keeps on disk (0: none).
+  virtual int64_t disk_bytes() const { return 0; }
+  virtual tier_io take_io() { return {}; }
+  // Files the tier created and removes when destroyed (a signal handler that exits at once removes
+  // them itself).
+  virtual std::vector<std::string> scratch_files() const { return {}; }
+  // One line for the run's log: where the state lives and how it moves ("" for the host tier).
+  virtual std::string describe() const { return ""; }
   void zero_moments();
 };
+
+// Zeroes the moments of one acquired unit: all-zero codes and scales are zero moments in every kind.
+void zero_moments_of(const state_view& s);
 
 // The master weights and the moments of `kind` in pageable host memory, 64-byte aligned, one buffer
 // per array and unit; the moments start at zero.

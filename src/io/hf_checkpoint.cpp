@@ -189,7 +189,7 @@ void hf_checkpoint_reader::validate_against_config() const {
 }
 
 void write_hf_checkpoint(const std::string& dir, const model::llama_config& cfg, const std::vector<named_f32>& tensors,
-                         const std::string& dtype, size_t max_shard_bytes) {
+                         const std::string& dtype, size_t max_shard_bytes, const f32_source& source) {
   FERRY_CONFIG_CHECK(dtype == "F32" || dtype == "F16" || dtype == "BF16", "cannot save checkpoint in dtype '",
                      dtype, "'; use F32, F16 or BF16");
   const size_t itemsize = st_dtype_size(dtype);
@@ -252,9 +252,10 @@ void write_hf_checkpoint(const std::string& dir, const model::llama_config& cfg,
       const named_f32* t = shards[k][i];
       size_t n = 1;
       for (int64_t s : t->shape) n *= static_cast<size_t>(s);
+      const float* data = source ? source(*t) : t->data;
       for (size_t b = 0; b < n; b += k_chunk) {
         size_t m = std::min(k_chunk, n - b);
-        convert_from_f32(t->data + b, m, dtype.c_str(), buf.data());
+        convert_from_f32(data + b, m, dtype.c_str(), buf.data());
         sink(buf.data(), m * itemsize);
       }
     });

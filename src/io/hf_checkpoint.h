@@ -6,6 +6,7 @@
 // buffer, so loading never holds a second copy of the model.
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -64,7 +65,13 @@ struct named_f32 {
 // even, in chunks while writing. Each file is atomic; the index (or, unsharded, model.safetensors)
 // is committed after the shards it names, then stale files of an earlier layout are removed.
 // `tensors` must be exactly llama_tensor_names(cfg) (any order) with those shapes.
+// source (optional): each tensor's data comes from source(t), called once per tensor in file order
+// just before its data is written, whose pointer need stay valid only until the next call (the
+// tensors' data fields are then unused): a caller streaming its weights from disk holds one unit
+// at a time.
+using f32_source = std::function<const float*(const named_f32& t)>;
 void write_hf_checkpoint(const std::string& dir, const model::llama_config& cfg, const std::vector<named_f32>& tensors,
-                         const std::string& dtype, size_t max_shard_bytes = size_t(5) << 30);
+                         const std::string& dtype, size_t max_shard_bytes = size_t(5) << 30,
+                         const f32_source& source = {});
 
 }  // namespace ferry::io

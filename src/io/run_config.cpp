@@ -73,6 +73,15 @@ const std::vector<key_desc>& keys() {
       {"optimizer_state", str_key{&run_config::optimizer_state, {"fp32", "bf16", "int8"}},
        "AdamW moments on the host: fp32 (12 B/param with the fp32 master), bf16 (8), int8 (blockwise codes, 6); "
        "bf16 and int8 need offload blocked or overlapped"},
+      {"optimizer_state_on", str_key{&run_config::optimizer_state_on, {"host", "nvme"}},
+       "where the fp32 master weights and moments live: host memory, or nvme (a scratch file in nvme_path, streamed "
+       "through nvme_buffers host buffers with io_uring; needs offload blocked or overlapped)"},
+      {"nvme_path", str_key{&run_config::nvme_path, {}},
+       "optimizer_state_on=nvme: a directory on a local disk; the run creates its own scratch file there and removes it"},
+      {"nvme_buffers", int_key{&run_config::nvme_buffers, 2, 1024},
+       "optimizer_state_on=nvme: host buffers of one unit's state each (reads ahead, write-behind)"},
+      {"nvme_queue_depth", int_key{&run_config::nvme_queue_depth, 1, 4096},
+       "optimizer_state_on=nvme: 1 MiB read/write requests kept in flight"},
       {"loss_scale", real_key{&run_config::loss_scale, 1, 1e30, false}, "initial dynamic loss scale (fp16)"},
       {"loss_scale_window", int_key{&run_config::loss_scale_window, 1, kIntMax}, "good steps before the loss scale doubles"},
       {"gpu_mem_limit_gib", real_key{&run_config::gpu_mem_limit_gib, 0, 1e6, false}, "cap on usable GPU memory in GiB; 0 = whole card"},
@@ -249,6 +258,8 @@ void validate(const run_config& cfg) {
                      "warmup_steps (", cfg.warmup_steps, ") must not exceed steps (", cfg.steps, ")");
   FERRY_CONFIG_CHECK(cfg.prompt.empty() || cfg.prompt_file.empty(),
                      "give either prompt or prompt_file, not both");
+  FERRY_CONFIG_CHECK(cfg.optimizer_state_on != "nvme" || !cfg.nvme_path.empty(),
+                     "optimizer_state_on=nvme needs nvme_path, a directory on a local disk for the tier's scratch file");
 }
 
 run_config load_run_config(const std::string& path, const std::vector<std::string>& overrides) {

@@ -46,6 +46,10 @@ struct run_config {
   std::string activation_checkpointing = "none";  // none | blocks | auto: recompute block forwards in the backward
   std::string speculate = "auto";      // auto | on | off: update layers during backward before the clip coefficient is known
   std::string optimizer_state = "fp32";  // fp32 | bf16 | int8: the form of the AdamW moments on the host
+  std::string optimizer_state_on = "host";  // host | nvme: master weights and moments in memory or in a file on nvme_path
+  std::string nvme_path = "";          // optimizer_state_on=nvme: the directory (local disk) of the tier's scratch file
+  int64_t nvme_buffers = 4;            // host buffers the nvme tier streams units through
+  int64_t nvme_queue_depth = 16;       // 1 MiB I/O requests the nvme tier keeps in flight
   double loss_scale = 65536.0;         // initial dynamic loss scale (fp16)
   int64_t loss_scale_window = 2000;    // good steps before the scale doubles
   double gpu_mem_limit_gib = 0;        // cap usable GPU memory (0 = the whole card)

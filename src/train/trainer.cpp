@@ -23,13 +23,19 @@ namespace ferry::train {
 namespace {
 std::atomic<int> g_stop_signal{0};
 std::atomic<int> g_save_request{0};
+// The state tier's scratch file (optimizer_state_on=nvme), which a second Ctrl-C removes before it
+// exits at once (the normal and first-signal paths remove it when the engine is destroyed).
+char g_scratch_file[4096];
 
 extern "C" void on_signal(int sig) {
   if (sig == SIGUSR1) {
     g_save_request = 1;
     return;
   }
-  if (g_stop_signal.load() == SIGINT && sig == SIGINT) _exit(130);  // second Ctrl-C: at once
+  if (g_stop_signal.load() == SIGINT && sig == SIGINT) {  // second Ctrl-C: at once
+    if (g_scratch_file[0]) unlink(g_scratch_file);
+    _exit(130);
+  }
   g_stop_signal = sig;
 }
 
@@ -89,6 +95,10 @@ int run_training(const io::run_config& cfg, const model::llama_config& mc, const
               double(mc.total_params()) / 1e9, (long long)mc.num_hidden_layers, engine::offload_mode_name(eo.mode),
               cfg.dtype.c_str(), e.device().name().c_str());
   std::printf("memory plan:\n%s\n", e.plan().describe().c_str());
+  const std::string tier_line = e.params().state().describe();
+  if (!tier_line.empty()) std::printf("%s\n", tier_line.c_str());
+  for (const auto& f : e.params().state().scratch_files())
+    if (f.size() < sizeof g_scratch_file) std::snprintf(g_scratch_file, sizeof g_scratch_file, "%s", f.c_str());
 
   checkpoint::trainer_state st;
   st.seed = cfg.seed;
@@ -200,6 +210,11 @@ int run_training(const io::run_config& cfg, const model::llama_config& mc, const
     m["cpu_adam_ms"] = r.cpu_adam_ms;
     m["stall_ms"] = r.stall_update_ms;
     m["tail_ms"] = r.tail_ms;
+    if (eo.state_on == engine::state_place::place_nvme) {
+      m["disk_wait_ms"] = r.disk_wait_ms;
+      m["disk_read_bytes"] = r.disk_read_bytes;
+      m["disk_write_bytes"] = r.disk_write_bytes;
+    }
     m["gpu_alloc_peak"] = r.gpu_alloc_peak;
     m["gpu_reserved_peak"] = r.gpu_reserved_peak;
     m["data_cursor"] = st.data_cursor;
@@ -208,6 +223,7 @@ int run_training(const io::run_config& cfg, const model::llama_config& mc, const
       const engine::state_kind kind = e.params().state().kind();
       m["optimizer_state"] = engine::state_kind_name(kind);
       m["state_bytes_per_param"] = engine::state_bytes_per_param(kind, true);
+      m["optimizer_state_on"] = engine::state_place_name(eo.state_on);
       first_record = false;
     }
     if (cfg.eval_every > 0 && st.step % cfg.eval_every == 0) {
@@ -239,6 +255,9 @@ int run_training(const io::run_config& cfg, const model::llama_config& mc, const
         std::printf(" | h2d %.2f GB %.0f ms, d2h %.2f GB %.0f ms, adam %.0f ms, stall %.0f ms%s", r.h2d_bytes / 1e9,
                     r.h2d_ms, r.d2h_bytes / 1e9, r.d2h_ms, r.cpu_adam_ms, r.stall_update_ms,
                     r.rollbacks ? " | rollback" : "");
+      if (eo.state_on == engine::state_place::place_nvme)
+        std::printf(" | disk read %.2f GB, write %.2f GB, wait %.0f ms", r.disk_read_bytes / 1e9,
+                    r.disk_write_bytes / 1e9, r.disk_wait_ms);
       if (m.contains("eval_loss")) std::printf(" | eval %.4f", m["eval_loss"].get<double>());
       std::printf("\n");
       std::fflush(stdout);

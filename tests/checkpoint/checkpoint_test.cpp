@@ -40,9 +40,21 @@ struct resume_case {
   int64_t poison_step;  // 0-based step whose gradient gets an inf (skipped step), -1 none
   state_kind kind = state_kind::state_fp32;   // optimizer_state
   bool tied = false;    // tied_config(): lm_head is the embedding (tie_word_embeddings)
+  // optimizer_state_on of the run that saves and of the one that resumes (the uninterrupted run
+  // keeps its state in host memory): resuming between tiers is exact both ways.
+  state_place saved_on = state_place::place_host, resumed_on = state_place::place_host;
 };
 
 model::llama_config config_of(const resume_case& c) { return c.tied ? tied_config() : tiny_config(); }
+
+// o with its optimizer state on `place` (a tier file in dir when on disk).
+engine_options placed(engine_options o, state_place place, const std::string& dir) {
+  o.state_on = place;
+  o.nvme.path = dir;
+  o.nvme.buffers = 2;
+  if (place == state_place::place_nvme) std::filesystem::create_directories(dir);
+  return o;
+}
 
 void PrintTo(const resume_case& c, std::ostream* os) { *os << c.name; }
 
@@ -99,7 +111,7 @@ TEST_P(checkpoint_resume, continues_bit_for_bit) {
   run_result full = run_engine(with_poison(o, c, 0), data, {}, cfg);
 
   // the first part, saved
-  auto first = make_engine(with_poison(o, c, 0), cfg);
+  auto first = make_engine(placed(with_poison(o, c, 0), c.saved_on, d.path + "/tier-saved"), cfg);
   run_result part;
   for (int64_t k = 0; k < c.save_after; ++k) part.steps.push_back(first->train_step(data[size_t(k)], lr_at(k)));
   snapshot(*first, part);
@@ -107,7 +119,7 @@ TEST_P(checkpoint_resume, continues_bit_for_bit) {
   const std::string dir = save_checkpoint(*first, saved, d.path, 2);
 
   // a fresh engine (other random weights) loads it and goes on
-  engine_options o2 = with_poison(o, c, c.save_after);
+  engine_options o2 = placed(with_poison(o, c, c.save_after), c.resumed_on, d.path + "/tier-resumed");
   auto e = make_engine(o2, cfg);
   e->params().init_random(777, 0.2);
   e->params_changed();
@@ -149,7 +161,10 @@ TEST_P(checkpoint_resume, continues_bit_for_bit) {
 // The compact kinds (optimizer_state bf16, int8: codes, int8 scales and the bf16 stochastic-rounding
 // stream, whose seed is fixed per unit and mixed with the step count) in the same states.
 // tied_*: the same states with tied embeddings (one parameter, saved once).
+// nvme_*: the same with the optimizer state on disk for the saving run, the resuming one or both
+// (the checkpoint streams the tier unit by unit).
 constexpr state_kind k_fp32 = state_kind::state_fp32, k_bf16 = state_kind::state_bf16, k_int8 = state_kind::state_int8;
+constexpr state_place k_host = state_place::place_host, k_nvme = state_place::place_nvme;
 INSTANTIATE_TEST_SUITE_P(
     all, checkpoint_resume,
     ::testing::Values(resume_case{"fp16_skip_before", at::kHalf, speculate_mode::speculate_on, 1.0, 1, 3, 6, 1},
@@ -165,7 +180,17 @@ INSTANTIATE_TEST_SUITE_P(
                       resume_case{"tied_fp16_skip_before", at::kHalf, speculate_mode::speculate_on, 1.0, 1, 3, 6, 1, k_fp32, true},
                       resume_case{"tied_accumulation", at::kFloat, speculate_mode::speculate_on, 1.0, 3, 2, 4, -1, k_fp32, true},
                       resume_case{"tied_bf16_state_auto_speculating", at::kFloat, speculate_mode::speculate_auto, 0.0, 1, 10, 13, 11, k_bf16, true},
-                      resume_case{"tied_int8_state_spec_on_clipped", at::kFloat, speculate_mode::speculate_on, 0.05, 1, 3, 5, -1, k_int8, true}),
+                      resume_case{"tied_int8_state_spec_on_clipped", at::kFloat, speculate_mode::speculate_on, 0.05, 1, 3, 5, -1, k_int8, true},
+                      resume_case{"nvme_auto_speculating", at::kFloat, speculate_mode::speculate_auto, 0.0, 1, 10, 13, 11,
+                                  k_fp32, false, k_nvme, k_nvme},
+                      resume_case{"host_to_nvme_int8_accumulation", at::kFloat, speculate_mode::speculate_on, 1.0, 2, 2, 5, -1,
+                                  k_int8, false, k_host, k_nvme},
+                      resume_case{"nvme_to_host_fp16_skip_before", at::kHalf, speculate_mode::speculate_on, 1.0, 1, 3, 6, 1,
+                                  k_fp32, false, k_nvme, k_host},
+                      resume_case{"nvme_to_host_bf16_clipped", at::kFloat, speculate_mode::speculate_on, 0.05, 1, 3, 5, -1,
+                                  k_bf16, false, k_nvme, k_host},
+                      resume_case{"tied_nvme_int8_accumulation", at::kFloat, speculate_mode::speculate_on, 1.0, 2, 2, 5, -1,
+                                  k_int8, true, k_nvme, k_nvme}),
     [](const auto& info) { return std::string(info.param.name); });
 
 // ---- optimizer_state kinds: layout, conversion on resume, errors ----
@@ -287,6 +312,26 @@ TEST(checkpoint_kinds, resume_with_another_kind_converts) {
     EXPECT_TRUE(same_bits(e32->params().exp_avg_tensor(u), m));
     EXPECT_TRUE(same_bits(e32->params().exp_avg_sq_tensor(u), v));
     EXPECT_TRUE(same_bits(e8->params().master_tensor(u), bf->params().master_tensor(u)));
+  }
+}
+
+// A tier on disk is checkpointed unit by unit (one leased at a time) into the very files the host
+// tier writes: the same state gives byte-identical model.safetensors and optimizer.safetensors.
+TEST(checkpoint_kinds, nvme_tier_writes_the_host_tiers_files) {
+  scratch_dir d;
+  for (auto kind : {state_kind::state_fp32, k_bf16, k_int8}) {
+    SCOPED_TRACE(state_kind_name(kind));
+    auto host = make_engine(kind_options(kind));
+    auto disk = make_engine(placed(kind_options(kind), k_nvme, d.path + "/tier"));
+    const auto data = make_data(2);
+    for (int64_t k = 0; k < 2; ++k) {
+      host->train_step(data[size_t(k)], lr_at(k));
+      disk->train_step(data[size_t(k)], lr_at(k));
+    }
+    const std::string a = save_checkpoint(*host, saved_state(2), d.path + "/host-" + state_kind_name(kind), 2);
+    const std::string b = save_checkpoint(*disk, saved_state(2), d.path + "/nvme-" + state_kind_name(kind), 2);
+    for (const char* f : {"/model.safetensors", "/optimizer.safetensors"})
+      EXPECT_EQ(io::read_file(a + f), io::read_file(b + f)) << f;
   }
 }
 

@@ -940,10 +940,18 @@ TEST(engine_plan, what_if_rows) {
     EXPECT_EQ(q.host_moments, cfg.total_params() * 2 + blocks * 8);
     EXPECT_EQ(q.host_master, base.host_master);
     EXPECT_EQ(q.device_total, base.device_total);
+    // On disk: master and moments leave host memory for nvme_buffers buffers of the largest unit's
+    // state (4096-aligned), and the file holds every unit's.
     plan_what_if disk;
     disk.state_on_disk = true;
     const memory_plan d = plan_memory(cfg, o, B, T, 1, disk);
-    EXPECT_EQ(base.host_total - d.host_total, cfg.total_params() * 12);
+    auto stride = [](int64_t n) { return (n * 12 + 4095) / 4096 * 4096; };
+    const int64_t largest = std::max({stride(cfg.embed_params()), stride(cfg.block_params()), stride(cfg.head_params())});
+    EXPECT_EQ(d.host_state_buffers, o.nvme.buffers * largest);
+    EXPECT_EQ(base.host_total - d.host_total, cfg.total_params() * 12 - d.host_state_buffers);
+    EXPECT_EQ(d.disk_state, stride(cfg.embed_params()) + cfg.num_hidden_layers * stride(cfg.block_params()) +
+                                stride(cfg.head_params()));
+    EXPECT_EQ(base.disk_state, 0);
     EXPECT_EQ(d.device_total, base.device_total);
   }
 }

@@ -139,6 +139,12 @@ inline std::unique_ptr<engine> make_engine(const engine_options& o, const model:
   return e;
 }
 
+// Unit u's fp32 master weights, a CPU clone read through a lease (any tier, on disk too).
+inline at::Tensor master_copy(param_store& ps, int64_t u) {
+  state_lease s(ps.state(), u, false);
+  return at::from_blob(s->master, {s->n}, at::TensorOptions().dtype(at::kFloat)).clone();
+}
+
 inline void snapshot(engine& e, run_result& r) {
   e.wait_updates();
   r.master.clear();
@@ -147,7 +153,7 @@ inline void snapshot(engine& e, run_result& r) {
   r.m_scale.clear();
   r.v_scale.clear();
   for (int64_t u = 0; u < e.params().num_units(); ++u) {
-    r.master.push_back(e.params().master_tensor(u).clone());
+    r.master.push_back(master_copy(e.params(), u));
     unit_moments mo = moments_copy(e.params(), u);
     r.m.push_back(mo.m);
     r.v.push_back(mo.v);
