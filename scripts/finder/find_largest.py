@@ -15,7 +15,13 @@ give the answer for every kind. The optimizer state on disk (`--ferry-set optimi
 moments, and the plans' disk bytes judged against what DIR has free; the what-if rows
 "optimizer_state_on nvme, optimizer_state KIND" give the answer with the state on disk for every
 kind (their disk bytes judged only where the run names an nvme_path). A verified run on disk
-reports its disk bytes per step and the time its steps waited on the disk.
+reports its disk bytes per step and the time its steps waited on the disk; the disk's sequential
+read and write rates are measured once (`ferry-bench-adamw --nvme DIR`, the tier's own I/O path)
+and each such run's step is set against its disk bound (bytes read / read rate + bytes written /
+write rate). The what-if rows also combine checkpointing with each kind, in memory and on disk.
+--verify-what-if verifies each what-if row's largest candidate by a run with that change (the
+rows on disk only where an nvme_path is given), so the report names the largest *verified* model
+per option and combination, with its step time.
 
 --family small with --device cpu is the CI mode: tiny-ish shapes, host backend, no cap.
 Standard library only.
@@ -24,6 +30,7 @@ import argparse
 import datetime
 import json
 import os
+import re
 import shutil
 import sys
 
@@ -39,6 +46,8 @@ SMALL_ANCHORS = [(128, 4), (256, 6), (384, 8), (512, 10), (768, 12)]
 STATE_KINDS = ["fp32", "bf16", "int8"]
 # The plan's what-if row of each kind with the optimizer state on disk (optimizer_state_on=nvme).
 NVME_ROW = "optimizer_state_on nvme, optimizer_state %s"
+# A row combined with activation checkpointing.
+CKPT_ROW = "activation checkpointing, %s"
 
 
 def parse_args():
@@ -65,6 +74,10 @@ def parse_args():
     ap.add_argument("--steps", type=int, default=3, help="steps per verification run")
     ap.add_argument("--timeout", type=int, default=900, help="seconds per verification run")
     ap.add_argument("--ferry-set", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--verify-what-if", action="store_true",
+                    help="also verify the largest candidate of every what-if row (option and combination) by a run")
+    ap.add_argument("--disk-bytes", default="4GiB",
+                    help="the file size of the disk measurement when the state is on disk (default 4GiB)")
     ap.add_argument("--out", default=None)
     return ap.parse_args()
 
@@ -152,7 +165,49 @@ def what_if_changes(p):
     rows = p.get("what_if", {})
     kinds = ["optimizer_state " + k for k in STATE_KINDS if "optimizer_state " + k in rows]
     nvme = [NVME_ROW % k for k in STATE_KINDS if NVME_ROW % k in rows]
-    return ["activation checkpointing"] + kinds + nvme
+    combined = [CKPT_ROW % c for c in kinds + nvme if CKPT_ROW % c in rows]
+    return ["activation checkpointing"] + kinds + nvme + combined
+
+
+def change_sets(change):
+    """The run-config keys a what-if row stands for ({} for a row name the finder does not know)."""
+    sets = {}
+    for part in change.split(", "):
+        if part == "activation checkpointing":
+            sets["activation_checkpointing"] = "blocks"
+        elif part == "optimizer_state_on nvme":
+            sets["optimizer_state_on"] = "nvme"
+        elif part.startswith("optimizer_state "):
+            sets["optimizer_state"] = part.split(" ", 1)[1]
+            sets.setdefault("optimizer_state_on", "host")   # the kind rows alone are in host memory
+        else:
+            raise SystemExit("find_largest_model: unknown what-if row %r" % change)
+    return sets
+
+
+def measure_disk(path, size):
+    """Sequential read and write GB/s of the disk under `path` through the tier's I/O path
+    (ferry-bench-adamw --nvme), or None when the tool is missing or fails."""
+    bench = fl.tool("ferry-bench-adamw")
+    if not bench:
+        return None
+    cmd = [bench, "--nvme", path, "--nvme-bytes", str(fl.parse_size(size)), "--nvme-depths", "16",
+           "--nvme-buffers", "4", "--nvme-units", "2", "--sizes", "1M", "--reps", "2"]
+    res = fl.run(cmd, 600)
+    m = re.search(r"best: write ([0-9.]+) GB/s .*read ([0-9.]+) GB/s", res.get("out", ""))
+    if res["rc"] != 0 or not m:
+        fl.ferry_log("disk measurement failed (%s); no disk bound" % fl.failure_reason(res))
+        return None
+    return dict(write=float(m.group(1)) * 1e9, read=float(m.group(2)) * 1e9, command=" ".join(cmd),
+                direct="O_DIRECT" in res.get("out", ""))
+
+
+def disk_bound(r, disk):
+    """A verified run's disk bound per step in ms (its median bytes read and written at the measured
+    rates), or None."""
+    if not disk or "disk_read" not in r:
+        return None
+    return 1e3 * (r["disk_read"] / disk["read"] + r["disk_write"] / disk["write"])
 
 
 def host_by_state(p):
@@ -162,8 +217,33 @@ def host_by_state(p):
                       else "-" for k in STATE_KINDS)
 
 
-def run_verify(train, name, cfg_path, a, dev, lim, tokfile, out):
-    d = os.path.join(out, "verify", name)
+def bound_note(r, disk):
+    """", bound X ms, step x Y" for a verified run on disk, when the disk was measured."""
+    b = disk_bound(r, disk)
+    if not b or not r.get("step_ms"):
+        return ""
+    return ", bound %s, step %.2fx" % (fl.fmt_ms(b), r["step_ms"] / b)
+
+
+def verified_note(w, disk):
+    """The what-if row's verification run, for the report line ("" when none was asked for)."""
+    if not w:
+        return ""
+    if "skipped" in w:
+        return "; not verified (%s)" % w["skipped"]
+    r = w["run"]
+    if "error" in r:
+        return "; verification of %s failed: %s" % (w["name"], r["error"])
+    return "; verified %s (%.2f B params), step %s%s" % (
+        w["name"], w["params"] / 1e9, fl.fmt_ms(r.get("step_ms")),
+        (" (disk %s, waited %s%s)" % (fl.fmt_bytes(r["disk_bytes"]), fl.fmt_ms(r["disk_wait_ms"]), bound_note(r, disk))
+         if "disk_bytes" in r else ""))
+
+
+def run_verify(train, name, cfg_path, a, dev, lim, tokfile, out, extra=None, tag=""):
+    """One verification run of candidate `name` (with the run-config keys `extra` on top of the
+    finder's, for a what-if row; its folder verify/NAME[-TAG])."""
+    d = os.path.join(out, "verify", name + ("-" + tag if tag else ""))
     shutil.rmtree(d, ignore_errors=True)
     os.makedirs(d)
     sets = fl.train_run_sets(a.steps, a.seq, a.batch, tokfile, d)
@@ -172,7 +252,8 @@ def run_verify(train, name, cfg_path, a, dev, lim, tokfile, out):
     # The run itself refuses a plan over the host limit the finder judged by (before its first step).
     sets["host_mem_limit_gib"] = "%.4f" % (lim["host"] / fl.GIB)
     sets["optimizer_state"] = a.optimizer_state
-    cmd = fl.ferry_cmd(train, cfg_path, dev, a.offload, a.dtype, sets, a.ferry_set)
+    overrides = list(a.ferry_set) + ["%s=%s" % kv for kv in (extra or {}).items()]
+    cmd = fl.ferry_cmd(train, cfg_path, dev, a.offload, a.dtype, sets, overrides)
     log = os.path.join(d, "log.txt")
     res = fl.run_measured(cmd, log, a.timeout)
     rows = fl.read_metrics(os.path.join(d, "metrics.jsonl"))
@@ -182,8 +263,10 @@ def run_verify(train, name, cfg_path, a, dev, lim, tokfile, out):
         r.update(step_ms=s["step_ms"], gpu_alloc=s["gpu_alloc_peak"], gpu_reserved=s["gpu_reserved_peak"])
         if any("disk_wait_ms" in x for x in rows):   # optimizer_state_on=nvme: the tier's traffic
             use = rows[1:] if len(rows) > 1 else rows
-            r.update(disk_bytes=fl.median([x.get("disk_read_bytes", 0) + x.get("disk_write_bytes", 0) for x in use]),
+            r.update(disk_read=fl.median([x.get("disk_read_bytes", 0) for x in use]),
+                     disk_write=fl.median([x.get("disk_write_bytes", 0) for x in use]),
                      disk_wait_ms=fl.median([x.get("disk_wait_ms", 0) for x in use]))
+            r["disk_bytes"] = r["disk_read"] + r["disk_write"]
     if res["rc"] != 0 or not rows:
         r["error"] = "exit %d: %s" % (res["rc"], fl.last_line(log, 200))
     return r
@@ -242,13 +325,45 @@ def main():
         else:
             verified.append(c)
 
+    sets = dict(kv.split("=", 1) for kv in a.ferry_set if "=" in kv)
+    nvme_path = sets.get("nvme_path")
+
+    # --verify-what-if: each what-if row's largest fitting candidate, run with that change (one run,
+    # or the next smaller candidate once when it fails).
+    checked = {}
+    base = fitting and max(fitting, key=lambda c: c["params"])
+    if a.verify_what_if and (base or cands):
+        if tokfile is None:
+            vocab = max(x["plan"]["model"]["vocab"] for x in cands)
+            tokfile = fl.write_tokens(os.path.join(out, "tokens.bin"),
+                                      (a.steps * a.batch + 8) * (a.seq + 1) * 2 + 4096, vocab)
+        for k, change in enumerate(what_if_changes((base or cands[0])["plan"])):
+            extra = change_sets(change)
+            if extra.get("optimizer_state_on") == "nvme" and not nvme_path:
+                checked[change] = dict(skipped="no --ferry-set nvme_path=DIR")
+                continue
+            fit = sorted([c for c in cands if not judge(what_if(c["plan"], change), lim)], key=lambda c: -c["params"])
+            for c in fit[:2]:
+                fl.ferry_log("verifying %s with %s (%.2f B params)" % (c["name"], change, c["params"] / 1e9))
+                r = run_verify(train, c["name"], c["path"], a, dev, lim, tokfile, out, extra, "whatif%d" % k)
+                checked[change] = dict(name=c["name"], params=c["params"], run=r)
+                if "error" not in r:
+                    break
+
+    # The disk under the state tier, once, where any run put the state on disk.
+    disk = None
+    on_disk_runs = [c["run"] for c in cands if "disk_read" in c.get("run", {})] + \
+                   [w["run"] for w in checked.values() if "disk_read" in w.get("run", {})]
+    if on_disk_runs and nvme_path:
+        disk = measure_disk(nvme_path, a.disk_bytes)
+
     largest = max(verified, key=lambda c: c["params"]) if verified else None
     largest_pred = max(fitting, key=lambda c: c["params"]) if fitting else None
     best = largest or largest_pred
     report = dict(date=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), card=gpu["card"] if gpu else "no GPU",
                   device=dev, commit=fl.git_commit(), command="scripts/find_largest_model.sh " + " ".join(sys.argv[1:]),
                   limits=lim, seq=a.seq, batch=a.batch, offload=a.offload, dtype=a.dtype,
-                  optimizer_state=a.optimizer_state,
+                  optimizer_state=a.optimizer_state, disk=disk,
                   largest_verified=largest and largest["name"], largest_predicted=largest_pred and largest_pred["name"],
                   candidates=[dict((k, v) for k, v in c.items() if k != "path") for c in cands])
 
@@ -262,11 +377,13 @@ def main():
         for change in what_if_changes(best["plan"]):
             fit = [c for c in cands if not judge(what_if(c["plan"], change), lim)]
             big = max(fit, key=lambda c: c["params"]) if fit else None
-            disk = (" (disk %s)" % fl.fmt_bytes(what_if(big["plan"], change)["disk"].get("state", 0))
-                    if big and what_if(big["plan"], change)["disk"].get("state", 0) else "")
-            lines.append("with %s: largest %s (%.2f B params)%s" % (change, big["name"] if big else "none",
-                                                                   big["params"] / 1e9 if big else 0, disk))
-            report.setdefault("what_if", {})[change] = big and dict(name=big["name"], params=big["params"])
+            disk_note = (" (disk %s)" % fl.fmt_bytes(what_if(big["plan"], change)["disk"].get("state", 0))
+                         if big and what_if(big["plan"], change)["disk"].get("state", 0) else "")
+            lines.append("with %s: largest %s (%.2f B params)%s%s" % (change, big["name"] if big else "none",
+                                                                     big["params"] / 1e9 if big else 0, disk_note,
+                                                                     verified_note(checked.get(change), disk)))
+            report.setdefault("what_if", {})[change] = big and dict(name=big["name"], params=big["params"],
+                                                                    verified=checked.get(change))
 
     rows = []
     for c in cands:
@@ -283,10 +400,10 @@ def main():
                      (fl.fmt_bytes(meas_gpu) + dev_err) if meas_gpu else "-",
                      fl.fmt_bytes(r["host_peak"]) if r.get("host_peak") and "error" not in r else "-",
                      (fl.fmt_ms(r.get("step_ms")) if r.get("step_ms") else "-") +
-                     (" (disk %s, waited %s)" % (fl.fmt_bytes(r["disk_bytes"]), fl.fmt_ms(r["disk_wait_ms"]))
+                     (" (disk %s, waited %s%s)" % (fl.fmt_bytes(r["disk_bytes"]), fl.fmt_ms(r["disk_wait_ms"]),
+                                                   bound_note(r, disk))
                       if "disk_bytes" in r else ""),
                      ("fits, verified" if c in verified else "fits (predicted)") if not c["why"] else c["why"]])
-    sets = dict(kv.split("=", 1) for kv in a.ferry_set if "=" in kv)
     on_disk = (" on disk in %s" % sets.get("nvme_path", "?")) if sets.get("optimizer_state_on") == "nvme" else ""
     hdr = ("largest-model finder: target GPU %s (usable %.2f GiB), host %.1f GiB (usable %.1f, pinned up to %.1f), "
            "seq %d, batch %d, offload %s, %s, optimizer_state %s%s; run on %s (%s), %s, commit %s" % (
@@ -301,6 +418,10 @@ def main():
                           "%s (%.3f B params, verified)" % (largest["name"], largest["params"] / 1e9) if largest else
                           ("%s (%.3f B params, predicted only: no verification run passed)" % (
                               largest_pred["name"], largest_pred["params"] / 1e9) if largest_pred else "none fits"))]
+                     + ([("disk under %s: read %.2f GB/s, write %.2f GB/s (%s; %s); disk bound = bytes read / read "
+                          "rate + bytes written / write rate") % (nvme_path, disk["read"] / 1e9, disk["write"] / 1e9,
+                                                                  "O_DIRECT" if disk["direct"] else "buffered",
+                                                                  disk["command"])] if disk else [])
                      + lines)
     print(text)
     fl.write_report(out, "finder", report, text)

@@ -213,9 +213,11 @@ void write_plan_json(const std::string& path, const io::run_config& cfg, const m
   j["fits_limits"] = misfit.empty();
   if (!misfit.empty()) j["misfit"] = misfit;
   // The same plan with another option (the finder's what-if rows): activation checkpointing, one
-  // row per optimizer_state kind the mode can run ("optimizer_state KIND"; offload none: fp32 only),
-  // and, for the offloaded modes, each kind with the state on disk ("optimizer_state_on nvme,
-  // optimizer_state KIND": nvme_buffers host buffers and the file's disk bytes).
+  // row per optimizer_state kind the mode can run in host memory ("optimizer_state KIND"; offload
+  // none: fp32 only),
+  // for the offloaded modes each kind with the state on disk ("optimizer_state_on nvme,
+  // optimizer_state KIND": nvme_buffers host buffers and the file's disk bytes), and checkpointing
+  // combined with each of those.
   if (!eo.forward_only) {
     std::vector<std::pair<std::string, engine::plan_what_if>> variants(1);
     variants[0].first = "activation checkpointing";
@@ -225,6 +227,7 @@ void write_plan_json(const std::string& path, const io::run_config& cfg, const m
       if (eo.mode == engine::offload_mode::offload_none && k != engine::state_kind::state_fp32) continue;
       engine::plan_what_if w;
       w.state = k;
+      w.state_on_disk = false;   // in host memory even where the run puts its state on disk
       variants.push_back({std::string("optimizer_state ") + engine::state_kind_name(k), w});
     }
     for (auto k : kinds) {
@@ -233,6 +236,15 @@ void write_plan_json(const std::string& path, const io::run_config& cfg, const m
       w.state = k;
       w.state_on_disk = true;
       variants.push_back({std::string("optimizer_state_on nvme, optimizer_state ") + engine::state_kind_name(k), w});
+    }
+    // Checkpointing combined with each kind, in memory and (offloaded) on disk: the finder's
+    // combination rows ("activation checkpointing, optimizer_state KIND", "activation
+    // checkpointing, optimizer_state_on nvme, optimizer_state KIND").
+    const size_t singles = variants.size();
+    for (size_t i = 1; i < singles; ++i) {
+      engine::plan_what_if w = variants[i].second;
+      w.recompute_blocks = mc.num_hidden_layers;
+      variants.push_back({"activation checkpointing, " + variants[i].first, w});
     }
     for (const auto& [name, w] : variants) {
       engine::memory_plan q = engine::plan_memory(mc, eo, cfg.batch_size, cfg.max_length, cfg.grad_accum, w);
