@@ -192,7 +192,7 @@ def measure_disk(path, size):
     if not bench:
         return None
     cmd = [bench, "--nvme", path, "--nvme-bytes", str(fl.parse_size(size)), "--nvme-depths", "16",
-           "--nvme-buffers", "4", "--nvme-units", "2", "--sizes", "1M", "--reps", "2"]
+           "--nvme-buffers", "2", "--nvme-units", "3", "--sizes", "1M", "--reps", "2"]
     res = fl.run(cmd, 600)
     m = re.search(r"best: write ([0-9.]+) GB/s .*read ([0-9.]+) GB/s", res.get("out", ""))
     if res["rc"] != 0 or not m:
