@@ -136,22 +136,8 @@ void write_metrics_json(const std::string& path, const io::run_config& cfg, cons
 }  // namespace
 
 std::string resolve_tokenizer(const io::run_config& cfg, const model::llama_config& mc) {
-  std::string spec = cfg.tokenizer;
-  const std::string dir = model_dir(cfg);
-  std::error_code ec;
-  if (!cfg.is_explicit("tokenizer") && !dir.empty()) {
-    // As transformers' fast tokenizers: tokenizer.json first, then the sentencepiece model.
-    for (const char* file : {"tokenizer.json", "tokenizer.model"}) {
-      if (fs::is_regular_file(fs::path(dir) / file, ec)) {
-        spec = (fs::path(dir) / file).string();
-        break;
-      }
-    }
-  }
-  if (spec != "byte") {
-    FERRY_CONFIG_CHECK(fs::exists(spec, ec), "tokenizer ", spec, " does not exist; pass --tokenizer with a "
-                       "tokenizer.json or sentencepiece tokenizer.model (or a directory holding one), or --tokenizer byte");
-  }
+  const std::string spec =
+      io::resolve_run_tokenizer(cfg.tokenizer, cfg.is_explicit("tokenizer"), model_dir(cfg), mc.vocab_size);
   std::unique_ptr<io::tokenizer> tok = io::make_tokenizer(spec);
   FERRY_CONFIG_CHECK(tok->vocab_size() <= mc.vocab_size, "tokenizer ", tok->name(), " has ", tok->vocab_size(),
                      " ids but model ", mc.name, " only ", mc.vocab_size, "; use the model's own tokenizer");

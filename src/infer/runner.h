@@ -14,10 +14,12 @@
 
 namespace ferry::infer {
 
-// The tokenizer for a run: an explicit tokenizer key wins; otherwise the model directory's
-// tokenizer.json, else its tokenizer.model, when present; otherwise "byte". Throws config_error
-// when the tokenizer file is missing or its vocabulary exceeds the model's (ferry::error for a file
-// make_tokenizer cannot read). Returns the spec make_tokenizer took.
+// The tokenizer for a run: io::resolve_run_tokenizer with the model directory (--model, else a
+// --model-config directory) as the checkpoint: an explicit tokenizer key wins, and must then match
+// the checkpoint model's vocabulary; otherwise the directory's tokenizer.json, else its
+// tokenizer.model, when present; otherwise "byte". Throws config_error when the tokenizer file is
+// missing or its vocabulary exceeds the model's (ferry::error for a file make_tokenizer cannot
+// read). Returns the spec make_tokenizer took.
 std::string resolve_tokenizer(const io::run_config& cfg, const model::llama_config& mc);
 
 // Prompts from cfg.prompt, cfg.prompt_file (one per non-empty line) or the built-in default,
