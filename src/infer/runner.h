@@ -3,10 +3,12 @@
 // evaluate and/or generate job, printing results and throughput to stdout (and, with
 // --metrics-json, the same figures as JSON for scripts).
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "src/engine/options.h"
+#include "src/io/chat_template.h"
 #include "src/io/dataset.h"
 #include "src/io/run_config.h"
 #include "src/io/tokenizer.h"
@@ -22,11 +24,18 @@ namespace ferry::infer {
 // read). Returns the spec make_tokenizer took.
 std::string resolve_tokenizer(const io::run_config& cfg, const model::llama_config& mc);
 
+// cfg.chat: the chat template prompts are rendered with (chat_template, auto: the format of the model
+// directory's tokenizer_config.json; config_error when it names none ferry renders); nullopt without chat.
+std::optional<io::chat_format> prompt_chat_format(const io::run_config& cfg);
+
 // Prompts from cfg.prompt, cfg.prompt_file (one per non-empty line) or the built-in default,
-// encoded as BOS + tokens (tokens alone when the tokenizer has no BOS). Throws config_error for a
-// prompt longer than cfg.max_length, or one with no tokens at all.
+// encoded as BOS + tokens (tokens alone when the tokenizer has no BOS), or, with a chat format, as
+// the tokens of io::render_generation_prompt of [system (cfg.system_prompt, when set), user (the
+// prompt)]. Throws config_error for a prompt longer than cfg.max_length, or one with no tokens at
+// all (ferry::error for a template token the tokenizer lacks).
 std::vector<std::vector<int64_t>> load_prompts(const io::run_config& cfg, const io::tokenizer& tok,
-                                               std::vector<std::string>* texts);
+                                               std::vector<std::string>* texts,
+                                               std::optional<io::chat_format> chat = std::nullopt);
 
 // data may be null when the job does not evaluate. The engine is built forward_only (an inference
 // engine) whatever eo says. metrics_json: "" or a file that receives one JSON object once the jobs
