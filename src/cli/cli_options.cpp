@@ -28,6 +28,7 @@ const flag_desc kFlags[] = {
     {"init", "init", nullptr, "HF checkpoint directory to fine-tune from", false, true},
     {"data", "data", nullptr, "training/evaluation data: files or dirs, comma-separated"},
     {"tokenizer", "tokenizer", nullptr, "\"byte\", a tokenizer.json, a sentencepiece tokenizer.model, or a directory holding one"},
+    {"chat-template", "chat_template", nullptr, "llama2 | llama3 | chatml | zephyr | auto (the checkpoint's tokenizer_config.json)"},
     {"offload", "offload", nullptr, "none | blocked | overlapped"},
     {"offloading", "offload", "overlapped", "the request's spelling: --offload overlapped"},
     {"fp16", "dtype", "fp16", "fp16 compute with dynamic loss scaling"},
@@ -44,6 +45,8 @@ const flag_desc kFlags[] = {
     {"prompt-file", "prompt_file", nullptr, "file of prompts, one per line", true},
     {"max-new-tokens", "max_new_tokens", nullptr, "tokens to generate", true},
     {"job", "job", nullptr, "evaluate | generate | both", true},
+    {"chat", "chat", "true", "render each prompt as a user turn of the chat template and stop at its end-of-turn token", true},
+    {"system", "system_prompt", nullptr, "with --chat: a system message before each prompt", true},
 };
 
 bool applies(const flag_desc& f, tool which) {
@@ -134,6 +137,8 @@ void resolve_auto(io::run_config& cfg, bool cuda_available) {
     if (!cfg.is_explicit("batch_size")) cfg.batch_size = 4;
   }
   if (cfg.steps == 0) cfg.steps = gpu ? 30 : 60;
+  // A chat session generates; evaluating the default corpus as well is asked for by --job both.
+  if (cfg.chat && !cfg.is_explicit("job")) cfg.job = "generate";
   if (cfg.output_dir.empty()) {
     std::string m = cfg.model;
     auto slash = m.find_last_of('/');

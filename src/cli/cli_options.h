@@ -22,7 +22,7 @@ struct cli_request {
 cli_request parse_cli(int argc, char** argv, tool which);
 
 // Resolves "auto" values for the machine at hand (model, dtype, steps, device, and the CPU
-// profile of the embedded default) for keys the user did not set.
+// profile of the embedded default, job generate for chat) for keys the user did not set.
 void resolve_auto(io::run_config& cfg, bool cuda_available);
 
 // Runs `body` and maps exceptions to exit codes: 0 ok, 2 config/usage errors, 1 other failures,

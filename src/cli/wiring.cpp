@@ -110,7 +110,10 @@ io::data_options data_options_for(const io::run_config& cfg, const model::llama_
     FERRY_CONFIG_CHECK(std::filesystem::is_directory(default_corpus(), ec), "no data given and the default corpus ",
                        default_corpus(), " is missing; pass --data FILE|DIR");
   }
-  d.tokenizer = cfg.tokenizer.rfind("spm:", 0) == 0 ? default_subword_tokenizer(cfg.tokenizer) : cfg.tokenizer;
+  // --init DIR: DIR's own tokenizer unless the tokenizer key names one (which must then fit DIR's model).
+  d.tokenizer = io::resolve_run_tokenizer(
+      cfg.tokenizer.rfind("spm:", 0) == 0 ? default_subword_tokenizer(cfg.tokenizer) : cfg.tokenizer,
+      cfg.is_explicit("tokenizer"), cfg.init, mc.vocab_size);
   d.seq_len = cfg.max_length;
   d.seed = cfg.seed;
   d.eval_fraction = cfg.eval_fraction;

@@ -98,7 +98,9 @@ generate_result generate(engine::engine& e, const std::vector<std::vector<int64_
       if (done[b]) continue;
       r.tokens[b].push_back(np[b]);
       ++r.new_tokens;
-      if (np[b] == opt.eos_id || int64_t(r.tokens[b].size()) == opt.max_new_tokens) done[b] = true;
+      if (np[b] == opt.eos_id || int64_t(r.tokens[b].size()) == opt.max_new_tokens ||
+          std::find(opt.stop_ids.begin(), opt.stop_ids.end(), np[b]) != opt.stop_ids.end())
+        done[b] = true;
       all_done = all_done && done[b];
     }
     if (all_done) break;

@@ -15,6 +15,7 @@ namespace ferry::infer {
 struct generate_options {
   int64_t max_new_tokens = 64;
   int64_t eos_id = 2;            // a row stops after producing it; < 0: never
+  std::vector<int64_t> stop_ids; // a row also stops after producing any of these (a chat template's end of turn)
   sampling_options sampling;
   bool keep_logits = false;      // tests: keep each step's (B, V) fp32 logits on the host
 };

@@ -47,11 +47,25 @@ struct generate_totals {
   double tokens_per_s() const { return ms() > 0 ? double(new_tokens) / (ms() / 1e3) : 0.0; }
 };
 
-generate_totals run_generate(engine::engine& e, const io::run_config& cfg, const io::tokenizer& tok) {
+generate_totals run_generate(engine::engine& e, const io::run_config& cfg, const io::tokenizer& tok,
+                             std::optional<io::chat_format> chat) {
   std::vector<std::string> texts;
-  std::vector<std::vector<int64_t>> prompts = load_prompts(cfg, tok, &texts);
+  std::vector<std::vector<int64_t>> prompts = load_prompts(cfg, tok, &texts, chat);
   generate_options g;
   g.eos_id = e.config().eos_token_id;
+  if (chat) {
+    // The reply ends at the template's end of turn, or at the tokenizer's EOS (llama2, zephyr).
+    if (tok.eos_id() >= 0) g.stop_ids.push_back(tok.eos_id());
+    for (const std::string& t : io::chat_end_of_turn(*chat)) {
+      const int32_t id = tok.token_id(t);
+      FERRY_CONFIG_CHECK(id >= 0, "chat template ", io::chat_format_name(*chat), " ends a turn with ", t,
+                         " but tokenizer ", tok.name(), " has no such token; pass --chat-template for this tokenizer");
+      g.stop_ids.push_back(id);
+    }
+    std::printf("chat template %s: replies stop at", io::chat_format_name(*chat));
+    for (int64_t id : g.stop_ids) std::printf(" %lld", (long long)id);
+    std::printf(" or EOS %lld\n", (long long)g.eos_id);
+  }
   g.sampling = {cfg.temperature, cfg.top_k, cfg.top_p, cfg.seed};
   const int64_t n = int64_t(prompts.size()), B = cfg.batch_size;
   generate_totals sum;
@@ -72,11 +86,14 @@ generate_totals run_generate(engine::engine& e, const io::run_config& cfg, const
       std::vector<int32_t> ids;
       std::string list;
       for (int64_t t : r.tokens[b]) {
-        if (t >= 0 && t < tok.vocab_size()) ids.push_back(int32_t(t));
+        const bool stop = chat && std::find(g.stop_ids.begin(), g.stop_ids.end(), t) != g.stop_ids.end();
+        if (t >= 0 && t < tok.vocab_size() && !stop) ids.push_back(int32_t(t));
         list += (list.empty() ? "" : " ") + std::to_string(t);
       }
-      std::printf("--- %lld (%zu prompt tokens)\n%s%s\nids %lld: %s\n", (long long)(first + b),
-                  batch[b].size(), texts[first + b].c_str(), tok.decode(ids).c_str(), (long long)(first + b), list.c_str());
+      // A chat reply goes on its own line after the user's prompt; plain text continues the prompt.
+      std::printf("--- %lld (%zu prompt tokens)\n%s%s%s\nids %lld: %s\n", (long long)(first + b),
+                  batch[b].size(), texts[first + b].c_str(), chat ? "\n" : "", tok.decode(ids).c_str(),
+                  (long long)(first + b), list.c_str());
     }
     std::printf("batch %lld: %lld new tokens, prefill %.1f ms, decode %.1f ms (%lld steps), %.1f tok/s, KV cache %.1f MiB",
                 (long long)(first / B), (long long)r.new_tokens, r.prefill_ms, r.decode_ms, (long long)r.steps,
@@ -136,30 +153,22 @@ void write_metrics_json(const std::string& path, const io::run_config& cfg, cons
 }  // namespace
 
 std::string resolve_tokenizer(const io::run_config& cfg, const model::llama_config& mc) {
-  std::string spec = cfg.tokenizer;
-  const std::string dir = model_dir(cfg);
-  std::error_code ec;
-  if (!cfg.is_explicit("tokenizer") && !dir.empty()) {
-    // As transformers' fast tokenizers: tokenizer.json first, then the sentencepiece model.
-    for (const char* file : {"tokenizer.json", "tokenizer.model"}) {
-      if (fs::is_regular_file(fs::path(dir) / file, ec)) {
-        spec = (fs::path(dir) / file).string();
-        break;
-      }
-    }
-  }
-  if (spec != "byte") {
-    FERRY_CONFIG_CHECK(fs::exists(spec, ec), "tokenizer ", spec, " does not exist; pass --tokenizer with a "
-                       "tokenizer.json or sentencepiece tokenizer.model (or a directory holding one), or --tokenizer byte");
-  }
+  const std::string spec =
+      io::resolve_run_tokenizer(cfg.tokenizer, cfg.is_explicit("tokenizer"), model_dir(cfg), mc.vocab_size);
   std::unique_ptr<io::tokenizer> tok = io::make_tokenizer(spec);
   FERRY_CONFIG_CHECK(tok->vocab_size() <= mc.vocab_size, "tokenizer ", tok->name(), " has ", tok->vocab_size(),
                      " ids but model ", mc.name, " only ", mc.vocab_size, "; use the model's own tokenizer");
   return spec;
 }
 
+std::optional<io::chat_format> prompt_chat_format(const io::run_config& cfg) {
+  if (!cfg.chat) return std::nullopt;
+  if (cfg.chat_template != "auto") return io::parse_chat_format(cfg.chat_template, "chat_template");
+  return io::chat_format_from_checkpoint(model_dir(cfg));
+}
+
 std::vector<std::vector<int64_t>> load_prompts(const io::run_config& cfg, const io::tokenizer& tok,
-                                               std::vector<std::string>* texts) {
+                                               std::vector<std::string>* texts, std::optional<io::chat_format> chat) {
   std::vector<std::string> lines;
   if (!cfg.prompt_file.empty()) {
     std::ifstream in(cfg.prompt_file);
@@ -175,8 +184,15 @@ std::vector<std::vector<int64_t>> load_prompts(const io::run_config& cfg, const 
   std::vector<std::vector<int64_t>> out;
   for (size_t i = 0; i < lines.size(); ++i) {
     std::vector<int64_t> ids;
-    if (tok.bos_id() >= 0) ids.push_back(tok.bos_id());  // a tokenizer without BOS starts at the text
-    for (int32_t t : tok.encode(lines[i])) ids.push_back(t);
+    if (chat) {
+      std::vector<io::chat_message> messages;
+      if (!cfg.system_prompt.empty()) messages.push_back({"system", cfg.system_prompt, false});
+      messages.push_back({"user", lines[i], false});
+      for (int32_t t : io::encode_pieces(io::render_generation_prompt(*chat, messages), tok).ids) ids.push_back(t);
+    } else {
+      if (tok.bos_id() >= 0) ids.push_back(tok.bos_id());  // a tokenizer without BOS starts at the text
+      for (int32_t t : tok.encode(lines[i])) ids.push_back(t);
+    }
     FERRY_CONFIG_CHECK(!ids.empty(), "prompt ", i, " encodes to no tokens and tokenizer ", tok.name(),
                        " has no BOS to start from; give a non-empty prompt");
     FERRY_CONFIG_CHECK(int64_t(ids.size()) < cfg.max_length, "prompt ", i, " has ", ids.size(),
@@ -196,7 +212,8 @@ int run_inference(const io::run_config& cfg, const model::llama_config& mc, cons
   std::unique_ptr<io::tokenizer> tok = io::make_tokenizer(tok_spec);
 
   // Validate prompts before the (possibly long) weight load.
-  if (do_gen) load_prompts(cfg, *tok, nullptr);
+  const std::optional<io::chat_format> chat = do_gen ? prompt_chat_format(cfg) : std::nullopt;
+  if (do_gen) load_prompts(cfg, *tok, nullptr, chat);
 
   // An inference engine whatever the caller's options: no gradients or optimizer state.
   engine::engine_options inference = eo;
@@ -227,7 +244,7 @@ int run_inference(const io::run_config& cfg, const model::llama_config& mc, cons
     print_eval(ev, eval_seq_len);
   }
   generate_totals gen;
-  if (do_gen) gen = run_generate(e, cfg, *tok);
+  if (do_gen) gen = run_generate(e, cfg, *tok, chat);
   if (!metrics_json.empty())
     write_metrics_json(metrics_json, cfg, mc, e, do_eval ? &ev : nullptr, eval_seq_len, do_gen ? &gen : nullptr);
   return 0;

@@ -79,19 +79,20 @@ size_t space_at(const std::string& s, size_t i) {
   return 0;
 }
 
-void check_roles(const std::vector<chat_message>& messages) {
+// for_training: the conversation must have a non-empty trained assistant message.
+void check_roles(const std::vector<chat_message>& messages, bool for_training) {
   FERRY_CHECK(!messages.empty(), "the conversation has no messages");
   bool any_trained = false;
   for (size_t i = 0; i < messages.size(); ++i) {
     const chat_message& m = messages[i];
     FERRY_CHECK(m.role == "system" || m.role == "user" || m.role == "assistant", "message ", i, " has role \"",
                 m.role, "\"; the roles are system, user and assistant");
-    if (m.role == "assistant" && m.trained) {
+    if (for_training && m.role == "assistant" && m.trained) {
       FERRY_CHECK(!m.content.empty(), "assistant message ", i, " is empty; there is nothing to train on in it");
       any_trained = true;
     }
   }
-  FERRY_CHECK(any_trained, "the conversation has no assistant message to train on");
+  FERRY_CHECK(any_trained || !for_training, "the conversation has no assistant message to train on");
 }
 
 chat_piece text(std::string s, bool trained = false) { return {chat_piece::piece_text, std::move(s), trained}; }
@@ -251,7 +252,7 @@ std::string strip_py(const std::string& s) {
 }
 
 std::vector<chat_piece> render_chat(chat_format f, const std::vector<chat_message>& messages) {
-  check_roles(messages);
+  check_roles(messages, true);
   std::vector<chat_piece> out;
   switch (f) {
     case chat_format::chat_llama2: render_llama2(messages, out); break;
@@ -260,6 +261,43 @@ std::vector<chat_piece> render_chat(chat_format f, const std::vector<chat_messag
     case chat_format::chat_zephyr: render_zephyr(messages, out); break;
   }
   return out;
+}
+
+std::vector<chat_piece> render_generation_prompt(chat_format f, const std::vector<chat_message>& messages) {
+  check_roles(messages, false);
+  std::vector<chat_message> untrained = messages;
+  for (chat_message& m : untrained) m.trained = false;
+  std::vector<chat_piece> out;
+  switch (f) {
+    case chat_format::chat_llama2: render_llama2(untrained, out); break;
+    case chat_format::chat_llama3:
+      render_llama3(untrained, out);
+      out.push_back(special("<|start_header_id|>"));
+      out.push_back(text("assistant"));
+      out.push_back(special("<|end_header_id|>"));
+      out.push_back(text("\n\n"));
+      break;
+    case chat_format::chat_chatml:
+      render_chatml(untrained, out);
+      out.push_back(special("<|im_start|>"));
+      out.push_back(text("assistant\n"));
+      break;
+    case chat_format::chat_zephyr:
+      render_zephyr(untrained, out);
+      out.push_back(text("<|assistant|>\n"));
+      break;
+  }
+  return out;
+}
+
+std::vector<std::string> chat_end_of_turn(chat_format f) {
+  switch (f) {
+    case chat_format::chat_llama3: return {"<|eot_id|>"};
+    case chat_format::chat_chatml: return {"<|im_end|>"};
+    case chat_format::chat_llama2:
+    case chat_format::chat_zephyr: return {};
+  }
+  return {};
 }
 
 std::vector<chat_piece> render_completion(const std::string& prompt, const std::string& completion, bool with_bos) {

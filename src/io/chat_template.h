@@ -62,6 +62,18 @@ struct chat_piece {
 // line) for a conversation the format refuses: a role other than system/user/assistant, a llama2
 // conversation whose roles do not alternate user/assistant after an optional first system message.
 std::vector<chat_piece> render_chat(chat_format f, const std::vector<chat_message>& messages);
+// The prompt of a reply: `messages` (usually ending in a user turn) rendered as transformers'
+// apply_chat_template(messages, add_generation_prompt=True) renders them with the format's canonical
+// template: the conversation, then what opens the assistant's turn (llama3
+// <|start_header_id|>assistant<|end_header_id|>\n\n, chatml <|im_start|>assistant\n, zephyr
+// <|assistant|>\n; llama2 nothing, its assistant turn starts after [/INST]). Nothing is trained.
+// Throws as render_chat does for an unknown role or (llama2) roles that do not alternate; no
+// assistant message is needed.
+std::vector<chat_piece> render_generation_prompt(chat_format f, const std::vector<chat_message>& messages);
+// The spellings of the tokens that end an assistant turn besides the tokenizer's EOS: llama3
+// <|eot_id|>, chatml <|im_end|>; llama2 and zephyr end it with EOS itself (empty).
+std::vector<std::string> chat_end_of_turn(chat_format f);
+
 // A prompt/completion pair of strings, as TRL tokenizes one: BOS when with_bos (the tokenizer has
 // one), the prompt, then the completion and EOS, trained. Throws for an empty completion.
 std::vector<chat_piece> render_completion(const std::string& prompt, const std::string& completion, bool with_bos);

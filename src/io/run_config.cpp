@@ -40,7 +40,7 @@ const std::vector<key_desc>& keys() {
       {"tokenizer", str_key{&run_config::tokenizer, {}}, "\"byte\", an HF tokenizer.json, a sentencepiece tokenizer.model, a directory holding one, or spm:N (N pieces trained on the default corpus once)"},
       {"eval_fraction", real_key{&run_config::eval_fraction, 0, 0.5, false}, "fraction of sequences (of examples, for instruction/chat data) held out for evaluation"},
       {"chat_template", str_key{&run_config::chat_template, {"auto", "llama2", "llama3", "chatml", "zephyr"}},
-       "how {\"messages\": ...} examples are rendered; auto = the format of the init checkpoint's (else the tokenizer "
+       "how {\"messages\": ...} examples (and ferry-infer --chat prompts) are rendered; auto = the format of the init checkpoint's (else the tokenizer "
        "dir's) tokenizer_config.json chat_template, when it is one ferry renders exactly"},
       {"packing", bool_key{&run_config::packing},
        "instruction/chat examples: pack several into each max_length row (best-fit decreasing; positions restart and "
@@ -105,6 +105,10 @@ const std::vector<key_desc>& keys() {
       {"temperature", real_key{&run_config::temperature, 0, 100, false}, "sampling temperature; 0 = greedy"},
       {"top_k", int_key{&run_config::top_k, 0, kIntMax}, "top-k sampling; 0 = off"},
       {"top_p", real_key{&run_config::top_p, 0, 1, true}, "nucleus sampling mass"},
+      {"chat", bool_key{&run_config::chat},
+       "ferry-infer: render each prompt as one user turn of chat_template followed by the assistant's header (as "
+       "apply_chat_template(add_generation_prompt=True) does), and stop at the template's end-of-turn token or EOS; job generate unless job is set"},
+      {"system_prompt", str_key{&run_config::system_prompt, {}}, "ferry-infer with chat: a system message before each prompt"},
       {"job", str_key{&run_config::job, {"evaluate", "generate", "both"}}, "ferry-infer job"},
       {"eval_batches", int_key{&run_config::eval_batches, 1, kIntMax}, "batches per evaluation"},
   };
@@ -260,6 +264,8 @@ void validate(const run_config& cfg) {
                      "give either prompt or prompt_file, not both");
   FERRY_CONFIG_CHECK(cfg.optimizer_state_on != "nvme" || !cfg.nvme_path.empty(),
                      "optimizer_state_on=nvme needs nvme_path, a directory on a local disk for the tier's scratch file");
+  FERRY_CONFIG_CHECK(cfg.system_prompt.empty() || cfg.chat,
+                     "system_prompt is set but chat is off; add --chat (chat=true) to render prompts with the chat template");
 }
 
 run_config load_run_config(const std::string& path, const std::vector<std::string>& overrides) {

@@ -74,6 +74,8 @@ struct run_config {
   double temperature = 0.0;          // 0 = greedy
   int64_t top_k = 0;
   double top_p = 1.0;
+  bool chat = false;                 // infer: each prompt is one user turn of chat_template, answered by the assistant
+  std::string system_prompt = "";    // infer, with chat: a system message before each prompt
   std::string job = "both";          // infer: evaluate | generate | both
   int64_t eval_batches = 4;
 

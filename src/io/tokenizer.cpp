@@ -137,6 +137,36 @@ std::unique_ptr<tokenizer> make_tokenizer(const std::string& spec) {
   return std::make_unique<sp_tokenizer>(path);
 }
 
+std::string checkpoint_tokenizer_file(const std::string& dir) {
+  std::error_code ec;
+  if (dir.empty() || !fs::is_directory(dir, ec)) return "";
+  for (const char* file : {"tokenizer.json", "tokenizer.model"})
+    if (fs::is_regular_file(fs::path(dir) / file, ec)) return (fs::path(dir) / file).string();
+  return "";
+}
+
+std::string resolve_run_tokenizer(const std::string& spec, bool named, const std::string& checkpoint,
+                                  int64_t vocab_size) {
+  const std::string own = checkpoint_tokenizer_file(checkpoint);
+  if (!named) return own.empty() ? spec : own;
+  std::error_code ec;
+  FERRY_CONFIG_CHECK(spec == "byte" || fs::exists(spec, ec), "tokenizer=", spec,
+                     " does not exist; name a tokenizer.json or sentencepiece tokenizer.model (or a directory "
+                     "holding one), or byte",
+                     checkpoint.empty() ? std::string() : ", or leave tokenizer unset to use " + checkpoint + "'s own");
+  if (checkpoint.empty()) return spec;
+  // The checkpoint's own file named explicitly (itself or its directory) keeps its vocabulary even
+  // where the model pads its embedding beyond it.
+  const std::string named_file = spec != "byte" && fs::is_directory(spec, ec) ? checkpoint_tokenizer_file(spec) : spec;
+  if (!own.empty() && !named_file.empty() && fs::equivalent(named_file, own, ec)) return spec;
+  const int64_t n = make_tokenizer(spec)->vocab_size();
+  FERRY_CONFIG_CHECK(n == vocab_size, "tokenizer=", spec, " has ", n, " ids but the model of checkpoint ", checkpoint,
+                     " has vocab_size ", vocab_size, "; leave tokenizer unset to use the checkpoint's own tokenizer",
+                     own.empty() ? std::string(" (it has none)") : " (" + own + ")", ", or name one with ", vocab_size,
+                     " ids");
+  return spec;
+}
+
 void train_sentencepiece(const std::vector<std::string>& text_files, const std::string& model_prefix, int vocab_size) {
   FERRY_CHECK(!text_files.empty(), "no text files to train a sentencepiece model ", model_prefix, " on");
   for (const auto& f : text_files) FERRY_CHECK(fs::is_regular_file(f), "tokenizer training text ", f, " not found");

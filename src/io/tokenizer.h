@@ -29,6 +29,19 @@ class tokenizer {
 // tokenizer.json). Throws ferry::error for a missing or unreadable file or one that is neither.
 std::unique_ptr<tokenizer> make_tokenizer(const std::string& spec);
 
+// The tokenizer file a checkpoint directory ships, chosen as transformers' fast tokenizers choose:
+// DIR/tokenizer.json, else DIR/tokenizer.model; "" when dir is "" or holds neither.
+std::string checkpoint_tokenizer_file(const std::string& dir);
+
+// The tokenizer of a run that starts from the checkpoint directory `checkpoint` ("" = none) whose
+// model has vocab_size ids; `spec` is the tokenizer key's value and `named` whether it was set (not
+// the default). Unnamed, the checkpoint's own tokenizer file replaces the default when there is
+// one. Returns what make_tokenizer takes. Throws a one-line config_error, naming the key tokenizer,
+// when a named file does not exist, or when a named tokenizer other than the checkpoint's own file
+// has a vocabulary of another size than the checkpoint's model (both sizes in the message).
+std::string resolve_run_tokenizer(const std::string& spec, bool named, const std::string& checkpoint,
+                                  int64_t vocab_size);
+
 // Trains a sentencepiece BPE model (LLaMA-style: byte fallback, digits split, <unk>=0 <s>=1
 // </s>=2) on the lines of text_files and writes model_prefix + ".model" atomically. Throws
 // ferry::error when a file cannot be read or the text is too small for vocab_size.

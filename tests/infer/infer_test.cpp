@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <fstream>
 #include <map>
@@ -254,6 +255,28 @@ TEST(infer, stops_at_eos_per_row) {
   ASSERT_EQ(r.tokens[0].size(), 3u);
   EXPECT_EQ(r.tokens[0].back(), g.eos_id);
   for (size_t i = 0; i < r.tokens[1].size(); ++i) EXPECT_EQ(r.tokens[1][i], free_run.tokens[1][i]);
+}
+
+// A chat template's end of turn: stop_ids end a row like EOS, each row at its own.
+TEST(infer, stops_at_any_stop_id) {
+  FERRY_REQUIRE_DEVICE();
+  auto e = make_engine(infer_options(engine::offload_mode::offload_none), tiny(), k_weights_seed, k_init_range);
+  auto prompts = prompts_of({4, 6}, 9);
+  generate_options g;
+  g.max_new_tokens = 12;
+  g.eos_id = -1;
+  generate_result free_run = generate(*e, prompts, g);
+  ASSERT_EQ(free_run.tokens[1].size(), 12u);
+  g.stop_ids = {free_run.tokens[1][4], free_run.tokens[0][1]};
+  generate_result r = generate(*e, prompts, g);
+  // Each row ends at its first token that is one of them.
+  for (int b = 0; b < 2; ++b) {
+    const auto& f = free_run.tokens[size_t(b)];
+    size_t stop = 0;
+    while (std::find(g.stop_ids.begin(), g.stop_ids.end(), f[stop]) == g.stop_ids.end()) ++stop;
+    ASSERT_EQ(r.tokens[size_t(b)].size(), stop + 1) << "row " << b;
+    for (size_t i = 0; i <= stop; ++i) EXPECT_EQ(r.tokens[size_t(b)][i], f[i]);
+  }
 }
 
 TEST(infer, offload_modes_give_identical_logits) {

@@ -7,7 +7,9 @@ gives for the same {"messages": ...} line. The trained flags are checked against
 return_assistant_tokens_mask with the same template, its assistant turns wrapped in
 {% generation %} (the wrapped template must render the same string). chat_template=auto must
 recognise each canonical template from a tokenizer_config.json and name a look-alike it does not
-render exactly. The prompt/completion form is checked against TRL's way of tokenizing it (BOS +
+render exactly. Generation prompts (ferry-infer --chat: the conversation up to each user turn)
+must equal apply_chat_template(add_generation_prompt=True), and the end-of-turn token ferry stops
+at must be the special token that closes a rendered assistant reply. The prompt/completion form is checked against TRL's way of tokenizing it (BOS +
 prompt untrained, completion + EOS trained).
 
 The tokenizer both sides load: a sentencepiece BPE model trained here on the system licences with
@@ -192,6 +194,43 @@ with tempfile.TemporaryDirectory() as d:
                   f"  HF    {mask}\n  ferry {ex['trained']}")
         if len(failures) == before:
             print(f"{fmt}: {len(want)} conversations, {sum(len(w[0]) for w in want)} tokens, ids and trained flags equal")
+
+        # ferry-infer --chat's prompts: the conversation up to a user turn with the generation prompt,
+        # as apply_chat_template(add_generation_prompt=True) renders them; the end-of-turn token.
+        gen_cases = [c[:k + 1] for c in CONVERSATIONS for k in range(len(c)) if c[k]["role"] == "user"]
+        gen_cases.append([{"role": "user", "content": "Hi"}])
+        want_gen = []
+        for c in gen_cases:
+            ids = tok.apply_chat_template(c, chat_template=CANONICAL[fmt], add_generation_prompt=True, tokenize=True)
+            if hasattr(ids, "keys"):
+                ids = ids["input_ids"]
+            want_gen.append(list(ids))
+            text = tok.apply_chat_template(c, chat_template=CANONICAL[fmt], add_generation_prompt=True, tokenize=False)
+            for s in segments(text):
+                check(tok(s, add_special_tokens=False).input_ids == sp.encode(s),
+                      f"{fmt} generation prompt: HF and sentencepiece encode {s!r} differently")
+        src = os.path.join(d, "gen.jsonl")
+        with open(src, "w") as f:
+            for c in gen_cases:
+                f.write(json.dumps({"messages": c}) + "\n")
+        r = subprocess.run([TOOL, tok_path, fmt, "", src, "generation"], capture_output=True, text=True)
+        if check(r.returncode == 0, f"{fmt}: chat_xcheck generation failed: {r.stderr.strip()}"):
+            got_gen = json.loads(r.stdout)
+            before = len(failures)
+            for k, ids in enumerate(want_gen):
+                check(got_gen["prompts"][k] == ids, f"{fmt} generation prompt {k}: ids differ\n  HF    {ids}\n"
+                      f"  ferry {got_gen['prompts'][k]}")
+            # The end of an assistant turn: the token a rendered reply ends its content with.
+            reply = tok.apply_chat_template(gen_cases[-1] + [{"role": "assistant", "content": "Yes"}],
+                                            chat_template=CANONICAL[fmt], tokenize=True)
+            if hasattr(reply, "keys"):
+                reply = reply["input_ids"]
+            end = [t for t in reply[len(want_gen[-1]):] if t in (tok.eos_token_id, *tok.all_special_ids)][:1]
+            want_end = [] if end == [tok.eos_token_id] else end
+            check(got_gen["end_of_turn"] == want_end,
+                  f"{fmt}: end of turn {got_gen['end_of_turn']}, the rendered reply ends with {end}")
+            if len(failures) == before:
+                print(f"{fmt}: {len(gen_cases)} generation prompts equal, end of turn {end}")
 
         # chat_template=auto: the canonical template from tokenizer_config.json.
         tdir = os.path.join(d, "ckpt-" + fmt)

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <filesystem>
 
+#include "src/common/error.h"
 #include "src/io/tokenizer.h"
 #include "tests/io/io_test_util.h"
 #include "tests/io/sp_test_model.h"
@@ -43,6 +44,37 @@ TEST(tokenizer, spec_errors) {
   EXPECT_ERROR_HAS(make_tokenizer(dir.path()), "holds no tokenizer.json or tokenizer.model");
   test::write_bytes(dir / "bad.model", "this is not a protobuf \xff\xfe");
   EXPECT_ERROR_HAS(make_tokenizer(dir / "bad.model"), "bad.model", "is not a sentencepiece model");
+}
+
+// --init DIR / --model DIR: the directory's own tokenizer unless the key names one, which must then
+// have the model's vocabulary size (or be the directory's own file).
+TEST(tokenizer, run_tokenizer_of_a_checkpoint) {
+  scratch_dir ckpt, other;
+  const std::string two = R"({"version": "1.0", "model": {"type": "BPE", "vocab": {"a": 0, "b": 1}, "merges": []}})";
+  EXPECT_EQ(checkpoint_tokenizer_file(ckpt.path()), "");
+  EXPECT_EQ(checkpoint_tokenizer_file(""), "");
+  EXPECT_EQ(resolve_run_tokenizer("byte", false, ckpt.path(), 300), "byte");  // nothing there: the default
+  EXPECT_EQ(resolve_run_tokenizer("byte", false, "", 300), "byte");
+  test::write_bytes(ckpt / "tokenizer.model", "x");
+  EXPECT_EQ(resolve_run_tokenizer("byte", false, ckpt.path(), 300), ckpt / "tokenizer.model");
+  test::write_bytes(ckpt / "tokenizer.json", two);
+  EXPECT_EQ(checkpoint_tokenizer_file(ckpt.path()), ckpt / "tokenizer.json");  // tokenizer.json first
+  EXPECT_EQ(resolve_run_tokenizer("byte", false, ckpt.path(), 300), ckpt / "tokenizer.json");
+  // Named: kept as named; another size than the model's is one line naming the key and both sizes.
+  EXPECT_ERROR_HAS(resolve_run_tokenizer("byte", true, ckpt.path(), 300), "tokenizer=byte has 259 ids",
+                   "vocab_size 300", ckpt / "tokenizer.json");
+  EXPECT_EQ(resolve_run_tokenizer("byte", true, ckpt.path(), 259), "byte");
+  EXPECT_EQ(resolve_run_tokenizer("byte", true, "", 300), "byte");  // no checkpoint: no size to match
+  // The checkpoint's own file (or its directory) keeps a model vocabulary padded beyond it.
+  EXPECT_EQ(resolve_run_tokenizer(ckpt / "tokenizer.json", true, ckpt.path(), 300), ckpt / "tokenizer.json");
+  EXPECT_EQ(resolve_run_tokenizer(ckpt.path(), true, ckpt.path(), 300), ckpt.path());
+  test::write_bytes(other / "tokenizer.json", two);
+  EXPECT_ERROR_HAS(resolve_run_tokenizer(other / "tokenizer.json", true, ckpt.path(), 300), "has 2 ids",
+                   "vocab_size 300");
+  EXPECT_EQ(resolve_run_tokenizer(other / "tokenizer.json", true, ckpt.path(), 2), other / "tokenizer.json");
+  EXPECT_ERROR_HAS(resolve_run_tokenizer(other / "missing.json", true, ckpt.path(), 300), "tokenizer=",
+                   "does not exist");
+  EXPECT_THROW(resolve_run_tokenizer("byte", true, ckpt.path(), 300), ferry::config_error);
 }
 
 TEST(sentencepiece, train_encode_decode) {
