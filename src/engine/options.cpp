@@ -46,6 +46,9 @@ void check_options(const engine_options& o) {
                      "optimizer_state=", state_kind_name(o.state),
                      " needs offload blocked or overlapped (offload none keeps fp32 AdamW moments on the GPU); "
                      "use optimizer_state=fp32 with offload none");
+  FERRY_CONFIG_CHECK(!o.comm || o.comm->world() == 1 || o.forward_only || o.mode != offload_mode::offload_none,
+                     "offload=none with ", o.comm ? o.comm->world() : 1,
+                     " ranks: the partitioned optimizer runs on the host; use offload blocked or overlapped");
 }
 
 }  // namespace ferry::engine

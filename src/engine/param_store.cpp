@@ -3,7 +3,9 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cstdlib>
+#include <cstring>
 
 #include "src/common/error.h"
 #include "src/engine/backend_util.h"
@@ -14,8 +16,9 @@ bool is_norm(const std::string& name) { return name.find("norm") != std::string:
 }  // namespace
 
 param_store::param_store(const model::llama_config& cfg, at::ScalarType dtype, backend& dev, bool optimizer_state,
-                         state_kind kind)
-    : cfg_(cfg), dtype_(dtype), dev_(dev), optimizer_state_(optimizer_state) {
+                         state_kind kind, std::shared_ptr<collectives> comm)
+    : cfg_(cfg), dtype_(dtype), dev_(dev), optimizer_state_(optimizer_state), comm_(std::move(comm)) {
+  if (comm_) shards_ = {comm_->rank(), comm_->world()};
   units_.push_back({"", model::embed_layout(cfg), cfg.embed_params()});
   for (int64_t i = 0; i < cfg.num_hidden_layers; ++i)
     units_.push_back({"model.layers." + std::to_string(i) + ".", model::block_layout(cfg), cfg.block_params()});
@@ -23,7 +26,14 @@ param_store::param_store(const model::llama_config& cfg, at::ScalarType dtype, b
   std::vector<int64_t> numel;
   for (const auto& u : units_) numel.push_back(u.numel);
   FERRY_ASSERT(numel == unit_numels(cfg), "the units differ from param_store::unit_numels");
-  state_ = make_host_state(numel, kind, optimizer_state);
+  std::vector<int64_t> mine;
+  int64_t widest = 0;
+  for (int64_t n : numel) {
+    mine.push_back(shards_.count(n));
+    widest = std::max(widest, shards_.padded(n));
+  }
+  state_ = make_host_state(mine, kind, optimizer_state);
+  if (shards_.sharded()) scratch_ = detail::alloc_floats(widest, "the ranks' collective scratch (the widest unit, fp32)");
 
   const int64_t elem = static_cast<int64_t>(c10::elementSize(dtype));
   // One exact-size pinned block: shadows of every unit, then (with optimizer state) gradients of
@@ -55,6 +65,7 @@ param_store::param_store(const model::llama_config& cfg, at::ScalarType dtype, b
 }
 
 param_store::~param_store() {
+  std::free(scratch_);
   if (!grad_.empty() && optimizer_state_) std::free(grad_[0]);
   if (pinned_) dev_.host_free(pinned_);
 }
@@ -93,7 +104,7 @@ void param_store::check_optimizer_state(const char* what) const {
 // the lease (documented in the header: in-memory tiers only).
 at::Tensor param_store::master_tensor(int64_t u) const {
   state_lease s(*state_, u, true);
-  return view_of(s->master, units_[u].numel, at::kFloat);
+  return view_of(s->master, s->n, at::kFloat);
 }
 void param_store::check_fp32_moments() const {
   check_optimizer_state("AdamW moments");
@@ -103,12 +114,12 @@ void param_store::check_fp32_moments() const {
 at::Tensor param_store::exp_avg_tensor(int64_t u) const {
   check_fp32_moments();
   state_lease s(*state_, u, true);
-  return view_of(s->exp_avg, units_[u].numel, at::kFloat);
+  return view_of(s->exp_avg, s->n, at::kFloat);
 }
 at::Tensor param_store::exp_avg_sq_tensor(int64_t u) const {
   check_fp32_moments();
   state_lease s(*state_, u, true);
-  return view_of(s->exp_avg_sq, units_[u].numel, at::kFloat);
+  return view_of(s->exp_avg_sq, s->n, at::kFloat);
 }
 at::Tensor param_store::shadow_tensor(int64_t u) const { return view_of(shadow_[u], units_[u].numel, dtype_); }
 at::Tensor param_store::grad_tensor(int64_t u) const {
@@ -122,12 +133,14 @@ void param_store::init_random(uint64_t seed, double std) {
   at::parallel_for(0, num_units(), 1, [&](int64_t begin, int64_t end) {
     for (int64_t u = begin; u < end; ++u) {
       at::Generator gen = at::detail::createCPUGenerator(seed * 1000003ull + uint64_t(u));
-      at::Tensor flat = master_tensor(u);
+      // Sharded: every rank draws the whole unit (the same values as one rank) and keeps its shard.
+      at::Tensor flat = shards_.sharded() ? at::empty({units_[u].numel}, at::kFloat) : master_tensor(u);
       for (const auto& s : units_[u].slots) {
         at::Tensor t = flat.narrow(0, s.offset, s.numel);
         if (is_norm(s.name)) t.fill_(1.0);
         else t.normal_(0.0, std, gen);
       }
+      if (shards_.sharded()) master_tensor(u).copy_(flat.narrow(0, shard_begin(u), shard_numel(u)));
     }
   });
   state_->zero_moments();
@@ -135,13 +148,31 @@ void param_store::init_random(uint64_t seed, double std) {
 }
 
 void param_store::refresh_shadows() {
-  for (int64_t u = 0; u < num_units(); ++u) shadow_tensor(u).copy_(master_tensor(u));
+  for (int64_t u = 0; u < num_units(); ++u) {
+    shadow_tensor(u).narrow(0, shard_begin(u), shard_numel(u)).copy_(master_tensor(u));
+    publish_shadow(u, comm_channel::channel_engine);
+  }
+}
+
+void param_store::publish_shadow(int64_t u, comm_channel c) {
+  if (!shards_.sharded()) return;
+  const int64_t n = units_[size_t(u)].numel, per = shards_.per(n), elem = int64_t(c10::elementSize(dtype_));
+  // Bytes, so one path serves every compute dtype: this rank's shard (zero-padded to per elements),
+  // gathered into the scratch, whose first n elements are the unit.
+  at::Tensor mine = at::zeros({per * elem}, at::kByte);
+  std::memcpy(mine.data_ptr(), static_cast<char*>(shadow_[size_t(u)]) + shard_begin(u) * elem,
+              size_t(shard_numel(u) * elem));
+  at::Tensor all = at::from_blob(scratch_, {shards_.padded(n) * elem}, at::kByte);
+  comm_->all_gather(all, mine, c);
+  std::memcpy(shadow_[size_t(u)], scratch_, size_t(n * elem));
 }
 
 
 std::vector<named_param> param_store::named_params() const { return named_; }
 
 at::Tensor param_store::master_view(const named_param& p) const {
+  FERRY_CHECK(!shards_.sharded(), "master_view(", p.name, ") on a sharded store (", shards_.world,
+              " ranks): each rank holds only its shard of the unit");
   return master_tensor(p.unit).narrow(0, p.offset, p.numel).view(p.shape);
 }
 
