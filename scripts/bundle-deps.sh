@@ -16,6 +16,7 @@ pkgs=(
   libsentencepiece-dev libsentencepiece0
   libpcre2-dev libpcre2-8-0 libpcre2-16-0 libpcre2-32-0 libpcre2-posix3
   libgtest-dev googletest
+  libgloo-dev
 )
 mkdir -p "$dest"
 cd "$dest"

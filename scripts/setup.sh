@@ -35,6 +35,7 @@ declare -A need=(
   [sentencepiece_processor.h]=libsentencepiece-dev
   [pcre2.h]=libpcre2-dev
   [gtest/gtest.h]=libgtest-dev
+  [gloo/context.h]=libgloo-dev   # headers only: c10d's ProcessGroupGloo.hpp includes them; the code is libtorch's
 )
 
 # Debian package -> the bundle's .deb files that make it usable (the -dev package and its runtime libs).
@@ -47,6 +48,7 @@ bundle_glob() {
     libsentencepiece-dev) echo "libsentencepiece*.deb" ;;
     libpcre2-dev) echo "libpcre2*.deb" ;;
     libgtest-dev) echo "libgtest*.deb googletest*.deb" ;;
+    libgloo-dev) echo "libgloo-dev*.deb" ;;
     *) echo "$1_*.deb" ;;
   esac
 }
