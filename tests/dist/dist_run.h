@@ -17,12 +17,14 @@ constexpr int64_t k_global = 6, k_steps = 4;
 // shard), "fp16" (overlapped, fp16 compute with loss scaling). clip 0.05 clips every step; poison
 // makes step 2 (1-based) overflow (every rank writes +inf into one element of block 1's gradient,
 // as one rank's backward would: the sum stays +inf).
-inline engine::engine_options run_options(const std::string& kind, int64_t rows_per_rank, bool poison) {
+// device: the CUDA device of this rank in the GPU build (dist_gpu_test, k_cuda_suite), -1 the current.
+inline engine::engine_options run_options(const std::string& kind, int64_t rows_per_rank, bool poison, int device = -1) {
   using namespace engine;
   const bool half = kind == "fp16";
   engine_options o = engine::test::base_options(kind == "blocked" ? offload_mode::offload_blocked : offload_mode::offload_overlapped,
                                         half ? at::kHalf : at::kFloat);
   o.strict_host_backend = true;
+  o.device_index = device;
   o.speculate = kind == "blocked" ? speculate_mode::speculate_off : speculate_mode::speculate_on;
   o.clip_grad = 0.05;
   o.max_batch = rows_per_rank;

@@ -167,10 +167,22 @@ struct dist_case {
 
 class dist_ranks : public ::testing::TestWithParam<dist_case> {};
 
+// The GPU build (dist_gpu_test, label gpu) runs the same ranks one per device: the host-side
+// collectives over CUDA ranks, as ferry-train runs them today (README "Data-parallel ranks").
+std::vector<int> worlds() {
+  if (!::ferry::test::k_cuda_suite) return {2, 3};
+  std::vector<int> w;
+  for (int n : {2, 3})
+    if (n <= engine::cuda_device_count()) w.push_back(n);
+  return w;
+}
+
 TEST_P(dist_ranks, partitioned_step_equals_one_rank) {
+  FERRY_REQUIRE_DEVICE();
+  if (worlds().empty()) GTEST_SKIP() << "needs 2 or more CUDA devices";
   const dist_case c = GetParam();
   const engine::test::run_result want = one_rank(c.kind, c.poison);
-  for (int world : {2, 3}) {
+  for (int world : worlds()) {
     SCOPED_TRACE(c.kind + (c.poison ? " poisoned" : "") + ", " + std::to_string(world) + " ranks");
     const std::string prefix = scratch(c.kind + std::to_string(world));
     auto procs = spawn_ranks(world, {c.kind, c.poison ? "1" : "0", prefix}, c.kind + std::to_string(world), 60);
@@ -212,6 +224,8 @@ INSTANTIATE_TEST_SUITE_P(kinds, dist_ranks,
                          [](const auto& info) { return info.param.kind + (info.param.poison ? "_overflow" : ""); });
 
 TEST(dist_failures, a_dead_rank_stops_the_others_naming_it) {
+  FERRY_REQUIRE_DEVICE();
+  if (worlds().empty()) GTEST_SKIP() << "needs 2 or more CUDA devices";
   const std::string prefix = scratch("dead");
   const auto t0 = std::chrono::steady_clock::now();
   auto procs = spawn_ranks(2, {"overlapped", "0", prefix, "2"}, "dead", 5);

@@ -4,6 +4,7 @@
 //   dist_worker KIND POISON(0|1) OUT_PREFIX [DIE_AT_STEP]
 // OUT_PREFIX.<rank>.steps  one line per step: loss skipped grad_norm clip_coef loss_scale
 // OUT_PREFIX.<rank>.master this rank's shard of every unit's fp32 master, unit after unit
+// Built twice: dist_worker (host backend) and dist_gpu_worker (CUDA, FERRY_TEST_CUDA=1).
 // DIE_AT_STEP: rank 1 exits abruptly (no goodbye to the others) before that step (1-based).
 #include <unistd.h>
 
@@ -26,7 +27,9 @@ int main(int argc, char** argv) {
     const bool poison = std::string(argv[2]) == "1";
     const int die_at = argc > 4 ? std::atoi(argv[4]) : -1;
     const dist::launch_info launch = dist::read_launch_env(-1);
-    engine::engine_options o = dist::test::run_options(kind, dist::test::k_global / launch.world, poison);
+    // The GPU build (dist_gpu_worker): one device per rank, as ferry-train binds LOCAL_RANK.
+    engine::engine_options o = dist::test::run_options(kind, dist::test::k_global / launch.world, poison,
+                                                       test::k_cuda_suite ? launch.local_rank : -1);
     std::shared_ptr<dist::process_group> group;
     if (launch.distributed()) {
       dist::group_options go;
