@@ -17,6 +17,7 @@ pkgs=(
   libpcre2-dev libpcre2-8-0 libpcre2-16-0 libpcre2-32-0 libpcre2-posix3
   libgtest-dev googletest
   liburing-dev liburing2
+  libgloo-dev
 )
 mkdir -p "$dest"
 cd "$dest"

@@ -36,6 +36,7 @@ declare -A need=(
   [pcre2.h]=libpcre2-dev
   [gtest/gtest.h]=libgtest-dev
   [liburing.h]=liburing-dev
+  [gloo/context.h]=libgloo-dev   # headers only: c10d's ProcessGroupGloo.hpp includes them; the code is libtorch's
 )
 
 # Debian package -> the bundle's .deb files that make it usable (the -dev package and its runtime libs).
@@ -49,6 +50,7 @@ bundle_glob() {
     libpcre2-dev) echo "libpcre2*.deb" ;;
     libgtest-dev) echo "libgtest*.deb googletest*.deb" ;;
     liburing-dev) echo "liburing*.deb" ;;
+    libgloo-dev) echo "libgloo-dev*.deb" ;;
     *) echo "$1_*.deb" ;;
   esac
 }

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The dependency direction of the source tree, checked on every #include of a project header:
 #   cli -> train | infer -> checkpoint -> engine -> model -> gpu | cpu_optim
+# with dist (ranks over c10d: implements the engine's collectives) below train and cli,
 # with io (files and formats) beside them, usable from checkpoint upwards, and common everywhere.
 # Prints each forbidden include as "file:line: folder must not include folder/..." and exits 1.
 #   tests/layering_check.sh [ROOT]
@@ -18,11 +19,12 @@ declare -A allowed=(
   [src/io]="src/model"                              # the llama_config struct only
   [src/engine]="src/model gpu cpu_optim"
   [src/checkpoint]="src/engine src/model src/io"
-  [src/train]="src/checkpoint src/engine src/model src/io"
+  [src/dist]="src/engine"
+  [src/train]="src/checkpoint src/dist src/engine src/model src/io"
   [src/infer]="src/checkpoint src/engine src/model src/io gpu"
-  [src/cli]="src/train src/infer src/checkpoint src/engine src/model src/io"
+  [src/cli]="src/train src/infer src/checkpoint src/dist src/engine src/model src/io"
 )
-folders=(src/common cpu_optim gpu src/model src/io src/engine src/checkpoint src/train src/infer src/cli)
+folders=(src/common cpu_optim gpu src/model src/io src/engine src/dist src/checkpoint src/train src/infer src/cli)
 
 bad=0 checked=0
 while IFS= read -r -d '' f; do

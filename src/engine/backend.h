@@ -85,5 +85,7 @@ std::unique_ptr<backend> make_strict_host_backend(int64_t debug_delay_us = 0, ui
 // the current device.
 std::unique_ptr<backend> make_cuda_backend(int device_index = -1, int64_t debug_delay_us = 0, uint64_t seed = 0);
 bool cuda_usable();
+// The CUDA devices this process sees (CUDA_VISIBLE_DEVICES applied), 0 without CUDA.
+int cuda_device_count();
 
 }  // namespace ferry::engine

@@ -124,6 +124,13 @@ class cuda_backend final : public backend {
 
 bool cuda_usable() { return gpu::device_available(); }
 
+int cuda_device_count() {
+  if (!cuda_usable()) return 0;
+  int n = 0;
+  FERRY_CUDA_CHECK(cudaGetDeviceCount(&n));
+  return n;
+}
+
 std::unique_ptr<backend> make_cuda_backend(int device_index, int64_t debug_delay_us, uint64_t seed) {
   FERRY_CHECK(cuda_usable(), "no CUDA device is usable here; use --device cpu");
   int n = 0;

@@ -58,6 +58,7 @@ std::unique_ptr<backend> make_cuda_backend(int, int64_t, uint64_t) {
   throw error("this ferry was built without CUDA; rebuild on a machine with the CUDA toolkit and a CUDA libtorch, or use --device cpu");
 }
 bool cuda_usable() { return false; }
+int cuda_device_count() { return 0; }
 #endif
 
 }  // namespace ferry::engine

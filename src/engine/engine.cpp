@@ -35,7 +35,7 @@ engine::engine(const model::llama_config& cfg, const engine_options& opt) : cfg_
   const std::string misfit = plan_misfit(plan_, cfg_, opt_, dev_->is_cuda() ? cap : 0);
   FERRY_CONFIG_CHECK(misfit.empty(), misfit);
   store_ = std::make_unique<param_store>(cfg_, opt_.dtype, *dev_, /*optimizer_state=*/!opt_.forward_only, opt_.state,
-                                         opt_.state_on == state_place::place_nvme ? &opt_.nvme : nullptr);
+                                         opt_.state_on == state_place::place_nvme ? &opt_.nvme : nullptr, opt_.comm);
   worker_ = std::make_unique<update_worker>(store_->num_units());
   pool_ = std::make_unique<weight_pool>(cfg_, opt_, *dev_, *store_, *worker_, meter_);
   if (!opt_.forward_only) {
@@ -43,6 +43,15 @@ engine::engine(const model::llama_config& cfg, const engine_options& opt) : cfg_
     optim_ = std::make_unique<optimizer_path>(opt_, *dev_, *store_, *grads_, *pool_);
   }
   validator_ = std::make_unique<step_validator>(opt_, store_->num_units());
+  if (opt_.comm && opt_.comm->world() > 1) {
+    // Every rank judges the step from the same sums, so all take the same decision.
+    validator_->all_reduce = [comm = opt_.comm](cpu_optim::grad_stats& s) {
+      at::Tensor t = at::tensor({s.sum_sq, double(s.nonfinite)}, at::kDouble);
+      comm->all_reduce_sum(t, comm_channel::channel_engine);
+      s.sum_sq = t[0].item<double>();
+      s.nonfinite = int64_t(t[1].item<double>());
+    };
+  }
   rope_ = model::make_rope(cfg_, rotary_positions(cfg_, opt_), dev_->device());
 }
 
@@ -153,6 +162,7 @@ std::function<void()> engine::host_task(int64_t u, bool last, bool speculate, do
   const bool poison = poison_now(u);
   return [this, u, speculate, mult, hp, step, poison] {
     if (poison) debug_poison(u);
+    grads_->reduce(u);  // ranks: this rank's shard of the sum over the ranks
     step_validator::unit_record& rec = validator_->unit(u);
     if (!speculate) {
       rec.stats = optim_->stats(u, mult);
@@ -169,7 +179,7 @@ void engine::debug_poison(int64_t u) {
   if (grads_->resident()) {
     g = grads_->resident_grad(u);
   } else {
-    const host_grad hg = grads_->host(u);
+    const host_grad hg = grads_->host_local(u);
     const at::ScalarType t = hg.dtype == cpu_optim::dtype::dtype_f32 ? at::kFloat : opt_.dtype;
     g = at::from_blob(hg.data, {store_->unit(u).numel}, at::TensorOptions().dtype(t));
   }
@@ -191,6 +201,14 @@ step_result engine::train_step(const std::vector<micro_batch>& micro_batches, do
   for (const auto& mb : micro_batches) {
     check_batch(mb, true);
     total_targets += (mb.labels != -100).sum().item<int64_t>();
+  }
+  const bool ranks = opt_.comm && opt_.comm->world() > 1;
+  if (ranks) {
+    // The loss is the mean over the global batch: every rank scales its gradient by the targets of
+    // all ranks, so the sum over the ranks is the one-rank gradient of the whole batch.
+    at::Tensor t = at::tensor({double(total_targets)}, at::kDouble);
+    opt_.comm->all_reduce_sum(t, comm_channel::channel_engine);
+    total_targets = int64_t(t.item<double>());
   }
   FERRY_CHECK(total_targets > 0, "the batch has no target tokens (every label is -100)");
 
@@ -272,6 +290,11 @@ step_result engine::train_step(const std::vector<micro_batch>& micro_batches, do
       grads_->send(u, first, last, task(u), speculate);
     }
     grads_->send_embed(dx, inputs, first, last, task(eu), speculate);
+  }
+  if (ranks) {
+    at::Tensor t = at::tensor({loss_sum}, at::kDouble);
+    opt_.comm->all_reduce_sum(t, comm_channel::channel_engine);
+    loss_sum = t.item<double>();
   }
   r.loss = loss_sum / double(total_targets);
   r.n_targets = total_targets;

@@ -2,7 +2,9 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cstdlib>
+#include <cstring>
 
 #include "src/common/error.h"
 #include "src/engine/backend_util.h"
@@ -34,10 +36,15 @@ gradient_path::gradient_path(const model::llama_config& cfg, const engine_option
   for (int i = 0; i < 2; ++i) block_slots_.push_back({at::empty({cfg.block_params()}, dev_opts), nullptr});
   head_slot_.buf = at::empty({cfg.head_slot_params()}, dev_opts);
   embed_out_ = dev.host_alloc(size_t(opt.max_batch * opt.max_seq * cfg.hidden_size) * c10::elementSize(opt.dtype));
+  if (store.shards().sharded())
+    for (int64_t u = 0; u < store.num_units(); ++u)
+      shard_grad_.push_back(detail::alloc_floats(std::max<int64_t>(1, store.shard_numel(u)),
+                                                 "the ranks' gradient shards (4 B/param over the ranks)"));
 }
 
 gradient_path::~gradient_path() {
   for (float* p : accum_) std::free(p);
+  for (float* p : shard_grad_) std::free(p);
   if (embed_out_) dev_.host_free(embed_out_);
 }
 
@@ -63,8 +70,39 @@ model::head_weights gradient_path::head_views(const at::Tensor& head_target) {
   return {head_target, resident_[size_t(store_.embed_unit())].view({cfg_.vocab_size, cfg_.hidden_size})};
 }
 
-host_grad gradient_path::host(int64_t u) const {
+host_grad gradient_path::host_local(int64_t u) const {
   return {store_.grad(u), to_optim_dtype(store_.grad_dtype(u)), fused_[size_t(u)] ? accum_[size_t(u)] : nullptr};
+}
+
+host_grad gradient_path::host(int64_t u) const {
+  if (shard_grad_.empty()) return host_local(u);
+  return {shard_grad_[size_t(u)], cpu_optim::dtype::dtype_f32, nullptr};
+}
+
+void gradient_path::reduce(int64_t u) {
+  if (shard_grad_.empty()) return;
+  const int64_t n = store_.unit(u).numel, padded = store_.shards().padded(n);
+  // The whole unit in fp32 (this rank's micro-batches summed, as the optimizer would read them),
+  // zero-padded to the ranks' equal blocks, then summed over the ranks block by block.
+  const host_grad g = host_local(u);
+  float* full = store_.comm_scratch();
+  if (g.acc) {
+    std::memcpy(full, g.acc, size_t(n) * 4);
+    cpu_optim::accumulate(g.data, g.dtype, full, size_t(n), /*overwrite=*/false);
+  } else {
+    cpu_optim::convert(g.data, g.dtype, full, cpu_optim::dtype::dtype_f32, size_t(n));
+  }
+  std::fill(full + n, full + padded, 0.0f);
+  at::Tensor in = at::from_blob(full, {padded}, at::kFloat);
+  at::Tensor out = at::from_blob(shard_grad_[size_t(u)], {store_.shards().per(n)}, at::kFloat);
+  if (store_.shard_numel(u) < store_.shards().per(n)) {
+    // A short last block: the collective writes per(n) elements, the buffer holds fewer.
+    at::Tensor tmp = at::empty({store_.shards().per(n)}, at::kFloat);
+    store_.comm()->reduce_scatter_sum(tmp, in, comm_channel::channel_update);
+    std::memcpy(shard_grad_[size_t(u)], tmp.data_ptr(), size_t(store_.shard_numel(u)) * 4);
+    return;
+  }
+  store_.comm()->reduce_scatter_sum(out, in, comm_channel::channel_update);
 }
 
 void gradient_path::queue(int64_t u, std::function<void()> fn, bool updates_weights) {

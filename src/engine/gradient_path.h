@@ -15,7 +15,11 @@
 // gradient in a step, so it overwrites on the first micro-batch and the scatter task then only
 // adds), before the embedding's one update at the end of backward. Resident, the head's backward
 // writes straight into the embedding's device gradient and the embedding's backward adds to it.
-// Later: reduce-scatter across ranks before the copy, then only this rank's shard moves.
+// Data-parallel ranks (param_store::shards): on the update thread, after the unit's last
+// micro-batch, reduce() sums the unit's gradient over the ranks in fp32 (reduce-scatter) into this
+// rank's shard, which is all host() then shows the optimizer. On the host backend the whole unit
+// reaches the host first and the reduce-scatter runs there (Gloo); the CUDA path's
+// reduce-scatter before the copy, so that only the shard moves, plugs in at the same call.
 #include <ATen/core/Tensor.h>
 
 #include <functional>
@@ -75,8 +79,15 @@ class gradient_path {
   void send_embed(const at::Tensor& dx, const at::Tensor& tokens, bool first_micro, bool last_micro,
                   std::function<void()> task, bool updates_weights);
 
-  // The unit's summed gradient on the host, as the optimizer reads it (offloaded only).
+  // The unit's summed gradient on the host, as the optimizer reads it (offloaded only); with ranks
+  // the fp32 sum over the ranks of this rank's shard (param_store::shard_numel elements) once
+  // reduce(u) has run.
   host_grad host(int64_t u) const;
+  // This rank's own gradient of the whole unit (before reduce(u); host(u) with one rank).
+  host_grad host_local(int64_t u) const;
+  // Ranks: sums unit u's gradient over the ranks into this rank's shard (update thread, a
+  // collective: every rank calls it for the same units in the same order). One rank: nothing.
+  void reduce(int64_t u);
   // The resident gradient buffers (none).
   at::Tensor& resident_grad(int64_t u) { return resident_[size_t(u)]; }
 
@@ -104,6 +115,7 @@ class gradient_path {
   // Written by the engine thread only after the unit's earlier host tasks have run.
   std::vector<char> fused_;
   void* embed_out_ = nullptr;             // pinned staging of the embedding's input gradient
+  std::vector<float*> shard_grad_;        // ranks: per unit, the fp32 sum over the ranks of this rank's shard
 };
 
 }  // namespace ferry::engine

@@ -17,9 +17,10 @@ int64_t rotary_positions(const model::llama_config& cfg, const engine_options& o
   return opt.max_positions > 0 ? opt.max_positions : std::max(opt.max_seq, cfg.max_position_embeddings);
 }
 
-int64_t state_host_bytes(const model::llama_config& cfg, state_kind kind, bool moments) {
+int64_t state_host_bytes(const model::llama_config& cfg, state_kind kind, bool moments, const shard_layout& shards) {
   int64_t bytes = 0;
-  for (int64_t n : param_store::unit_numels(cfg)) bytes += state_bytes(kind, moments, n);
+  // With ranks, rank 0's shard of each unit (the largest: ceil(n / world)).
+  for (int64_t n : param_store::unit_numels(cfg)) bytes += state_bytes(kind, moments, shards.per(n));
   return bytes;
 }
 
@@ -149,8 +150,9 @@ memory_plan plan_memory(const model::llama_config& cfg, const engine_options& op
   // what the moments add.
   // offload none: the host tier is fp32 like the device's state (check_options refuses another kind).
   p.state = opt.mode == offload_mode::offload_none ? state_kind::state_fp32 : what_if.state.value_or(opt.state);
-  p.host_master = state_host_bytes(cfg, p.state, false);
-  p.host_moments = state_host_bytes(cfg, p.state, true) - p.host_master;
+  const shard_layout shards = shards_of(opt);
+  p.host_master = state_host_bytes(cfg, p.state, false, shards);
+  p.host_moments = state_host_bytes(cfg, p.state, true, shards) - p.host_master;
   // On disk (nvme_state.h): the file holds every unit's block, the host only the buffers.
   p.state_on_disk = opt.mode != offload_mode::offload_none &&
                     what_if.state_on_disk.value_or(opt.state_on == state_place::place_nvme);
@@ -162,6 +164,16 @@ memory_plan plan_memory(const model::llama_config& cfg, const engine_options& op
   }
   p.host_pinned = opt.mode == offload_mode::offload_none ? 0 : params * e + (params - embed + tied_grad) * e;
   p.host_other = embed * 4 + 2 * n * h * e + (grad_accum > 1 ? (params - embed) * 4 : 0);
+  if (shards.sharded() && !opt.forward_only) {
+    // Each unit's summed fp32 gradient shard, and one padded fp32 unit the reduce-scatter reads and
+    // the all-gather writes (param_store::comm_scratch).
+    int64_t widest = 0;
+    for (int64_t un : param_store::unit_numels(cfg)) {
+      p.host_other += shards.per(un) * 4;
+      widest = std::max(widest, shards.padded(un));
+    }
+    p.host_other += widest * 4;
+  }
   if (opt.mode == offload_mode::offload_none) p.host_pinned = params * e + (params - embed + tied_grad) * e;  // init/checkpoint copies
   p.host_total = p.host_master + p.host_moments + p.host_state_buffers + p.host_pinned + p.host_other;
   return p;

@@ -68,8 +68,9 @@ memory_plan plan_memory(const model::llama_config& cfg, const engine_options& op
                         int64_t grad_accum, const plan_what_if& what_if = {}, int64_t device_bytes = 0);
 
 // Host bytes of the state tier of model cfg in this kind: state_bytes over param_store's units
-// (exactly what the host tier allocates: its host_bytes()).
-int64_t state_host_bytes(const model::llama_config& cfg, state_kind kind, bool moments);
+// (exactly what the tier allocates: its host_bytes()); with ranks, rank 0's shards (ceil(n / world) of each
+// unit, the largest), which bound every rank's tier.
+int64_t state_host_bytes(const model::llama_config& cfg, state_kind kind, bool moments, const shard_layout& shards = {});
 
 // Device bytes of the activations kept for the backward when the first `recomputed` blocks keep
 // only their input: the others' saved tensors (model::block_saved_bytes) and inputs, plus, while a

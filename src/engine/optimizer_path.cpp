@@ -41,28 +41,37 @@ cpu_optim::chunk_ref optimizer_path::chunk(int64_t u, const state_view& s) const
   c.grad = g.data;
   c.grad_dtype = g.dtype;
   c.grad_acc = g.acc;
-  c.half_out = opt_.dtype == at::kFloat ? nullptr : store_.shadow(u);
+  c.half_out = opt_.dtype == at::kFloat ? nullptr : shadow_shard(u);
   c.half_dtype = to_optim_dtype(opt_.dtype);
   c.n = size_t(s.n);
   return c;
 }
 
-// fp32 runs: AdamW writes no half copy, so the device-bound shadow is refreshed from the master.
-void optimizer_path::refresh_f32_shadow(int64_t u, const state_view& s) {
-  if (opt_.dtype == at::kFloat)
-    cpu_optim::convert(s.master, cpu_optim::dtype::dtype_f32, store_.shadow(u), cpu_optim::dtype::dtype_f32, size_t(s.n));
+// This rank's part of unit u's shadow (the whole shadow with one rank).
+void* optimizer_path::shadow_shard(int64_t u) const {
+  return static_cast<char*>(store_.shadow(u)) + store_.shard_begin(u) * int64_t(c10::elementSize(opt_.dtype));
 }
+
+// After the shard's update: fp32 runs refresh the device-bound shadow from the master (AdamW wrote
+// no half copy); with ranks, the other ranks' shards are gathered into the shadow.
+void optimizer_path::publish(int64_t u, const state_view& s) {
+  if (opt_.dtype == at::kFloat)
+    cpu_optim::convert(s.master, cpu_optim::dtype::dtype_f32, shadow_shard(u), cpu_optim::dtype::dtype_f32, size_t(s.n));
+  store_.publish_shadow(u, comm_channel::channel_update);
+}
+
+void optimizer_path::republish(int64_t u) { store_.publish_shadow(u, comm_channel::channel_update); }
 
 cpu_optim::grad_stats optimizer_path::stats(int64_t u, double mult) {
   const host_grad g = grads_.host(u);
-  return adam_->stats(g.data, g.dtype, size_t(store_.unit(u).numel), float(mult), g.acc);
+  return adam_->stats(g.data, g.dtype, size_t(store_.shard_numel(u)), float(mult), g.acc);
 }
 
 cpu_optim::grad_stats optimizer_path::step(int64_t u, double mult, const cpu_optim::adamw_hparams& hp, int64_t step,
                                            cpu_optim::undo_log* log, bool finite_known) {
   state_lease s(store_.state(), u, true);
   cpu_optim::grad_stats st = adam_->step(chunk(u, *s), hp, step, float(mult), log, finite_known);
-  refresh_f32_shadow(u, *s);
+  publish(u, *s);
   return st;
 }
 
@@ -70,14 +79,14 @@ void optimizer_path::undo(int64_t u, double mult, const cpu_optim::adamw_hparams
                           const cpu_optim::undo_log& log) {
   state_lease s(store_.state(), u, true);
   adam_->undo(chunk(u, *s), hp, step, float(mult), &log);
-  refresh_f32_shadow(u, *s);
+  publish(u, *s);
 }
 
 void optimizer_path::redo(int64_t u, double old_mult, double new_mult, const cpu_optim::adamw_hparams& hp, int64_t step,
                           const cpu_optim::undo_log& log) {
   state_lease s(store_.state(), u, true);
   adam_->redo(chunk(u, *s), hp, step, float(old_mult), float(new_mult), &log);
-  refresh_f32_shadow(u, *s);
+  publish(u, *s);
 }
 
 cpu_optim::grad_stats optimizer_path::resident_stats(double mult) {

@@ -2,7 +2,10 @@
 // The optimizer path: AdamW on one unit wherever its state is.
 //   offloaded  on the update thread, over the unit's state in the tier (state_tier) and its summed
 //              host gradient (gradient_path::host), writing the compute-dtype shadow the weight
-//              pool loads next; statistics, speculative steps with their undo log, undo and redo
+//              pool loads next; statistics, speculative steps with their undo log, undo and redo.
+//              With ranks each of these runs on this rank's shard of the unit (its master,
+//              moments and reduced gradient) and ends by gathering the other ranks' shards of
+//              the compute-dtype copy (param_store::publish_shadow)
 //   resident   (none) fp32 master and moments on the device, the fused device AdamW
 //              (gpu::adamw_step; the CPU kernel on the host backend), statistics of every unit's
 //              gradient accumulated on the device with one host sync per step
@@ -35,6 +38,10 @@ class optimizer_path {
   void redo(int64_t u, double old_mult, double new_mult, const cpu_optim::adamw_hparams& hp, int64_t step,
             const cpu_optim::undo_log& log);
 
+  // Ranks: a unit this rank's shard did not change (its speculative update was not applied) still
+  // takes part in the all-gather the other ranks' fix-ups end with. One rank: nothing.
+  void republish(int64_t u);
+
   // Resident units (the engine's thread, compute queue).
   cpu_optim::grad_stats resident_stats(double mult);
   void resident_step(int64_t u, double mult, const cpu_optim::adamw_hparams& hp, int64_t step);
@@ -45,7 +52,8 @@ class optimizer_path {
 
  private:
   cpu_optim::chunk_ref chunk(int64_t u, const state_view& s) const;
-  void refresh_f32_shadow(int64_t u, const state_view& s);
+  void* shadow_shard(int64_t u) const;
+  void publish(int64_t u, const state_view& s);
 
   const engine_options& opt_;
   backend& dev_;

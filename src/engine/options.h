@@ -5,8 +5,10 @@
 
 #include <cstdint>
 #include <limits>
+#include <memory>
 #include <string>
 
+#include "src/engine/collectives.h"
 #include "src/engine/nvme_state.h"
 #include "src/engine/state_tier.h"
 
@@ -86,7 +88,16 @@ struct engine_options {
   int64_t debug_poison_step = -1, debug_poison_unit = -1, debug_poison_index = 0;
   double debug_poison_value = std::numeric_limits<double>::infinity();
   uint64_t seed = 1234;
+  // Data-parallel ranks (src/dist), null for one rank. With several, every unit's gradient is
+  // summed over the ranks and each rank keeps and updates only its shard of the unit's master
+  // weights and moments (shard_layout); the updated compute-dtype weights are all-gathered.
+  std::shared_ptr<collectives> comm;
 };
+
+// This rank's place among the ranks of opt.comm (rank 0 of 1 without).
+inline shard_layout shards_of(const engine_options& opt) {
+  return opt.comm ? shard_layout{opt.comm->rank(), opt.comm->world()} : shard_layout{};
+}
 
 // Combinations the engine does not run, as config_errors naming the keys (the engine's constructor
 // and the CLI's wiring call it): a compact optimizer_state, or optimizer_state_on=nvme, with offload

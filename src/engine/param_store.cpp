@@ -3,7 +3,9 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cstdlib>
+#include <cstring>
 
 #include "src/common/error.h"
 #include "src/engine/backend_util.h"
@@ -14,8 +16,9 @@ bool is_norm(const std::string& name) { return name.find("norm") != std::string:
 }  // namespace
 
 param_store::param_store(const model::llama_config& cfg, at::ScalarType dtype, backend& dev, bool optimizer_state,
-                         state_kind kind, const nvme_options* nvme)
-    : cfg_(cfg), dtype_(dtype), dev_(dev), optimizer_state_(optimizer_state) {
+                         state_kind kind, const nvme_options* nvme, std::shared_ptr<collectives> comm)
+    : cfg_(cfg), dtype_(dtype), dev_(dev), optimizer_state_(optimizer_state), comm_(std::move(comm)) {
+  if (comm_) shards_ = {comm_->rank(), comm_->world()};
   units_.push_back({"", model::embed_layout(cfg), cfg.embed_params()});
   for (int64_t i = 0; i < cfg.num_hidden_layers; ++i)
     units_.push_back({"model.layers." + std::to_string(i) + ".", model::block_layout(cfg), cfg.block_params()});
@@ -23,8 +26,17 @@ param_store::param_store(const model::llama_config& cfg, at::ScalarType dtype, b
   std::vector<int64_t> numel;
   for (const auto& u : units_) numel.push_back(u.numel);
   FERRY_ASSERT(numel == unit_numels(cfg), "the units differ from param_store::unit_numels");
-  state_ = nvme && optimizer_state ? make_nvme_state(numel, kind, optimizer_state, *nvme)
-                                   : make_host_state(numel, kind, optimizer_state);
+  std::vector<int64_t> mine;
+  int64_t widest = 0;
+  for (int64_t n : numel) {
+    mine.push_back(shards_.count(n));
+    widest = std::max(widest, shards_.padded(n));
+  }
+  FERRY_CHECK(!(nvme && optimizer_state && shards_.sharded()),
+              "optimizer_state_on=nvme with several ranks: the state tier on disk does not hold shards yet");
+  state_ = nvme && optimizer_state ? make_nvme_state(mine, kind, optimizer_state, *nvme)
+                                   : make_host_state(mine, kind, optimizer_state);
+  if (shards_.sharded()) scratch_ = detail::alloc_floats(widest, "the ranks' collective scratch (the widest unit, fp32)");
 
   const int64_t elem = static_cast<int64_t>(c10::elementSize(dtype));
   // One exact-size pinned block: shadows of every unit, then (with optimizer state) gradients of
@@ -56,6 +68,7 @@ param_store::param_store(const model::llama_config& cfg, at::ScalarType dtype, b
 }
 
 param_store::~param_store() {
+  std::free(scratch_);
   if (!grad_.empty() && optimizer_state_) std::free(grad_[0]);
   if (pinned_) dev_.host_free(pinned_);
 }
@@ -100,7 +113,7 @@ void param_store::check_in_memory(const char* what) const {
 at::Tensor param_store::master_tensor(int64_t u) const {
   check_in_memory("master_tensor");
   state_lease s(*state_, u, true);
-  return view_of(s->master, units_[u].numel, at::kFloat);
+  return view_of(s->master, s->n, at::kFloat);
 }
 void param_store::check_fp32_moments() const {
   check_optimizer_state("AdamW moments");
@@ -111,13 +124,13 @@ at::Tensor param_store::exp_avg_tensor(int64_t u) const {
   check_fp32_moments();
   check_in_memory("exp_avg_tensor");
   state_lease s(*state_, u, true);
-  return view_of(s->exp_avg, units_[u].numel, at::kFloat);
+  return view_of(s->exp_avg, s->n, at::kFloat);
 }
 at::Tensor param_store::exp_avg_sq_tensor(int64_t u) const {
   check_fp32_moments();
   check_in_memory("exp_avg_sq_tensor");
   state_lease s(*state_, u, true);
-  return view_of(s->exp_avg_sq, units_[u].numel, at::kFloat);
+  return view_of(s->exp_avg_sq, s->n, at::kFloat);
 }
 at::Tensor param_store::shadow_tensor(int64_t u) const { return view_of(shadow_[u], units_[u].numel, dtype_); }
 at::Tensor param_store::grad_tensor(int64_t u) const {
@@ -133,20 +146,25 @@ void param_store::init_random(uint64_t seed, double std) {
     for (int64_t u = begin; u < end; ++u) {
       at::Generator gen = at::detail::createCPUGenerator(seed * 1000003ull + uint64_t(u));
       state_lease s(*state_, u, true);
-      at::Tensor flat = view_of(s->master, units_[u].numel, at::kFloat);
+      // Sharded: every rank draws the whole unit (the same values as one rank) and keeps its shard.
+      at::Tensor flat = shards_.sharded() ? at::empty({units_[u].numel}, at::kFloat)
+                                          : view_of(s->master, units_[u].numel, at::kFloat);
       for (const auto& slot : units_[u].slots) {
         at::Tensor t = flat.narrow(0, slot.offset, slot.numel);
         if (is_norm(slot.name)) t.fill_(1.0);
         else t.normal_(0.0, std, gen);
       }
+      if (shards_.sharded()) view_of(s->master, s->n, at::kFloat).copy_(flat.narrow(0, shard_begin(u), shard_numel(u)));
       zero_moments_of(*s);
       refresh_shadow(u, *s);
     }
   });
+  publish_shadows();   // sharded: the other ranks' shards, unit by unit in order (a collective)
 }
 
+// This rank's shard of the shadow (one rank: the whole unit) from the master in view s.
 void param_store::refresh_shadow(int64_t u, const state_view& s) {
-  shadow_tensor(u).copy_(view_of(s.master, units_[u].numel, at::kFloat));
+  shadow_tensor(u).narrow(0, shard_begin(u), shard_numel(u)).copy_(view_of(s.master, s.n, at::kFloat));
 }
 
 void param_store::refresh_shadows() {
@@ -155,12 +173,33 @@ void param_store::refresh_shadows() {
     state_lease s(*state_, u, false);
     refresh_shadow(u, *s);
   }
+  publish_shadows();
+}
+
+void param_store::publish_shadows() {
+  if (!shards_.sharded()) return;
+  for (int64_t u = 0; u < num_units(); ++u) publish_shadow(u, comm_channel::channel_engine);
+}
+
+void param_store::publish_shadow(int64_t u, comm_channel c) {
+  if (!shards_.sharded()) return;
+  const int64_t n = units_[size_t(u)].numel, per = shards_.per(n), elem = int64_t(c10::elementSize(dtype_));
+  // Bytes, so one path serves every compute dtype: this rank's shard (zero-padded to per elements),
+  // gathered into the scratch, whose first n elements are the unit.
+  at::Tensor mine = at::zeros({per * elem}, at::kByte);
+  std::memcpy(mine.data_ptr(), static_cast<char*>(shadow_[size_t(u)]) + shard_begin(u) * elem,
+              size_t(shard_numel(u) * elem));
+  at::Tensor all = at::from_blob(scratch_, {shards_.padded(n) * elem}, at::kByte);
+  comm_->all_gather(all, mine, c);
+  std::memcpy(shadow_[size_t(u)], scratch_, size_t(n * elem));
 }
 
 
 std::vector<named_param> param_store::named_params() const { return named_; }
 
 at::Tensor param_store::master_view(const named_param& p) const {
+  FERRY_CHECK(!shards_.sharded(), "master_view(", p.name, ") on a sharded store (", shards_.world,
+              " ranks): each rank holds only its shard of the unit");
   return master_tensor(p.unit).narrow(0, p.offset, p.numel).view(p.shape);
 }
 

@@ -20,6 +20,10 @@
 // Without optimizer state (an inference engine) the store holds only the fp32 master weights (what
 // init and load write) and the pinned shadows: 4 B + 2 B per param in fp16/bf16. The tier then
 // has no moments, grad is null, and the moment and gradient tensor accessors throw.
+// Data-parallel ranks (engine_options::comm): the tier holds only this rank's shard of every unit
+// (shard_layout: elements [shard_begin(u), shard_begin(u) + shard_numel(u)) of the unit's flat
+// buffer), so the master weights and moments exist once over all ranks; the shadows stay whole on
+// every rank (each rank writes its shard, publish_shadow all-gathers the others').
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
@@ -29,6 +33,7 @@
 
 #include "src/engine/backend.h"
 #include "src/engine/nvme_state.h"
+#include "src/engine/collectives.h"
 #include "src/engine/state_tier.h"
 #include "src/model/layout.h"
 #include "src/model/llama_config.h"
@@ -55,7 +60,7 @@ class param_store {
   // (no optimizer state) keep their master weights in host memory whatever it says.
   param_store(const model::llama_config& cfg, at::ScalarType compute_dtype, backend& dev,
               bool optimizer_state = true, state_kind kind = state_kind::state_fp32,
-              const nvme_options* nvme = nullptr);
+              const nvme_options* nvme = nullptr, std::shared_ptr<collectives> comm = nullptr);
   ~param_store();
   param_store(const param_store&) = delete;
   param_store& operator=(const param_store&) = delete;
@@ -80,9 +85,22 @@ class param_store {
   // (cfg.head_slot_params(): with tied embeddings the lm_head gradient after the norm's).
   int64_t grad_numel(int64_t u) const;
   const model::llama_config& config() const { return cfg_; }
+  // This rank's share of every unit (one rank: the whole unit).
+  const shard_layout& shards() const { return shards_; }
+  int64_t shard_begin(int64_t u) const { return shards_.begin(units_[size_t(u)].numel); }
+  int64_t shard_numel(int64_t u) const { return shards_.count(units_[size_t(u)].numel); }
+  // Sharded: after this rank wrote its shard of shadow(u), fills the rest from the other ranks (a
+  // collective on channel c: every rank calls it for the same units in the same order).
+  void publish_shadow(int64_t u, comm_channel c);
+  // Sharded: fp32 scratch of the widest unit's shards_.padded(numel) elements, for the collectives
+  // of one unit at a time (the update thread's reduce-scatter and all-gather, or the engine's
+  // thread while the update thread is idle).
+  float* comm_scratch() const { return scratch_; }
+  collectives* comm() const { return comm_.get(); }
   at::ScalarType grad_dtype(int64_t u) const { return u == embed_unit() ? at::kFloat : dtype_; }
 
-  // CPU tensors aliasing the buffers above (1-D, numel of the unit). The master and moment tensors
+  // CPU tensors aliasing the buffers above (1-D, numel of the unit; the master and moments: of
+  // this rank's shard). The master and moment tensors
   // alias the tier's memory and so exist only for a tier that keeps its state in host memory
   // (state_tier::in_memory; tests, inference); the engine and checkpoints go through state(), and
   // a tier on disk throws here. The moment tensors exist only for fp32 moments
@@ -104,7 +122,8 @@ class param_store {
   std::vector<named_param> named_params() const;
   // nullptr when the name is not a parameter of this model.
   const named_param* find(const std::string& name) const;
-  // The parameter's fp32 master values, shaped (a view into master_tensor(p.unit)).
+  // The parameter's fp32 master values, shaped (a view into master_tensor(p.unit)); one rank only
+  // (a sharded store holds part of each unit).
   at::Tensor master_view(const named_param& p) const;
 
   int64_t pinned_bytes() const { return pinned_bytes_; }
@@ -121,11 +140,16 @@ class param_store {
   void* pinned_ = nullptr;
   int64_t pinned_bytes_ = 0;
   std::vector<named_param> named_;
+  std::shared_ptr<collectives> comm_;
+  shard_layout shards_;
+  float* scratch_ = nullptr;
 
   void check_optimizer_state(const char* what) const;
   void check_fp32_moments() const;
   void check_in_memory(const char* what) const;
   void refresh_shadow(int64_t u, const state_view& s);
+  // Sharded: publish_shadow of every unit in order on the engine's channel (one rank: nothing).
+  void publish_shadows();
 };
 
 }  // namespace ferry::engine

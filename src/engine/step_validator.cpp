@@ -65,8 +65,11 @@ int64_t step_validator::queue_updates(const step_verdict& v, bool speculate, dou
       worker.submit_update(u, [&rec, &optim, &dev, u, skipped = v.skipped, spec_mult, final_mult, hp, step] {
         dev.debug_delay();
         // A unit whose gradient was non-finite was left untouched by step(); the whole step is
-        // then skipped, so there is nothing to undo for it.
-        if (!rec.applied) return;
+        // then skipped, so there is nothing to undo for it (with ranks: in this rank's shard).
+        if (!rec.applied) {
+          optim.republish(u);
+          return;
+        }
         if (skipped) optim.undo(u, spec_mult, hp, step, rec.log);
         else optim.redo(u, spec_mult, final_mult, hp, step, rec.log);
         rec.log.clear();

@@ -101,6 +101,12 @@ class token_dataset {
   std::vector<int64_t> train_ids_, eval_ids_;
 };
 
+// Data-parallel ranks: the global batch of a micro-batch at `cursor` is the world * batch
+// sequences cursor .. cursor + world*batch - 1 (what one rank with batch world*batch reads); rank
+// r reads the batch of them starting here, and the cursor then moves by world * batch. So the
+// sequences of a step depend only on the seed and the step, whatever the world size.
+inline int64_t rank_cursor(int64_t cursor, int64_t batch, int rank) { return cursor + int64_t(rank) * batch; }
+
 // A bijection of [0, n) keyed by `key` (a 6-round Feistel network with cycle walking): the
 // epoch shuffle, without storing a permutation.
 int64_t permute_index(int64_t i, int64_t n, uint64_t key);

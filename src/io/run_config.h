@@ -67,6 +67,7 @@ struct run_config {
   std::string metrics = "";          // "" = <output_dir>/metrics.jsonl
   bool tensorboard = true;
   bool nvtx = false;
+  double dist_timeout_s = 300;         // ranks: rendezvous and collective timeout (src/dist)
   // inference
   std::string prompt = "";
   std::string prompt_file = "";

@@ -77,6 +77,16 @@ int run_training(const io::run_config& cfg, const model::llama_config& mc, const
                  const io::data_options& dopt) {
   namespace fs = std::filesystem;
   const int64_t B = cfg.batch_size, T = cfg.max_length;
+  // Data-parallel ranks (eo.comm): every rank runs the same loop on its share of each global
+  // batch (io::rank_cursor); rank 0 alone prints and writes metrics.
+  const int rank = eo.comm ? eo.comm->rank() : 0, world = eo.comm ? eo.comm->world() : 1;
+  const bool lead = rank == 0;
+  if (!lead) {
+    // Only rank 0 talks: the other ranks' stdout goes nowhere (their errors still reach stderr).
+    FERRY_CHECK(std::freopen("/dev/null", "w", stdout), "cannot silence rank ", rank, "'s stdout");
+  }
+  FERRY_CONFIG_CHECK(world == 1 || (cfg.resume.empty() && cfg.init.empty()), "resume and init with WORLD_SIZE=", world,
+                     ": sharded checkpoints are not implemented yet; start several ranks from a random init (seed)");
   io::token_dataset data = io::token_dataset::open(dopt);
   if (const io::example_set* ex = data.examples()) {
     std::printf("data: %lld examples, %lld tokens (%lld trained), %lld training / %lld evaluation sequences of up "
@@ -99,6 +109,9 @@ int run_training(const io::run_config& cfg, const model::llama_config& mc, const
   if (!tier_line.empty()) std::printf("%s\n", tier_line.c_str());
   for (const auto& f : e.params().state().scratch_files())
     if (f.size() < sizeof g_scratch_file) std::snprintf(g_scratch_file, sizeof g_scratch_file, "%s", f.c_str());
+  if (world > 1)
+    std::printf("ranks: %d (batch %lld per rank, global batch %lld), optimizer state partitioned\n", world,
+                (long long)B, (long long)(B * world));
 
   checkpoint::trainer_state st;
   st.seed = cfg.seed;
@@ -126,10 +139,11 @@ int run_training(const io::run_config& cfg, const model::llama_config& mc, const
   fs::create_directories(cfg.output_dir, ec);
   FERRY_CHECK(!ec, "cannot create output_dir ", cfg.output_dir, ": ", ec.message());
   const std::string metrics_path = cfg.metrics.empty() ? cfg.output_dir + "/metrics.jsonl" : cfg.metrics;
-  std::ofstream metrics(metrics_path, std::ios::app);
-  FERRY_CHECK(metrics.good(), "cannot write ", metrics_path, "; check output_dir");
+  std::ofstream metrics;
+  if (lead) metrics.open(metrics_path, std::ios::app);
+  FERRY_CHECK(!lead || metrics.good(), "cannot write ", metrics_path, "; check output_dir");
   std::unique_ptr<io::tensorboard_writer> tb;
-  if (cfg.tensorboard) tb = std::make_unique<io::tensorboard_writer>(cfg.output_dir + "/tensorboard");
+  if (cfg.tensorboard && lead) tb = std::make_unique<io::tensorboard_writer>(cfg.output_dir + "/tensorboard");
   // The resolved tokenizer file (spm:N has become a path by now) travels with each checkpoint; a
   // directory stands for its tokenizer.json, else its tokenizer.model, as make_tokenizer reads it.
   std::string sp_model;
@@ -145,6 +159,11 @@ int run_training(const io::run_config& cfg, const model::llama_config& mc, const
   install_signals();
 
   auto save = [&](const char* why) {
+    if (world > 1) {
+      std::printf("checkpoint (%s): not written: sharded checkpoints (WORLD_SIZE=%d) are not implemented yet\n", why,
+                  world);
+      return;
+    }
     std::string dir = checkpoint::save_checkpoint(e, st, cfg.output_dir, cfg.keep_last, sp_model);
     std::printf("checkpoint (%s): %s\n", why, dir.c_str());
   };
@@ -175,14 +194,20 @@ int run_training(const io::run_config& cfg, const model::llama_config& mc, const
     std::vector<engine::micro_batch> micro;
     int64_t step_tokens = 0;  // positions the step runs, padding included
     for (int64_t a = 0; a < cfg.grad_accum; ++a) {
-      const int64_t columns = data.train_rows(st.data_cursor, B, rows);
-      st.data_cursor += B;
+      const int64_t columns = data.train_rows(io::rank_cursor(st.data_cursor, B, rank), B, rows);
+      st.data_cursor += B * world;
       micro.push_back(micro_batch_of(B, columns));
       step_tokens += B * columns;
     }
     double lr = sched.at(st.step + 1);
     engine::step_result r = e.train_step(micro, lr);
     ++st.step;
+    if (world > 1) {
+      // The positions every rank ran (padding differs per rank).
+      at::Tensor t = at::tensor({double(step_tokens)}, at::kDouble);
+      eo.comm->all_reduce_sum(t, engine::comm_channel::channel_engine);
+      step_tokens = int64_t(t.item<double>());
+    }
 
     double tok_s = double(step_tokens) / (r.step_ms / 1e3);
     double mfu = peak > 0 ? tok_s * fpt / peak : 0;
@@ -231,8 +256,10 @@ int run_training(const io::run_config& cfg, const model::llama_config& mc, const
       m["eval_loss"] = el;
       m["eval_ppl"] = std::exp(el);
     }
-    metrics << m.dump() << "\n";
-    metrics.flush();
+    if (lead) {
+      metrics << m.dump() << "\n";
+      metrics.flush();
+    }
     if (tb) {
       std::vector<std::pair<std::string, double>> sc = {{"train/loss", r.loss}, {"train/lr", lr},
                                                         {"train/tokens_per_s", tok_s}, {"train/step_ms", r.step_ms},

@@ -1325,8 +1325,9 @@ TEST(engine_recompute, auto_plans_the_fewest_blocks_that_fit) {
     w.recompute_blocks = c;
     fixed.push_back(plan_memory(cfg, o, B, T, 1, w));
     EXPECT_EQ(fixed[size_t(c)].recompute_blocks, c);
-    if (c > 0 && c < L)
+    if (c > 0 && c < L) {
       EXPECT_EQ(fixed[size_t(c - 1)].activations - fixed[size_t(c)].activations, saved.bytes() - int64_t(x.nbytes()));
+    }
   }
   // Recomputing the last block too saves nothing (its saved set holds the input it would keep).
   EXPECT_EQ(fixed[size_t(L)].activations, fixed[size_t(L - 1)].activations);

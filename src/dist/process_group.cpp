@@ -1,0 +1,208 @@
+#include "src/dist/process_group.h"
+
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
+#include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
+#include <torch/csrc/distributed/c10d/TCPStore.hpp>
+#if FERRY_WITH_NCCL
+#include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
+#endif
+
+#include <ATen/ATen.h>
+
+#include <nlohmann/json.hpp>
+
+#include "src/common/error.h"
+
+namespace ferry::dist {
+
+struct process_group::impl {
+  c10::intrusive_ptr<c10d::Store> store;      // the TCPStore (rank 0 hosts it)
+  c10::intrusive_ptr<c10d::Store> beat;       // a second client for the heartbeat thread
+  c10::intrusive_ptr<c10d::Backend> gloo[2];  // per comm_channel
+#if FERRY_WITH_NCCL
+  c10::intrusive_ptr<c10d::Backend> nccl[2];  // device tensors, made on first use
+#endif
+  c10d::Backend& backend_for(const at::Tensor& t, engine::comm_channel c, process_group& pg);
+};
+
+namespace {
+constexpr auto kBeat = std::chrono::milliseconds(500);
+std::string beat_key(int r) { return "ferry/heartbeat/" + std::to_string(r); }
+size_t index_of(engine::comm_channel c) { return c == engine::comm_channel::channel_engine ? 0 : 1; }
+std::string first_line(const std::string& s) { return s.substr(0, s.find('\n')); }
+}  // namespace
+
+c10d::Backend& process_group::impl::backend_for(const at::Tensor& t, engine::comm_channel c, process_group& pg) {
+#if FERRY_WITH_NCCL
+  if (t.is_cuda()) {
+    auto& g = nccl[index_of(c)];
+    if (!g) {
+      auto o = c10d::ProcessGroupNCCL::Options::create();
+      o->timeout = pg.opt_.timeout;
+      auto prefixed = c10::make_intrusive<c10d::PrefixStore>("nccl" + std::to_string(index_of(c)), store);
+      g = c10::make_intrusive<c10d::ProcessGroupNCCL>(prefixed, pg.rank(), pg.world(), o);
+    }
+    return *g;
+  }
+#else
+  (void)pg;
+  FERRY_ASSERT(!t.is_cuda(), "a device tensor in a collective of a build without NCCL");
+#endif
+  return *gloo[index_of(c)];
+}
+
+process_group::process_group(const launch_info& launch, const group_options& opt)
+    : launch_(launch), opt_(opt), impl_(std::make_unique<impl>()) {}
+
+std::shared_ptr<process_group> process_group::connect(const launch_info& launch, const group_options& opt) {
+  FERRY_ASSERT(launch.distributed(), "process_group::connect for one rank");
+  std::shared_ptr<process_group> pg(new process_group(launch, opt));
+  c10d::TCPStoreOptions so;
+  so.port = uint16_t(launch.master_port);
+  so.isServer = launch.rank == 0 && !launch.agent_store;
+  so.numWorkers = size_t(launch.world);
+  so.waitWorkers = true;
+  so.timeout = opt.timeout;
+  const auto t0 = std::chrono::steady_clock::now();
+  try {
+    pg->impl_->store = c10::make_intrusive<c10d::TCPStore>(launch.master_addr, so);
+    c10d::TCPStoreOptions bo = so;
+    bo.isServer = false;
+    bo.waitWorkers = false;
+    bo.numWorkers = std::nullopt;
+    pg->impl_->beat = c10::make_intrusive<c10d::TCPStore>(launch.master_addr, bo);
+  } catch (const std::exception& e) {
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    throw error(detail::str_cat("rank ", launch.rank, ": rendezvous at MASTER_ADDR=", launch.master_addr,
+                                " MASTER_PORT=", launch.master_port, " failed after ", int(s), " s (all ", launch.world,
+                                " ranks must start within the timeout, and rank 0 must be able to listen there): ",
+                                first_line(e.what())));
+  }
+  for (size_t c = 0; c < 2; ++c) {
+    auto o = c10d::ProcessGroupGloo::Options::create(opt.timeout);
+    // Loopback for one machine, else the address this host resolves to (Gloo's own choice).
+    o->devices.push_back(launch.master_addr == "127.0.0.1" || launch.master_addr == "localhost"
+                             ? c10d::ProcessGroupGloo::createDeviceForHostname("127.0.0.1")
+                             : c10d::ProcessGroupGloo::createDefaultDevice());
+    auto prefixed = c10::make_intrusive<c10d::PrefixStore>("gloo" + std::to_string(c), pg->impl_->store);
+    pg->impl_->gloo[c] = c10::make_intrusive<c10d::ProcessGroupGloo>(prefixed, launch.rank, launch.world, o);
+  }
+  pg->heartbeat_ = std::thread([raw = pg.get()] {
+    while (!raw->stop_.load()) {
+      try {
+        raw->impl_->beat->add(beat_key(raw->rank()), 1);
+      } catch (...) {
+        // rank 0 (the store) is gone: the next collective reports it
+      }
+      std::this_thread::sleep_for(kBeat);
+    }
+  });
+  return pg;
+}
+
+process_group::~process_group() {
+  stop_ = true;
+  if (heartbeat_.joinable()) heartbeat_.join();
+}
+
+// Which rank stopped: the ranks whose heartbeat did not move over a few beats (the store's host,
+// rank 0, when the store itself no longer answers).
+std::string process_group::who_stopped() {
+  try {
+    std::vector<int64_t> before(static_cast<size_t>(world()));
+    for (int r = 0; r < world(); ++r) before[size_t(r)] = impl_->beat->add(beat_key(r), 0);
+    std::this_thread::sleep_for(kBeat * 5);
+    std::string names;
+    for (int r = 0; r < world(); ++r)
+      if (r != rank() && impl_->beat->add(beat_key(r), 0) == before[size_t(r)])
+        names += (names.empty() ? "" : ", ") + std::to_string(r);
+    if (names.empty()) return "a rank stopped answering (every heartbeat still moves: a rank is stuck in its step)";
+    return (names.find(',') == std::string::npos ? "rank " : "ranks ") + names + " stopped (no heartbeat)";
+  } catch (const std::exception&) {
+    return "rank 0 stopped (its rendezvous store at " + launch_.master_addr + ":" + std::to_string(launch_.master_port) +
+           " is gone)";
+  }
+}
+
+template <class Fn>
+void process_group::guarded(const char* what, Fn&& fn) {
+  const auto t0 = std::chrono::steady_clock::now();
+  try {
+    fn();
+  } catch (const std::exception& e) {
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    throw error(detail::str_cat(who_stopped(), ": ", what, " on rank ", rank(), " failed after ",
+                                int(s * 10) / 10.0, " s (timeout ", opt_.timeout.count() / 1000.0,
+                                " s); restart all ranks with --resume latest (", first_line(e.what()), ")"));
+  }
+}
+
+void process_group::all_reduce_sum(at::Tensor& t, engine::comm_channel c) {
+  guarded("all_reduce", [&] {
+    std::vector<at::Tensor> v{t};
+    impl_->backend_for(t, c, *this).allreduce(v)->wait(opt_.timeout);
+  });
+}
+
+void process_group::reduce_scatter_sum(at::Tensor& out, const at::Tensor& in, engine::comm_channel c) {
+  FERRY_ASSERT(in.numel() == out.numel() * world(), "reduce_scatter of ", in.numel(), " into ", out.numel(), " x ",
+               world());
+  guarded("reduce_scatter", [&] {
+    at::Tensor src = in;
+    impl_->backend_for(out, c, *this)._reduce_scatter_base(out, src)->wait(opt_.timeout);
+  });
+}
+
+void process_group::all_gather(at::Tensor& out, const at::Tensor& in, engine::comm_channel c) {
+  FERRY_ASSERT(out.numel() == in.numel() * world(), "all_gather of ", in.numel(), " x ", world(), " into ",
+               out.numel());
+  guarded("all_gather", [&] {
+    at::Tensor src = in;
+    impl_->backend_for(out, c, *this)._allgather_base(out, src)->wait(opt_.timeout);
+  });
+}
+
+void process_group::barrier(const std::string& name) {
+  guarded("barrier", [&] {
+    const std::string key = "ferry/barrier/" + name;
+    impl_->store->add(key, 1);
+    const auto deadline = std::chrono::steady_clock::now() + opt_.timeout;
+    while (impl_->store->add(key, 0) < world()) {
+      if (std::chrono::steady_clock::now() > deadline) throw std::runtime_error("barrier " + name + " timed out");
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+  });
+}
+
+void process_group::check_same_config(const std::string& config_json) {
+  const std::string mine_key = "ferry/config/" + std::to_string(rank());
+  std::vector<std::string> all(static_cast<size_t>(world()));
+  guarded("config exchange", [&] {
+    impl_->store->set(mine_key, std::vector<uint8_t>(config_json.begin(), config_json.end()));
+    for (int r = 0; r < world(); ++r) {
+      const std::string key = "ferry/config/" + std::to_string(r);
+      impl_->store->wait({key}, opt_.timeout);
+      const std::vector<uint8_t> v = impl_->store->get(key);
+      all[size_t(r)].assign(v.begin(), v.end());
+    }
+  });
+  // Every rank has read every config before any rank may stop (rank 0 hosts the store).
+  barrier("config");
+  const nlohmann::json ref = nlohmann::json::parse(all[0]);
+  for (int r = 1; r < world(); ++r) {
+    if (all[size_t(r)] == all[0]) continue;
+    const nlohmann::json other = nlohmann::json::parse(all[size_t(r)]);
+    std::string key = "?", a, b;
+    for (auto it = ref.begin(); it != ref.end(); ++it)
+      if (!other.contains(it.key()) || other[it.key()] != it.value()) {
+        key = it.key();
+        a = it.value().dump();
+        b = other.contains(key) ? other[key].dump() : "(missing)";
+        break;
+      }
+    throw config_error(detail::str_cat("rank ", r, "'s run config differs from rank 0's at key '", key, "' (", b,
+                                       " against ", a, "): start every rank with the same config and flags"));
+  }
+}
+
+}  // namespace ferry::dist

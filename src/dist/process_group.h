@@ -1,0 +1,69 @@
+#pragma once
+// This rank's connection to the others, over libtorch's c10d: rendezvous through a TCPStore that
+// rank 0 hosts at MASTER_ADDR:MASTER_PORT, collectives through ProcessGroupGloo on host tensors
+// (the host backend, CI's 2-3 ranks on the loopback) and, in CUDA builds, ProcessGroupNCCL on
+// device tensors. Implements the engine's collectives (src/engine/collectives.h): one Gloo group
+// per channel, so the engine's thread and the update thread never interleave calls on one group.
+//
+// Failures stop every rank within a bounded time with one line naming the rank: each collective
+// runs under `timeout`; when one fails (a peer closed its connection or did not answer), the
+// ranks' heartbeats in the store say which rank stopped. A rank whose store host (rank 0) is gone
+// names rank 0.
+#include <atomic>
+#include <chrono>
+#include <memory>
+#include <string>
+#include <thread>
+
+#include "src/dist/launch.h"
+#include "src/engine/collectives.h"
+
+namespace ferry::dist {
+
+struct group_options {
+  // Rendezvous (every rank connected) and each collective must finish within this.
+  std::chrono::milliseconds timeout{std::chrono::seconds(300)};
+  bool cuda = false;  // also a NCCL group for device tensors (CUDA builds), on device LOCAL_RANK
+};
+
+class process_group final : public engine::collectives {
+ public:
+  // Connects this rank (launch.distributed() must hold): throws ferry::error naming MASTER_ADDR and
+  // MASTER_PORT when the ranks do not all arrive within the timeout.
+  static std::shared_ptr<process_group> connect(const launch_info& launch, const group_options& opt);
+  ~process_group() override;
+  process_group(const process_group&) = delete;
+  process_group& operator=(const process_group&) = delete;
+
+  int rank() const override { return launch_.rank; }
+  int world() const override { return launch_.world; }
+  const launch_info& launch() const { return launch_; }
+
+  void all_reduce_sum(at::Tensor& t, engine::comm_channel c) override;
+  void reduce_scatter_sum(at::Tensor& out, const at::Tensor& in, engine::comm_channel c) override;
+  void all_gather(at::Tensor& out, const at::Tensor& in, engine::comm_channel c) override;
+
+  // Before the first step: every rank publishes its canonical run config (JSON object text) and
+  // compares every rank's with rank 0's; a difference is a config_error, the same line on every
+  // rank, naming the first rank and key that differ and both values.
+  void check_same_config(const std::string& config_json);
+  // Every rank reaches this point (through the store; the engine's channel may be busy elsewhere).
+  void barrier(const std::string& name);
+
+  struct impl;
+
+ private:
+  explicit process_group(const launch_info& launch, const group_options& opt);
+  // Runs a collective; a failure becomes one line naming the rank that stopped.
+  template <class Fn>
+  void guarded(const char* what, Fn&& fn);
+  std::string who_stopped();
+
+  launch_info launch_;
+  group_options opt_;
+  std::unique_ptr<impl> impl_;
+  std::atomic<bool> stop_{false};
+  std::thread heartbeat_;
+};
+
+}  // namespace ferry::dist

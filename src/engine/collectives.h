@@ -1,0 +1,51 @@
+#pragma once
+// Data-parallel ranks as the engine sees them: the collectives a partitioned (ZeRO-2) step needs,
+// and how every unit is split between the ranks. The engine knows nothing of c10d, stores or
+// launchers; src/dist implements this over libtorch's ProcessGroupGloo (host tensors) and, in
+// CUDA builds, ProcessGroupNCCL (device tensors).
+//
+// Two channels, each its own process group: collectives are matched by their order on a group,
+// and the engine's thread (target counts, statistics, loss, weight refreshes) and the update
+// thread (each unit's reduce-scatter and all-gather) issue theirs independently of each other.
+// On one channel every rank issues the same calls in the same order (the schedule is the same on
+// every rank), which is what makes the decisions identical.
+#include <ATen/core/Tensor.h>
+
+#include <algorithm>
+#include <cstdint>
+
+namespace ferry::engine {
+
+enum class comm_channel {
+  channel_engine,  // the engine's thread
+  channel_update,  // the update thread
+};
+
+class collectives {
+ public:
+  virtual ~collectives() = default;
+  virtual int rank() const = 0;
+  virtual int world() const = 0;
+  // Every call blocks until done; a rank that died or stopped answering makes it throw a
+  // std::runtime_error naming the rank within the group's timeout.
+  // t (any shape, contiguous, float64/float32) is replaced by its sum over the ranks.
+  virtual void all_reduce_sum(at::Tensor& t, comm_channel c) = 0;
+  // in: (world * n) float32; out: (n) float32, this rank's block of the sum over the ranks.
+  virtual void reduce_scatter_sum(at::Tensor& out, const at::Tensor& in, comm_channel c) = 0;
+  // in: (n) any dtype; out: (world * n) the same dtype, rank r's `in` at [r*n, (r+1)*n).
+  virtual void all_gather(at::Tensor& out, const at::Tensor& in, comm_channel c) = 0;
+};
+
+// How a unit of n elements is split: every rank owns a block of per(n) = ceil(n / world)
+// elements, rank r [r*per, (r+1)*per) clipped to n (the last blocks may be short or empty), so
+// reduce-scatter and all-gather run on world * per elements padded with zeros.
+struct shard_layout {
+  int rank = 0, world = 1;
+  bool sharded() const { return world > 1; }
+  int64_t per(int64_t n) const { return (n + world - 1) / world; }
+  int64_t padded(int64_t n) const { return per(n) * world; }
+  int64_t begin(int64_t n) const { return std::min<int64_t>(n, rank * per(n)); }
+  int64_t count(int64_t n) const { return std::min<int64_t>(n, begin(n) + per(n)) - begin(n); }
+};
+
+}  // namespace ferry::engine

@@ -1,0 +1,48 @@
+#pragma once
+// The data-parallel engine runs that dist_test compares: one definition of the options and the
+// data, shared by the worker process (one rank of a world) and the test (the one-rank reference
+// with the whole global batch).
+#include <string>
+
+#include "tests/engine/engine_test_util.h"
+
+namespace ferry::dist::test {
+
+using engine::test::step_data;
+
+// A global batch of k_global rows per step: world 1, 2, 3 each take an equal share.
+constexpr int64_t k_global = 6, k_steps = 4;
+
+// kind: "blocked" (fp32, no speculation), "overlapped" (fp32, speculate on: undo and redo run per
+// shard), "fp16" (overlapped, fp16 compute with loss scaling). clip 0.05 clips every step; poison
+// makes step 2 (1-based) overflow (every rank writes +inf into one element of block 1's gradient,
+// as one rank's backward would: the sum stays +inf).
+// device: the CUDA device of this rank in the GPU build (dist_gpu_test, k_cuda_suite), -1 the current.
+inline engine::engine_options run_options(const std::string& kind, int64_t rows_per_rank, bool poison, int device = -1) {
+  using namespace engine;
+  const bool half = kind == "fp16";
+  engine_options o = engine::test::base_options(kind == "blocked" ? offload_mode::offload_blocked : offload_mode::offload_overlapped,
+                                        half ? at::kHalf : at::kFloat);
+  o.strict_host_backend = true;
+  o.device_index = device;
+  o.speculate = kind == "blocked" ? speculate_mode::speculate_off : speculate_mode::speculate_on;
+  o.clip_grad = 0.05;
+  o.max_batch = rows_per_rank;
+  if (poison) {
+    o.debug_poison_step = 2;
+    o.debug_poison_unit = 2;
+    o.debug_poison_index = 5;
+  }
+  return o;
+}
+
+// Step k's global batch (k_global rows); rank r of `world` takes rows [r*b, (r+1)*b), b = k_global/world.
+inline std::vector<step_data> global_data() { return engine::test::make_data(k_steps, k_global); }
+inline step_data rank_rows(const step_data& global, int rank, int world) {
+  const int64_t b = k_global / world;
+  step_data s;
+  for (const at::Tensor& t : global) s.push_back(t.narrow(0, rank * b, b).contiguous());
+  return s;
+}
+
+}  // namespace ferry::dist::test

@@ -1,0 +1,342 @@
+// Data parallel over c10d on the host backend (Gloo on the loopback): 2 and 3 ranks, each a
+// process of tests/dist/dist_worker.cpp, against one rank with the whole global batch in this
+// process (the same options and data: tests/dist/dist_run.h). The partitioned step must give the
+// one-rank trajectory within the engine's trajectory tolerance (engine_test_util.h
+// tolerance_for), with clipping on every step and an injected overflow; a rank that dies makes
+// the others stop within the collective timeout, naming it.
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <spawn.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdlib>
+#include <cstdio>
+#include <fstream>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "src/common/error.h"
+#include "src/dist/launch.h"
+#include "src/engine/memory_plan.h"
+#include "tests/dist/dist_run.h"
+
+extern char** environ;
+
+namespace ferry::dist::test {
+namespace {
+
+// A port no one listens on right now (the kernel's pick for port 0).
+int free_port() {
+  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  a.sin_port = 0;
+  EXPECT_EQ(::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a), 0);
+  socklen_t len = sizeof a;
+  ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
+  ::close(fd);
+  return ntohs(a.sin_port);
+}
+
+std::string scratch(const std::string& name) {
+  const char* tmp = std::getenv("TMPDIR");
+  return std::string(tmp && *tmp ? tmp : "/tmp") + "/ferry-dist-" + std::to_string(::getpid()) + "-" + name;
+}
+
+struct rank_proc {
+  pid_t pid = -1;
+  std::string log;
+};
+
+// Starts `world` worker ranks with torchrun's variables; args after the worker path.
+std::vector<rank_proc> spawn_ranks(int world, const std::vector<std::string>& args, const std::string& tag,
+                                   double timeout_s) {
+  const int port = free_port();
+  std::vector<rank_proc> procs;
+  for (int r = 0; r < world; ++r) {
+    std::vector<std::string> env_s;
+    for (char** e = environ; *e; ++e) env_s.push_back(*e);
+    for (const auto& kv : std::vector<std::pair<std::string, std::string>>{
+             {"RANK", std::to_string(r)}, {"WORLD_SIZE", std::to_string(world)}, {"LOCAL_RANK", std::to_string(r)},
+             {"LOCAL_WORLD_SIZE", std::to_string(world)}, {"MASTER_ADDR", "127.0.0.1"},
+             {"MASTER_PORT", std::to_string(port)}, {"FERRY_TEST_DIST_TIMEOUT_S", std::to_string(timeout_s)}})
+      env_s.push_back(kv.first + "=" + kv.second);
+    std::vector<std::string> argv_s{FERRY_DIST_WORKER};
+    argv_s.insert(argv_s.end(), args.begin(), args.end());
+    std::vector<char*> argv, envp;
+    for (auto& s : argv_s) argv.push_back(s.data());
+    argv.push_back(nullptr);
+    for (auto& s : env_s) envp.push_back(s.data());
+    envp.push_back(nullptr);
+    rank_proc p;
+    p.log = scratch(tag + ".log" + std::to_string(r));
+    posix_spawn_file_actions_t fa;
+    posix_spawn_file_actions_init(&fa);
+    posix_spawn_file_actions_addopen(&fa, 1, p.log.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    posix_spawn_file_actions_adddup2(&fa, 1, 2);
+    EXPECT_EQ(posix_spawn(&p.pid, argv[0], &fa, nullptr, argv.data(), envp.data()), 0);
+    posix_spawn_file_actions_destroy(&fa);
+    procs.push_back(p);
+  }
+  return procs;
+}
+
+std::string slurp(const std::string& path) {
+  std::ifstream f(path);
+  std::stringstream ss;
+  ss << f.rdbuf();
+  return ss.str();
+}
+
+// Waits for every rank (killing what is still running after limit_s); returns the exit codes.
+std::vector<int> wait_ranks(std::vector<rank_proc>& procs, double limit_s) {
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(limit_s);
+  std::vector<int> codes(procs.size(), -1);
+  size_t left = procs.size();
+  while (left > 0) {
+    for (size_t i = 0; i < procs.size(); ++i) {
+      if (codes[i] != -1 || procs[i].pid < 0) continue;
+      int st = 0;
+      if (::waitpid(procs[i].pid, &st, WNOHANG) == procs[i].pid) {
+        codes[i] = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+        --left;
+      }
+    }
+    if (left > 0 && std::chrono::steady_clock::now() > deadline) {
+      for (size_t i = 0; i < procs.size(); ++i)
+        if (codes[i] == -1) {
+          ADD_FAILURE() << "rank " << i << " still running after " << limit_s << " s: killed";
+          ::kill(procs[i].pid, SIGKILL);
+        }
+      limit_s = 1e9;
+    }
+    ::usleep(20000);
+  }
+  return codes;
+}
+
+// The ranks' results put together as one run: steps from rank 0 (every rank reports the same
+// global facts: checked), each unit's master from the ranks' shards.
+engine::test::run_result gather_run(const std::string& prefix, int world) {
+  engine::test::run_result r;
+  auto e = engine::test::make_engine(run_options("blocked", k_global, false));  // the unit sizes
+  std::vector<std::string> step_text(static_cast<size_t>(world));
+  for (int k = 0; k < world; ++k) step_text[size_t(k)] = slurp(prefix + "." + std::to_string(k) + ".steps");
+  for (int k = 1; k < world; ++k) EXPECT_EQ(step_text[size_t(k)], step_text[0]) << "rank " << k << "'s step results";
+  std::istringstream in(step_text[0]);
+  std::string loss, skipped, norm, clip, scale;  // strtod reads the "nan" norm of a skipped step
+  while (in >> loss >> skipped >> norm >> clip >> scale) {
+    engine::step_result s;
+    s.loss = std::strtod(loss.c_str(), nullptr);
+    s.skipped = skipped != "0";
+    s.grad_norm = std::strtod(norm.c_str(), nullptr);
+    s.clip_coef = std::strtod(clip.c_str(), nullptr);
+    s.loss_scale = std::strtod(scale.c_str(), nullptr);
+    r.steps.push_back(s);
+  }
+  std::vector<std::ifstream> shards;
+  for (int k = 0; k < world; ++k) shards.emplace_back(prefix + "." + std::to_string(k) + ".master", std::ios::binary);
+  for (int64_t u = 0; u < e->params().num_units(); ++u) {
+    const int64_t n = e->params().unit(u).numel;
+    at::Tensor full = at::empty({n}, at::kFloat);
+    for (int k = 0; k < world; ++k) {
+      const engine::shard_layout l{k, world};
+      shards[size_t(k)].read(static_cast<char*>(full.data_ptr()) + l.begin(n) * 4, std::streamsize(l.count(n) * 4));
+      EXPECT_TRUE(shards[size_t(k)].good()) << "rank " << k << "'s master file is short at unit " << u;
+    }
+    r.master.push_back(full);
+  }
+  return r;
+}
+
+engine::test::run_result one_rank(const std::string& kind, bool poison) {
+  return engine::test::run_engine(run_options(kind, k_global, poison), global_data());
+}
+
+struct dist_case {
+  std::string kind;
+  bool poison;
+};
+
+class dist_ranks : public ::testing::TestWithParam<dist_case> {};
+
+// The GPU build (dist_gpu_test, label gpu) runs the same ranks one per device: the host-side
+// collectives over CUDA ranks, as ferry-train runs them today (README "Data-parallel ranks").
+std::vector<int> worlds() {
+  if (!::ferry::test::k_cuda_suite) return {2, 3};
+  std::vector<int> w;
+  for (int n : {2, 3})
+    if (n <= engine::cuda_device_count()) w.push_back(n);
+  return w;
+}
+
+TEST_P(dist_ranks, partitioned_step_equals_one_rank) {
+  FERRY_REQUIRE_DEVICE();
+  if (worlds().empty()) GTEST_SKIP() << "needs 2 or more CUDA devices";
+  const dist_case c = GetParam();
+  const engine::test::run_result want = one_rank(c.kind, c.poison);
+  for (int world : worlds()) {
+    SCOPED_TRACE(c.kind + (c.poison ? " poisoned" : "") + ", " + std::to_string(world) + " ranks");
+    const std::string prefix = scratch(c.kind + std::to_string(world));
+    auto procs = spawn_ranks(world, {c.kind, c.poison ? "1" : "0", prefix}, c.kind + std::to_string(world), 60);
+    const std::vector<int> codes = wait_ranks(procs, 240);
+    bool ok = true;
+    for (size_t k = 0; k < codes.size(); ++k) {
+      EXPECT_EQ(codes[k], 0) << "rank " << k << ": " << slurp(procs[k].log);
+      ok = ok && codes[k] == 0;
+    }
+    if (!ok) continue;
+    const engine::test::run_result got = gather_run(prefix, world);
+    ASSERT_EQ(got.steps.size(), want.steps.size());
+    // Each rank's half gradient is rounded before the sum: fp16 norms differ by ~2e-4 relative.
+    const engine::test::trajectory_tol tol = engine::test::tolerance_for(run_options(c.kind, 1, false).dtype);
+    for (size_t k = 0; k < want.steps.size(); ++k) {
+      EXPECT_EQ(got.steps[k].skipped, want.steps[k].skipped) << "step " << k;
+      EXPECT_EQ(got.steps[k].loss_scale, want.steps[k].loss_scale) << "step " << k;
+      if (!want.steps[k].skipped) {
+        EXPECT_NEAR(got.steps[k].grad_norm, want.steps[k].grad_norm, tol.norm_rel * want.steps[k].grad_norm)
+            << "step " << k;
+        EXPECT_NEAR(got.steps[k].clip_coef, want.steps[k].clip_coef, tol.norm_rel * want.steps[k].clip_coef)
+            << "step " << k;
+        EXPECT_LT(want.steps[k].clip_coef, 1.0) << "step " << k << " was to clip";
+      }
+    }
+    if (c.poison) EXPECT_TRUE(want.steps[1].skipped) << "the injected overflow skips step 2";
+    engine::test::expect_runs_close(got, want, tol, c.kind + " " + std::to_string(world) + " ranks");
+    for (int k = 0; k < world; ++k) {
+      std::remove((prefix + "." + std::to_string(k) + ".steps").c_str());
+      std::remove((prefix + "." + std::to_string(k) + ".master").c_str());
+      std::remove(procs[size_t(k)].log.c_str());
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(kinds, dist_ranks,
+                         ::testing::Values(dist_case{"blocked", false}, dist_case{"overlapped", true},
+                                           dist_case{"fp16", true}),
+                         [](const auto& info) { return info.param.kind + (info.param.poison ? "_overflow" : ""); });
+
+TEST(dist_failures, a_dead_rank_stops_the_others_naming_it) {
+  FERRY_REQUIRE_DEVICE();
+  if (worlds().empty()) GTEST_SKIP() << "needs 2 or more CUDA devices";
+  const std::string prefix = scratch("dead");
+  const auto t0 = std::chrono::steady_clock::now();
+  auto procs = spawn_ranks(2, {"overlapped", "0", prefix, "2"}, "dead", 5);
+  const std::vector<int> codes = wait_ranks(procs, 60);
+  const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  EXPECT_EQ(codes[1], 9);
+  EXPECT_EQ(codes[0], 1) << slurp(procs[0].log);
+  const std::string log = slurp(procs[0].log);
+  EXPECT_NE(log.find("rank 1 stopped"), std::string::npos) << log;
+  int lines = 0;
+  for (char ch : log) lines += ch == '\n';
+  EXPECT_EQ(lines, 1) << "one line: " << log;
+  EXPECT_LT(s, 45.0);
+  std::printf("  rank 0 stopped %.1f s after the start: %s", s, log.c_str());
+}
+
+// A rank of `world` that never talks: the plan and the store need only rank() and world().
+class silent_ranks final : public engine::collectives {
+ public:
+  silent_ranks(int rank, int world) : rank_(rank), world_(world) {}
+  int rank() const override { return rank_; }
+  int world() const override { return world_; }
+  void all_reduce_sum(at::Tensor&, engine::comm_channel) override { ADD_FAILURE() << "no collective expected"; }
+  void reduce_scatter_sum(at::Tensor&, const at::Tensor&, engine::comm_channel) override { ADD_FAILURE(); }
+  void all_gather(at::Tensor&, const at::Tensor&, engine::comm_channel) override { ADD_FAILURE(); }
+
+ private:
+  int rank_, world_;
+};
+
+// The optimizer state of a rank is its shard: the store's tier allocates shard_numel per unit,
+// 1/world of the one-rank tier (to a block's rounding), and the planner charges rank 0's shards,
+// the largest, so it bounds every rank's tier.
+TEST(dist_plan, a_rank_holds_and_plans_its_share_of_the_state) {
+  const model::llama_config cfg = engine::test::tiny_config();
+  engine::engine_options o = run_options("overlapped", 2, false);
+  auto host = engine::make_host_backend();
+  const engine::memory_plan one = engine::plan_memory(cfg, o, 2, engine::test::k_seq, 1);
+  for (int world : {2, 3}) {
+    int64_t biggest = 0;
+    for (int r = 0; r < world; ++r) {
+      engine::engine_options ro = o;
+      ro.comm = std::make_shared<silent_ranks>(r, world);
+      engine::param_store store(cfg, at::kFloat, *host, true, engine::state_kind::state_fp32, nullptr, ro.comm);
+      const engine::memory_plan p = engine::plan_memory(cfg, ro, 2, engine::test::k_seq, 1);
+      EXPECT_LE(store.state().host_bytes(), p.host_master + p.host_moments) << "rank " << r << " of " << world;
+      biggest = std::max(biggest, store.state().host_bytes());
+      int64_t n = 0;
+      for (int64_t u = 0; u < store.num_units(); ++u) n += store.shard_numel(u);
+      EXPECT_LE(std::abs(double(n) - double(store.total_params()) / world), double(store.num_units()));
+    }
+    const engine::memory_plan p = engine::plan_memory(cfg, [&] {
+      engine::engine_options ro = o;
+      ro.comm = std::make_shared<silent_ranks>(0, world);
+      return ro;
+    }(), 2, engine::test::k_seq, 1);
+    EXPECT_EQ(biggest, p.host_master + p.host_moments) << world << " ranks: rank 0's tier is the plan's";
+    EXPECT_LT(double(p.host_master + p.host_moments), 1.01 * double(one.host_master + one.host_moments) / world);
+  }
+}
+
+// The torchrun environment's checks (src/dist/launch.h), each one line.
+launch_info launch_of(const std::vector<std::pair<const char*, const char*>>& vars, int gpus) {
+  return read_launch(
+      [&](const char* name) -> const char* {
+        for (const auto& [k, v] : vars)
+          if (std::string(k) == name) return v;
+        return nullptr;
+      },
+      gpus);
+}
+
+std::string launch_error(const std::vector<std::pair<const char*, const char*>>& vars, int gpus) {
+  try {
+    launch_of(vars, gpus);
+  } catch (const config_error& e) {
+    EXPECT_EQ(std::string(e.what()).find('\n'), std::string::npos);
+    return e.what();
+  }
+  return "";
+}
+
+TEST(dist_launch, reads_torchrun_and_refuses_bad_launches) {
+  EXPECT_FALSE(launch_of({}, -1).distributed());
+  const launch_info l = launch_of({{"RANK", "2"}, {"WORLD_SIZE", "4"}, {"LOCAL_RANK", "0"}, {"LOCAL_WORLD_SIZE", "2"},
+                                   {"MASTER_ADDR", "10.0.0.1"}, {"MASTER_PORT", "29500"}},
+                                  2);
+  EXPECT_EQ(l.rank, 2);
+  EXPECT_EQ(l.world, 4);
+  EXPECT_EQ(l.local_rank, 0);
+  EXPECT_EQ(l.local_world, 2);
+  EXPECT_EQ(l.master_addr, "10.0.0.1");
+  EXPECT_EQ(l.master_port, 29500);
+  EXPECT_FALSE(launch_of({{"WORLD_SIZE", "1"}}, -1).distributed());
+  EXPECT_NE(launch_error({{"RANK", "0"}, {"WORLD_SIZE", "2"}, {"MASTER_PORT", "1"}}, -1).find("MASTER_ADDR"),
+            std::string::npos);
+  EXPECT_NE(launch_error({{"RANK", "0"}, {"WORLD_SIZE", "2"}, {"MASTER_ADDR", "h"}}, -1).find("MASTER_PORT"),
+            std::string::npos);
+  EXPECT_NE(launch_error({{"RANK", "2"}, {"WORLD_SIZE", "2"}, {"MASTER_ADDR", "h"}, {"MASTER_PORT", "1"}}, -1)
+                .find("RANK=2 is outside"),
+            std::string::npos);
+  EXPECT_NE(launch_error({{"WORLD_SIZE", "2"}}, -1).find("without RANK"), std::string::npos);
+  EXPECT_NE(launch_error({{"RANK", "1"}}, -1).find("without WORLD_SIZE"), std::string::npos);
+  EXPECT_NE(launch_error({{"RANK", "0"}, {"WORLD_SIZE", "x"}}, -1).find("WORLD_SIZE='x'"), std::string::npos);
+  EXPECT_NE(launch_error({{"RANK", "0"}, {"WORLD_SIZE", "3"}, {"MASTER_ADDR", "h"}, {"MASTER_PORT", "1"}}, 2)
+                .find("LOCAL_WORLD_SIZE=3 ranks on this machine but 2 GPUs"),
+            std::string::npos);
+  EXPECT_NE(launch_error({{"RANK", "0"}, {"WORLD_SIZE", "2"}, {"MASTER_ADDR", "h"}, {"MASTER_PORT", "70000"}}, -1)
+                .find("MASTER_PORT"),
+            std::string::npos);
+}
+
+}  // namespace
+}  // namespace ferry::dist::test
