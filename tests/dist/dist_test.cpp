@@ -208,7 +208,9 @@ TEST_P(dist_ranks, partitioned_step_equals_one_rank) {
         EXPECT_LT(want.steps[k].clip_coef, 1.0) << "step " << k << " was to clip";
       }
     }
-    if (c.poison) EXPECT_TRUE(want.steps[1].skipped) << "the injected overflow skips step 2";
+    if (c.poison) {
+      EXPECT_TRUE(want.steps[1].skipped) << "the injected overflow skips step 2";
+    }
     engine::test::expect_runs_close(got, want, tol, c.kind + " " + std::to_string(world) + " ranks");
     for (int k = 0; k < world; ++k) {
       std::remove((prefix + "." + std::to_string(k) + ".steps").c_str());
