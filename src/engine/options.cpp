@@ -49,9 +49,6 @@ void check_options(const engine_options& o) {
   FERRY_CONFIG_CHECK(!o.comm || o.comm->world() == 1 || o.forward_only || o.mode != offload_mode::offload_none,
                      "offload=none with ", o.comm ? o.comm->world() : 1,
                      " ranks: the partitioned optimizer runs on the host; use offload blocked or overlapped");
-  FERRY_CONFIG_CHECK(!o.comm || o.comm->world() == 1 || o.state_on != state_place::place_nvme,
-                     "optimizer_state_on=nvme with ", o.comm ? o.comm->world() : 1,
-                     " ranks: the state tier on disk is not yet supported with ranks; use optimizer_state_on=host");
   if (o.forward_only || o.state_on != state_place::place_nvme) return;
   FERRY_CONFIG_CHECK(o.mode != offload_mode::offload_none,
                      "optimizer_state_on=nvme needs offload blocked or overlapped (offload none keeps the optimizer "

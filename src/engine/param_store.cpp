@@ -32,8 +32,6 @@ param_store::param_store(const model::llama_config& cfg, at::ScalarType dtype, b
     mine.push_back(shards_.count(n));
     widest = std::max(widest, shards_.padded(n));
   }
-  FERRY_CHECK(!(nvme && optimizer_state && shards_.sharded()),
-              "optimizer_state_on=nvme with several ranks: the state tier on disk is not yet supported with ranks");
   state_ = nvme && optimizer_state ? make_nvme_state(mine, kind, optimizer_state, *nvme)
                                    : make_host_state(mine, kind, optimizer_state);
   if (shards_.sharded()) scratch_ = detail::alloc_floats(widest, "the ranks' collective scratch (the widest unit, fp32)");

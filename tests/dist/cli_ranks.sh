@@ -3,7 +3,6 @@
 #  1. a bad launch (WORLD_SIZE without MASTER_ADDR) stops with one line naming the variable, exit 2;
 #  2. ranks started with different configs all stop before the first step with one line naming
 #     the rank and the key, exit 2;
-#  2b. the optimizer state on disk with ranks is refused the same way (the tier holds whole units);
 #  3. two ranks with batch_size 1 train what one rank with batch_size 2 trains: the same loss on
 #     every step (the step line's 4 decimals; the engine-level comparison is dist_test's), launched
 #     by torchrun --no-python when the venv has it, else by hand.
@@ -44,23 +43,6 @@ for r in 0 1; do
   [ "$(grep -c . "$dir/log.mm$r")" = 1 ] || fail "config mismatch: rank $r printed more than one line"
 done
 echo "ok: $(cat "$dir/log.mm0")"
-
-# 2b. the optimizer state on disk does not hold shards: refused on every rank in one line, exit 2
-p=$(port)
-for r in 0 1; do
-  RANK=$r WORLD_SIZE=2 LOCAL_RANK=$r LOCAL_WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=$p \
-    "$train" "${common[@]}" --set dist_timeout_s=30 --set optimizer_state_on=nvme --set nvme_path="$dir" \
-    --output-dir "$dir/nv" > "$dir/log.nv$r" 2>&1 &
-  pids[$r]=$!
-done
-for r in 0 1; do
-  wait "${pids[$r]}"
-  rc=$?
-  [ "$rc" = 2 ] || fail "nvme with ranks: rank $r exit $rc, expected 2"
-  grep -q "optimizer_state_on=nvme with 2 ranks: the state tier on disk is not yet supported" "$dir/log.nv$r" || fail "nvme with ranks: rank $r did not say why"
-  [ "$(grep -c . "$dir/log.nv$r")" = 1 ] || fail "nvme with ranks: rank $r printed more than one line"
-done
-echo "ok: $(cat "$dir/log.nv0")"
 
 # 3. two ranks against one
 "$train" "${common[@]}" --set batch_size=2 --output-dir "$dir/one" > "$dir/log.one" 2>&1 || fail "one rank failed"

@@ -2,6 +2,7 @@
 // The data-parallel engine runs that dist_test compares: one definition of the options and the
 // data, shared by the worker process (one rank of a world) and the test (the one-rank reference
 // with the whole global batch).
+#include <cstdlib>
 #include <string>
 
 #include "tests/engine/engine_test_util.h"
@@ -14,7 +15,9 @@ using engine::test::step_data;
 constexpr int64_t k_global = 6, k_steps = 4;
 
 // kind: "blocked" (fp32, no speculation), "overlapped" (fp32, speculate on: undo and redo run per
-// shard), "fp16" (overlapped, fp16 compute with loss scaling). clip 0.05 clips every step; poison
+// shard), "fp16" (overlapped, fp16 compute with loss scaling), "nvme" (overlapped with the optimizer
+// state on disk, a tier file of this rank's shards in $TMPDIR or /tmp; the one-rank reference keeps
+// it in memory, which the tier matches bit for bit: nvme_training). clip 0.05 clips every step; poison
 // makes step 2 (1-based) overflow (every rank writes +inf into one element of block 1's gradient,
 // as one rank's backward would: the sum stays +inf).
 // device: the CUDA device of this rank in the GPU build (dist_gpu_test, k_cuda_suite), -1 the current.
@@ -28,6 +31,12 @@ inline engine::engine_options run_options(const std::string& kind, int64_t rows_
   o.speculate = kind == "blocked" ? speculate_mode::speculate_off : speculate_mode::speculate_on;
   o.clip_grad = 0.05;
   o.max_batch = rows_per_rank;
+  if (kind == "nvme" && rows_per_rank != k_global) {   // the ranks, not the one-rank reference
+    const char* tmp = std::getenv("TMPDIR");
+    o.state_on = state_place::place_nvme;
+    o.nvme.path = tmp && *tmp ? tmp : "/tmp";
+    o.nvme.buffers = 2;
+  }
   if (poison) {
     o.debug_poison_step = 2;
     o.debug_poison_unit = 2;

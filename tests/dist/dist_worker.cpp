@@ -52,9 +52,9 @@ int main(int argc, char** argv) {
     }
     e->wait_updates();
     std::ofstream master(prefix + "." + std::to_string(launch.rank) + ".master", std::ios::binary);
-    for (int64_t u = 0; u < e->params().num_units(); ++u) {
-      at::Tensor m = e->params().master_tensor(u).contiguous();
-      master.write(static_cast<const char*>(m.data_ptr()), std::streamsize(m.numel() * 4));
+    for (int64_t u = 0; u < e->params().num_units(); ++u) {   // through the tier: in memory or on disk
+      engine::state_lease s(e->params().state(), u, false);
+      master.write(reinterpret_cast<const char*>(s->master), std::streamsize(s->n * 4));
     }
     master.close();
     steps.close();
