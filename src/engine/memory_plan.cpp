@@ -157,7 +157,9 @@ memory_plan plan_memory(const model::llama_config& cfg, const engine_options& op
   p.state_on_disk = opt.mode != offload_mode::offload_none &&
                     what_if.state_on_disk.value_or(opt.state_on == state_place::place_nvme);
   if (p.state_on_disk) {
-    const std::vector<int64_t> numel = param_store::unit_numels(cfg);
+    // With ranks, this rank's tier file and buffers hold rank 0's (the largest) shards.
+    std::vector<int64_t> numel;
+    for (int64_t n : param_store::unit_numels(cfg)) numel.push_back(shards.per(n));
     p.host_master = p.host_moments = 0;
     p.host_state_buffers = nvme_buffer_bytes(numel, p.state, true, opt.nvme.buffers);
     p.disk_state = nvme_file_bytes(numel, p.state, true);

@@ -286,6 +286,18 @@ TEST(dist_plan, a_rank_holds_and_plans_its_share_of_the_state) {
     }(), 2, engine::test::k_seq, 1);
     EXPECT_EQ(biggest, p.host_master + p.host_moments) << world << " ranks: rank 0's tier is the plan's";
     EXPECT_LT(double(p.host_master + p.host_moments), 1.01 * double(one.host_master + one.host_moments) / world);
+
+    // On disk: rank 0's tier file and buffers hold its shards, and the plan charges exactly those.
+    engine::engine_options ro = o;
+    ro.comm = std::make_shared<silent_ranks>(0, world);
+    const char* tmp = std::getenv("TMPDIR");
+    ro.state_on = engine::state_place::place_nvme;
+    ro.nvme.path = tmp && *tmp ? tmp : "/tmp";
+    ro.nvme.buffers = 2;
+    engine::param_store store(cfg, at::kFloat, *host, true, engine::state_kind::state_fp32, &ro.nvme, ro.comm);
+    const engine::memory_plan d = engine::plan_memory(cfg, ro, 2, engine::test::k_seq, 1);
+    EXPECT_EQ(d.disk_state, store.state().disk_bytes()) << world << " ranks on disk";
+    EXPECT_EQ(d.host_state_buffers, store.state().host_bytes()) << world << " ranks on disk";
   }
 }
 
