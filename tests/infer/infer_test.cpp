@@ -242,14 +242,24 @@ TEST(infer, sampling_with_a_seed_is_deterministic) {
   EXPECT_EQ(generate(*e, prompts, g).tokens, greedy.tokens);
 }
 
+// The stop tests' start: two rows generated greedily with nothing to stop them (12 new tokens each).
+struct free_running {
+  std::unique_ptr<engine::engine> e =
+      make_engine(infer_options(engine::offload_mode::offload_none), tiny(), k_weights_seed, k_init_range);
+  std::vector<std::vector<int64_t>> prompts = prompts_of({4, 6}, 9);
+  generate_options g = [] {
+    generate_options o;
+    o.max_new_tokens = 12;
+    o.eos_id = -1;
+    return o;
+  }();
+  generate_result free_run = generate(*e, prompts, g);
+};
+
 TEST(infer, stops_at_eos_per_row) {
   FERRY_REQUIRE_DEVICE();
-  auto e = make_engine(infer_options(engine::offload_mode::offload_none), tiny(), k_weights_seed, k_init_range);
-  auto prompts = prompts_of({4, 6}, 9);
-  generate_options g;
-  g.max_new_tokens = 12;
-  g.eos_id = -1;
-  generate_result free_run = generate(*e, prompts, g);
+  free_running run;
+  auto& [e, prompts, g, free_run] = run;
   g.eos_id = free_run.tokens[0][2];   // row 0 must stop at its third token
   generate_result r = generate(*e, prompts, g);
   ASSERT_EQ(r.tokens[0].size(), 3u);
@@ -260,12 +270,8 @@ TEST(infer, stops_at_eos_per_row) {
 // A chat template's end of turn: stop_ids end a row like EOS, each row at its own.
 TEST(infer, stops_at_any_stop_id) {
   FERRY_REQUIRE_DEVICE();
-  auto e = make_engine(infer_options(engine::offload_mode::offload_none), tiny(), k_weights_seed, k_init_range);
-  auto prompts = prompts_of({4, 6}, 9);
-  generate_options g;
-  g.max_new_tokens = 12;
-  g.eos_id = -1;
-  generate_result free_run = generate(*e, prompts, g);
+  free_running run;
+  auto& [e, prompts, g, free_run] = run;
   ASSERT_EQ(free_run.tokens[1].size(), 12u);
   g.stop_ids = {free_run.tokens[1][4], free_run.tokens[0][1]};
   generate_result r = generate(*e, prompts, g);
