@@ -309,17 +309,22 @@ def main():
 
     # Verify from the largest fitting candidate down until `verify` of them ran (or max-tries).
     verified, tries = [], 0
-    tokfile = None
+    tok = []
+
+    def tokens():
+        """The verification runs' token file (one for all of them), written on first use."""
+        if not tok:
+            vocab = max(x["plan"]["model"]["vocab"] for x in cands)
+            tok.append(fl.write_tokens(os.path.join(out, "tokens.bin"),
+                                       (a.steps * a.batch + 8) * (a.seq + 1) * 2 + 4096, vocab))
+        return tok[0]
+
     for c in sorted(fitting, key=lambda c: -c["params"]):
         if len(verified) >= a.verify or tries >= a.max_tries:
             break
-        if tokfile is None:
-            vocab = max(x["plan"]["model"]["vocab"] for x in cands)
-            tokfile = fl.write_tokens(os.path.join(out, "tokens.bin"),
-                                      (a.steps * a.batch + 8) * (a.seq + 1) * 2 + 4096, vocab)
         tries += 1
         fl.ferry_log("verifying %s (%.2f B params)" % (c["name"], c["params"] / 1e9))
-        c["run"] = run_verify(train, c["name"], c["path"], a, dev, lim, tokfile, out)
+        c["run"] = run_verify(train, c["name"], c["path"], a, dev, lim, tokens(), out)
         if "error" in c["run"]:
             c["why"] = "run failed: " + c["run"]["error"]
         else:
@@ -333,10 +338,6 @@ def main():
     checked = {}
     base = fitting and max(fitting, key=lambda c: c["params"])
     if a.verify_what_if and (base or cands):
-        if tokfile is None:
-            vocab = max(x["plan"]["model"]["vocab"] for x in cands)
-            tokfile = fl.write_tokens(os.path.join(out, "tokens.bin"),
-                                      (a.steps * a.batch + 8) * (a.seq + 1) * 2 + 4096, vocab)
         for k, change in enumerate(what_if_changes((base or cands[0])["plan"])):
             extra = change_sets(change)
             if extra.get("optimizer_state_on") == "nvme" and not nvme_path:
@@ -345,7 +346,7 @@ def main():
             fit = sorted([c for c in cands if not judge(what_if(c["plan"], change), lim)], key=lambda c: -c["params"])
             for c in fit[:2]:
                 fl.ferry_log("verifying %s with %s (%.2f B params)" % (c["name"], change, c["params"] / 1e9))
-                r = run_verify(train, c["name"], c["path"], a, dev, lim, tokfile, out, extra, "whatif%d" % k)
+                r = run_verify(train, c["name"], c["path"], a, dev, lim, tokens(), out, extra, "whatif%d" % k)
                 checked[change] = dict(name=c["name"], params=c["params"], run=r)
                 if "error" not in r:
                     break

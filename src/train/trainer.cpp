@@ -16,6 +16,7 @@
 #include "src/common/error.h"
 #include "src/engine/engine.h"
 #include "src/io/tensorboard.h"
+#include "src/io/tokenizer.h"
 #include "src/checkpoint/checkpoint.h"
 #include "src/train/lr_schedule.h"
 
@@ -147,10 +148,8 @@ int run_training(const io::run_config& cfg, const model::llama_config& mc, const
   // The resolved tokenizer file (spm:N has become a path by now) travels with each checkpoint; a
   // directory stands for its tokenizer.json, else its tokenizer.model, as make_tokenizer reads it.
   std::string sp_model;
-  if (dopt.tokenizer != "byte" && fs::is_regular_file(dopt.tokenizer, ec)) sp_model = dopt.tokenizer;
-  for (const char* file : {"/tokenizer.json", "/tokenizer.model"})
-    if (dopt.tokenizer != "byte" && sp_model.empty() && fs::is_regular_file(dopt.tokenizer + file, ec))
-      sp_model = dopt.tokenizer + file;
+  if (dopt.tokenizer != "byte")
+    sp_model = fs::is_regular_file(dopt.tokenizer, ec) ? dopt.tokenizer : io::checkpoint_tokenizer_file(dopt.tokenizer);
 
   lr_schedule sched{cfg.learning_rate, cfg.warmup_steps, cfg.steps, cfg.lr_schedule, cfg.min_lr_ratio};
   const double fpt = flops_per_token(mc, T);
