@@ -11,6 +11,7 @@
 #       planned with its host buffers, its disk bytes judged against DIR's free space, verified)
 #       [--verify-what-if]   (every what-if row, option and combination, verified by a run of its own)
 #       [--disk-bytes 4GiB]   (the file of the disk measurement behind each disk run's bound)
+#       [--max-params 17B]   (verify only candidates up to this size; larger ones are planned, not run)
 # CI / CPU: scripts/find_largest_model.sh --device cpu --family small --gpu-mem 64MiB --seq 64
 # Writes DIR/finder.json and DIR/finder.md (default out/finder-<time>); exit 1 when nothing fits.
 set -euo pipefail

@@ -73,6 +73,9 @@ def parse_args():
     ap.add_argument("--max-tries", type=int, default=8, help="verification runs at most")
     ap.add_argument("--steps", type=int, default=3, help="steps per verification run")
     ap.add_argument("--timeout", type=int, default=900, help="seconds per verification run")
+    ap.add_argument("--max-params", default=None, metavar="N",
+                    help="verify only candidates of at most N parameters (e.g. 17e9 or 17B): larger ones are "
+                         "planned and listed, not run (a disk-bound step of a 30 B model takes minutes)")
     ap.add_argument("--ferry-set", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--verify-what-if", action="store_true",
                     help="also verify the largest candidate of every what-if row (option and combination) by a run")
@@ -117,6 +120,19 @@ def family(kind, seq):
         c["_name_or_path"] = "ferry finder: LLaMA-scaled h%d L%d" % (h, c["num_hidden_layers"])
         shapes.append(("h%d-L%d" % (h, c["num_hidden_layers"]), c, None))
     return shapes
+
+
+def parse_count(text, flag):
+    """A parameter count: 17e9, 17000000000, 17B or 500M."""
+    t = text.strip()
+    scale = {"B": 1e9, "M": 1e6, "K": 1e3}.get(t[-1:].upper(), 1)
+    try:
+        v = float(t[:-1] if scale != 1 else t) * scale
+    except ValueError:
+        v = -1
+    if v <= 0:
+        raise SystemExit("find_largest_model: %s %r is not a parameter count (e.g. 17e9, 17B or 500M)" % (flag, text))
+    return v
 
 
 def plan(train, name, cfg_path, a, dev, out):
@@ -274,6 +290,7 @@ def run_verify(train, name, cfg_path, a, dev, lim, tokfile, out, extra=None, tag
 
 def main():
     a = parse_args()
+    max_params = parse_count(a.max_params, "--max-params") if a.max_params else None
     train = fl.tool("ferry-train")
     if not train:
         sys.exit("find_largest_model: %s/bin/ferry-train is missing; run scripts/build.sh first" % fl.build_dir())
@@ -322,6 +339,9 @@ def main():
     for c in sorted(fitting, key=lambda c: -c["params"]):
         if len(verified) >= a.verify or tries >= a.max_tries:
             break
+        if max_params is not None and c["params"] > max_params:
+            c["unverified"] = "over --max-params %s" % a.max_params
+            continue
         tries += 1
         fl.ferry_log("verifying %s (%.2f B params)" % (c["name"], c["params"] / 1e9))
         c["run"] = run_verify(train, c["name"], c["path"], a, dev, lim, tokens(), out)
@@ -343,7 +363,8 @@ def main():
             if extra.get("optimizer_state_on") == "nvme" and not nvme_path:
                 checked[change] = dict(skipped="no --ferry-set nvme_path=DIR")
                 continue
-            fit = sorted([c for c in cands if not judge(what_if(c["plan"], change), lim)], key=lambda c: -c["params"])
+            fit = sorted([c for c in cands if not judge(what_if(c["plan"], change), lim)
+                          and (max_params is None or c["params"] <= max_params)], key=lambda c: -c["params"])
             for c in fit[:2]:
                 fl.ferry_log("verifying %s with %s (%.2f B params)" % (c["name"], change, c["params"] / 1e9))
                 r = run_verify(train, c["name"], c["path"], a, dev, lim, tokens(), out, extra, "whatif%d" % k)
@@ -404,7 +425,9 @@ def main():
                      (" (disk %s, waited %s%s)" % (fl.fmt_bytes(r["disk_bytes"]), fl.fmt_ms(r["disk_wait_ms"]),
                                                    bound_note(r, disk))
                       if "disk_bytes" in r else ""),
-                     ("fits, verified" if c in verified else "fits (predicted)") if not c["why"] else c["why"]])
+                     ("fits, verified" if c in verified else
+                      "fits (predicted; %s)" % c["unverified"] if "unverified" in c else "fits (predicted)")
+                     if not c["why"] else c["why"]])
     on_disk = (" on disk in %s" % sets.get("nvme_path", "?")) if sets.get("optimizer_state_on") == "nvme" else ""
     hdr = ("largest-model finder: target GPU %s (usable %.2f GiB), host %.1f GiB (usable %.1f, pinned up to %.1f), "
            "seq %d, batch %d, offload %s, %s, optimizer_state %s%s; run on %s (%s), %s, commit %s" % (
