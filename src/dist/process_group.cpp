@@ -4,10 +4,15 @@
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 #if FERRY_WITH_NCCL
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
 #endif
 
 #include <ATen/ATen.h>
+
+#include <cstdlib>
+#include <optional>
 
 #include <nlohmann/json.hpp>
 
@@ -20,7 +25,9 @@ struct process_group::impl {
   c10::intrusive_ptr<c10d::Store> beat;       // a second client for the heartbeat thread
   c10::intrusive_ptr<c10d::Backend> gloo[2];  // per comm_channel
 #if FERRY_WITH_NCCL
-  c10::intrusive_ptr<c10d::Backend> nccl[2];  // device tensors, made on first use
+  c10::intrusive_ptr<c10d::Backend> nccl[2];            // device tensors, made on first use
+  std::optional<c10::cuda::CUDAStream> stage[2];        // per channel: host collectives staged on the device
+  c10d::Backend& nccl_for(engine::comm_channel c, process_group& pg);
 #endif
   c10d::Backend& backend_for(const at::Tensor& t, engine::comm_channel c, process_group& pg);
 };
@@ -32,18 +39,24 @@ size_t index_of(engine::comm_channel c) { return c == engine::comm_channel::chan
 std::string first_line(const std::string& s) { return s.substr(0, s.find('\n')); }
 }  // namespace
 
+#if FERRY_WITH_NCCL
+c10d::Backend& process_group::impl::nccl_for(engine::comm_channel c, process_group& pg) {
+  auto& g = nccl[index_of(c)];
+  if (!g) {
+    // NVLink multicast (NVLS) stays off unless the user asked for it.
+    ::setenv("NCCL_NVLS_ENABLE", "0", /*overwrite=*/0);
+    auto o = c10d::ProcessGroupNCCL::Options::create();
+    o->timeout = pg.opt_.timeout;
+    auto prefixed = c10::make_intrusive<c10d::PrefixStore>("nccl" + std::to_string(index_of(c)), store);
+    g = c10::make_intrusive<c10d::ProcessGroupNCCL>(prefixed, pg.rank(), pg.world(), o);
+  }
+  return *g;
+}
+#endif
+
 c10d::Backend& process_group::impl::backend_for(const at::Tensor& t, engine::comm_channel c, process_group& pg) {
 #if FERRY_WITH_NCCL
-  if (t.is_cuda()) {
-    auto& g = nccl[index_of(c)];
-    if (!g) {
-      auto o = c10d::ProcessGroupNCCL::Options::create();
-      o->timeout = pg.opt_.timeout;
-      auto prefixed = c10::make_intrusive<c10d::PrefixStore>("nccl" + std::to_string(index_of(c)), store);
-      g = c10::make_intrusive<c10d::ProcessGroupNCCL>(prefixed, pg.rank(), pg.world(), o);
-    }
-    return *g;
-  }
+  if (t.is_cuda()) return nccl_for(c, pg);
 #else
   (void)pg;
   FERRY_ASSERT(!t.is_cuda(), "a device tensor in a collective of a build without NCCL");
@@ -101,6 +114,17 @@ std::shared_ptr<process_group> process_group::connect(const launch_info& launch,
 }
 
 process_group::~process_group() {
+#if FERRY_WITH_NCCL
+  // NCCL's communicators are shut down before the store they met through goes away.
+  for (auto& g : impl_->nccl)
+    if (g) {
+      try {
+        g->shutdown();
+      } catch (const std::exception&) {
+        // a rank that failed already: nothing left to close cleanly
+      }
+    }
+#endif
   stop_ = true;
   if (heartbeat_.joinable()) heartbeat_.join();
 }
@@ -144,10 +168,48 @@ void process_group::all_reduce_sum(at::Tensor& t, engine::comm_channel c) {
   });
 }
 
+bool process_group::staged_on_device(const at::Tensor& t) const {
+#if FERRY_WITH_NCCL
+  return opt_.cuda && !t.is_cuda();
+#else
+  (void)t;
+  return false;
+#endif
+}
+
+// The host tensors of a CUDA run's reduce-scatter and all-gather travel through this rank's device:
+// copied in on the channel's stream, reduced or gathered there by NCCL (NVLink or PCIe peer
+// copies between the GPUs), copied back; the host blocks until the result is in `out`.
+template <class Fn>
+void process_group::on_device(engine::comm_channel c, Fn&& fn) {
+#if FERRY_WITH_NCCL
+  const c10::Device d(c10::kCUDA, static_cast<c10::DeviceIndex>(launch_.local_rank));
+  c10::cuda::CUDAGuard dg(d);
+  auto& s = impl_->stage[index_of(c)];
+  if (!s) s = c10::cuda::getStreamFromPool(false, d.index());
+  c10::cuda::CUDAStreamGuard sg(*s);
+  fn(impl_->nccl_for(c, *this), d);
+  s->synchronize();
+#else
+  (void)c;
+  (void)fn;
+  FERRY_ASSERT(false, "process_group::on_device in a build without NCCL");
+#endif
+}
+
 void process_group::reduce_scatter_sum(at::Tensor& out, const at::Tensor& in, engine::comm_channel c) {
   FERRY_ASSERT(in.numel() == out.numel() * world(), "reduce_scatter of ", in.numel(), " into ", out.numel(), " x ",
                world());
   guarded("reduce_scatter", [&] {
+    if (staged_on_device(out)) {
+      on_device(c, [&](c10d::Backend& g, const c10::Device& d) {
+        at::Tensor din = in.to(d, /*non_blocking=*/true);
+        at::Tensor dout = at::empty({out.numel()}, din.options());
+        g._reduce_scatter_base(dout, din)->wait(opt_.timeout);
+        out.copy_(dout, /*non_blocking=*/true);
+      });
+      return;
+    }
     at::Tensor src = in;
     impl_->backend_for(out, c, *this)._reduce_scatter_base(out, src)->wait(opt_.timeout);
   });
@@ -157,6 +219,15 @@ void process_group::all_gather(at::Tensor& out, const at::Tensor& in, engine::co
   FERRY_ASSERT(out.numel() == in.numel() * world(), "all_gather of ", in.numel(), " x ", world(), " into ",
                out.numel());
   guarded("all_gather", [&] {
+    if (staged_on_device(out)) {
+      on_device(c, [&](c10d::Backend& g, const c10::Device& d) {
+        at::Tensor din = in.to(d, /*non_blocking=*/true);
+        at::Tensor dout = at::empty({out.numel()}, din.options());
+        g._allgather_base(dout, din)->wait(opt_.timeout);
+        out.copy_(dout, /*non_blocking=*/true);
+      });
+      return;
+    }
     at::Tensor src = in;
     impl_->backend_for(out, c, *this)._allgather_base(out, src)->wait(opt_.timeout);
   });

@@ -23,7 +23,10 @@ namespace ferry::dist {
 struct group_options {
   // Rendezvous (every rank connected) and each collective must finish within this.
   std::chrono::milliseconds timeout{std::chrono::seconds(300)};
-  bool cuda = false;  // also a NCCL group for device tensors (CUDA builds), on device LOCAL_RANK
+  // A CUDA run (device LOCAL_RANK): in builds with NCCL, device tensors use a NCCL group, and the
+  // host tensors of reduce-scatter and all-gather are staged through the device and reduced or
+  // gathered there by NCCL (small all-reduces stay on Gloo). Without NCCL everything is Gloo.
+  bool cuda = false;
 };
 
 class process_group final : public engine::collectives {
@@ -57,6 +60,10 @@ class process_group final : public engine::collectives {
   // Runs a collective; a failure becomes one line naming the rank that stopped.
   template <class Fn>
   void guarded(const char* what, Fn&& fn);
+  // Whether a host tensor's reduce-scatter or all-gather runs through the device (group_options::cuda).
+  bool staged_on_device(const at::Tensor& t) const;
+  template <class Fn>
+  void on_device(engine::comm_channel c, Fn&& fn);
   std::string who_stopped();
 
   launch_info launch_;

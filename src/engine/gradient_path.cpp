@@ -36,15 +36,22 @@ gradient_path::gradient_path(const model::llama_config& cfg, const engine_option
   for (int i = 0; i < 2; ++i) block_slots_.push_back({at::empty({cfg.block_params()}, dev_opts), nullptr});
   head_slot_.buf = at::empty({cfg.head_slot_params()}, dev_opts);
   embed_out_ = dev.host_alloc(size_t(opt.max_batch * opt.max_seq * cfg.hidden_size) * c10::elementSize(opt.dtype));
-  if (store.shards().sharded())
-    for (int64_t u = 0; u < store.num_units(); ++u)
-      shard_grad_.push_back(detail::alloc_floats(std::max<int64_t>(1, store.shard_numel(u)),
-                                                 "the ranks' gradient shards (4 B/param over the ranks)"));
+  if (store.shards().sharded()) {
+    // One block, page-locked on CUDA (the reduce-scatter's output is copied back from the device).
+    int64_t total = 0;
+    for (int64_t u = 0; u < store.num_units(); ++u) total += (std::max<int64_t>(1, store.shard_numel(u)) + 15) / 16 * 16;
+    shard_block_ = static_cast<float*>(dev.host_alloc(size_t(total) * 4));
+    float* p = shard_block_;
+    for (int64_t u = 0; u < store.num_units(); ++u) {
+      shard_grad_.push_back(p);
+      p += (std::max<int64_t>(1, store.shard_numel(u)) + 15) / 16 * 16;
+    }
+  }
 }
 
 gradient_path::~gradient_path() {
   for (float* p : accum_) std::free(p);
-  for (float* p : shard_grad_) std::free(p);
+  if (shard_block_) dev_.host_free(shard_block_);
   if (embed_out_) dev_.host_free(embed_out_);
 }
 

@@ -116,6 +116,7 @@ class gradient_path {
   std::vector<char> fused_;
   void* embed_out_ = nullptr;             // pinned staging of the embedding's input gradient
   std::vector<float*> shard_grad_;        // ranks: per unit, the fp32 sum over the ranks of this rank's shard
+  float* shard_block_ = nullptr;          // ranks: the one (pinned) block shard_grad_ points into
 };
 
 }  // namespace ferry::engine

@@ -167,14 +167,15 @@ memory_plan plan_memory(const model::llama_config& cfg, const engine_options& op
   p.host_pinned = opt.mode == offload_mode::offload_none ? 0 : params * e + (params - embed + tied_grad) * e;
   p.host_other = embed * 4 + 2 * n * h * e + (grad_accum > 1 ? (params - embed) * 4 : 0);
   if (shards.sharded() && !opt.forward_only) {
-    // Each unit's summed fp32 gradient shard, and one padded fp32 unit the reduce-scatter reads and
-    // the all-gather writes (param_store::comm_scratch).
+    // Each unit's summed fp32 gradient shard (16-element aligned, gradient_path), and one padded
+    // fp32 unit the reduce-scatter reads and the all-gather writes (param_store::comm_scratch):
+    // page-locked, as a CUDA run's collectives stage them through the device.
     int64_t widest = 0;
     for (int64_t un : param_store::unit_numels(cfg)) {
-      p.host_other += shards.per(un) * 4;
+      p.host_pinned += (std::max<int64_t>(1, shards.per(un)) + 15) / 16 * 16 * 4;
       widest = std::max(widest, shards.padded(un));
     }
-    p.host_other += widest * 4;
+    p.host_pinned += widest * 4;
   }
   if (opt.mode == offload_mode::offload_none) p.host_pinned = params * e + (params - embed + tied_grad) * e;  // init/checkpoint copies
   p.host_total = p.host_master + p.host_moments + p.host_state_buffers + p.host_pinned + p.host_other;

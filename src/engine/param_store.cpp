@@ -34,7 +34,9 @@ param_store::param_store(const model::llama_config& cfg, at::ScalarType dtype, b
   }
   state_ = nvme && optimizer_state ? make_nvme_state(mine, kind, optimizer_state, *nvme)
                                    : make_host_state(mine, kind, optimizer_state);
-  if (shards_.sharded()) scratch_ = detail::alloc_floats(widest, "the ranks' collective scratch (the widest unit, fp32)");
+  // Page-locked on CUDA: a CUDA run's process group stages its host collectives through the device
+  // (src/dist/process_group.h), and copies from and into pinned memory run at the link's rate.
+  if (shards_.sharded()) scratch_ = static_cast<float*>(dev_.host_alloc(size_t(widest) * 4));
 
   const int64_t elem = static_cast<int64_t>(c10::elementSize(dtype));
   // One exact-size pinned block: shadows of every unit, then (with optimizer state) gradients of
@@ -66,7 +68,7 @@ param_store::param_store(const model::llama_config& cfg, at::ScalarType dtype, b
 }
 
 param_store::~param_store() {
-  std::free(scratch_);
+  if (scratch_) dev_.host_free(scratch_);
   if (!grad_.empty() && optimizer_state_) std::free(grad_[0]);
   if (pinned_) dev_.host_free(pinned_);
 }

@@ -35,6 +35,8 @@ int main(int argc, char** argv) {
       dist::group_options go;
       const char* t = std::getenv("FERRY_TEST_DIST_TIMEOUT_S");
       go.timeout = std::chrono::milliseconds(int64_t(1000 * (t ? std::atof(t) : 60)));
+      // The GPU build: as ferry-train's CUDA ranks (with NCCL, the unit collectives through the GPUs).
+      go.cuda = test::k_cuda_suite;
       group = dist::process_group::connect(launch, go);
       o.comm = group;
     }
