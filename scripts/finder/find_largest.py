@@ -137,8 +137,11 @@ def parse_count(text, flag):
 
 def plan(train, name, cfg_path, a, dev, out):
     j = os.path.join(out, "plans", name + ".json")
+    # The GPU limit goes into the plan too: activation_checkpointing=auto recomputes the fewest
+    # blocks that fit under it (without a limit it plans none).
     cmd = fl.ferry_cmd(train, cfg_path, dev, a.offload, a.dtype,
-                       dict(max_length=a.seq, batch_size=a.batch, optimizer_state=a.optimizer_state),
+                       dict(max_length=a.seq, batch_size=a.batch, optimizer_state=a.optimizer_state,
+                            gpu_mem_limit_gib="%.4f" % (a.gpu_limit / fl.GIB)),
                        a.ferry_set, dry_run=True, plan_json=j)
     res = fl.run(cmd, 120)
     if res["rc"] != 0 or not os.path.exists(j):
@@ -263,8 +266,8 @@ def run_verify(train, name, cfg_path, a, dev, lim, tokfile, out, extra=None, tag
     shutil.rmtree(d, ignore_errors=True)
     os.makedirs(d)
     sets = fl.train_run_sets(a.steps, a.seq, a.batch, tokfile, d)
-    if dev == "cuda":
-        sets["gpu_mem_limit_gib"] = "%.4f" % (lim["gpu"] / fl.GIB)
+    # As in the plan (on the host backend the limit caps nothing, but auto checkpointing plans by it).
+    sets["gpu_mem_limit_gib"] = "%.4f" % (lim["gpu"] / fl.GIB)
     # The run itself refuses a plan over the host limit the finder judged by (before its first step).
     sets["host_mem_limit_gib"] = "%.4f" % (lim["host"] / fl.GIB)
     sets["optimizer_state"] = a.optimizer_state
@@ -304,6 +307,7 @@ def main():
     if a.gpu_reserve == "auto":
         a.gpu_reserve = "0.5GiB" if dev == "cuda" else "0"
     host_total = fl.host_mem_bytes() if a.host_mem == "auto" else fl.parse_size(a.host_mem)
+    a.gpu_limit = fl.parse_size(a.gpu_mem) - fl.parse_size(a.gpu_reserve)
     lim = dict(gpu=fl.parse_size(a.gpu_mem) - fl.parse_size(a.gpu_reserve),
                host=host_total - fl.parse_size(a.host_reserve), pinned=int(host_total * a.pinned_fraction))
     if dev == "cuda" and gpu and lim["gpu"] > gpu["mem_bytes"]:
