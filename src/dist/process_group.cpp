@@ -211,7 +211,11 @@ void process_group::reduce_scatter_sum(at::Tensor& out, const at::Tensor& in, en
       return;
     }
     at::Tensor src = in;
-    impl_->backend_for(out, c, *this)._reduce_scatter_base(out, src)->wait(opt_.timeout);
+    auto work = impl_->backend_for(out, c, *this)._reduce_scatter_base(out, src);
+    // Device tensors: the current stream waits for NCCL, the host goes on (NCCL's own watchdog
+    // bounds a hang by the group's timeout); host tensors: done when this returns.
+    if (out.is_cuda()) work->wait();
+    else work->wait(opt_.timeout);
   });
 }
 

@@ -30,7 +30,10 @@ class collectives {
   // std::runtime_error naming the rank within the group's timeout.
   // t (any shape, contiguous, float64/float32) is replaced by its sum over the ranks.
   virtual void all_reduce_sum(at::Tensor& t, comm_channel c) = 0;
-  // in: (world * n) float32; out: (n) float32, this rank's block of the sum over the ranks.
+  // in: (world * n) float32, or the compute dtype for a gradient reduced where it was made
+  // (engine_options::reduce_on_device); out: (n) the same dtype, this rank's block of the sum over
+  // the ranks. Device tensors are ordered on the current stream, which waits for the result; the
+  // host does not.
   virtual void reduce_scatter_sum(at::Tensor& out, const at::Tensor& in, comm_channel c) = 0;
   // in: (n) any dtype; out: (world * n) the same dtype, rank r's `in` at [r*n, (r+1)*n).
   virtual void all_gather(at::Tensor& out, const at::Tensor& in, comm_channel c) = 0;

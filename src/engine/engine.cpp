@@ -175,16 +175,24 @@ std::function<void()> engine::host_task(int64_t u, bool last, bool speculate, do
 }
 
 void engine::debug_poison(int64_t u) {
+  FERRY_ASSERT(opt_.debug_poison_index >= 0 && opt_.debug_poison_index < store_->unit(u).numel,
+               "debug_poison_index out of range");
   at::Tensor g;
+  int64_t index = opt_.debug_poison_index;
   if (grads_->resident()) {
     g = grads_->resident_grad(u);
   } else {
     const host_grad hg = grads_->host_local(u);
     const at::ScalarType t = hg.dtype == cpu_optim::dtype::dtype_f32 ? at::kFloat : opt_.dtype;
-    g = at::from_blob(hg.data, {store_->unit(u).numel}, at::TensorOptions().dtype(t));
+    if (grads_->reduced_on_device(u)) {
+      // The host buffer holds this rank's block of the sum over the ranks: the element's owner
+      // poisons it (as a poisoned addend would have made the sum).
+      index -= store_->shard_begin(u);
+      if (index < 0 || index >= store_->shard_numel(u)) return;
+    }
+    g = at::from_blob(hg.data, {grads_->host_numel(u)}, at::TensorOptions().dtype(t));
   }
-  FERRY_ASSERT(opt_.debug_poison_index >= 0 && opt_.debug_poison_index < g.numel(), "debug_poison_index out of range");
-  g.narrow(0, opt_.debug_poison_index, 1).fill_(opt_.debug_poison_value);
+  g.narrow(0, index, 1).fill_(opt_.debug_poison_value);
 }
 
 step_result engine::train_step(const std::vector<at::Tensor>& micro_batches, double lr) {

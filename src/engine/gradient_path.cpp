@@ -33,18 +33,32 @@ gradient_path::gradient_path(const model::llama_config& cfg, const engine_option
     for (int64_t u = 0; u < store.num_units(); ++u) resident_.push_back(at::empty({store.unit(u).numel}, dev_opts));
     return;
   }
-  for (int i = 0; i < 2; ++i) block_slots_.push_back({at::empty({cfg.block_params()}, dev_opts), nullptr});
-  head_slot_.buf = at::empty({cfg.head_slot_params()}, dev_opts);
+  const shard_layout& sh = store.shards();
+  on_device_.assign(size_t(store.num_units()), 0);
+  for (int64_t u = 0; u < store.num_units(); ++u)
+    on_device_[size_t(u)] = unit_reduced_on_device(opt, cfg.tie_word_embeddings, u, store.num_units());
+  // A slot whose units are reduce-scattered where they were made is padded to the ranks' equal
+  // blocks (zeros the backward never writes) and has a buffer for this rank's block of the sum.
+  auto make_slot = [&](int64_t n, bool reduced) {
+    if (!reduced) return slot{at::empty({n}, dev_opts), nullptr, at::Tensor()};
+    return slot{at::zeros({sh.padded(n)}, dev_opts), nullptr, at::empty({sh.per(n)}, dev_opts)};
+  };
+  for (int i = 0; i < 2; ++i) block_slots_.push_back(make_slot(cfg.block_params(), on_device_[1]));
+  head_slot_ = make_slot(cfg.head_slot_params(), on_device_[size_t(store.head_unit())]);
   embed_out_ = dev.host_alloc(size_t(opt.max_batch * opt.max_seq * cfg.hidden_size) * c10::elementSize(opt.dtype));
-  if (store.shards().sharded()) {
-    // One block, page-locked on CUDA (the reduce-scatter's output is copied back from the device).
+  if (sh.sharded()) {
+    // The fp32 sums of the units reduced on the host: one block, page-locked on CUDA (the
+    // reduce-scatter's output is copied back from the device).
+    auto floats = [&](int64_t u) {
+      return ((on_device_[size_t(u)] ? 1 : std::max<int64_t>(1, store.shard_numel(u))) + 15) / 16 * 16;
+    };
     int64_t total = 0;
-    for (int64_t u = 0; u < store.num_units(); ++u) total += (std::max<int64_t>(1, store.shard_numel(u)) + 15) / 16 * 16;
+    for (int64_t u = 0; u < store.num_units(); ++u) total += floats(u);
     shard_block_ = static_cast<float*>(dev.host_alloc(size_t(total) * 4));
     float* p = shard_block_;
     for (int64_t u = 0; u < store.num_units(); ++u) {
       shard_grad_.push_back(p);
-      p += (std::max<int64_t>(1, store.shard_numel(u)) + 15) / 16 * 16;
+      p += floats(u);
     }
   }
 }
@@ -61,7 +75,8 @@ void gradient_path::begin_step(int64_t n_micro) {
   // The embedding's gradient is fp32 on the host already and sums its micro-batches itself.
   for (int64_t u = 1; u < store_.num_units(); ++u)
     if (!accum_[size_t(u)])
-      accum_[size_t(u)] = detail::alloc_floats(store_.unit(u).numel, "the gradient-accumulation buffers (4 B/param)");
+      accum_[size_t(u)] = detail::alloc_floats(std::max<int64_t>(1, host_numel(u)),
+                                               "the gradient-accumulation buffers (4 B/param)");
 }
 
 at::Tensor gradient_path::target(int64_t u) {
@@ -81,13 +96,17 @@ host_grad gradient_path::host_local(int64_t u) const {
   return {store_.grad(u), to_optim_dtype(store_.grad_dtype(u)), fused_[size_t(u)] ? accum_[size_t(u)] : nullptr};
 }
 
+int64_t gradient_path::host_numel(int64_t u) const {
+  return on_device_[size_t(u)] ? store_.shard_numel(u) : store_.unit(u).numel;
+}
+
 host_grad gradient_path::host(int64_t u) const {
-  if (shard_grad_.empty()) return host_local(u);
+  if (shard_grad_.empty() || on_device_[size_t(u)]) return host_local(u);
   return {shard_grad_[size_t(u)], cpu_optim::dtype::dtype_f32, nullptr};
 }
 
 void gradient_path::reduce(int64_t u) {
-  if (shard_grad_.empty()) return;
+  if (shard_grad_.empty() || on_device_[size_t(u)]) return;
   const int64_t n = store_.unit(u).numel, padded = store_.shards().padded(n);
   // The whole unit in fp32 (this rank's micro-batches summed, as the optimizer would read them),
   // zero-padded to the ranks' equal blocks, then summed over the ranks block by block.
@@ -124,9 +143,20 @@ void gradient_path::send(int64_t u, bool first_micro, bool last_micro, std::func
     return;
   }
   slot& s = *slot_of_[size_t(u)];
+  const bool reduced = on_device_[size_t(u)];
+  if (reduced) {
+    // Summed over the ranks where it was made (a collective of the engine's thread, in backward
+    // order on every rank): NCCL runs after the backward on the compute queue, which waits for it;
+    // only this rank's block then crosses to the host.
+    const int64_t n = store_.unit(u).numel;
+    at::Tensor in = s.buf.narrow(0, 0, store_.shards().padded(n));
+    at::Tensor out = s.shard.narrow(0, 0, store_.shards().per(n));
+    auto guard = dev_.enter_compute();
+    store_.comm()->reduce_scatter_sum(out, in, comm_channel::channel_engine);
+  }
   event_ptr computed = dev_.record(queue::queue_compute);
   dev_.wait(queue::queue_d2h, computed);
-  const size_t bytes = size_t(store_.grad_numel(u)) * c10::elementSize(opt_.dtype);
+  const size_t bytes = size_t(reduced ? store_.shard_numel(u) : store_.grad_numel(u)) * c10::elementSize(opt_.dtype);
   // The host gradient buffer may still be read by the previous micro-batch's accumulation (or a
   // previous step's update) on the update thread: the copy must not overwrite it before then.
   meter_.stall_ms += worker_.wait_unit_tasks(u);
@@ -134,7 +164,7 @@ void gradient_path::send(int64_t u, bool first_micro, bool last_micro, std::func
   float* acc = accumulating_ && !last_micro ? accum_[size_t(u)] : nullptr;
   fused_[size_t(u)] = accumulating_ && last_micro && accum_[size_t(u)];
   event_ptr t0 = dev_.record(queue::queue_d2h, true);
-  dev_.copy_d2h(store_.grad(u), s.buf, bytes);
+  dev_.copy_d2h(store_.grad(u), reduced ? s.shard : s.buf, bytes);
   s.copied = dev_.record(queue::queue_d2h, true);
   meter_.d2h_timers.emplace_back(t0, s.copied);
   meter_.d2h_bytes += int64_t(bytes);
@@ -151,7 +181,7 @@ void gradient_path::send(int64_t u, bool first_micro, bool last_micro, std::func
                                   to_optim_dtype(opt_.dtype), static_cast<float*>(store_.grad(store_.embed_unit())),
                                   size_t(cfg_.embed_params()), first_micro);
           if (acc)
-            cpu_optim::accumulate(store_.grad(u), to_optim_dtype(store_.grad_dtype(u)), acc, size_t(store_.unit(u).numel),
+            cpu_optim::accumulate(store_.grad(u), to_optim_dtype(store_.grad_dtype(u)), acc, size_t(host_numel(u)),
                                   first_micro);
           if (last_micro && task) task();
         },

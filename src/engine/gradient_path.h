@@ -19,7 +19,9 @@
 // micro-batch, reduce() sums the unit's gradient over the ranks in fp32 (reduce-scatter) into this
 // rank's shard, which is all host() then shows the optimizer. On the host backend the whole unit
 // reaches the host first and the reduce-scatter runs there (Gloo); the CUDA path's
-// reduce-scatter before the copy, so that only the shard moves, plugs in at the same call.
+// reduce-scatter before the copy, so that only the shard moves, is engine_options::reduce_on_device:
+// send() reduce-scatters a block's slot (padded to the ranks' equal blocks) in the compute dtype and
+// copies this rank's block of the sum into the unit's host buffer; reduce() then has nothing to do.
 #include <ATen/core/Tensor.h>
 
 #include <functional>
@@ -88,6 +90,11 @@ class gradient_path {
   // Ranks: sums unit u's gradient over the ranks into this rank's shard (update thread, a
   // collective: every rank calls it for the same units in the same order). One rank: nothing.
   void reduce(int64_t u);
+  // Ranks with engine_options::reduce_on_device: unit u's gradient is reduce-scattered where the
+  // backward made it, so its host buffer (host_local) holds this rank's shard, summed over the ranks.
+  bool reduced_on_device(int64_t u) const { return on_device_[size_t(u)] != 0; }
+  // Elements of unit u's host gradient: its shard when reduced_on_device(u), else the whole unit.
+  int64_t host_numel(int64_t u) const;
   // The resident gradient buffers (none).
   at::Tensor& resident_grad(int64_t u) { return resident_[size_t(u)]; }
 
@@ -95,6 +102,7 @@ class gradient_path {
   struct slot {
     at::Tensor buf;
     event_ptr copied;
+    at::Tensor shard;   // reduce_on_device: this rank's block of the sum over the ranks (buf is padded)
   };
   void queue(int64_t u, std::function<void()> fn, bool updates_weights);
 
@@ -114,6 +122,7 @@ class gradient_path {
   // Per unit: its host gradient is the accumulator plus the last micro-batch in the host buffer.
   // Written by the engine thread only after the unit's earlier host tasks have run.
   std::vector<char> fused_;
+  std::vector<char> on_device_;           // per unit: reduced_on_device
   void* embed_out_ = nullptr;             // pinned staging of the embedding's input gradient
   std::vector<float*> shard_grad_;        // ranks: per unit, the fp32 sum over the ranks of this rank's shard
   float* shard_block_ = nullptr;          // ranks: the one (pinned) block shard_grad_ points into

@@ -130,6 +130,15 @@ memory_plan plan_memory(const model::llama_config& cfg, const engine_options& op
     int64_t slots = opt.mode == offload_mode::offload_blocked ? 1 : opt.prefetch + 1;
     p.weight_slots = (slots * block + head) * e;
     p.grad_slots = (2 * block + head) * e;
+    const shard_layout sh = shards_of(opt);
+    const int64_t nu = cfg.num_hidden_layers + 2;
+    if (unit_reduced_on_device(opt, cfg.tie_word_embeddings, 1, nu)) {
+      // The slots padded to the ranks' equal blocks, and each slot's reduce-scattered shard
+      // (gradient_path): the head's only when untied.
+      const bool head_too = unit_reduced_on_device(opt, cfg.tie_word_embeddings, nu - 1, nu);
+      p.grad_slots = (2 * (sh.padded(block) + sh.per(block)) +
+                      (head_too ? sh.padded(head) + sh.per(head) : head)) * e;
+    }
   }
   p.recompute_blocks = what_if.recompute_blocks >= 0 ? std::min(what_if.recompute_blocks, L)
                        : opt.recompute == recompute_mode::recompute_blocks ? L
@@ -171,8 +180,11 @@ memory_plan plan_memory(const model::llama_config& cfg, const engine_options& op
     // fp32 unit the reduce-scatter reads and the all-gather writes (param_store::comm_scratch):
     // page-locked, as a CUDA run's collectives stage them through the device.
     int64_t widest = 0;
-    for (int64_t un : param_store::unit_numels(cfg)) {
-      p.host_pinned += (std::max<int64_t>(1, shards.per(un)) + 15) / 16 * 16 * 4;
+    const std::vector<int64_t> numels = param_store::unit_numels(cfg);
+    for (size_t u = 0; u < numels.size(); ++u) {
+      const int64_t un = numels[u];
+      const bool dev = unit_reduced_on_device(opt, cfg.tie_word_embeddings, int64_t(u), int64_t(numels.size()));
+      p.host_pinned += ((dev ? 1 : std::max<int64_t>(1, shards.per(un))) + 15) / 16 * 16 * 4;
       widest = std::max(widest, shards.padded(un));
     }
     p.host_pinned += widest * 4;

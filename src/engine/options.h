@@ -92,11 +92,25 @@ struct engine_options {
   // summed over the ranks and each rank keeps and updates only its shard of the unit's master
   // weights and moments (shard_layout); the updated compute-dtype weights are all-gathered.
   std::shared_ptr<collectives> comm;
+  // With ranks (run-config key dist_reduce=device): each block's (and an untied head's) gradient is
+  // reduce-scattered where the backward made it, in the compute dtype (NCCL on the GPUs; Gloo on
+  // the host backend), and only this rank's shard is copied to the host; the embedding and a tied
+  // head are reduced on the host as before. Off: every unit's whole gradient reaches the host and
+  // is reduce-scattered there in fp32.
+  bool reduce_on_device = false;
 };
 
 // This rank's place among the ranks of opt.comm (rank 0 of 1 without).
 inline shard_layout shards_of(const engine_options& opt) {
   return opt.comm ? shard_layout{opt.comm->rank(), opt.comm->world()} : shard_layout{};
+}
+
+// Whether unit u (0 the embedding, 1..L the blocks, L+1 the head) of an offloaded run with ranks
+// and reduce_on_device has its gradient reduce-scattered where the backward made it: every block,
+// and the head unless tied (whose lm_head gradient joins the embedding's on the host).
+inline bool unit_reduced_on_device(const engine_options& opt, bool tied, int64_t u, int64_t num_units) {
+  return opt.reduce_on_device && shards_of(opt).sharded() && opt.mode != offload_mode::offload_none && u != 0 &&
+         !(u == num_units - 1 && tied);
 }
 
 // Combinations the engine does not run, as config_errors naming the keys (the engine's constructor

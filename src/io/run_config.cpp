@@ -101,6 +101,9 @@ const std::vector<key_desc>& keys() {
       {"nvtx", bool_key{&run_config::nvtx}, "NVTX ranges around engine phases"},
       {"dist_timeout_s", real_key{&run_config::dist_timeout_s, 1, 86400, false},
        "ranks (torchrun): seconds the rendezvous and each collective may take before a missing rank stops the run"},
+      {"dist_reduce", str_key{&run_config::dist_reduce, {"host", "device"}},
+       "ranks: reduce-scatter each unit's gradient on the host in fp32 (host) or where the backward made it, in the "
+       "compute dtype, copying only this rank's shard (device)"},
       {"prompt", str_key{&run_config::prompt, {}}, "generation prompt (ferry-infer)"},
       {"prompt_file", str_key{&run_config::prompt_file, {}}, "file with one prompt per line (ferry-infer)"},
       {"max_new_tokens", int_key{&run_config::max_new_tokens, 1, 1 << 20}, "tokens generated per prompt"},

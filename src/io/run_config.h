@@ -68,6 +68,7 @@ struct run_config {
   bool tensorboard = true;
   bool nvtx = false;
   double dist_timeout_s = 300;         // ranks: rendezvous and collective timeout (src/dist)
+  std::string dist_reduce = "host";    // ranks: where gradients are reduce-scattered (host | device)
   // inference
   std::string prompt = "";
   std::string prompt_file = "";

@@ -23,13 +23,16 @@ constexpr int64_t k_global = 6, k_steps = 4;
 // device: the CUDA device of this rank in the GPU build (dist_gpu_test, k_cuda_suite), -1 the current.
 inline engine::engine_options run_options(const std::string& kind, int64_t rows_per_rank, bool poison, int device = -1) {
   using namespace engine;
-  const bool half = kind == "fp16";
+  const bool half = kind == "fp16" || kind == "device_fp16";
   engine_options o = engine::test::base_options(kind == "blocked" ? offload_mode::offload_blocked : offload_mode::offload_overlapped,
                                         half ? at::kHalf : at::kFloat);
   o.strict_host_backend = true;
   o.device_index = device;
   o.speculate = kind == "blocked" ? speculate_mode::speculate_off : speculate_mode::speculate_on;
   o.clip_grad = 0.05;
+  // "device", "device_fp16": the blocks' gradients reduce-scattered where they were made, in the
+  // compute dtype (engine_options::reduce_on_device; no effect on the one-rank reference).
+  o.reduce_on_device = kind.rfind("device", 0) == 0;
   o.max_batch = rows_per_rank;
   if (kind == "nvme" && rows_per_rank != k_global) {   // the ranks, not the one-rank reference
     const char* tmp = std::getenv("TMPDIR");

@@ -222,7 +222,8 @@ TEST_P(dist_ranks, partitioned_step_equals_one_rank) {
 
 INSTANTIATE_TEST_SUITE_P(kinds, dist_ranks,
                          ::testing::Values(dist_case{"blocked", false}, dist_case{"overlapped", true},
-                                           dist_case{"fp16", true}, dist_case{"nvme", true}),
+                                           dist_case{"fp16", true}, dist_case{"nvme", true},
+                                           dist_case{"device", true}, dist_case{"device_fp16", true}),
                          [](const auto& info) { return info.param.kind + (info.param.poison ? "_overflow" : ""); });
 
 TEST(dist_failures, a_dead_rank_stops_the_others_naming_it) {
