@@ -37,9 +37,10 @@ int place_rank(const ferry::dist::launch_info& launch, bool cuda, int cfg_cpu_th
     std::vector<std::string> bus_ids;
     for (int r = 0; r < launch.local_world; ++r) bus_ids.push_back(engine::cuda_pci_bus_id(r));
     const dist::numa_placement p = dist::plan_numa_placement(bus_ids, launch.local_rank);
-    if (p.node >= 0 && dist::bind_to_cpus(p.cpus)) {
+    const std::vector<int> cpus = dist::allowed_cpus_of(p.cpus);   // a cpuset may hold fewer
+    if (p.node >= 0 && dist::bind_to_cpus(cpus)) {
       node = p.node;
-      cores = int(p.cpus.size());
+      cores = int(cpus.size());
       sharing = p.ranks_on_node;
       if (launch.rank == 0)
         std::printf("numa: rank 0 bound to node %d (%d cores, shared by %d of this machine's %d ranks)\n", node,

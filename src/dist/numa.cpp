@@ -93,6 +93,16 @@ numa_placement plan_numa_placement(const std::vector<std::string>& local_bus_ids
   return p;
 }
 
+std::vector<int> allowed_cpus_of(const std::vector<int>& cpus) {
+  cpu_set_t mask;
+  CPU_ZERO(&mask);
+  if (sched_getaffinity(0, sizeof mask, &mask) != 0) return cpus;
+  std::vector<int> out;
+  for (int c : cpus)
+    if (c >= 0 && c < CPU_SETSIZE && CPU_ISSET(c, &mask)) out.push_back(c);
+  return out;
+}
+
 bool bind_to_cpus(const std::vector<int>& cpus) {
   if (cpus.empty()) return false;
   cpu_set_t set;

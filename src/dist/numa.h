@@ -31,6 +31,9 @@ struct numa_placement {
 numa_placement plan_numa_placement(const std::vector<std::string>& local_bus_ids, int local_rank,
                                    const std::string& sys = "/sys");
 
+// `cpus` less those this process may not run on (its affinity mask: a container's cpuset, taskset).
+std::vector<int> allowed_cpus_of(const std::vector<int>& cpus);
+
 // Binds the calling thread (and so the threads it starts later: the AdamW arena, ATen's pool) to
 // `cpus`. Returns false, changing nothing, when the kernel refuses (e.g. a cpuset without them).
 bool bind_to_cpus(const std::vector<int>& cpus);

@@ -134,7 +134,7 @@ int cuda_device_count() {
 device_memory_stats cuda_memory_stats(int device_index) {
   device_memory_stats out;
   if (!cuda_usable() || device_index < 0 || device_index >= cuda_device_count()) return out;
-  const auto s = c10::cuda::CUDACachingAllocator::getDeviceStats(device_index);
+  const auto s = c10::cuda::CUDACachingAllocator::getDeviceStats(static_cast<c10::DeviceIndex>(device_index));
   out.allocated_peak = s.allocated_bytes[0].peak;
   out.reserved_peak = s.reserved_bytes[0].peak;
   return out;

@@ -113,6 +113,10 @@ TEST(numa, bind_to_cpus_keeps_the_thread_on_them) {
   EXPECT_EQ(CPU_COUNT(&now), 1);
   EXPECT_TRUE(CPU_ISSET(first, &now));
   EXPECT_FALSE(bind_to_cpus({}));
+  // Only CPUs in the affinity mask are kept: now just `first`.
+  std::vector<int> all;
+  for (int c = 0; c < CPU_SETSIZE; ++c) all.push_back(c);
+  EXPECT_EQ(allowed_cpus_of(all), (std::vector<int>{first}));
   ASSERT_EQ(sched_setaffinity(0, sizeof before, &before), 0);
 }
 

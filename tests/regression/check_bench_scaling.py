@@ -6,7 +6,8 @@ For every COUNT and mode in OUT/bench.md's ferry table: the row is there and ran
 is COUNT x grad_accum x batch x seq over the median step_ms, after the warm-up, of rank 0's
 OUT/ferry-<mode>-g<COUNT>/metrics.jsonl; its scaling efficiency is that tokens/s over COUNT x
 the 1-count row's; with COUNT > 1 every rank wrote ranks/rank<R>.json (world COUNT) and the
-"host: sum of ranks' RSS" cell is the sum of their host_peak_rss. The FSDP2 table's rows, where
+"host: sum of ranks' RSS" cell is the sum of their host_peak_rss (on CUDA also: every rank's GPU
+peak is positive and printed as its file says). The FSDP2 table's rows, where
 they ran, the same from peer_fsdp2_g<COUNT>.json's steps_ms. Prints one line per row checked;
 exit 1 naming the first mismatch. Standard library only.
 """
@@ -54,6 +55,7 @@ def main():
     with open(os.path.join(out, "bench.json")) as f:
         rep = json.load(f)
     per_step = rep["grad_accum"] * rep["batch"] * rep["seq"]
+    cuda = rep["device"] == "cuda"
     ferry = [rows for title, rows in t.items() if title.startswith("ferry data-parallel ranks")]
     if not ferry:
         fail("no ferry data-parallel table in %s/bench.md" % out)
@@ -77,14 +79,23 @@ def main():
             close(float(r[4]), measured[n] / (n * measured[1]), "%d ranks %s scaling efficiency" % (n, mode),
                   rel=0.01, abs_=0.0006)
             if n > 1:
-                rss = 0
+                rss, peaks = 0, []
                 for k in range(n):
                     with open(os.path.join(d, "ranks", "rank%d.json" % k)) as f:
                         st = json.load(f)
                     if st["rank"] != k or st["world"] != n or st["host_peak_rss"] <= 0:
                         fail("%s/ranks/rank%d.json: %s" % (d, k, st))
+                    if cuda and st["gpu_alloc_peak"] <= 0:
+                        fail("%s/ranks/rank%d.json: no GPU peak on a CUDA run: %s" % (d, k, st))
                     rss += st["host_peak_rss"]
+                    peaks.append(st["gpu_alloc_peak"])
                 close(float(r[6].split()[0]), rss / 1e9, "%d ranks %s sum of RSS (GB)" % (n, mode), abs_=0.0051)
+                if cuda:   # "a / b GB": rank 0's, rank 1's, ... from their own files
+                    cells = [float(x) for x in r[5].replace("GB", "").split("/")]
+                    if len(cells) != n:
+                        fail("%d ranks %s: %d per-rank peaks printed (%s)" % (n, mode, len(cells), r[5]))
+                    for k in range(n):
+                        close(cells[k], peaks[k] / 1e9, "%d ranks %s rank %d peak GPU (GB)" % (n, mode, k), abs_=0.0051)
             print("check_bench_scaling: %d ranks %s: %s tokens/s, efficiency %s (computed %.4f) ok" % (
                 n, mode, r[3], r[4], measured[n] / (n * measured[1])))
             checked += 1
