@@ -6,6 +6,10 @@
 #                    [--peers|--no-peers] [--out DIR] [--batch B] [--grad-accum K] [--warmup 3]
 #                    [--ferry-warmup N] [--timeout S] [--modes none,blocked,overlapped]
 #                    [--ferry-set key=value] [--no-bounds] [--no-infer]
+#   scripts/bench.sh --gpus N|1,2,4 [--shape ...] [--modes overlapped] [--no-peers] [--device cpu]
+#       data-parallel scaling (issue 15, scripts/bench/scaling.py): ferry on 1..N GPUs (or the
+#       listed counts) with --batch per GPU beside FSDP2 CPU offload on the same counts (torchrun);
+#       tokens/s, scaling efficiency, per-rank peak GPU, host memory against 1 GPU's.
 # Effective batch: K micro-batches of B sequences per optimizer step, for ferry (grad_accum=K;
 # --ferry-set grad_accum=K works too, but not together with --grad-accum) and the peers (their
 # own accumulation), so ratios are same-run; the tables give tokens/s = K x B x seq / step time.

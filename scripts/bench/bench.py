@@ -37,6 +37,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import ferrylib as fl  # noqa: E402
+import scaling  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODES = ["none", "blocked", "overlapped"]
@@ -60,7 +61,11 @@ def parse_args():
                          "steady state); they run N + steps - warmup steps" % SPECULATE_WARMUP)
     ap.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16")
     ap.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
-    ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--modes", default=None, help="ferry modes (default none,blocked,overlapped; with --gpus overlapped)")
+    ap.add_argument("--gpus", default=None, metavar="N|LIST",
+                    help="data-parallel scaling (issue 15): ferry on 1..N GPUs (or the listed counts, e.g. 1,2,4) "
+                         "with --batch per GPU, beside FSDP2 CPU offload on the same counts (torchrun); "
+                         "with --device cpu the ranks run on the host backend (Gloo). See scaling.py")
     ap.add_argument("--peers", dest="peers", action="store_true", default=None,
                     help="run the peers (default; without a GPU only when given: then on the CPU, a smoke test)")
     ap.add_argument("--no-peers", dest="peers", action="store_false")
@@ -481,6 +486,8 @@ def goals(rep):
 def main():
     a = parse_args()
     resolve_grad_accum(a)
+    if a.modes is None:
+        a.modes = "overlapped" if a.gpus else ",".join(MODES)
     a.modes = [m for m in a.modes.split(",") if m]
     for m in a.modes:
         if m not in MODES:
@@ -505,10 +512,12 @@ def main():
         env["PYTHONPATH"] = site + (":" + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else "")
     env["PYTHONPATH"] = HERE + ":" + env.get("PYTHONPATH", os.environ.get("PYTHONPATH", ""))
 
-    # Enough sequences for the longest run (ferry overlapped's longer warm-up) x batch x grad_accum,
-    # at most 512 (ferry's reader wraps around, in a new order each epoch; the peers draw their own).
+    # Enough sequences for the longest run (ferry overlapped's longer warm-up) x batch x grad_accum
+    # (x the most ranks with --gpus), at most 512 per rank (ferry's reader wraps around, in a new
+    # order each epoch; the peers draw their own).
     longest = max(a.steps, ferry_warmup(a, "overlapped") + measured_steps(a))
-    n_seq = min(512, longest * a.batch * a.grad_accum + 16)
+    ranks = max(scaling.parse_counts(a.gpus)) if a.gpus else 1
+    n_seq = min(512 * ranks, longest * a.batch * a.grad_accum * ranks + 16)
     n_tok = int(n_seq * (a.seq + 1) * 1.1) + 4096
     tokfile = fl.write_tokens(os.path.join(out, "tokens.bin"), n_tok, cfg["vocab_size"])
 
@@ -518,6 +527,12 @@ def main():
                grad_accum=a.grad_accum, tokens_per_step=tokens_per_step(a), measured_steps=measured_steps(a),
                ferry_warmup_overlapped=ferry_warmup(a, "overlapped"),
                command="scripts/bench.sh " + " ".join(sys.argv[1:]), python=py)
+    if a.gpus:   # the scaling run alone: its own tables (no bounds, inference or single-GPU peers)
+        rep["scaling"] = scaling.run(a, sys.modules[__name__], dev, have_cuda, tokfile, out, py, env)
+        text = scaling.render(rep, rep["scaling"], have_cuda)
+        print(text)
+        fl.write_report(out, "bench", rep, text)
+        return 0 if any(r.get("ok") for by in rep["scaling"]["ferry"].values() for r in by.values()) else 1
     rep["ferry"] = ferry_train_rows(a, dev, tokfile, out) if a.train else {}
     rep["bounds"] = lower_bounds(a, cfg, rep["ferry"], out, py, have_cuda) if a.bounds and a.train else {}
     rep["peers"] = peer_rows(a, out, py, have_cuda, env) if a.train else {}

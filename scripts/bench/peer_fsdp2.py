@@ -1,11 +1,16 @@
 """Peer "FSDP2 CPU offload": PyTorch FSDP2 fully_shard per decoder layer and on the root with
 CPUOffloadPolicy(pin_memory=True) and MixedPrecisionPolicy(param_dtype=fp16|bf16, reduce fp32),
-world size 1 (single-process init from environment variables), CPU AdamW after backward,
+world size 1 (single-process init from environment variables) or, under torchrun
+(python -m torch.distributed.run --nproc-per-node N, scripts/bench.sh --gpus), N ranks with one
+GPU each (LOCAL_RANK; NCCL for the GPU tensors, Gloo for the CPU ones), CPU AdamW after backward,
 clip_grad_norm_ 1.0, and for fp16 the ShardedGradScaler (dropped, with a note, if it fails).
 With --grad-accum K: K forward+backward passes (loss / K, scaled); FSDP2's default gradient sync
 on every micro-batch, so each backward's sharded gradient is offloaded and summed into the CPU
 .grad (no set_requires_gradient_sync(False): that keeps the unsharded gradients on the GPU,
-which the offload is there to avoid); then one unscale_, clip, CPU AdamW step."""
+which the offload is there to avoid); then one unscale_, clip, CPU AdamW step.
+With N ranks every rank draws its own tokens (--seed + rank; the model's init uses --seed on all),
+rank 0 writes --json and rank r > 0 writes --json's name with .rank<r> before .json (its peaks);
+tokens_per_s is rank 0's (one rank's batch), global_tokens_per_s N times it."""
 import os
 import socket
 import sys
@@ -33,11 +38,12 @@ def main():
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("LOCAL_RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         if cuda:
-            torch.cuda.set_device(0)
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("cuda:nccl,cpu:gloo" if cuda else "gloo")
         try:
-            model, cfg = pc.build_model(args, args.device)
+            model, cfg = pc.build_model(args, "cuda" if cuda else args.device)
             mp = MixedPrecisionPolicy(param_dtype=pc.half(args), reduce_dtype=torch.float32)
             kw = dict(mp_policy=mp)
             if cuda:
@@ -79,7 +85,11 @@ def main():
                 opt.zero_grad(set_to_none=True)
                 return loss
 
-            res = pc.timed_loop(args, step, cfg.vocab_size, args.device)
+            model_seed = args.seed
+            args.seed = model_seed + rank   # each rank's own tokens (the model was built with model_seed)
+            res = pc.timed_loop(args, step, cfg.vocab_size, "cuda" if cuda else args.device)
+            args.seed = model_seed
+            res.update(rank=rank, world=world, global_tokens_per_s=res["tokens_per_s"] * world)
             notes.insert(0, "fully_shard per layer, %sMixedPrecision %s, CPU AdamW, clip %g%s%s" % (
                 "CPUOffloadPolicy(pin_memory=True), " if cuda else "", args.dtype, args.clip,
                 ", ShardedGradScaler" if scaler is not None else "",
@@ -89,6 +99,10 @@ def main():
         finally:
             dist.destroy_process_group()
 
+    rank = int(os.environ.get("RANK", "0"))
+    if rank > 0:
+        stem = args.json[:-5] if args.json.endswith(".json") else args.json
+        args.json = "%s.rank%d.json" % (stem, rank)
     return pc.main_guard(args, body)
 
 

@@ -87,5 +87,11 @@ std::unique_ptr<backend> make_cuda_backend(int device_index = -1, int64_t debug_
 bool cuda_usable();
 // The CUDA devices this process sees (CUDA_VISIBLE_DEVICES applied), 0 without CUDA.
 int cuda_device_count();
+// The caching allocator's peaks on CUDA device `device_index` since the process started (the
+// engine never resets them): what a data-parallel rank reports after its run. Zeros without CUDA.
+device_memory_stats cuda_memory_stats(int device_index);
+// The PCI bus id of CUDA device `device_index` ("0000:3b:00.0"), "" without CUDA or when the
+// driver does not give one.
+std::string cuda_pci_bus_id(int device_index);
 
 }  // namespace ferry::engine

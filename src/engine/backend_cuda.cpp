@@ -131,6 +131,25 @@ int cuda_device_count() {
   return n;
 }
 
+device_memory_stats cuda_memory_stats(int device_index) {
+  device_memory_stats out;
+  if (!cuda_usable() || device_index < 0 || device_index >= cuda_device_count()) return out;
+  const auto s = c10::cuda::CUDACachingAllocator::getDeviceStats(static_cast<c10::DeviceIndex>(device_index));
+  out.allocated_peak = s.allocated_bytes[0].peak;
+  out.reserved_peak = s.reserved_bytes[0].peak;
+  return out;
+}
+
+std::string cuda_pci_bus_id(int device_index) {
+  if (!cuda_usable() || device_index < 0 || device_index >= cuda_device_count()) return {};
+  char id[32] = {0};
+  if (cudaDeviceGetPCIBusId(id, int(sizeof id), device_index) != cudaSuccess) {
+    (void)cudaGetLastError();   // clear it: the caller goes on without a bus id (no NUMA pinning)
+    return {};
+  }
+  return id;
+}
+
 std::unique_ptr<backend> make_cuda_backend(int device_index, int64_t debug_delay_us, uint64_t seed) {
   FERRY_CHECK(cuda_usable(), "no CUDA device is usable here; use --device cpu");
   int n = 0;

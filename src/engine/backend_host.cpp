@@ -59,6 +59,8 @@ std::unique_ptr<backend> make_cuda_backend(int, int64_t, uint64_t) {
 }
 bool cuda_usable() { return false; }
 int cuda_device_count() { return 0; }
+device_memory_stats cuda_memory_stats(int) { return {}; }
+std::string cuda_pci_bus_id(int) { return {}; }
 #endif
 
 }  // namespace ferry::engine
