@@ -1,4 +1,5 @@
 #include "src/checkpoint/checkpoint.h"
+#include "src/checkpoint/checkpoint_parts.h"
 
 #include <fcntl.h>
 #include <unistd.h>
@@ -19,8 +20,9 @@
 namespace ferry::checkpoint {
 namespace fs = std::filesystem;
 using json = nlohmann::json;
+using namespace parts;
 
-namespace {
+namespace parts {
 std::string step_name(int64_t step) {
   char buf[64];
   std::snprintf(buf, sizeof buf, "checkpoint-%06lld", static_cast<long long>(step));
@@ -29,53 +31,28 @@ std::string step_name(int64_t step) {
 
 std::string export_dtype(at::ScalarType t) { return t == at::kBFloat16 ? "BF16" : t == at::kFloat ? "F32" : "F16"; }
 
-// The per-unit tensors of compact moments (checkpoint.h).
 std::string unit_tensor(int64_t u, const char* what) { return "optimizer.unit" + std::to_string(u) + what; }
 
-// safetensors dtype and element size of exp_avg (m) and exp_avg_sq (v) in a compact kind.
-struct compact_dtypes {
-  const char* m;
-  const char* v;
-  size_t elem;
-};
 compact_dtypes compact_dtypes_of(engine::state_kind k) {
   return k == engine::state_kind::state_bf16 ? compact_dtypes{"BF16", "BF16", 2} : compact_dtypes{"I8", "U8", 1};
 }
 
-// Leases the tier's units one at a time for a pass in a known order (a file written or read tensor
-// by tensor): at(u) keeps unit u leased while consecutive calls ask for it, releases it when another
-// unit is asked for, and tells the tier which units come next, so a tier on disk reads them ahead.
-// Holding one unit at a time is what lets a tier on disk checkpoint through a few buffers.
-class unit_cursor {
- public:
-  // order: the units in the order at() will ask for them (a unit may come back in a later sweep).
-  unit_cursor(engine::state_tier& tier, std::vector<int64_t> order, bool dirty)
-      : tier_(tier), order_(std::move(order)), dirty_(dirty) {
-    for (size_t k = 0; k < std::min(order_.size(), k_ahead); ++k) tier_.prefetch(order_[k]);
-  }
-  const engine::state_view& at(int64_t u) {
-    if (lease_ && unit_ == u) return **lease_;
-    lease_.reset();
-    while (pos_ < order_.size() && order_[pos_] != u) ++pos_;
-    FERRY_ASSERT(pos_ < order_.size(), "unit_cursor: unit ", u, " out of the announced order");
-    for (size_t k = pos_ + 1; k < std::min(order_.size(), pos_ + 1 + k_ahead); ++k) tier_.prefetch(order_[k]);
-    lease_ = std::make_unique<engine::state_lease>(tier_, u, dirty_);
-    unit_ = u;
-    return **lease_;
-  }
-  void done() { lease_.reset(); }
+unit_cursor::unit_cursor(engine::state_tier& tier, std::vector<int64_t> order, bool dirty)
+    : tier_(tier), order_(std::move(order)), dirty_(dirty) {
+  for (size_t k = 0; k < std::min(order_.size(), k_ahead); ++k) tier_.prefetch(order_[k]);
+}
 
- private:
-  static constexpr size_t k_ahead = 16;   // hints queued ahead (the tier reads as many as it has buffers)
-  engine::state_tier& tier_;
-  std::vector<int64_t> order_;
-  bool dirty_;
-  size_t pos_ = 0;
-  int64_t unit_ = -1;
-  std::unique_ptr<engine::state_lease> lease_;
-};
+const engine::state_view& unit_cursor::at(int64_t u) {
+  if (lease_ && unit_ == u) return **lease_;
+  lease_.reset();
+  while (pos_ < order_.size() && order_[pos_] != u) ++pos_;
+  FERRY_ASSERT(pos_ < order_.size(), "unit_cursor: unit ", u, " out of the announced order");
+  for (size_t k = pos_ + 1; k < std::min(order_.size(), pos_ + 1 + k_ahead); ++k) tier_.prefetch(order_[k]);
+  lease_ = std::make_unique<engine::state_lease>(tier_, u, dirty_);
+  unit_ = u;
+  return **lease_;
+}
 
-// A sequence of units with consecutive repeats removed.
 std::vector<int64_t> sweep(const std::vector<int64_t>& units) {
   std::vector<int64_t> out;
   for (int64_t u : units)
@@ -83,6 +60,98 @@ std::vector<int64_t> sweep(const std::vector<int64_t>& units) {
   return out;
 }
 
+std::vector<int64_t> every_unit(const engine::param_store& store) {
+  std::vector<int64_t> u(size_t(store.num_units()));
+  std::iota(u.begin(), u.end(), int64_t(0));
+  return u;
+}
+
+void fsync_tree(const std::string& dir) {
+  for (const auto& e : fs::directory_iterator(dir)) {
+    if (!e.is_regular_file()) continue;
+    int fd = ::open(e.path().c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd >= 0) {
+      ::fsync(fd);
+      ::close(fd);
+    }
+  }
+  io::fsync_directory(dir);
+}
+
+void write_trainer_state(const std::string& dir, engine::engine& e, const trainer_state& st) {
+  json js;
+  js["step"] = st.step;
+  js["data_cursor"] = st.data_cursor;
+  const engine::engine_state& es = e.state();
+  js["loss_scale"] = es.scaler.scale;
+  js["good_steps"] = es.scaler.good_steps;
+  js["adam_steps"] = es.optimizer_steps;
+  js["seed"] = st.seed;
+  js["recent_fixes"] = es.recent_fixes;
+  js["model_name"] = st.model_name;
+  js["optimizer_state"] = engine::state_kind_name(e.params().state().kind());
+  js["run_config"] = json::parse(st.run_config_json.empty() ? "{}" : st.run_config_json);
+  io::write_file_atomic((fs::path(dir) / "trainer_state.json").string(), js.dump(2) + "\n");
+}
+
+trainer_state read_trainer_state(const std::string& dir, engine::engine_state& es) {
+  json js;
+  const std::string state_path = (fs::path(dir) / "trainer_state.json").string();
+  try {
+    js = json::parse(io::read_file(state_path));
+  } catch (const json::exception& ex) {
+    throw error(state_path + ": not a valid trainer state (" + ex.what() + ")");
+  }
+  trainer_state st;
+  try {
+    st.step = js.at("step").get<int64_t>();
+    st.data_cursor = js.at("data_cursor").get<int64_t>();
+    es.scaler.scale = js.at("loss_scale").get<double>();
+    es.scaler.good_steps = js.at("good_steps").get<int64_t>();
+    es.optimizer_steps = js.at("adam_steps").get<int64_t>();
+    st.seed = js.at("seed").get<uint64_t>();
+    es.recent_fixes = js.at("recent_fixes").get<std::vector<bool>>();
+    st.model_name = js.value("model_name", "");
+    st.optimizer_state = js.value("optimizer_state", "fp32");
+  } catch (const json::exception& ex) {
+    throw error(state_path + ": missing or malformed field (" + ex.what() + ")");
+  }
+  return st;
+}
+
+void copy_tokenizer(const std::string& dir, const std::string& tokenizer_model) {
+  if (tokenizer_model.empty()) return;
+  std::error_code ec;
+  // A tokenizer.json keeps the tokenizer_config.json beside it (BOS/EOS come from there).
+  const bool hf = fs::path(tokenizer_model).extension() == ".json";
+  fs::copy_file(tokenizer_model, fs::path(dir) / (hf ? "tokenizer.json" : "tokenizer.model"),
+                fs::copy_options::overwrite_existing);
+  const fs::path config = fs::path(tokenizer_model).parent_path() / "tokenizer_config.json";
+  if (hf && fs::is_regular_file(config, ec))
+    fs::copy_file(config, fs::path(dir) / "tokenizer_config.json", fs::copy_options::overwrite_existing);
+}
+
+std::string commit(const std::string& tmp_dir, const std::string& output_dir, const std::string& name,
+                   int64_t keep_last) {
+  const fs::path final_dir = fs::path(output_dir) / name;
+  fsync_tree(tmp_dir);
+  io::remove_tree(final_dir.string());
+  fs::rename(tmp_dir, final_dir);
+  io::fsync_directory(output_dir);
+  io::write_file_atomic((fs::path(output_dir) / "latest").string(), name + "\n");
+
+  // Rotation, only now that the new checkpoint is committed.
+  std::error_code ec;
+  std::vector<std::string> all;
+  for (const auto& d : fs::directory_iterator(output_dir, ec))
+    if (d.is_directory() && d.path().filename().string().rfind("checkpoint-", 0) == 0) all.push_back(d.path().filename());
+  std::sort(all.begin(), all.end());
+  for (size_t i = 0; i + size_t(keep_last) < all.size(); ++i) io::remove_tree((fs::path(output_dir) / all[i]).string());
+  return final_dir.string();
+}
+}  // namespace parts
+
+namespace {
 // Where the bytes of one optimizer.safetensors tensor are in a unit's state view.
 enum class state_array { master, exp_avg, exp_avg_sq, m_scale, v_scale };
 struct state_slice {
@@ -137,17 +206,6 @@ void optimizer_entries(const engine::param_store& store, engine::state_kind kind
   }
 }
 
-void fsync_tree(const fs::path& dir) {
-  for (const auto& e : fs::directory_iterator(dir)) {
-    if (!e.is_regular_file()) continue;
-    int fd = ::open(e.path().c_str(), O_RDONLY | O_CLOEXEC);
-    if (fd >= 0) {
-      ::fsync(fd);
-      ::close(fd);
-    }
-  }
-  io::fsync_directory(dir.string());
-}
 }  // namespace
 
 std::string save_checkpoint(engine::engine& e, const trainer_state& st, const std::string& output_dir, int64_t keep_last,
@@ -155,11 +213,11 @@ std::string save_checkpoint(engine::engine& e, const trainer_state& st, const st
   FERRY_CHECK(e.params().has_optimizer_state(), "save_checkpoint: an inference (forward_only) engine has no ",
               "optimizer state to save; checkpoints are written by training engines");
   e.wait_updates();
+  if (e.params().shards().sharded()) return save_ranks(e, st, output_dir, keep_last, tokenizer_model);
   std::error_code ec;
   fs::create_directories(output_dir, ec);
   FERRY_CHECK(!ec, "cannot create the output directory ", output_dir, ": ", ec.message());
   const std::string name = step_name(st.step);
-  const fs::path final_dir = fs::path(output_dir) / name;
   const fs::path tmp_dir = fs::path(output_dir) / ("." + name + ".tmp");
   io::remove_tree(tmp_dir.string());
   fs::create_directories(tmp_dir, ec);
@@ -204,45 +262,13 @@ std::string save_checkpoint(engine::engine& e, const trainer_state& st, const st
                                        sink(slice_data(cursor.at(where[i].unit), where[i]), optim[i].bytes);
                                      });
     }
-    json js;
-    js["step"] = st.step;
-    js["data_cursor"] = st.data_cursor;
-    const engine::engine_state& es = e.state();
-    js["loss_scale"] = es.scaler.scale;
-    js["good_steps"] = es.scaler.good_steps;
-    js["adam_steps"] = es.optimizer_steps;
-    js["seed"] = st.seed;
-    js["recent_fixes"] = es.recent_fixes;
-    js["model_name"] = st.model_name;
-    js["optimizer_state"] = engine::state_kind_name(kind);
-    js["run_config"] = json::parse(st.run_config_json.empty() ? "{}" : st.run_config_json);
-    io::write_file_atomic((tmp_dir / "trainer_state.json").string(), js.dump(2) + "\n");
-    if (!tokenizer_model.empty()) {
-      // A tokenizer.json keeps the tokenizer_config.json beside it (BOS/EOS come from there).
-      const bool hf = fs::path(tokenizer_model).extension() == ".json";
-      fs::copy_file(tokenizer_model, tmp_dir / (hf ? "tokenizer.json" : "tokenizer.model"),
-                    fs::copy_options::overwrite_existing);
-      const fs::path config = fs::path(tokenizer_model).parent_path() / "tokenizer_config.json";
-      if (hf && fs::is_regular_file(config, ec))
-        fs::copy_file(config, tmp_dir / "tokenizer_config.json", fs::copy_options::overwrite_existing);
-    }
-    fsync_tree(tmp_dir);
-    io::remove_tree(final_dir.string());
-    fs::rename(tmp_dir, final_dir);
-    io::fsync_directory(output_dir);
+    write_trainer_state(tmp_dir.string(), e, st);
+    copy_tokenizer(tmp_dir.string(), tokenizer_model);
+    return commit(tmp_dir.string(), output_dir, name, keep_last);
   } catch (...) {
     io::remove_tree(tmp_dir.string());
     throw;
   }
-  io::write_file_atomic((fs::path(output_dir) / "latest").string(), name + "\n");
-
-  // Rotation, only now that the new checkpoint is committed.
-  std::vector<std::string> all;
-  for (const auto& d : fs::directory_iterator(output_dir, ec))
-    if (d.is_directory() && d.path().filename().string().rfind("checkpoint-", 0) == 0) all.push_back(d.path().filename());
-  std::sort(all.begin(), all.end());
-  for (size_t i = 0; i + size_t(keep_last) < all.size(); ++i) io::remove_tree((fs::path(output_dir) / all[i]).string());
-  return final_dir.string();
 }
 
 std::string resolve_checkpoint(const std::string& spec, const std::string& output_dir) {
@@ -261,9 +287,9 @@ std::string resolve_checkpoint(const std::string& spec, const std::string& outpu
   return spec;
 }
 
-namespace {
-// The checkpoint has the engine's model shape (else a one-line error naming both).
-void check_shape(const io::hf_checkpoint_reader& reader, const engine::engine& e, const std::string& dir) {
+namespace parts {
+void check_model(const std::string& dir, const engine::engine& e) {
+  io::hf_checkpoint_reader reader(dir);
   const auto& c = reader.config();
   const auto& m = e.config();
   FERRY_CHECK(c.hidden_size == m.hidden_size && c.num_hidden_layers == m.num_hidden_layers &&
@@ -276,20 +302,15 @@ void check_shape(const io::hf_checkpoint_reader& reader, const engine::engine& e
               c.tie_word_embeddings ? " ties lm_head to the embedding (tie_word_embeddings=true) but the model being trained has its own lm_head"
                                     : " has its own lm_head.weight but the model being trained ties it to the embedding (tie_word_embeddings=true)",
               "; use the checkpoint's config.json as --model-config");
+  reader.validate_against_config();
 }
-
-std::vector<int64_t> every_unit(const engine::param_store& store) {
-  std::vector<int64_t> u(size_t(store.num_units()));
-  std::iota(u.begin(), u.end(), int64_t(0));
-  return u;
-}
-}  // namespace
+}  // namespace parts
 
 void load_hf_weights(engine::engine& e, const std::string& dir) {
+  check_model(dir, e);
   io::hf_checkpoint_reader reader(dir);
-  check_shape(reader, e, dir);
-  reader.validate_against_config();
   auto& store = e.params();
+  if (store.shards().sharded()) return load_hf_shards(e, reader);
   const std::vector<engine::named_param> params = store.named_params();   // grouped by unit
   unit_cursor cursor(store.state(), every_unit(store), true);
   for (const auto& p : params) reader.read_f32(p.name, p.shape, cursor.at(p.unit).master + p.offset);
@@ -388,57 +409,38 @@ void load_unit_moments(const io::safetensors_file& opt, const engine::param_stor
 trainer_state load_checkpoint(engine::engine& e, const std::string& dir) {
   FERRY_CHECK(e.params().has_optimizer_state(), "load_checkpoint: an inference (forward_only) engine cannot resume ",
               "training state; load its weights with load_hf_weights");
-  json js;
-  const std::string state_path = (fs::path(dir) / "trainer_state.json").string();
-  try {
-    js = json::parse(io::read_file(state_path));
-  } catch (const json::exception& ex) {
-    throw error(state_path + ": not a valid trainer state (" + ex.what() + ")");
-  }
-  trainer_state st;
   engine::engine_state es;
-  try {
-    st.step = js.at("step").get<int64_t>();
-    st.data_cursor = js.at("data_cursor").get<int64_t>();
-    es.scaler.scale = js.at("loss_scale").get<double>();
-    es.scaler.good_steps = js.at("good_steps").get<int64_t>();
-    es.optimizer_steps = js.at("adam_steps").get<int64_t>();
-    st.seed = js.at("seed").get<uint64_t>();
-    es.recent_fixes = js.at("recent_fixes").get<std::vector<bool>>();
-    st.model_name = js.value("model_name", "");
-    st.optimizer_state = js.value("optimizer_state", "fp32");
-  } catch (const json::exception& ex) {
-    throw error(state_path + ": missing or malformed field (" + ex.what() + ")");
-  }
+  trainer_state st = read_trainer_state(dir, es);
   engine::state_kind from;
   try {
     from = engine::parse_state_kind(st.optimizer_state);
   } catch (const config_error& ex) {
-    throw error(state_path + ": " + ex.what());
+    throw error((fs::path(dir) / "trainer_state.json").string() + ": " + ex.what());
   }
-
-  {
-    io::hf_checkpoint_reader reader(dir);   // opens and checks model.safetensors; the fp32 masters come from below
-    check_shape(reader, e, dir);
-    reader.validate_against_config();
-  }
-  const std::string opt_path = (fs::path(dir) / "optimizer.safetensors").string();
-  io::safetensors_file opt(opt_path);
+  check_model(dir, e);   // opens and checks model.safetensors; the fp32 masters come from below
   auto& store = e.params();
-  const std::vector<engine::named_param> params = store.named_params();   // grouped by unit
-  // Unit by unit: its fp32 masters, then its moments, within one lease.
-  unit_cursor cursor(store.state(), every_unit(store), true);
-  for (size_t i = 0; i < params.size(); ++i) {
-    const engine::named_param& p = params[i];
-    const engine::state_view& s = cursor.at(p.unit);
-    const io::st_tensor_info* t = opt.find(p.name);
-    FERRY_CHECK(t != nullptr, opt_path, ": missing tensor ", p.name, " (a checkpoint of another model?)");
-    FERRY_CHECK(t->dtype == "F32" && t->shape == p.shape, opt_path, ": tensor ", p.name,
-                " has the wrong dtype or shape for this model");
-    std::memcpy(s.master + p.offset, opt.data(*t), size_t(p.numel) * 4);
-    if (i + 1 == params.size() || params[i + 1].unit != p.unit) load_unit_moments(opt, store, from, p.unit, s);
+  std::error_code ec;
+  if (store.shards().sharded() || fs::exists(fs::path(dir) / k_manifest, ec)) {
+    // Ranks, or a checkpoint written by ranks: each rank takes the pieces that cover its shards.
+    load_pieces(e, dir, from);
+  } else {
+    const std::string opt_path = (fs::path(dir) / "optimizer.safetensors").string();
+    io::safetensors_file opt(opt_path);
+    const std::vector<engine::named_param> params = store.named_params();   // grouped by unit
+    // Unit by unit: its fp32 masters, then its moments, within one lease.
+    unit_cursor cursor(store.state(), every_unit(store), true);
+    for (size_t i = 0; i < params.size(); ++i) {
+      const engine::named_param& p = params[i];
+      const engine::state_view& s = cursor.at(p.unit);
+      const io::st_tensor_info* t = opt.find(p.name);
+      FERRY_CHECK(t != nullptr, opt_path, ": missing tensor ", p.name, " (a checkpoint of another model?)");
+      FERRY_CHECK(t->dtype == "F32" && t->shape == p.shape, opt_path, ": tensor ", p.name,
+                  " has the wrong dtype or shape for this model");
+      std::memcpy(s.master + p.offset, opt.data(*t), size_t(p.numel) * 4);
+      if (i + 1 == params.size() || params[i + 1].unit != p.unit) load_unit_moments(opt, store, from, p.unit, s);
+    }
+    cursor.done();
   }
-  cursor.done();
   e.state() = es;
   e.params_changed();
   return st;

@@ -18,6 +18,26 @@
 // then renamed into place; only then is <output_dir>/latest (a one-line file naming it) replaced
 // atomically and older checkpoints beyond keep_last removed. A half-written checkpoint is never
 // named by latest and never matches the checkpoint-* pattern that resume searches.
+//
+// Ranks (engine_options::comm with world N > 1; output_dir shared by the ranks): the same directory
+// and commit, with the optimizer state in one file per rank instead of optimizer.safetensors:
+//   optimizer-rank<R>-of-<N>.safetensors rank R's shard of every unit (shard_layout), written by rank R:
+//                                        unit<U>.master (F32), unit<U>.exp_avg, unit<U>.exp_avg_sq (F32,
+//                                        BF16, or I8/U8 with unit<U>.exp_avg.scale, .exp_avg_sq.scale F32
+//                                        over the shard's own quant blocks), each [elements of the shard];
+//                                        a unit whose shard is empty has no tensors
+//   shards.json                          the manifest (rank 0): format, world_size, optimizer_state,
+//                                        unit_numel, and per rank its file and (begin, count) of each unit
+//   config.json, model.safetensors       rank 0, from the masters all-gathered unit by unit (the same
+//                                        bytes one rank would write)
+//   trainer_state.json, tokenizer files  rank 0, as above
+// Every rank writes its part into the temporary directory rank 0 made; then every rank says
+// whether its part is complete (an all-reduce on the engine's channel) and rank 0 renames only when
+// all are; a rank that failed or died leaves the previous checkpoint and latest untouched (the
+// others stop with a line saying which). Any world loads any checkpoint: each rank reads the pieces
+// of the saved shards (or of the one-rank file's parameters) that cover its own shards. fp32 and
+// bf16 moments arrive bit for bit; int8 moments are decoded and encoded again when the world (so
+// the quant blocks) changed.
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -39,7 +59,7 @@ struct trainer_state {
   std::string optimizer_state = "fp32";
 };
 
-// Saves engine state (waits for pending updates and the tier's write-backs first; a failed one
+// Saves engine state (with ranks: every rank calls it at the same step; collectives) (waits for pending updates and the tier's write-backs first; a failed one
 // throws and nothing is saved). The tier's state is read unit by unit in each file's order, one unit
 // leased at a time, so a tier on disk (optimizer_state_on=nvme) streams through its few buffers;
 // the files are the same bytes whatever the tier. Returns the checkpoint directory. Training
@@ -60,7 +80,8 @@ std::string resolve_checkpoint(const std::string& spec, const std::string& outpu
 // forward_only engine.
 trainer_state load_checkpoint(engine::engine& e, const std::string& dir);
 
-// Loads only model weights from an HF checkpoint directory (fine-tuning start).
+// Loads only model weights from an HF checkpoint directory (fine-tuning start); with ranks every
+// rank reads the weights and keeps its shards.
 void load_hf_weights(engine::engine& e, const std::string& dir);
 
 }  // namespace ferry::checkpoint

@@ -86,8 +86,6 @@ int run_training(const io::run_config& cfg, const model::llama_config& mc, const
     // Only rank 0 talks: the other ranks' stdout goes nowhere (their errors still reach stderr).
     FERRY_CHECK(std::freopen("/dev/null", "w", stdout), "cannot silence rank ", rank, "'s stdout");
   }
-  FERRY_CONFIG_CHECK(world == 1 || (cfg.resume.empty() && cfg.init.empty()), "resume and init with WORLD_SIZE=", world,
-                     ": sharded checkpoints are not implemented yet; start several ranks from a random init (seed)");
   io::token_dataset data = io::token_dataset::open(dopt);
   if (const io::example_set* ex = data.examples()) {
     std::printf("data: %lld examples, %lld tokens (%lld trained), %lld training / %lld evaluation sequences of up "
@@ -157,12 +155,9 @@ int run_training(const io::run_config& cfg, const model::llama_config& mc, const
   const bool tty = isatty(STDERR_FILENO);
   install_signals();
 
+  // With ranks every rank saves (its shard; rank 0 the rest: checkpoint.h), so every rank must
+  // decide the same: the signals are summed over the ranks with the step's token count below.
   auto save = [&](const char* why) {
-    if (world > 1) {
-      std::printf("checkpoint (%s): not written: sharded checkpoints (WORLD_SIZE=%d) are not implemented yet\n", why,
-                  world);
-      return;
-    }
     std::string dir = checkpoint::save_checkpoint(e, st, cfg.output_dir, cfg.keep_last, sp_model);
     std::printf("checkpoint (%s): %s\n", why, dir.c_str());
   };
@@ -201,11 +196,21 @@ int run_training(const io::run_config& cfg, const model::llama_config& mc, const
     double lr = sched.at(st.step + 1);
     engine::step_result r = e.train_step(micro, lr);
     ++st.step;
+    // This step's save request and stop signal, taken once here (a signal arriving later counts
+    // at the next step), so that with ranks every rank acts on the same sums.
+    int save_requests = g_save_request.exchange(0);
+    const int local_sig = g_stop_signal.load();
+    int stop_int = local_sig == SIGINT, stop_term = local_sig != 0 && local_sig != SIGINT;
     if (world > 1) {
-      // The positions every rank ran (padding differs per rank).
-      at::Tensor t = at::tensor({double(step_tokens)}, at::kDouble);
+      // The positions every rank ran (padding differs per rank), and the ranks' signals.
+      at::Tensor t = at::tensor({double(step_tokens), double(save_requests), double(stop_int), double(stop_term)},
+                                at::kDouble);
       eo.comm->all_reduce_sum(t, engine::comm_channel::channel_engine);
-      step_tokens = int64_t(t.item<double>());
+      const double* sum = t.data_ptr<double>();
+      step_tokens = int64_t(sum[0]);
+      save_requests = int(sum[1] + 0.5);
+      stop_int = int(sum[2] + 0.5);
+      stop_term = int(sum[3] + 0.5);
     }
 
     double tok_s = double(step_tokens) / (r.step_ms / 1e3);
@@ -293,11 +298,11 @@ int run_training(const io::run_config& cfg, const model::llama_config& mc, const
       std::fprintf(stderr, "\r[%s%s] %lld/%lld", std::string(size_t(done), '#').c_str(),
                    std::string(size_t(width - done), '.').c_str(), (long long)st.step, (long long)cfg.steps);
     }
-    if (g_save_request.exchange(0)) save("SIGUSR1");
+    if (save_requests > 0) save("SIGUSR1");
     if (cfg.save_every > 0 && st.step % cfg.save_every == 0 && st.step < cfg.steps) save("periodic");
-    if (int sig = g_stop_signal.load()) {
-      save(sig == SIGINT ? "SIGINT" : "SIGTERM");
-      exit_code = sig == SIGINT ? 130 : 143;
+    if (stop_int > 0 || stop_term > 0) {
+      save(stop_int > 0 ? "SIGINT" : "SIGTERM");
+      exit_code = stop_int > 0 ? 130 : 143;
       break;
     }
   }

@@ -17,7 +17,8 @@ constexpr int64_t k_global = 6, k_steps = 4;
 // kind: "blocked" (fp32, no speculation), "overlapped" (fp32, speculate on: undo and redo run per
 // shard), "fp16" (overlapped, fp16 compute with loss scaling), "nvme" (overlapped with the optimizer
 // state on disk, a tier file of this rank's shards in $TMPDIR or /tmp; the one-rank reference keeps
-// it in memory, which the tier matches bit for bit: nvme_training). clip 0.05 clips every step; poison
+// it in memory, which the tier matches bit for bit: nvme_training), "int8" and "bf16" (overlapped with
+// that optimizer_state). clip 0.05 clips every step; poison
 // makes step 2 (1-based) overflow (every rank writes +inf into one element of block 1's gradient,
 // as one rank's backward would: the sum stays +inf).
 // device: the CUDA device of this rank in the GPU build (dist_gpu_test, k_cuda_suite), -1 the current.
@@ -34,6 +35,8 @@ inline engine::engine_options run_options(const std::string& kind, int64_t rows_
   // compute dtype (engine_options::reduce_on_device; no effect on the one-rank reference).
   o.reduce_on_device = kind.rfind("device", 0) == 0;
   o.max_batch = rows_per_rank;
+  if (kind == "int8") o.state = state_kind::state_int8;
+  if (kind == "bf16") o.state = state_kind::state_bf16;
   if (kind == "nvme" && rows_per_rank != k_global) {   // the ranks, not the one-rank reference
     const char* tmp = std::getenv("TMPDIR");
     o.state_on = state_place::place_nvme;

@@ -1,12 +1,26 @@
 // One rank of dist_test's runs: reads the torchrun environment (src/dist/launch.h), connects over
 // c10d (Gloo on the loopback), trains k_steps steps of its share of the global batch and writes
 // its results for the test to compare with a one-rank run:
-//   dist_worker KIND POISON(0|1) OUT_PREFIX [DIE_AT_STEP]
+//   dist_worker KIND POISON(0|1) OUT_PREFIX [DIE_AT_STEP [CHECKPOINT_MODE OUTPUT_DIR [STEP]]]
 // OUT_PREFIX.<rank>.steps  one line per step: loss skipped grad_norm clip_coef loss_scale
 // OUT_PREFIX.<rank>.master this rank's shard of every unit's fp32 master, unit after unit
+// OUT_PREFIX.<rank>.moments this rank's shard of every unit's moments decoded to fp32, m then v
 // Built twice: dist_worker (host backend) and dist_gpu_worker (CUDA, FERRY_TEST_CUDA=1).
-// DIE_AT_STEP: rank 1 exits abruptly (no goodbye to the others) before that step (1-based).
+// DIE_AT_STEP: rank 1 exits abruptly (no goodbye to the others) before that step (1-based); -1 never.
+// CHECKPOINT_MODE (dist_checkpoint_test; checkpoints in OUTPUT_DIR, trainer step = steps taken):
+//   save STEP     trains STEP steps, writes the result files, saves a checkpoint, stops
+//   resume        resumes from OUTPUT_DIR's latest checkpoint and trains to k_steps
+//   load          resumes from OUTPUT_DIR's latest checkpoint and writes the result files at once
+//   init STEP     starts from the HF weights of OUTPUT_DIR/checkpoint-<STEP> at step STEP, trains to k_steps
+//   die_in_save STEP, fail_in_save STEP
+//                 saves after every step; from STEP on rank 1 may not write past 16 KiB of a file
+//                 (RLIMIT_FSIZE), so its shard is cut short: die_in_save by SIGXFSZ (the rank dies in
+//                 the middle of its file), fail_in_save with EFBIG (the rank's write throws)
+#include <sys/resource.h>
 #include <unistd.h>
+
+#include <csignal>
+#include <filesystem>
 
 #include <chrono>
 #include <cstdio>
@@ -14,6 +28,7 @@
 #include <fstream>
 #include <string>
 
+#include "src/checkpoint/checkpoint.h"
 #include "src/common/error.h"
 #include "src/dist/launch.h"
 #include "src/dist/process_group.h"
@@ -22,10 +37,12 @@
 int main(int argc, char** argv) {
   using namespace ferry;
   return run_tool("dist_worker", [&] {
-    FERRY_CONFIG_CHECK(argc >= 4, "usage: dist_worker KIND POISON OUT_PREFIX [DIE_AT_STEP]");
+    FERRY_CONFIG_CHECK(argc >= 4, "usage: dist_worker KIND POISON OUT_PREFIX [DIE_AT_STEP [CHECKPOINT_MODE OUTPUT_DIR [STEP]]]");
     const std::string kind = argv[1], prefix = argv[3];
     const bool poison = std::string(argv[2]) == "1";
     const int die_at = argc > 4 ? std::atoi(argv[4]) : -1;
+    const std::string mode = argc > 5 ? argv[5] : "", out_dir = argc > 6 ? argv[6] : "";
+    const int64_t mode_step = argc > 7 ? std::atoll(argv[7]) : -1;
     const dist::launch_info launch = dist::read_launch_env(-1);
     // The GPU build (dist_gpu_worker): one device per rank, as ferry-train binds LOCAL_RANK.
     engine::engine_options o = dist::test::run_options(kind, dist::test::k_global / launch.world, poison,
@@ -42,23 +59,63 @@ int main(int argc, char** argv) {
     }
     auto e = engine::test::make_engine(o);
     const auto data = dist::test::global_data();
+    checkpoint::trainer_state st;
+    st.seed = 7;
+    st.model_name = "tiny";
+    if (mode == "resume" || mode == "load") st = checkpoint::load_checkpoint(*e, checkpoint::resolve_checkpoint("latest", out_dir));
+    if (mode == "init") {
+      char name[64];
+      std::snprintf(name, sizeof name, "checkpoint-%06lld", static_cast<long long>(mode_step));
+      checkpoint::load_hf_weights(*e, (std::filesystem::path(out_dir) / name).string());
+      e->params_changed();
+      st.step = mode_step;
+    }
+    const bool save_each = mode == "die_in_save" || mode == "fail_in_save";
+    auto save = [&] { checkpoint::save_checkpoint(*e, st, out_dir, 2); };
     std::ofstream steps(prefix + "." + std::to_string(launch.rank) + ".steps");
-    for (int64_t k = 0; k < int64_t(data.size()); ++k) {
+    auto write_results = [&] {
+      e->wait_updates();
+      std::ofstream master(prefix + "." + std::to_string(launch.rank) + ".master", std::ios::binary);
+      for (int64_t u = 0; u < e->params().num_units(); ++u) {   // through the tier: in memory or on disk
+        engine::state_lease s(e->params().state(), u, false);
+        master.write(reinterpret_cast<const char*>(s->master), std::streamsize(s->n * 4));
+      }
+      master.close();
+      std::ofstream moments(prefix + "." + std::to_string(launch.rank) + ".moments", std::ios::binary);
+      for (int64_t u = 0; u < e->params().num_units(); ++u) {
+        const auto [m, v] = engine::test::decoded_moments(*e, u);
+        moments.write(reinterpret_cast<const char*>(m.data_ptr()), std::streamsize(m.numel() * 4));
+        moments.write(reinterpret_cast<const char*>(v.data_ptr()), std::streamsize(v.numel() * 4));
+      }
+      moments.close();
+    };
+    const int64_t last = mode == "load" ? st.step : int64_t(data.size());
+    for (int64_t k = st.step; k < last; ++k) {
+      if (mode == "save" && k == mode_step) {
+        write_results();
+        save();
+        if (group) group->barrier("done");
+        return 0;
+      }
       if (launch.rank == 1 && k + 1 == die_at) _exit(9);
       const engine::step_result r =
           e->train_step(dist::test::rank_rows(data[size_t(k)], launch.rank, launch.world), engine::test::lr_at(k));
+      ++st.step;
+      st.data_cursor += dist::test::k_global;
       char line[256];
       std::snprintf(line, sizeof line, "%.17g %d %.17g %.17g %.17g\n", r.loss, int(r.skipped), r.grad_norm, r.clip_coef,
                     r.loss_scale);
       steps << line;
+      if (save_each) {
+        if (launch.rank == 1 && st.step == mode_step) {
+          if (mode == "fail_in_save") std::signal(SIGXFSZ, SIG_IGN);
+          const rlimit lim{16 << 10, 16 << 10};
+          setrlimit(RLIMIT_FSIZE, &lim);
+        }
+        save();
+      }
     }
-    e->wait_updates();
-    std::ofstream master(prefix + "." + std::to_string(launch.rank) + ".master", std::ios::binary);
-    for (int64_t u = 0; u < e->params().num_units(); ++u) {   // through the tier: in memory or on disk
-      engine::state_lease s(e->params().state(), u, false);
-      master.write(reinterpret_cast<const char*>(s->master), std::streamsize(s->n * 4));
-    }
-    master.close();
+    write_results();
     steps.close();
     if (group) group->barrier("done");
     return 0;
