@@ -60,6 +60,15 @@ std::vector<int64_t> sweep(const std::vector<int64_t>& units) {
   return out;
 }
 
+std::vector<size_t> writer_order(const std::vector<io::st_write_entry>& entries) {
+  std::vector<size_t> order(entries.size());
+  std::iota(order.begin(), order.end(), size_t(0));
+  std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) {
+    return io::st_dtype_size(entries[a].dtype) > io::st_dtype_size(entries[b].dtype);
+  });
+  return order;
+}
+
 std::vector<int64_t> every_unit(const engine::param_store& store) {
   std::vector<int64_t> u(size_t(store.num_units()));
   std::iota(u.begin(), u.end(), int64_t(0));
@@ -238,14 +247,8 @@ std::string save_checkpoint(engine::engine& e, const trainer_state& st, const st
     std::vector<io::st_write_entry> optim;
     std::vector<state_slice> where;
     optimizer_entries(store, kind, optim, where);
-    // The writer's file order: by decreasing element size, ties in the order given.
-    std::vector<size_t> file_order(optim.size());
-    std::iota(file_order.begin(), file_order.end(), size_t(0));
-    std::stable_sort(file_order.begin(), file_order.end(), [&](size_t a, size_t b) {
-      return io::st_dtype_size(optim[a].dtype) > io::st_dtype_size(optim[b].dtype);
-    });
     std::vector<int64_t> optim_units;
-    for (size_t i : file_order) optim_units.push_back(where[i].unit);
+    for (size_t i : writer_order(optim)) optim_units.push_back(where[i].unit);
     model::llama_config cfg = e.config();
     {
       unit_cursor cursor(tier, sweep(weight_units), false);

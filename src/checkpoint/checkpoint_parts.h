@@ -51,6 +51,9 @@ class unit_cursor {
 
 // A sequence of units with consecutive repeats removed.
 std::vector<int64_t> sweep(const std::vector<int64_t>& units);
+// The order io::write_safetensors_streamed writes `entries` in (by decreasing element size, ties in
+// the order given), as indexes into entries: the order a writer's unit sweep must follow.
+std::vector<size_t> writer_order(const std::vector<io::st_write_entry>& entries);
 std::vector<int64_t> every_unit(const engine::param_store& store);
 
 // fsyncs every regular file of dir, then dir.

@@ -69,14 +69,8 @@ void write_rank_file(engine::param_store& store, const std::string& path) {
       add(u, ".exp_avg_sq.scale", "F32", blocks, 4, part::v_scale);
     }
   }
-  // The writer's file order (by decreasing element size, ties in the order given) as the units' sweep.
-  std::vector<size_t> order(entries.size());
-  std::iota(order.begin(), order.end(), size_t(0));
-  std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) {
-    return io::st_dtype_size(entries[a].dtype) > io::st_dtype_size(entries[b].dtype);
-  });
   std::vector<int64_t> units;
-  for (size_t i : order) units.push_back(where[i].first);
+  for (size_t i : writer_order(entries)) units.push_back(where[i].first);
   unit_cursor cursor(tier, sweep(units), false);
   io::write_safetensors_streamed(path, entries,
                                  {{"format", "ferry-optimizer-shard-v1"},

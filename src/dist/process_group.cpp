@@ -197,44 +197,42 @@ void process_group::on_device(engine::comm_channel c, Fn&& fn) {
 #endif
 }
 
-void process_group::reduce_scatter_sum(at::Tensor& out, const at::Tensor& in, engine::comm_channel c) {
-  FERRY_ASSERT(in.numel() == out.numel() * world(), "reduce_scatter of ", in.numel(), " into ", out.numel(), " x ",
-               world());
-  guarded("reduce_scatter", [&] {
+// A reduce-scatter or all-gather: start(group, out, in) issues it on tensors of one place and
+// returns its work. Host tensors of a CUDA run are staged through the device; device tensors are
+// ordered on the current stream, which waits for the result while the host goes on (NCCL's own
+// watchdog bounds a hang by the group's timeout); host tensors are done when this returns.
+template <class Start>
+void process_group::collective(const char* what, at::Tensor& out, const at::Tensor& in, engine::comm_channel c,
+                               Start&& start) {
+  guarded(what, [&] {
     if (staged_on_device(out)) {
       on_device(c, [&](c10d::Backend& g, const c10::Device& d) {
         at::Tensor din = in.to(d, /*non_blocking=*/true);
         at::Tensor dout = at::empty({out.numel()}, din.options());
-        g._reduce_scatter_base(dout, din)->wait(opt_.timeout);
+        start(g, dout, din)->wait(opt_.timeout);
         out.copy_(dout, /*non_blocking=*/true);
       });
       return;
     }
     at::Tensor src = in;
-    auto work = impl_->backend_for(out, c, *this)._reduce_scatter_base(out, src);
-    // Device tensors: the current stream waits for NCCL, the host goes on (NCCL's own watchdog
-    // bounds a hang by the group's timeout); host tensors: done when this returns.
+    auto work = start(impl_->backend_for(out, c, *this), out, src);
     if (out.is_cuda()) work->wait();
     else work->wait(opt_.timeout);
   });
 }
 
+void process_group::reduce_scatter_sum(at::Tensor& out, const at::Tensor& in, engine::comm_channel c) {
+  FERRY_ASSERT(in.numel() == out.numel() * world(), "reduce_scatter of ", in.numel(), " into ", out.numel(), " x ",
+               world());
+  collective("reduce_scatter", out, in, c,
+             [](c10d::Backend& g, at::Tensor& o, at::Tensor& i) { return g._reduce_scatter_base(o, i); });
+}
+
 void process_group::all_gather(at::Tensor& out, const at::Tensor& in, engine::comm_channel c) {
   FERRY_ASSERT(out.numel() == in.numel() * world(), "all_gather of ", in.numel(), " x ", world(), " into ",
                out.numel());
-  guarded("all_gather", [&] {
-    if (staged_on_device(out)) {
-      on_device(c, [&](c10d::Backend& g, const c10::Device& d) {
-        at::Tensor din = in.to(d, /*non_blocking=*/true);
-        at::Tensor dout = at::empty({out.numel()}, din.options());
-        g._allgather_base(dout, din)->wait(opt_.timeout);
-        out.copy_(dout, /*non_blocking=*/true);
-      });
-      return;
-    }
-    at::Tensor src = in;
-    impl_->backend_for(out, c, *this)._allgather_base(out, src)->wait(opt_.timeout);
-  });
+  collective("all_gather", out, in, c,
+             [](c10d::Backend& g, at::Tensor& o, at::Tensor& i) { return g._allgather_base(o, i); });
 }
 
 void process_group::barrier(const std::string& name) {

@@ -64,6 +64,8 @@ class process_group final : public engine::collectives {
   bool staged_on_device(const at::Tensor& t) const;
   template <class Fn>
   void on_device(engine::comm_channel c, Fn&& fn);
+  template <class Start>
+  void collective(const char* what, at::Tensor& out, const at::Tensor& in, engine::comm_channel c, Start&& start);
   std::string who_stopped();
 
   launch_info launch_;

@@ -15,13 +15,15 @@
 // gradient in a step, so it overwrites on the first micro-batch and the scatter task then only
 // adds), before the embedding's one update at the end of backward. Resident, the head's backward
 // writes straight into the embedding's device gradient and the embedding's backward adds to it.
-// Data-parallel ranks (param_store::shards): on the update thread, after the unit's last
-// micro-batch, reduce() sums the unit's gradient over the ranks in fp32 (reduce-scatter) into this
-// rank's shard, which is all host() then shows the optimizer. On the host backend the whole unit
-// reaches the host first and the reduce-scatter runs there (Gloo); the CUDA path's
-// reduce-scatter before the copy, so that only the shard moves, is engine_options::reduce_on_device:
-// send() reduce-scatters a block's slot (padded to the ranks' equal blocks) in the compute dtype and
-// copies this rank's block of the sum into the unit's host buffer; reduce() then has nothing to do.
+// Data-parallel ranks (param_store::shards), two ways:
+//   on the host (default): the whole unit reaches the host; on the update thread, after the unit's
+//       last micro-batch, reduce() sums it over the ranks in fp32 (a reduce-scatter of the host
+//       buffers: Gloo, or staged through the GPUs by src/dist on CUDA) into this rank's shard,
+//       which is all host() then shows the optimizer.
+//   where it was made (engine_options::reduce_on_device; blocks and an untied head): send()
+//       reduce-scatters the slot, padded to the ranks' equal blocks, in the compute dtype on the
+//       compute queue and copies only this rank's block of the sum into the unit's host buffer;
+//       reduce() then has nothing to do.
 #include <ATen/core/Tensor.h>
 
 #include <functional>
