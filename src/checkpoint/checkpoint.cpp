@@ -69,6 +69,16 @@ std::vector<size_t> writer_order(const std::vector<io::st_write_entry>& entries)
   return order;
 }
 
+void hf_weight_entries(engine::param_store& store, const model::llama_config& cfg,
+                       std::vector<io::named_f32>& weights, std::vector<int64_t>& units) {
+  for (const auto& hf : io::llama_tensor_names(cfg)) {
+    const engine::named_param* p = store.find(hf.first);
+    FERRY_ASSERT(p != nullptr, "no parameter ", hf.first);
+    weights.push_back({p->name, p->shape, nullptr});
+    units.push_back(p->unit);
+  }
+}
+
 std::vector<int64_t> every_unit(const engine::param_store& store) {
   std::vector<int64_t> u(size_t(store.num_units()));
   std::iota(u.begin(), u.end(), int64_t(0));
@@ -238,12 +248,7 @@ std::string save_checkpoint(engine::engine& e, const trainer_state& st, const st
     const engine::state_kind kind = tier.kind();
     std::vector<io::named_f32> weights;
     std::vector<int64_t> weight_units;
-    for (const auto& hf : io::llama_tensor_names(e.config())) {
-      const engine::named_param* p = store.find(hf.first);
-      FERRY_ASSERT(p != nullptr, "no parameter ", hf.first);
-      weights.push_back({p->name, p->shape, nullptr});
-      weight_units.push_back(p->unit);
-    }
+    hf_weight_entries(store, e.config(), weights, weight_units);
     std::vector<io::st_write_entry> optim;
     std::vector<state_slice> where;
     optimizer_entries(store, kind, optim, where);

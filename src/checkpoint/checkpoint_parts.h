@@ -54,6 +54,10 @@ std::vector<int64_t> sweep(const std::vector<int64_t>& units);
 // The order io::write_safetensors_streamed writes `entries` in (by decreasing element size, ties in
 // the order given), as indexes into entries: the order a writer's unit sweep must follow.
 std::vector<size_t> writer_order(const std::vector<io::st_write_entry>& entries);
+// The HF weights a checkpoint writes, in io::llama_tensor_names' order (data filled in later by the
+// writer), and the unit each belongs to.
+void hf_weight_entries(engine::param_store& store, const model::llama_config& cfg,
+                       std::vector<io::named_f32>& weights, std::vector<int64_t>& units);
 std::vector<int64_t> every_unit(const engine::param_store& store);
 
 // fsyncs every regular file of dir, then dir.

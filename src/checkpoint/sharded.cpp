@@ -193,12 +193,7 @@ std::string save_ranks(engine::engine& e, const trainer_state& st, const std::st
     // The HF weights from the gathered masters: rank 0 writes, every rank gathers.
     std::vector<io::named_f32> weights;
     std::vector<int64_t> weight_units;
-    for (const auto& hf : io::llama_tensor_names(e.config())) {
-      const engine::named_param* p = store.find(hf.first);
-      FERRY_ASSERT(p != nullptr, "no parameter ", hf.first);
-      weights.push_back({p->name, p->shape, nullptr});
-      weight_units.push_back(p->unit);
-    }
+    hf_weight_entries(store, e.config(), weights, weight_units);
     master_gather gather(store, sweep(weight_units));
     if (lead)
       attempt([&] {
