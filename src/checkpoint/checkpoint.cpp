@@ -296,8 +296,7 @@ std::string resolve_checkpoint(const std::string& spec, const std::string& outpu
 }
 
 namespace parts {
-void check_model(const std::string& dir, const engine::engine& e) {
-  io::hf_checkpoint_reader reader(dir);
+void check_model(const io::hf_checkpoint_reader& reader, const std::string& dir, const engine::engine& e) {
   const auto& c = reader.config();
   const auto& m = e.config();
   FERRY_CHECK(c.hidden_size == m.hidden_size && c.num_hidden_layers == m.num_hidden_layers &&
@@ -315,8 +314,8 @@ void check_model(const std::string& dir, const engine::engine& e) {
 }  // namespace parts
 
 void load_hf_weights(engine::engine& e, const std::string& dir) {
-  check_model(dir, e);
   io::hf_checkpoint_reader reader(dir);
+  check_model(reader, dir, e);
   auto& store = e.params();
   if (store.shards().sharded()) return load_hf_shards(e, reader);
   const std::vector<engine::named_param> params = store.named_params();   // grouped by unit
@@ -425,7 +424,7 @@ trainer_state load_checkpoint(engine::engine& e, const std::string& dir) {
   } catch (const config_error& ex) {
     throw error((fs::path(dir) / "trainer_state.json").string() + ": " + ex.what());
   }
-  check_model(dir, e);   // opens and checks model.safetensors; the fp32 masters come from below
+  check_model(io::hf_checkpoint_reader(dir), dir, e);   // the fp32 masters come from below
   auto& store = e.params();
   std::error_code ec;
   if (store.shards().sharded() || fs::exists(fs::path(dir) / k_manifest, ec)) {

@@ -75,9 +75,9 @@ void copy_tokenizer(const std::string& dir, const std::string& tokenizer_model);
 std::string commit(const std::string& tmp_dir, const std::string& output_dir, const std::string& name,
                    int64_t keep_last);
 
-// The checkpoint at dir (config.json, model.safetensors) has the engine's model shape (else a
-// one-line error naming both), and its HF weights are complete.
-void check_model(const std::string& dir, const engine::engine& e);
+// The checkpoint at dir (config.json, model.safetensors, opened as reader) has the engine's model
+// shape (else a one-line error naming both), and its HF weights are complete.
+void check_model(const io::hf_checkpoint_reader& reader, const std::string& dir, const engine::engine& e);
 
 // The ranks' parts (sharded.cpp). save_ranks: every rank of e's comm writes its shard; rank 0 the
 // rest; returns the committed directory on every rank.

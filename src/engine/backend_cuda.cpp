@@ -30,6 +30,15 @@ class cuda_event final : public event {
 
 const gpu::event& ev(const event_ptr& e) { return static_cast<cuda_event*>(e.get())->get(); }
 
+// The caching allocator's peaks on a device (total left 0).
+device_memory_stats allocator_peaks(c10::DeviceIndex index) {
+  const auto s = c10::cuda::CUDACachingAllocator::getDeviceStats(index);
+  device_memory_stats out;
+  out.allocated_peak = s.allocated_bytes[0].peak;
+  out.reserved_peak = s.reserved_bytes[0].peak;
+  return out;
+}
+
 class cuda_backend final : public backend {
  public:
   cuda_backend(int index, int64_t delay_us, uint64_t seed)
@@ -94,10 +103,7 @@ class cuda_backend final : public backend {
   }
 
   device_memory_stats memory_stats() override {
-    auto s = c10::cuda::CUDACachingAllocator::getDeviceStats(device_.index());
-    device_memory_stats out;
-    out.allocated_peak = s.allocated_bytes[0].peak;
-    out.reserved_peak = s.reserved_bytes[0].peak;
+    device_memory_stats out = allocator_peaks(device_.index());
     size_t free_b = 0, total_b = 0;
     c10::cuda::CUDAGuard g(device_.index());
     FERRY_CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
@@ -132,12 +138,8 @@ int cuda_device_count() {
 }
 
 device_memory_stats cuda_memory_stats(int device_index) {
-  device_memory_stats out;
-  if (!cuda_usable() || device_index < 0 || device_index >= cuda_device_count()) return out;
-  const auto s = c10::cuda::CUDACachingAllocator::getDeviceStats(static_cast<c10::DeviceIndex>(device_index));
-  out.allocated_peak = s.allocated_bytes[0].peak;
-  out.reserved_peak = s.reserved_bytes[0].peak;
-  return out;
+  if (!cuda_usable() || device_index < 0 || device_index >= cuda_device_count()) return {};
+  return allocator_peaks(static_cast<c10::DeviceIndex>(device_index));
 }
 
 std::string cuda_pci_bus_id(int device_index) {
