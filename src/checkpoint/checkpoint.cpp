@@ -79,6 +79,17 @@ void hf_weight_entries(engine::param_store& store, const model::llama_config& cf
   }
 }
 
+const void* slice_data(const engine::state_view& s, const state_slice& x) {
+  switch (x.array) {
+    case state_array::master: return s.master + x.offset;
+    case state_array::exp_avg: return x.offset == 0 ? s.exp_avg : static_cast<const float*>(s.exp_avg) + x.offset;
+    case state_array::exp_avg_sq: return x.offset == 0 ? s.exp_avg_sq : static_cast<const float*>(s.exp_avg_sq) + x.offset;
+    case state_array::m_scale: return s.m_scale;
+    case state_array::v_scale: return s.v_scale;
+  }
+  return nullptr;
+}
+
 std::vector<int64_t> every_unit(const engine::param_store& store) {
   std::vector<int64_t> u(size_t(store.num_units()));
   std::iota(u.begin(), u.end(), int64_t(0));
@@ -171,24 +182,6 @@ std::string commit(const std::string& tmp_dir, const std::string& output_dir, co
 }  // namespace parts
 
 namespace {
-// Where the bytes of one optimizer.safetensors tensor are in a unit's state view.
-enum class state_array { master, exp_avg, exp_avg_sq, m_scale, v_scale };
-struct state_slice {
-  int64_t unit;
-  state_array array;
-  int64_t offset;   // elements into the array
-};
-const void* slice_data(const engine::state_view& s, const state_slice& x) {
-  switch (x.array) {
-    case state_array::master: return s.master + x.offset;
-    case state_array::exp_avg: return x.offset == 0 ? s.exp_avg : static_cast<const float*>(s.exp_avg) + x.offset;
-    case state_array::exp_avg_sq: return x.offset == 0 ? s.exp_avg_sq : static_cast<const float*>(s.exp_avg_sq) + x.offset;
-    case state_array::m_scale: return s.m_scale;
-    case state_array::v_scale: return s.v_scale;
-  }
-  return nullptr;
-}
-
 // optimizer.safetensors' tensors (checkpoint.h) and where each one's bytes are: per parameter its
 // fp32 master (and fp32 moments); per unit, after its parameters, the int8 scales; then per unit
 // the compact codes. write_safetensors_streamed orders them by decreasing element size, which

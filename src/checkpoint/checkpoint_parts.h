@@ -49,6 +49,16 @@ class unit_cursor {
   std::unique_ptr<engine::state_lease> lease_;
 };
 
+// Where the bytes of one tensor of an optimizer file are in a unit's state view (an offset into
+// fp32 moments only: compact moments are written per unit or per shard, from their start).
+enum class state_array { master, exp_avg, exp_avg_sq, m_scale, v_scale };
+struct state_slice {
+  int64_t unit;
+  state_array array;
+  int64_t offset;   // elements into the array
+};
+const void* slice_data(const engine::state_view& s, const state_slice& x);
+
 // A sequence of units with consecutive repeats removed.
 std::vector<int64_t> sweep(const std::vector<int64_t>& units);
 // The order io::write_safetensors_streamed writes `entries` in (by decreasing element size, ties in

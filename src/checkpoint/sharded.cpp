@@ -44,33 +44,32 @@ int64_t failed_ranks(engine::collectives& comm, bool ok) {
 void write_rank_file(engine::param_store& store, const std::string& path) {
   engine::state_tier& tier = store.state();
   const engine::state_kind kind = tier.kind();
-  enum class part { master, m, v, m_scale, v_scale };
   std::vector<io::st_write_entry> entries;
-  std::vector<std::pair<int64_t, part>> where;
-  auto add = [&](int64_t u, const char* what, const char* dtype, int64_t n, size_t elem, part x) {
+  std::vector<state_slice> where;
+  auto add = [&](int64_t u, const char* what, const char* dtype, int64_t n, size_t elem, state_array x) {
     entries.push_back({shard_tensor(u, what), dtype, {n}, nullptr, size_t(n) * elem});
-    where.push_back({u, x});
+    where.push_back({u, x, 0});
   };
   for (int64_t u = 0; u < store.num_units(); ++u) {
     const int64_t n = store.shard_numel(u);
     if (n == 0) continue;   // a unit smaller than the world leaves the last ranks nothing
-    add(u, ".master", "F32", n, 4, part::master);
+    add(u, ".master", "F32", n, 4, state_array::master);
     if (kind == engine::state_kind::state_fp32) {
-      add(u, ".exp_avg", "F32", n, 4, part::m);
-      add(u, ".exp_avg_sq", "F32", n, 4, part::v);
+      add(u, ".exp_avg", "F32", n, 4, state_array::exp_avg);
+      add(u, ".exp_avg_sq", "F32", n, 4, state_array::exp_avg_sq);
       continue;
     }
     const compact_dtypes d = compact_dtypes_of(kind);
-    add(u, ".exp_avg", d.m, n, d.elem, part::m);
-    add(u, ".exp_avg_sq", d.v, n, d.elem, part::v);
+    add(u, ".exp_avg", d.m, n, d.elem, state_array::exp_avg);
+    add(u, ".exp_avg_sq", d.v, n, d.elem, state_array::exp_avg_sq);
     if (kind == engine::state_kind::state_int8) {
       const int64_t blocks = int64_t(cpu_optim::quant_blocks(size_t(n)));
-      add(u, ".exp_avg.scale", "F32", blocks, 4, part::m_scale);
-      add(u, ".exp_avg_sq.scale", "F32", blocks, 4, part::v_scale);
+      add(u, ".exp_avg.scale", "F32", blocks, 4, state_array::m_scale);
+      add(u, ".exp_avg_sq.scale", "F32", blocks, 4, state_array::v_scale);
     }
   }
   std::vector<int64_t> units;
-  for (size_t i : writer_order(entries)) units.push_back(where[i].first);
+  for (size_t i : writer_order(entries)) units.push_back(where[i].unit);
   unit_cursor cursor(tier, sweep(units), false);
   io::write_safetensors_streamed(path, entries,
                                  {{"format", "ferry-optimizer-shard-v1"},
@@ -78,16 +77,7 @@ void write_rank_file(engine::param_store& store, const std::string& path) {
                                   {"world", std::to_string(store.shards().world)},
                                   {"optimizer_state", engine::state_kind_name(kind)}},
                                  [&](size_t i, const io::st_sink& sink) {
-                                   const engine::state_view& s = cursor.at(where[i].first);
-                                   const void* p = nullptr;
-                                   switch (where[i].second) {
-                                     case part::master: p = s.master; break;
-                                     case part::m: p = s.exp_avg; break;
-                                     case part::v: p = s.exp_avg_sq; break;
-                                     case part::m_scale: p = s.m_scale; break;
-                                     case part::v_scale: p = s.v_scale; break;
-                                   }
-                                   sink(p, entries[i].bytes);
+                                   sink(slice_data(cursor.at(where[i].unit), where[i]), entries[i].bytes);
                                  });
 }
 
