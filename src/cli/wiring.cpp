@@ -62,6 +62,7 @@ engine::engine_options options_of(const io::run_config& cfg) {
   o.speculate = engine::parse_speculate_mode(cfg.speculate);
   o.recompute = engine::parse_recompute_mode(cfg.activation_checkpointing);
   o.reduce_on_device = cfg.dist_reduce == "device";
+  o.shadows = engine::parse_shadow_mode(cfg.dist_weights);
   o.state = engine::parse_state_kind(cfg.optimizer_state);
   o.state_on = engine::parse_state_place(cfg.optimizer_state_on);
   o.nvme.path = cfg.nvme_path;

@@ -10,9 +10,16 @@
 #endif
 
 #include <ATen/ATen.h>
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
+#include <cerrno>
 #include <cstdlib>
+#include <cstring>
+#include <functional>
 #include <optional>
+#include <thread>
 
 #include <nlohmann/json.hpp>
 
@@ -233,6 +240,119 @@ void process_group::all_gather(at::Tensor& out, const at::Tensor& in, engine::co
                out.numel());
   collective("all_gather", out, in, c,
              [](c10d::Backend& g, at::Tensor& o, at::Tensor& i) { return g._allgather_base(o, i); });
+}
+
+namespace {
+// The shared block: a header of publish counters (row k: one int64 per rank, rows 64-byte
+// aligned, the header page-aligned), then the data.
+class shared_block final : public engine::shared_host_block {
+ public:
+  shared_block(void* base, size_t total, size_t header, size_t row, int rank, int world, int64_t slots,
+               std::chrono::milliseconds timeout, std::function<std::string()> who_stopped)
+      : base_(base), total_(total), header_(header), row_(row), rank_(rank), world_(world),
+        published_(size_t(slots), 0), timeout_(timeout), who_stopped_(std::move(who_stopped)) {}
+  ~shared_block() override { ::munmap(base_, total_); }
+  void* data() const override { return static_cast<char*>(base_) + header_; }
+  size_t bytes() const override { return total_ - header_; }
+
+  void publish(int64_t slot) override {
+    FERRY_ASSERT(slot >= 0 && slot < int64_t(published_.size()), "shared block slot ", slot, " of ", published_.size());
+    const int64_t gen = ++published_[size_t(slot)];
+    // The writes of this rank's part (by any thread that finished before this call) happen before
+    // the release store; a rank that reads gen with acquire sees them.
+    counter(slot, rank_)->store(gen, std::memory_order_release);
+    const auto t0 = std::chrono::steady_clock::now();
+    int64_t spins = 0;
+    for (int r = 0; r < world_; ++r) {
+      while (counter(slot, r)->load(std::memory_order_acquire) < gen) {
+        // The ranks run in step (their units' gradients are reduced together): a short spin
+        // usually ends the wait; past it, sleep so a slow rank gets the cores.
+        if (++spins < 2048) {
+          std::this_thread::yield();
+          continue;
+        }
+        std::this_thread::sleep_for(std::chrono::microseconds(20));
+        if ((spins & 1023) == 0 && std::chrono::steady_clock::now() - t0 > timeout_) {
+          const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+          throw error(detail::str_cat(who_stopped_(), ": rank ", r, " had not written its shard of shared unit ", slot,
+                                      " on rank ", rank_, " after ", int(s * 10) / 10.0, " s (timeout ",
+                                      timeout_.count() / 1000.0, " s); restart all ranks with --resume latest"));
+        }
+      }
+    }
+  }
+
+ private:
+  std::atomic<int64_t>* counter(int64_t slot, int r) const {
+    return reinterpret_cast<std::atomic<int64_t>*>(static_cast<char*>(base_) + size_t(slot) * row_) + r;
+  }
+  void* base_;
+  size_t total_, header_, row_;
+  int rank_, world_;
+  std::vector<int64_t> published_;   // publishes of each slot by this rank
+  std::chrono::milliseconds timeout_;
+  std::function<std::string()> who_stopped_;
+};
+
+size_t round_up(size_t n, size_t to) { return (n + to - 1) / to * to; }
+}  // namespace
+
+std::unique_ptr<engine::shared_host_block> process_group::share_host_memory(size_t bytes, int64_t slots) {
+  static_assert(std::atomic<int64_t>::is_always_lock_free, "shared counters need lock-free 64-bit atomics");
+  if (launch_.local_world != launch_.world) return nullptr;
+  const size_t row = round_up(size_t(world()) * sizeof(int64_t), 64);
+  const size_t header = round_up(size_t(slots) * row, 4096);
+  const size_t total = header + round_up(std::max<size_t>(bytes, 1), 4096);
+  const std::string key = "ferry/shared/" + std::to_string(shared_blocks_++);
+  int fd = -1;
+  std::string failure;
+  guarded("shared memory setup", [&] {
+    if (rank() == 0) {
+      fd = ::memfd_create("ferry-shared-shadows", MFD_CLOEXEC);
+      if (fd < 0 || ::ftruncate(fd, off_t(total)) != 0)
+        failure = detail::str_cat("rank 0 cannot make ", total >> 20, " MiB of shared memory: ", std::strerror(errno));
+      const std::string where = failure.empty() ? std::to_string(::getpid()) + " " + std::to_string(fd) : "-";
+      impl_->store->set(key, std::vector<uint8_t>(where.begin(), where.end()));
+    } else {
+      impl_->store->wait({key}, opt_.timeout);
+      const std::vector<uint8_t> v = impl_->store->get(key);
+      const std::string where(v.begin(), v.end());
+      if (where != "-") {
+        const std::string path = "/proc/" + where.substr(0, where.find(' ')) + "/fd/" + where.substr(where.find(' ') + 1);
+        fd = ::open(path.c_str(), O_RDWR | O_CLOEXEC);
+        if (fd < 0)
+          failure = detail::str_cat("rank ", rank(), " cannot open rank 0's shared memory ", path, ": ",
+                                    std::strerror(errno));
+      }
+    }
+  });
+  void* base = MAP_FAILED;
+  if (fd >= 0 && failure.empty()) {
+    base = ::mmap(nullptr, total, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    if (base == MAP_FAILED)
+      failure = detail::str_cat("rank ", rank(), " cannot map ", total >> 20, " MiB of shared memory: ", std::strerror(errno));
+  }
+  // Every rank reports; rank 0 keeps its descriptor open until every rank has opened its own.
+  guarded("shared memory setup", [&] {
+    const std::string mine = failure.empty() ? "ok" : failure;
+    impl_->store->set(key + "/" + std::to_string(rank()), std::vector<uint8_t>(mine.begin(), mine.end()));
+    for (int r = 0; r < world(); ++r) {
+      const std::string k = key + "/" + std::to_string(r);
+      impl_->store->wait({k}, opt_.timeout);
+      const std::vector<uint8_t> v = impl_->store->get(k);
+      const std::string s(v.begin(), v.end());
+      if (s != "ok" && failure.empty()) failure = s;
+    }
+  });
+  barrier(key);
+  if (fd >= 0) ::close(fd);
+  if (!failure.empty()) {
+    if (base != MAP_FAILED) ::munmap(base, total);
+    throw error(failure + "; the ranks of one machine share their half weights there (dist_weights=shared or auto): "
+                "use dist_weights=gather");
+  }
+  return std::make_unique<shared_block>(base, total, header, row, rank(), world(), slots, opt_.timeout,
+                                        [this] { return who_stopped(); });
 }
 
 void process_group::barrier(const std::string& name) {

@@ -45,6 +45,11 @@ class process_group final : public engine::collectives {
   void all_reduce_sum(at::Tensor& t, engine::comm_channel c) override;
   void reduce_scatter_sum(at::Tensor& out, const at::Tensor& in, engine::comm_channel c) override;
   void all_gather(at::Tensor& out, const at::Tensor& in, engine::comm_channel c) override;
+  // With every rank on this machine (LOCAL_WORLD_SIZE == WORLD_SIZE): rank 0 makes an anonymous
+  // shared-memory file (memfd), the others open it through /proc/<pid>/fd, every rank maps it;
+  // publish spins, then sleeps, on per-slot counters in its first pages. Null across machines. A
+  // rank that cannot map it makes every rank throw the same line.
+  std::unique_ptr<engine::shared_host_block> share_host_memory(size_t bytes, int64_t slots) override;
 
   // Before the first step: every rank publishes its canonical run config (JSON object text) and
   // compares every rank's with rank 0's; a difference is a config_error, the same line on every
@@ -72,6 +77,7 @@ class process_group final : public engine::collectives {
   group_options opt_;
   std::unique_ptr<impl> impl_;
   std::atomic<bool> stop_{false};
+  int shared_blocks_ = 0;   // share_host_memory calls so far: each block's store keys
   std::thread heartbeat_;
 };
 

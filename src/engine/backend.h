@@ -46,6 +46,14 @@ class backend {
   // 64-byte aligned. Throws ferry::error naming the size when the host cannot provide it.
   virtual void* host_alloc(size_t bytes) = 0;
   virtual void host_free(void* p) = 0;
+  // Page-locks `bytes` of host memory allocated elsewhere (shared memory the ranks of a machine
+  // map: collectives::share_host_memory) so device copies run from it at the link's rate, until
+  // host_unregister. No-ops on the host backends.
+  virtual void host_register(void* p, size_t bytes) {
+    (void)p;
+    (void)bytes;
+  }
+  virtual void host_unregister(void* p) { (void)p; }
 
   // Asynchronous copies on the h2d / d2h queues. dst / src are contiguous device tensors; the
   // caller may drop them once the copy is queued (the backend keeps their memory from being reused

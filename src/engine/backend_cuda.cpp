@@ -67,6 +67,17 @@ class cuda_backend final : public backend {
     return p;
   }
   void host_free(void* p) override { cudaFreeHost(p); }
+  void host_register(void* p, size_t bytes) override {
+    cudaError_t err = cudaHostRegister(p, bytes, cudaHostRegisterDefault);
+    if (err != cudaSuccess) {
+      cudaGetLastError();
+      throw error("cannot page-lock " + std::to_string(bytes >> 20) + " MiB of shared host memory: " +
+                  cudaGetErrorString(err) + "; raise the locked-memory limit (ulimit -l) or use dist_weights=gather");
+    }
+  }
+  void host_unregister(void* p) override {
+    if (cudaHostUnregister(p) != cudaSuccess) cudaGetLastError();
+  }
 
   // The device buffer of a copy belongs to the compute stream's pool: recordStream keeps the
   // caching allocator from handing it out again, once the engine drops the tensor, before the

@@ -12,13 +12,37 @@
 #include <ATen/core/Tensor.h>
 
 #include <algorithm>
+#include <cstddef>
 #include <cstdint>
+#include <memory>
 
 namespace ferry::engine {
 
 enum class comm_channel {
   channel_engine,  // the engine's thread
   channel_update,  // the update thread
+};
+
+// With ranks, how every rank's shadow (the compute-dtype weights its device streams) gets the
+// other ranks' shards after an update (run-config key dist_weights).
+enum class shadow_mode {
+  shadows_auto,    // shared where every rank is on one machine, else gathered
+  shadows_shared,  // one shadow per machine in shared memory; each rank writes its shard in place
+  shadows_gather,  // a whole shadow per rank; the shards are all-gathered unit by unit
+};
+
+// Host memory that every rank maps at once (all ranks on one machine), with one arrival counter
+// per slot: the compute-dtype shadows the ranks of a machine share instead of all-gathering them
+// (engine_options::shadows). publish(k): this rank has written its part of slot k; returns once
+// every rank has written its part (the j-th publish of slot k on each rank are matched, as
+// collectives are by their order), and throws a std::runtime_error naming the rank that stopped
+// when one has not arrived within the group's timeout. The memory is zeroed at creation.
+class shared_host_block {
+ public:
+  virtual ~shared_host_block() = default;
+  virtual void* data() const = 0;     // 4096-byte aligned
+  virtual size_t bytes() const = 0;
+  virtual void publish(int64_t slot) = 0;
 };
 
 class collectives {
@@ -37,6 +61,14 @@ class collectives {
   virtual void reduce_scatter_sum(at::Tensor& out, const at::Tensor& in, comm_channel c) = 0;
   // in: (n) any dtype; out: (world * n) the same dtype, rank r's `in` at [r*n, (r+1)*n).
   virtual void all_gather(at::Tensor& out, const at::Tensor& in, comm_channel c) = 0;
+  // Every rank's view of one block of `bytes` zeroed shared memory with `slots` publish counters,
+  // or null where the ranks cannot share memory (not all on one machine). A collective: every
+  // rank calls it with the same arguments.
+  virtual std::unique_ptr<shared_host_block> share_host_memory(size_t bytes, int64_t slots) {
+    (void)bytes;
+    (void)slots;
+    return nullptr;
+  }
 };
 
 // How a unit of n elements is split: every rank owns a block of per(n) = ceil(n / world)

@@ -35,7 +35,8 @@ engine::engine(const model::llama_config& cfg, const engine_options& opt) : cfg_
   const std::string misfit = plan_misfit(plan_, cfg_, opt_, dev_->is_cuda() ? cap : 0);
   FERRY_CONFIG_CHECK(misfit.empty(), misfit);
   store_ = std::make_unique<param_store>(cfg_, opt_.dtype, *dev_, /*optimizer_state=*/!opt_.forward_only, opt_.state,
-                                         opt_.state_on == state_place::place_nvme ? &opt_.nvme : nullptr, opt_.comm);
+                                         opt_.state_on == state_place::place_nvme ? &opt_.nvme : nullptr, opt_.comm,
+                                         opt_.shadows);
   worker_ = std::make_unique<update_worker>(store_->num_units());
   pool_ = std::make_unique<weight_pool>(cfg_, opt_, *dev_, *store_, *worker_, meter_);
   if (!opt_.forward_only) {

@@ -20,6 +20,13 @@ const char* offload_mode_name(offload_mode m) {
   return "?";
 }
 
+shadow_mode parse_shadow_mode(const std::string& s) {
+  if (s == "auto") return shadow_mode::shadows_auto;
+  if (s == "shared") return shadow_mode::shadows_shared;
+  if (s == "gather") return shadow_mode::shadows_gather;
+  throw config_error("dist_weights \"" + s + "\" is not one of auto, shared, gather");
+}
+
 speculate_mode parse_speculate_mode(const std::string& s) {
   if (s == "auto") return speculate_mode::speculate_auto;
   if (s == "on") return speculate_mode::speculate_on;

@@ -35,6 +35,7 @@ enum class speculate_mode {
 };
 
 offload_mode parse_offload_mode(const std::string& s);  // throws config_error
+shadow_mode parse_shadow_mode(const std::string& s);    // auto | shared | gather
 const char* offload_mode_name(offload_mode m);
 speculate_mode parse_speculate_mode(const std::string& s);
 recompute_mode parse_recompute_mode(const std::string& s);  // none | blocks | auto
@@ -98,6 +99,12 @@ struct engine_options {
   // head are reduced on the host as before. Off: every unit's whole gradient reaches the host and
   // is reduce-scattered there in fp32.
   bool reduce_on_device = false;
+  // With ranks (dist_weights): shared, the shadows live once per machine in memory every rank
+  // maps (collectives::share_host_memory, page-locked by each process); a rank's update writes its
+  // shard there and publish waits until every rank has written its own, so no weight crosses a
+  // link between ranks. gather: each rank keeps a whole shadow and the shards are all-gathered.
+  // shared where the ranks are not all on one machine is a config_error; auto picks.
+  shadow_mode shadows = shadow_mode::shadows_auto;
 };
 
 // This rank's place among the ranks of opt.comm (rank 0 of 1 without).

@@ -16,7 +16,8 @@ bool is_norm(const std::string& name) { return name.find("norm") != std::string:
 }  // namespace
 
 param_store::param_store(const model::llama_config& cfg, at::ScalarType dtype, backend& dev, bool optimizer_state,
-                         state_kind kind, const nvme_options* nvme, std::shared_ptr<collectives> comm)
+                         state_kind kind, const nvme_options* nvme, std::shared_ptr<collectives> comm,
+                         shadow_mode shadows)
     : cfg_(cfg), dtype_(dtype), dev_(dev), optimizer_state_(optimizer_state), comm_(std::move(comm)) {
   if (comm_) shards_ = {comm_->rank(), comm_->world()};
   units_.push_back({"", model::embed_layout(cfg), cfg.embed_params()});
@@ -39,28 +40,41 @@ param_store::param_store(const model::llama_config& cfg, at::ScalarType dtype, b
   if (shards_.sharded()) scratch_ = static_cast<float*>(dev_.host_alloc(size_t(widest) * 4));
 
   const int64_t elem = static_cast<int64_t>(c10::elementSize(dtype));
-  // One exact-size pinned block: shadows of every unit, then (with optimizer state) gradients of
-  // units 1..L+1 (grad_numel), each rounded up to 64 bytes so every buffer starts cache-line aligned.
+  // Every buffer is rounded up to 64 bytes so each starts cache-line aligned.
   auto round64 = [](int64_t b) { return (b + 63) / 64 * 64; };
-  int64_t total = 0;
+  int64_t shadow_bytes = 0, grad_bytes = 0;
   for (size_t u = 0; u < units_.size(); ++u) {
-    total += round64(units_[u].numel * elem);
-    if (u != 0 && optimizer_state_) total += round64(grad_numel(int64_t(u)) * elem);
+    shadow_bytes += round64(units_[u].numel * elem);
+    if (u != 0 && optimizer_state_) grad_bytes += round64(grad_numel(int64_t(u)) * elem);
   }
-  pinned_bytes_ = total;
-  pinned_ = dev_.host_alloc(static_cast<size_t>(total));
-  char* cursor = static_cast<char*>(pinned_);
+  if (shards_.sharded() && shadows != shadow_mode::shadows_gather) {
+    shared_ = comm_->share_host_memory(size_t(shadow_bytes), num_units());
+    FERRY_CONFIG_CHECK(shared_ || shadows == shadow_mode::shadows_auto, "dist_weights=shared: the ", shards_.world,
+                       " ranks are not all on one machine (LOCAL_WORLD_SIZE < WORLD_SIZE), so they cannot share ",
+                       "their shadows; use dist_weights=auto or gather");
+  }
+  // One exact-size pinned block: shadows of every unit (unless shared), then (with optimizer
+  // state) gradients of units 1..L+1 (grad_numel).
+  const int64_t own = (shared_ ? 0 : shadow_bytes) + grad_bytes;
+  pinned_bytes_ = own + (shared_ ? shadow_bytes : 0);
+  pinned_ = dev_.host_alloc(static_cast<size_t>(own));
+  char* shadow_cursor = static_cast<char*>(pinned_);
+  if (shared_) {
+    dev_.host_register(shared_->data(), size_t(shadow_bytes));
+    shadow_cursor = static_cast<char*>(shared_->data());
+  }
+  char* grad_cursor = static_cast<char*>(pinned_) + (shared_ ? 0 : shadow_bytes);
   for (size_t u = 0; u < units_.size(); ++u) {
     int64_t n = units_[u].numel;
-    shadow_.push_back(cursor);
-    cursor += round64(n * elem);
+    shadow_.push_back(shadow_cursor);
+    shadow_cursor += round64(n * elem);
     if (!optimizer_state_) {
       grad_.push_back(nullptr);
     } else if (u == 0) {
       grad_.push_back(detail::alloc_floats(n, "the embedding's fp32 gradient"));
     } else {
-      grad_.push_back(cursor);
-      cursor += round64(grad_numel(int64_t(u)) * elem);
+      grad_.push_back(grad_cursor);
+      grad_cursor += round64(grad_numel(int64_t(u)) * elem);
     }
   }
   for (size_t u = 0; u < units_.size(); ++u)
@@ -71,6 +85,10 @@ param_store::~param_store() {
   if (scratch_) dev_.host_free(scratch_);
   if (!grad_.empty() && optimizer_state_) std::free(grad_[0]);
   if (pinned_) dev_.host_free(pinned_);
+  if (shared_) {
+    dev_.host_unregister(shared_->data());
+    shared_.reset();   // before comm_, which it waits through
+  }
 }
 
 std::vector<int64_t> param_store::unit_numels(const model::llama_config& cfg) {
@@ -183,6 +201,10 @@ void param_store::publish_shadows() {
 
 void param_store::publish_shadow(int64_t u, comm_channel c) {
   if (!shards_.sharded()) return;
+  if (shared_) {
+    shared_->publish(u);
+    return;
+  }
   const int64_t n = units_[size_t(u)].numel, per = shards_.per(n), elem = int64_t(c10::elementSize(dtype_));
   // Bytes, so one path serves every compute dtype: this rank's shard (zero-padded to per elements),
   // gathered into the scratch, whose first n elements are the unit.

@@ -22,8 +22,11 @@
 // has no moments, grad is null, and the moment and gradient tensor accessors throw.
 // Data-parallel ranks (engine_options::comm): the tier holds only this rank's shard of every unit
 // (shard_layout: elements [shard_begin(u), shard_begin(u) + shard_numel(u)) of the unit's flat
-// buffer), so the master weights and moments exist once over all ranks; the shadows stay whole on
-// every rank (each rank writes its shard, publish_shadow all-gathers the others').
+// buffer), so the master weights and moments exist once over all ranks. Every rank's device streams
+// whole shadows: with the ranks on one machine (shadow_mode shared; auto there) one set of shadows
+// in shared memory that every rank maps and page-locks, where each rank writes its shard and
+// publish_shadow waits for the others'; otherwise (gather) a whole set per rank, publish_shadow
+// all-gathering the other ranks' shards.
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
@@ -60,7 +63,8 @@ class param_store {
   // (no optimizer state) keep their master weights in host memory whatever it says.
   param_store(const model::llama_config& cfg, at::ScalarType compute_dtype, backend& dev,
               bool optimizer_state = true, state_kind kind = state_kind::state_fp32,
-              const nvme_options* nvme = nullptr, std::shared_ptr<collectives> comm = nullptr);
+              const nvme_options* nvme = nullptr, std::shared_ptr<collectives> comm = nullptr,
+              shadow_mode shadows = shadow_mode::shadows_auto);
   ~param_store();
   param_store(const param_store&) = delete;
   param_store& operator=(const param_store&) = delete;
@@ -90,8 +94,11 @@ class param_store {
   int64_t shard_begin(int64_t u) const { return shards_.begin(units_[size_t(u)].numel); }
   int64_t shard_numel(int64_t u) const { return shards_.count(units_[size_t(u)].numel); }
   // Sharded: after this rank wrote its shard of shadow(u), fills the rest from the other ranks (a
-  // collective on channel c: every rank calls it for the same units in the same order).
+  // collective on channel c: every rank calls it for the same units in the same order). Shared
+  // shadows: waits until every rank has written its shard of unit u (their memory is this one).
   void publish_shadow(int64_t u, comm_channel c);
+  // Whether the shadows are the machine's one shared set (shadow_mode shared).
+  bool shadows_shared() const { return shared_ != nullptr; }
   // Sharded: fp32 scratch of the widest unit's shards_.padded(numel) elements, for the collectives
   // of one unit at a time (the update thread's reduce-scatter and all-gather, or the engine's
   // thread while the update thread is idle).
@@ -126,6 +133,8 @@ class param_store {
   // (a sharded store holds part of each unit).
   at::Tensor master_view(const named_param& p) const;
 
+  // Page-locked bytes this process allocated or registered (shared shadows included: each rank
+  // maps them, though the machine holds them once).
   int64_t pinned_bytes() const { return pinned_bytes_; }
   int64_t host_bytes() const;   // pageable + pinned
 
@@ -143,6 +152,7 @@ class param_store {
   std::shared_ptr<collectives> comm_;
   shard_layout shards_;
   float* scratch_ = nullptr;
+  std::unique_ptr<shared_host_block> shared_;   // the shared shadows, or null
 
   void check_optimizer_state(const char* what) const;
   void check_fp32_moments() const;

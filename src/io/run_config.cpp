@@ -104,6 +104,10 @@ const std::vector<key_desc>& keys() {
       {"dist_reduce", str_key{&run_config::dist_reduce, {"host", "device"}},
        "ranks: reduce-scatter each unit's gradient on the host in fp32 (host) or where the backward made it, in the "
        "compute dtype, copying only this rank's shard (device)"},
+      {"dist_weights", str_key{&run_config::dist_weights, {"auto", "shared", "gather"}},
+       "ranks: one shadow of the half weights per machine in shared memory, each rank writing its shard (shared), a "
+       "whole shadow per rank with the shards all-gathered (gather), or shared when all ranks are on one machine "
+       "(auto)"},
       {"prompt", str_key{&run_config::prompt, {}}, "generation prompt (ferry-infer)"},
       {"prompt_file", str_key{&run_config::prompt_file, {}}, "file with one prompt per line (ferry-infer)"},
       {"max_new_tokens", int_key{&run_config::max_new_tokens, 1, 1 << 20}, "tokens generated per prompt"},

@@ -22,8 +22,14 @@ constexpr int64_t k_global = 6, k_steps = 4;
 // makes step 2 (1-based) overflow (every rank writes +inf into one element of block 1's gradient,
 // as one rank's backward would: the sum stays +inf).
 // device: the CUDA device of this rank in the GPU build (dist_gpu_test, k_cuda_suite), -1 the current.
-inline engine::engine_options run_options(const std::string& kind, int64_t rows_per_rank, bool poison, int device = -1) {
+// A kind may end in "_gather": the ranks all-gather their shadows (dist_weights=gather) instead of
+// sharing one set in shared memory (auto: shared, the ranks being on one machine).
+inline engine::engine_options run_options(const std::string& kind_arg, int64_t rows_per_rank, bool poison, int device = -1) {
   using namespace engine;
+  const std::string gather_suffix = "_gather";
+  const bool gather = kind_arg.size() > gather_suffix.size() &&
+                      kind_arg.compare(kind_arg.size() - gather_suffix.size(), gather_suffix.size(), gather_suffix) == 0;
+  const std::string kind = gather ? kind_arg.substr(0, kind_arg.size() - gather_suffix.size()) : kind_arg;
   const bool half = kind == "fp16" || kind == "device_fp16";
   engine_options o = engine::test::base_options(kind == "blocked" ? offload_mode::offload_blocked : offload_mode::offload_overlapped,
                                         half ? at::kHalf : at::kFloat);
@@ -34,6 +40,7 @@ inline engine::engine_options run_options(const std::string& kind, int64_t rows_
   // "device", "device_fp16": the blocks' gradients reduce-scattered where they were made, in the
   // compute dtype (engine_options::reduce_on_device; no effect on the one-rank reference).
   o.reduce_on_device = kind.rfind("device", 0) == 0;
+  o.shadows = gather ? shadow_mode::shadows_gather : shadow_mode::shadows_auto;
   o.max_batch = rows_per_rank;
   if (kind == "int8") o.state = state_kind::state_int8;
   if (kind == "bf16") o.state = state_kind::state_bf16;

@@ -93,6 +93,10 @@ TEST_P(dist_ranks, partitioned_step_equals_one_rank) {
       ok = ok && codes[k] == 0;
     }
     if (!ok) continue;
+    // Ranks on one machine share their shadows unless the kind asks for the all-gather.
+    const bool gather = c.kind.size() > 7 && c.kind.compare(c.kind.size() - 7, 7, "_gather") == 0;
+    for (int k = 0; k < world; ++k)
+      EXPECT_EQ(slurp(prefix + "." + std::to_string(k) + ".shadows"), gather ? "gather\n" : "shared\n") << "rank " << k;
     const engine::test::run_result got = gather_run(prefix, world);
     ASSERT_EQ(got.steps.size(), want.steps.size());
     // Each rank's half gradient is rounded before the sum: fp16 norms differ by ~2e-4 relative.
@@ -115,6 +119,7 @@ TEST_P(dist_ranks, partitioned_step_equals_one_rank) {
     for (int k = 0; k < world; ++k) {
       std::remove((prefix + "." + std::to_string(k) + ".steps").c_str());
       std::remove((prefix + "." + std::to_string(k) + ".master").c_str());
+      std::remove((prefix + "." + std::to_string(k) + ".shadows").c_str());
       std::remove(procs[size_t(k)].log.c_str());
     }
   }
@@ -123,7 +128,8 @@ TEST_P(dist_ranks, partitioned_step_equals_one_rank) {
 INSTANTIATE_TEST_SUITE_P(kinds, dist_ranks,
                          ::testing::Values(dist_case{"blocked", false}, dist_case{"overlapped", true},
                                            dist_case{"fp16", true}, dist_case{"nvme", true},
-                                           dist_case{"device", true}, dist_case{"device_fp16", true}),
+                                           dist_case{"device", true}, dist_case{"device_fp16", true},
+                                           dist_case{"fp16_gather", true}, dist_case{"device_gather", true}),
                          [](const auto& info) { return info.param.kind + (info.param.poison ? "_overflow" : ""); });
 
 TEST(dist_failures, a_dead_rank_stops_the_others_naming_it) {
@@ -143,6 +149,35 @@ TEST(dist_failures, a_dead_rank_stops_the_others_naming_it) {
   EXPECT_EQ(lines, 1) << "one line: " << log;
   EXPECT_LT(s, 45.0);
   std::printf("  rank 0 stopped %.1f s after the start: %s", s, log.c_str());
+}
+
+// The shared block under the engine's shared shadows: after publish every rank's part is of this
+// round (or, from a rank that went on, the next), over 300 rounds of random pauses; a rank that
+// dies makes the others stop within the timeout, naming it.
+TEST(dist_shared, publish_waits_for_every_rank_and_names_a_dead_one) {
+  FERRY_REQUIRE_DEVICE();
+  if (worlds().empty()) GTEST_SKIP() << "needs 2 or more CUDA devices";
+  for (int world : worlds()) {
+    const std::string prefix = scratch("shared" + std::to_string(world));
+    auto procs = spawn_ranks(world, {"shared_block", "0", prefix}, "shared" + std::to_string(world), 30);
+    const std::vector<int> codes = wait_ranks(procs, 120);
+    for (int k = 0; k < world; ++k) {
+      EXPECT_EQ(codes[size_t(k)], 0) << "rank " << k << ": " << slurp(procs[size_t(k)].log);
+      EXPECT_EQ(slurp(prefix + "." + std::to_string(k) + ".steps"), "rounds 300\n") << "rank " << k;
+      std::remove((prefix + "." + std::to_string(k) + ".steps").c_str());
+    }
+  }
+  const std::string prefix = scratch("shared_dead");
+  const auto t0 = std::chrono::steady_clock::now();
+  auto procs = spawn_ranks(2, {"shared_block", "0", prefix, "40"}, "shared_dead", 5);
+  const std::vector<int> codes = wait_ranks(procs, 60);
+  const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  EXPECT_EQ(codes[1], 9);
+  EXPECT_EQ(codes[0], 1) << slurp(procs[0].log);
+  const std::string log = slurp(procs[0].log);
+  EXPECT_NE(log.find("rank 1 stopped"), std::string::npos) << log;
+  EXPECT_NE(log.find("shared unit"), std::string::npos) << log;
+  EXPECT_LT(s, 45.0);
 }
 
 // A rank of `world` that never talks: the plan and the store need only rank() and world().

@@ -7,6 +7,11 @@
 // OUT_PREFIX.<rank>.moments this rank's shard of every unit's moments decoded to fp32, m then v
 // Built twice: dist_worker (host backend) and dist_gpu_worker (CUDA, FERRY_TEST_CUDA=1).
 // DIE_AT_STEP: rank 1 exits abruptly (no goodbye to the others) before that step (1-based); -1 never.
+// KIND shared_block: no engine; the ranks take turns on a shared block (share_host_memory) for 300
+// rounds of 3 slots with random pauses, each writing its part and checking after publish that no
+// part is older than the round (DIE_AT_STEP: rank 1 exits before that round); OUT_PREFIX.<rank>.steps
+// gets "rounds N". Otherwise OUT_PREFIX.<rank>.shadows says "shared" or "gather" (how the store's
+// shadows reached the ranks).
 // CHECKPOINT_MODE (dist_checkpoint_test; checkpoints in OUTPUT_DIR, trainer step = steps taken):
 //   save STEP     trains STEP steps, writes the result files, saves a checkpoint, stops
 //   resume        resumes from OUTPUT_DIR's latest checkpoint and trains to k_steps
@@ -24,6 +29,8 @@
 
 #include <chrono>
 #include <cstdio>
+#include <random>
+#include <thread>
 #include <cstdlib>
 #include <fstream>
 #include <string>
@@ -57,7 +64,34 @@ int main(int argc, char** argv) {
       group = dist::process_group::connect(launch, go);
       o.comm = group;
     }
+    if (kind == "shared_block") {
+      FERRY_CHECK(group, "shared_block needs ranks");
+      constexpr int64_t slots = 3, rounds = 300, stride = 8;   // one cache line per rank's part
+      auto block = group->share_host_memory(size_t(slots * launch.world * stride * 8), slots);
+      FERRY_CHECK(block, "share_host_memory returned null with every rank on this machine");
+      auto* d = static_cast<volatile int64_t*>(block->data());
+      std::mt19937 rng(unsigned(launch.rank + 1));
+      for (int64_t round = 1; round <= rounds; ++round) {
+        if (launch.rank == 1 && round == die_at) _exit(9);
+        for (int64_t slot = 0; slot < slots; ++slot) {
+          std::this_thread::sleep_for(std::chrono::microseconds(rng() % 300));
+          d[(slot * launch.world + launch.rank) * stride] = round;
+          block->publish(slot);
+          for (int r = 0; r < launch.world; ++r) {
+            const int64_t v = d[(slot * launch.world + r) * stride];
+            // A rank that went on may already have written the next round, never two ahead.
+            FERRY_CHECK(v == round || v == round + 1, "rank ", launch.rank, ", round ", round, ", slot ", slot,
+                        ": rank ", r, "'s part holds round ", v);
+          }
+        }
+      }
+      std::ofstream(prefix + "." + std::to_string(launch.rank) + ".steps") << "rounds " << rounds << "\n";
+      group->barrier("done");
+      return 0;
+    }
     auto e = engine::test::make_engine(o);
+    std::ofstream(prefix + "." + std::to_string(launch.rank) + ".shadows")
+        << (e->params().shadows_shared() ? "shared" : "gather") << "\n";
     const auto data = dist::test::global_data();
     checkpoint::trainer_state st;
     st.seed = 7;
