@@ -82,7 +82,7 @@ def run_kind(a, kind, out):
     losses = [r["loss"] for r in rows if "loss" in r]
     if res["rc"] != 0 or len(losses) != a.steps:
         raise RuntimeError("%s run failed (exit %d, %d of %d steps): %s" % (
-            kind, res["rc"], len(losses), a.steps, fl.last_line(os.path.join(run_dir, "log.txt"))))
+            kind, res["rc"], len(losses), a.steps, fl.error_line(os.path.join(run_dir, "log.txt"))))
     step_ms = fl.median([r["step_ms"] for r in rows[len(rows) // 3:]])
     return dict(losses=losses, step_ms=step_ms, host_peak=res["host_peak"], command=" ".join(cmd))
 

@@ -7,6 +7,7 @@ a plain-text/Markdown table. The peer scripts (peer_*.py) import torch; this mod
 """
 import json
 import os
+import re
 import platform
 import random
 import shutil
@@ -167,10 +168,14 @@ def run_measured(cmd, log_path, timeout):
                 timed_out=killed.is_set())
 
 
-def last_line(path, limit=300):
-    """The last non-empty line of a log file (at most `limit` characters), or "no output"."""
+def error_line(path, limit=300):
+    """Why a ferry tool's run failed, from its log: the last line the tool wrote as its error
+    ("ferry-train: ...", which stderr may put before stdout's last lines), else the last line."""
     with open(path, errors="replace") as f:
         lines = [l.strip() for l in f if l.strip()]
+    for l in reversed(lines):
+        if re.match(r"^ferry-[a-z-]+: ", l):
+            return l[:limit]
     return lines[-1][:limit] if lines else "no output"
 
 

@@ -287,7 +287,7 @@ def run_verify(train, name, cfg_path, a, dev, lim, tokfile, out, extra=None, tag
                      disk_wait_ms=fl.median([x.get("disk_wait_ms", 0) for x in use]))
             r["disk_bytes"] = r["disk_read"] + r["disk_write"]
     if res["rc"] != 0 or not rows:
-        r["error"] = "exit %d: %s" % (res["rc"], fl.last_line(log, 200))
+        r["error"] = "exit %d: %s" % (res["rc"], fl.error_line(log, 200))
     return r
 
 

@@ -113,7 +113,7 @@ def train_run(a, train, shape, mode, steps, dev, dtype, tokfile, out, grad_accum
     rec = dict(kind="train", shape=shape, mode=mode, steps=steps, grad_accum=grad_accum,
                ok=rc == 0 and len(rows) == steps, command=" ".join(cmd))
     if not rec["ok"]:
-        rec["error"] = "exit %d: %s" % (rc, fl.last_line(os.path.join(d, "log.txt")))
+        rec["error"] = "exit %d: %s" % (rc, fl.error_line(os.path.join(d, "log.txt")))
     if rows:
         s = fl.summarize_steps(rows, min(2, len(rows) - 1))
         rec.update(step_ms=s["step_ms"], step_ms_spread=s["step_ms_spread"], tokens_per_s=s["tokens_per_s"],
@@ -159,7 +159,7 @@ def infer_run(a, infer, shape, dev, dtype, tokfile, out):
     if m.get("generate"):
         rec["gen_tokens_per_s"] = m["generate"]["tokens_per_s"]
     if rc != 0:
-        rec["error"] = "exit %d: %s" % (rc, fl.last_line(os.path.join(d, "log.txt")))
+        rec["error"] = "exit %d: %s" % (rc, fl.error_line(os.path.join(d, "log.txt")))
     return rec
 
 

@@ -41,6 +41,7 @@ struct process_group::impl {
 
 namespace {
 constexpr auto kBeat = std::chrono::milliseconds(500);
+constexpr auto kStartup = std::chrono::milliseconds(60000);   // share_host_memory's least patience
 std::string beat_key(int r) { return "ferry/heartbeat/" + std::to_string(r); }
 size_t index_of(engine::comm_channel c) { return c == engine::comm_channel::channel_engine ? 0 : 1; }
 std::string first_line(const std::string& s) { return s.substr(0, s.find('\n')); }
@@ -50,8 +51,12 @@ std::string first_line(const std::string& s) { return s.substr(0, s.find('\n'));
 c10d::Backend& process_group::impl::nccl_for(engine::comm_channel c, process_group& pg) {
   auto& g = nccl[index_of(c)];
   if (!g) {
-    // NVLink multicast (NVLS) stays off unless the user asked for it.
+    // NVLink multicast (NVLS) stays off unless the user asked for it. Connections are made when
+    // the communicator is (not at a collective's first use), so a later step or checkpoint opens no
+    // new shared-memory files or sockets: a rank at its file-size or descriptor limit mid-save
+    // fails in its own write, as one rank would, not inside NCCL.
     ::setenv("NCCL_NVLS_ENABLE", "0", /*overwrite=*/0);
+    ::setenv("NCCL_RUNTIME_CONNECT", "0", /*overwrite=*/0);
     auto o = c10d::ProcessGroupNCCL::Options::create();
     o->timeout = pg.opt_.timeout;
     auto prefixed = c10::make_intrusive<c10d::PrefixStore>("nccl" + std::to_string(index_of(c)), store);
@@ -175,11 +180,12 @@ void process_group::all_reduce_sum(at::Tensor& t, engine::comm_channel c) {
   });
 }
 
-bool process_group::staged_on_device(const at::Tensor& t) const {
+bool process_group::staged_on_device(const at::Tensor& t, engine::comm_channel c) const {
 #if FERRY_WITH_NCCL
-  return opt_.cuda && !t.is_cuda();
+  return opt_.cuda && !t.is_cuda() && c == engine::comm_channel::channel_update;
 #else
   (void)t;
+  (void)c;
   return false;
 #endif
 }
@@ -212,7 +218,7 @@ template <class Start>
 void process_group::collective(const char* what, at::Tensor& out, const at::Tensor& in, engine::comm_channel c,
                                Start&& start) {
   guarded(what, [&] {
-    if (staged_on_device(out)) {
+    if (staged_on_device(out, c)) {
       on_device(c, [&](c10d::Backend& g, const c10::Device& d) {
         at::Tensor din = in.to(d, /*non_blocking=*/true);
         at::Tensor dout = at::empty({out.numel()}, din.options());
@@ -304,6 +310,9 @@ std::unique_ptr<engine::shared_host_block> process_group::share_host_memory(size
   const size_t header = round_up(size_t(slots) * row, 4096);
   const size_t total = header + round_up(std::max<size_t>(bytes, 1), 4096);
   const std::string key = "ferry/shared/" + std::to_string(shared_blocks_++);
+  // Start-up, not a step: the ranks arrive here after starting their devices, which under load
+  // may be seconds apart, so the waits allow at least kStartup.
+  const auto patience = std::max<std::chrono::milliseconds>(opt_.timeout, kStartup);
   int fd = -1;
   std::string failure;
   guarded("shared memory setup", [&] {
@@ -314,7 +323,7 @@ std::unique_ptr<engine::shared_host_block> process_group::share_host_memory(size
       const std::string where = failure.empty() ? std::to_string(::getpid()) + " " + std::to_string(fd) : "-";
       impl_->store->set(key, std::vector<uint8_t>(where.begin(), where.end()));
     } else {
-      impl_->store->wait({key}, opt_.timeout);
+      impl_->store->wait({key}, patience);
       const std::vector<uint8_t> v = impl_->store->get(key);
       const std::string where(v.begin(), v.end());
       if (where != "-") {
@@ -338,13 +347,13 @@ std::unique_ptr<engine::shared_host_block> process_group::share_host_memory(size
     impl_->store->set(key + "/" + std::to_string(rank()), std::vector<uint8_t>(mine.begin(), mine.end()));
     for (int r = 0; r < world(); ++r) {
       const std::string k = key + "/" + std::to_string(r);
-      impl_->store->wait({k}, opt_.timeout);
+      impl_->store->wait({k}, patience);
       const std::vector<uint8_t> v = impl_->store->get(k);
       const std::string s(v.begin(), v.end());
       if (s != "ok" && failure.empty()) failure = s;
     }
   });
-  barrier(key);
+  barrier(key, patience);
   if (fd >= 0) ::close(fd);
   if (!failure.empty()) {
     if (base != MAP_FAILED) ::munmap(base, total);
@@ -355,11 +364,11 @@ std::unique_ptr<engine::shared_host_block> process_group::share_host_memory(size
                                         [this] { return who_stopped(); });
 }
 
-void process_group::barrier(const std::string& name) {
+void process_group::barrier(const std::string& name, std::chrono::milliseconds timeout) {
   guarded("barrier", [&] {
     const std::string key = "ferry/barrier/" + name;
     impl_->store->add(key, 1);
-    const auto deadline = std::chrono::steady_clock::now() + opt_.timeout;
+    const auto deadline = std::chrono::steady_clock::now() + (timeout.count() > 0 ? timeout : opt_.timeout);
     while (impl_->store->add(key, 0) < world()) {
       if (std::chrono::steady_clock::now() > deadline) throw std::runtime_error("barrier " + name + " timed out");
       std::this_thread::sleep_for(std::chrono::milliseconds(20));

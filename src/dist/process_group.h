@@ -24,8 +24,9 @@ struct group_options {
   // Rendezvous (every rank connected) and each collective must finish within this.
   std::chrono::milliseconds timeout{std::chrono::seconds(300)};
   // A CUDA run (device LOCAL_RANK): in builds with NCCL, device tensors use a NCCL group, and the
-  // host tensors of reduce-scatter and all-gather are staged through the device and reduced or
-  // gathered there by NCCL (small all-reduces stay on Gloo). Without NCCL everything is Gloo.
+  // host tensors of the update thread's reduce-scatter and all-gather are staged through the device
+  // and reduced or gathered there by NCCL (all-reduces and the engine thread's host collectives stay
+  // on Gloo). Without NCCL everything is Gloo.
   bool cuda = false;
 };
 
@@ -55,8 +56,9 @@ class process_group final : public engine::collectives {
   // compares every rank's with rank 0's; a difference is a config_error, the same line on every
   // rank, naming the first rank and key that differ and both values.
   void check_same_config(const std::string& config_json);
-  // Every rank reaches this point (through the store; the engine's channel may be busy elsewhere).
-  void barrier(const std::string& name);
+  // Every rank reaches this point (through the store; the engine's channel may be busy elsewhere)
+  // within `timeout` (0: the group's).
+  void barrier(const std::string& name, std::chrono::milliseconds timeout = std::chrono::milliseconds(0));
 
   struct impl;
 
@@ -65,8 +67,11 @@ class process_group final : public engine::collectives {
   // Runs a collective; a failure becomes one line naming the rank that stopped.
   template <class Fn>
   void guarded(const char* what, Fn&& fn);
-  // Whether a host tensor's reduce-scatter or all-gather runs through the device (group_options::cuda).
-  bool staged_on_device(const at::Tensor& t) const;
+  // Whether a host tensor's reduce-scatter or all-gather runs through the device: the update
+  // thread's, in a CUDA run (group_options::cuda). The engine's thread's host collectives (start-up
+  // and checkpoint gathers, not per step) stay on Gloo, so its NCCL group exists only where device
+  // tensors use it (dist_reduce=device).
+  bool staged_on_device(const at::Tensor& t, engine::comm_channel c) const;
   template <class Fn>
   void on_device(engine::comm_channel c, Fn&& fn);
   template <class Start>

@@ -101,14 +101,20 @@ memory_plan plan_memory(const model::llama_config& cfg, const engine_options& op
   if (opt.forward_only) return plan_forward_only(cfg, opt, batch, seq);
   if (what_if.recompute_blocks < 0 && opt.recompute == recompute_mode::recompute_auto) {
     // The fewest recomputed blocks whose plan fits; all of them when none does (the engine then
-    // refuses the run, naming the bytes).
+    // refuses the run, naming the bytes). On CUDA the plan must fit with k_allocator_slack of the
+    // cap to spare (memory_plan.h); a plan that fits only without it is taken when none fits with it.
     const int64_t cap = device_bytes > 0 ? device_bytes : gib_bytes(opt.gpu_mem_limit_gib);
+    const int64_t target = opt.cuda ? cap - int64_t(double(cap) * k_allocator_slack) : cap;
     plan_what_if w = what_if;
+    int64_t fits_without_slack = -1;
     for (int64_t c = 0; c <= cfg.num_hidden_layers; ++c) {
       w.recompute_blocks = c;
       memory_plan p = plan_memory(cfg, opt, batch, seq, grad_accum, w, device_bytes);
-      if (cap <= 0 || p.device_total <= cap || c == cfg.num_hidden_layers) return p;
+      if (cap <= 0 || p.device_total <= target) return p;
+      if (fits_without_slack < 0 && p.device_total <= cap) fits_without_slack = c;
     }
+    w.recompute_blocks = fits_without_slack >= 0 ? fits_without_slack : cfg.num_hidden_layers;
+    return plan_memory(cfg, opt, batch, seq, grad_accum, w, device_bytes);
   }
   memory_plan p;
   const int64_t e = static_cast<int64_t>(c10::elementSize(opt.dtype));

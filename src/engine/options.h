@@ -91,13 +91,14 @@ struct engine_options {
   uint64_t seed = 1234;
   // Data-parallel ranks (src/dist), null for one rank. With several, every unit's gradient is
   // summed over the ranks and each rank keeps and updates only its shard of the unit's master
-  // weights and moments (shard_layout); the updated compute-dtype weights are all-gathered.
+  // weights and moments (shard_layout); the updated compute-dtype weights reach every rank as
+  // `shadows` says.
   std::shared_ptr<collectives> comm;
-  // With ranks (run-config key dist_reduce=device): each block's (and an untied head's) gradient is
-  // reduce-scattered where the backward made it, in the compute dtype (NCCL on the GPUs; Gloo on
-  // the host backend), and only this rank's shard is copied to the host; the embedding and a tied
-  // head are reduced on the host as before. Off: every unit's whole gradient reaches the host and
-  // is reduce-scattered there in fp32.
+  // With ranks (run-config key dist_reduce=device, the CLI's default): each block's (and an
+  // untied head's) gradient is reduce-scattered where the backward made it, in the compute dtype
+  // (NCCL on the GPUs; Gloo on the host backend), and only this rank's shard is copied to the
+  // host; the embedding and a tied head are reduced on the host as before. Off: every unit's whole
+  // gradient reaches the host and is reduce-scattered there in fp32.
   bool reduce_on_device = false;
   // With ranks (dist_weights): shared, the shadows live once per machine in memory every rank
   // maps (collectives::share_host_memory, page-locked by each process); a rank's update writes its

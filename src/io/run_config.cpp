@@ -101,9 +101,9 @@ const std::vector<key_desc>& keys() {
       {"nvtx", bool_key{&run_config::nvtx}, "NVTX ranges around engine phases"},
       {"dist_timeout_s", real_key{&run_config::dist_timeout_s, 1, 86400, false},
        "ranks (torchrun): seconds the rendezvous and each collective may take before a missing rank stops the run"},
-      {"dist_reduce", str_key{&run_config::dist_reduce, {"host", "device"}},
-       "ranks: reduce-scatter each unit's gradient on the host in fp32 (host) or where the backward made it, in the "
-       "compute dtype, copying only this rank's shard (device)"},
+      {"dist_reduce", str_key{&run_config::dist_reduce, {"device", "host"}},
+       "ranks: reduce-scatter each unit's gradient where the backward made it, in the compute dtype, copying only "
+       "this rank's shard (device), or on the host in fp32 (host)"},
       {"dist_weights", str_key{&run_config::dist_weights, {"auto", "shared", "gather"}},
        "ranks: one shadow of the half weights per machine in shared memory, each rank writing its shard (shared), a "
        "whole shadow per rank with the shards all-gathered (gather), or shared when all ranks are on one machine "

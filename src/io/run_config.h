@@ -68,7 +68,7 @@ struct run_config {
   bool tensorboard = true;
   bool nvtx = false;
   double dist_timeout_s = 300;         // ranks: rendezvous and collective timeout (src/dist)
-  std::string dist_reduce = "host";    // ranks: where gradients are reduce-scattered (host | device)
+  std::string dist_reduce = "device";  // ranks: where gradients are reduce-scattered (device | host)
   std::string dist_weights = "auto";   // ranks: how the updated shards reach every rank (auto | shared | gather)
   // inference
   std::string prompt = "";

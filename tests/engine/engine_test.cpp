@@ -1339,6 +1339,34 @@ TEST(engine_recompute, auto_plans_the_fewest_blocks_that_fit) {
   }
   EXPECT_EQ(plan_memory(cfg, o, B, T, 1, {}, 1).recompute_blocks, L) << "nothing fits: all recomputed";
   EXPECT_EQ(plan_memory(cfg, o, B, T, 1).recompute_blocks, 0) << "no limit known: nothing recomputed";
+
+  // On CUDA (planned here, nothing allocated) the plan must leave k_allocator_slack of the cap
+  // free; where no plan does, the fewest blocks that fit without it. Long rows, so that the
+  // activations are most of the plan and a recomputed block saves more than the slack.
+  engine_options g = o;
+  g.cuda = true;
+  const int64_t Bg = 8, Tg = 2048;
+  std::vector<int64_t> total;
+  for (int64_t c = 0; c <= L; ++c) {
+    plan_what_if w;
+    w.recompute_blocks = c;
+    total.push_back(plan_memory(cfg, g, Bg, Tg, 1, w).device_total);
+  }
+  int slack_mattered = 0;
+  for (int64_t c = 0; c < L; ++c) {
+    for (int64_t cap : {total[size_t(c)], int64_t(double(total[size_t(c)]) / (1 - k_allocator_slack)) + 1}) {
+      int64_t want = -1;
+      for (int64_t k = 0; k <= L && want < 0; ++k)
+        if (double(total[size_t(k)]) <= double(cap) * (1 - k_allocator_slack)) want = k;
+      for (int64_t k = 0; k <= L && want < 0; ++k)
+        if (total[size_t(k)] <= cap) want = k;
+      const memory_plan p = plan_memory(cfg, g, Bg, Tg, 1, {}, cap);
+      EXPECT_EQ(p.recompute_blocks, want) << "cap " << cap << " (the plan with " << c << " recomputed)";
+      EXPECT_LE(p.device_total, cap);
+      slack_mattered += p.recompute_blocks > c;
+    }
+  }
+  EXPECT_GT(slack_mattered, 0) << "no cap where the slack recomputed more blocks";
 }
 
 // A training step's measured peak with every block recomputed is within its plan and below the
