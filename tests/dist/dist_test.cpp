@@ -132,23 +132,29 @@ INSTANTIATE_TEST_SUITE_P(kinds, dist_ranks,
                                            dist_case{"fp16_gather", true}, dist_case{"device_gather", true}),
                          [](const auto& info) { return info.param.kind + (info.param.poison ? "_overflow" : ""); });
 
+// Rank 1 of 2 exits abruptly (the worker's DIE_AT_STEP) under a 5 s collective timeout: rank 0
+// must stop within 45 s with an error naming rank 1. Returns rank 0's log.
+std::string rank0_log_after_rank1_dies(const std::vector<std::string>& args, const std::string& tag) {
+  const auto t0 = std::chrono::steady_clock::now();
+  auto procs = spawn_ranks(2, args, tag, 5);
+  const std::vector<int> codes = wait_ranks(procs, 60);
+  const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  const std::string log = slurp(procs[0].log);
+  EXPECT_EQ(codes[1], 9);
+  EXPECT_EQ(codes[0], 1) << log;
+  EXPECT_NE(log.find("rank 1 stopped"), std::string::npos) << log;
+  EXPECT_LT(s, 45.0);
+  std::printf("  rank 0 stopped %.1f s after the start: %s", s, log.c_str());
+  return log;
+}
+
 TEST(dist_failures, a_dead_rank_stops_the_others_naming_it) {
   FERRY_REQUIRE_DEVICE();
   if (worlds().empty()) GTEST_SKIP() << "needs 2 or more CUDA devices";
-  const std::string prefix = scratch("dead");
-  const auto t0 = std::chrono::steady_clock::now();
-  auto procs = spawn_ranks(2, {"overlapped", "0", prefix, "2"}, "dead", 5);
-  const std::vector<int> codes = wait_ranks(procs, 60);
-  const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  EXPECT_EQ(codes[1], 9);
-  EXPECT_EQ(codes[0], 1) << slurp(procs[0].log);
-  const std::string log = slurp(procs[0].log);
-  EXPECT_NE(log.find("rank 1 stopped"), std::string::npos) << log;
+  const std::string log = rank0_log_after_rank1_dies({"overlapped", "0", scratch("dead"), "2"}, "dead");
   int lines = 0;
   for (char ch : log) lines += ch == '\n';
   EXPECT_EQ(lines, 1) << "one line: " << log;
-  EXPECT_LT(s, 45.0);
-  std::printf("  rank 0 stopped %.1f s after the start: %s", s, log.c_str());
 }
 
 // The shared block under the engine's shared shadows: after publish every rank's part is of this
@@ -167,17 +173,8 @@ TEST(dist_shared, publish_waits_for_every_rank_and_names_a_dead_one) {
       std::remove((prefix + "." + std::to_string(k) + ".steps").c_str());
     }
   }
-  const std::string prefix = scratch("shared_dead");
-  const auto t0 = std::chrono::steady_clock::now();
-  auto procs = spawn_ranks(2, {"shared_block", "0", prefix, "40"}, "shared_dead", 5);
-  const std::vector<int> codes = wait_ranks(procs, 60);
-  const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  EXPECT_EQ(codes[1], 9);
-  EXPECT_EQ(codes[0], 1) << slurp(procs[0].log);
-  const std::string log = slurp(procs[0].log);
-  EXPECT_NE(log.find("rank 1 stopped"), std::string::npos) << log;
+  const std::string log = rank0_log_after_rank1_dies({"shared_block", "0", scratch("shared_dead"), "40"}, "shared_dead");
   EXPECT_NE(log.find("shared unit"), std::string::npos) << log;
-  EXPECT_LT(s, 45.0);
 }
 
 // A rank of `world` that never talks: the plan and the store need only rank() and world().
