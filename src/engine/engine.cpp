@@ -34,9 +34,11 @@ engine::engine(const model::llama_config& cfg, const engine_options& opt) : cfg_
   // Before anything is allocated: the device's limit (CUDA) and the host's (host_mem_limit_gib).
   const std::string misfit = plan_misfit(plan_, cfg_, opt_, dev_->is_cuda() ? cap : 0);
   FERRY_CONFIG_CHECK(misfit.empty(), misfit);
-  store_ = std::make_unique<param_store>(cfg_, opt_.dtype, *dev_, /*optimizer_state=*/!opt_.forward_only, opt_.state,
-                                         opt_.state_on == state_place::place_nvme ? &opt_.nvme : nullptr, opt_.comm,
-                                         opt_.shadows);
+  // Units reduce-scattered on the device bring only this rank's shard of their gradient to the host.
+  store_ = std::make_unique<param_store>(
+      cfg_, opt_.dtype, *dev_, /*optimizer_state=*/!opt_.forward_only, opt_.state,
+      opt_.state_on == state_place::place_nvme ? &opt_.nvme : nullptr, opt_.comm, opt_.shadows,
+      units_reduced_on_device(opt_, cfg_.tie_word_embeddings, int64_t(param_store::unit_numels(cfg_).size())));
   worker_ = std::make_unique<update_worker>(store_->num_units());
   pool_ = std::make_unique<weight_pool>(cfg_, opt_, *dev_, *store_, *worker_, meter_);
   if (!opt_.forward_only) {

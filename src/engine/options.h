@@ -7,6 +7,7 @@
 #include <limits>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "src/engine/collectives.h"
 #include "src/engine/nvme_state.h"
@@ -119,6 +120,14 @@ inline shard_layout shards_of(const engine_options& opt) {
 inline bool unit_reduced_on_device(const engine_options& opt, bool tied, int64_t u, int64_t num_units) {
   return opt.reduce_on_device && shards_of(opt).sharded() && opt.mode != offload_mode::offload_none && u != 0 &&
          !(u == num_units - 1 && tied);
+}
+
+// unit_reduced_on_device of every unit: the units whose host gradient buffer holds only this
+// rank's shard (param_store's shard_grads).
+inline std::vector<bool> units_reduced_on_device(const engine_options& opt, bool tied, int64_t num_units) {
+  std::vector<bool> r(static_cast<size_t>(num_units), false);
+  for (int64_t u = 0; u < num_units; ++u) r[size_t(u)] = unit_reduced_on_device(opt, tied, u, num_units);
+  return r;
 }
 
 // Combinations the engine does not run, as config_errors naming the keys (the engine's constructor

@@ -17,8 +17,9 @@ bool is_norm(const std::string& name) { return name.find("norm") != std::string:
 
 param_store::param_store(const model::llama_config& cfg, at::ScalarType dtype, backend& dev, bool optimizer_state,
                          state_kind kind, const nvme_options* nvme, std::shared_ptr<collectives> comm,
-                         shadow_mode shadows)
-    : cfg_(cfg), dtype_(dtype), dev_(dev), optimizer_state_(optimizer_state), comm_(std::move(comm)) {
+                         shadow_mode shadows, std::vector<bool> shard_grads)
+    : cfg_(cfg), dtype_(dtype), dev_(dev), optimizer_state_(optimizer_state), comm_(std::move(comm)),
+      shard_grads_(std::move(shard_grads)) {
   if (comm_) shards_ = {comm_->rank(), comm_->world()};
   units_.push_back({"", model::embed_layout(cfg), cfg.embed_params()});
   for (int64_t i = 0; i < cfg.num_hidden_layers; ++i)
@@ -27,6 +28,10 @@ param_store::param_store(const model::llama_config& cfg, at::ScalarType dtype, b
   std::vector<int64_t> numel;
   for (const auto& u : units_) numel.push_back(u.numel);
   FERRY_ASSERT(numel == unit_numels(cfg), "the units differ from param_store::unit_numels");
+  shard_grads_.resize(units_.size(), false);
+  FERRY_ASSERT(!shard_grads_[0] && (shards_.sharded() || std::find(shard_grads_.begin(), shard_grads_.end(), true) ==
+                                                            shard_grads_.end()),
+               "shard_grads: the embedding's gradient is summed on the host, and one rank holds whole gradients");
   std::vector<int64_t> mine;
   int64_t widest = 0;
   for (int64_t n : numel) {
@@ -45,7 +50,7 @@ param_store::param_store(const model::llama_config& cfg, at::ScalarType dtype, b
   int64_t shadow_bytes = 0, grad_bytes = 0;
   for (size_t u = 0; u < units_.size(); ++u) {
     shadow_bytes += round64(units_[u].numel * elem);
-    if (u != 0 && optimizer_state_) grad_bytes += round64(grad_numel(int64_t(u)) * elem);
+    if (u != 0 && optimizer_state_) grad_bytes += round64(host_grad_numel(int64_t(u)) * elem);
   }
   if (shards_.sharded() && shadows != shadow_mode::shadows_gather) {
     shared_ = comm_->share_host_memory(size_t(shadow_bytes), num_units());
@@ -74,7 +79,7 @@ param_store::param_store(const model::llama_config& cfg, at::ScalarType dtype, b
       grad_.push_back(detail::alloc_floats(n, "the embedding's fp32 gradient"));
     } else {
       grad_.push_back(grad_cursor);
-      grad_cursor += round64(grad_numel(int64_t(u)) * elem);
+      grad_cursor += round64(host_grad_numel(int64_t(u)) * elem);
     }
   }
   for (size_t u = 0; u < units_.size(); ++u)
@@ -100,6 +105,10 @@ std::vector<int64_t> param_store::unit_numels(const model::llama_config& cfg) {
 
 int64_t param_store::grad_numel(int64_t u) const {
   return u == head_unit() ? cfg_.head_slot_params() : units_[size_t(u)].numel;
+}
+
+int64_t param_store::host_grad_numel(int64_t u) const {
+  return shard_grads_[size_t(u)] ? shard_numel(u) : grad_numel(u);
 }
 
 int64_t param_store::total_params() const {
@@ -153,7 +162,7 @@ at::Tensor param_store::exp_avg_sq_tensor(int64_t u) const {
 at::Tensor param_store::shadow_tensor(int64_t u) const { return view_of(shadow_[u], units_[u].numel, dtype_); }
 at::Tensor param_store::grad_tensor(int64_t u) const {
   check_optimizer_state("gradient buffers");
-  return view_of(grad_[u], units_[u].numel, grad_dtype(u));
+  return view_of(grad_[u], shard_grads_[size_t(u)] ? shard_numel(u) : units_[u].numel, grad_dtype(u));
 }
 
 void param_store::init_random(uint64_t seed, double std) {

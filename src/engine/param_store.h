@@ -64,7 +64,7 @@ class param_store {
   param_store(const model::llama_config& cfg, at::ScalarType compute_dtype, backend& dev,
               bool optimizer_state = true, state_kind kind = state_kind::state_fp32,
               const nvme_options* nvme = nullptr, std::shared_ptr<collectives> comm = nullptr,
-              shadow_mode shadows = shadow_mode::shadows_auto);
+              shadow_mode shadows = shadow_mode::shadows_auto, std::vector<bool> shard_grads = {});
   ~param_store();
   param_store(const param_store&) = delete;
   param_store& operator=(const param_store&) = delete;
@@ -85,9 +85,13 @@ class param_store {
 
   void* shadow(int64_t u) const { return shadow_[u]; }    // compute dtype, what the device loads
   void* grad(int64_t u) const { return grad_[u]; }        // compute dtype (fp32 for unit 0)
-  // Elements of grad(u): the unit's, except the head's, which holds a whole head slot
-  // (cfg.head_slot_params(): with tied embeddings the lm_head gradient after the norm's).
+  // Elements of unit u's device gradient slot: the unit's, except the head's, which holds a whole
+  // head slot (cfg.head_slot_params(): with tied embeddings the lm_head gradient after the norm's).
   int64_t grad_numel(int64_t u) const;
+  // Elements of grad(u) on the host: grad_numel(u), or this rank's shard_numel(u) for a unit whose
+  // gradient is reduce-scattered on the device (the constructor's shard_grads; only its shard of the
+  // sum comes to the host: engine_options::reduce_on_device).
+  int64_t host_grad_numel(int64_t u) const;
   const model::llama_config& config() const { return cfg_; }
   // This rank's share of every unit (one rank: the whole unit).
   const shard_layout& shards() const { return shards_; }
@@ -107,7 +111,7 @@ class param_store {
   at::ScalarType grad_dtype(int64_t u) const { return u == embed_unit() ? at::kFloat : dtype_; }
 
   // CPU tensors aliasing the buffers above (1-D, numel of the unit; the master and moments: of
-  // this rank's shard). The master and moment tensors
+  // this rank's shard; the gradient: host_grad_numel). The master and moment tensors
   // alias the tier's memory and so exist only for a tier that keeps its state in host memory
   // (state_tier::in_memory; tests, inference); the engine and checkpoints go through state(), and
   // a tier on disk throws here. The moment tensors exist only for fp32 moments
@@ -153,6 +157,7 @@ class param_store {
   shard_layout shards_;
   float* scratch_ = nullptr;
   std::unique_ptr<shared_host_block> shared_;   // the shared shadows, or null
+  std::vector<bool> shard_grads_;               // per unit: grad() holds only this rank's shard
 
   void check_optimizer_state(const char* what) const;
   void check_fp32_moments() const;

@@ -234,6 +234,39 @@ TEST(dist_plan, a_rank_holds_and_plans_its_share_of_the_state) {
   }
 }
 
+// dist_reduce=device: each rank's pinned gradient buffers hold its shards of the blocks' (and the
+// untied head's) gradients, so a rank pins about (1 - 1/world) of those fewer bytes than with
+// host reduction. The plan (rank 0's) stays an upper bound of the store's pinned bytes, and what it
+// charges beyond them (the gradient shards' fp32 sums and the collective scratch) does not grow
+// with device reduction: a plan still charging whole gradient buffers would, at 3 ranks.
+TEST(dist_plan, device_reduction_pins_only_the_shards_of_the_gradients) {
+  const model::llama_config cfg = engine::test::tiny_config();
+  auto host = engine::make_host_backend();
+  const int64_t units = cfg.num_hidden_layers + 2;
+  for (int world : {2, 3}) {
+    int64_t pinned[2] = {0, 0}, beyond[2] = {0, 0};
+    for (int device = 0; device < 2; ++device) {
+      engine::engine_options ro = run_options(device ? "device" : "overlapped", 2, false);
+      ro.comm = std::make_shared<silent_ranks>(0, world);
+      engine::param_store store(cfg, at::kFloat, *host, true, engine::state_kind::state_fp32, nullptr, ro.comm,
+                                engine::shadow_mode::shadows_gather,
+                                engine::units_reduced_on_device(ro, cfg.tie_word_embeddings, units));
+      const engine::memory_plan p = engine::plan_memory(cfg, ro, 2, engine::test::k_seq, 1);
+      for (int64_t u = 1; u < units; ++u)
+        EXPECT_EQ(store.grad_tensor(u).numel(), device ? store.shard_numel(u) : store.unit(u).numel) << "unit " << u;
+      pinned[device] = store.pinned_bytes();
+      beyond[device] = p.host_pinned - store.pinned_bytes();
+      EXPECT_GE(beyond[device], 0) << world << " ranks, dist_reduce " << (device ? "device" : "host");
+    }
+    EXPECT_LE(beyond[1], beyond[0] + 64 * units) << world << " ranks";
+    // At least the blocks' other shards; at most those and the head's.
+    const double share = 1.0 - 1.0 / world, saved = double(pinned[0] - pinned[1]);
+    const double blocks = double(cfg.num_hidden_layers * cfg.block_params() * 4);
+    EXPECT_GE(saved, 0.98 * share * blocks) << world << " ranks";
+    EXPECT_LE(saved, 1.02 * share * (blocks + double(cfg.head_params() * 4))) << world << " ranks";
+  }
+}
+
 // The torchrun environment's checks (src/dist/launch.h), each one line.
 launch_info launch_of(const std::vector<std::pair<const char*, const char*>>& vars, int gpus) {
   return read_launch(
