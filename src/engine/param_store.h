@@ -111,7 +111,7 @@ class param_store {
   at::ScalarType grad_dtype(int64_t u) const { return u == embed_unit() ? at::kFloat : dtype_; }
 
   // CPU tensors aliasing the buffers above (1-D, numel of the unit; the master and moments: of
-  // this rank's shard; the gradient: host_grad_numel). The master and moment tensors
+  // this rank's shard; the gradient: shard_numel for a shard_grads unit). The master and moment tensors
   // alias the tier's memory and so exist only for a tier that keeps its state in host memory
   // (state_tier::in_memory; tests, inference); the engine and checkpoints go through state(), and
   // a tier on disk throws here. The moment tensors exist only for fp32 moments
