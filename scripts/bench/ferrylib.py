@@ -7,9 +7,9 @@ a plain-text/Markdown table. The peer scripts (peer_*.py) import torch; this mod
 """
 import json
 import os
-import re
 import platform
 import random
+import re
 import shutil
 import statistics
 import struct

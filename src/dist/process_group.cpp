@@ -341,19 +341,12 @@ std::unique_ptr<engine::shared_host_block> process_group::share_host_memory(size
     if (base == MAP_FAILED)
       failure = detail::str_cat("rank ", rank(), " cannot map ", total >> 20, " MiB of shared memory: ", std::strerror(errno));
   }
-  // Every rank reports; rank 0 keeps its descriptor open until every rank has opened its own.
+  // Every rank reports once it has mapped the block (or failed); rank 0 keeps its descriptor open
+  // until every rank has reported, so every other rank has opened its own.
   guarded("shared memory setup", [&] {
-    const std::string mine = failure.empty() ? "ok" : failure;
-    impl_->store->set(key + "/" + std::to_string(rank()), std::vector<uint8_t>(mine.begin(), mine.end()));
-    for (int r = 0; r < world(); ++r) {
-      const std::string k = key + "/" + std::to_string(r);
-      impl_->store->wait({k}, patience);
-      const std::vector<uint8_t> v = impl_->store->get(k);
-      const std::string s(v.begin(), v.end());
+    for (const std::string& s : exchange(key + "/", failure.empty() ? "ok" : failure, patience))
       if (s != "ok" && failure.empty()) failure = s;
-    }
   });
-  barrier(key, patience);
   if (fd >= 0) ::close(fd);
   if (!failure.empty()) {
     if (base != MAP_FAILED) ::munmap(base, total);
@@ -364,11 +357,24 @@ std::unique_ptr<engine::shared_host_block> process_group::share_host_memory(size
                                         [this] { return who_stopped(); });
 }
 
-void process_group::barrier(const std::string& name, std::chrono::milliseconds timeout) {
+std::vector<std::string> process_group::exchange(const std::string& key_prefix, const std::string& mine,
+                                                 std::chrono::milliseconds timeout) {
+  impl_->store->set(key_prefix + std::to_string(rank()), std::vector<uint8_t>(mine.begin(), mine.end()));
+  std::vector<std::string> all(static_cast<size_t>(world()));
+  for (int r = 0; r < world(); ++r) {
+    const std::string key = key_prefix + std::to_string(r);
+    impl_->store->wait({key}, timeout);
+    const std::vector<uint8_t> v = impl_->store->get(key);
+    all[size_t(r)].assign(v.begin(), v.end());
+  }
+  return all;
+}
+
+void process_group::barrier(const std::string& name) {
   guarded("barrier", [&] {
     const std::string key = "ferry/barrier/" + name;
     impl_->store->add(key, 1);
-    const auto deadline = std::chrono::steady_clock::now() + (timeout.count() > 0 ? timeout : opt_.timeout);
+    const auto deadline = std::chrono::steady_clock::now() + opt_.timeout;
     while (impl_->store->add(key, 0) < world()) {
       if (std::chrono::steady_clock::now() > deadline) throw std::runtime_error("barrier " + name + " timed out");
       std::this_thread::sleep_for(std::chrono::milliseconds(20));
@@ -377,17 +383,8 @@ void process_group::barrier(const std::string& name, std::chrono::milliseconds t
 }
 
 void process_group::check_same_config(const std::string& config_json) {
-  const std::string mine_key = "ferry/config/" + std::to_string(rank());
-  std::vector<std::string> all(static_cast<size_t>(world()));
-  guarded("config exchange", [&] {
-    impl_->store->set(mine_key, std::vector<uint8_t>(config_json.begin(), config_json.end()));
-    for (int r = 0; r < world(); ++r) {
-      const std::string key = "ferry/config/" + std::to_string(r);
-      impl_->store->wait({key}, opt_.timeout);
-      const std::vector<uint8_t> v = impl_->store->get(key);
-      all[size_t(r)].assign(v.begin(), v.end());
-    }
-  });
+  std::vector<std::string> all;
+  guarded("config exchange", [&] { all = exchange("ferry/config/", config_json, opt_.timeout); });
   // Every rank has read every config before any rank may stop (rank 0 hosts the store).
   barrier("config");
   const nlohmann::json ref = nlohmann::json::parse(all[0]);

@@ -14,6 +14,7 @@
 #include <memory>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "src/dist/launch.h"
 #include "src/engine/collectives.h"
@@ -56,9 +57,8 @@ class process_group final : public engine::collectives {
   // compares every rank's with rank 0's; a difference is a config_error, the same line on every
   // rank, naming the first rank and key that differ and both values.
   void check_same_config(const std::string& config_json);
-  // Every rank reaches this point (through the store; the engine's channel may be busy elsewhere)
-  // within `timeout` (0: the group's).
-  void barrier(const std::string& name, std::chrono::milliseconds timeout = std::chrono::milliseconds(0));
+  // Every rank reaches this point (through the store; the engine's channel may be busy elsewhere).
+  void barrier(const std::string& name);
 
   struct impl;
 
@@ -77,6 +77,10 @@ class process_group final : public engine::collectives {
   template <class Start>
   void collective(const char* what, at::Tensor& out, const at::Tensor& in, engine::comm_channel c, Start&& start);
   std::string who_stopped();
+  // Every rank sets key_prefix<rank> to `mine` in the store and reads every rank's, waiting up to
+  // `timeout` for each (callers run it under guarded()).
+  std::vector<std::string> exchange(const std::string& key_prefix, const std::string& mine,
+                                    std::chrono::milliseconds timeout);
 
   launch_info launch_;
   group_options opt_;

@@ -156,7 +156,7 @@ void gradient_path::send(int64_t u, bool first_micro, bool last_micro, std::func
   }
   event_ptr computed = dev_.record(queue::queue_compute);
   dev_.wait(queue::queue_d2h, computed);
-  const size_t bytes = size_t(reduced ? store_.shard_numel(u) : store_.grad_numel(u)) * c10::elementSize(opt_.dtype);
+  const size_t bytes = size_t(store_.host_grad_numel(u)) * c10::elementSize(opt_.dtype);
   // The host gradient buffer may still be read by the previous micro-batch's accumulation (or a
   // previous step's update) on the update thread: the copy must not overwrite it before then.
   meter_.stall_ms += worker_.wait_unit_tasks(u);

@@ -180,25 +180,20 @@ memory_plan plan_memory(const model::llama_config& cfg, const engine_options& op
     p.disk_state = nvme_file_bytes(numel, p.state, true);
   }
   p.host_pinned = opt.mode == offload_mode::offload_none ? 0 : params * e + (params - embed + tied_grad) * e;
-  if (opt.mode != offload_mode::offload_none) {
-    // Units reduce-scattered on the device keep only this rank's shard of their gradient on the
-    // host (param_store::host_grad_numel; rank 0's, the largest).
-    const std::vector<int64_t> numels = param_store::unit_numels(cfg);
-    const std::vector<bool> reduced = units_reduced_on_device(opt, cfg.tie_word_embeddings, int64_t(numels.size()));
-    for (size_t u = 0; u < numels.size(); ++u)
-      if (reduced[u]) p.host_pinned -= (numels[u] - shards.per(numels[u])) * e;
-  }
   p.host_other = embed * 4 + 2 * n * h * e + (grad_accum > 1 ? (params - embed) * 4 : 0);
   if (shards.sharded() && !opt.forward_only) {
     // Each unit's summed fp32 gradient shard (16-element aligned, gradient_path), and one padded
     // fp32 unit the reduce-scatter reads and the all-gather writes (param_store::comm_scratch):
-    // page-locked, as a CUDA run's collectives stage them through the device.
+    // page-locked, as a CUDA run's collectives stage them through the device. A unit
+    // reduce-scattered on the device keeps only this rank's shard of its half gradient on the host
+    // (param_store::host_grad_numel; rank 0's, the largest).
     int64_t widest = 0;
     const std::vector<int64_t> numels = param_store::unit_numels(cfg);
     for (size_t u = 0; u < numels.size(); ++u) {
       const int64_t un = numels[u];
       const bool dev = unit_reduced_on_device(opt, cfg.tie_word_embeddings, int64_t(u), int64_t(numels.size()));
       p.host_pinned += ((dev ? 1 : std::max<int64_t>(1, shards.per(un))) + 15) / 16 * 16 * 4;
+      if (dev) p.host_pinned -= (un - shards.per(un)) * e;
       widest = std::max(widest, shards.padded(un));
     }
     p.host_pinned += widest * 4;

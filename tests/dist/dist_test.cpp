@@ -94,7 +94,7 @@ TEST_P(dist_ranks, partitioned_step_equals_one_rank) {
     }
     if (!ok) continue;
     // Ranks on one machine share their shadows unless the kind asks for the all-gather.
-    const bool gather = c.kind.size() > 7 && c.kind.compare(c.kind.size() - 7, 7, "_gather") == 0;
+    const bool gather = run_options(c.kind, 1, false).shadows == engine::shadow_mode::shadows_gather;
     for (int k = 0; k < world; ++k)
       EXPECT_EQ(slurp(prefix + "." + std::to_string(k) + ".shadows"), gather ? "gather\n" : "shared\n") << "rank " << k;
     const engine::test::run_result got = gather_run(prefix, world);
