@@ -83,17 +83,27 @@ void write_rank_file(engine::param_store& store, const std::string& path) {
 
 // The units' whole fp32 masters, gathered from the ranks' shards one unit at a time in a fixed
 // order (every rank runs the same sequence of all-gathers): rank 0 asks at(u) while writing the
-// HF weights, the others only finish(). Units the writer skips are still gathered.
+// HF weights, the others only finish(). Units the writer skips are still gathered. Into the
+// store's collective scratch where it has one, else into a buffer of the widest unit held for the
+// save (shared shadows with the gradients reduced on the device keep no scratch).
 class master_gather {
  public:
   master_gather(engine::param_store& store, std::vector<int64_t> order)
-      : store_(store), order_(std::move(order)), cursor_(store.state(), order_, false) {}
+      : store_(store), order_(std::move(order)), cursor_(store.state(), order_, false) {
+    buf_ = store_.comm_scratch();
+    if (!buf_) {
+      int64_t widest = 0;
+      for (int64_t u : order_) widest = std::max(widest, store_.shards().padded(store_.unit(u).numel));
+      owned_ = at::empty({widest}, at::kFloat);
+      buf_ = owned_.data_ptr<float>();
+    }
+  }
   const float* at(int64_t u) {
-    if (pos_ > 0 && order_[pos_ - 1] == u) return store_.comm_scratch();
+    if (pos_ > 0 && order_[pos_ - 1] == u) return buf_;
     while (pos_ < order_.size() && order_[pos_] != u) gather_next();
     FERRY_ASSERT(pos_ < order_.size(), "master_gather: unit ", u, " out of the announced order");
     gather_next();
-    return store_.comm_scratch();
+    return buf_;
   }
   void finish() {
     while (pos_ < order_.size()) gather_next();
@@ -107,13 +117,15 @@ class master_gather {
     const engine::shard_layout& l = store_.shards();
     at::Tensor mine = at::zeros({l.per(n)}, at::kFloat);
     std::memcpy(mine.data_ptr(), cursor_.at(u).master, size_t(store_.shard_numel(u)) * 4);
-    at::Tensor all = at::from_blob(store_.comm_scratch(), {l.padded(n)}, at::kFloat);
+    at::Tensor all = at::from_blob(buf_, {l.padded(n)}, at::kFloat);
     store_.comm()->all_gather(all, mine, engine::comm_channel::channel_engine);
   }
 
   engine::param_store& store_;
   std::vector<int64_t> order_;
   unit_cursor cursor_;
+  at::Tensor owned_;
+  float* buf_ = nullptr;
   size_t pos_ = 0;
 };
 

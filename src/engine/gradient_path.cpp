@@ -112,7 +112,12 @@ void gradient_path::reduce(int64_t u) {
   // zero-padded to the ranks' equal blocks, then summed over the ranks block by block.
   const host_grad g = host_local(u);
   float* full = store_.comm_scratch();
-  if (g.acc) {
+  if (u == store_.embed_unit()) {
+    // fp32, padded with zeros (param_store), and made afresh by the next step's first micro-batch:
+    // reduced in place.
+    full = static_cast<float*>(g.data);
+    if (g.acc) cpu_optim::accumulate(g.acc, cpu_optim::dtype::dtype_f32, full, size_t(n), /*overwrite=*/false);
+  } else if (g.acc) {
     std::memcpy(full, g.acc, size_t(n) * 4);
     cpu_optim::accumulate(g.data, g.dtype, full, size_t(n), /*overwrite=*/false);
   } else {

@@ -182,21 +182,29 @@ memory_plan plan_memory(const model::llama_config& cfg, const engine_options& op
   p.host_pinned = opt.mode == offload_mode::offload_none ? 0 : params * e + (params - embed + tied_grad) * e;
   p.host_other = embed * 4 + 2 * n * h * e + (grad_accum > 1 ? (params - embed) * 4 : 0);
   if (shards.sharded() && !opt.forward_only) {
-    // Each unit's summed fp32 gradient shard (16-element aligned, gradient_path), and one padded
-    // fp32 unit the reduce-scatter reads and the all-gather writes (param_store::comm_scratch):
-    // page-locked, as a CUDA run's collectives stage them through the device. A unit
-    // reduce-scattered on the device keeps only this rank's shard of its half gradient on the host
-    // (param_store::host_grad_numel; rank 0's, the largest).
+    // Each unit's summed fp32 gradient shard (16-element aligned, gradient_path), and the padded
+    // fp32 unit the reduce-scatter reads and the all-gather writes (param_store::comm_scratch) of
+    // the widest unit that needs one: any unit where the shadows may be gathered (dist_weights
+    // auto may turn out so), else the blocks and head reduced on the host. Page-locked, as a CUDA
+    // run's collectives stage them through the device; so is the embedding's fp32 gradient, padded
+    // to the ranks' blocks and reduced in place. A unit reduce-scattered on the device keeps only
+    // this rank's shard of its half gradient on the host (param_store::host_grad_numel; rank 0's,
+    // the largest).
     int64_t widest = 0;
+    const bool gathered = opt.shadows != shadow_mode::shadows_shared;
     const std::vector<int64_t> numels = param_store::unit_numels(cfg);
     for (size_t u = 0; u < numels.size(); ++u) {
       const int64_t un = numels[u];
       const bool dev = unit_reduced_on_device(opt, cfg.tie_word_embeddings, int64_t(u), int64_t(numels.size()));
       p.host_pinned += ((dev ? 1 : std::max<int64_t>(1, shards.per(un))) + 15) / 16 * 16 * 4;
       if (dev) p.host_pinned -= (un - shards.per(un)) * e;
-      widest = std::max(widest, shards.padded(un));
+      if (gathered || (u != 0 && !dev)) widest = std::max(widest, shards.padded(un));
     }
     p.host_pinned += widest * 4;
+    if (opt.mode != offload_mode::offload_none) {
+      p.host_pinned += shards.padded(embed) * 4;
+      p.host_other -= embed * 4;
+    }
   }
   if (opt.mode == offload_mode::offload_none) p.host_pinned = params * e + (params - embed + tied_grad) * e;  // init/checkpoint copies
   p.host_total = p.host_master + p.host_moments + p.host_state_buffers + p.host_pinned + p.host_other;

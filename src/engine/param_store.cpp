@@ -33,16 +33,9 @@ param_store::param_store(const model::llama_config& cfg, at::ScalarType dtype, b
                                                             shard_grads_.end()),
                "shard_grads: the embedding's gradient is summed on the host, and one rank holds whole gradients");
   std::vector<int64_t> mine;
-  int64_t widest = 0;
-  for (int64_t n : numel) {
-    mine.push_back(shards_.count(n));
-    widest = std::max(widest, shards_.padded(n));
-  }
+  for (int64_t n : numel) mine.push_back(shards_.count(n));
   state_ = nvme && optimizer_state ? make_nvme_state(mine, kind, optimizer_state, *nvme)
                                    : make_host_state(mine, kind, optimizer_state);
-  // Page-locked on CUDA: a CUDA run's process group stages its host collectives through the device
-  // (src/dist/process_group.h), and copies from and into pinned memory run at the link's rate.
-  if (shards_.sharded()) scratch_ = static_cast<float*>(dev_.host_alloc(size_t(widest) * 4));
 
   const int64_t elem = static_cast<int64_t>(c10::elementSize(dtype));
   // Every buffer is rounded up to 64 bytes so each starts cache-line aligned.
@@ -58,6 +51,18 @@ param_store::param_store(const model::llama_config& cfg, at::ScalarType dtype, b
                        " ranks are not all on one machine (LOCAL_WORLD_SIZE < WORLD_SIZE), so they cannot share ",
                        "their shadows; use dist_weights=auto or gather");
   }
+  // The collectives' scratch, page-locked on CUDA: a CUDA run's process group stages its host
+  // collectives through the device (src/dist/process_group.h), and copies from and into pinned
+  // memory run at the link's rate. It holds a gathered unit (shadows not shared) or a block's
+  // whole fp32 gradient reduced on the host (not in shard_grads); the embedding's gradient is
+  // reduce-scattered in place, so shared shadows with every block reduced on the device need none.
+  if (shards_.sharded()) {
+    int64_t widest = 0;
+    for (size_t u = 0; u < units_.size(); ++u)
+      if (!shared_ || (u != 0 && !shard_grads_[u])) widest = std::max(widest, shards_.padded(units_[u].numel));
+    if (widest > 0) scratch_ = static_cast<float*>(dev_.host_alloc(size_t(widest) * 4));
+  }
+
   // One exact-size pinned block: shadows of every unit (unless shared), then (with optimizer
   // state) gradients of units 1..L+1 (grad_numel).
   const int64_t own = (shared_ ? 0 : shadow_bytes) + grad_bytes;
@@ -76,7 +81,15 @@ param_store::param_store(const model::llama_config& cfg, at::ScalarType dtype, b
     if (!optimizer_state_) {
       grad_.push_back(nullptr);
     } else if (u == 0) {
-      grad_.push_back(detail::alloc_floats(n, "the embedding's fp32 gradient"));
+      // Sharded: page-locked and padded with zeros to the ranks' equal blocks, the reduce-scatter's
+      // input as it is (gradient_path::reduce).
+      if (shards_.sharded()) {
+        const int64_t padded = shards_.padded(n);
+        grad_.push_back(dev_.host_alloc(size_t(padded) * 4));
+        std::memset(grad_.back(), 0, size_t(padded) * 4);
+      } else {
+        grad_.push_back(detail::alloc_floats(n, "the embedding's fp32 gradient"));
+      }
     } else {
       grad_.push_back(grad_cursor);
       grad_cursor += round64(host_grad_numel(int64_t(u)) * elem);
@@ -88,7 +101,10 @@ param_store::param_store(const model::llama_config& cfg, at::ScalarType dtype, b
 
 param_store::~param_store() {
   if (scratch_) dev_.host_free(scratch_);
-  if (!grad_.empty() && optimizer_state_) std::free(grad_[0]);
+  if (!grad_.empty() && optimizer_state_) {
+    if (shards_.sharded()) dev_.host_free(grad_[0]);
+    else std::free(grad_[0]);
+  }
   if (pinned_) dev_.host_free(pinned_);
   if (shared_) {
     dev_.host_unregister(shared_->data());
@@ -118,7 +134,8 @@ int64_t param_store::total_params() const {
 }
 
 int64_t param_store::host_bytes() const {
-  return pinned_bytes_ + state_->host_bytes() + (optimizer_state_ ? units_[0].numel * 4 : 0);
+  const int64_t embed_grad = shards_.sharded() ? shards_.padded(units_[0].numel) : units_[0].numel;
+  return pinned_bytes_ + state_->host_bytes() + (optimizer_state_ ? embed_grad * 4 : 0);
 }
 
 static at::Tensor view_of(void* p, int64_t n, at::ScalarType t) {
@@ -165,23 +182,42 @@ at::Tensor param_store::grad_tensor(int64_t u) const {
   return view_of(grad_[u], shard_grads_[size_t(u)] ? shard_numel(u) : units_[u].numel, grad_dtype(u));
 }
 
-void param_store::init_random(uint64_t seed, double std) {
+void param_store::init_random(uint64_t seed, double std, int64_t chunk) {
+  FERRY_ASSERT(chunk >= 16 && chunk % 16 == 0, "init_random: chunk must be a positive multiple of 16");
   // One task per unit, each with its own generator: the values do not depend on the thread count.
   // ATen's ops inside run single-threaded here (at::parallel_for does not nest).
   for (int64_t u = 0; u < num_units(); ++u) state_->prefetch(u);
   at::parallel_for(0, num_units(), 1, [&](int64_t begin, int64_t end) {
+    // A piece of at most 2 * chunk elements: the scratch of a sharded store's draws.
+    at::Tensor piece = shards_.sharded() ? at::empty({2 * chunk}, at::kFloat) : at::Tensor();
     for (int64_t u = begin; u < end; ++u) {
       at::Generator gen = at::detail::createCPUGenerator(seed * 1000003ull + uint64_t(u));
       state_lease s(*state_, u, true);
-      // Sharded: every rank draws the whole unit (the same values as one rank) and keeps its shard.
-      at::Tensor flat = shards_.sharded() ? at::empty({units_[u].numel}, at::kFloat)
-                                          : view_of(s->master, units_[u].numel, at::kFloat);
+      // Sharded: every rank draws the unit in the same order as one rank, up to the end of its
+      // shard, and keeps the part in its shard [lo, hi) of the unit.
+      const int64_t lo = shard_begin(u), hi = lo + shard_numel(u);
+      at::Tensor mine = view_of(s->master, s->n, at::kFloat);
       for (const auto& slot : units_[u].slots) {
-        at::Tensor t = flat.narrow(0, slot.offset, slot.numel);
-        if (is_norm(slot.name)) t.fill_(1.0);
-        else t.normal_(0.0, std, gen);
+        if (slot.offset >= hi) break;   // the generator's later draws are no rank's concern here
+        const int64_t pieces = std::max<int64_t>(1, slot.numel / chunk);
+        for (int64_t k = 0; k < pieces; ++k) {
+          const int64_t at = slot.offset + k * chunk;
+          const int64_t len = k + 1 == pieces ? slot.offset + slot.numel - at : chunk;
+          if (at >= hi) break;
+          const bool keep = at + len > lo;
+          at::Tensor t = !shards_.sharded() ? mine.narrow(0, at, len)
+                                            : piece.narrow(0, 0, len);
+          if (is_norm(slot.name)) {
+            if (keep) t.fill_(1.0);   // no draw: nothing before it needs to be skipped
+          } else {
+            t.normal_(0.0, std, gen);
+          }
+          if (shards_.sharded() && keep) {
+            const int64_t a = std::max(at, lo), b = std::min(at + len, hi);
+            mine.narrow(0, a - lo, b - a).copy_(t.narrow(0, a - at, b - a));
+          }
+        }
       }
-      if (shards_.sharded()) view_of(s->master, s->n, at::kFloat).copy_(flat.narrow(0, shard_begin(u), shard_numel(u)));
       zero_moments_of(*s);
       refresh_shadow(u, *s);
     }

@@ -103,9 +103,12 @@ class param_store {
   void publish_shadow(int64_t u, comm_channel c);
   // Whether the shadows are the machine's one shared set (shadow_mode shared).
   bool shadows_shared() const { return shared_ != nullptr; }
-  // Sharded: fp32 scratch of the widest unit's shards_.padded(numel) elements, for the collectives
-  // of one unit at a time (the update thread's reduce-scatter and all-gather, or the engine's
-  // thread while the update thread is idle).
+  // Sharded: fp32 scratch of shards_.padded(numel) elements of the widest unit that needs it, for
+  // the collectives of one unit at a time (the update thread's reduce-scatter and all-gather, or
+  // the engine's thread while the update thread is idle): every unit when the shadows are
+  // gathered, else the units 1..L+1 not in shard_grads (reduced on the host); null when none
+  // does. The embedding's fp32 gradient is padded to shards_.padded(numel) with zeros and needs
+  // no scratch.
   float* comm_scratch() const { return scratch_; }
   collectives* comm() const { return comm_.get(); }
   at::ScalarType grad_dtype(int64_t u) const { return u == embed_unit() ? at::kFloat : dtype_; }
@@ -124,8 +127,12 @@ class param_store {
 
   // HF initialisation: normal(0, std) for matrices and the embedding, ones for norms; moments
   // zeroed; shadows refreshed. Deterministic for a seed (each unit has its own generator, whatever
-  // the thread count); units are drawn in parallel, each within one lease of its state.
-  void init_random(uint64_t seed, double std);
+  // the thread count); units are drawn in parallel, each within one lease of its state. A slot is
+  // drawn in pieces of `chunk` elements (a multiple of 16; the last piece takes the remainder), which
+  // gives the same values as drawing it whole; a sharded store draws a unit only up to the end of
+  // its shard, through one piece of scratch per thread, never the whole unit.
+  static constexpr int64_t k_init_chunk = int64_t(1) << 20;
+  void init_random(uint64_t seed, double std, int64_t chunk = k_init_chunk);
   // Master -> shadow for every unit (after init, load or resume).
   void refresh_shadows();
 

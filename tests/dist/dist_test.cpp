@@ -7,6 +7,7 @@
 #include <chrono>
 #include <cstdlib>
 #include <cstdio>
+#include <cstring>
 #include <fstream>
 #include <sstream>
 #include <string>
@@ -191,6 +192,50 @@ class silent_ranks final : public engine::collectives {
   int rank_, world_;
 };
 
+// A rank alone: its all-gather puts only its own block in place (the shadows' other shards are not
+// what the test looks at).
+class gathering_nothing final : public engine::collectives {
+ public:
+  gathering_nothing(int rank, int world) : rank_(rank), world_(world) {}
+  int rank() const override { return rank_; }
+  int world() const override { return world_; }
+  void all_reduce_sum(at::Tensor&, engine::comm_channel) override { ADD_FAILURE() << "no collective expected"; }
+  void reduce_scatter_sum(at::Tensor&, const at::Tensor&, engine::comm_channel) override { ADD_FAILURE(); }
+  void all_gather(at::Tensor& out, const at::Tensor& in, engine::comm_channel) override {
+    out.narrow(0, rank_ * in.numel(), in.numel()).copy_(in);
+  }
+
+ private:
+  int rank_, world_;
+};
+
+// A rank draws its shard of every unit in pieces, never the whole unit, and keeps exactly the
+// one-rank values of its shard; drawing a slot in pieces gives the values of drawing it whole.
+TEST(dist_init, a_rank_draws_only_up_to_its_shard_and_keeps_the_one_rank_values) {
+  const model::llama_config cfg = engine::test::tiny_config();
+  auto host = engine::make_host_backend();
+  engine::param_store whole(cfg, at::kFloat, *host, true), pieces(cfg, at::kFloat, *host, true);
+  const int64_t big = int64_t(1) << 40;   // every slot in one piece
+  whole.init_random(11, 0.02, big);
+  pieces.init_random(11, 0.02, 48);
+  for (int64_t u = 0; u < whole.num_units(); ++u)
+    EXPECT_TRUE(whole.master_tensor(u).equal(pieces.master_tensor(u))) << "unit " << u << " drawn in pieces of 48";
+  for (int world : {2, 3}) {
+    for (int r = 0; r < world; ++r) {
+      auto comm = std::make_shared<gathering_nothing>(r, world);
+      engine::param_store store(cfg, at::kFloat, *host, true, engine::state_kind::state_fp32, nullptr, comm,
+                                engine::shadow_mode::shadows_gather);
+      store.init_random(11, 0.02, 64);
+      for (int64_t u = 0; u < store.num_units(); ++u) {
+        const at::Tensor want = whole.master_tensor(u).narrow(0, store.shard_begin(u), store.shard_numel(u));
+        EXPECT_TRUE(store.master_tensor(u).equal(want)) << "rank " << r << " of " << world << ", unit " << u;
+        EXPECT_TRUE(store.shadow_tensor(u).narrow(0, store.shard_begin(u), store.shard_numel(u)).equal(want))
+            << "rank " << r << " of " << world << ", unit " << u << "'s shadow";
+      }
+    }
+  }
+}
+
 // The optimizer state of a rank is its shard: the store's tier allocates shard_numel per unit,
 // 1/world of the one-rank tier (to a block's rounding), and the planner charges rank 0's shards,
 // the largest, so it bounds every rank's tier.
@@ -265,6 +310,74 @@ TEST(dist_plan, device_reduction_pins_only_the_shards_of_the_gradients) {
     EXPECT_GE(saved, 0.98 * share * blocks) << world << " ranks";
     EXPECT_LE(saved, 1.02 * share * (blocks + double(cfg.head_params() * 4))) << world << " ranks";
   }
+}
+
+// A rank alone whose "shared" memory is its own: enough for a store's shared shadows.
+class sharing_alone final : public engine::collectives {
+ public:
+  sharing_alone(int rank, int world) : rank_(rank), world_(world) {}
+  int rank() const override { return rank_; }
+  int world() const override { return world_; }
+  void all_reduce_sum(at::Tensor&, engine::comm_channel) override { ADD_FAILURE() << "no collective expected"; }
+  void reduce_scatter_sum(at::Tensor&, const at::Tensor&, engine::comm_channel) override { ADD_FAILURE(); }
+  void all_gather(at::Tensor&, const at::Tensor&, engine::comm_channel) override { ADD_FAILURE(); }
+  std::unique_ptr<engine::shared_host_block> share_host_memory(size_t bytes, int64_t) override {
+    class block final : public engine::shared_host_block {
+     public:
+      explicit block(size_t bytes) : bytes_(bytes), data_(std::aligned_alloc(4096, (bytes + 4095) / 4096 * 4096)) {
+        std::memset(data_, 0, bytes);
+      }
+      ~block() override { std::free(data_); }
+      void* data() const override { return data_; }
+      size_t bytes() const override { return bytes_; }
+      void publish(int64_t) override {}
+
+     private:
+      size_t bytes_;
+      void* data_;
+    };
+    return std::make_unique<block>(bytes);
+  }
+
+ private:
+  int rank_, world_;
+};
+
+// The collectives' fp32 scratch of a whole unit exists only where a unit is gathered or reduced on
+// the host: shared shadows with every block reduced on the device need none (the embedding's
+// gradient is padded and reduced in place), and the plan charges it only where it can exist, so
+// it stays an upper bound of the store's page-locked bytes.
+TEST(dist_plan, shared_shadows_with_device_reduction_pin_no_collective_scratch) {
+  const model::llama_config cfg = engine::test::tiny_config();
+  auto host = engine::make_host_backend();
+  const int64_t units = cfg.num_hidden_layers + 2;
+  const int world = 2;
+  int64_t widest = 0;
+  for (int64_t n : engine::param_store::unit_numels(cfg)) widest = std::max(widest, engine::shard_layout{0, world}.padded(n));
+  int64_t plan_pinned[2][2] = {};
+  for (int shared = 0; shared < 2; ++shared) {
+    for (int device = 0; device < 2; ++device) {
+      engine::engine_options ro = run_options(device ? "device" : "overlapped", 2, false);
+      ro.comm = std::make_shared<sharing_alone>(0, world);
+      ro.shadows = shared ? engine::shadow_mode::shadows_shared : engine::shadow_mode::shadows_gather;
+      engine::param_store store(cfg, at::kFloat, *host, true, engine::state_kind::state_fp32, nullptr, ro.comm,
+                                ro.shadows, engine::units_reduced_on_device(ro, cfg.tie_word_embeddings, units));
+      const std::string what = std::string(shared ? "shared" : "gathered") + " shadows, dist_reduce " +
+                               (device ? "device" : "host");
+      EXPECT_EQ(store.shadows_shared(), bool(shared)) << what;
+      EXPECT_EQ(store.comm_scratch() == nullptr, shared && device) << what;
+      EXPECT_EQ(store.grad_tensor(store.embed_unit()).numel(), cfg.embed_params()) << what;
+      const engine::memory_plan p = engine::plan_memory(cfg, ro, 2, engine::test::k_seq, 1);
+      plan_pinned[shared][device] = p.host_pinned;
+      // The store's pinned block (shared shadows counted), its embedding gradient and the scratch.
+      const int64_t pinned = store.pinned_bytes() + store.shards().padded(cfg.embed_params()) * 4 +
+                             (store.comm_scratch() ? widest * 4 : 0);
+      EXPECT_GE(p.host_pinned, pinned) << what;
+    }
+  }
+  // Without the scratch the plan charges at least the widest unit's padded fp32 less.
+  EXPECT_LE(plan_pinned[1][1], plan_pinned[0][1] - widest * 4);
+  EXPECT_EQ(plan_pinned[1][0], plan_pinned[0][0]);
 }
 
 // The torchrun environment's checks (src/dist/launch.h), each one line.
