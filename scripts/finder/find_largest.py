@@ -71,7 +71,8 @@ def parse_args():
                     help="llama: configs/ shapes + the LLaMA-scaled family; small: CPU-sized (CI)")
     ap.add_argument("--verify", type=int, default=3, help="verified candidates (0: plan only)")
     ap.add_argument("--max-tries", type=int, default=8, help="verification runs at most")
-    ap.add_argument("--steps", type=int, default=3, help="steps per verification run")
+    ap.add_argument("--steps", type=int, default=3,
+                    help="steps per verification run (a step time needs 2 or more: a step's update runs in the next)")
     ap.add_argument("--timeout", type=int, default=900, help="seconds per verification run")
     ap.add_argument("--max-params", default=None, metavar="N",
                     help="verify only candidates of at most N parameters (e.g. 17e9 or 17B): larger ones are "
@@ -279,7 +280,11 @@ def run_verify(train, name, cfg_path, a, dev, lim, tokfile, out, extra=None, tag
     r = dict(rc=res["rc"], host_peak=res["host_peak"], command=" ".join(cmd), log=log)
     if rows:
         s = fl.summarize_steps(rows, 1)
-        r.update(step_ms=s["step_ms"], gpu_alloc=s["gpu_alloc_peak"], gpu_reserved=s["gpu_reserved_peak"])
+        r.update(gpu_alloc=s["gpu_alloc_peak"], gpu_reserved=s["gpu_reserved_peak"])
+        # A step's update runs during the next step (or the run's final flush): a run of one step
+        # has no step time that includes its update, so it reports none.
+        if len(rows) > 1:
+            r["step_ms"] = s["step_ms"]
         if any("disk_wait_ms" in x for x in rows):   # optimizer_state_on=nvme: the tier's traffic
             use = rows[1:] if len(rows) > 1 else rows
             r.update(disk_read=fl.median([x.get("disk_read_bytes", 0) for x in use]),
