@@ -54,6 +54,12 @@ class backend {
     (void)bytes;
   }
   virtual void host_unregister(void* p) { (void)p; }
+  // Makes this backend's device the calling thread's current one. CUDA: a thread's runtime calls
+  // (an event's synchronize, a copy) otherwise run in device 0's primary context, which they
+  // create there if it does not exist: on a rank of another GPU, a second context and its device
+  // memory on GPU 0. The constructing thread is bound already; other threads that touch the
+  // device (the update thread) call it first. No-op on the host backends.
+  virtual void bind_thread() {}
 
   // Asynchronous copies on the h2d / d2h queues. dst / src are contiguous device tensors; the
   // caller may drop them once the copy is queued (the backend keeps their memory from being reused

@@ -46,16 +46,23 @@ class cuda_backend final : public backend {
         device_(at::kCUDA, static_cast<c10::DeviceIndex>(index)),
         streams_{c10::cuda::getStreamFromPool(true, device_.index()), c10::cuda::getStreamFromPool(true, device_.index()),
                  c10::cuda::getStreamFromPool(true, device_.index())} {
+    // This thread's runtime calls go to this device's context (backend::bind_thread).
+    bind_thread();
     // The caching allocator initialises lazily on the first allocation; its statistics and the
     // memory cap need it now.
     at::empty({1}, at::TensorOptions().device(device_));
   }
 
+  void bind_thread() override { c10::cuda::set_device(device_.index()); }
+
   at::Device device() const override { return device_; }
   bool is_cuda() const override { return true; }
   std::string name() const override { return at::cuda::getDeviceProperties(device_.index())->name; }
 
+  // Page-locked memory belongs to the context current at its allocation or registration: this
+  // device's, whatever thread asks (a thread not bound to it would create GPU 0's).
   void* host_alloc(size_t bytes) override {
+    c10::cuda::CUDAGuard g(device_.index());
     void* p = nullptr;
     cudaError_t err = cudaHostAlloc(&p, bytes == 0 ? 1 : bytes, cudaHostAllocDefault);
     if (err != cudaSuccess) {
@@ -66,8 +73,12 @@ class cuda_backend final : public backend {
     }
     return p;
   }
-  void host_free(void* p) override { cudaFreeHost(p); }
+  void host_free(void* p) override {
+    c10::cuda::CUDAGuard g(device_.index());
+    cudaFreeHost(p);
+  }
   void host_register(void* p, size_t bytes) override {
+    c10::cuda::CUDAGuard g(device_.index());
     cudaError_t err = cudaHostRegister(p, bytes, cudaHostRegisterDefault);
     if (err != cudaSuccess) {
       cudaGetLastError();
@@ -76,6 +87,7 @@ class cuda_backend final : public backend {
     }
   }
   void host_unregister(void* p) override {
+    c10::cuda::CUDAGuard g(device_.index());
     if (cudaHostUnregister(p) != cudaSuccess) cudaGetLastError();
   }
 

@@ -39,7 +39,7 @@ engine::engine(const model::llama_config& cfg, const engine_options& opt) : cfg_
       cfg_, opt_.dtype, *dev_, /*optimizer_state=*/!opt_.forward_only, opt_.state,
       opt_.state_on == state_place::place_nvme ? &opt_.nvme : nullptr, opt_.comm, opt_.shadows,
       units_reduced_on_device(opt_, cfg_.tie_word_embeddings, int64_t(param_store::unit_numels(cfg_).size())));
-  worker_ = std::make_unique<update_worker>(store_->num_units());
+  worker_ = std::make_unique<update_worker>(store_->num_units(), [d = dev_.get()] { d->bind_thread(); });
   pool_ = std::make_unique<weight_pool>(cfg_, opt_, *dev_, *store_, *worker_, meter_);
   if (!opt_.forward_only) {
     grads_ = std::make_unique<gradient_path>(cfg_, opt_, *dev_, *store_, *worker_, meter_);

@@ -4,8 +4,12 @@
 
 namespace ferry::engine {
 
-update_worker::update_worker(int64_t num_units)
-    : unit_version_(num_units, 0), unit_queued_(num_units, 0), unit_last_task_(num_units, 0), thread_([this] { loop(); }) {}
+update_worker::update_worker(int64_t num_units, std::function<void()> on_start)
+    : unit_version_(num_units, 0), unit_queued_(num_units, 0), unit_last_task_(num_units, 0),
+      thread_([this, on_start = std::move(on_start)] {
+        if (on_start) on_start();
+        loop();
+      }) {}
 
 update_worker::~update_worker() {
   {

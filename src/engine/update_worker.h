@@ -16,7 +16,8 @@ namespace ferry::engine {
 
 class update_worker {
  public:
-  explicit update_worker(int64_t num_units);
+  // on_start runs first on the worker's thread (the engine binds it to the device there).
+  explicit update_worker(int64_t num_units, std::function<void()> on_start = {});
   ~update_worker();
   update_worker(const update_worker&) = delete;
   update_worker& operator=(const update_worker&) = delete;

@@ -5,6 +5,9 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#if defined(FERRY_TEST_CUDA) && FERRY_TEST_CUDA
+#include <dlfcn.h>
+#endif
 #include <limits>
 #include <string>
 
@@ -1406,6 +1409,42 @@ TEST(engine_recompute, measured_peak_within_the_plan) {
   const double planned = double(plan[0].activations - plan[1].activations), measured = double(peak[0] - peak[1]);
   EXPECT_NEAR(measured, planned, 0.1 * planned) << "planned saving " << planned << " B, measured " << measured << " B";
 }
+
+
+#if defined(FERRY_TEST_CUDA) && FERRY_TEST_CUDA
+// Whether device d's primary context is active in this process: 1 or 0, -1 where the driver cannot
+// say. The driver API through libcuda loaded here, as the suites link no driver library.
+int primary_context_active(int d) {
+  void* lib = ::dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
+  if (!lib) return -1;
+  using init_fn = int (*)(unsigned);
+  using get_fn = int (*)(int*, int);
+  using state_fn = int (*)(int, unsigned*, int*);
+  auto init = reinterpret_cast<init_fn>(::dlsym(lib, "cuInit"));
+  auto get = reinterpret_cast<get_fn>(::dlsym(lib, "cuDeviceGet"));
+  auto state = reinterpret_cast<state_fn>(::dlsym(lib, "cuDevicePrimaryCtxGetState"));
+  int dev = 0, active = 0;
+  unsigned flags = 0;
+  if (!init || !get || !state || init(0) != 0 || get(&dev, d) != 0 || state(dev, &flags, &active) != 0) return -1;
+  return active;
+}
+
+// An engine on GPU 1 (a data-parallel rank's case) makes no context on GPU 0: its pinned buffers,
+// copies and the update thread's event waits run in GPU 1's context. Before backend::bind_thread,
+// a rank's threads ran in device 0's primary context (the runtime's default), which cost every
+// rank but rank 0 a context and its memory on GPU 0.
+TEST(engine_device, an_engine_on_gpu_1_makes_no_context_on_gpu_0) {
+  FERRY_REQUIRE_DEVICE();
+  if (cuda_device_count() < 2) GTEST_SKIP() << "needs 2 CUDA devices";
+  ASSERT_EQ(primary_context_active(0), 0) << "GPU 0's context exists before any engine";
+  engine_options o = base_options(k_overlapped, at::kHalf);
+  o.device_index = 1;
+  const run_result r = run_engine(o, make_data(3));
+  ASSERT_EQ(r.steps.size(), 3u);
+  EXPECT_EQ(primary_context_active(1), 1);
+  EXPECT_EQ(primary_context_active(0), 0) << "the engine on GPU 1 made a context on GPU 0";
+}
+#endif
 
 }  // namespace
 }  // namespace ferry::engine::test
