@@ -34,23 +34,28 @@ gradient_path::gradient_path(const model::llama_config& cfg, const engine_option
     return;
   }
   const shard_layout& sh = store.shards();
-  on_device_.assign(size_t(store.num_units()), 0);
-  for (int64_t u = 0; u < store.num_units(); ++u)
-    on_device_[size_t(u)] = unit_reduced_on_device(opt, cfg.tie_word_embeddings, u, store.num_units());
+  // The store's shard_grads say which units are reduced where they were made (its host buffers
+  // hold only their shards); they must be what the options ask for.
+  for (int64_t u = 0; u < store.num_units(); ++u) {
+    FERRY_ASSERT(store.grad_sharded(u) == unit_reduced_on_device(opt, cfg.tie_word_embeddings, u, store.num_units()),
+                 "gradient_path: unit ", u, "'s gradient buffer is ", store.grad_sharded(u) ? "a shard" : "whole",
+                 " but the options reduce it ", store.grad_sharded(u) ? "on the host" : "on the device",
+                 " (build the store with units_reduced_on_device)");
+  }
   // A slot whose units are reduce-scattered where they were made is padded to the ranks' equal
   // blocks (zeros the backward never writes) and has a buffer for this rank's block of the sum.
   auto make_slot = [&](int64_t n, bool reduced) {
     if (!reduced) return slot{at::empty({n}, dev_opts), nullptr, at::Tensor()};
     return slot{at::zeros({sh.padded(n)}, dev_opts), nullptr, at::empty({sh.per(n)}, dev_opts)};
   };
-  for (int i = 0; i < 2; ++i) block_slots_.push_back(make_slot(cfg.block_params(), on_device_[1]));
-  head_slot_ = make_slot(cfg.head_slot_params(), on_device_[size_t(store.head_unit())]);
+  for (int i = 0; i < 2; ++i) block_slots_.push_back(make_slot(cfg.block_params(), store.grad_sharded(1)));
+  head_slot_ = make_slot(cfg.head_slot_params(), store.grad_sharded(store.head_unit()));
   embed_out_ = dev.host_alloc(size_t(opt.max_batch * opt.max_seq * cfg.hidden_size) * c10::elementSize(opt.dtype));
   if (sh.sharded()) {
     // The fp32 sums of the units reduced on the host: one block, page-locked on CUDA (the
     // reduce-scatter's output is copied back from the device).
     auto floats = [&](int64_t u) {
-      return ((on_device_[size_t(u)] ? 1 : std::max<int64_t>(1, store.shard_numel(u))) + 15) / 16 * 16;
+      return ((store.grad_sharded(u) ? 1 : std::max<int64_t>(1, store.shard_numel(u))) + 15) / 16 * 16;
     };
     int64_t total = 0;
     for (int64_t u = 0; u < store.num_units(); ++u) total += floats(u);
@@ -97,16 +102,16 @@ host_grad gradient_path::host_local(int64_t u) const {
 }
 
 int64_t gradient_path::host_numel(int64_t u) const {
-  return on_device_[size_t(u)] ? store_.shard_numel(u) : store_.unit(u).numel;
+  return store_.grad_sharded(u) ? store_.shard_numel(u) : store_.unit(u).numel;
 }
 
 host_grad gradient_path::host(int64_t u) const {
-  if (shard_grad_.empty() || on_device_[size_t(u)]) return host_local(u);
+  if (shard_grad_.empty() || store_.grad_sharded(u)) return host_local(u);
   return {shard_grad_[size_t(u)], cpu_optim::dtype::dtype_f32, nullptr};
 }
 
 void gradient_path::reduce(int64_t u) {
-  if (shard_grad_.empty() || on_device_[size_t(u)]) return;
+  if (shard_grad_.empty() || store_.grad_sharded(u)) return;
   const int64_t n = store_.unit(u).numel, padded = store_.shards().padded(n);
   // The whole unit in fp32 (this rank's micro-batches summed, as the optimizer would read them),
   // zero-padded to the ranks' equal blocks, then summed over the ranks block by block.
@@ -148,7 +153,7 @@ void gradient_path::send(int64_t u, bool first_micro, bool last_micro, std::func
     return;
   }
   slot& s = *slot_of_[size_t(u)];
-  const bool reduced = on_device_[size_t(u)];
+  const bool reduced = store_.grad_sharded(u);
   if (reduced) {
     // Summed over the ranks where it was made (a collective of the engine's thread, in backward
     // order on every rank): NCCL runs after the backward on the compute queue, which waits for it;

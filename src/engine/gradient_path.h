@@ -94,7 +94,7 @@ class gradient_path {
   void reduce(int64_t u);
   // Ranks with engine_options::reduce_on_device: unit u's gradient is reduce-scattered where the
   // backward made it, so its host buffer (host_local) holds this rank's shard, summed over the ranks.
-  bool reduced_on_device(int64_t u) const { return on_device_[size_t(u)] != 0; }
+  bool reduced_on_device(int64_t u) const { return store_.grad_sharded(u); }
   // Elements of unit u's host gradient: its shard when reduced_on_device(u), else the whole unit.
   int64_t host_numel(int64_t u) const;
   // The resident gradient buffers (none).
@@ -124,7 +124,6 @@ class gradient_path {
   // Per unit: its host gradient is the accumulator plus the last micro-batch in the host buffer.
   // Written by the engine thread only after the unit's earlier host tasks have run.
   std::vector<char> fused_;
-  std::vector<char> on_device_;           // per unit: reduced_on_device
   void* embed_out_ = nullptr;             // pinned staging of the embedding's input gradient
   std::vector<float*> shard_grad_;        // ranks: per unit, the fp32 sum over the ranks of this rank's shard
   float* shard_block_ = nullptr;          // ranks: the one (pinned) block shard_grad_ points into

@@ -92,6 +92,8 @@ class param_store {
   // gradient is reduce-scattered on the device (the constructor's shard_grads; only its shard of the
   // sum comes to the host: engine_options::reduce_on_device).
   int64_t host_grad_numel(int64_t u) const;
+  // Whether unit u is one of the constructor's shard_grads (its host gradient holds only the shard).
+  bool grad_sharded(int64_t u) const { return shard_grads_[size_t(u)]; }
   const model::llama_config& config() const { return cfg_; }
   // This rank's share of every unit (one rank: the whole unit).
   const shard_layout& shards() const { return shards_; }
