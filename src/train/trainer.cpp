@@ -12,6 +12,7 @@
 #include <fstream>
 #include <memory>
 #include <nlohmann/json.hpp>
+#include <string>
 
 #include "src/common/error.h"
 #include "src/engine/engine.h"
@@ -22,6 +23,26 @@
 
 namespace ferry::train {
 namespace {
+// This process's resident memory by kind now, in bytes (/proc/self/status: RssAnon, RssShmem,
+// RssFile; zeros where the file is not there): what a step's host memory is made of. Anonymous
+// memory holds the state, the pinned buffers and the allocators' heaps; shmem the shadows that the
+// ranks of a machine share (and NCCL's shared buffers); file the mapped libraries.
+struct rss_parts {
+  int64_t anon = 0, shmem = 0, file = 0;
+};
+rss_parts rss_now() {
+  rss_parts r;
+  std::ifstream f("/proc/self/status");
+  std::string key;
+  int64_t kib = 0;
+  while (f >> key) {
+    int64_t* to = key == "RssAnon:" ? &r.anon : key == "RssShmem:" ? &r.shmem : key == "RssFile:" ? &r.file : nullptr;
+    if (to && f >> kib) *to = kib * 1024;
+    f.ignore(1 << 20, '\n');
+  }
+  return r;
+}
+
 std::atomic<int> g_stop_signal{0};
 std::atomic<int> g_save_request{0};
 // The state tier's scratch file (optimizer_state_on=nvme), which a second Ctrl-C removes before it
@@ -246,6 +267,10 @@ int run_training(const io::run_config& cfg, const model::llama_config& mc, const
     }
     m["gpu_alloc_peak"] = r.gpu_alloc_peak;
     m["gpu_reserved_peak"] = r.gpu_reserved_peak;
+    const rss_parts rss = rss_now();
+    m["host_rss_anon"] = rss.anon;
+    m["host_rss_shmem"] = rss.shmem;
+    m["host_rss_file"] = rss.file;
     m["data_cursor"] = st.data_cursor;
     if (first_record) {
       // The run's constants, once per process (a resumed run appends its own, which may differ).

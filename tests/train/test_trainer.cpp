@@ -124,6 +124,10 @@ TEST(trainer, instruction_data_reports_trained_tokens_per_step) {
     EXPECT_LT(tokens, c.grad_accum * B * T) << "padding past the longest row is not run";
     EXPECT_GT(trained, packing ? c.grad_accum * B * 11 : 0) << "packed rows hold more than one example (11 targets each)";
     loss.push_back(m["loss"].get<double>());
+    // The process's resident memory after the step: the model's state is anonymous memory.
+    EXPECT_GT(m["host_rss_anon"].get<int64_t>(), 1 << 20) << "step " << steps + 1;
+    EXPECT_GT(m["host_rss_file"].get<int64_t>(), 0) << "step " << steps + 1;
+    EXPECT_GE(m["host_rss_shmem"].get<int64_t>(), 0) << "step " << steps + 1;
   }
   ASSERT_EQ(steps, 10);
   EXPECT_EQ(ds.packed(), packing);
