@@ -174,6 +174,8 @@ def ferry_row(a, bench, dev, mode, n, tokfile, out, py):
     s = fl.summarize_steps(metrics, warm)
     row.update(step_ms=s["step_ms"], step_ms_spread=s["step_ms_spread"], measured=len(metrics[warm:]) or len(metrics),
                speculated=sum(1 for r in metrics[warm:] if r.get("speculated")))
+    if "host_rss_anon" in metrics[-1]:   # rank 0's resident memory by kind after its last step
+        row["rss_anon"], row["rss_shmem"] = metrics[-1]["host_rss_anon"], metrics[-1]["host_rss_shmem"]
     row["tokens_per_s"] = n * bench.tokens_per_step(a) / (row["step_ms"] / 1e3)
     if n == 1:
         row["rank_peaks"] = [s["gpu_alloc_peak"]]
@@ -308,6 +310,9 @@ def render(rep, sc, have_cuda):
             note = "warm-up %d" % r["warmup"]
             if m == "overlapped":
                 note += ", speculated %d/%d" % (r.get("speculated", 0), r.get("measured", 0))
+            if "rss_anon" in r:
+                note += ", rank 0 after its last step: anon %s, shmem %s" % (fl.fmt_gb(r["rss_anon"]),
+                                                                         fl.fmt_gb(r["rss_shmem"]))
             if any(x >= 0 for x in r.get("numa_nodes", [])):
                 note += ", NUMA nodes " + "/".join(str(x) for x in r["numa_nodes"])
             rows.append([key, m, fl.fmt_ms(r["step_ms"]), fmt_tok(r["tokens_per_s"]), fmt_ratio(r.get("efficiency")),
@@ -342,7 +347,9 @@ def render(rep, sc, have_cuda):
             "- host: sum of ranks' RSS adds each rank's peak resident set (shared library and driver pages count "
             "once per rank: an upper bound); machine used is MemTotal - MemAvailable at its peak during the run "
             "less just before it (sampled every 0.1 s; assumes a quiet machine; with ranks it includes torchrun's own "
-            "Python process, a few hundred MB, which the 1-%s run, plain ferry-train, does not have)." % unit[:-1]]
+            "Python process, a few hundred MB, which the 1-%s run, plain ferry-train, does not have)." % unit[:-1],
+            "- notes: rank 0's resident memory after its last step by kind (metrics.jsonl host_rss_anon and "
+            "host_rss_shmem): the shadows that the ranks share are shmem, counted once on the machine."]
     if not have_cuda:
         out.append("- host backend (--device cpu): the ranks are processes on the CPU talking through Gloo, the "
                    "plumbing and the tables only; FSDP2 runs there without CPUOffloadPolicy (it needs CUDA).")

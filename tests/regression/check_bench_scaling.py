@@ -13,6 +13,7 @@ exit 1 naming the first mismatch. Standard library only.
 """
 import json
 import os
+import re
 import statistics
 import sys
 
@@ -78,6 +79,13 @@ def main():
             close(tok(r[3]), measured[n], "%d ranks %s tokens/s" % (n, mode), abs_=0.051)
             close(float(r[4]), measured[n] / (n * measured[1]), "%d ranks %s scaling efficiency" % (n, mode),
                   rel=0.01, abs_=0.0006)
+            # rank 0's resident memory by kind after its last step, from its metrics.jsonl
+            m = re.search(r"anon ([0-9.]+) GB, shmem ([0-9.]+) GB", r[-1])
+            if not m:
+                fail("%d ranks %s: no anon/shmem note (%s)" % (n, mode, r[-1]))
+            close(float(m.group(1)), metrics[-1]["host_rss_anon"] / 1e9, "%d ranks %s anon (GB)" % (n, mode), abs_=0.0051)
+            close(float(m.group(2)), metrics[-1]["host_rss_shmem"] / 1e9, "%d ranks %s shmem (GB)" % (n, mode),
+                  abs_=0.0051)
             if n > 1:
                 rss, peaks = 0, []
                 for k in range(n):
