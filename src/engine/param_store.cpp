@@ -201,20 +201,19 @@ void param_store::init_random(uint64_t seed, double std, int64_t chunk) {
         if (slot.offset >= hi) break;   // the generator's later draws are no rank's concern here
         const int64_t pieces = std::max<int64_t>(1, slot.numel / chunk);
         for (int64_t k = 0; k < pieces; ++k) {
-          const int64_t at = slot.offset + k * chunk;
-          const int64_t len = k + 1 == pieces ? slot.offset + slot.numel - at : chunk;
-          if (at >= hi) break;
-          const bool keep = at + len > lo;
-          at::Tensor t = !shards_.sharded() ? mine.narrow(0, at, len)
-                                            : piece.narrow(0, 0, len);
+          const int64_t off = slot.offset + k * chunk;
+          const int64_t len = k + 1 == pieces ? slot.offset + slot.numel - off : chunk;
+          if (off >= hi) break;
+          const bool keep = off + len > lo;
+          at::Tensor t = shards_.sharded() ? piece.narrow(0, 0, len) : mine.narrow(0, off, len);
           if (is_norm(slot.name)) {
             if (keep) t.fill_(1.0);   // no draw: nothing before it needs to be skipped
           } else {
             t.normal_(0.0, std, gen);
           }
           if (shards_.sharded() && keep) {
-            const int64_t a = std::max(at, lo), b = std::min(at + len, hi);
-            mine.narrow(0, a - lo, b - a).copy_(t.narrow(0, a - at, b - a));
+            const int64_t a = std::max(off, lo), b = std::min(off + len, hi);
+            mine.narrow(0, a - lo, b - a).copy_(t.narrow(0, a - off, b - a));
           }
         }
       }

@@ -178,35 +178,44 @@ TEST(dist_shared, publish_waits_for_every_rank_and_names_a_dead_one) {
   EXPECT_NE(log.find("shared unit"), std::string::npos) << log;
 }
 
-// A rank of `world` that never talks: the plan and the store need only rank() and world().
+// A rank of `world` alone in the process: the plan and the store need only rank() and world().
+// No collective is expected, except with `gathers` an all-gather, which puts only this rank's
+// block in place (the other ranks' blocks are not what a test looks at); with `shares`, shared
+// memory that only this process maps.
 class silent_ranks final : public engine::collectives {
  public:
-  silent_ranks(int rank, int world) : rank_(rank), world_(world) {}
-  int rank() const override { return rank_; }
-  int world() const override { return world_; }
-  void all_reduce_sum(at::Tensor&, engine::comm_channel) override { ADD_FAILURE() << "no collective expected"; }
-  void reduce_scatter_sum(at::Tensor&, const at::Tensor&, engine::comm_channel) override { ADD_FAILURE(); }
-  void all_gather(at::Tensor&, const at::Tensor&, engine::comm_channel) override { ADD_FAILURE(); }
-
- private:
-  int rank_, world_;
-};
-
-// A rank alone: its all-gather puts only its own block in place (the shadows' other shards are not
-// what the test looks at).
-class gathering_nothing final : public engine::collectives {
- public:
-  gathering_nothing(int rank, int world) : rank_(rank), world_(world) {}
+  silent_ranks(int rank, int world, bool gathers = false, bool shares = false)
+      : rank_(rank), world_(world), gathers_(gathers), shares_(shares) {}
   int rank() const override { return rank_; }
   int world() const override { return world_; }
   void all_reduce_sum(at::Tensor&, engine::comm_channel) override { ADD_FAILURE() << "no collective expected"; }
   void reduce_scatter_sum(at::Tensor&, const at::Tensor&, engine::comm_channel) override { ADD_FAILURE(); }
   void all_gather(at::Tensor& out, const at::Tensor& in, engine::comm_channel) override {
-    out.narrow(0, rank_ * in.numel(), in.numel()).copy_(in);
+    if (!gathers_) ADD_FAILURE() << "no all-gather expected";
+    else out.narrow(0, rank_ * in.numel(), in.numel()).copy_(in);
+  }
+  std::unique_ptr<engine::shared_host_block> share_host_memory(size_t bytes, int64_t) override {
+    if (!shares_) return nullptr;
+    class block final : public engine::shared_host_block {
+     public:
+      explicit block(size_t bytes) : bytes_(bytes), data_(std::aligned_alloc(4096, (bytes + 4095) / 4096 * 4096)) {
+        std::memset(data_, 0, bytes);
+      }
+      ~block() override { std::free(data_); }
+      void* data() const override { return data_; }
+      size_t bytes() const override { return bytes_; }
+      void publish(int64_t) override {}
+
+     private:
+      size_t bytes_;
+      void* data_;
+    };
+    return std::make_unique<block>(bytes);
   }
 
  private:
   int rank_, world_;
+  bool gathers_, shares_;
 };
 
 // A rank draws its shard of every unit in pieces, never the whole unit, and keeps exactly the
@@ -222,7 +231,7 @@ TEST(dist_init, a_rank_draws_only_up_to_its_shard_and_keeps_the_one_rank_values)
     EXPECT_TRUE(whole.master_tensor(u).equal(pieces.master_tensor(u))) << "unit " << u << " drawn in pieces of 48";
   for (int world : {2, 3}) {
     for (int r = 0; r < world; ++r) {
-      auto comm = std::make_shared<gathering_nothing>(r, world);
+      auto comm = std::make_shared<silent_ranks>(r, world, /*gathers=*/true);
       engine::param_store store(cfg, at::kFloat, *host, true, engine::state_kind::state_fp32, nullptr, comm,
                                 engine::shadow_mode::shadows_gather);
       store.init_random(11, 0.02, 64);
@@ -312,37 +321,6 @@ TEST(dist_plan, device_reduction_pins_only_the_shards_of_the_gradients) {
   }
 }
 
-// A rank alone whose "shared" memory is its own: enough for a store's shared shadows.
-class sharing_alone final : public engine::collectives {
- public:
-  sharing_alone(int rank, int world) : rank_(rank), world_(world) {}
-  int rank() const override { return rank_; }
-  int world() const override { return world_; }
-  void all_reduce_sum(at::Tensor&, engine::comm_channel) override { ADD_FAILURE() << "no collective expected"; }
-  void reduce_scatter_sum(at::Tensor&, const at::Tensor&, engine::comm_channel) override { ADD_FAILURE(); }
-  void all_gather(at::Tensor&, const at::Tensor&, engine::comm_channel) override { ADD_FAILURE(); }
-  std::unique_ptr<engine::shared_host_block> share_host_memory(size_t bytes, int64_t) override {
-    class block final : public engine::shared_host_block {
-     public:
-      explicit block(size_t bytes) : bytes_(bytes), data_(std::aligned_alloc(4096, (bytes + 4095) / 4096 * 4096)) {
-        std::memset(data_, 0, bytes);
-      }
-      ~block() override { std::free(data_); }
-      void* data() const override { return data_; }
-      size_t bytes() const override { return bytes_; }
-      void publish(int64_t) override {}
-
-     private:
-      size_t bytes_;
-      void* data_;
-    };
-    return std::make_unique<block>(bytes);
-  }
-
- private:
-  int rank_, world_;
-};
-
 // The collectives' fp32 scratch of a whole unit exists only where a unit is gathered or reduced on
 // the host: shared shadows with every block reduced on the device need none (the embedding's
 // gradient is padded and reduced in place), and the plan charges it only where it can exist, so
@@ -358,7 +336,7 @@ TEST(dist_plan, shared_shadows_with_device_reduction_pin_no_collective_scratch) 
   for (int shared = 0; shared < 2; ++shared) {
     for (int device = 0; device < 2; ++device) {
       engine::engine_options ro = run_options(device ? "device" : "overlapped", 2, false);
-      ro.comm = std::make_shared<sharing_alone>(0, world);
+      ro.comm = std::make_shared<silent_ranks>(0, world, false, /*shares=*/true);
       ro.shadows = shared ? engine::shadow_mode::shadows_shared : engine::shadow_mode::shadows_gather;
       engine::param_store store(cfg, at::kFloat, *host, true, engine::state_kind::state_fp32, nullptr, ro.comm,
                                 ro.shadows, engine::units_reduced_on_device(ro, cfg.tie_word_embeddings, units));
