@@ -397,6 +397,14 @@ HWY_INLINE hn::Vec<df_t> decode_code(hn::Vec<df_t> q, float inv_levels, float a)
   return hn::IfThenElse(hn::Lt(q, hn::Zero(df)), hn::Neg(x), x);
 }
 
+// A v code's value: A (q/levels)^4, q >= 0 (codes::decode_v; no sign to restore).
+HWY_INLINE hn::Vec<df_t> decode_v_code(hn::Vec<df_t> q, float a) {
+  const df_t df;
+  const auto t = hn::Mul(q, hn::Set(df, codes::k_inv_v_levels));
+  const auto t2 = hn::Mul(t, t);
+  return hn::Mul(hn::Mul(t2, t2), hn::Set(df, a));
+}
+
 // sqrt(r) from the hardware's reciprocal-square-root estimate (AVX-512 14 bits, AVX2 12 bits) and
 // one Newton step: within about 4 ulp, at a fraction of a square root's cost; 0 for r below 2^-100.
 HWY_INLINE hn::Vec<df_t> fast_sqrt(hn::Vec<df_t> r) {
@@ -501,7 +509,7 @@ HWY_NOINLINE void update_qblock(const chunk_ref& c, const step_scalars& s, size_
     const auto g = hn::Mul(gr, mult);
     auto M = decode_code(load_codes(qm + i, n), codes::k_inv_m_levels, am_old);
     const auto qv_old = load_codes(qv + i, n);
-    auto V = decode_code(qv_old, codes::k_inv_v_levels, av_old);
+    auto V = decode_v_code(qv_old, av_old);
     if constexpr (O == op::op_undo) {
       const auto term = update_term_sqrt(M, sqrt_v_code(qv_old, sqrt_av_old), s);
       const auto P = hn::Div(hn::Add(load_lanes(c.param + i, n), term), decay);
