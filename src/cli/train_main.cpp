@@ -8,7 +8,6 @@
 #include <cstdint>
 #include <cstdio>
 #include <filesystem>
-#include <fstream>
 #include <memory>
 #include <string>
 #include <thread>
@@ -16,6 +15,7 @@
 
 #include "src/cli/cli_options.h"
 #include "src/cli/wiring.h"
+#include "src/common/proc_status.h"
 #include "src/dist/launch.h"
 #include "src/dist/numa.h"
 #include "src/dist/process_group.h"
@@ -55,16 +55,7 @@ int place_rank(const ferry::dist::launch_info& launch, bool cuda, int cfg_cpu_th
 // This process's peak resident set in bytes: VmHWM of /proc/self/status, the peak of this address
 // space. Not getrusage's ru_maxrss: Linux carries that across execve, so a rank forked by
 // torchrun's Python agent would report the agent's size.
-int64_t peak_rss_bytes() {
-  std::ifstream f("/proc/self/status");
-  std::string key;
-  int64_t kib = 0;
-  while (f >> key) {
-    if (key == "VmHWM:" && f >> kib) return kib * 1024;
-    f.ignore(1 << 20, '\n');
-  }
-  return 0;
-}
+int64_t peak_rss_bytes() { return ferry::proc_status_bytes({"VmHWM"})[0]; }
 
 // A data-parallel rank's own peaks, for scripts/bench.sh --gpus (rank 0 alone writes
 // metrics.jsonl and prints; every rank writes this): <output_dir>/ranks/rank<R>.json with the

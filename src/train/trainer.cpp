@@ -13,8 +13,10 @@
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <string>
+#include <vector>
 
 #include "src/common/error.h"
+#include "src/common/proc_status.h"
 #include "src/engine/engine.h"
 #include "src/io/tensorboard.h"
 #include "src/io/tokenizer.h"
@@ -23,26 +25,6 @@
 
 namespace ferry::train {
 namespace {
-// This process's resident memory by kind now, in bytes (/proc/self/status: RssAnon, RssShmem,
-// RssFile; zeros where the file is not there): what a step's host memory is made of. Anonymous
-// memory holds the state, the pinned buffers and the allocators' heaps; shmem the shadows that the
-// ranks of a machine share (and NCCL's shared buffers); file the mapped libraries.
-struct rss_parts {
-  int64_t anon = 0, shmem = 0, file = 0;
-};
-rss_parts rss_now() {
-  rss_parts r;
-  std::ifstream f("/proc/self/status");
-  std::string key;
-  int64_t kib = 0;
-  while (f >> key) {
-    int64_t* to = key == "RssAnon:" ? &r.anon : key == "RssShmem:" ? &r.shmem : key == "RssFile:" ? &r.file : nullptr;
-    if (to && f >> kib) *to = kib * 1024;
-    f.ignore(1 << 20, '\n');
-  }
-  return r;
-}
-
 std::atomic<int> g_stop_signal{0};
 std::atomic<int> g_save_request{0};
 // The state tier's scratch file (optimizer_state_on=nvme), which a second Ctrl-C removes before it
@@ -267,10 +249,13 @@ int run_training(const io::run_config& cfg, const model::llama_config& mc, const
     }
     m["gpu_alloc_peak"] = r.gpu_alloc_peak;
     m["gpu_reserved_peak"] = r.gpu_reserved_peak;
-    const rss_parts rss = rss_now();
-    m["host_rss_anon"] = rss.anon;
-    m["host_rss_shmem"] = rss.shmem;
-    m["host_rss_file"] = rss.file;
+    // The process's resident memory after the step by kind: anonymous (the state, pinned buffers,
+    // heaps), shmem (the shadows the ranks of a machine share, NCCL's shared buffers), file (the
+    // mapped libraries).
+    const std::vector<int64_t> rss = proc_status_bytes({"RssAnon", "RssShmem", "RssFile"});
+    m["host_rss_anon"] = rss[0];
+    m["host_rss_shmem"] = rss[1];
+    m["host_rss_file"] = rss[2];
     m["data_cursor"] = st.data_cursor;
     if (first_record) {
       // The run's constants, once per process (a resumed run appends its own, which may differ).
