@@ -3,7 +3,7 @@
 # three lower bounds and the peers of shared/BASELINES.md (PyTorch AMP, FSDP2 CPU offload,
 # torchao offload) in one run, each peer in its own process with a timeout.
 #   scripts/bench.sh [--shape debug|1b|3b] [--seq 4096] [--steps N] [--dtype fp16|bf16]
-#                    [--peers|--no-peers] [--out DIR] [--batch B] [--grad-accum K] [--warmup 3]
+#                    [--peers|--no-peers] [--peer-list amp,fsdp2,torchao] [--out DIR] [--batch B] [--grad-accum K] [--warmup 3]
 #                    [--ferry-warmup N] [--timeout S] [--modes none,blocked,overlapped]
 #                    [--ferry-set key=value] [--no-bounds] [--no-infer]
 #   scripts/bench.sh --gpus N|1,2,4 [--shape ...] [--modes overlapped] [--no-peers] [--device cpu]

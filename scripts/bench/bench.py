@@ -69,6 +69,8 @@ def parse_args():
     ap.add_argument("--peers", dest="peers", action="store_true", default=None,
                     help="run the peers (default; without a GPU only when given: then on the CPU, a smoke test)")
     ap.add_argument("--no-peers", dest="peers", action="store_false")
+    ap.add_argument("--peer-list", default=None, metavar="KEYS",
+                    help="only these training peers, comma-separated (%s; default all)" % ",".join(k for k, _, _ in PEERS))
     ap.add_argument("--no-bounds", dest="bounds", action="store_false", default=True)
     ap.add_argument("--no-infer", dest="infer", action="store_false", default=True)
     ap.add_argument("--no-train", dest="train", action="store_false", default=True,
@@ -221,7 +223,7 @@ def load_json(path, res, what):
 def peer_rows(a, out, py, have_cuda, env):
     rows = {}
     for key, label, script in PEERS:
-        if not a.peers:
+        if not a.peers or (a.peer_list is not None and key not in a.peer_list):
             continue
         if not have_cuda and not a.peers_on_cpu:
             rows[key] = dict(ok=False, error="no CUDA device (--peers --device cpu runs them on the CPU)")
@@ -497,6 +499,11 @@ def main():
     have_cuda = dev == "cuda" and gpu is not None
     a.peers_on_cpu = a.peers is True and not have_cuda   # asked for explicitly: the peers' CPU smoke path
     a.peers = a.peers is not False
+    if a.peer_list is not None:
+        a.peer_list = [k for k in a.peer_list.split(",") if k]
+        bad = [k for k in a.peer_list if k not in [p[0] for p in PEERS]]
+        if bad:
+            sys.exit("bench.py: --peer-list %s: not a peer; valid: %s" % (",".join(bad), ",".join(p[0] for p in PEERS)))
     if dev == "cpu" and a.dtype == "fp16":
         fl.ferry_log("no GPU: ferry runs on the CPU in bf16 (fp16 needs a GPU)")
         a.dtype = "bf16"

@@ -79,6 +79,7 @@ engine::engine_options options_of(const io::run_config& cfg) {
   o.max_batch = cfg.batch_size;
   o.max_seq = cfg.max_length;
   o.grad_accum = cfg.grad_accum;
+  o.micro_group = cfg.micro_batch_group;
   o.gpu_mem_limit_gib = cfg.gpu_mem_limit_gib;
   o.host_mem_limit_gib = cfg.host_mem_limit_gib;
   o.nvtx = cfg.nvtx;
@@ -188,6 +189,7 @@ void write_plan_json(const std::string& path, const io::run_config& cfg, const m
               {"batch", cfg.batch_size}, {"seq", cfg.max_length},       {"grad_accum", cfg.grad_accum},
               {"prefetch", cfg.prefetch}, {"gpu_mem_limit_gib", cfg.gpu_mem_limit_gib}, {"host_mem_limit_gib", cfg.host_mem_limit_gib},
               {"forward_only", eo.forward_only}, {"recompute_blocks", p.recompute_blocks},
+              {"micro_batch_group", p.micro_group},
               {"optimizer_state", engine::state_kind_name(p.state)},
               {"optimizer_state_on", p.state_on_disk ? "nvme" : "host"}};
   auto device_of = [](const engine::memory_plan& q) {

@@ -42,7 +42,7 @@ engine::engine(const model::llama_config& cfg, const engine_options& opt) : cfg_
   worker_ = std::make_unique<update_worker>(store_->num_units(), [d = dev_.get()] { d->bind_thread(); });
   pool_ = std::make_unique<weight_pool>(cfg_, opt_, *dev_, *store_, *worker_, meter_);
   if (!opt_.forward_only) {
-    grads_ = std::make_unique<gradient_path>(cfg_, opt_, *dev_, *store_, *worker_, meter_);
+    grads_ = std::make_unique<gradient_path>(cfg_, opt_, *dev_, *store_, *worker_, meter_, plan_.micro_group);
     optim_ = std::make_unique<optimizer_path>(opt_, *dev_, *store_, *grads_, *pool_);
   }
   validator_ = std::make_unique<step_validator>(opt_, store_->num_units());
@@ -247,60 +247,93 @@ step_result engine::train_step(const std::vector<micro_batch>& micro_batches, do
   state_tier& tier = store_->state();
   if (!grads_->resident())
     for (int64_t u : update_order(speculate)) tier.prefetch(u);   // reads overlap the forward and backward
+  // Groups of micro-batches (memory_plan::micro_group; resident: one at a time): each unit is
+  // acquired once per group, runs the group's micro-batches one after another, and its gradient is
+  // the group's sum (gradient_path::fold); the host sums the groups as it sums single micro-batches.
+  const int64_t n_micro = int64_t(micro_batches.size());
+  const int64_t group = grads_->resident() ? 1 : std::max<int64_t>(1, plan_.micro_group);
+  grads_->begin_step((n_micro + group - 1) / group);
+  struct micro_state {
+    at::Tensor inputs, labels, x, dx;
+    model::packing pk;   // packed rows: positions restart per example, attention stays within it
+    std::vector<model::block_saved> saved;
+    std::vector<at::Tensor> block_in;
+    const model::packing* packed() const { return pk.positions.defined() ? &pk : nullptr; }
+  };
   double loss_sum = 0;
-  for (size_t mb = 0; mb < micro_batches.size(); ++mb) {
-    const bool first = mb == 0, last = mb + 1 == micro_batches.size();
-    at::Tensor inputs = micro_batches[mb].inputs.to(at::kLong).contiguous();
-    at::Tensor labels = micro_batches[mb].labels.to(at::kLong).contiguous().to(dev_->device());
+  for (int64_t g0 = 0; g0 < n_micro; g0 += group) {
+    const int64_t gn = std::min(group, n_micro - g0);
+    const bool first = g0 == 0, last = g0 + gn == n_micro;
     auto task = [&](int64_t u) { return host_task(u, last, speculate, mult, hp, step); };
-    model::packing pk;  // packed rows: positions restart per example, attention stays within it
-    if (micro_batches[mb].positions.defined()) pk = model::make_packing(micro_batches[mb].positions, rope_);
-    const model::packing* packed = pk.positions.defined() ? &pk : nullptr;
+    std::vector<micro_state> ms(static_cast<size_t>(gn));
+    for (int64_t j = 0; j < gn; ++j) {
+      const micro_batch& mb = micro_batches[size_t(g0 + j)];
+      micro_state& m = ms[size_t(j)];
+      m.inputs = mb.inputs.to(at::kLong).contiguous();
+      m.labels = mb.labels.to(at::kLong).contiguous().to(dev_->device());
+      if (mb.positions.defined()) m.pk = model::make_packing(mb.positions, rope_);
+      m.saved.resize(static_cast<size_t>(L));
+      m.block_in.resize(static_cast<size_t>(plan_.recompute_blocks));
+      m.x = pool_->embed(m.inputs);
+    }
 
     // The first plan_.recompute_blocks blocks keep only their input; their forward runs again,
     // saving, just before their backward (block_forward_whole is block_forward's result, bit for bit).
-    at::Tensor x = pool_->embed(inputs);
-    std::vector<model::block_saved> saved(static_cast<size_t>(L));
-    std::vector<at::Tensor> block_in(static_cast<size_t>(plan_.recompute_blocks));
     size_t at = 0;
     for (int64_t i = 0; i < L; ++i, ++at) {
       const int64_t u = store_->block_unit(i);
       const model::block_weights w = model::block_views(pool_->acquire(u, uses, at), cfg_);
-      if (i < plan_.recompute_blocks) {
-        block_in[size_t(i)] = x;
-        x = model::block_forward_whole(x, w, cfg_, rope_, packed);
-      } else {
-        x = model::block_forward(x, w, cfg_, rope_, saved[size_t(i)], packed);
+      for (micro_state& m : ms) {
+        if (i < plan_.recompute_blocks) {
+          m.block_in[size_t(i)] = m.x;
+          m.x = model::block_forward_whole(m.x, w, cfg_, rope_, m.packed());
+        } else {
+          m.x = model::block_forward(m.x, w, cfg_, rope_, m.saved[size_t(i)], m.packed());
+        }
       }
       pool_->release(u);
     }
 
     // The loss and its backward, in chunks: no logits kept.
     const model::head_weights hw = pool_->head_views(pool_->acquire(hu, uses, at++));
-    model::head_weights hg = grads_->head_views(grads_->target(hu));
-    at::Tensor dx;
-    model::head_result hr =
-        model::head_forward_backward(x, hw.norm, hw.lm_head, labels, cfg_, opt_.ce_chunk, grad_scale, &dx, &hg.norm,
-                                     &hg.lm_head, grads_->accumulate_on_device(first));
+    const at::Tensor head_grad = grads_->target(hu);
+    model::head_weights hg = grads_->head_views(head_grad);
+    for (int64_t j = 0; j < gn; ++j) {
+      micro_state& m = ms[size_t(j)];
+      model::head_result hr =
+          model::head_forward_backward(m.x, hw.norm, hw.lm_head, m.labels, cfg_, opt_.ce_chunk, grad_scale, &m.dx,
+                                       &hg.norm, &hg.lm_head, grads_->accumulate_on_device(first && j == 0));
+      m.x = at::Tensor();
+      loss_sum += hr.loss_sum;
+      grads_->fold(head_grad, j, gn);
+    }
     pool_->release(hu);
-    x = at::Tensor();
-    loss_sum += hr.loss_sum;
     grads_->send(hu, first, last, task(hu), speculate);
 
     for (int64_t i = L - 1; i >= 0; --i, ++at) {
       const int64_t u = store_->block_unit(i);
       const model::block_weights w = model::block_views(pool_->acquire(u, uses, at), cfg_);
-      if (i < plan_.recompute_blocks) {
-        model::block_forward(block_in[size_t(i)], w, cfg_, rope_, saved[size_t(i)], packed);
-        block_in[size_t(i)] = at::Tensor();
+      const at::Tensor g = grads_->target(u);
+      const model::block_weights gv = model::block_views(g, cfg_);
+      for (int64_t j = 0; j < gn; ++j) {
+        micro_state& m = ms[size_t(j)];
+        if (i < plan_.recompute_blocks) {
+          model::block_forward(m.block_in[size_t(i)], w, cfg_, rope_, m.saved[size_t(i)], m.packed());
+          m.block_in[size_t(i)] = at::Tensor();
+        }
+        m.dx = model::block_backward(m.dx, w, cfg_, rope_, m.saved[size_t(i)], gv,
+                                     grads_->accumulate_on_device(first && j == 0));
+        grads_->fold(g, j, gn);
       }
-      at::Tensor g = grads_->target(u);
-      dx = model::block_backward(dx, w, cfg_, rope_, saved[size_t(i)], model::block_views(g, cfg_),
-                                 grads_->accumulate_on_device(first));
       pool_->release(u);
       grads_->send(u, first, last, task(u), speculate);
     }
-    grads_->send_embed(dx, inputs, first, last, task(eu), speculate);
+    for (int64_t j = 0; j < gn; ++j) {
+      const bool last_here = j + 1 == gn;
+      grads_->send_embed(ms[size_t(j)].dx, ms[size_t(j)].inputs, first && j == 0, last && last_here,
+                         last_here ? task(eu) : std::function<void()>(), speculate);
+      ms[size_t(j)].dx = at::Tensor();
+    }
   }
   if (ranks) {
     at::Tensor t = at::tensor({loss_sum}, at::kDouble);

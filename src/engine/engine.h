@@ -20,6 +20,12 @@
 //             forward. (A rollback is exact to rounding of the speculative moments, not bit for
 //             bit; speculate=off gives the blocked schedule's results bit for bit.)
 //   next      the next forward of unit i waits only for unit i's update.
+// Several micro-batches run in groups (memory_plan::micro_group, engine_options::micro_group):
+// each unit is streamed in once per group and runs the forward (later the backward) of every
+// micro-batch of the group before the next unit, and the group's gradients are summed on the
+// device in fp32 (gradient_path::fold) before one copy to the host. One group per step moves what
+// one batch of the same tokens moves and leaves the host only the update; the groups of a step
+// are summed on the host.
 // blocked: the same work with every copy and update synchronous. none: everything resident on
 // the device with a device AdamW. engine_options::forward_only builds an inference engine of any
 // mode: the weight slots (none: the compute-dtype weights) and nothing for gradients or AdamW.
@@ -103,6 +109,7 @@ class engine {
   const engine_options& options() const { return opt_; }
   param_store& params() { return *store_; }
   backend& device() { return *dev_; }
+  gradient_path& gradients() { return *grads_; }   // training engines only (tests)
   const memory_plan& plan() const { return plan_; }
 
   // After changing the master weights (init, load, resume): refreshes shadows and device copies.

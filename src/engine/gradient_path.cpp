@@ -23,7 +23,7 @@ cpu_optim::dtype to_optim_dtype(at::ScalarType t) {
 }
 
 gradient_path::gradient_path(const model::llama_config& cfg, const engine_options& opt, backend& dev,
-                             param_store& store, update_worker& worker, step_meter& meter)
+                             param_store& store, update_worker& worker, step_meter& meter, int64_t micro_group)
     : cfg_(cfg), opt_(opt), dev_(dev), store_(store), worker_(worker), meter_(meter) {
   auto dev_opts = at::TensorOptions().dtype(opt.dtype).device(dev.device());
   slot_of_.assign(size_t(store.num_units()), nullptr);
@@ -50,6 +50,8 @@ gradient_path::gradient_path(const model::llama_config& cfg, const engine_option
   };
   for (int i = 0; i < 2; ++i) block_slots_.push_back(make_slot(cfg.block_params(), store.grad_sharded(1)));
   head_slot_ = make_slot(cfg.head_slot_params(), store.grad_sharded(store.head_unit()));
+  if (micro_group > 1)
+    group_sum_ = at::empty({std::max(cfg.block_params(), cfg.head_slot_params())}, dev_opts.dtype(at::kFloat));
   embed_out_ = dev.host_alloc(size_t(opt.max_batch * opt.max_seq * cfg.hidden_size) * c10::elementSize(opt.dtype));
   if (sh.sharded()) {
     // The fp32 sums of the units reduced on the host: one block, page-locked on CUDA (the
@@ -90,6 +92,21 @@ at::Tensor gradient_path::target(int64_t u) {
   if (s.copied) dev_.wait(queue::queue_compute, s.copied);
   slot_of_[size_t(u)] = &s;
   return s.buf.narrow(0, 0, store_.grad_numel(u));
+}
+
+void gradient_path::fold(const at::Tensor& grad, int64_t index, int64_t count) {
+  if (count <= 1) return;
+  FERRY_ASSERT(group_sum_.defined() && grad.dim() == 1 && grad.numel() <= group_sum_.numel() && index >= 0 &&
+                   index < count,
+               "gradient_path::fold: micro-batch ", index, " of a group of ", count, " (the engine was planned for ",
+               group_sum_.defined() ? "groups" : "no groups", ")");
+  at::Tensor sum = group_sum_.narrow(0, 0, grad.numel());
+  if (index == 0) sum.copy_(grad);
+  else if (index + 1 < count) sum.add_(grad);
+  else {
+    at::Tensor out = grad;   // a handle to the slot
+    at::add_out(out, sum, grad);   // in fp32, rounded once into the slot
+  }
 }
 
 model::head_weights gradient_path::head_views(const at::Tensor& head_target) {

@@ -15,6 +15,11 @@
 // gradient in a step, so it overwrites on the first micro-batch and the scatter task then only
 // adds), before the embedding's one update at the end of backward. Resident, the head's backward
 // writes straight into the embedding's device gradient and the embedding's backward adds to it.
+// Groups of micro-batches (memory_plan::micro_group > 1, offloaded): the engine runs a group's
+// backwards of a unit one after another into the unit's slot, and fold() sums them in an fp32
+// device buffer (one, the widest unit's size), rounding the group's sum into the slot once after
+// the last; send() then moves that sum, and the host accumulates across groups as it does across
+// micro-batches.
 // Data-parallel ranks (param_store::shards), two ways:
 //   on the host (default): the whole unit reaches the host; on the update thread, after the unit's
 //       last micro-batch, reduce() sums it over the ranks in fp32 (a reduce-scatter of the host
@@ -53,15 +58,17 @@ cpu_optim::dtype to_optim_dtype(at::ScalarType t);
 
 class gradient_path {
  public:
+  // micro_group: the most micro-batches the engine runs together (memory_plan::micro_group).
   gradient_path(const model::llama_config& cfg, const engine_options& opt, backend& dev, param_store& store,
-                update_worker& worker, step_meter& meter);
+                update_worker& worker, step_meter& meter, int64_t micro_group = 1);
   ~gradient_path();
   gradient_path(const gradient_path&) = delete;
   gradient_path& operator=(const gradient_path&) = delete;
 
   bool resident() const { return !resident_.empty(); }
-  // Before a step of n_micro micro-batches: fp32 accumulators for the offloaded units when
-  // n_micro > 1 (allocated once, kept for later steps).
+  // Before a step of n_micro micro-batches (groups of micro-batches: the groups), each unit's
+  // gradient sent once per micro-batch: fp32 accumulators for the offloaded units when n_micro > 1
+  // (allocated once, kept for later steps).
   void begin_step(int64_t n_micro);
   // Whether the backward adds into target() instead of overwriting it (resident, after the first
   // micro-batch).
@@ -70,6 +77,11 @@ class gradient_path {
   // Where the backward writes unit u's gradient (flat, param_store::grad_numel elements); the
   // compute queue waits until the slot's previous copy to the host is done.
   at::Tensor target(int64_t u);
+  // A group of `count` micro-batches: the backward of micro-batch `index` (0-based) has written
+  // its gradient into grad (a target()); sums it on the compute queue into the fp32 device buffer,
+  // and after the last (index == count - 1) leaves the group's sum, rounded once to the compute
+  // dtype, in grad for send(). count == 1: nothing to do.
+  void fold(const at::Tensor& grad, int64_t index, int64_t count);
   // The norm's (h) and lm_head's (V, h) gradients in target(head unit); with tied embeddings,
   // resident, lm_head's is the embedding's gradient buffer.
   model::head_weights head_views(const at::Tensor& head_target);
@@ -115,6 +127,7 @@ class gradient_path {
   update_worker& worker_;
   step_meter& meter_;
   std::vector<at::Tensor> resident_;
+  at::Tensor group_sum_;                  // fp32, the widest unit: fold()'s sum of a group's micro-batches
   std::vector<slot> block_slots_;
   slot head_slot_;
   size_t next_slot_ = 0;

@@ -84,27 +84,42 @@ memory_plan plan_forward_only(const model::llama_config& cfg, const engine_optio
 }  // namespace
 
 int64_t activation_bytes(const model::llama_config& cfg, int64_t batch, int64_t seq, int64_t elem_size,
-                         int64_t recomputed) {
+                         int64_t recomputed, int64_t group) {
   const int64_t L = cfg.num_hidden_layers, c = std::min(std::max<int64_t>(recomputed, 0), L);
+  const int64_t g = std::max<int64_t>(group, 1);
   const int64_t S = model::block_saved_bytes(cfg, batch, seq, elem_size), I = batch * seq * cfg.hidden_size * elem_size;
-  // At the start of the backward: L - c saved sets (each holding its block's input) and c + 1
-  // hidden states (the checkpointed inputs and the gradient of the last output). When every block
-  // is recomputed, the first recompute's saved set holds its input already, beside the other
-  // L - 1 inputs and that gradient; with some blocks not recomputed, a recompute happens only after
-  // their saved sets are gone, so the start of the backward is the peak.
-  if (c == L && L > 0) return L * I + S;
-  return (L - c) * S + (c + 1) * I;
+  // At the start of the backward, for each of the group's g micro-batches: L - c saved sets (each
+  // holding its block's input) and c + 1 hidden states (the checkpointed inputs and the gradient
+  // of the last output). When every block is recomputed, the first recompute's saved set holds its
+  // input already, beside the other L g - 1 inputs and the g gradients; with some blocks not
+  // recomputed, a recompute happens only after their saved sets are gone, so the start of the
+  // backward is the peak.
+  if (c == L && L > 0) return (L + 1) * g * I - I + S;
+  return g * ((L - c) * S + (c + 1) * I);
 }
 
 memory_plan plan_memory(const model::llama_config& cfg, const engine_options& opt, int64_t batch, int64_t seq,
                         int64_t grad_accum, const plan_what_if& what_if, int64_t device_bytes) {
   if (opt.forward_only) return plan_forward_only(cfg, opt, batch, seq);
+  const bool offloaded = opt.mode != offload_mode::offload_none;
+  const int64_t cap = device_bytes > 0 ? device_bytes : gib_bytes(opt.gpu_mem_limit_gib);
+  // On CUDA the plan must fit with k_allocator_slack of the cap to spare (memory_plan.h).
+  const int64_t target = opt.cuda ? cap - int64_t(double(cap) * k_allocator_slack) : cap;
+  if (what_if.micro_group <= 0 && opt.micro_group == 0 && offloaded && grad_accum > 1) {
+    // The largest group that fits (each size with its own recomputation), else one by one.
+    plan_what_if w = what_if;
+    for (int64_t g = grad_accum; g > 1; --g) {
+      w.micro_group = g;
+      memory_plan p = plan_memory(cfg, opt, batch, seq, grad_accum, w, device_bytes);
+      if (cap <= 0 || p.device_total <= target) return p;
+    }
+    w.micro_group = 1;
+    return plan_memory(cfg, opt, batch, seq, grad_accum, w, device_bytes);
+  }
   if (what_if.recompute_blocks < 0 && opt.recompute == recompute_mode::recompute_auto) {
     // The fewest recomputed blocks whose plan fits; all of them when none does (the engine then
-    // refuses the run, naming the bytes). On CUDA the plan must fit with k_allocator_slack of the
-    // cap to spare (memory_plan.h); a plan that fits only without it is taken when none fits with it.
-    const int64_t cap = device_bytes > 0 ? device_bytes : gib_bytes(opt.gpu_mem_limit_gib);
-    const int64_t target = opt.cuda ? cap - int64_t(double(cap) * k_allocator_slack) : cap;
+    // refuses the run, naming the bytes), with the slack to spare; a plan that fits only without
+    // it is taken when none fits with it.
     plan_what_if w = what_if;
     int64_t fits_without_slack = -1;
     for (int64_t c = 0; c <= cfg.num_hidden_layers; ++c) {
@@ -127,6 +142,11 @@ memory_plan plan_memory(const model::llama_config& cfg, const engine_options& op
   // The head's pinned gradient holds a whole head slot (param_store::grad_numel): with tied
   // embeddings its lm_head part beside the parameters.
   const int64_t tied_grad = cfg.head_slot_params() - cfg.head_params();
+  p.micro_group = !offloaded ? 1
+                  : std::max<int64_t>(1, std::min(what_if.micro_group > 0 ? what_if.micro_group
+                                                  : opt.micro_group > 0    ? opt.micro_group
+                                                                           : grad_accum,
+                                                  std::max<int64_t>(grad_accum, 1)));
 
   if (opt.mode == offload_mode::offload_none) {
     p.weight_slots = params * e;
@@ -145,11 +165,13 @@ memory_plan plan_memory(const model::llama_config& cfg, const engine_options& op
       p.grad_slots = (2 * (sh.padded(block) + sh.per(block)) +
                       (head_too ? sh.padded(head) + sh.per(head) : head)) * e;
     }
+    // A group's fp32 gradient sum of the unit whose backward runs (gradient_path::fold).
+    if (p.micro_group > 1) p.grad_slots += std::max(block, head) * 4;
   }
   p.recompute_blocks = what_if.recompute_blocks >= 0 ? std::min(what_if.recompute_blocks, L)
                        : opt.recompute == recompute_mode::recompute_blocks ? L
                                                                             : 0;
-  p.activations = activation_bytes(cfg, batch, seq, e, p.recompute_blocks);
+  p.activations = activation_bytes(cfg, batch, seq, e, p.recompute_blocks, p.micro_group);
 
   // Transients: attention scores and probabilities where no fused kernel applies (head_dim > 256
   // or the CPU path), the MLP's recomputed product and gradients, one chunk of logits with its
@@ -180,7 +202,8 @@ memory_plan plan_memory(const model::llama_config& cfg, const engine_options& op
     p.disk_state = nvme_file_bytes(numel, p.state, true);
   }
   p.host_pinned = opt.mode == offload_mode::offload_none ? 0 : params * e + (params - embed + tied_grad) * e;
-  p.host_other = embed * 4 + 2 * n * h * e + (grad_accum > 1 ? (params - embed) * 4 : 0);
+  // The fp32 accumulation buffers when a step has more than one group (gradient_path::begin_step).
+  p.host_other = embed * 4 + 2 * n * h * e + (grad_accum > p.micro_group ? (params - embed) * 4 : 0);
   if (shards.sharded() && !opt.forward_only) {
     // Each unit's summed fp32 gradient shard (16-element aligned, gradient_path), and the padded
     // fp32 unit the reduce-scatter reads and the all-gather writes (param_store::comm_scratch) of
@@ -233,8 +256,11 @@ std::string plan_misfit(const memory_plan& p, const model::llama_config& cfg, co
 
 std::string memory_plan::describe() const {
   auto gib = [](int64_t b) { return double(b) / double(1ull << 30); };
-  const std::string recompute_note =
-      recompute_blocks > 0 ? " (" + std::to_string(recompute_blocks) + " blocks recomputed)" : std::string();
+  std::string recompute_note;
+  if (recompute_blocks > 0) recompute_note += std::to_string(recompute_blocks) + " blocks recomputed";
+  if (micro_group > 1)
+    recompute_note += (recompute_note.empty() ? "" : ", ") + std::to_string(micro_group) + " micro-batches at once";
+  if (!recompute_note.empty()) recompute_note = " (" + recompute_note + ")";
   char buf[1024];
   std::snprintf(buf, sizeof buf,
                 "device  %8.2f GiB = weight slots %.2f + gradient slots %.2f + optimizer %.2f + activations %.2f%s + workspace %.2f\n",

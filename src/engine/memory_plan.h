@@ -20,6 +20,7 @@ struct memory_plan {
   int64_t activations = 0;    // saved for backward by every block, plus the layer inputs
                               // (forward_only: one layer's input and output)
   int64_t recompute_blocks = 0;  // blocks that keep only their input (activation checkpointing)
+  int64_t micro_group = 1;    // micro-batches run together, layer by layer (engine_options::micro_group)
   int64_t workspace = 0;      // the largest transient: attention scores, MLP, logits chunk; rotary
                               // tables and cuBLAS workspace
   int64_t device_total = 0;
@@ -57,13 +58,21 @@ struct plan_what_if {
   // streamed through opt.nvme.buffers host buffers; false: in host memory (unset: as opt.state_on).
   // Offloaded modes only, as the kind.
   std::optional<bool> state_on_disk;
+  // Micro-batches run together (engine_options::micro_group; 0: as opt.micro_group says).
+  int64_t micro_group = 0;
 };
 
 // opt.forward_only: an inference engine (no gradient slots or optimizer state anywhere; activations
 // are one layer's input and output, the workspace the larger of a block's chunked forward and the
 // loss head's logits chunk). Generation's KV cache is the caller's and not part of the plan.
 // device_bytes: the usable device memory, which recompute_mode::recompute_auto fits the plan into
-// (0: opt.gpu_mem_limit_gib, and without that no block is recomputed).
+// (0: opt.gpu_mem_limit_gib, and without that no block is recomputed). micro_group auto (0) takes
+// the largest group of up to grad_accum micro-batches that fits it, each group size planned with
+// the recomputation opt.recompute asks for (auto: the fewest blocks that fit that group); with no
+// limit known, the whole step is one group. A group of g keeps g micro-batches' activations at
+// the start of its backward (activation_bytes with `group`), one fp32 gradient sum of the widest
+// unit on the device (gradient_path::fold), and the host's fp32 accumulation buffers only when a
+// step has more micro-batches than one group.
 // On CUDA, auto leaves k_allocator_slack of that memory to the caching allocator's split and
 // cached blocks, which the plan (tensors alive at the peak) does not count: a 16.8 B model whose
 // plan took 23.27 of 23.5 GiB ran out of memory with 22.20 GiB allocated and 1.21 GiB reserved
@@ -79,9 +88,10 @@ int64_t state_host_bytes(const model::llama_config& cfg, state_kind kind, bool m
 
 // Device bytes of the activations kept for the backward when the first `recomputed` blocks keep
 // only their input: the others' saved tensors (model::block_saved_bytes) and inputs, plus, while a
-// recomputed block runs its backward, its own saved tensors (at most one at a time).
+// recomputed block runs its backward, its own saved tensors (at most one at a time), for a group
+// of `group` micro-batches of (batch, seq) run layer by layer.
 int64_t activation_bytes(const model::llama_config& cfg, int64_t batch, int64_t seq, int64_t elem_size,
-                         int64_t recomputed);
+                         int64_t recomputed, int64_t group = 1);
 
 // Rows of the engine's rotary table (engine_options::max_positions, or its default).
 int64_t rotary_positions(const model::llama_config& cfg, const engine_options& opt);

@@ -67,6 +67,15 @@ struct engine_options {
   int64_t ce_chunk = 1024;         // logit rows per chunk in the loss
   int64_t max_batch = 1, max_seq = 4096;   // activations are planned for this shape
   int64_t grad_accum = 1;          // micro-batches per step (the host's accumulation buffers are planned for it)
+  // Offloaded modes: how many micro-batches of a step run together, layer by layer (run-config key
+  // micro_batch_group). A group streams each unit's weights to the device once for all of its
+  // micro-batches, runs their forwards, and later their backwards, one unit at a time, and sums
+  // their gradients on the device in fp32 (gradient_path::fold), so the unit's gradient crosses to
+  // the host once per group; the group's activations are all kept (or checkpointed) at once.
+  // 1: each micro-batch runs the whole model and its gradient is summed on the host. 0 (auto): the
+  // largest group of up to grad_accum micro-batches whose plan fits the device (memory_plan.h).
+  // Offload none keeps everything resident and runs micro-batches one by one.
+  int64_t micro_group = 0;
   // Rows of the rotary table: the most positions one sequence reaches (evaluation length, or prompt
   // plus new tokens). 0: max(max_seq, the model's max_position_embeddings).
   int64_t max_positions = 0;

@@ -58,6 +58,9 @@ const std::vector<key_desc>& keys() {
       {"beta2", real_key{&run_config::beta2, 0, 1, false, true}, "AdamW beta2, in [0, 1)"},
       {"eps", real_key{&run_config::eps, 0, 1, true}, "AdamW epsilon"},
       {"grad_accum", int_key{&run_config::grad_accum, 1, 1 << 20}, "micro-batches per optimizer step"},
+      {"micro_batch_group", int_key{&run_config::micro_batch_group, 0, 1 << 20},
+       "offloaded: micro-batches run together layer by layer (each unit's weights streamed once for them, their "
+       "gradients summed on the GPU); 1 = one by one, summed on the host; 0 = auto, as many of grad_accum as fit the GPU"},
       {"lr_schedule", str_key{&run_config::lr_schedule, {"constant", "cosine", "linear"}}, "learning-rate decay after warm-up"},
       {"warmup_steps", int_key{&run_config::warmup_steps, 0, kIntMax}, "linear warm-up steps"},
       {"min_lr_ratio", real_key{&run_config::min_lr_ratio, 0, 1, false}, "final lr as a fraction of the peak (cosine/linear)"},

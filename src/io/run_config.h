@@ -33,6 +33,7 @@ struct run_config {
   double beta2 = 0.999;
   double eps = 1e-8;
   int64_t grad_accum = 1;
+  int64_t micro_batch_group = 0;   // engine_options::micro_group (0 = auto)
   std::string lr_schedule = "constant";  // constant | cosine | linear
   int64_t warmup_steps = 0;
   double min_lr_ratio = 0.1;

@@ -23,13 +23,16 @@ constexpr int64_t k_global = 6, k_steps = 4;
 // as one rank's backward would: the sum stays +inf).
 // device: the CUDA device of this rank in the GPU build (dist_gpu_test, k_cuda_suite), -1 the current.
 // A kind may end in "_gather": the ranks all-gather their shadows (dist_weights=gather) instead of
-// sharing one set in shared memory (auto: shared, the ranks being on one machine).
+// sharing one set in shared memory (auto: shared, the ranks being on one machine); or in "_group":
+// each rank runs its rows as one-row micro-batches in one group (engine_options::micro_group), the
+// group's gradient summed on the device before it is reduced over the ranks.
+inline bool kind_ends_with(const std::string& kind, const std::string& suffix) {
+  return kind.size() > suffix.size() && kind.compare(kind.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
 inline engine::engine_options run_options(const std::string& kind_arg, int64_t rows_per_rank, bool poison, int device = -1) {
   using namespace engine;
-  const std::string gather_suffix = "_gather";
-  const bool gather = kind_arg.size() > gather_suffix.size() &&
-                      kind_arg.compare(kind_arg.size() - gather_suffix.size(), gather_suffix.size(), gather_suffix) == 0;
-  const std::string kind = gather ? kind_arg.substr(0, kind_arg.size() - gather_suffix.size()) : kind_arg;
+  const bool gather = kind_ends_with(kind_arg, "_gather"), grouped = kind_ends_with(kind_arg, "_group");
+  const std::string kind = gather || grouped ? kind_arg.substr(0, kind_arg.rfind('_')) : kind_arg;
   const bool half = kind == "fp16" || kind == "device_fp16";
   engine_options o = engine::test::base_options(kind == "blocked" ? offload_mode::offload_blocked : offload_mode::offload_overlapped,
                                         half ? at::kHalf : at::kFloat);
@@ -42,6 +45,10 @@ inline engine::engine_options run_options(const std::string& kind_arg, int64_t r
   o.reduce_on_device = kind.rfind("device", 0) == 0;
   o.shadows = gather ? shadow_mode::shadows_gather : shadow_mode::shadows_auto;
   o.max_batch = rows_per_rank;
+  if (grouped && rows_per_rank != k_global) {   // the ranks; the one-rank reference runs one batch
+    o.max_batch = 1;
+    o.grad_accum = rows_per_rank;
+  }
   if (kind == "int8") o.state = state_kind::state_int8;
   if (kind == "bf16") o.state = state_kind::state_bf16;
   if (kind == "nvme" && rows_per_rank != k_global) {   // the ranks, not the one-rank reference
@@ -60,10 +67,17 @@ inline engine::engine_options run_options(const std::string& kind_arg, int64_t r
 
 // Step k's global batch (k_global rows); rank r of `world` takes rows [r*b, (r+1)*b), b = k_global/world.
 inline std::vector<step_data> global_data() { return engine::test::make_data(k_steps, k_global); }
-inline step_data rank_rows(const step_data& global, int rank, int world) {
+// A "_group" kind: the rank's rows one per micro-batch.
+inline step_data rank_rows(const step_data& global, int rank, int world, const std::string& kind = "") {
   const int64_t b = k_global / world;
   step_data s;
-  for (const at::Tensor& t : global) s.push_back(t.narrow(0, rank * b, b).contiguous());
+  for (const at::Tensor& t : global) {
+    if (!kind_ends_with(kind, "_group")) {
+      s.push_back(t.narrow(0, rank * b, b).contiguous());
+      continue;
+    }
+    for (int64_t r = 0; r < b; ++r) s.push_back(t.narrow(0, rank * b + r, 1).contiguous());
+  }
   return s;
 }
 

@@ -130,7 +130,8 @@ INSTANTIATE_TEST_SUITE_P(kinds, dist_ranks,
                          ::testing::Values(dist_case{"blocked", false}, dist_case{"overlapped", true},
                                            dist_case{"fp16", true}, dist_case{"nvme", true},
                                            dist_case{"device", true}, dist_case{"device_fp16", true},
-                                           dist_case{"fp16_gather", true}, dist_case{"device_gather", true}),
+                                           dist_case{"fp16_gather", true}, dist_case{"device_gather", true},
+                                           dist_case{"device_fp16_group", true}),
                          [](const auto& info) { return info.param.kind + (info.param.poison ? "_overflow" : ""); });
 
 // Rank 1 of 2 exits abruptly (the worker's DIE_AT_STEP) under a 5 s collective timeout: rank 0

@@ -90,6 +90,8 @@ int main(int argc, char** argv) {
       return 0;
     }
     auto e = engine::test::make_engine(o);
+    FERRY_CHECK(!dist::test::kind_ends_with(kind, "_group") || e->plan().micro_group == o.grad_accum,
+                "kind ", kind, ": planned groups of ", e->plan().micro_group, ", not all ", o.grad_accum, " micro-batches");
     std::ofstream(prefix + "." + std::to_string(launch.rank) + ".shadows")
         << (e->params().shadows_shared() ? "shared" : "gather") << "\n";
     const auto data = dist::test::global_data();
@@ -133,7 +135,7 @@ int main(int argc, char** argv) {
       }
       if (launch.rank == 1 && k + 1 == die_at) _exit(9);
       const engine::step_result r =
-          e->train_step(dist::test::rank_rows(data[size_t(k)], launch.rank, launch.world), engine::test::lr_at(k));
+          e->train_step(dist::test::rank_rows(data[size_t(k)], launch.rank, launch.world, kind), engine::test::lr_at(k));
       ++st.step;
       st.data_cursor += dist::test::k_global;
       char line[256];

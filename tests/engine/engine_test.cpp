@@ -554,6 +554,126 @@ TEST(engine_accumulation, micro_batch_counts_equal_one_batch) {
   }
 }
 
+// Groups of micro-batches (engine_options::micro_group): each unit's weights cross once per group
+// and its gradient is the group's fp32 sum (gradient_path::fold), so 2, 3 and 7 micro-batches in
+// one group, and 7 in groups of 3, 3 and 1 (the host sums the groups), equal one batch of the same
+// 7 rows, offloaded, unclipped and clipped (speculation on: every step is redone), activations
+// checkpointed or not, and match the double-precision reference. A step in one group moves exactly
+// the one batch's bytes each way; more groups move each unit's weights and gradient once per group.
+TEST(engine_accumulation, micro_batch_groups_equal_one_batch) {
+  FERRY_REQUIRE_DEVICE();
+  const int64_t rows = 7, T = k_seq;
+  const auto big = make_data(3, rows, T, 11);
+  auto split_rows = [&](int64_t micro) {
+    std::vector<step_data> split;
+    for (const auto& s : big) {
+      step_data d;
+      for (int64_t r = 0, k = 0; k < micro; ++k) {
+        const int64_t take = rows / micro + (k < rows % micro ? 1 : 0);
+        d.push_back(s[0].narrow(0, r, take).contiguous());
+        r += take;
+      }
+      split.push_back(d);
+    }
+    return split;
+  };
+  struct grouping { int64_t micro, group, planned; };
+  for (auto mode : {k_overlapped, k_blocked}) {
+    for (double clip : {0.0, 0.05}) {
+      engine_options o = base_options(mode, at::kFloat);
+      o.clip_grad = clip;
+      o.max_batch = rows;
+      o.max_seq = T;
+      const run_result one = run_engine(o, big);
+      // group 0: auto, which with no device limit is every micro-batch of the step
+      for (grouping gr : {grouping{2, 0, 2}, grouping{3, 3, 3}, grouping{7, 0, 7}, grouping{7, 3, 3}}) {
+        for (auto recompute : {recompute_mode::recompute_none, recompute_mode::recompute_blocks}) {
+          if (recompute == recompute_mode::recompute_blocks && (gr.micro != 7 || clip == 0)) continue;
+          engine_options og = o;
+          og.grad_accum = gr.micro;
+          og.micro_group = gr.group;
+          og.recompute = recompute;
+          const std::string what = mode_label(og) + " " + std::to_string(gr.micro) + " micro-batches in groups of " +
+                                   std::to_string(gr.planned) +
+                                   (recompute == recompute_mode::recompute_blocks ? ", recomputed" : "");
+          ASSERT_EQ(make_engine(og)->plan().micro_group, gr.planned) << what;
+          const run_result got = run_engine(og, split_rows(gr.micro));
+          const int64_t groups = (gr.micro + gr.planned - 1) / gr.planned;
+          for (size_t k = 0; k < one.steps.size(); ++k) {
+            EXPECT_EQ(got.steps[k].n_targets, one.steps[k].n_targets) << what;
+            EXPECT_NEAR(got.steps[k].grad_norm, one.steps[k].grad_norm, 1e-5 * one.steps[k].grad_norm) << what;
+            EXPECT_EQ(got.steps[k].clip_coef < 1, one.steps[k].clip_coef < 1) << what;
+            if (groups == 1) {
+              EXPECT_EQ(got.steps[k].h2d_bytes, one.steps[k].h2d_bytes) << what;
+              EXPECT_EQ(got.steps[k].d2h_bytes, one.steps[k].d2h_bytes) << what;
+            } else {
+              EXPECT_GT(got.steps[k].d2h_bytes, one.steps[k].d2h_bytes) << what;
+            }
+          }
+          expect_runs_close(got, one, tolerance_for(at::kFloat), what + " vs one batch");
+          expect_matches_reference(got, run_reference(o, big), o, what + " vs reference");
+        }
+      }
+    }
+  }
+}
+
+// In a half compute dtype a group's gradients are summed in fp32 and rounded once: 1 + 3 x (a
+// quarter of the dtype's epsilon) rounds up to 1 + epsilon, where adding in the half dtype would
+// round every quarter away and leave 1. A group of one leaves the gradient as it is.
+TEST(engine_accumulation, a_group_sums_in_fp32_and_rounds_once) {
+  FERRY_REQUIRE_DEVICE();
+  for (auto dt : {at::kBFloat16, at::kHalf}) {
+    engine_options o = base_options(k_overlapped, dt);
+    o.grad_accum = 4;
+    auto e = make_engine(o);
+    ASSERT_EQ(e->plan().micro_group, 4);
+    const double eps = dt == at::kBFloat16 ? std::ldexp(1.0, -7) : std::ldexp(1.0, -10);
+    for (int64_t u : {e->params().block_unit(1), e->params().head_unit()}) {
+      at::Tensor g = e->gradients().target(u);
+      for (int64_t j = 0; j < 4; ++j) {
+        g.fill_(j == 0 ? 1.0 : eps / 4);
+        e->gradients().fold(g, j, 4);
+      }
+      e->device().synchronize();
+      EXPECT_TRUE(g.cpu().to(at::kDouble).eq(1 + eps).all().item<bool>())
+          << dt << " unit " << u << ": " << g.cpu().to(at::kDouble).max().item<double>();
+      g.fill_(eps / 4);
+      e->gradients().fold(g, 0, 1);
+      e->device().synchronize();
+      EXPECT_TRUE(g.cpu().to(at::kDouble).eq(eps / 4).all().item<bool>()) << dt << " unit " << u;
+    }
+  }
+}
+
+// The same through whole steps: 4 bf16 micro-batches in one group stay as close to the fp64
+// reference as the same micro-batches summed on the host one by one (micro_group 1).
+TEST(engine_accumulation, a_half_group_trains_like_one_by_one) {
+  FERRY_REQUIRE_DEVICE();
+  const int64_t rows = 4, T = k_seq;
+  const auto big = make_data(3, rows, T, 13);
+  std::vector<step_data> split;
+  for (const auto& s : big) {
+    step_data d;
+    for (int64_t r = 0; r < rows; ++r) d.push_back(s[0].narrow(0, r, 1).contiguous());
+    split.push_back(d);
+  }
+  engine_options o = base_options(k_overlapped, at::kBFloat16);
+  o.max_batch = 1;
+  o.max_seq = T;
+  o.grad_accum = rows;
+  engine_options each = o;
+  each.micro_group = 1;
+  ASSERT_EQ(make_engine(o)->plan().micro_group, rows);
+  const run_result grouped = run_engine(o, split), one_by_one = run_engine(each, split);
+  engine_options ref = o;
+  ref.max_batch = rows;
+  const ref_run want = run_reference(ref, big);
+  expect_matches_reference(grouped, want, ref, "bf16, 4 micro-batches in one group vs reference");
+  expect_matches_reference(one_by_one, want, ref, "bf16, 4 micro-batches one by one vs reference");
+  expect_runs_close(grouped, one_by_one, tolerance_for(at::kBFloat16), "bf16, one group vs one by one");
+}
+
 // Packed rows (micro_batch::positions): rows holding several examples, each with positions from 0
 // and attention confined to itself, train exactly like the examples one by one as micro-batches of
 // their own (the same targets, loss, gradient norm, and after three steps the same weights and
@@ -895,18 +1015,71 @@ TEST(engine_inputs, refused_batch_changes_nothing) {
   }
 }
 
-// The engine plans the run it was asked for: with grad_accum > 1 the host keeps an fp32
-// accumulator per streamed unit (the embedding sums into its own fp32 gradient).
+// The engine plans the run it was asked for: with grad_accum > 1 micro-batches summed on the host
+// (more than one group) the host keeps an fp32 accumulator per streamed unit (the embedding sums
+// into its own fp32 gradient); one group of all of them keeps none, and instead the group's
+// activations and one fp32 gradient sum of the widest unit on the device.
 TEST(engine_plan, counts_the_accumulation_buffers) {
   const auto cfg = tiny_config();
   for (auto mode : {k_blocked, k_overlapped}) {
     engine_options o = base_options(mode, at::kFloat);
     o.cuda = false;
-    const int64_t one = engine(cfg, o).plan().host_other;
+    const memory_plan one = engine(cfg, o).plan();
+    EXPECT_EQ(one.micro_group, 1);
     o.grad_accum = 4;
-    const int64_t four = engine(cfg, o).plan().host_other;
-    EXPECT_EQ(four - one, (cfg.total_params() - cfg.embed_params()) * 4) << offload_mode_name(mode);
+    o.micro_group = 1;
+    const memory_plan each = engine(cfg, o).plan();
+    EXPECT_EQ(each.host_other - one.host_other, (cfg.total_params() - cfg.embed_params()) * 4) << offload_mode_name(mode);
+    EXPECT_EQ(each.device_total, one.device_total) << offload_mode_name(mode);
+    o.micro_group = 2;   // two groups: the host still sums them
+    const memory_plan two = engine(cfg, o).plan();
+    EXPECT_EQ(two.host_other, each.host_other) << offload_mode_name(mode);
+    EXPECT_EQ(two.activations, 2 * one.activations) << offload_mode_name(mode);
+    o.micro_group = 0;   // auto, no device limit: one group of four
+    const memory_plan four = engine(cfg, o).plan();
+    EXPECT_EQ(four.micro_group, 4) << offload_mode_name(mode);
+    EXPECT_EQ(four.host_other, one.host_other) << offload_mode_name(mode);
+    EXPECT_EQ(four.activations, 4 * one.activations) << offload_mode_name(mode);
+    EXPECT_EQ(four.grad_slots - one.grad_slots, std::max(cfg.block_params(), cfg.head_slot_params()) * 4)
+        << offload_mode_name(mode);
+    EXPECT_NE(four.describe().find("4 micro-batches at once"), std::string::npos) << four.describe();
   }
+}
+
+// micro_group auto takes the largest group that fits the device: with the cap between the plans
+// of groups of 2 and 3 (of 5 micro-batches), 2; with activation checkpointing auto, each group
+// size recomputes what it needs, so 5 fit where only 2 fit without; offload none runs one by one.
+TEST(engine_plan, auto_group_is_the_largest_that_fits) {
+  const auto cfg = tiny_config();
+  engine_options o = base_options(k_overlapped, at::kFloat);
+  o.cuda = false;
+  o.max_batch = k_batch;
+  o.grad_accum = 5;
+  auto plan_of = [&](int64_t group, int64_t device_bytes, recompute_mode rm = recompute_mode::recompute_none) {
+    engine_options q = o;
+    q.micro_group = group;
+    q.recompute = rm;
+    return plan_memory(cfg, q, k_batch, k_seq, 5, {}, device_bytes);
+  };
+  const int64_t two = plan_of(2, 0).device_total, three = plan_of(3, 0).device_total;
+  ASSERT_LT(two, three);
+  const int64_t cap = (two + three) / 2;
+  EXPECT_EQ(plan_of(0, cap).micro_group, 2);
+  EXPECT_LE(plan_of(0, cap).device_total, cap);
+  EXPECT_EQ(plan_of(0, three).micro_group, 3);
+  EXPECT_EQ(plan_of(0, 1).micro_group, 1) << "nothing fits: one by one (the engine then names the bytes)";
+  const memory_plan ckpt = plan_of(0, cap, recompute_mode::recompute_auto);
+  EXPECT_GT(ckpt.micro_group, 2);
+  EXPECT_GT(ckpt.recompute_blocks, 0);
+  EXPECT_LE(ckpt.device_total, cap);
+  // activation_bytes of a group: per micro-batch without checkpointing, and with every block
+  // recomputed, the inputs and output gradients of the group and one block's saved tensors
+  const int64_t e = 4, L = cfg.num_hidden_layers, I = k_batch * k_seq * cfg.hidden_size * e;
+  EXPECT_EQ(activation_bytes(cfg, k_batch, k_seq, e, 0, 3), 3 * activation_bytes(cfg, k_batch, k_seq, e, 0));
+  EXPECT_EQ(activation_bytes(cfg, k_batch, k_seq, e, L, 3),
+            activation_bytes(cfg, k_batch, k_seq, e, L) + (3 * (L + 1) - 1 - L) * I);
+  o.mode = k_none;
+  EXPECT_EQ(plan_of(0, 0).micro_group, 1);
 }
 
 // The planner's what-if rows (the finder's "with activation checkpointing / bf16 moments / NVMe"):
