@@ -180,7 +180,8 @@ TEST(engine_tied, overlapped_equals_blocked_bit_for_bit) {
 
 // 1, 2 and 3 micro-batches of the same 3 rows give one batch's trajectory in every mode, clipped
 // and not (the head's task writes the tied gradient on the first micro-batch and adds after; the
-// resident head overwrites the embedding's device gradient first), and the reference's.
+// resident head overwrites the embedding's device gradient first), and the reference's; offloaded
+// also as one group (the head's slot holds the group's tied gradient, summed on the device).
 TEST(engine_tied, accumulation_equals_one_batch) {
   FERRY_REQUIRE_DEVICE();
   const int64_t rows = 3;
@@ -200,12 +201,20 @@ TEST(engine_tied, accumulation_equals_one_batch) {
             for (int64_t r = 0; r < rows; ++r) d.push_back(s[0].narrow(0, r, 1).contiguous());
           split.push_back(d);
         }
-        const std::string what = "tied " + mode_label(o) + " " + std::to_string(micro) + " micro-batches";
-        const run_result got = run_tied(o, split);
-        for (size_t k = 0; k < one.steps.size(); ++k)
-          EXPECT_NEAR(got.steps[k].grad_norm, one.steps[k].grad_norm, 1e-5 * one.steps[k].grad_norm) << what;
-        expect_runs_close(got, one, tolerance_for(at::kFloat), what + " vs one batch");
-        expect_matches_reference(got, run_reference(o, big, {}, tied_config()), o, what + " vs reference", tied_config());
+        // grad_accum 1 plans one micro-batch at a time; grad_accum = micro (offloaded) one group
+        for (int64_t planned : {int64_t(1), micro}) {
+          if (planned > 1 && mode == k_none) continue;
+          engine_options og = o;
+          og.grad_accum = planned;
+          const std::string what = "tied " + mode_label(o) + " " + std::to_string(micro) + " micro-batches" +
+                                   (planned > 1 ? " in one group" : "");
+          ASSERT_EQ(make_engine(og, tied_config())->plan().micro_group, planned) << what;
+          const run_result got = run_tied(og, split);
+          for (size_t k = 0; k < one.steps.size(); ++k)
+            EXPECT_NEAR(got.steps[k].grad_norm, one.steps[k].grad_norm, 1e-5 * one.steps[k].grad_norm) << what;
+          expect_runs_close(got, one, tolerance_for(at::kFloat), what + " vs one batch");
+          expect_matches_reference(got, run_reference(o, big, {}, tied_config()), o, what + " vs reference", tied_config());
+        }
       }
     }
   }
@@ -331,7 +340,7 @@ TEST(engine_tied, compact_state_trains_like_fp32) {
 // ---- 7. the memory plan ----
 
 // A tied model plans the matrix once: the host saves its master and moments (12 B/param in fp32
-// state), its compute-dtype shadow and, with accumulation, its fp32 accumulator; the head slot on
+// state), its compute-dtype shadow and, with accumulation on the host, its fp32 accumulator; the head slot on
 // the device still holds a copy of it, so the offloaded device plan is the untied one's. The
 // plan's pinned bytes are the store's, and its tier bytes the tier's.
 TEST(engine_tied, plan_counts_the_matrix_once) {
@@ -345,13 +354,17 @@ TEST(engine_tied, plan_counts_the_matrix_once) {
     param_store store(cfg, dt, *host);
     for (auto mode : {k_none, k_blocked, k_overlapped}) {
       SCOPED_TRACE(std::string(offload_mode_name(mode)) + " " + c10::toString(dt));
-      for (int64_t accum : {1, 4}) {
-        const engine_options o = base_options(mode, dt);
+      for (int64_t accum : {1, 4})
+      for (int64_t group : {1, 0}) {
+        engine_options o = base_options(mode, dt);
+        o.micro_group = group;
         const memory_plan t = plan_memory(cfg, o, k_batch, k_seq, accum), u = plan_memory(untied, o, k_batch, k_seq, accum);
         EXPECT_EQ(t.host_pinned, store.pinned_bytes());
         EXPECT_EQ(t.host_master + t.host_moments, store.state().host_bytes());
-        // (the accumulators are planned in every mode)
-        EXPECT_EQ(u.host_total - t.host_total, E * (12 + e + (accum > 1 ? 4 : 0)));
+        // (the accumulators are planned in none mode and when micro-batches run one by one;
+        // offloaded, auto runs all four in one group, summed on the device)
+        const bool host_sums = accum > 1 && (mode == k_none || group == 1);
+        EXPECT_EQ(u.host_total - t.host_total, E * (12 + e + (host_sums ? 4 : 0)));
         if (mode == k_none) {
           EXPECT_EQ(u.device_total - t.device_total, E * (2 * e + 12));   // weights, gradients, fp32 state
         } else {
