@@ -12,6 +12,8 @@
 #endif
 #include <limits>
 #include <string>
+#include <tuple>
+#include <utility>
 
 #include "src/common/error.h"
 #include "src/model/block.h"
@@ -513,6 +515,23 @@ TEST(engine_accumulation, two_micro_batches_equal_one_batch) {
   }
 }
 
+// Each step's one batch of rows as `micro` micro-batches of consecutive rows, the first rows % micro
+// of them one row longer.
+std::vector<step_data> split_rows(const std::vector<step_data>& steps, int64_t micro) {
+  std::vector<step_data> split;
+  for (const auto& s : steps) {
+    const int64_t rows = s[0].size(0);
+    step_data d;
+    for (int64_t r = 0, k = 0; k < micro; ++k) {
+      const int64_t take = rows / micro + (k < rows % micro ? 1 : 0);
+      d.push_back(s[0].narrow(0, r, take).contiguous());
+      r += take;
+    }
+    split.push_back(d);
+  }
+  return split;
+}
+
 // Gradient accumulation over 1, 2, 3 and 7 micro-batches equals one batch of the same 7 rows, in
 // every mode, unclipped and clipped (speculation on: every step is redone), and the overlapped
 // runs match the double-precision reference of the 7 rows as one batch. The last micro-batch is
@@ -529,19 +548,7 @@ TEST(engine_accumulation, micro_batch_counts_equal_one_batch) {
       o.max_seq = T;
       const run_result one = run_engine(o, big);
       for (int64_t micro : {1, 2, 3, 7}) {
-        std::vector<step_data> split;
-        for (const auto& s : big) {
-          step_data d;
-          for (int64_t r = 0; r < rows;) {
-            const int64_t n = rows / micro + (r / (rows / micro) < rows % micro ? 1 : 0);
-            const int64_t take = std::min(n, rows - r);
-            d.push_back(s[0].narrow(0, r, take).contiguous());
-            r += take;
-          }
-          ASSERT_EQ(int64_t(d.size()), micro);
-          split.push_back(d);
-        }
-        const run_result got = run_engine(o, split);
+        const run_result got = run_engine(o, split_rows(big, micro));
         const std::string what = mode_label(o) + " " + std::to_string(micro) + " micro-batches";
         for (size_t k = 0; k < one.steps.size(); ++k) {
           EXPECT_EQ(got.steps[k].n_targets, one.steps[k].n_targets) << what;
@@ -566,19 +573,6 @@ TEST(engine_accumulation, micro_batch_groups_equal_one_batch) {
   FERRY_REQUIRE_DEVICE();
   const int64_t rows = 7, T = k_seq;
   const auto big = make_data(3, rows, T, 11);
-  auto split_rows = [&](int64_t micro) {
-    std::vector<step_data> split;
-    for (const auto& s : big) {
-      step_data d;
-      for (int64_t r = 0, k = 0; k < micro; ++k) {
-        const int64_t take = rows / micro + (k < rows % micro ? 1 : 0);
-        d.push_back(s[0].narrow(0, r, take).contiguous());
-        r += take;
-      }
-      split.push_back(d);
-    }
-    return split;
-  };
   struct grouping { int64_t micro, group, planned; };
   for (auto mode : {k_overlapped, k_blocked}) {
     for (double clip : {0.0, 0.05}) {
@@ -599,7 +593,7 @@ TEST(engine_accumulation, micro_batch_groups_equal_one_batch) {
                                    std::to_string(gr.planned) +
                                    (recompute == recompute_mode::recompute_blocks ? ", recomputed" : "");
           ASSERT_EQ(make_engine(og)->plan().micro_group, gr.planned) << what;
-          const run_result got = run_engine(og, split_rows(gr.micro));
+          const run_result got = run_engine(og, split_rows(big, gr.micro));
           const int64_t groups = (gr.micro + gr.planned - 1) / gr.planned;
           for (size_t k = 0; k < one.steps.size(); ++k) {
             EXPECT_EQ(got.steps[k].n_targets, one.steps[k].n_targets) << what;
@@ -1547,37 +1541,57 @@ TEST(engine_recompute, auto_plans_the_fewest_blocks_that_fit) {
   EXPECT_GT(slack_mattered, 0) << "no cap where the slack recomputed more blocks";
 }
 
-// A training step's measured peak with every block recomputed is within its plan and below the
-// peak of the same step keeping every block's activations, by what the plans say (within 10%).
-// Measured on the host backend, whose "device" tensors are the compute thread's CPU allocations
-// (tests/alloc_meter.h); on CUDA the same step saved less than planned (issue 20's notes), which
-// is still open.
-TEST(engine_recompute, measured_peak_within_the_plan) {
+// The shape of the measured-peak tests: large enough that activations dominate what a step
+// allocates.
+model::llama_config peak_config() {
   model::llama_config cfg = tiny_config();
   cfg.hidden_size = 256;
   cfg.intermediate_size = 512;
   cfg.num_hidden_layers = 6;
   cfg.head_dim = 64;
   cfg.max_position_embeddings = 256;
+  return cfg;
+}
+
+// Options of the measured-peak tests: blocked on the host backend, rows x T tokens planned.
+engine_options peak_options(int64_t rows, int64_t T) {
+  engine_options o = base_options(k_blocked, at::kFloat);
+  o.cuda = false;
+  o.strict_host_backend = false;   // its lazy copies would hold staging of their own
+  o.max_batch = rows;
+  o.max_seq = T;
+  o.ce_chunk = 64;
+  return o;
+}
+
+// The peak of what the second of two steps allocates (the first warms up), which must be within the
+// engine's plan; and the plan.
+std::pair<int64_t, memory_plan> measured_peak(const engine_options& o, const model::llama_config& cfg,
+                                              const std::vector<step_data>& data) {
+  auto e = make_engine(o, cfg);
+  e->train_step(data[0], 1e-3);
+  ::ferry::test::alloc_meter meter(false);
+  e->train_step(data[1], 1e-3);
+  const int64_t peak = meter.peak();
+  EXPECT_LE(peak, e->plan().device_total) << e->plan().describe();
+  return {peak, e->plan()};
+}
+
+// A training step's measured peak with every block recomputed is within its plan and below the
+// peak of the same step keeping every block's activations, by what the plans say (within 10%).
+// Measured on the host backend, whose "device" tensors are the compute thread's CPU allocations
+// (tests/alloc_meter.h); on CUDA the same step saved less than planned (issue 20's notes), which
+// is still open.
+TEST(engine_recompute, measured_peak_within_the_plan) {
+  const model::llama_config cfg = peak_config();
   const int64_t B = 2, T = 256;
   std::vector<step_data> data = make_data(2, B, T, 3);
   int64_t peak[2] = {0, 0};
   memory_plan plan[2];
   for (int k = 0; k < 2; ++k) {
-    engine_options o = base_options(k_blocked, at::kFloat);
-    o.cuda = false;
-    o.strict_host_backend = false;   // its lazy copies would hold staging of their own
-    o.max_batch = B;
-    o.max_seq = T;
-    o.ce_chunk = 64;
+    engine_options o = peak_options(B, T);
     o.recompute = k == 0 ? recompute_mode::recompute_none : recompute_mode::recompute_blocks;
-    auto e = make_engine(o, cfg);
-    e->train_step(data[0], 1e-3);
-    ::ferry::test::alloc_meter meter(false);
-    e->train_step(data[1], 1e-3);
-    peak[k] = meter.peak();
-    plan[k] = e->plan();
-    EXPECT_LE(peak[k], plan[k].device_total) << plan[k].describe();
+    std::tie(peak[k], plan[k]) = measured_peak(o, cfg, data);
   }
   EXPECT_EQ(plan[1].recompute_blocks, cfg.num_hidden_layers);
   EXPECT_LT(peak[1], peak[0]);
@@ -1591,12 +1605,7 @@ TEST(engine_recompute, measured_peak_within_the_plan) {
 // 10%; activation_bytes with the group). Host backend, as above: the meter sees what the step
 // allocates, not the buffers made with the engine (the group's fp32 gradient sum among them).
 TEST(engine_accumulation, a_group_peak_within_its_plan) {
-  model::llama_config cfg = tiny_config();
-  cfg.hidden_size = 256;
-  cfg.intermediate_size = 512;
-  cfg.num_hidden_layers = 6;
-  cfg.head_dim = 64;
-  cfg.max_position_embeddings = 256;
+  const model::llama_config cfg = peak_config();
   const int64_t B = 2, T = 256, micro = 3;
   std::vector<step_data> data(2);
   for (int64_t j = 0; j < micro; ++j) {
@@ -1607,22 +1616,11 @@ TEST(engine_accumulation, a_group_peak_within_its_plan) {
     int64_t peak[2] = {0, 0};
     memory_plan plan[2];
     for (int k = 0; k < 2; ++k) {
-      engine_options o = base_options(k_blocked, at::kFloat);
-      o.cuda = false;
-      o.strict_host_backend = false;
-      o.max_batch = B;
-      o.max_seq = T;
-      o.ce_chunk = 64;
+      engine_options o = peak_options(B, T);
       o.grad_accum = micro;
       o.micro_group = k == 0 ? 1 : 0;
       o.recompute = recompute;
-      auto e = make_engine(o, cfg);
-      e->train_step(data[0], 1e-3);
-      ::ferry::test::alloc_meter meter(false);
-      e->train_step(data[1], 1e-3);
-      peak[k] = meter.peak();
-      plan[k] = e->plan();
-      EXPECT_LE(peak[k], plan[k].device_total) << plan[k].describe();
+      std::tie(peak[k], plan[k]) = measured_peak(o, cfg, data);
     }
     EXPECT_EQ(plan[1].micro_group, micro);
     const double planned = double(plan[1].activations - plan[0].activations), measured = double(peak[1] - peak[0]);
