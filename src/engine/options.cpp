@@ -1,5 +1,7 @@
 #include "src/engine/options.h"
 
+#include <algorithm>
+
 #include "src/common/error.h"
 
 namespace ferry::engine {
@@ -56,6 +58,14 @@ void check_options(const engine_options& o) {
   FERRY_CONFIG_CHECK(!o.comm || o.comm->world() == 1 || o.forward_only || o.mode != offload_mode::offload_none,
                      "offload=none with ", o.comm ? o.comm->world() : 1,
                      " ranks: the partitioned optimizer runs on the host; use offload blocked or overlapped");
+  FERRY_CONFIG_CHECK(o.forward_only || o.micro_group <= 1 || o.mode != offload_mode::offload_none,
+                     "micro_batch_group=", o.micro_group,
+                     " needs offload blocked or overlapped (offload none keeps its gradients on the GPU and adds "
+                     "each micro-batch in place); use micro_batch_group=0 or 1 with offload none");
+  FERRY_CONFIG_CHECK(o.forward_only || o.micro_group <= std::max<int64_t>(o.grad_accum, 1),
+                     "micro_batch_group=", o.micro_group, " exceeds grad_accum=", o.grad_accum,
+                     ": a group holds at most one step's micro-batches; use at most ", o.grad_accum,
+                     " or 0 (auto)");
   if (o.forward_only || o.state_on != state_place::place_nvme) return;
   FERRY_CONFIG_CHECK(o.mode != offload_mode::offload_none,
                      "optimizer_state_on=nvme needs offload blocked or overlapped (offload none keeps the optimizer "

@@ -141,7 +141,8 @@ inline std::vector<bool> units_reduced_on_device(const engine_options& opt, bool
 
 // Combinations the engine does not run, as config_errors naming the keys (the engine's constructor
 // and the CLI's wiring call it): a compact optimizer_state, or optimizer_state_on=nvme, with offload
-// none, whose device AdamW keeps fp32 moments on the GPU; nvme without nvme_path. An inference
+// none, whose device AdamW keeps fp32 moments on the GPU; nvme without nvme_path; a
+// micro_batch_group above 1 with offload none, or above grad_accum. An inference
 // (forward_only) engine keeps no moments and passes (its master weights stay in host memory).
 void check_options(const engine_options& o);
 
