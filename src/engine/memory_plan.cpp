@@ -102,10 +102,12 @@ memory_plan plan_memory(const model::llama_config& cfg, const engine_options& op
                         int64_t grad_accum, const plan_what_if& what_if, int64_t device_bytes) {
   if (opt.forward_only) return plan_forward_only(cfg, opt, batch, seq);
   const bool offloaded = opt.mode != offload_mode::offload_none;
+  // The group asked for (engine_options::micro_group, or the what-if's): 0 = auto.
+  const int64_t asked_group = what_if.micro_group > 0 ? what_if.micro_group : opt.micro_group;
   const int64_t cap = device_bytes > 0 ? device_bytes : gib_bytes(opt.gpu_mem_limit_gib);
   // On CUDA the plan must fit with k_allocator_slack of the cap to spare (memory_plan.h).
   const int64_t target = opt.cuda ? cap - int64_t(double(cap) * k_allocator_slack) : cap;
-  if (what_if.micro_group <= 0 && opt.micro_group == 0 && offloaded && grad_accum > 1) {
+  if (asked_group <= 0 && offloaded && grad_accum > 1) {
     // The largest group that fits (each size with its own recomputation), else one by one.
     plan_what_if w = what_if;
     for (int64_t g = grad_accum; g > 1; --g) {
@@ -142,11 +144,9 @@ memory_plan plan_memory(const model::llama_config& cfg, const engine_options& op
   // The head's pinned gradient holds a whole head slot (param_store::grad_numel): with tied
   // embeddings its lm_head part beside the parameters.
   const int64_t tied_grad = cfg.head_slot_params() - cfg.head_params();
-  p.micro_group = !offloaded ? 1
-                  : std::max<int64_t>(1, std::min(what_if.micro_group > 0 ? what_if.micro_group
-                                                  : opt.micro_group > 0    ? opt.micro_group
-                                                                           : grad_accum,
-                                                  std::max<int64_t>(grad_accum, 1)));
+  p.micro_group = offloaded ? std::clamp<int64_t>(asked_group > 0 ? asked_group : grad_accum, 1,
+                                                   std::max<int64_t>(grad_accum, 1))
+                            : 1;
 
   if (opt.mode == offload_mode::offload_none) {
     p.weight_slots = params * e;

@@ -532,6 +532,15 @@ std::vector<step_data> split_rows(const std::vector<step_data>& steps, int64_t m
   return split;
 }
 
+// fp32 options of the accumulation tests: clip as given, one batch of rows x T planned.
+engine_options rows_options(offload_mode mode, double clip, int64_t rows, int64_t T) {
+  engine_options o = base_options(mode, at::kFloat);
+  o.clip_grad = clip;
+  o.max_batch = rows;
+  o.max_seq = T;
+  return o;
+}
+
 // Gradient accumulation over 1, 2, 3 and 7 micro-batches equals one batch of the same 7 rows, in
 // every mode, unclipped and clipped (speculation on: every step is redone), and the overlapped
 // runs match the double-precision reference of the 7 rows as one batch. The last micro-batch is
@@ -542,10 +551,7 @@ TEST(engine_accumulation, micro_batch_counts_equal_one_batch) {
   const auto big = make_data(3, rows, T, 11);
   for (auto mode : {k_overlapped, k_blocked, k_none}) {
     for (double clip : {0.0, 0.05}) {
-      engine_options o = base_options(mode, at::kFloat);
-      o.clip_grad = clip;
-      o.max_batch = rows;
-      o.max_seq = T;
+      const engine_options o = rows_options(mode, clip, rows, T);
       const run_result one = run_engine(o, big);
       for (int64_t micro : {1, 2, 3, 7}) {
         const run_result got = run_engine(o, split_rows(big, micro));
@@ -576,10 +582,7 @@ TEST(engine_accumulation, micro_batch_groups_equal_one_batch) {
   struct grouping { int64_t micro, group, planned; };
   for (auto mode : {k_overlapped, k_blocked}) {
     for (double clip : {0.0, 0.05}) {
-      engine_options o = base_options(mode, at::kFloat);
-      o.clip_grad = clip;
-      o.max_batch = rows;
-      o.max_seq = T;
+      const engine_options o = rows_options(mode, clip, rows, T);
       const run_result one = run_engine(o, big);
       // group 0: auto, which with no device limit is every micro-batch of the step
       for (grouping gr : {grouping{2, 0, 2}, grouping{3, 3, 3}, grouping{7, 0, 7}, grouping{7, 3, 3}}) {
