@@ -256,17 +256,24 @@ class shared_block final : public engine::shared_host_block {
   shared_block(void* base, size_t total, size_t header, size_t row, int rank, int world, int64_t slots,
                std::chrono::milliseconds timeout, std::function<std::string()> who_stopped)
       : base_(base), total_(total), header_(header), row_(row), rank_(rank), world_(world),
-        published_(size_t(slots), 0), timeout_(timeout), who_stopped_(std::move(who_stopped)) {}
+        slots_(slots), timeout_(timeout), who_stopped_(std::move(who_stopped)) {}
   ~shared_block() override { ::munmap(base_, total_); }
   void* data() const override { return static_cast<char*>(base_) + header_; }
   size_t bytes() const override { return total_ - header_; }
 
-  void publish(int64_t slot) override {
-    FERRY_ASSERT(slot >= 0 && slot < int64_t(published_.size()), "shared block slot ", slot, " of ", published_.size());
-    const int64_t gen = ++published_[size_t(slot)];
+  // One thread posts a slot at a time (the update thread; the engine's while it is idle), so the
+  // own counter is this rank's post count.
+  void post(int64_t slot) override {
+    check_slot(slot);
+    std::atomic<int64_t>* mine = counter(slot, rank_);
     // The writes of this rank's part (by any thread that finished before this call) happen before
-    // the release store; a rank that reads gen with acquire sees them.
-    counter(slot, rank_)->store(gen, std::memory_order_release);
+    // the release store; a rank that reads the count with acquire sees them.
+    mine->store(mine->load(std::memory_order_relaxed) + 1, std::memory_order_release);
+  }
+
+  double wait_all(int64_t slot) override {
+    check_slot(slot);
+    const int64_t gen = counter(slot, rank_)->load(std::memory_order_acquire);
     const auto t0 = std::chrono::steady_clock::now();
     int64_t spins = 0;
     for (int r = 0; r < world_; ++r) {
@@ -286,16 +293,20 @@ class shared_block final : public engine::shared_host_block {
         }
       }
     }
+    return spins ? std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count() : 0.0;
   }
 
  private:
+  void check_slot(int64_t slot) const {
+    FERRY_ASSERT(slot >= 0 && slot < slots_, "shared block slot ", slot, " of ", slots_);
+  }
   std::atomic<int64_t>* counter(int64_t slot, int r) const {
     return reinterpret_cast<std::atomic<int64_t>*>(static_cast<char*>(base_) + size_t(slot) * row_) + r;
   }
   void* base_;
   size_t total_, header_, row_;
   int rank_, world_;
-  std::vector<int64_t> published_;   // publishes of each slot by this rank
+  int64_t slots_;
   std::chrono::milliseconds timeout_;
   std::function<std::string()> who_stopped_;
 };

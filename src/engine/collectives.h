@@ -32,17 +32,24 @@ enum class shadow_mode {
 };
 
 // Host memory that every rank maps at once (all ranks on one machine), with one arrival counter
-// per slot: the compute-dtype shadows the ranks of a machine share instead of all-gathering them
-// (engine_options::shadows). publish(k): this rank has written its part of slot k; returns once
-// every rank has written its part (the j-th publish of slot k on each rank are matched, as
-// collectives are by their order), and throws a std::runtime_error naming the rank that stopped
-// when one has not arrived within the group's timeout. The memory is zeroed at creation.
+// per slot per rank: the compute-dtype shadows the ranks of a machine share instead of
+// all-gathering them (engine_options::shadows). post(k): this rank has written its part of slot k
+// (returns at once; the writes before it are visible to a rank whose wait_all returned).
+// wait_all(k): returns, with the milliseconds it waited, once every rank has posted slot k as
+// often as this rank has (the j-th posts of slot k on each rank are matched, as collectives are by
+// their order), and throws a std::runtime_error naming the rank that stopped when one has not
+// arrived within the group's timeout. publish(k) is both. The memory is zeroed at creation.
 class shared_host_block {
  public:
   virtual ~shared_host_block() = default;
   virtual void* data() const = 0;     // 4096-byte aligned
   virtual size_t bytes() const = 0;
-  virtual void publish(int64_t slot) = 0;
+  virtual void post(int64_t slot) = 0;
+  virtual double wait_all(int64_t slot) = 0;
+  void publish(int64_t slot) {
+    post(slot);
+    wait_all(slot);
+  }
 };
 
 class collectives {

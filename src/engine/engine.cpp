@@ -375,6 +375,7 @@ step_result engine::train_step(const std::vector<micro_batch>& micro_batches, do
   r.h2d_bytes = meter_.h2d_bytes;
   r.d2h_bytes = meter_.d2h_bytes;
   r.stall_update_ms = meter_.stall_ms;
+  r.shard_wait_ms = meter_.shard_wait_ms;
   r.cpu_adam_ms = worker_->take_busy_ms();
   const tier_io io = tier.take_io();   // write-backs of this step's last updates may still run
   r.disk_wait_ms = io.wait_ms;

@@ -89,6 +89,9 @@ struct step_result {
   int64_t undo_log_bytes = 0;  // host memory of the speculative updates' undo logs (cpu_optim::undo_log)
   // where the time went (milliseconds) and what moved
   double step_ms = 0, h2d_ms = 0, d2h_ms = 0, cpu_adam_ms = 0, stall_update_ms = 0, tail_ms = 0;
+  // Shared shadows (ranks on one machine): the engine's thread waiting, after its own update of a
+  // unit, for the other ranks' shards of it before loading it.
+  double shard_wait_ms = 0;
   int64_t h2d_bytes = 0, d2h_bytes = 0;
   // The optimizer state tier on disk (optimizer_state_on=nvme; 0 otherwise): time its acquires
   // blocked on the disk (on the update thread: part of cpu_adam_ms, and of the stall where the

@@ -47,6 +47,7 @@ param_store::param_store(const model::llama_config& cfg, at::ScalarType dtype, b
   }
   if (shards_.sharded() && shadows != shadow_mode::shadows_gather) {
     shared_ = comm_->share_host_memory(size_t(shadow_bytes), num_units());
+    lockstep_ = std::getenv("FERRY_SHARED_LOCKSTEP") != nullptr;
     FERRY_CONFIG_CHECK(shared_ || shadows == shadow_mode::shadows_auto, "dist_weights=shared: the ", shards_.world,
                        " ranks are not all on one machine (LOCAL_WORLD_SIZE < WORLD_SIZE), so they cannot share ",
                        "their shadows; use dist_weights=auto or gather");
@@ -243,10 +244,15 @@ void param_store::publish_shadows() {
   for (int64_t u = 0; u < num_units(); ++u) publish_shadow(u, comm_channel::channel_engine);
 }
 
+double param_store::await_shadow(int64_t u) { return shared_ ? shared_->wait_all(u) : 0.0; }
+
 void param_store::publish_shadow(int64_t u, comm_channel c) {
   if (!shards_.sharded()) return;
   if (shared_) {
-    shared_->publish(u);
+    // The update thread goes on to its next unit; a reader waits in await_shadow. The engine's
+    // thread (start, load, resume) waits here, as no reader does after it.
+    shared_->post(u);
+    if (c == comm_channel::channel_engine || lockstep_) shared_->wait_all(u);
     return;
   }
   const int64_t n = units_[size_t(u)].numel, per = shards_.per(n), elem = int64_t(c10::elementSize(dtype_));

@@ -101,8 +101,14 @@ class param_store {
   int64_t shard_numel(int64_t u) const { return shards_.count(units_[size_t(u)].numel); }
   // Sharded: after this rank wrote its shard of shadow(u), fills the rest from the other ranks (a
   // collective on channel c: every rank calls it for the same units in the same order). Shared
-  // shadows: waits until every rank has written its shard of unit u (their memory is this one).
+  // shadows (their memory is this one): marks this rank's shard written; on the engine's channel
+  // it also waits until every rank has written theirs, on the update thread's it returns at once
+  // and a reader of shadow(u) calls await_shadow(u) first (environment FERRY_SHARED_LOCKSTEP: the
+  // update thread waits too, as before the split; for measuring).
   void publish_shadow(int64_t u, comm_channel c);
+  // Shared shadows: waits until every rank has published unit u as often as this rank has (so
+  // shadow(u) holds the unit this rank's updates made); the milliseconds waited. Otherwise 0.
+  double await_shadow(int64_t u);
   // Whether the shadows are the machine's one shared set (shadow_mode shared).
   bool shadows_shared() const { return shared_ != nullptr; }
   // Sharded: fp32 scratch of shards_.padded(numel) elements of the widest unit that needs it, for
@@ -166,6 +172,7 @@ class param_store {
   shard_layout shards_;
   float* scratch_ = nullptr;
   std::unique_ptr<shared_host_block> shared_;   // the shared shadows, or null
+  bool lockstep_ = false;                        // FERRY_SHARED_LOCKSTEP (publish_shadow)
   std::vector<bool> shard_grads_;               // per unit: grad() holds only this rank's shard
 
   void check_optimizer_state(const char* what) const;

@@ -13,7 +13,8 @@ namespace ferry::engine {
 struct step_meter {
   bool timing = false;
   int64_t h2d_bytes = 0, d2h_bytes = 0;
-  double stall_ms = 0;   // the engine's thread waiting for the update thread
+  double stall_ms = 0;        // the engine's thread waiting for the update thread
+  double shard_wait_ms = 0;   // then for the other ranks' shards of shared shadows
   std::vector<std::pair<event_ptr, event_ptr>> h2d_timers, d2h_timers;
 
   void reset(bool time_copies) {

@@ -73,6 +73,8 @@ void weight_pool::load(int64_t u, const std::vector<int64_t>& uses, size_t at) {
   const int64_t eu = store_.embed_unit();
   meter_.stall_ms += worker_.wait_updated(u);
   if (tied_head) meter_.stall_ms += worker_.wait_updated(eu);
+  meter_.shard_wait_ms += store_.await_shadow(u);
+  if (tied_head) meter_.shard_wait_ms += store_.await_shadow(eu);
   if (target->released) dev_.wait(queue::queue_h2d, target->released);
   const size_t elem = c10::elementSize(opt_.dtype), bytes = size_t(store_.unit(u).numel) * elem;
   event_ptr t0 = meter_.timing ? dev_.record(queue::queue_h2d, true) : nullptr;
@@ -121,6 +123,7 @@ at::Tensor weight_pool::embed(const at::Tensor& tokens) {
   const int64_t eu = store_.embed_unit(), h = cfg_.hidden_size;
   if (!resident_.empty()) return model::embed_forward(tokens.to(dev_.device()), resident_[size_t(eu)].view({cfg_.vocab_size, h}));
   meter_.stall_ms += worker_.wait_updated(eu);
+  meter_.shard_wait_ms += store_.await_shadow(eu);
   if (embed_in_done_) embed_in_done_->synchronize();
   at::Tensor tok = tokens.to(at::kLong).contiguous();
   FERRY_CHECK(tok.numel() <= opt_.max_batch * opt_.max_seq, "batch of ", tok.numel(), " tokens exceeds the planned ",

@@ -25,20 +25,26 @@ constexpr int64_t k_global = 6, k_steps = 4;
 // A kind may end in "_gather": the ranks all-gather their shadows (dist_weights=gather) instead of
 // sharing one set in shared memory (auto: shared, the ranks being on one machine); or in "_group":
 // each rank runs its rows as one-row micro-batches in one group (engine_options::micro_group), the
-// group's gradient summed on the device before it is reduced over the ranks.
+// group's gradient summed on the device before it is reduced over the ranks. Either may be followed
+// by "_lag": no speculation, so each step's updates run after its verdict and overlap the next
+// step's forward, and the last rank's backend sleeps up to k_lag_us at every copy, compute phase
+// and update (engine_options::debug_delay_us, set by the worker), so its update thread falls behind
+// the others' and a reader of the shared shadows that did not wait for its shards loads stale ones.
+constexpr int64_t k_lag_us = 4000;
 inline bool kind_ends_with(const std::string& kind, const std::string& suffix) {
   return kind.size() > suffix.size() && kind.compare(kind.size() - suffix.size(), suffix.size(), suffix) == 0;
 }
 inline engine::engine_options run_options(const std::string& kind_arg, int64_t rows_per_rank, bool poison, int device = -1) {
   using namespace engine;
-  const bool gather = kind_ends_with(kind_arg, "_gather"), grouped = kind_ends_with(kind_arg, "_group");
-  const std::string kind = gather || grouped ? kind_arg.substr(0, kind_arg.rfind('_')) : kind_arg;
+  const std::string base = kind_ends_with(kind_arg, "_lag") ? kind_arg.substr(0, kind_arg.size() - 4) : kind_arg;
+  const bool gather = kind_ends_with(base, "_gather"), grouped = kind_ends_with(base, "_group");
+  const std::string kind = gather || grouped ? base.substr(0, base.rfind('_')) : base;
   const bool half = kind == "fp16" || kind == "device_fp16";
   engine_options o = engine::test::base_options(kind == "blocked" ? offload_mode::offload_blocked : offload_mode::offload_overlapped,
                                         half ? at::kHalf : at::kFloat);
   o.strict_host_backend = true;
   o.device_index = device;
-  o.speculate = kind == "blocked" ? speculate_mode::speculate_off : speculate_mode::speculate_on;
+  o.speculate = kind == "blocked" || base != kind_arg ? speculate_mode::speculate_off : speculate_mode::speculate_on;
   o.clip_grad = 0.05;
   // "device", "device_fp16": the blocks' gradients reduce-scattered where they were made, in the
   // compute dtype (engine_options::reduce_on_device; no effect on the one-rank reference).

@@ -131,7 +131,7 @@ INSTANTIATE_TEST_SUITE_P(kinds, dist_ranks,
                                            dist_case{"fp16", true}, dist_case{"nvme", true},
                                            dist_case{"device", true}, dist_case{"device_fp16", true},
                                            dist_case{"fp16_gather", true}, dist_case{"device_gather", true},
-                                           dist_case{"device_fp16_group", true}),
+                                           dist_case{"device_fp16_group", true}, dist_case{"device_lag", true}),
                          [](const auto& info) { return info.param.kind + (info.param.poison ? "_overflow" : ""); });
 
 // Rank 1 of 2 exits abruptly (the worker's DIE_AT_STEP) under a 5 s collective timeout: rank 0
@@ -160,8 +160,9 @@ TEST(dist_failures, a_dead_rank_stops_the_others_naming_it) {
 }
 
 // The shared block under the engine's shared shadows: after publish every rank's part is of this
-// round (or, from a rank that went on, the next), over 300 rounds of random pauses; a rank that
-// dies makes the others stop within the timeout, naming it.
+// round (or, from a rank that went on, the next), over 300 rounds of random pauses; post returns
+// without the others (a rank posts while they wait for it in a barrier) and wait_all waits for
+// them; a rank that dies makes the others stop within the timeout, naming it.
 TEST(dist_shared, publish_waits_for_every_rank_and_names_a_dead_one) {
   FERRY_REQUIRE_DEVICE();
   if (worlds().empty()) GTEST_SKIP() << "needs 2 or more CUDA devices";
@@ -205,7 +206,8 @@ class silent_ranks final : public engine::collectives {
       ~block() override { std::free(data_); }
       void* data() const override { return data_; }
       size_t bytes() const override { return bytes_; }
-      void publish(int64_t) override {}
+      void post(int64_t) override {}
+      double wait_all(int64_t) override { return 0; }
 
      private:
       size_t bytes_;

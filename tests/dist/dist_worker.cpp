@@ -9,8 +9,8 @@
 // DIE_AT_STEP: rank 1 exits abruptly (no goodbye to the others) before that step (1-based); -1 never.
 // KIND shared_block: no engine; the ranks take turns on a shared block (share_host_memory) for 300
 // rounds of 3 slots with random pauses, each writing its part and checking after publish that no
-// part is older than the round (DIE_AT_STEP: rank 1 exits before that round); OUT_PREFIX.<rank>.steps
-// gets "rounds N". Otherwise OUT_PREFIX.<rank>.shadows says "shared" or "gather" (how the store's
+// part is older than the round (DIE_AT_STEP: rank 1 exits before that round), then post without
+// waiting and wait_all (below); OUT_PREFIX.<rank>.steps gets "rounds N". Otherwise OUT_PREFIX.<rank>.shadows says "shared" or "gather" (how the store's
 // shadows reached the ranks).
 // CHECKPOINT_MODE (dist_checkpoint_test; checkpoints in OUTPUT_DIR, trainer step = steps taken):
 //   save STEP     trains STEP steps, writes the result files, saves a checkpoint, stops
@@ -54,6 +54,9 @@ int main(int argc, char** argv) {
     // The GPU build (dist_gpu_worker): one device per rank, as ferry-train binds LOCAL_RANK.
     engine::engine_options o = dist::test::run_options(kind, dist::test::k_global / launch.world, poison,
                                                        test::k_cuda_suite ? launch.local_rank : -1);
+    if (dist::test::kind_ends_with(kind, "_lag") && launch.rank == launch.world - 1) {
+      o.debug_delay_us = dist::test::k_lag_us;
+    }
     std::shared_ptr<dist::process_group> group;
     if (launch.distributed()) {
       dist::group_options go;
@@ -85,6 +88,27 @@ int main(int argc, char** argv) {
           }
         }
       }
+      // post does not wait for the others (the update thread goes on to its next unit): rank 0
+      // posts twice more while the others are held in a barrier it must reach; wait_all then
+      // returns only once every rank has posted as often.
+      const int64_t final_round = rounds + 2;
+      if (launch.rank == 0)
+        for (int64_t round = rounds + 1; round <= final_round; ++round) {
+          d[launch.rank * stride] = round;
+          block->post(0);
+        }
+      group->barrier("posted");
+      if (launch.rank != 0) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(200));
+        for (int64_t round = rounds + 1; round <= final_round; ++round) {
+          d[launch.rank * stride] = round;
+          block->post(0);
+        }
+      }
+      block->wait_all(0);
+      for (int r = 0; r < launch.world; ++r)
+        FERRY_CHECK(d[r * stride] == final_round, "rank ", launch.rank, " after wait_all: rank ", r, "'s part holds round ",
+                    d[r * stride], ", not ", final_round);
       std::ofstream(prefix + "." + std::to_string(launch.rank) + ".steps") << "rounds " << rounds << "\n";
       group->barrier("done");
       return 0;
