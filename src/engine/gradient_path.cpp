@@ -52,6 +52,13 @@ gradient_path::gradient_path(const model::llama_config& cfg, const engine_option
   head_slot_ = make_slot(cfg.head_slot_params(), store.grad_sharded(store.head_unit()));
   if (micro_group > 1)
     group_sum_ = at::empty({std::max(cfg.block_params(), cfg.head_slot_params())}, dev_opts.dtype(at::kFloat));
+  if (store.grad_sharded(store.embed_unit())) {
+    // The embedding's fp32 gradient on the device, padded to the ranks' blocks (zeros past the
+    // table), and this rank's block of its sum over the ranks.
+    const int64_t n = cfg.embed_params();
+    embed_grad_ = at::zeros({sh.padded(n)}, dev_opts.dtype(at::kFloat));
+    embed_shard_ = at::empty({sh.per(n)}, dev_opts.dtype(at::kFloat));
+  }
   embed_out_ = dev.host_alloc(size_t(opt.max_batch * opt.max_seq * cfg.hidden_size) * c10::elementSize(opt.dtype));
   if (sh.sharded()) {
     // The fp32 sums of the units reduced on the host: one block, page-locked on CUDA (the
@@ -223,6 +230,42 @@ void gradient_path::send_embed(const at::Tensor& dx, const at::Tensor& tokens, b
     at::Tensor g = resident_[size_t(eu)].view({cfg_.vocab_size, h});
     // Tied: the head's backward has written this micro-batch's lm_head gradient here already.
     model::embed_backward(dx, tokens.to(dev_.device()), g, !first_micro || cfg_.tie_word_embeddings);
+    return;
+  }
+  if (store_.grad_sharded(eu)) {
+    // Ranks, reduced where it was made: every micro-batch of the step scatters into the device's
+    // fp32 gradient; after the last, a reduce-scatter on the compute queue (a collective of the
+    // engine's thread, after the blocks' on every rank) and only this rank's block crosses.
+    const int64_t n = cfg_.embed_params();
+    at::Tensor g = embed_grad_.narrow(0, 0, n).view({cfg_.vocab_size, h});
+    {
+      auto guard = dev_.enter_compute();
+      model::embed_backward(dx, tokens.to(dev_.device()), g, !first_micro);
+    }
+    if (!last_micro) return;
+    // The shard's previous copy to the host must be done before the collective rewrites it.
+    if (embed_copied_) dev_.wait(queue::queue_compute, embed_copied_);
+    {
+      auto guard = dev_.enter_compute();
+      store_.comm()->reduce_scatter_sum(embed_shard_, embed_grad_, comm_channel::channel_engine);
+    }
+    event_ptr computed = dev_.record(queue::queue_compute);
+    dev_.wait(queue::queue_d2h, computed);
+    // The host shard may still be read by the previous step's update of the embedding.
+    meter_.stall_ms += worker_.wait_unit_tasks(eu);
+    const size_t bytes = size_t(store_.shard_numel(eu)) * 4;
+    event_ptr t0 = dev_.record(queue::queue_d2h, true);
+    dev_.copy_d2h(store_.grad(eu), embed_shard_, bytes);
+    embed_copied_ = dev_.record(queue::queue_d2h, true);
+    meter_.d2h_timers.emplace_back(t0, embed_copied_);
+    meter_.d2h_bytes += int64_t(bytes);
+    queue(eu,
+          [this, copied = embed_copied_, task = std::move(task)] {
+            copied->synchronize();
+            dev_.debug_delay();
+            if (task) task();
+          },
+          updates_weights);
     return;
   }
   // The copy waits for all compute that made its source, the contiguous layout included.

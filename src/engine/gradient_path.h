@@ -25,10 +25,12 @@
 //       last micro-batch, reduce() sums it over the ranks in fp32 (a reduce-scatter of the host
 //       buffers: Gloo, or staged through the GPUs by src/dist on CUDA) into this rank's shard,
 //       which is all host() then shows the optimizer.
-//   where it was made (engine_options::reduce_on_device; blocks and an untied head): send()
-//       reduce-scatters the slot, padded to the ranks' equal blocks, in the compute dtype on the
-//       compute queue and copies only this rank's block of the sum into the unit's host buffer;
-//       reduce() then has nothing to do.
+//   where it was made (engine_options::reduce_on_device; blocks, and the head and the embedding
+//       unless tied): send() reduce-scatters the slot, padded to the ranks' equal blocks, in the
+//       compute dtype on the compute queue and copies only this rank's block of the sum into the
+//       unit's host buffer; reduce() then has nothing to do. The embedding's gradient stays on the
+//       device in fp32 for the whole step (send_embed scatters every micro-batch into it), is
+//       reduce-scattered in fp32 after the last, and its fp32 block is copied to the host.
 #include <ATen/core/Tensor.h>
 
 #include <functional>
@@ -138,6 +140,10 @@ class gradient_path {
   // Written by the engine thread only after the unit's earlier host tasks have run.
   std::vector<char> fused_;
   void* embed_out_ = nullptr;             // pinned staging of the embedding's input gradient
+  // Ranks with the embedding reduced on the device: its fp32 gradient there (padded to the ranks'
+  // blocks), this rank's block of the sum, and that block's latest copy to the host.
+  at::Tensor embed_grad_, embed_shard_;
+  event_ptr embed_copied_;
   std::vector<float*> shard_grad_;        // ranks: per unit, the fp32 sum over the ranks of this rank's shard
   float* shard_block_ = nullptr;          // ranks: the one (pinned) block shard_grad_ points into
 };

@@ -165,6 +165,9 @@ memory_plan plan_memory(const model::llama_config& cfg, const engine_options& op
       p.grad_slots = (2 * (sh.padded(block) + sh.per(block)) +
                       (head_too ? sh.padded(head) + sh.per(head) : head)) * e;
     }
+    // The embedding's fp32 gradient, padded, and its reduce-scattered block (gradient_path).
+    if (unit_reduced_on_device(opt, cfg.tie_word_embeddings, 0, nu))
+      p.grad_slots += (sh.padded(embed) + sh.per(embed)) * 4;
     // A group's fp32 gradient sum of the unit whose backward runs (gradient_path::fold).
     if (p.micro_group > 1) p.grad_slots += std::max(block, head) * 4;
   }
@@ -210,7 +213,7 @@ memory_plan plan_memory(const model::llama_config& cfg, const engine_options& op
     // the widest unit that needs one: any unit where the shadows may be gathered (dist_weights
     // auto may turn out so), else the blocks and head reduced on the host. Page-locked, as a CUDA
     // run's collectives stage them through the device; so is the embedding's fp32 gradient, padded
-    // to the ranks' blocks and reduced in place. A unit reduce-scattered on the device keeps only
+    // to the ranks' blocks and reduced in place (reduced on the device: only this rank's block). A unit reduce-scattered on the device keeps only
     // this rank's shard of its half gradient on the host (param_store::host_grad_numel; rank 0's,
     // the largest).
     int64_t widest = 0;
@@ -220,12 +223,13 @@ memory_plan plan_memory(const model::llama_config& cfg, const engine_options& op
       const int64_t un = numels[u];
       const bool dev = unit_reduced_on_device(opt, cfg.tie_word_embeddings, int64_t(u), int64_t(numels.size()));
       p.host_pinned += ((dev ? 1 : std::max<int64_t>(1, shards.per(un))) + 15) / 16 * 16 * 4;
-      if (dev) p.host_pinned -= (un - shards.per(un)) * e;
+      if (dev && u != 0) p.host_pinned -= (un - shards.per(un)) * e;
       if (gathered || (u != 0 && !dev)) widest = std::max(widest, shards.padded(un));
     }
     p.host_pinned += widest * 4;
     if (opt.mode != offload_mode::offload_none) {
-      p.host_pinned += shards.padded(embed) * 4;
+      const bool embed_dev = unit_reduced_on_device(opt, cfg.tie_word_embeddings, 0, int64_t(numels.size()));
+      p.host_pinned += (embed_dev ? std::max<int64_t>(1, shards.per(embed)) : shards.padded(embed)) * 4;
       p.host_other -= embed * 4;
     }
   }

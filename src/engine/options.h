@@ -125,10 +125,11 @@ inline shard_layout shards_of(const engine_options& opt) {
 
 // Whether unit u (0 the embedding, 1..L the blocks, L+1 the head) of an offloaded run with ranks
 // and reduce_on_device has its gradient reduce-scattered where the backward made it: every block,
-// and the head unless tied (whose lm_head gradient joins the embedding's on the host).
+// and the head and the embedding unless tied (the tied matrix's gradient is summed from both uses
+// on the host).
 inline bool unit_reduced_on_device(const engine_options& opt, bool tied, int64_t u, int64_t num_units) {
-  return opt.reduce_on_device && shards_of(opt).sharded() && opt.mode != offload_mode::offload_none && u != 0 &&
-         !(u == num_units - 1 && tied);
+  return opt.reduce_on_device && shards_of(opt).sharded() && opt.mode != offload_mode::offload_none &&
+         !(tied && (u == 0 || u == num_units - 1));
 }
 
 // unit_reduced_on_device of every unit: the units whose host gradient buffer holds only this

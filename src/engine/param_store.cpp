@@ -29,9 +29,8 @@ param_store::param_store(const model::llama_config& cfg, at::ScalarType dtype, b
   for (const auto& u : units_) numel.push_back(u.numel);
   FERRY_ASSERT(numel == unit_numels(cfg), "the units differ from param_store::unit_numels");
   shard_grads_.resize(units_.size(), false);
-  FERRY_ASSERT(!shard_grads_[0] && (shards_.sharded() || std::find(shard_grads_.begin(), shard_grads_.end(), true) ==
-                                                            shard_grads_.end()),
-               "shard_grads: the embedding's gradient is summed on the host, and one rank holds whole gradients");
+  FERRY_ASSERT(shards_.sharded() || std::find(shard_grads_.begin(), shard_grads_.end(), true) == shard_grads_.end(),
+               "shard_grads: one rank holds whole gradients");
   std::vector<int64_t> mine;
   for (int64_t n : numel) mine.push_back(shards_.count(n));
   state_ = nvme && optimizer_state ? make_nvme_state(mine, kind, optimizer_state, *nvme)
@@ -82,12 +81,12 @@ param_store::param_store(const model::llama_config& cfg, at::ScalarType dtype, b
     if (!optimizer_state_) {
       grad_.push_back(nullptr);
     } else if (u == 0) {
-      // Sharded: page-locked and padded with zeros to the ranks' equal blocks, the reduce-scatter's
-      // input as it is (gradient_path::reduce).
+      // Sharded: page-locked; reduced on the device, this rank's shard of the sum; else padded with
+      // zeros to the ranks' equal blocks, the reduce-scatter's input as it is (gradient_path::reduce).
       if (shards_.sharded()) {
-        const int64_t padded = shards_.padded(n);
-        grad_.push_back(dev_.host_alloc(size_t(padded) * 4));
-        std::memset(grad_.back(), 0, size_t(padded) * 4);
+        const int64_t floats = host_embed_grad_floats();
+        grad_.push_back(dev_.host_alloc(size_t(floats) * 4));
+        std::memset(grad_.back(), 0, size_t(floats) * 4);
       } else {
         grad_.push_back(detail::alloc_floats(n, "the embedding's fp32 gradient"));
       }
@@ -134,9 +133,14 @@ int64_t param_store::total_params() const {
   return n;
 }
 
+int64_t param_store::host_embed_grad_floats() const {
+  const int64_t n = units_[0].numel;
+  if (!shards_.sharded()) return n;
+  return shard_grads_[0] ? std::max<int64_t>(1, shards_.per(n)) : shards_.padded(n);
+}
+
 int64_t param_store::host_bytes() const {
-  const int64_t embed_grad = shards_.sharded() ? shards_.padded(units_[0].numel) : units_[0].numel;
-  return pinned_bytes_ + state_->host_bytes() + (optimizer_state_ ? embed_grad * 4 : 0);
+  return pinned_bytes_ + state_->host_bytes() + (optimizer_state_ ? host_embed_grad_floats() * 4 : 0);
 }
 
 static at::Tensor view_of(void* p, int64_t n, at::ScalarType t) {

@@ -175,6 +175,9 @@ class param_store {
   bool lockstep_ = false;                        // FERRY_SHARED_LOCKSTEP (publish_shadow)
   std::vector<bool> shard_grads_;               // per unit: grad() holds only this rank's shard
 
+  // Floats of the embedding's fp32 host gradient: the unit; sharded, padded to the ranks' blocks
+  // (reduced on the host, in place) or this rank's block (reduced on the device).
+  int64_t host_embed_grad_floats() const;
   void check_optimizer_state(const char* what) const;
   void check_fp32_moments() const;
   void check_in_memory(const char* what) const;

@@ -301,7 +301,7 @@ TEST(dist_plan, device_reduction_pins_only_the_shards_of_the_gradients) {
   auto host = engine::make_host_backend();
   const int64_t units = cfg.num_hidden_layers + 2;
   for (int world : {2, 3}) {
-    int64_t pinned[2] = {0, 0}, beyond[2] = {0, 0};
+    int64_t pinned[2] = {0, 0}, beyond[2] = {0, 0}, planned[2] = {0, 0};
     for (int device = 0; device < 2; ++device) {
       engine::engine_options ro = run_options(device ? "device" : "overlapped", 2, false);
       ro.comm = std::make_shared<silent_ranks>(0, world);
@@ -309,9 +309,10 @@ TEST(dist_plan, device_reduction_pins_only_the_shards_of_the_gradients) {
                                 engine::shadow_mode::shadows_gather,
                                 engine::units_reduced_on_device(ro, cfg.tie_word_embeddings, units));
       const engine::memory_plan p = engine::plan_memory(cfg, ro, 2, engine::test::k_seq, 1);
-      for (int64_t u = 1; u < units; ++u)
+      for (int64_t u = 0; u < units; ++u)
         EXPECT_EQ(store.grad_tensor(u).numel(), device ? store.shard_numel(u) : store.unit(u).numel) << "unit " << u;
       pinned[device] = store.pinned_bytes();
+      planned[device] = p.host_pinned;
       beyond[device] = p.host_pinned - store.pinned_bytes();
       EXPECT_GE(beyond[device], 0) << world << " ranks, dist_reduce " << (device ? "device" : "host");
     }
@@ -321,12 +322,16 @@ TEST(dist_plan, device_reduction_pins_only_the_shards_of_the_gradients) {
     const double blocks = double(cfg.num_hidden_layers * cfg.block_params() * 4);
     EXPECT_GE(saved, 0.98 * share * blocks) << world << " ranks";
     EXPECT_LE(saved, 1.02 * share * (blocks + double(cfg.head_params() * 4))) << world << " ranks";
+    // The plan also keeps only this rank's block of the embedding's fp32 gradient, not the padded table.
+    const engine::shard_layout sh{0, world};
+    const double embed_saved = double((sh.padded(cfg.embed_params()) - sh.per(cfg.embed_params())) * 4);
+    EXPECT_GE(double(planned[0] - planned[1]), 0.98 * share * blocks + embed_saved) << world << " ranks";
   }
 }
 
 // The collectives' fp32 scratch of a whole unit exists only where a unit is gathered or reduced on
-// the host: shared shadows with every block reduced on the device need none (the embedding's
-// gradient is padded and reduced in place), and the plan charges it only where it can exist, so
+// the host: shared shadows with every unit reduced on the device need none (the embedding's
+// gradient included), and the plan charges it only where it can exist, so
 // it stays an upper bound of the store's page-locked bytes.
 TEST(dist_plan, shared_shadows_with_device_reduction_pin_no_collective_scratch) {
   const model::llama_config cfg = engine::test::tiny_config();
@@ -347,11 +352,14 @@ TEST(dist_plan, shared_shadows_with_device_reduction_pin_no_collective_scratch) 
                                (device ? "device" : "host");
       EXPECT_EQ(store.shadows_shared(), bool(shared)) << what;
       EXPECT_EQ(store.comm_scratch() == nullptr, shared && device) << what;
-      EXPECT_EQ(store.grad_tensor(store.embed_unit()).numel(), cfg.embed_params()) << what;
+      // The embedding's fp32 host gradient: reduced on the device, this rank's block only.
+      const int64_t embed_floats = device ? store.shards().per(cfg.embed_params()) : store.shards().padded(cfg.embed_params());
+      EXPECT_EQ(store.grad_tensor(store.embed_unit()).numel(),
+                device ? store.shard_numel(store.embed_unit()) : cfg.embed_params()) << what;
       const engine::memory_plan p = engine::plan_memory(cfg, ro, 2, engine::test::k_seq, 1);
       plan_pinned[shared][device] = p.host_pinned;
       // The store's pinned block (shared shadows counted), its embedding gradient and the scratch.
-      const int64_t pinned = store.pinned_bytes() + store.shards().padded(cfg.embed_params()) * 4 +
+      const int64_t pinned = store.pinned_bytes() + embed_floats * 4 +
                              (store.comm_scratch() ? widest * 4 : 0);
       EXPECT_GE(p.host_pinned, pinned) << what;
     }
