@@ -44,16 +44,18 @@ class cuda_backend final : public backend {
   cuda_backend(int index, int64_t delay_us, uint64_t seed)
       : backend(delay_us, seed),
         device_(at::kCUDA, static_cast<c10::DeviceIndex>(index)),
+        // This thread's runtime calls go to this device's context (backend::bind_thread) from here
+        // on, before the streams: libtorch's first stream request asks the current device for its
+        // stream priority range, which on an unbound thread makes GPU 0's context.
+        bound_(bind_to(device_)),
         streams_{c10::cuda::getStreamFromPool(true, device_.index()), c10::cuda::getStreamFromPool(true, device_.index()),
                  c10::cuda::getStreamFromPool(true, device_.index())} {
-    // This thread's runtime calls go to this device's context (backend::bind_thread).
-    bind_thread();
     // The caching allocator initialises lazily on the first allocation; its statistics and the
     // memory cap need it now.
     at::empty({1}, at::TensorOptions().device(device_));
   }
 
-  void bind_thread() override { c10::cuda::set_device(device_.index()); }
+  void bind_thread() override { bind_to(device_); }
 
   at::Device device() const override { return device_; }
   bool is_cuda() const override { return true; }
@@ -145,7 +147,13 @@ class cuda_backend final : public backend {
  private:
   c10::cuda::CUDAStream& stream(queue q) { return streams_[static_cast<size_t>(q)]; }
 
+  static bool bind_to(const at::Device& d) {
+    c10::cuda::set_device(d.index());
+    return true;
+  }
+
   at::Device device_;
+  bool bound_;   // declared before streams_: the thread is bound before they are made
   std::array<c10::cuda::CUDAStream, k_num_queues> streams_;
 };
 
