@@ -213,9 +213,9 @@ memory_plan plan_memory(const model::llama_config& cfg, const engine_options& op
     // the widest unit that needs one: any unit where the shadows may be gathered (dist_weights
     // auto may turn out so), else the blocks and head reduced on the host. Page-locked, as a CUDA
     // run's collectives stage them through the device; so is the embedding's fp32 gradient, padded
-    // to the ranks' blocks and reduced in place (reduced on the device: only this rank's block). A unit reduce-scattered on the device keeps only
-    // this rank's shard of its half gradient on the host (param_store::host_grad_numel; rank 0's,
-    // the largest).
+    // to the ranks' blocks and reduced in place (reduced on the device: only this rank's block). A
+    // unit reduce-scattered on the device keeps only this rank's shard of its half gradient on the
+    // host (param_store::host_grad_numel; rank 0's, the largest).
     int64_t widest = 0;
     const bool gathered = opt.shadows != shadow_mode::shadows_shared;
     const std::vector<int64_t> numels = param_store::unit_numels(cfg);

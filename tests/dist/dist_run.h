@@ -25,8 +25,8 @@ constexpr int64_t k_global = 6, k_steps = 4;
 // A kind may end in "_gather": the ranks all-gather their shadows (dist_weights=gather) instead of
 // sharing one set in shared memory (auto: shared, the ranks being on one machine); or in "_group":
 // each rank runs its rows as one-row micro-batches in one group (engine_options::micro_group), the
-// group's gradient summed on the device before it is reduced over the ranks. Either may be followed
-// by "_lag": no speculation, so each step's updates run after its verdict and overlap the next
+// group's gradient summed on the device before it is reduced over the ranks. Any kind may end in
+// "_lag" (after those): no speculation, so each step's updates run after its verdict and overlap the next
 // step's forward, and the last rank's backend sleeps up to k_lag_us at every copy, compute phase
 // and update (engine_options::debug_delay_us, set by the worker), so its update thread falls behind
 // the others' and a reader of the shared shadows that did not wait for its shards loads stale ones.

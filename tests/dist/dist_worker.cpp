@@ -10,8 +10,8 @@
 // KIND shared_block: no engine; the ranks take turns on a shared block (share_host_memory) for 300
 // rounds of 3 slots with random pauses, each writing its part and checking after publish that no
 // part is older than the round (DIE_AT_STEP: rank 1 exits before that round), then post without
-// waiting and wait_all (below); OUT_PREFIX.<rank>.steps gets "rounds N". Otherwise OUT_PREFIX.<rank>.shadows says "shared" or "gather" (how the store's
-// shadows reached the ranks).
+// waiting and wait_all (below); OUT_PREFIX.<rank>.steps gets "rounds N". Otherwise
+// OUT_PREFIX.<rank>.shadows says "shared" or "gather" (how the store's shadows reached the ranks).
 // CHECKPOINT_MODE (dist_checkpoint_test; checkpoints in OUTPUT_DIR, trainer step = steps taken):
 //   save STEP     trains STEP steps, writes the result files, saves a checkpoint, stops
 //   resume        resumes from OUTPUT_DIR's latest checkpoint and trains to k_steps
