@@ -229,7 +229,6 @@ step_result engine::train_step(const std::vector<micro_batch>& micro_batches, do
   auto guard = dev_->enter_compute();
   dev_->reset_memory_peak();
   meter_.reset(/*time_copies=*/!grads_->resident());
-  grads_->begin_step(int64_t(micro_batches.size()));
   const engine_state& st = validator_->state();
   const bool speculate = validator_->speculating();
   const cpu_optim::adamw_hparams hp{float(lr), float(opt_.beta1), float(opt_.beta2), float(opt_.eps),

@@ -88,9 +88,11 @@ void gradient_path::begin_step(int64_t n_micro) {
   if (!accumulating_) return;
   // The embedding's gradient is fp32 on the host already and sums its micro-batches itself.
   for (int64_t u = 1; u < store_.num_units(); ++u)
-    if (!accum_[size_t(u)])
-      accum_[size_t(u)] = detail::alloc_floats(std::max<int64_t>(1, host_numel(u)),
-                                               "the gradient-accumulation buffers (4 B/param)");
+    if (!accum_[size_t(u)]) {
+      const int64_t n = std::max<int64_t>(1, host_numel(u));
+      accum_[size_t(u)] = detail::alloc_floats(n, "the gradient-accumulation buffers (4 B/param)");
+      accum_bytes_ += n * 4;
+    }
 }
 
 at::Tensor gradient_path::target(int64_t u) {

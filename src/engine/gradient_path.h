@@ -72,6 +72,8 @@ class gradient_path {
   // gradient sent once per micro-batch: fp32 accumulators for the offloaded units when n_micro > 1
   // (allocated once, kept for later steps).
   void begin_step(int64_t n_micro);
+  // Bytes of the fp32 accumulators begin_step has allocated (none while every step is one group).
+  int64_t accumulation_bytes() const { return accum_bytes_; }
   // Whether the backward adds into target() instead of overwriting it (resident, after the first
   // micro-batch).
   bool accumulate_on_device(bool first_micro) const { return resident() && !first_micro; }
@@ -136,6 +138,7 @@ class gradient_path {
   std::vector<slot*> slot_of_;            // per unit: the slot target() handed out this micro-batch
   std::vector<float*> accum_;             // per unit: fp32 gradient sums when grad_accum > 1
   bool accumulating_ = false;             // this step has several micro-batches
+  int64_t accum_bytes_ = 0;               // of accum_
   // Per unit: its host gradient is the accumulator plus the last micro-batch in the host buffer.
   // Written by the engine thread only after the unit's earlier host tasks have run.
   std::vector<char> fused_;

@@ -617,6 +617,27 @@ TEST(engine_accumulation, micro_batch_groups_equal_one_batch) {
   }
 }
 
+// The host's fp32 accumulation buffers exist only when a step has more than one group, as the
+// plan says (memory_plan::host_other): none for 7 micro-batches in one group, 4 B per non-embedding
+// parameter for 7 in groups of 3 or one by one.
+TEST(engine_accumulation, host_accumulators_only_for_several_groups) {
+  FERRY_REQUIRE_DEVICE();
+  const int64_t rows = 7, T = k_seq;
+  const model::llama_config cfg = tiny_config();
+  const auto data = split_rows(make_data(1, rows, T, 11), rows);
+  for (int64_t group : {7, 3, 1}) {
+    engine_options o = rows_options(k_overlapped, 0.0, rows, T);
+    o.grad_accum = rows;
+    o.micro_group = group;
+    auto e = make_engine(o);
+    e->train_step(data[0], lr_at(0));
+    const int64_t want = group == rows ? 0 : (cfg.total_params() - cfg.embed_params()) * 4;
+    EXPECT_EQ(e->gradients().accumulation_bytes(), want) << "groups of " << group;
+    const int64_t planned = e->plan().host_other - cfg.embed_params() * 4 - 2 * rows * T * cfg.hidden_size * 4;
+    EXPECT_EQ(planned, want) << "groups of " << group << ": the plan's accumulation buffers";
+  }
+}
+
 // In a half compute dtype a group's gradients are summed in fp32 and rounded once: 1 + 3 x (a
 // quarter of the dtype's epsilon) rounds up to 1 + epsilon, where adding in the half dtype would
 // round every quarter away and leave 1. A group of one leaves the gradient as it is.
