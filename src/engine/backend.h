@@ -25,6 +25,9 @@ class event {
  public:
   virtual ~event() = default;
   virtual void synchronize() = 0;  // the host blocks until the work recorded before it is done
+  // Whether that work is done (synchronize would return at once); any thread may ask. The strict
+  // backend's copies are done only once waited for.
+  virtual bool ready() { return true; }
 };
 using event_ptr = std::shared_ptr<event>;
 

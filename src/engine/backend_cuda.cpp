@@ -22,6 +22,7 @@ class cuda_event final : public event {
  public:
   cuda_event(bool timing, cudaStream_t s) : ev_(timing) { ev_.record(s); }
   void synchronize() override { ev_.synchronize(); }
+  bool ready() override { return ev_.query(); }
   const gpu::event& get() const { return ev_; }
 
  private:

@@ -48,6 +48,7 @@ class strict_event final : public event {
  public:
   strict_event(strict_backend* b, queue q, int64_t mark) : backend_(b), queue_(q), mark_(mark) {}
   void synchronize() override;
+  bool ready() override;
   queue which() const { return queue_; }
   // copy queues: the number of tasks queued before it; compute: its sequence number (1, 2, ...)
   int64_t mark() const { return mark_; }
@@ -161,6 +162,10 @@ class strict_backend final : public backend {
     std::lock_guard<std::mutex> lock(mu_);
     run_until(lane_of(q), mark);
   }
+  bool reached(queue q, int64_t mark) {
+    std::lock_guard<std::mutex> lock(mu_);
+    return lanes_[lane_of(q)].done >= mark;
+  }
 
  private:
   static constexpr int h2d = 0, d2h = 1;
@@ -213,6 +218,8 @@ void strict_event::synchronize() {
   if (queue_ == queue::queue_compute) return;
   backend_->run_to(queue_, mark_);
 }
+
+bool strict_event::ready() { return queue_ == queue::queue_compute || backend_->reached(queue_, mark_); }
 
 }  // namespace
 

@@ -3,6 +3,8 @@
 #include <ATen/ATen.h>
 
 #include <chrono>
+#include <cstdlib>
+#include <thread>
 
 #include "src/common/error.h"
 
@@ -23,6 +25,7 @@ std::unique_ptr<backend> make_backend(const engine_options& o) {
 
 engine::engine(const model::llama_config& cfg, const engine_options& opt) : cfg_(cfg), opt_(opt) {
   check_options(opt_);
+  defer_ = opt_.defer_speculative && std::getenv("FERRY_SPECULATE_WAIT") == nullptr;
   dev_ = make_backend(opt_);
   // What the plan must fit (activation_checkpointing=auto fits it; the host backend plans for the
   // limit too, so the CPU tests can exercise it).
@@ -159,15 +162,15 @@ std::vector<int64_t> engine::update_order(bool speculate) const {
 
 // What runs on the update thread once unit u's gradient of the last micro-batch is summed on the
 // host: a speculative update with its undo log, or only its statistics.
-std::function<void()> engine::host_task(int64_t u, bool last, bool speculate, double mult,
+std::function<void()> engine::host_task(int64_t u, bool last, bool speculate, bool deferred, double mult,
                                         const cpu_optim::adamw_hparams& hp, int64_t step) {
   if (!last || grads_->resident()) return {};
   const bool poison = poison_now(u);
-  return [this, u, speculate, mult, hp, step, poison] {
+  return [this, u, speculate, deferred, mult, hp, step, poison] {
     if (poison) debug_poison(u);
     grads_->reduce(u);  // ranks: this rank's shard of the sum over the ranks
     step_validator::unit_record& rec = validator_->unit(u);
-    if (!speculate) {
+    if (!speculate || deferred) {   // deferred: the update follows (queue_deferred)
       rec.stats = optim_->stats(u, mult);
       return;
     }
@@ -175,6 +178,26 @@ std::function<void()> engine::host_task(int64_t u, bool last, bool speculate, do
     rec.stats = optim_->step(u, mult, hp, step, &rec.log);
     rec.applied = rec.stats.nonfinite == 0;
   };
+}
+
+void engine::queue_deferred(int64_t u, double mult, const cpu_optim::adamw_hparams& hp, int64_t step) {
+  worker_->submit_update(
+      u,
+      [this, u, mult, hp, step] {
+        step_validator::unit_record& rec = validator_->unit(u);
+        rec.log.clear();
+        rec.applied = false;
+        // A non-finite gradient skips the step: this unit is left untouched (nothing to undo).
+        if (rec.stats.nonfinite != 0) return;
+        dev_->debug_delay();
+        if (opt_.debug_update_sleep_us > 0)
+          std::this_thread::sleep_for(std::chrono::microseconds(opt_.debug_update_sleep_us));
+        // The statistics (this step's task, run before) showed grad * mult finite: no pre-scan.
+        optim_->step(u, mult, hp, step, &rec.log, /*finite_known=*/true);
+        rec.applied = true;
+        deferred_log_bytes_ += int64_t(rec.log.bytes());
+      },
+      /*by_unit=*/true);
 }
 
 void engine::debug_poison(int64_t u) {
@@ -231,6 +254,11 @@ step_result engine::train_step(const std::vector<micro_batch>& micro_batches, do
   meter_.reset(/*time_copies=*/!grads_->resident());
   const engine_state& st = validator_->state();
   const bool speculate = validator_->speculating();
+  // Deferred speculation (engine_options::defer_speculative): the units' statistics run ahead of
+  // the speculative updates, which are queued by unit; the step ends at the verdict. Not with ranks
+  // (their updates end in collectives, which must run in one order on every rank) nor with the
+  // state on disk (the tier reads ahead in the order the updates acquire it).
+  const bool deferred = defer_ && speculate && !ranks && opt_.state_on != state_place::place_nvme;
   const cpu_optim::adamw_hparams hp{float(lr), float(opt_.beta1), float(opt_.beta2), float(opt_.eps),
                                      float(opt_.weight_decay)};
   const int64_t step = st.optimizer_steps + 1;
@@ -252,6 +280,8 @@ step_result engine::train_step(const std::vector<micro_batch>& micro_batches, do
   const int64_t n_micro = int64_t(micro_batches.size());
   const int64_t group = grads_->resident() ? 1 : std::max<int64_t>(1, plan_.micro_group);
   grads_->begin_step((n_micro + group - 1) / group);
+  grads_->set_tasks_ahead(deferred);
+  int64_t previous_log_bytes = 0;   // deferred: the previous step's undo logs, once its updates have run
   struct micro_state {
     at::Tensor inputs, labels, x, dx;
     model::packing pk;   // packed rows: positions restart per example, attention stays within it
@@ -263,7 +293,12 @@ step_result engine::train_step(const std::vector<micro_batch>& micro_batches, do
   for (int64_t g0 = 0; g0 < n_micro; g0 += group) {
     const int64_t gn = std::min(group, n_micro - g0);
     const bool first = g0 == 0, last = g0 + gn == n_micro;
-    auto task = [&](int64_t u) { return host_task(u, last, speculate, mult, hp, step); };
+    auto task = [&](int64_t u) { return host_task(u, last, speculate, deferred, mult, hp, step); };
+    // Sends unit u's gradient; deferred, after the last micro-batch, its update follows.
+    auto send = [&](int64_t u) {
+      grads_->send(u, first, last, task(u), speculate && !deferred);
+      if (deferred && last) queue_deferred(u, mult, hp, step);
+    };
     std::vector<micro_state> ms(static_cast<size_t>(gn));
     for (int64_t j = 0; j < gn; ++j) {
       const micro_batch& mb = micro_batches[size_t(g0 + j)];
@@ -295,6 +330,8 @@ step_result engine::train_step(const std::vector<micro_batch>& micro_batches, do
 
     // The loss and its backward, in chunks: no logits kept.
     const model::head_weights hw = pool_->head_views(pool_->acquire(hu, uses, at++));
+    // Every unit has been loaded since the previous step: its updates have all run.
+    if (first) previous_log_bytes = deferred_log_bytes_.exchange(0);
     const at::Tensor head_grad = grads_->target(hu);
     model::head_weights hg = grads_->head_views(head_grad);
     for (int64_t j = 0; j < gn; ++j) {
@@ -307,7 +344,7 @@ step_result engine::train_step(const std::vector<micro_batch>& micro_batches, do
       grads_->fold(head_grad, j, gn);
     }
     pool_->release(hu);
-    grads_->send(hu, first, last, task(hu), speculate);
+    send(hu);
 
     for (int64_t i = L - 1; i >= 0; --i, ++at) {
       const int64_t u = store_->block_unit(i);
@@ -325,14 +362,15 @@ step_result engine::train_step(const std::vector<micro_batch>& micro_batches, do
         grads_->fold(g, j, gn);
       }
       pool_->release(u);
-      grads_->send(u, first, last, task(u), speculate);
+      send(u);
     }
     for (int64_t j = 0; j < gn; ++j) {
       const bool last_here = j + 1 == gn;
       grads_->send_embed(ms[size_t(j)].dx, ms[size_t(j)].inputs, first && j == 0, last && last_here,
-                         last_here ? task(eu) : std::function<void()>(), speculate);
+                         last_here ? task(eu) : std::function<void()>(), speculate && !deferred);
       ms[size_t(j)].dx = at::Tensor();
     }
+    if (deferred && last) queue_deferred(eu, mult, hp, step);
   }
   if (ranks) {
     at::Tensor t = at::tensor({loss_sum}, at::kDouble);
@@ -352,6 +390,16 @@ step_result engine::train_step(const std::vector<micro_batch>& micro_batches, do
     v = validator_->judge(&total);
     if (!v.skipped)
       for (int64_t u = 0; u < store_->num_units(); ++u) optim_->resident_step(u, mult * v.clip_coef, hp, step);
+  } else if (deferred) {
+    worker_->wait_tasks();   // the statistics; the speculative updates run on
+    v = validator_->judge();
+    if (v.fix) {
+      worker_->wait_idle();  // the fix-ups redo or undo what the updates applied
+      r.rollbacks = validator_->queue_updates(v, speculate, mult, hp, step, *worker_, *optim_, *dev_);
+      worker_->wait_idle();
+    }
+    r.undo_log_bytes = previous_log_bytes;
+    r.tail_ms = ms_since(t_tail);
   } else {
     worker_->wait_idle();
     v = validator_->judge();
@@ -376,6 +424,7 @@ step_result engine::train_step(const std::vector<micro_batch>& micro_batches, do
   r.stall_update_ms = meter_.stall_ms;
   r.shard_wait_ms = meter_.shard_wait_ms;
   r.cpu_adam_ms = worker_->take_busy_ms();
+  if (!grads_->resident()) r.updates_pending = worker_->pending_updates();
   const tier_io io = tier.take_io();   // write-backs of this step's last updates may still run
   r.disk_wait_ms = io.wait_ms;
   r.disk_read_bytes = io.read_bytes;

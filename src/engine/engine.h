@@ -18,7 +18,10 @@
 //             only after 8 steps in a row needed no fix-up; otherwise backward only gathers
 //             statistics and the updates run after it, in forward order, overlapping the next
 //             forward. (A rollback is exact to rounding of the speculative moments, not bit for
-//             bit; speculate=off gives the blocked schedule's results bit for bit.)
+//             bit; speculate=off gives the blocked schedule's results bit for bit.) Speculating
+//             on one rank with the state in host memory (defer_speculative), backward queues each
+//             unit's statistics ahead of the updates and the step ends once they are in: when no
+//             fix-up is needed the updates run on behind the next forward, lowest unit first.
 //   next      the next forward of unit i waits only for unit i's update.
 // Several micro-batches run in groups (memory_plan::micro_group, engine_options::micro_group):
 // each unit is streamed in once per group and runs the forward (later the backward) of every
@@ -39,6 +42,7 @@
 // and moments). README "Engine notes" walks through them.
 #include <ATen/core/Tensor.h>
 
+#include <atomic>
 #include <functional>
 #include <memory>
 #include <vector>
@@ -86,7 +90,12 @@ struct step_result {
   double loss_scale = 1;    // the scale used for this step's backward
   bool speculated = false;  // updates ran during backward
   int64_t rollbacks = 0;    // units undone or redone after validation
-  int64_t undo_log_bytes = 0;  // host memory of the speculative updates' undo logs (cpu_optim::undo_log)
+  // Host memory of the speculative updates' undo logs (cpu_optim::undo_log); a deferred speculating
+  // step (engine_options::defer_speculative) reports its previous step's, whose updates have run.
+  int64_t undo_log_bytes = 0;
+  // Updates still queued or running when the step returned (a deferred speculating step's, or a
+  // non-speculating step's, which run behind the next forward).
+  int64_t updates_pending = 0;
   // where the time went (milliseconds) and what moved
   double step_ms = 0, h2d_ms = 0, d2h_ms = 0, cpu_adam_ms = 0, stall_update_ms = 0, tail_ms = 0;
   // Shared shadows (ranks on one machine): the engine's thread waiting, after its own update of a
@@ -157,8 +166,10 @@ class engine {
   void check_token_ids(const at::Tensor& ids) const;   // every id in [0, vocab_size)
   std::vector<int64_t> schedule(bool backward) const;
   std::vector<int64_t> update_order(bool speculate) const;
-  std::function<void()> host_task(int64_t u, bool last, bool speculate, double mult,
+  std::function<void()> host_task(int64_t u, bool last, bool speculate, bool deferred, double mult,
                                   const cpu_optim::adamw_hparams& hp, int64_t step);
+  // Deferred speculation: queues unit u's speculative update (by unit, after the statistics).
+  void queue_deferred(int64_t u, double mult, const cpu_optim::adamw_hparams& hp, int64_t step);
   // engine_options::debug_poison_* (test hook): whether unit u's gradient is poisoned this step,
   // and the write itself (on the gradient the update reads).
   bool poison_now(int64_t u) const {
@@ -179,6 +190,10 @@ class engine {
   std::unique_ptr<step_validator> validator_;
   model::rope_cache rope_;
   int64_t step_calls_ = 0;   // train_step calls, for the debug_poison test hook
+  bool defer_ = false;       // engine_options::defer_speculative, unless FERRY_SPECULATE_WAIT is set
+  // Deferred speculative updates: the bytes of the undo logs they wrote (update thread), taken by
+  // the next step once they have all run.
+  std::atomic<int64_t> deferred_log_bytes_{0};
 };
 
 }  // namespace ferry::engine

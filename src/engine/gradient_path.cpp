@@ -167,9 +167,9 @@ void gradient_path::reduce(int64_t u) {
   store_.comm()->reduce_scatter_sum(out, in, comm_channel::channel_update);
 }
 
-void gradient_path::queue(int64_t u, std::function<void()> fn, bool updates_weights) {
+void gradient_path::queue(int64_t u, std::function<void()> fn, bool updates_weights, const event_ptr& copied) {
   if (updates_weights) worker_.submit_update(u, std::move(fn));
-  else worker_.submit_task(u, std::move(fn));
+  else worker_.submit_task(u, std::move(fn), tasks_ahead_, [copied] { return !copied || copied->ready(); });
   if (opt_.mode == offload_mode::offload_blocked) worker_.wait_idle();
 }
 
@@ -221,7 +221,7 @@ void gradient_path::send(int64_t u, bool first_micro, bool last_micro, std::func
                                   first_micro);
           if (last_micro && task) task();
         },
-        last_micro && updates_weights);
+        last_micro && updates_weights, copied);
 }
 
 void gradient_path::send_embed(const at::Tensor& dx, const at::Tensor& tokens, bool first_micro, bool last_micro,
@@ -267,7 +267,7 @@ void gradient_path::send_embed(const at::Tensor& dx, const at::Tensor& tokens, b
             dev_.debug_delay();
             if (task) task();
           },
-          updates_weights);
+          updates_weights, embed_copied_);
     return;
   }
   // The copy waits for all compute that made its source, the contiguous layout included.
@@ -292,7 +292,7 @@ void gradient_path::send_embed(const at::Tensor& dx, const at::Tensor& tokens, b
           grad.index_add_(0, tok.reshape({-1}), rows.to(at::kFloat));
           if (last_micro && task) task();
         },
-        last_micro && updates_weights);
+        last_micro && updates_weights, copied);
 }
 
 }  // namespace ferry::engine

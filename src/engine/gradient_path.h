@@ -72,6 +72,9 @@ class gradient_path {
   // gradient sent once per micro-batch: fp32 accumulators for the offloaded units when n_micro > 1
   // (allocated once, kept for later steps).
   void begin_step(int64_t n_micro);
+  // Whether this step's host tasks (copies, sums, statistics) run ahead of queued updates
+  // (update_worker::submit_task; the engine's deferred speculation).
+  void set_tasks_ahead(bool ahead) { tasks_ahead_ = ahead; }
   // Bytes of the fp32 accumulators begin_step has allocated (none while every step is one group).
   int64_t accumulation_bytes() const { return accum_bytes_; }
   // Whether the backward adds into target() instead of overwriting it (resident, after the first
@@ -122,7 +125,8 @@ class gradient_path {
     event_ptr copied;
     at::Tensor shard;   // reduce_on_device: this rank's block of the sum over the ranks (buf is padded)
   };
-  void queue(int64_t u, std::function<void()> fn, bool updates_weights);
+  // The task waits for `copied` first (the worker may run other work until it is ready).
+  void queue(int64_t u, std::function<void()> fn, bool updates_weights, const event_ptr& copied);
 
   const model::llama_config& cfg_;
   const engine_options& opt_;
@@ -138,6 +142,7 @@ class gradient_path {
   std::vector<slot*> slot_of_;            // per unit: the slot target() handed out this micro-batch
   std::vector<float*> accum_;             // per unit: fp32 gradient sums when grad_accum > 1
   bool accumulating_ = false;             // this step has several micro-batches
+  bool tasks_ahead_ = false;              // set_tasks_ahead
   int64_t accum_bytes_ = 0;               // of accum_
   // Per unit: its host gradient is the accumulator plus the last micro-batch in the host buffer.
   // Written by the engine thread only after the unit's earlier host tasks have run.

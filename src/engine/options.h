@@ -56,6 +56,11 @@ struct engine_options {
   state_place state_on = state_place::place_host;   // where they live (optimizer_state_on)
   nvme_options nvme;               // state_on == place_nvme: the directory, buffers, queue depth
   speculate_mode speculate = speculate_mode::speculate_auto;
+  // A speculating step on one rank with the state in host memory ends at its verdict: once the
+  // gradients' statistics are in, its updates run on behind the next step's forward, the units that
+  // forward needs first taking precedence (engine::train_step). false, or the environment's
+  // FERRY_SPECULATE_WAIT=1: the step waits for its updates, as it does with ranks and the disk tier.
+  bool defer_speculative = true;
   recompute_mode recompute = recompute_mode::recompute_none;
   // AdamW and clipping
   double beta1 = 0.9, beta2 = 0.999, eps = 1e-8, weight_decay = 0.01;
@@ -88,6 +93,8 @@ struct engine_options {
   bool nvtx = false;
   // Race testing: each copy, compute phase and CPU update sleeps a random 0..debug_delay_us.
   int64_t debug_delay_us = 0;
+  // Test hook: each deferred speculative update (defer_speculative) first sleeps this long.
+  int64_t debug_update_sleep_us = 0;
   // Tests: the host backend in its strict mode (make_strict_host_backend), where copies complete
   // only when waited for, their destinations read NaN until then, and ordering rules are checked.
   bool strict_host_backend = false;

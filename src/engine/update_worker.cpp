@@ -3,9 +3,15 @@
 #include <chrono>
 
 namespace ferry::engine {
+namespace {
+double ms_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+}
+}  // namespace
 
 update_worker::update_worker(int64_t num_units, std::function<void()> on_start)
-    : unit_version_(num_units, 0), unit_queued_(num_units, 0), unit_last_task_(num_units, 0),
+    : unit_version_(num_units, 0), unit_queued_(num_units, 0), unit_pending_(num_units, 0),
+      unit_tasks_queued_(num_units, 0),
       thread_([this, on_start = std::move(on_start)] {
         if (on_start) on_start();
         loop();
@@ -20,84 +26,117 @@ update_worker::~update_worker() {
   thread_.join();
 }
 
-void update_worker::submit(std::function<void()> fn, int64_t unit, int64_t version) {
+void update_worker::submit(entry e, int64_t cls) {
   {
     std::lock_guard<std::mutex> lock(mu_);
-    tasks_.push_back(std::move(fn));
-    marks_.emplace_back(unit, version);
+    const bool task = e.version < 0;
     ++pending_;
-    ++submitted_;
-    if (unit >= 0) unit_last_task_[unit] = submitted_;
+    if (task) ++pending_tasks_;
+    else ++pending_updates_;
+    if (e.unit >= 0) ++unit_pending_[size_t(e.unit)];
+    if (e.unit >= 0 && task) ++unit_tasks_queued_[size_t(e.unit)];
+    queue_.emplace(std::make_pair(cls, seq_++), std::move(e));
   }
   cv_task_.notify_one();
 }
 
-void update_worker::submit_update(int64_t u, std::function<void()> fn) {
-  submit(std::move(fn), u, ++unit_queued_[size_t(u)]);
+void update_worker::submit_update(int64_t u, std::function<void()> fn, bool by_unit) {
+  submit({std::move(fn), u, ++unit_queued_[size_t(u)]}, by_unit ? 2 + u : 1);
 }
 
-void update_worker::submit_task(int64_t u, std::function<void()> fn) { submit(std::move(fn), u, -1); }
+void update_worker::submit_task(int64_t u, std::function<void()> fn, bool ahead, std::function<bool()> ready) {
+  submit({std::move(fn), u, -1, ahead ? std::move(ready) : std::function<bool()>()}, ahead ? 0 : 1);
+}
+
+update_worker::queue_type::iterator update_worker::next_locked() {
+  auto it = queue_.begin();
+  if (it->first.first != 0 || !it->second.ready || it->second.ready()) return it;
+  for (auto jt = queue_.lower_bound({2, 0}); jt != queue_.end(); ++jt)
+    if (unit_tasks_queued_[size_t(jt->second.unit)] == 0) return jt;
+  return it;
+}
 
 void update_worker::loop() {
   for (;;) {
-    std::function<void()> fn;
-    std::pair<int64_t, int64_t> mark;
+    entry e;
     {
       std::unique_lock<std::mutex> lock(mu_);
-      cv_task_.wait(lock, [&] { return stop_ || !tasks_.empty(); });
-      if (tasks_.empty()) return;
-      fn = std::move(tasks_.front());
-      mark = marks_.front();
-      tasks_.pop_front();
-      marks_.pop_front();
+      cv_task_.wait(lock, [&] { return stop_ || !queue_.empty(); });
+      if (queue_.empty()) return;
+      auto it = next_locked();
+      e = std::move(it->second);
+      queue_.erase(it);
+      if (e.unit >= 0 && e.version < 0) --unit_tasks_queued_[size_t(e.unit)];
     }
     auto t0 = std::chrono::steady_clock::now();
     std::exception_ptr err;
     try {
-      fn();
+      e.fn();
     } catch (...) {
       err = std::current_exception();
     }
-    double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+    const double ms = ms_since(t0);
+    e.fn = nullptr;   // captured state goes before the waiters resume
     {
       std::lock_guard<std::mutex> lock(mu_);
       busy_ms_ += ms;
       if (err && !error_) error_ = err;
-      if (mark.first >= 0 && mark.second > unit_version_[mark.first]) unit_version_[mark.first] = mark.second;
+      if (e.version >= 0) {
+        if (e.version > unit_version_[size_t(e.unit)]) unit_version_[size_t(e.unit)] = e.version;
+        --pending_updates_;
+      } else {
+        --pending_tasks_;
+      }
+      if (e.unit >= 0) --unit_pending_[size_t(e.unit)];
       --pending_;
-      ++finished_;
     }
     cv_done_.notify_all();
   }
+}
+
+void update_worker::rethrow_locked() {
+  if (!error_) return;
+  auto e = error_;
+  error_ = nullptr;
+  std::rethrow_exception(e);
 }
 
 double update_worker::wait_updated(int64_t u) {
   const int64_t version = unit_queued_[size_t(u)];
   auto t0 = std::chrono::steady_clock::now();
   std::unique_lock<std::mutex> lock(mu_);
-  cv_done_.wait(lock, [&] { return unit_version_[u] >= version || error_; });
+  cv_done_.wait(lock, [&] { return unit_version_[size_t(u)] >= version || error_; });
   if (error_) std::rethrow_exception(error_);
-  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+  return ms_since(t0);
 }
 
 double update_worker::wait_unit_tasks(int64_t u) {
   auto t0 = std::chrono::steady_clock::now();
   std::unique_lock<std::mutex> lock(mu_);
-  cv_done_.wait(lock, [&] { return finished_ >= unit_last_task_[u] || error_; });
+  cv_done_.wait(lock, [&] { return unit_pending_[size_t(u)] == 0 || error_; });
   if (error_) std::rethrow_exception(error_);
-  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+  return ms_since(t0);
+}
+
+double update_worker::wait_tasks() {
+  auto t0 = std::chrono::steady_clock::now();
+  std::unique_lock<std::mutex> lock(mu_);
+  cv_done_.wait(lock, [&] { return pending_tasks_ == 0 || error_; });
+  rethrow_locked();
+  return ms_since(t0);
 }
 
 double update_worker::wait_idle() {
   auto t0 = std::chrono::steady_clock::now();
   std::unique_lock<std::mutex> lock(mu_);
   cv_done_.wait(lock, [&] { return pending_ == 0; });
-  if (error_) {
-    auto e = error_;
-    error_ = nullptr;
-    std::rethrow_exception(e);
-  }
-  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+  rethrow_locked();
+  return ms_since(t0);
+}
+
+int64_t update_worker::pending_updates() {
+  std::lock_guard<std::mutex> lock(mu_);
+  return pending_updates_;
 }
 
 double update_worker::take_busy_ms() {

@@ -1,15 +1,24 @@
 #pragma once
 // The CPU side of the step: one thread that runs host tasks (gradient statistics, AdamW updates,
-// rollbacks) in the order they are queued, each spread over the optimizer's oneTBB arena. Tasks
-// carry the device event they must wait for (the gradient copy), so the engine's thread never
-// blocks on them; it blocks only where it needs a result (wait_idle, or a unit's update before
+// rollbacks), each spread over the optimizer's oneTBB arena. Tasks carry the device event they
+// must wait for (the gradient copy), so the engine's thread never blocks on them; it blocks only
+// where it needs a result (wait_idle, the statistics before the verdict, or a unit's update before
 // that unit's weights are copied to the device again).
+//
+// Order: tasks run in the order queued, except that tasks queued `ahead` run before all others
+// (in their own order), and updates queued `by_unit` run after all others, lowest unit first (the
+// next forward's order), each unit's in the order queued. One exception keeps the thread busy:
+// while the next task queued ahead is not `ready` (its gradient is still being copied), the first
+// update queued by unit whose unit has no task queued before it runs instead. The engine queues by
+// unit only the speculative updates of a step whose gradient tasks it queues ahead, and queues
+// nothing else until those have run (train_step's deferred speculation).
 #include <condition_variable>
 #include <cstdint>
-#include <deque>
 #include <functional>
+#include <map>
 #include <mutex>
 #include <thread>
+#include <utility>
 #include <vector>
 
 namespace ferry::engine {
@@ -24,37 +33,54 @@ class update_worker {
 
   // Queues an update of unit u's weights (an AdamW step, a fix-up, or an empty task after the
   // weights changed elsewhere): the unit's host copy is stale for the device until it has run.
-  // This is the one place a unit's version moves.
-  void submit_update(int64_t u, std::function<void()> fn);
+  // This is the one place a unit's version moves. by_unit: see the order above.
+  void submit_update(int64_t u, std::function<void()> fn, bool by_unit = false);
   // Queues a task that reads unit u's host buffers without changing its weights (gradient
-  // accumulation, statistics): wait_unit_tasks(u) waits for it, wait_updated(u) does not.
-  void submit_task(int64_t u, std::function<void()> fn);
+  // accumulation, statistics). wait_unit_tasks(u) waits for it, wait_updated(u) does not.
+  // `ready` (ahead only; empty: always) says whether fn would run without blocking.
+  void submit_task(int64_t u, std::function<void()> fn, bool ahead = false, std::function<bool()> ready = {});
   // Updates queued so far for unit u (a device copy loaded at this version is current).
   int64_t queued_version(int64_t u) const { return unit_queued_[size_t(u)]; }
   // Blocks until every update queued so far for unit u has run. Returns the ms waited.
   double wait_updated(int64_t u);
-  // Blocks until every task queued so far for unit u (of any version: gradient accumulations
-  // too) has run, so a host buffer those tasks read can be overwritten. Returns the ms waited.
+  // Blocks until every task queued so far for unit u (of any kind: gradient tasks and updates)
+  // has run, so a host buffer those tasks read can be overwritten. Returns the ms waited.
   double wait_unit_tasks(int64_t u);
+  // Blocks until every queued gradient task has run (updates may still be queued); rethrows the
+  // first task exception. Returns the ms waited.
+  double wait_tasks();
   // Blocks until every queued task has run; rethrows the first task exception.
   double wait_idle();
+  // Updates queued and not yet finished.
+  int64_t pending_updates();
   // Milliseconds the worker spent running tasks since the last call.
   double take_busy_ms();
 
  private:
+  struct entry {
+    std::function<void()> fn;
+    int64_t unit, version;   // version -1: a gradient task
+    std::function<bool()> ready;
+  };
   void loop();
+  void submit(entry e, int64_t cls);
+  void rethrow_locked();
 
   std::mutex mu_;
   std::condition_variable cv_task_, cv_done_;
-  std::deque<std::function<void()>> tasks_;
-  std::deque<std::pair<int64_t, int64_t>> marks_;
-  void submit(std::function<void()> fn, int64_t unit, int64_t version);
+  // Queued, keyed (class, sequence): class 0 tasks queued ahead, 1 the rest in their order, 2 + unit
+  // updates queued by unit. The lowest key runs next.
+  using queue_type = std::map<std::pair<int64_t, int64_t>, entry>;
+  queue_type queue_;
+  // The entry to run next (mu_ held, queue_ not empty).
+  queue_type::iterator next_locked();
+  int64_t seq_ = 0;
 
-  std::vector<int64_t> unit_version_;     // per unit: updates run (the engine thread's waits)
-  std::vector<int64_t> unit_queued_;      // per unit: updates queued (engine thread only)
-  std::vector<int64_t> unit_last_task_;   // per unit: sequence number of its last queued task
-  int64_t submitted_ = 0, finished_ = 0;  // tasks run in order, so finished_ is a sequence number
-  int64_t pending_ = 0;
+  std::vector<int64_t> unit_version_;   // per unit: updates run (the engine thread's waits)
+  std::vector<int64_t> unit_queued_;    // per unit: updates queued (engine thread only)
+  std::vector<int64_t> unit_pending_;   // per unit: tasks of any kind queued or running
+  std::vector<int64_t> unit_tasks_queued_;   // per unit: gradient tasks queued, not yet started
+  int64_t pending_ = 0, pending_tasks_ = 0, pending_updates_ = 0;
   bool stop_ = false;
   double busy_ms_ = 0;
   std::exception_ptr error_;

@@ -242,6 +242,7 @@ int run_training(const io::run_config& cfg, const model::llama_config& mc, const
     m["cpu_adam_ms"] = r.cpu_adam_ms;
     m["stall_ms"] = r.stall_update_ms;
     m["tail_ms"] = r.tail_ms;
+    m["updates_pending"] = r.updates_pending;
     if (e.params().shadows_shared()) m["shard_wait_ms"] = r.shard_wait_ms;
     if (eo.state_on == engine::state_place::place_nvme) {
       m["disk_wait_ms"] = r.disk_wait_ms;

@@ -112,6 +112,34 @@ TEST(engine_speculation, auto_starts_after_eight_clean_steps) {
   expect_bit_identical(a, b, "spec-auto vs blocked, no clipping");
 }
 
+// Deferred speculation (engine_options::defer_speculative): a speculating step ends once the
+// gradients' statistics are in, with its updates still queued (each sleeps 100 ms here, so the
+// embedding's, queued last, cannot have run), and the run is bit-identical to one whose steps wait
+// for their updates. With clipping every step needs a fix-up, which waits for them all.
+TEST(engine_speculation, a_deferred_step_ends_before_its_updates) {
+  FERRY_REQUIRE_DEVICE();
+  auto data = make_data(3);
+  for (double clip : {0.0, 0.05}) {
+    engine_options o = base_options(k_overlapped, at::kFloat);   // speculate=on
+    o.clip_grad = clip;
+    o.debug_update_sleep_us = 100000;
+    engine_options wait = o;
+    wait.defer_speculative = false;
+    run_result a = run_engine(o, data), b = run_engine(wait, data);
+    for (size_t k = 0; k < a.steps.size(); ++k) {
+      EXPECT_TRUE(a.steps[k].speculated) << "step " << k;
+      EXPECT_EQ(b.steps[k].updates_pending, 0) << "step " << k;
+      if (clip > 0) {
+        EXPECT_GT(a.steps[k].rollbacks, 0) << "step " << k;
+        EXPECT_EQ(a.steps[k].updates_pending, 0) << "step " << k;
+      } else {
+        EXPECT_GE(a.steps[k].updates_pending, 1) << "step " << k;
+      }
+    }
+    expect_bit_identical(a, b, "deferred vs waiting speculation, clip " + std::to_string(clip));
+  }
+}
+
 // Models of one and two layers: the head's gradient buffer is rewritten in the next step before
 // compute has waited for any later copy, so only the wait on the head gradient's own copy
 // (head_grad_.copied) orders them; the strict backend's d2h_reuse rule fails without it. (With three
