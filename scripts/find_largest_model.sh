@@ -12,6 +12,8 @@
 #       [--verify-what-if]   (every what-if row, option and combination, verified by a run of its own)
 #       [--disk-bytes 4GiB]   (the file of the disk measurement behind each disk run's bound)
 #       [--max-params 17B]   (verify only candidates up to this size; larger ones are planned, not run)
+#       --batch B > 1 (without grad_accum set): also plans the same effective batch as grad_accum=B of
+#       batch 1 and recommends the route that fits the larger model (grad_accum on a tie)
 # CI / CPU: scripts/find_largest_model.sh --device cpu --family small --gpu-mem 64MiB --seq 64
 # Writes DIR/finder.json and DIR/finder.md (default out/finder-<time>); exit 1 when nothing fits.
 set -euo pipefail

@@ -136,14 +136,16 @@ def parse_count(text, flag):
     return v
 
 
-def plan(train, name, cfg_path, a, dev, out):
-    j = os.path.join(out, "plans", name + ".json")
+def plan(train, name, cfg_path, a, dev, out, grad_accum=None):
+    """ferry's plan of one candidate at --batch, or (grad_accum=K) of K micro-batches of batch 1."""
+    j = os.path.join(out, "plans", name + ("-accum%d" % grad_accum if grad_accum else "") + ".json")
     # The GPU limit goes into the plan too: activation_checkpointing=auto recomputes the fewest
     # blocks that fit under it (without a limit it plans none).
-    cmd = fl.ferry_cmd(train, cfg_path, dev, a.offload, a.dtype,
-                       dict(max_length=a.seq, batch_size=a.batch, optimizer_state=a.optimizer_state,
-                            gpu_mem_limit_gib="%.4f" % (a.gpu_limit / fl.GIB)),
-                       a.ferry_set, dry_run=True, plan_json=j)
+    sets = dict(max_length=a.seq, batch_size=1 if grad_accum else a.batch, optimizer_state=a.optimizer_state,
+                gpu_mem_limit_gib="%.4f" % (a.gpu_limit / fl.GIB))
+    if grad_accum:
+        sets["grad_accum"] = grad_accum
+    cmd = fl.ferry_cmd(train, cfg_path, dev, a.offload, a.dtype, sets, a.ferry_set, dry_run=True, plan_json=j)
     res = fl.run(cmd, 120)
     if res["rc"] != 0 or not os.path.exists(j):
         raise SystemExit("find_largest_model: ferry-train --plan-json failed for %s: %s" % (
@@ -203,6 +205,43 @@ def change_sets(change):
         else:
             raise SystemExit("find_largest_model: unknown what-if row %r" % change)
     return sets
+
+
+def route(train, cands, a, dev, out, lim):
+    """--batch B > 1 without grad_accum set: the same effective batch of B sequences as grad_accum=B
+    of batch 1 (micro_batch_group auto: the largest group that fits), planned for every candidate.
+    The recommendation is grad_accum unless the batch fits a larger model: a group costs what the
+    batch of the same sequences costs (BENCHMARKS.md "Gradient accumulation"), and auto shrinks the
+    group where the batch would not fit; the price is the host's fp32 sums of the groups (4 B/param)
+    when the group is smaller than B."""
+    sets = dict(kv.split("=", 1) for kv in a.ferry_set if "=" in kv)
+    if a.batch <= 1 or "grad_accum" in sets:
+        return None
+    fit_b = [c for c in cands if not judge(c["plan"], lim)]
+    fit_a = []
+    for c in cands:
+        p = plan(train, c["name"], c["path"], a, dev, out, grad_accum=a.batch)
+        if not judge(p, lim):
+            fit_a.append(dict(name=c["name"], params=c["params"], group=p["run"]["micro_batch_group"],
+                              device=p["device"]["total"], host=p["host"]["total"]))
+    big_b = max(fit_b, key=lambda c: c["params"]) if fit_b else None
+    big_a = max(fit_a, key=lambda c: c["params"]) if fit_a else None
+    accum = big_a is not None and (big_b is None or big_a["params"] >= big_b["params"])
+    return dict(effective_batch=a.batch,
+                batch=big_b and dict(name=big_b["name"], params=big_b["params"]),
+                grad_accum=big_a, recommended="grad_accum" if accum else "batch_size")
+
+
+def route_line(r):
+    """The report's line for route()."""
+    def largest(x):
+        return "%s (%.3f B params)" % (x["name"], x["params"] / 1e9) if x else "none fits"
+    b, k = r["effective_batch"], r["grad_accum"]
+    rec = ("grad_accum=%d, batch_size=1" % b if r["recommended"] == "grad_accum" else "batch_size=%d" % b)
+    return ("effective batch of %d sequences: as batch_size=%d, largest %s; as grad_accum=%d of batch 1, "
+            "largest %s%s; recommended: %s (planned)" % (
+                b, b, largest(r["batch"]), b, largest(k),
+                ", groups of %d" % k["group"] if k else "", rec))
 
 
 def measure_disk(path, size):
@@ -400,6 +439,10 @@ def main():
 
     # The next limit, and how far each change would move the answer (plan arithmetic).
     lines = []
+    rt = route(train, cands, a, dev, out, lim)
+    if rt:
+        report["route"] = rt
+        lines.append(route_line(rt))
     if best:
         above = [c for c in cands if c["params"] > best["params"]]
         if above:
