@@ -508,6 +508,11 @@ HWY_NOINLINE void update_qblock(const chunk_ref& c, const step_scalars& s, size_
   const float am_old = c.m_scale[qi], av_old = c.v_scale[qi], sqrt_av_old = std::sqrt(av_old);
   const auto decay = hn::Set(df, s.decay), mult = hn::Set(df, s.mult);
   auto max_m = hn::Zero(df), max_v = hn::Zero(df);
+  // The lanes the undo log needs, per vector of pass 1 (mask bits), logged after it: no call in the
+  // loop, whose vector registers a call would clobber.
+  const size_t mask_bytes = (N + 7) / 8;
+  HWY_ALIGN_MAX uint8_t ill_bits[k_quant_block + 8];
+  bool any_ill = false;
   for (size_t i = b; i < e; i += N) {
     const size_t n = std::min(N, e - i);
     auto gr = load_lanes(grad + i, n);
@@ -528,13 +533,25 @@ HWY_NOINLINE void update_qblock(const chunk_ref& c, const step_scalars& s, size_
       advance_moments(M, V, g, s);
       if (s.log_ratio > 0) {
         const auto ill = ill_lanes(m_old, v_old, V, s.log_ratio);
-        if (!hn::AllFalse(df, ill)) log_lanes(ill, m_old, v_old, i - begin, log);
+        hn::StoreMaskBits(df, ill, ill_bits + (i - b) / N * mask_bytes);
+        any_ill |= !hn::AllFalse(df, ill);
       }
     }
     hn::Store(M, df, bm + (i - b));
     hn::Store(V, df, bv + (i - b));
     max_m = hn::Max(max_m, hn::Abs(M));
     max_v = hn::Max(max_v, V);
+  }
+  if (any_ill) {
+    // The old moments again from the codes, which pass 2 has not yet overwritten: the same values.
+    for (size_t i = b; i < e; i += N) {
+      const auto ill = hn::LoadMaskBits(df, ill_bits + (i - b) / N * mask_bytes);
+      if (hn::AllFalse(df, ill)) continue;
+      const size_t n = std::min(N, e - i);
+      const auto m_old = decode_code(load_codes(qm + i, n), codes::k_inv_m_levels, am_old);
+      const auto v_old = decode_v_code(load_codes(qv + i, n), av_old);
+      log_lanes(ill, m_old, v_old, i - begin, log);
+    }
   }
   // Undo with the step's log re-encodes against the scales before the step (what the logged
   // elements' old codes were coded with), not the maxima of the inverted values.
