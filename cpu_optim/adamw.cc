@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <vector>
 
 #include "cpu_optim/half.h"
 #include "cpu_optim/kernels.h"
@@ -312,6 +313,32 @@ void accumulate(const void* grad, dtype grad_dtype, float* acc, size_t n, bool o
   FERRY_ASSERT(n == 0 || (grad && acc), "accumulate with a null array");
   const detail::kernel_table k = detail::kernels();
   for_blocks(n, [&](size_t b, size_t e) { k.accumulate(grad, grad_dtype, acc, b, e); });
+}
+
+void scatter_add_rows(const void* rows, dtype rows_dtype, const int64_t* index, size_t count, size_t width,
+                      float* table, size_t table_rows) {
+  if (count == 0 || width == 0) return;
+  FERRY_ASSERT(rows && index && table, "scatter_add_rows with a null array");
+  std::vector<uint32_t> order(count);
+  for (size_t r = 0; r < count; ++r) {
+    FERRY_ASSERT(index[r] >= 0 && size_t(index[r]) < table_rows, "scatter_add_rows: index ", index[r],
+                 " outside the table's ", table_rows, " rows");
+    order[r] = uint32_t(r);
+  }
+  std::stable_sort(order.begin(), order.end(), [&](uint32_t a, uint32_t b) { return index[a] < index[b]; });
+  std::vector<size_t> runs;   // starts of the runs of equal index in `order`, then count
+  for (size_t k = 0; k < count; ++k)
+    if (k == 0 || index[order[k]] != index[order[k - 1]]) runs.push_back(k);
+  runs.push_back(count);
+  const detail::kernel_table kt = detail::kernels();
+  const size_t esize = dtype_size(rows_dtype);
+  tbb::parallel_for(tbb::blocked_range<size_t>(0, runs.size() - 1, 16), [&](const tbb::blocked_range<size_t>& br) {
+    for (size_t j = br.begin(); j < br.end(); ++j) {
+      float* dst = table + size_t(index[order[runs[j]]]) * width;
+      for (size_t k = runs[j]; k < runs[j + 1]; ++k)
+        kt.accumulate(static_cast<const char*>(rows) + size_t(order[k]) * width * esize, rows_dtype, dst, 0, width);
+    }
+  });
 }
 
 }  // namespace ferry::cpu_optim

@@ -206,6 +206,14 @@ void convert(const void* src, dtype src_dtype, void* dst, dtype dst_dtype, size_
 // bf16. Bit-identical to ATen's copy_ / add_ of the same arrays.
 void accumulate(const void* grad, dtype grad_dtype, float* acc, size_t n, bool overwrite);
 
+// Rows added into a table on the caller's oneTBB arena: table row index[r] += rows row r, for r in
+// [0, count), each `width` elements (rows f32, f16 or bf16; the table fp32, table_rows rows). Rows
+// with the same index are added in r order, so the result is bit-identical to ATen's
+// table.index_add_(0, index, rows.to(kFloat)); distinct indices run in parallel. The embedding's
+// gradient from its input gradient, which index_add_ runs one row at a time.
+void scatter_add_rows(const void* rows, dtype rows_dtype, const int64_t* index, size_t count, size_t width,
+                      float* table, size_t table_rows);
+
 // ISA targets compiled into the binary (e.g. "AVX3", "AVX2", "EMU128"), best first.
 std::vector<std::string> compiled_targets();
 // The target the kernels dispatch to now.

@@ -267,6 +267,26 @@ int main(int argc, char** argv) {
         const double sa = median_seconds(reps, [&] { acc.add_(g16); });
         report({"torch", "ATen", "add_ f16 into f32 (10 B)", nt, n, sa, 10});
       }
+      if (n >= 2048) {  // the embedding's gradient from its input gradient: 16384 rows of 2048 (the
+                        // debug shape's 4 x 4096 tokens) added by token into a table (v), against
+                        // ATen's index_add_ of the rows in fp32 (what the engine used before)
+        const int64_t width = 2048, table_rows = static_cast<int64_t>(n) / width;
+        const int64_t count = std::min<int64_t>(16384, table_rows);
+        const at::Tensor index = at::randint(table_rows, {count}, at::kLong);
+        const size_t moved = size_t(count * width);
+        const double sr = median_seconds(reps, [&] {
+          arena.execute([&] {
+            co::scatter_add_rows(grad, co::dtype::dtype_f16, index.data_ptr<int64_t>(), size_t(count), size_t(width),
+                                 v, size_t(table_rows));
+          });
+        });
+        report({"scatter", "auto", "scatter_add_rows f16 x2048 (10 B)", nt, moved, sr, 10});
+        at::set_num_threads(nt);
+        at::Tensor table = at::from_blob(v, {table_rows, width}, at::kFloat);
+        at::Tensor rows = at::from_blob(grad, {count, width}, at::kHalf);
+        const double ti = median_seconds(reps, [&] { table.index_add_(0, index, rows.to(at::kFloat)); });
+        report({"torch", "ATen", "index_add_ rows x2048 (10 B)", nt, moved, ti, 10});
+      }
       std::fill(v, v + n, 0.0f);
 
       // PyTorch's fused CPU AdamW on the same arrays with fp32 gradients (28 B/param).

@@ -286,10 +286,13 @@ void gradient_path::send_embed(const at::Tensor& dx, const at::Tensor& tokens, b
         [this, eu, h, copied, tok, first_micro, last_micro, task = std::move(task)] {
           copied->synchronize();
           dev_.debug_delay();
-          at::Tensor rows = at::from_blob(embed_out_, {tok.numel(), h}, at::TensorOptions().dtype(opt_.dtype));
           at::Tensor grad = store_.grad_tensor(eu).view({cfg_.vocab_size, h});
           if (first_micro && !cfg_.tie_word_embeddings) grad.zero_();   // tied: the head's task wrote it
-          grad.index_add_(0, tok.reshape({-1}), rows.to(at::kFloat));
+          // index_add_ of the rows in fp32, bit for bit, in parallel over distinct tokens.
+          const at::Tensor ids = tok.reshape({-1}).to(at::kLong).contiguous();
+          cpu_optim::scatter_add_rows(embed_out_, to_optim_dtype(opt_.dtype), ids.data_ptr<int64_t>(),
+                                      size_t(ids.numel()), size_t(h), grad.data_ptr<float>(),
+                                      size_t(cfg_.vocab_size));
           if (last_micro && task) task();
         },
         last_micro && updates_weights, copied);

@@ -3,7 +3,10 @@
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 
+#include <tbb/task_arena.h>
+
 #include <cmath>
+#include <random>
 
 #include "tests/cpu_optim/test_util.h"
 
@@ -58,6 +61,43 @@ TEST_P(torch_convert_target, widening_matches_torch_to) {
           << dtype_name(t) << " " << std::hex << all[i];
     }
   }
+}
+
+// scatter_add_rows against ATen's index_add_ of the rows in fp32: bit for bit, with repeated
+// indices (added in row order), untouched rows, a width that is no multiple of any vector, and any
+// thread count (distinct indices run in parallel).
+TEST_P(torch_convert_target, scatter_add_rows_matches_index_add) {
+  std::mt19937 rng(fresh_seed());
+  const int64_t table_rows = 97, width = 37, count = 1000;
+  std::uniform_int_distribution<int64_t> pick(0, 40);   // many repeats; rows 41..96 untouched
+  at::Tensor index = at::empty({count}, at::kLong);
+  for (int64_t r = 0; r < count; ++r) index[r] = pick(rng);
+  const at::Tensor base = at::randn({table_rows, width}, at::kFloat) * 3;
+  for (at::ScalarType t : {at::kFloat, at::kHalf, at::kBFloat16}) {
+    const at::Tensor rows = (at::randn({count, width}, at::kFloat) * 100).to(t).contiguous();
+    const at::Tensor want = base.clone().index_add_(0, index, rows.to(at::kFloat));
+    for (int threads : {1, 3}) {
+      at::Tensor got = base.clone();
+      tbb::task_arena arena(threads);
+      arena.execute([&] {
+        scatter_add_rows(rows.data_ptr(), t == at::kFloat ? dtype::dtype_f32 : t == at::kHalf ? dtype::dtype_f16
+                                                                                           : dtype::dtype_bf16,
+                         index.data_ptr<int64_t>(), size_t(count), size_t(width), got.data_ptr<float>(),
+                         size_t(table_rows));
+      });
+      EXPECT_TRUE(at::equal(got, want)) << t << ", " << threads << " threads: max |diff| "
+                                        << (got - want).abs().max().item<float>();
+    }
+  }
+  // An index outside the table is refused before anything is written.
+  at::Tensor got = base.clone();
+  at::Tensor bad = index.clone();
+  bad[count - 1] = table_rows;
+  const at::Tensor rows = at::ones({count, width}, at::kFloat);
+  EXPECT_THROW(scatter_add_rows(rows.data_ptr(), dtype::dtype_f32, bad.data_ptr<int64_t>(), size_t(count),
+                                size_t(width), got.data_ptr<float>(), size_t(table_rows)),
+               std::exception);
+  EXPECT_TRUE(at::equal(got, base));
 }
 
 INSTANTIATE_TEST_SUITE_P(targets, torch_convert_target, ::testing::ValuesIn(targets()));
