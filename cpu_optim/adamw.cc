@@ -8,6 +8,8 @@
 #include <tbb/partitioner.h>
 #include <tbb/task_arena.h>
 
+#include <cstring>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -338,6 +340,20 @@ void scatter_add_rows(const void* rows, dtype rows_dtype, const int64_t* index, 
       for (size_t k = runs[j]; k < runs[j + 1]; ++k)
         kt.accumulate(static_cast<const char*>(rows) + size_t(order[k]) * width * esize, rows_dtype, dst, 0, width);
     }
+  });
+}
+
+void gather_rows(const void* table, size_t row_bytes, size_t table_rows, const int64_t* index, size_t count,
+                 void* out) {
+  if (count == 0 || row_bytes == 0) return;
+  FERRY_ASSERT(table && index && out, "gather_rows with a null array");
+  for (size_t r = 0; r < count; ++r)
+    FERRY_ASSERT(index[r] >= 0 && size_t(index[r]) < table_rows, "gather_rows: index ", index[r],
+                 " outside the table's ", table_rows, " rows");
+  tbb::parallel_for(tbb::blocked_range<size_t>(0, count, 64), [&](const tbb::blocked_range<size_t>& br) {
+    for (size_t r = br.begin(); r < br.end(); ++r)
+      std::memcpy(static_cast<char*>(out) + r * row_bytes,
+                  static_cast<const char*>(table) + size_t(index[r]) * row_bytes, row_bytes);
   });
 }
 

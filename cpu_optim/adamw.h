@@ -214,6 +214,12 @@ void accumulate(const void* grad, dtype grad_dtype, float* acc, size_t n, bool o
 void scatter_add_rows(const void* rows, dtype rows_dtype, const int64_t* index, size_t count, size_t width,
                       float* table, size_t table_rows);
 
+// Rows gathered from a table on the caller's oneTBB arena: out row r = table row index[r], for r
+// in [0, count), each row_bytes bytes (the table table_rows rows). What index_select(0, index)
+// gives, in parallel over rows: the embedding's forward, from its host copy.
+void gather_rows(const void* table, size_t row_bytes, size_t table_rows, const int64_t* index, size_t count,
+                 void* out);
+
 // ISA targets compiled into the binary (e.g. "AVX3", "AVX2", "EMU128"), best first.
 std::vector<std::string> compiled_targets();
 // The target the kernels dispatch to now.

@@ -286,6 +286,22 @@ int main(int argc, char** argv) {
         at::Tensor rows = at::from_blob(grad, {count, width}, at::kHalf);
         const double ti = median_seconds(reps, [&] { table.index_add_(0, index, rows.to(at::kFloat)); });
         report({"torch", "ATen", "index_add_ rows x2048 (10 B)", nt, moved, ti, 10});
+        // The embedding's forward: one micro-batch's 4096 rows of 2048 f16 gathered from the table
+        // (grad as f16 rows) into pinned-sized staging (v), against ATen's index_select.
+        const int64_t g_count = std::min<int64_t>(4096, table_rows);
+        const at::Tensor g_index = at::randint(table_rows, {g_count}, at::kLong);
+        const size_t g_moved = size_t(g_count * width);
+        const double sg = median_seconds(reps, [&] {
+          arena.execute([&] {
+            co::gather_rows(grad, size_t(width) * 2, size_t(table_rows), g_index.data_ptr<int64_t>(), size_t(g_count),
+                            v);
+          });
+        });
+        report({"gather", "auto", "gather_rows f16 x2048 (4 B)", nt, g_moved, sg, 4});
+        at::Tensor h_table = at::from_blob(grad, {table_rows, width}, at::kHalf);
+        at::Tensor h_out = at::from_blob(v, {g_count, width}, at::kHalf);
+        const double tg = median_seconds(reps, [&] { at::index_select_out(h_out, h_table, 0, g_index); });
+        report({"torch", "ATen", "index_select rows x2048 (4 B)", nt, g_moved, tg, 4});
       }
       std::fill(v, v + n, 0.0f);
 

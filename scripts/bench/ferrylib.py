@@ -247,6 +247,8 @@ def summarize_steps(rows, warmup):
         h2d_bytes=median([r.get("h2d_bytes", 0) for r in use]),
         d2h_bytes=median([r.get("d2h_bytes", 0) for r in use]),
         cpu_adam_ms=median([r.get("cpu_adam_ms", 0) for r in use]),
+        cpu_tasks_ms=median([r.get("cpu_tasks_ms", 0) for r in use]),
+        tail_ms=median([r.get("tail_ms", 0) for r in use]),
         stall_ms=median([r.get("stall_ms", 0) for r in use]),
         rollbacks=sum(r.get("rollbacks", 0) for r in rows),
         skipped=sum(1 for r in rows if r.get("skipped")),

@@ -5,8 +5,10 @@
 #include <chrono>
 #include <cstdlib>
 #include <thread>
+#include <tuple>
 
 #include "src/common/error.h"
+#include "src/engine/trace.h"
 
 namespace ferry::engine {
 namespace {
@@ -26,6 +28,7 @@ std::unique_ptr<backend> make_backend(const engine_options& o) {
 engine::engine(const model::llama_config& cfg, const engine_options& opt) : cfg_(cfg), opt_(opt) {
   check_options(opt_);
   defer_ = opt_.defer_speculative && std::getenv("FERRY_SPECULATE_WAIT") == nullptr;
+  source_stats_ = opt_.stats_at_source && std::getenv("FERRY_HOST_STATS") == nullptr;
   dev_ = make_backend(opt_);
   // What the plan must fit (activation_checkpointing=auto fits it; the host backend plans for the
   // limit too, so the CPU tests can exercise it).
@@ -165,18 +168,30 @@ std::vector<int64_t> engine::update_order(bool speculate) const {
 std::function<void()> engine::host_task(int64_t u, bool last, bool speculate, bool deferred, double mult,
                                         const cpu_optim::adamw_hparams& hp, int64_t step) {
   if (!last || grads_->resident()) return {};
-  const bool poison = poison_now(u);
-  return [this, u, speculate, deferred, mult, hp, step, poison] {
+  // Statistics taken where the gradient was made (gradient_path::stats_at_source) come with it,
+  // poisoned there by the test hook; otherwise they are read from the host copy here.
+  const bool at_source = grads_->stats_at_source(u);
+  const bool poison = poison_now(u) && !at_source;
+  return [this, u, speculate, deferred, mult, hp, step, poison, at_source] {
     if (poison) debug_poison(u);
     grads_->reduce(u);  // ranks: this rank's shard of the sum over the ranks
     step_validator::unit_record& rec = validator_->unit(u);
     if (!speculate || deferred) {   // deferred: the update follows (queue_deferred)
-      rec.stats = optim_->stats(u, mult);
+      rec.stats = at_source ? grads_->source_stats(u) : optim_->stats(u, mult);
       return;
     }
     dev_->debug_delay();
-    rec.stats = optim_->step(u, mult, hp, step, &rec.log);
+    if (!at_source) {
+      rec.stats = optim_->step(u, mult, hp, step, &rec.log);
+      rec.applied = rec.stats.nonfinite == 0;
+      return;
+    }
+    // Known statistics: a non-finite gradient leaves the unit untouched, a finite one needs no
+    // pre-scan.
+    rec.stats = grads_->source_stats(u);
+    rec.log.clear();
     rec.applied = rec.stats.nonfinite == 0;
+    if (rec.applied) optim_->step(u, mult, hp, step, &rec.log, /*finite_known=*/true);
   };
 }
 
@@ -281,6 +296,12 @@ step_result engine::train_step(const std::vector<micro_batch>& micro_batches, do
   const int64_t group = grads_->resident() ? 1 : std::max<int64_t>(1, plan_.micro_group);
   grads_->begin_step((n_micro + group - 1) / group);
   grads_->set_tasks_ahead(deferred);
+  if (source_stats_)
+    grads_->set_source_stats(mult, [this, mult](const void* g, cpu_optim::dtype t, size_t n) {
+      return optim_->stats_of(g, t, n, mult);
+    });
+  else
+    grads_->set_source_stats(mult, {});
   int64_t previous_log_bytes = 0;   // deferred: the previous step's undo logs, once its updates have run
   struct micro_state {
     at::Tensor inputs, labels, x, dx;
@@ -290,12 +311,22 @@ step_result engine::train_step(const std::vector<micro_batch>& micro_batches, do
     const model::packing* packed() const { return pk.positions.defined() ? &pk : nullptr; }
   };
   double loss_sum = 0;
+  // FERRY_TRACE: when the device finished each unit's forward and backward (timed at the end).
+  std::vector<std::tuple<const char*, int64_t, event_ptr>> gpu_marks;
+  const bool tracing = trace::enabled() && dev_->is_cuda();
+  const double trace_t0 = trace::enabled() ? trace::now_ms() : 0;
+  auto mark = [&](const char* what, int64_t u) {
+    if (tracing) gpu_marks.emplace_back(what, u, dev_->record(queue::queue_compute, true));
+  };
+  mark("gpu_start", -1);
   for (int64_t g0 = 0; g0 < n_micro; g0 += group) {
     const int64_t gn = std::min(group, n_micro - g0);
     const bool first = g0 == 0, last = g0 + gn == n_micro;
     auto task = [&](int64_t u) { return host_task(u, last, speculate, deferred, mult, hp, step); };
     // Sends unit u's gradient; deferred, after the last micro-batch, its update follows.
     auto send = [&](int64_t u) {
+      if (last && poison_now(u) && grads_->stats_at_source(u))
+        grads_->poison_source(u, opt_.debug_poison_index, opt_.debug_poison_value);
       grads_->send(u, first, last, task(u), speculate && !deferred);
       if (deferred && last) queue_deferred(u, mult, hp, step);
     };
@@ -326,6 +357,7 @@ step_result engine::train_step(const std::vector<micro_batch>& micro_batches, do
         }
       }
       pool_->release(u);
+      mark("gpu_fwd", u);
     }
 
     // The loss and its backward, in chunks: no logits kept.
@@ -344,6 +376,7 @@ step_result engine::train_step(const std::vector<micro_batch>& micro_batches, do
       grads_->fold(head_grad, j, gn);
     }
     pool_->release(hu);
+    mark("gpu_head", hu);
     send(hu);
 
     for (int64_t i = L - 1; i >= 0; --i, ++at) {
@@ -362,12 +395,13 @@ step_result engine::train_step(const std::vector<micro_batch>& micro_batches, do
         grads_->fold(g, j, gn);
       }
       pool_->release(u);
+      mark("gpu_bwd", u);
       send(u);
     }
     for (int64_t j = 0; j < gn; ++j) {
       const bool last_here = j + 1 == gn;
       grads_->send_embed(ms[size_t(j)].dx, ms[size_t(j)].inputs, first && j == 0, last && last_here,
-                         last_here ? task(eu) : std::function<void()>(), speculate && !deferred);
+                         last_here ? task(eu) : std::function<void()>(), speculate && !deferred, j);
       ms[size_t(j)].dx = at::Tensor();
     }
     if (deferred && last) queue_deferred(eu, mult, hp, step);
@@ -415,7 +449,17 @@ step_result engine::train_step(const std::vector<micro_batch>& micro_batches, do
   r.clip_coef = v.clip_coef;
   r.skipped = v.skipped;
 
+  event_ptr last_mark = tracing ? dev_->record(queue::queue_compute, true) : nullptr;
   dev_->synchronize();
+  if (trace::enabled()) {
+    const double t_sync = trace::now_ms();
+    for (auto& [what, u, e] : gpu_marks) {
+      const double t = t_sync - dev_->elapsed_ms(e, last_mark);
+      trace::record(what, u, t, t);
+    }
+    trace::record("step", int64_t(step_calls_), trace_t0, t_sync);
+    trace::record("tail", -1, t_sync - ms_since(t_tail), t_sync);
+  }
   meter_.timing = false;
   for (auto& [a, b] : meter_.h2d_timers) r.h2d_ms += dev_->elapsed_ms(a, b);
   for (auto& [a, b] : meter_.d2h_timers) r.d2h_ms += dev_->elapsed_ms(a, b);
@@ -423,7 +467,7 @@ step_result engine::train_step(const std::vector<micro_batch>& micro_batches, do
   r.d2h_bytes = meter_.d2h_bytes;
   r.stall_update_ms = meter_.stall_ms;
   r.shard_wait_ms = meter_.shard_wait_ms;
-  r.cpu_adam_ms = worker_->take_busy_ms();
+  r.cpu_adam_ms = worker_->take_busy_ms(&r.cpu_tasks_ms);
   if (!grads_->resident()) r.updates_pending = worker_->pending_updates();
   const tier_io io = tier.take_io();   // write-backs of this step's last updates may still run
   r.disk_wait_ms = io.wait_ms;

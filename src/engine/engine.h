@@ -98,6 +98,9 @@ struct step_result {
   int64_t updates_pending = 0;
   // where the time went (milliseconds) and what moved
   double step_ms = 0, h2d_ms = 0, d2h_ms = 0, cpu_adam_ms = 0, stall_update_ms = 0, tail_ms = 0;
+  // Of cpu_adam_ms (the update thread's busy time): its gradient tasks (waits for their copies,
+  // sums, statistics, the embedding's scatter), the rest being updates.
+  double cpu_tasks_ms = 0;
   // Shared shadows (ranks on one machine): the engine's thread waiting, after its own update of a
   // unit, for the other ranks' shards of it before loading it.
   double shard_wait_ms = 0;
@@ -191,6 +194,7 @@ class engine {
   model::rope_cache rope_;
   int64_t step_calls_ = 0;   // train_step calls, for the debug_poison test hook
   bool defer_ = false;       // engine_options::defer_speculative, unless FERRY_SPECULATE_WAIT is set
+  bool source_stats_ = false;   // engine_options::stats_at_source, unless FERRY_HOST_STATS is set
   // Deferred speculative updates: the bytes of the undo logs they wrote (update thread), taken by
   // the next step once they have all run.
   std::atomic<int64_t> deferred_log_bytes_{0};

@@ -8,7 +8,11 @@
 
 #include "src/common/error.h"
 #include "src/engine/backend_util.h"
+#include "src/engine/trace.h"
 #include "src/model/embed_head.h"
+#if FERRY_WITH_CUDA
+#include "gpu/ops.h"
+#endif
 
 namespace ferry::engine {
 
@@ -29,6 +33,8 @@ gradient_path::gradient_path(const model::llama_config& cfg, const engine_option
   slot_of_.assign(size_t(store.num_units()), nullptr);
   accum_.assign(size_t(store.num_units()), nullptr);
   fused_.assign(size_t(store.num_units()), 0);
+  src_sent_.assign(size_t(store.num_units()), 0);
+  src_host_stats_.assign(size_t(store.num_units()), {});
   if (opt.mode == offload_mode::offload_none) {
     for (int64_t u = 0; u < store.num_units(); ++u) resident_.push_back(at::empty({store.unit(u).numel}, dev_opts));
     return;
@@ -59,7 +65,13 @@ gradient_path::gradient_path(const model::llama_config& cfg, const engine_option
     embed_grad_ = at::zeros({sh.padded(n)}, dev_opts.dtype(at::kFloat));
     embed_shard_ = at::empty({sh.per(n)}, dev_opts.dtype(at::kFloat));
   }
-  embed_out_ = dev.host_alloc(size_t(opt.max_batch * opt.max_seq * cfg.hidden_size) * c10::elementSize(opt.dtype));
+  for (int64_t j = 0; j < std::max<int64_t>(1, micro_group); ++j)
+    embed_out_.push_back(
+        dev.host_alloc(size_t(opt.max_batch * opt.max_seq * cfg.hidden_size) * c10::elementSize(opt.dtype)));
+  if (dev.is_cuda() && !sh.sharded()) {
+    src_dev_ = at::zeros({2 * store.num_units()}, dev_opts.dtype(at::kFloat));
+    src_pinned_ = static_cast<float*>(dev.host_alloc(size_t(2 * store.num_units()) * 4));
+  }
   if (sh.sharded()) {
     // The fp32 sums of the units reduced on the host: one block, page-locked on CUDA (the
     // reduce-scatter's output is copied back from the device).
@@ -80,7 +92,8 @@ gradient_path::gradient_path(const model::llama_config& cfg, const engine_option
 gradient_path::~gradient_path() {
   for (float* p : accum_) std::free(p);
   if (shard_block_) dev_.host_free(shard_block_);
-  if (embed_out_) dev_.host_free(embed_out_);
+  if (src_pinned_) dev_.host_free(src_pinned_);
+  for (void* p : embed_out_) dev_.host_free(p);
 }
 
 void gradient_path::begin_step(int64_t n_micro) {
@@ -93,6 +106,33 @@ void gradient_path::begin_step(int64_t n_micro) {
       accum_[size_t(u)] = detail::alloc_floats(n, "the gradient-accumulation buffers (4 B/param)");
       accum_bytes_ += n * 4;
     }
+}
+
+void gradient_path::set_source_stats(double mult, stats_fn host_stats) {
+  src_mult_ = mult;
+  src_host_ = std::move(host_stats);
+  src_on_ = bool(src_host_) && !resident() && (!dev_.is_cuda() || (src_dev_.defined() && mult <= 1.0));
+}
+
+bool gradient_path::stats_at_source(int64_t u) const {
+  return src_on_ && !accumulating_ && shard_grad_.empty() && !store_.grad_sharded(u) && u != store_.embed_unit();
+}
+
+cpu_optim::grad_stats gradient_path::source_stats(int64_t u) const {
+  FERRY_ASSERT(src_sent_[size_t(u)], "gradient_path::source_stats: unit ", u, " has none this step");
+  if (!src_pinned_) return src_host_stats_[size_t(u)];
+  // fp32 squares of the half gradient, summed in fp32 in a fixed order (gpu::grad_stats_accumulate);
+  // times mult^2 for grad * mult.
+  cpu_optim::grad_stats st;
+  st.sum_sq = double(src_pinned_[2 * u]) * src_mult_ * src_mult_;
+  st.nonfinite = int64_t(src_pinned_[2 * u + 1]);
+  return st;
+}
+
+void gradient_path::poison_source(int64_t u, int64_t index, double value) {
+  FERRY_ASSERT(slot_of_[size_t(u)] && index >= 0 && index < host_numel(u), "gradient_path::poison_source: index ",
+               index, " of unit ", u);
+  slot_of_[size_t(u)]->buf.narrow(0, index, 1).fill_(value);
 }
 
 at::Tensor gradient_path::target(int64_t u) {
@@ -190,17 +230,38 @@ void gradient_path::send(int64_t u, bool first_micro, bool last_micro, std::func
     auto guard = dev_.enter_compute();
     store_.comm()->reduce_scatter_sum(out, in, comm_channel::channel_engine);
   }
+  const bool src_stats = last_micro && stats_at_source(u);
+  src_sent_[size_t(u)] = src_stats;
+  at::Tensor src_acc;
+  if (src_stats) {
+    // What the host will read: the unit's first host_numel(u) elements of the slot.
+    const at::Tensor g = s.buf.narrow(0, 0, host_numel(u));
+    if (src_pinned_) {
+#if FERRY_WITH_CUDA
+      src_acc = src_dev_.narrow(0, 2 * u, 2);
+      src_acc.zero_();
+      gpu::grad_stats_accumulate(g, src_acc);
+#endif
+    } else {
+      // Host backends: the compute queue's work is done when queued, so the slot holds it now.
+      src_host_stats_[size_t(u)] = src_host_(g.data_ptr(), to_optim_dtype(opt_.dtype), size_t(g.numel()));
+    }
+  }
   event_ptr computed = dev_.record(queue::queue_compute);
   dev_.wait(queue::queue_d2h, computed);
   const size_t bytes = size_t(store_.host_grad_numel(u)) * c10::elementSize(opt_.dtype);
   // The host gradient buffer may still be read by the previous micro-batch's accumulation (or a
   // previous step's update) on the update thread: the copy must not overwrite it before then.
+  const double t_wait = trace::enabled() ? trace::now_ms() : 0;
   meter_.stall_ms += worker_.wait_unit_tasks(u);
+  if (trace::enabled()) trace::record("wait_tasks", u, t_wait, trace::now_ms());
   // The last micro-batch is not added into the accumulator: the optimizer reads both.
   float* acc = accumulating_ && !last_micro ? accum_[size_t(u)] : nullptr;
   fused_[size_t(u)] = accumulating_ && last_micro && accum_[size_t(u)];
   event_ptr t0 = dev_.record(queue::queue_d2h, true);
   dev_.copy_d2h(store_.grad(u), reduced ? s.shard : s.buf, bytes);
+  // Read by u's host task, which follows the copy; the previous step's task has run (waited above).
+  if (src_acc.defined()) dev_.copy_d2h(src_pinned_ + 2 * u, src_acc, 8);
   s.copied = dev_.record(queue::queue_d2h, true);
   meter_.d2h_timers.emplace_back(t0, s.copied);
   meter_.d2h_bytes += int64_t(bytes);
@@ -225,7 +286,7 @@ void gradient_path::send(int64_t u, bool first_micro, bool last_micro, std::func
 }
 
 void gradient_path::send_embed(const at::Tensor& dx, const at::Tensor& tokens, bool first_micro, bool last_micro,
-                               std::function<void()> task, bool updates_weights) {
+                               std::function<void()> task, bool updates_weights, int64_t index) {
   const int64_t eu = store_.embed_unit(), h = cfg_.hidden_size;
   if (resident()) {
     FERRY_ASSERT(!task, "resident gradients take no host task");
@@ -274,23 +335,28 @@ void gradient_path::send_embed(const at::Tensor& dx, const at::Tensor& tokens, b
   at::Tensor rows_dev = dx.contiguous();
   event_ptr computed = dev_.record(queue::queue_compute);
   dev_.wait(queue::queue_d2h, computed);
-  // embed_out_ is read by the previous micro-batch's scatter task until it has run (that task
-  // waited for the copy that filled it; copies into it are in order on the d2h queue).
-  meter_.stall_ms += worker_.wait_unit_tasks(eu);
+  // A group's micro-batches have their own staging; the previous group's (or step's) scatter
+  // tasks read them until they have run, and the previous step's update reads the fp32 gradient
+  // the first scatter rewrites: the group's first copy waits for them all (those tasks waited for
+  // the copies that filled their staging; copies are in order on the d2h queue).
+  FERRY_ASSERT(index >= 0 && index < int64_t(embed_out_.size()), "gradient_path::send_embed: micro-batch ", index,
+               " of a group, planned for ", embed_out_.size());
+  if (index == 0) meter_.stall_ms += worker_.wait_unit_tasks(eu);
+  void* staging = embed_out_[size_t(index)];
   const size_t bytes = size_t(dx.numel()) * c10::elementSize(opt_.dtype);
-  dev_.copy_d2h(embed_out_, rows_dev, bytes);
+  dev_.copy_d2h(staging, rows_dev, bytes);
   event_ptr copied = dev_.record(queue::queue_d2h);
   meter_.d2h_bytes += int64_t(bytes);
   at::Tensor tok = tokens;
   queue(eu,
-        [this, eu, h, copied, tok, first_micro, last_micro, task = std::move(task)] {
+        [this, eu, h, copied, tok, staging, first_micro, last_micro, task = std::move(task)] {
           copied->synchronize();
           dev_.debug_delay();
           at::Tensor grad = store_.grad_tensor(eu).view({cfg_.vocab_size, h});
           if (first_micro && !cfg_.tie_word_embeddings) grad.zero_();   // tied: the head's task wrote it
           // index_add_ of the rows in fp32, bit for bit, in parallel over distinct tokens.
           const at::Tensor ids = tok.reshape({-1}).to(at::kLong).contiguous();
-          cpu_optim::scatter_add_rows(embed_out_, to_optim_dtype(opt_.dtype), ids.data_ptr<int64_t>(),
+          cpu_optim::scatter_add_rows(staging, to_optim_dtype(opt_.dtype), ids.data_ptr<int64_t>(),
                                       size_t(ids.numel()), size_t(h), grad.data_ptr<float>(),
                                       size_t(cfg_.vocab_size));
           if (last_micro && task) task();

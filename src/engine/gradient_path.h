@@ -75,6 +75,23 @@ class gradient_path {
   // Whether this step's host tasks (copies, sums, statistics) run ahead of queued updates
   // (update_worker::submit_task; the engine's deferred speculation).
   void set_tasks_ahead(bool ahead) { tasks_ahead_ = ahead; }
+  // Statistics at the source (engine_options::stats_at_source) for this step's gradients, with
+  // multiplier mult (grad * mult, as cpu_optim::adamw::stats): on CUDA a kernel on the compute queue
+  // (when mult <= 1, so a finite half gradient stays finite times mult); on the host backends
+  // host_stats, called in send() on the slot (the same function the update thread would call on the
+  // copy, so their results are the same bits). Empty host_stats: off for the step. Call after
+  // begin_step.
+  using stats_fn = std::function<cpu_optim::grad_stats(const void* data, cpu_optim::dtype dtype, size_t n)>;
+  void set_source_stats(double mult, stats_fn host_stats);
+  // Whether send() of unit u's last micro-batch takes its statistics at the source this step: the
+  // host gradient is exactly the slot (one group per step, one rank, not the embedding).
+  bool stats_at_source(int64_t u) const;
+  // Unit u's statistics taken at the source; valid in its host task after its last send().
+  bool has_source_stats(int64_t u) const { return src_sent_[size_t(u)] != 0; }
+  cpu_optim::grad_stats source_stats(int64_t u) const;
+  // Test hook (engine_options::debug_poison_*): writes `value` at `index` of unit u's gradient in
+  // the slot target(u) handed out, on the compute queue, before its statistics and copy.
+  void poison_source(int64_t u, int64_t index, double value);
   // Bytes of the fp32 accumulators begin_step has allocated (none while every step is one group).
   int64_t accumulation_bytes() const { return accum_bytes_; }
   // Whether the backward adds into target() instead of overwriting it (resident, after the first
@@ -99,8 +116,10 @@ class gradient_path {
   void send(int64_t u, bool first_micro, bool last_micro, std::function<void()> task, bool updates_weights);
   // The embedding's input gradient dx (B,T,h) for tokens (B,T) on the CPU: scattered into the
   // embedding's gradient (on the host, or on the device when resident), then `task` as in send.
+  // index: the micro-batch's place in its group (0-based): each has its own pinned staging, so a
+  // group's copies do not wait for each other's scatters.
   void send_embed(const at::Tensor& dx, const at::Tensor& tokens, bool first_micro, bool last_micro,
-                  std::function<void()> task, bool updates_weights);
+                  std::function<void()> task, bool updates_weights, int64_t index = 0);
 
   // The unit's summed gradient on the host, as the optimizer reads it (offloaded only); with ranks
   // the fp32 sum over the ranks of this rank's shard (param_store::shard_numel elements) once
@@ -147,11 +166,21 @@ class gradient_path {
   // Per unit: its host gradient is the accumulator plus the last micro-batch in the host buffer.
   // Written by the engine thread only after the unit's earlier host tasks have run.
   std::vector<char> fused_;
-  void* embed_out_ = nullptr;             // pinned staging of the embedding's input gradient
+  // Pinned staging of the embedding's input gradient, one per micro-batch of a group.
+  std::vector<void*> embed_out_;
   // Ranks with the embedding reduced on the device: its fp32 gradient there (padded to the ranks'
   // blocks), this rank's block of the sum, and that block's latest copy to the host.
   at::Tensor embed_grad_, embed_shard_;
   event_ptr embed_copied_;
+  // Statistics at the source (set_source_stats): on for the step, the multiplier, the host backends'
+  // function and results, and on CUDA the device's two floats per unit and their pinned copies.
+  bool src_on_ = false;
+  double src_mult_ = 1;
+  stats_fn src_host_;
+  std::vector<cpu_optim::grad_stats> src_host_stats_;
+  std::vector<char> src_sent_;            // per unit: this step's last send() took them
+  at::Tensor src_dev_;
+  float* src_pinned_ = nullptr;
   std::vector<float*> shard_grad_;        // ranks: per unit, the fp32 sum over the ranks of this rank's shard
   float* shard_block_ = nullptr;          // ranks: the one (pinned) block shard_grad_ points into
 };

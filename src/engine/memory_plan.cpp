@@ -205,8 +205,10 @@ memory_plan plan_memory(const model::llama_config& cfg, const engine_options& op
     p.disk_state = nvme_file_bytes(numel, p.state, true);
   }
   p.host_pinned = opt.mode == offload_mode::offload_none ? 0 : params * e + (params - embed + tied_grad) * e;
-  // The fp32 accumulation buffers when a step has more than one group (gradient_path::begin_step).
-  p.host_other = embed * 4 + 2 * n * h * e + (grad_accum > p.micro_group ? (params - embed) * 4 : 0);
+  // The embedding's fp32 gradient, the pinned staging of its input rows (one) and of its input
+  // gradient (one per micro-batch of a group: gradient_path::send_embed), and the fp32 accumulation
+  // buffers when a step has more than one group (gradient_path::begin_step).
+  p.host_other = embed * 4 + (1 + p.micro_group) * n * h * e + (grad_accum > p.micro_group ? (params - embed) * 4 : 0);
   if (shards.sharded() && !opt.forward_only) {
     // Each unit's summed fp32 gradient shard (16-element aligned, gradient_path), and the padded
     // fp32 unit the reduce-scatter reads and the all-gather writes (param_store::comm_scratch) of

@@ -67,6 +67,10 @@ cpu_optim::grad_stats optimizer_path::stats(int64_t u, double mult) {
   return adam_->stats(g.data, g.dtype, size_t(store_.shard_numel(u)), float(mult), g.acc);
 }
 
+cpu_optim::grad_stats optimizer_path::stats_of(const void* grad, cpu_optim::dtype dtype, size_t n, double mult) {
+  return adam_->stats(grad, dtype, n, float(mult));
+}
+
 cpu_optim::grad_stats optimizer_path::step(int64_t u, double mult, const cpu_optim::adamw_hparams& hp, int64_t step,
                                            cpu_optim::undo_log* log, bool finite_known) {
   state_lease s(store_.state(), u, true);

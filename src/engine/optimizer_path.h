@@ -30,6 +30,8 @@ class optimizer_path {
 
   // Offloaded units (update thread). mult multiplies the gradient (1/loss scale x clip).
   cpu_optim::grad_stats stats(int64_t u, double mult);
+  // The same statistics of n elements of a gradient elsewhere (gradient_path::set_source_stats).
+  cpu_optim::grad_stats stats_of(const void* grad, cpu_optim::dtype dtype, size_t n, double mult);
   // finite_known: the step's statistics already showed every grad * mult finite (cpu_optim
   // skips its pre-scan; see adamw::step).
   cpu_optim::grad_stats step(int64_t u, double mult, const cpu_optim::adamw_hparams& hp, int64_t step,

@@ -61,6 +61,13 @@ struct engine_options {
   // forward needs first taking precedence (engine::train_step). false, or the environment's
   // FERRY_SPECULATE_WAIT=1: the step waits for its updates, as it does with ranks and the disk tier.
   bool defer_speculative = true;
+  // A unit's gradient statistics (squares and non-finite count, for clipping and the overflow
+  // check) are taken where the backward made it, before the copy to the host, whenever the host
+  // would read exactly that buffer (one rank, one group per step, not the embedding): on CUDA a
+  // kernel on the compute queue, whose two floats follow the gradient to the host, so the update
+  // thread does not read the gradient an extra time. false, or the environment's FERRY_HOST_STATS=1:
+  // the update thread reads them from the host copy.
+  bool stats_at_source = true;
   recompute_mode recompute = recompute_mode::recompute_none;
   // AdamW and clipping
   double beta1 = 0.9, beta2 = 0.999, eps = 1e-8, weight_decay = 0.01;
@@ -101,7 +108,8 @@ struct engine_options {
   // Test hook (tests/engine only; never set by the CLI): on the debug_poison_step-th call of
   // train_step (1-based), element debug_poison_index of unit debug_poison_unit's gradient is
   // overwritten with debug_poison_value once it has reached the host (the device's buffer in
-  // none mode), before any statistic or update reads it. Injects fp16-style overflow or a NaN
+  // none mode, and the slot it is copied from when its statistics are taken there:
+  // stats_at_source), before any statistic or update reads it. Injects fp16-style overflow or a NaN
   // into exactly one unit. -1: off.
   int64_t debug_poison_step = -1, debug_poison_unit = -1, debug_poison_index = 0;
   double debug_poison_value = std::numeric_limits<double>::infinity();

@@ -2,6 +2,8 @@
 
 #include <chrono>
 
+#include "src/engine/trace.h"
+
 namespace ferry::engine {
 namespace {
 double ms_since(std::chrono::steady_clock::time_point t0) {
@@ -69,6 +71,7 @@ void update_worker::loop() {
       if (e.unit >= 0 && e.version < 0) --unit_tasks_queued_[size_t(e.unit)];
     }
     auto t0 = std::chrono::steady_clock::now();
+    const double trace_t0 = trace::enabled() ? trace::now_ms() : 0;
     std::exception_ptr err;
     try {
       e.fn();
@@ -76,10 +79,12 @@ void update_worker::loop() {
       err = std::current_exception();
     }
     const double ms = ms_since(t0);
+    if (trace::enabled()) trace::record(e.version < 0 ? "task" : "update", e.unit, trace_t0, trace::now_ms());
     e.fn = nullptr;   // captured state goes before the waiters resume
     {
       std::lock_guard<std::mutex> lock(mu_);
       busy_ms_ += ms;
+      if (e.version < 0) busy_tasks_ms_ += ms;
       if (err && !error_) error_ = err;
       if (e.version >= 0) {
         if (e.version > unit_version_[size_t(e.unit)]) unit_version_[size_t(e.unit)] = e.version;
@@ -108,6 +113,12 @@ double update_worker::wait_updated(int64_t u) {
   cv_done_.wait(lock, [&] { return unit_version_[size_t(u)] >= version || error_; });
   if (error_) std::rethrow_exception(error_);
   return ms_since(t0);
+}
+
+bool update_worker::updated(int64_t u) {
+  const int64_t version = unit_queued_[size_t(u)];
+  std::lock_guard<std::mutex> lock(mu_);
+  return unit_version_[size_t(u)] >= version;
 }
 
 double update_worker::wait_unit_tasks(int64_t u) {
@@ -139,10 +150,11 @@ int64_t update_worker::pending_updates() {
   return pending_updates_;
 }
 
-double update_worker::take_busy_ms() {
+double update_worker::take_busy_ms(double* tasks_ms) {
   std::lock_guard<std::mutex> lock(mu_);
   double ms = busy_ms_;
-  busy_ms_ = 0;
+  if (tasks_ms) *tasks_ms = busy_tasks_ms_;
+  busy_ms_ = busy_tasks_ms_ = 0;
   return ms;
 }
 

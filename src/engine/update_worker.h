@@ -43,6 +43,8 @@ class update_worker {
   int64_t queued_version(int64_t u) const { return unit_queued_[size_t(u)]; }
   // Blocks until every update queued so far for unit u has run. Returns the ms waited.
   double wait_updated(int64_t u);
+  // Whether every update queued so far for unit u has run (wait_updated would return at once).
+  bool updated(int64_t u);
   // Blocks until every task queued so far for unit u (of any kind: gradient tasks and updates)
   // has run, so a host buffer those tasks read can be overwritten. Returns the ms waited.
   double wait_unit_tasks(int64_t u);
@@ -53,8 +55,9 @@ class update_worker {
   double wait_idle();
   // Updates queued and not yet finished.
   int64_t pending_updates();
-  // Milliseconds the worker spent running tasks since the last call.
-  double take_busy_ms();
+  // Milliseconds the worker spent running tasks since the last call: all of them, and of those the
+  // gradient tasks' (copy waits, sums, statistics; not updates) in *tasks_ms.
+  double take_busy_ms(double* tasks_ms = nullptr);
 
  private:
   struct entry {
@@ -82,7 +85,7 @@ class update_worker {
   std::vector<int64_t> unit_tasks_queued_;   // per unit: gradient tasks queued, not yet started
   int64_t pending_ = 0, pending_tasks_ = 0, pending_updates_ = 0;
   bool stop_ = false;
-  double busy_ms_ = 0;
+  double busy_ms_ = 0, busy_tasks_ms_ = 0;
   std::exception_ptr error_;
   std::thread thread_;
 };

@@ -4,7 +4,9 @@
 
 #include <limits>
 
+#include "cpu_optim/adamw.h"
 #include "src/common/error.h"
+#include "src/engine/trace.h"
 #include "src/model/embed_head.h"
 
 namespace ferry::engine {
@@ -71,8 +73,10 @@ void weight_pool::load(int64_t u, const std::vector<int64_t>& uses, size_t at) {
   // model, the embedding's, whose matrix it copies as lm_head).
   const bool tied_head = u == store_.head_unit() && cfg_.tie_word_embeddings;
   const int64_t eu = store_.embed_unit();
+  const double t_wait = trace::enabled() ? trace::now_ms() : 0;
   meter_.stall_ms += worker_.wait_updated(u);
   if (tied_head) meter_.stall_ms += worker_.wait_updated(eu);
+  if (trace::enabled()) trace::record("wait_update", u, t_wait, trace::now_ms());
   meter_.shard_wait_ms += store_.await_shadow(u);
   if (tied_head) meter_.shard_wait_ms += store_.await_shadow(eu);
   if (target->released) dev_.wait(queue::queue_h2d, target->released);
@@ -102,9 +106,15 @@ const at::Tensor& weight_pool::acquire(int64_t u, const std::vector<int64_t>& us
   if (!resident_.empty()) return resident_[size_t(u)];
   if (!find(u)) load(u, uses, at);
   if (opt_.mode == offload_mode::offload_overlapped) {
+    // Only units whose updates have run: waiting here for a later unit's update would hold back
+    // the compute of this one (a deferred step's updates run on behind the next forward).
     const size_t end = std::min(uses.size(), at + 1 + size_t(opt_.prefetch));
+    auto updated = [&](int64_t v) {
+      return worker_.updated(v) && (v != store_.head_unit() || !cfg_.tie_word_embeddings ||
+                                    worker_.updated(store_.embed_unit()));
+    };
     for (size_t j = at + 1; j < end; ++j)
-      if (!find(uses[j])) load(uses[j], uses, at);
+      if (!find(uses[j]) && updated(uses[j])) load(uses[j], uses, at);
   }
   slot* s = find(u);
   dev_.wait(queue::queue_compute, s->ready);
@@ -122,17 +132,21 @@ void weight_pool::release(int64_t u) {
 at::Tensor weight_pool::embed(const at::Tensor& tokens) {
   const int64_t eu = store_.embed_unit(), h = cfg_.hidden_size;
   if (!resident_.empty()) return model::embed_forward(tokens.to(dev_.device()), resident_[size_t(eu)].view({cfg_.vocab_size, h}));
+  const double t_wait = trace::enabled() ? trace::now_ms() : 0;
   meter_.stall_ms += worker_.wait_updated(eu);
+  if (trace::enabled()) trace::record("wait_update", eu, t_wait, trace::now_ms());
   meter_.shard_wait_ms += store_.await_shadow(eu);
   if (embed_in_done_) embed_in_done_->synchronize();
   at::Tensor tok = tokens.to(at::kLong).contiguous();
   FERRY_CHECK(tok.numel() <= opt_.max_batch * opt_.max_seq, "batch of ", tok.numel(), " tokens exceeds the planned ",
               opt_.max_batch, " x ", opt_.max_seq);
   at::Tensor table = store_.shadow_tensor(eu).view({cfg_.vocab_size, h});
-  at::Tensor rows = at::from_blob(embed_in_, {tok.numel(), h}, at::TensorOptions().dtype(opt_.dtype));
-  at::index_select_out(rows, table, 0, tok.reshape({-1}));
+  // index_select's rows, copied in parallel (the device waits for them at the step's start).
+  const at::Tensor ids = tok.reshape({-1});
+  cpu_optim::gather_rows(table.data_ptr(), size_t(h) * c10::elementSize(opt_.dtype), size_t(cfg_.vocab_size),
+                         ids.data_ptr<int64_t>(), size_t(ids.numel()), embed_in_);
   at::Tensor x = at::empty({tok.size(0), tok.size(1), h}, at::TensorOptions().dtype(opt_.dtype).device(dev_.device()));
-  const size_t bytes = size_t(rows.numel()) * c10::elementSize(opt_.dtype);
+  const size_t bytes = size_t(ids.numel() * h) * c10::elementSize(opt_.dtype);
   dev_.copy_h2d(x, embed_in_, bytes);
   embed_in_done_ = dev_.record(queue::queue_h2d);
   meter_.h2d_bytes += int64_t(bytes);

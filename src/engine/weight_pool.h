@@ -3,8 +3,9 @@
 //   none          every unit resident on the device; acquire returns it at once
 //   blocked       one block slot (+ the head's), each use copied in and waited for
 //   overlapped    prefetch+1 block slots: the next `prefetch` uses of the schedule are copied ahead
-//                 of the one computing, and the slot to reuse is the one needed furthest ahead
-//                 (the schedule is known, so this is Belady's choice)
+//                 of the one computing where their updates have run (the others when acquired),
+//                 and the slot to reuse is the one needed furthest ahead (the schedule is known,
+//                 so this is Belady's choice)
 // A unit's device copy is current while its slot holds the version the update thread has queued
 // for it (update_worker::queued_version); a load first waits for that update to have run on the
 // host. The embedding never moves as a whole: its rows are gathered on the host from the shadow

@@ -240,6 +240,7 @@ int run_training(const io::run_config& cfg, const model::llama_config& mc, const
     m["h2d_ms"] = r.h2d_ms;
     m["d2h_ms"] = r.d2h_ms;
     m["cpu_adam_ms"] = r.cpu_adam_ms;
+    m["cpu_tasks_ms"] = r.cpu_tasks_ms;
     m["stall_ms"] = r.stall_update_ms;
     m["tail_ms"] = r.tail_ms;
     m["updates_pending"] = r.updates_pending;

@@ -100,6 +100,35 @@ TEST_P(torch_convert_target, scatter_add_rows_matches_index_add) {
   EXPECT_TRUE(at::equal(got, base));
 }
 
+// gather_rows is index_select(0, index) of the table's rows (any row size: here half rows), with
+// repeats, at 1 and 3 threads; an index outside the table is refused before anything is written.
+TEST(gather_rows, matches_index_select) {
+  std::mt19937 rng(fresh_seed());
+  const int64_t table_rows = 97, width = 37, count = 1000;
+  std::uniform_int_distribution<int64_t> pick(0, table_rows - 1);
+  at::Tensor index = at::empty({count}, at::kLong);
+  for (int64_t r = 0; r < count; ++r) index[r] = pick(rng);
+  const at::Tensor table = (at::randn({table_rows, width}, at::kFloat) * 3).to(at::kHalf).contiguous();
+  const at::Tensor want = table.index_select(0, index);
+  const size_t row_bytes = size_t(width) * 2;
+  for (int threads : {1, 3}) {
+    at::Tensor got = at::zeros({count, width}, at::kHalf);
+    tbb::task_arena arena(threads);
+    arena.execute([&] {
+      gather_rows(table.data_ptr(), row_bytes, size_t(table_rows), index.data_ptr<int64_t>(), size_t(count),
+                  got.data_ptr());
+    });
+    EXPECT_TRUE(at::equal(got, want)) << threads << " threads";
+  }
+  at::Tensor got = at::zeros({count, width}, at::kHalf);
+  at::Tensor bad = index.clone();
+  bad[count / 2] = -1;
+  EXPECT_THROW(gather_rows(table.data_ptr(), row_bytes, size_t(table_rows), bad.data_ptr<int64_t>(), size_t(count),
+                           got.data_ptr()),
+               std::exception);
+  EXPECT_TRUE(at::equal(got, at::zeros({count, width}, at::kHalf)));
+}
+
 INSTANTIATE_TEST_SUITE_P(targets, torch_convert_target, ::testing::ValuesIn(targets()));
 
 TEST(half_scalar, matches_c10_constructors) {

@@ -661,8 +661,69 @@ TEST(engine_accumulation, host_accumulators_only_for_several_groups) {
     e->train_step(data[0], lr_at(0));
     const int64_t want = group == rows ? 0 : (cfg.total_params() - cfg.embed_params()) * 4;
     EXPECT_EQ(e->gradients().accumulation_bytes(), want) << "groups of " << group;
-    const int64_t planned = e->plan().host_other - cfg.embed_params() * 4 - 2 * rows * T * cfg.hidden_size * 4;
+    // The embedding's input rows and one staging of its input gradient per micro-batch of a group.
+    const int64_t staging = (1 + group) * rows * T * cfg.hidden_size * 4;
+    const int64_t planned = e->plan().host_other - cfg.embed_params() * 4 - staging;
     EXPECT_EQ(planned, want) << "groups of " << group << ": the plan's accumulation buffers";
+  }
+}
+
+// Statistics at the source (engine_options::stats_at_source): taken from the slot before its copy
+// for every unit but the embedding when the step is one group, and from the host's sums when it has
+// several; either way the run is bit-identical to one that reads them on the update thread, with
+// speculation deferred, waiting or off, with and without clipping (which needs fix-ups).
+TEST(engine_stats, at_the_source_only_where_the_host_reads_the_slot) {
+  FERRY_REQUIRE_DEVICE();
+  const int64_t rows = 3, T = k_seq;
+  const auto data = split_rows(make_data(1, rows, T, 11), rows);
+  for (int64_t group : {3, 1}) {
+    engine_options o = rows_options(k_overlapped, 0.0, rows, T);
+    o.grad_accum = rows;
+    o.micro_group = group;
+    auto e = make_engine(o);
+    e->train_step(data[0], lr_at(0));
+    for (int64_t u = 0; u < e->params().num_units(); ++u)
+      EXPECT_EQ(e->gradients().has_source_stats(u), group == rows && u != e->params().embed_unit())
+          << "groups of " << group << ", unit " << u;
+    o.stats_at_source = false;
+    auto off = make_engine(o);
+    off->train_step(data[0], lr_at(0));
+    for (int64_t u = 0; u < off->params().num_units(); ++u)
+      EXPECT_FALSE(off->gradients().has_source_stats(u)) << "off, unit " << u;
+  }
+}
+
+TEST(engine_stats, at_the_source_same_bits_as_on_the_host) {
+  FERRY_REQUIRE_DEVICE();
+  auto data = make_data(4);
+  for (double clip : {0.0, 0.05}) {
+    for (speculate_mode spec : {speculate_mode::speculate_on, speculate_mode::speculate_off}) {
+      for (bool defer : {true, false}) {
+        if (spec == speculate_mode::speculate_off && !defer) continue;
+        engine_options o = with(base_options(k_overlapped, at::kFloat), spec);
+        o.clip_grad = clip;
+        o.defer_speculative = defer;
+        engine_options host = o;
+        host.stats_at_source = false;
+        const std::string what = mode_label(o) + (defer ? "" : " waiting") + ", clip " + std::to_string(clip) +
+                                 ": statistics at the source vs on the host";
+        const run_result a = run_engine(o, data), b = run_engine(host, data);
+        if (k_cuda_suite && clip > 0) {
+          // On CUDA the squares are summed in fp32 on the device (the host sums blocks in double):
+          // the norm, so the clip coefficient, agrees to fp32 rounding, and so does the trajectory.
+          ASSERT_EQ(a.steps.size(), b.steps.size());
+          for (size_t k = 0; k < a.steps.size(); ++k)
+            EXPECT_NEAR(a.steps[k].grad_norm, b.steps[k].grad_norm, 1e-5 * b.steps[k].grad_norm) << what << " step " << k;
+          for (size_t u = 0; u < a.master.size(); ++u)
+            EXPECT_LT(max_abs_diff(a.master[u], b.master[u]), 1e-6) << what << " master, unit " << u;
+          continue;
+        }
+        // Without clipping the statistics only decide a skip; on the host they are the same call.
+        expect_bit_identical(a, b, what);
+        for (size_t k = 0; k < a.steps.size(); ++k)
+          if (!k_cuda_suite) EXPECT_EQ(a.steps[k].grad_norm, b.steps[k].grad_norm) << what << " step " << k;
+      }
+    }
   }
 }
 
@@ -1079,14 +1140,16 @@ TEST(engine_plan, counts_the_accumulation_buffers) {
     const memory_plan each = engine(cfg, o).plan();
     EXPECT_EQ(each.host_other - one.host_other, (cfg.total_params() - cfg.embed_params()) * 4) << offload_mode_name(mode);
     EXPECT_EQ(each.device_total, one.device_total) << offload_mode_name(mode);
+    // The embedding's input gradient is staged per micro-batch of a group (gradient_path::send_embed).
+    const int64_t staging = o.max_batch * o.max_seq * cfg.hidden_size * 4;
     o.micro_group = 2;   // two groups: the host still sums them
     const memory_plan two = engine(cfg, o).plan();
-    EXPECT_EQ(two.host_other, each.host_other) << offload_mode_name(mode);
+    EXPECT_EQ(two.host_other, each.host_other + staging) << offload_mode_name(mode);
     EXPECT_EQ(two.activations, 2 * one.activations) << offload_mode_name(mode);
     o.micro_group = 0;   // auto, no device limit: one group of four
     const memory_plan four = engine(cfg, o).plan();
     EXPECT_EQ(four.micro_group, 4) << offload_mode_name(mode);
-    EXPECT_EQ(four.host_other, one.host_other) << offload_mode_name(mode);
+    EXPECT_EQ(four.host_other, one.host_other + 3 * staging) << offload_mode_name(mode);
     EXPECT_EQ(four.activations, 4 * one.activations) << offload_mode_name(mode);
     EXPECT_EQ(four.grad_slots - one.grad_slots, std::max(cfg.block_params(), cfg.head_slot_params()) * 4)
         << offload_mode_name(mode);
