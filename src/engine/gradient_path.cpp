@@ -230,22 +230,18 @@ void gradient_path::send(int64_t u, bool first_micro, bool last_micro, std::func
     auto guard = dev_.enter_compute();
     store_.comm()->reduce_scatter_sum(out, in, comm_channel::channel_engine);
   }
+  // Statistics at the source of what the host will read: the unit's first host_numel(u) elements
+  // of the slot. On CUDA a kernel on the compute queue before the copy's wait; on the host
+  // backends (below) after the unit's earlier tasks, which may read the previous results, have run.
   const bool src_stats = last_micro && stats_at_source(u);
-  src_sent_[size_t(u)] = src_stats;
+  const at::Tensor src_grad = src_stats ? s.buf.narrow(0, 0, host_numel(u)) : at::Tensor();
   at::Tensor src_acc;
-  if (src_stats) {
-    // What the host will read: the unit's first host_numel(u) elements of the slot.
-    const at::Tensor g = s.buf.narrow(0, 0, host_numel(u));
-    if (src_pinned_) {
+  if (src_stats && src_pinned_) {
 #if FERRY_WITH_CUDA
-      src_acc = src_dev_.narrow(0, 2 * u, 2);
-      src_acc.zero_();
-      gpu::grad_stats_accumulate(g, src_acc);
+    src_acc = src_dev_.narrow(0, 2 * u, 2);
+    src_acc.zero_();
+    gpu::grad_stats_accumulate(src_grad, src_acc);
 #endif
-    } else {
-      // Host backends: the compute queue's work is done when queued, so the slot holds it now.
-      src_host_stats_[size_t(u)] = src_host_(g.data_ptr(), to_optim_dtype(opt_.dtype), size_t(g.numel()));
-    }
   }
   event_ptr computed = dev_.record(queue::queue_compute);
   dev_.wait(queue::queue_d2h, computed);
@@ -255,6 +251,10 @@ void gradient_path::send(int64_t u, bool first_micro, bool last_micro, std::func
   const double t_wait = trace::enabled() ? trace::now_ms() : 0;
   meter_.stall_ms += worker_.wait_unit_tasks(u);
   if (trace::enabled()) trace::record("wait_tasks", u, t_wait, trace::now_ms());
+  src_sent_[size_t(u)] = src_stats;
+  // Host backends: the compute queue's work is done when queued, so the slot holds it now.
+  if (src_stats && !src_pinned_)
+    src_host_stats_[size_t(u)] = src_host_(src_grad.data_ptr(), to_optim_dtype(opt_.dtype), size_t(src_grad.numel()));
   // The last micro-batch is not added into the accumulator: the optimizer reads both.
   float* acc = accumulating_ && !last_micro ? accum_[size_t(u)] : nullptr;
   fused_[size_t(u)] = accumulating_ && last_micro && accum_[size_t(u)];
