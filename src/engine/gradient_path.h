@@ -6,7 +6,9 @@
 //       the step has several micro-batches (cpu_optim::accumulate), except the last one, which
 //       stays in the host buffer and is added by the optimizer as it reads the sum; on the last
 //       micro-batch the unit's host task (statistics, or a speculative update) runs. The embedding's input
-//       gradient is scattered into its fp32 gradient on the host the same way.
+//       gradient is scattered into its fp32 gradient on the host the same way. Where the host reads
+//       exactly the slot (one group per step, one rank, not the embedding), the statistics are
+//       taken from the slot before its copy (set_source_stats) and the host task only reads them.
 //   resident (none)  every unit has its gradient buffer on the device; micro-batches accumulate
 //       in place (the backward's accumulate flag) and nothing moves.
 // Tied embeddings: the tied matrix has one gradient, the embedding's, summed from both uses. The
