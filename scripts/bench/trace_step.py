@@ -6,14 +6,20 @@ running), the engine thread's waits, and when the device finished each unit's fo
 """
 import argparse
 import json
+import signal
 
 
 def main():
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)   # quiet when piped into head
     ap = argparse.ArgumentParser()
     ap.add_argument("trace")
     ap.add_argument("--step", type=int, default=None, help="train_step call number (1-based)")
     a = ap.parse_args()
-    recs = [json.loads(l) for l in open(a.trace) if l.strip()]
+    try:
+        with open(a.trace) as f:
+            recs = [json.loads(l) for l in f if l.strip()]
+    except (OSError, ValueError) as e:
+        raise SystemExit("trace_step.py: %s: %s (a FERRY_TRACE file of JSON lines)" % (a.trace, e))
     steps = [r for r in recs if r["what"] == "step"]
     if not steps:
         raise SystemExit("no step records in %s" % a.trace)
