@@ -29,6 +29,7 @@ engine::engine(const model::llama_config& cfg, const engine_options& opt) : cfg_
   check_options(opt_);
   defer_ = opt_.defer_speculative && std::getenv("FERRY_SPECULATE_WAIT") == nullptr;
   source_stats_ = opt_.stats_at_source && std::getenv("FERRY_HOST_STATS") == nullptr;
+  trace::enabled();   // FERRY_TRACE's file is opened (or refused, naming it) here, not in a worker thread
   dev_ = make_backend(opt_);
   // What the plan must fit (activation_checkpointing=auto fits it; the host backend plans for the
   // limit too, so the CPU tests can exercise it).

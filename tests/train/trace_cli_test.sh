@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# FERRY_TRACE=FILE end to end (src/engine/trace.h): a 3-step overlapped run on the host backend
+# writes every step's span and one update per unit per step, metrics.jsonl has cpu_tasks_ms, and
+# scripts/bench/trace_step.py prints a step of it; an unwritable FERRY_TRACE is one line naming it.
+set -u
+train="$1"
+root="$(cd "$(dirname "$0")/../.." && pwd)"
+dir="$(mktemp -d)"
+trap 'rm -rf "$dir"' EXIT
+printf 'a tiny corpus for the trace test, repeated.\n%.0s' $(seq 1 300) > "$dir/corpus.txt"
+common=(--device cpu --model-config tiny --set max_length=32 --set batch_size=2 --set tensorboard=false
+        --set offload=overlapped --data "$dir/corpus.txt")
+fail() { echo "FAIL: $*"; [ -f "$dir/log" ] && tail -20 "$dir/log"; exit 1; }
+
+FERRY_TRACE="$dir/trace.jsonl" "$train" "${common[@]}" --steps 3 --output-dir "$dir/run" > "$dir/log" 2>&1 \
+  || fail "the traced run failed"
+[ "$(grep -c '"what":"step"' "$dir/trace.jsonl")" = 3 ] || fail "not 3 step records: $(grep -c '"what":"step"' "$dir/trace.jsonl")"
+units=$(python3 -c "import json;c=json.load(open('$root/configs/models/tiny.json'));print(c['num_hidden_layers']+2)")
+updates=$(grep -c '"what":"update"' "$dir/trace.jsonl")
+# Each step queues one update per unit; the run's start (params_changed) queues one more per unit.
+[ "$updates" -ge $((3 * units)) ] || fail "$updates update records for $units units over 3 steps"
+grep -q '"cpu_tasks_ms"' "$dir/run/metrics.jsonl" || fail "no cpu_tasks_ms in metrics.jsonl"
+python3 "$root/scripts/bench/trace_step.py" "$dir/trace.jsonl" --step 2 > "$dir/step" 2>&1 || fail "trace_step.py: $(cat "$dir/step")"
+grep -q '^step 2: ' "$dir/step" && grep -q ' update ' "$dir/step" || fail "trace_step.py printed: $(head -5 "$dir/step")"
+
+FERRY_TRACE="$dir/no/such/dir/t.jsonl" "$train" "${common[@]}" --steps 1 --output-dir "$dir/run2" > "$dir/log" 2>&1
+rc=$?
+[ "$rc" = 1 ] || [ "$rc" = 2 ] || fail "an unwritable FERRY_TRACE exited $rc (want a refusal: 1 or 2)"
+grep -q "FERRY_TRACE=$dir/no/such/dir/t.jsonl" "$dir/log" || fail "the error does not name FERRY_TRACE: $(tail -3 "$dir/log")"
+echo "trace: OK ($updates updates, $units units)"
