@@ -32,7 +32,6 @@ void update_worker::submit(entry e, int64_t cls) {
   {
     std::lock_guard<std::mutex> lock(mu_);
     const bool task = e.version < 0;
-    ++pending_;
     if (task) ++pending_tasks_;
     else ++pending_updates_;
     if (e.unit >= 0) ++unit_pending_[size_t(e.unit)];
@@ -93,7 +92,6 @@ void update_worker::loop() {
         --pending_tasks_;
       }
       if (e.unit >= 0) --unit_pending_[size_t(e.unit)];
-      --pending_;
     }
     cv_done_.notify_all();
   }
@@ -140,7 +138,7 @@ double update_worker::wait_tasks() {
 double update_worker::wait_idle() {
   auto t0 = std::chrono::steady_clock::now();
   std::unique_lock<std::mutex> lock(mu_);
-  cv_done_.wait(lock, [&] { return pending_ == 0; });
+  cv_done_.wait(lock, [&] { return pending_tasks_ == 0 && pending_updates_ == 0; });
   rethrow_locked();
   return ms_since(t0);
 }

@@ -83,7 +83,7 @@ class update_worker {
   std::vector<int64_t> unit_queued_;    // per unit: updates queued (engine thread only)
   std::vector<int64_t> unit_pending_;   // per unit: tasks of any kind queued or running
   std::vector<int64_t> unit_tasks_queued_;   // per unit: gradient tasks queued, not yet started
-  int64_t pending_ = 0, pending_tasks_ = 0, pending_updates_ = 0;
+  int64_t pending_tasks_ = 0, pending_updates_ = 0;   // queued or running, of each kind
   bool stop_ = false;
   double busy_ms_ = 0, busy_tasks_ms_ = 0;
   std::exception_ptr error_;
