@@ -80,6 +80,7 @@ engine::engine_options options_of(const io::run_config& cfg) {
   o.max_seq = cfg.max_length;
   o.grad_accum = cfg.grad_accum;
   o.micro_group = cfg.micro_batch_group;
+  o.embed_grad = engine::parse_embed_grad_place(cfg.embed_grad);
   o.gpu_mem_limit_gib = cfg.gpu_mem_limit_gib;
   o.host_mem_limit_gib = cfg.host_mem_limit_gib;
   o.nvtx = cfg.nvtx;
@@ -88,9 +89,12 @@ engine::engine_options options_of(const io::run_config& cfg) {
 }
 }  // namespace
 
-engine::engine_options engine_options_for(const io::run_config& cfg, const model::llama_config&) {
+engine::engine_options engine_options_for(const io::run_config& cfg, const model::llama_config& mc) {
   engine::engine_options o = options_of(cfg);
   engine::check_options(o);
+  // embed_grad=device where it cannot apply is refused here; auto is resolved by the engine and
+  // the plans, once the ranks are attached.
+  (void)engine::resolve_embed_grad(o, mc.tie_word_embeddings, mc.embed_params());
   return o;
 }
 

@@ -25,7 +25,8 @@ std::unique_ptr<backend> make_backend(const engine_options& o) {
 }
 }  // namespace
 
-engine::engine(const model::llama_config& cfg, const engine_options& opt) : cfg_(cfg), opt_(opt) {
+engine::engine(const model::llama_config& cfg, const engine_options& opt)
+    : cfg_(cfg), opt_(resolve_embed_grad(opt, cfg.tie_word_embeddings, cfg.embed_params())) {
   check_options(opt_);
   defer_ = opt_.defer_speculative && std::getenv("FERRY_SPECULATE_WAIT") == nullptr;
   source_stats_ = opt_.stats_at_source && std::getenv("FERRY_HOST_STATS") == nullptr;
@@ -399,6 +400,8 @@ step_result engine::train_step(const std::vector<micro_batch>& micro_batches, do
       mark("gpu_bwd", u);
       send(u);
     }
+    if (last && poison_now(eu) && grads_->stats_at_source(eu))
+      grads_->poison_source(eu, opt_.debug_poison_index, opt_.debug_poison_value);
     for (int64_t j = 0; j < gn; ++j) {
       const bool last_here = j + 1 == gn;
       grads_->send_embed(ms[size_t(j)].dx, ms[size_t(j)].inputs, first && j == 0, last && last_here,

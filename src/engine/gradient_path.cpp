@@ -60,12 +60,13 @@ gradient_path::gradient_path(const model::llama_config& cfg, const engine_option
     group_sum_ = at::empty({std::max(cfg.block_params(), cfg.head_slot_params())}, dev_opts.dtype(at::kFloat));
   if (store.grad_sharded(store.embed_unit())) {
     // The embedding's fp32 gradient on the device, padded to the ranks' blocks (zeros past the
-    // table), and this rank's block of its sum over the ranks.
+    // table), and this rank's block of its sum over the ranks; one rank: the table is its block.
     const int64_t n = cfg.embed_params();
     embed_grad_ = at::zeros({sh.padded(n)}, dev_opts.dtype(at::kFloat));
-    embed_shard_ = at::empty({sh.per(n)}, dev_opts.dtype(at::kFloat));
+    embed_shard_ = sh.sharded() ? at::empty({sh.per(n)}, dev_opts.dtype(at::kFloat)) : embed_grad_;
   }
-  for (int64_t j = 0; j < std::max<int64_t>(1, micro_group); ++j)
+  // Summed on the host: pinned staging of the input gradient's rows.
+  for (int64_t j = 0; j < (embed_grad_.defined() ? 0 : std::max<int64_t>(1, micro_group)); ++j)
     embed_out_.push_back(
         dev.host_alloc(size_t(opt.max_batch * opt.max_seq * cfg.hidden_size) * c10::elementSize(opt.dtype)));
   if (dev.is_cuda() && !sh.sharded()) {
@@ -115,7 +116,10 @@ void gradient_path::set_source_stats(double mult, stats_fn host_stats) {
 }
 
 bool gradient_path::stats_at_source(int64_t u) const {
-  return src_on_ && !accumulating_ && shard_grad_.empty() && !store_.grad_sharded(u) && u != store_.embed_unit();
+  // One rank's embedding summed on the device: the table holds the step's whole sum, so with any
+  // number of groups.
+  if (u == store_.embed_unit()) return src_on_ && shard_grad_.empty() && store_.grad_sharded(u);
+  return src_on_ && !accumulating_ && shard_grad_.empty() && !store_.grad_sharded(u);
 }
 
 cpu_optim::grad_stats gradient_path::source_stats(int64_t u) const {
@@ -130,6 +134,12 @@ cpu_optim::grad_stats gradient_path::source_stats(int64_t u) const {
 }
 
 void gradient_path::poison_source(int64_t u, int64_t index, double value) {
+  if (u == store_.embed_unit() && embed_grad_.defined()) {
+    FERRY_ASSERT(index >= 0 && index < cfg_.embed_params(), "gradient_path::poison_source: index ", index,
+                 " of the embedding");
+    embed_poison_ = {index, value};   // after the step's last scatter into the table (send_embed)
+    return;
+  }
   FERRY_ASSERT(slot_of_[size_t(u)] && index >= 0 && index < host_numel(u), "gradient_path::poison_source: index ",
                index, " of unit ", u);
   slot_of_[size_t(u)]->buf.narrow(0, index, 1).fill_(value);
@@ -296,29 +306,52 @@ void gradient_path::send_embed(const at::Tensor& dx, const at::Tensor& tokens, b
     return;
   }
   if (store_.grad_sharded(eu)) {
-    // Ranks, reduced where it was made: every micro-batch of the step scatters into the device's
-    // fp32 gradient; after the last, a reduce-scatter on the compute queue (a collective of the
-    // engine's thread, after the blocks' on every rank) and only this rank's block crosses.
+    // Summed where it was made: every micro-batch of the step scatters into the device's fp32
+    // gradient. After the last, with ranks, a reduce-scatter on the compute queue (a collective of
+    // the engine's thread, after the blocks' on every rank) and only this rank's block crosses;
+    // one rank (embed_grad=device): the table crosses, its statistics taken first.
     const int64_t n = cfg_.embed_params();
     at::Tensor g = embed_grad_.narrow(0, 0, n).view({cfg_.vocab_size, h});
+    // The table's previous copy to the host must be done before this step's first scatter (one
+    // rank) or the collective (ranks) rewrites what it reads.
+    if (embed_copied_ && (store_.shards().sharded() ? last_micro : first_micro))
+      dev_.wait(queue::queue_compute, embed_copied_);
     {
       auto guard = dev_.enter_compute();
       model::embed_backward(dx, tokens.to(dev_.device()), g, !first_micro);
     }
     if (!last_micro) return;
-    // The shard's previous copy to the host must be done before the collective rewrites it.
-    if (embed_copied_) dev_.wait(queue::queue_compute, embed_copied_);
-    {
+    if (embed_poison_.first >= 0) {
+      auto guard = dev_.enter_compute();
+      embed_grad_.narrow(0, embed_poison_.first, 1).fill_(embed_poison_.second);
+      embed_poison_.first = -1;
+    }
+    if (store_.shards().sharded()) {
       auto guard = dev_.enter_compute();
       store_.comm()->reduce_scatter_sum(embed_shard_, embed_grad_, comm_channel::channel_engine);
     }
+    const bool src_stats = stats_at_source(eu);
+    at::Tensor src_acc;
+    if (src_stats && src_pinned_) {
+#if FERRY_WITH_CUDA
+      auto guard = dev_.enter_compute();
+      src_acc = src_dev_.narrow(0, 2 * eu, 2);
+      src_acc.zero_();
+      gpu::grad_stats_accumulate(g.view({-1}), src_acc);
+#endif
+    }
     event_ptr computed = dev_.record(queue::queue_compute);
     dev_.wait(queue::queue_d2h, computed);
-    // The host shard may still be read by the previous step's update of the embedding.
+    // The host copy may still be read by the previous step's update of the embedding.
     meter_.stall_ms += worker_.wait_unit_tasks(eu);
+    src_sent_[size_t(eu)] = src_stats;
+    // Host backends: the compute queue's work is done when queued (as in send).
+    if (src_stats && !src_pinned_)
+      src_host_stats_[size_t(eu)] = src_host_(g.data_ptr(), cpu_optim::dtype::dtype_f32, size_t(n));
     const size_t bytes = size_t(store_.shard_numel(eu)) * 4;
     event_ptr t0 = dev_.record(queue::queue_d2h, true);
     dev_.copy_d2h(store_.grad(eu), embed_shard_, bytes);
+    if (src_acc.defined()) dev_.copy_d2h(src_pinned_ + 2 * eu, src_acc, 8);
     embed_copied_ = dev_.record(queue::queue_d2h, true);
     meter_.d2h_timers.emplace_back(t0, embed_copied_);
     meter_.d2h_bytes += int64_t(bytes);

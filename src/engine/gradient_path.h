@@ -36,6 +36,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <functional>
+#include <utility>
 #include <vector>
 
 #include "cpu_optim/adamw.h"
@@ -86,13 +87,15 @@ class gradient_path {
   using stats_fn = std::function<cpu_optim::grad_stats(const void* data, cpu_optim::dtype dtype, size_t n)>;
   void set_source_stats(double mult, stats_fn host_stats);
   // Whether send() of unit u's last micro-batch takes its statistics at the source this step: the
-  // host gradient is exactly the slot (one group per step, one rank, not the embedding).
+  // host gradient is exactly the slot (one group per step, one rank, not the embedding), or the
+  // embedding's table summed on the device (one rank, embed_grad=device; any groups).
   bool stats_at_source(int64_t u) const;
   // Unit u's statistics taken at the source; valid in its host task after its last send().
   bool has_source_stats(int64_t u) const { return src_sent_[size_t(u)] != 0; }
   cpu_optim::grad_stats source_stats(int64_t u) const;
   // Test hook (engine_options::debug_poison_*): writes `value` at `index` of unit u's gradient in
-  // the slot target(u) handed out, on the compute queue, before its statistics and copy.
+  // the slot target(u) handed out, on the compute queue, before its statistics and copy; the
+  // embedding's summed on the device: into its table after the step's last scatter (send_embed).
   void poison_source(int64_t u, int64_t index, double value);
   // Bytes of the fp32 accumulators begin_step has allocated (none while every step is one group).
   int64_t accumulation_bytes() const { return accum_bytes_; }
@@ -172,8 +175,10 @@ class gradient_path {
   std::vector<void*> embed_out_;
   // Ranks with the embedding reduced on the device: its fp32 gradient there (padded to the ranks'
   // blocks), this rank's block of the sum, and that block's latest copy to the host.
+  // One rank (embed_grad=device): embed_shard_ is embed_grad_, the whole table.
   at::Tensor embed_grad_, embed_shard_;
   event_ptr embed_copied_;
+  std::pair<int64_t, double> embed_poison_{-1, 0.0};   // poison_source of the embedding: (index, value)
   // Statistics at the source (set_source_stats): on for the step, the multiplier, the host backends'
   // function and results, and on CUDA the device's two floats per unit and their pinned copies.
   bool src_on_ = false;

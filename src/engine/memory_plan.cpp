@@ -101,6 +101,9 @@ int64_t activation_bytes(const model::llama_config& cfg, int64_t batch, int64_t 
 memory_plan plan_memory(const model::llama_config& cfg, const engine_options& opt, int64_t batch, int64_t seq,
                         int64_t grad_accum, const plan_what_if& what_if, int64_t device_bytes) {
   if (opt.forward_only) return plan_forward_only(cfg, opt, batch, seq);
+  if (opt.embed_grad == embed_grad_place::embed_grad_auto)
+    return plan_memory(cfg, resolve_embed_grad(opt, cfg.tie_word_embeddings, cfg.embed_params()), batch, seq,
+                       grad_accum, what_if, device_bytes);
   const bool offloaded = opt.mode != offload_mode::offload_none;
   // The group asked for (engine_options::micro_group, or the what-if's): 0 = auto.
   const int64_t asked_group = what_if.micro_group > 0 ? what_if.micro_group : opt.micro_group;
@@ -165,9 +168,10 @@ memory_plan plan_memory(const model::llama_config& cfg, const engine_options& op
       p.grad_slots = (2 * (sh.padded(block) + sh.per(block)) +
                       (head_too ? sh.padded(head) + sh.per(head) : head)) * e;
     }
-    // The embedding's fp32 gradient, padded, and its reduce-scattered block (gradient_path).
+    // The embedding's fp32 gradient, padded, and its reduce-scattered block (gradient_path); one
+    // rank (embed_grad=device): the table alone.
     if (unit_reduced_on_device(opt, cfg.tie_word_embeddings, 0, nu))
-      p.grad_slots += (sh.padded(embed) + sh.per(embed)) * 4;
+      p.grad_slots += (sh.sharded() ? sh.padded(embed) + sh.per(embed) : embed) * 4;
     // A group's fp32 gradient sum of the unit whose backward runs (gradient_path::fold).
     if (p.micro_group > 1) p.grad_slots += std::max(block, head) * 4;
   }
@@ -208,7 +212,14 @@ memory_plan plan_memory(const model::llama_config& cfg, const engine_options& op
   // The embedding's fp32 gradient, the pinned staging of its input rows (one) and of its input
   // gradient (one per micro-batch of a group: gradient_path::send_embed), and the fp32 accumulation
   // buffers when a step has more than one group (gradient_path::begin_step).
-  p.host_other = embed * 4 + (1 + p.micro_group) * n * h * e + (grad_accum > p.micro_group ? (params - embed) * 4 : 0);
+  // Summed on the device (unit_reduced_on_device), the embedding's input gradient is not staged.
+  const bool embed_dev = unit_reduced_on_device(opt, cfg.tie_word_embeddings, 0, cfg.num_hidden_layers + 2);
+  p.host_other = embed * 4 + (1 + (embed_dev ? 0 : p.micro_group)) * n * h * e +
+                 (grad_accum > p.micro_group ? (params - embed) * 4 : 0);
+  if (embed_dev && !shards.sharded()) {   // one rank: the fp32 gradient is page-locked, a copy's target
+    p.host_pinned += embed * 4;
+    p.host_other -= embed * 4;
+  }
   if (shards.sharded() && !opt.forward_only) {
     // Each unit's summed fp32 gradient shard (16-element aligned, gradient_path), and the padded
     // fp32 unit the reduce-scatter reads and the all-gather writes (param_store::comm_scratch) of
@@ -230,7 +241,6 @@ memory_plan plan_memory(const model::llama_config& cfg, const engine_options& op
     }
     p.host_pinned += widest * 4;
     if (opt.mode != offload_mode::offload_none) {
-      const bool embed_dev = unit_reduced_on_device(opt, cfg.tie_word_embeddings, 0, int64_t(numels.size()));
       p.host_pinned += (embed_dev ? std::max<int64_t>(1, shards.per(embed)) : shards.padded(embed)) * 4;
       p.host_other -= embed * 4;
     }

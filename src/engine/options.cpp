@@ -29,6 +29,13 @@ shadow_mode parse_shadow_mode(const std::string& s) {
   throw config_error("dist_weights \"" + s + "\" is not one of auto, shared, gather");
 }
 
+embed_grad_place parse_embed_grad_place(const std::string& s) {
+  if (s == "auto") return embed_grad_place::embed_grad_auto;
+  if (s == "host") return embed_grad_place::embed_grad_host;
+  if (s == "device") return embed_grad_place::embed_grad_device;
+  throw config_error("embed_grad \"" + s + "\" is not one of auto, host, device");
+}
+
 speculate_mode parse_speculate_mode(const std::string& s) {
   if (s == "auto") return speculate_mode::speculate_auto;
   if (s == "on") return speculate_mode::speculate_on;
@@ -71,6 +78,22 @@ void check_options(const engine_options& o) {
                      "optimizer_state_on=nvme needs offload blocked or overlapped (offload none keeps the optimizer "
                      "state on the GPU)");
   FERRY_CONFIG_CHECK(!o.nvme.path.empty(), "optimizer_state_on=nvme needs nvme_path, a directory on a local disk");
+}
+
+engine_options resolve_embed_grad(engine_options o, bool tied, int64_t embed_params) {
+  const bool training = !o.forward_only && o.mode != offload_mode::offload_none;
+  if (o.embed_grad == embed_grad_place::embed_grad_device) {
+    FERRY_CONFIG_CHECK(!tied, "embed_grad=device: the model ties its embeddings (tie_word_embeddings), whose ",
+                       "gradient is summed on the host from both uses; use embed_grad=auto or host");
+    FERRY_CONFIG_CHECK(o.forward_only || o.mode != offload_mode::offload_none,
+                       "embed_grad=device needs offload blocked or overlapped (offload none keeps every gradient "
+                       "on the GPU); use embed_grad=auto with offload none");
+  }
+  if (o.embed_grad == embed_grad_place::embed_grad_auto)
+    o.embed_grad = o.cuda && training && !tied && !shards_of(o).sharded() && embed_params * 4 <= (int64_t(1) << 30)
+                       ? embed_grad_place::embed_grad_device
+                       : embed_grad_place::embed_grad_host;
+  return o;
 }
 
 }  // namespace ferry::engine

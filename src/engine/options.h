@@ -35,7 +35,16 @@ enum class speculate_mode {
   speculate_off,
 };
 
+// Where a one-rank offloaded run sums the embedding's gradient (run-config key embed_grad):
+// host: its input gradient's rows are copied to the host and scattered into the fp32 gradient
+// there by the update thread; device: scattered on the device into an fp32 table there (V*h*4
+// bytes of GPU memory), whose sum of the step's micro-batches crosses to the host once, with its
+// statistics taken on the device; auto: device on CUDA when the model is untied and the table is
+// at most 1 GiB (resolve_embed_grad). With ranks, dist_reduce decides.
+enum class embed_grad_place { embed_grad_auto, embed_grad_host, embed_grad_device };
+
 offload_mode parse_offload_mode(const std::string& s);  // throws config_error
+embed_grad_place parse_embed_grad_place(const std::string& s);   // auto | host | device
 shadow_mode parse_shadow_mode(const std::string& s);    // auto | shared | gather
 const char* offload_mode_name(offload_mode m);
 speculate_mode parse_speculate_mode(const std::string& s);
@@ -68,6 +77,9 @@ struct engine_options {
   // thread does not read the gradient an extra time. false, or the environment's FERRY_HOST_STATS=1:
   // the update thread reads them from the host copy.
   bool stats_at_source = true;
+  // One rank: where the embedding's gradient is summed (embed_grad_place); the engine and
+  // plan_memory resolve auto (resolve_embed_grad).
+  embed_grad_place embed_grad = embed_grad_place::embed_grad_auto;
   recompute_mode recompute = recompute_mode::recompute_none;
   // AdamW and clipping
   double beta1 = 0.9, beta2 = 0.999, eps = 1e-8, weight_decay = 0.01;
@@ -138,13 +150,15 @@ inline shard_layout shards_of(const engine_options& opt) {
   return opt.comm ? shard_layout{opt.comm->rank(), opt.comm->world()} : shard_layout{};
 }
 
-// Whether unit u (0 the embedding, 1..L the blocks, L+1 the head) of an offloaded run with ranks
-// and reduce_on_device has its gradient reduce-scattered where the backward made it: every block,
-// and the head and the embedding unless tied (the tied matrix's gradient is summed from both uses
-// on the host).
+// Whether unit u (0 the embedding, 1..L the blocks, L+1 the head) of an offloaded run has its
+// gradient summed where the backward made it, so its host buffer holds only this rank's block of
+// the sum. With ranks and reduce_on_device: every block, and the head and the embedding unless
+// tied (the tied matrix's gradient is summed from both uses on the host). One rank: the
+// embedding with embed_grad=device (resolved; auto counts as host), its one block the whole.
 inline bool unit_reduced_on_device(const engine_options& opt, bool tied, int64_t u, int64_t num_units) {
-  return opt.reduce_on_device && shards_of(opt).sharded() && opt.mode != offload_mode::offload_none &&
-         !(tied && (u == 0 || u == num_units - 1));
+  if (opt.mode == offload_mode::offload_none) return false;
+  if (!shards_of(opt).sharded()) return u == 0 && !tied && opt.embed_grad == embed_grad_place::embed_grad_device;
+  return opt.reduce_on_device && !(tied && (u == 0 || u == num_units - 1));
 }
 
 // unit_reduced_on_device of every unit: the units whose host gradient buffer holds only this
@@ -161,5 +175,9 @@ inline std::vector<bool> units_reduced_on_device(const engine_options& opt, bool
 // micro_batch_group above 1 with offload none, or above grad_accum. An inference
 // (forward_only) engine keeps no moments and passes (its master weights stay in host memory).
 void check_options(const engine_options& o);
+// o with embed_grad resolved for the model (auto: device on CUDA, one rank, offloaded training,
+// untied, an fp32 table of at most 1 GiB; else host). embed_grad=device where the embedding's
+// gradient cannot be summed on the device (tied embeddings, offload none) is a config_error.
+engine_options resolve_embed_grad(engine_options o, bool tied, int64_t embed_params);
 
 }  // namespace ferry::engine

@@ -29,8 +29,10 @@ param_store::param_store(const model::llama_config& cfg, at::ScalarType dtype, b
   for (const auto& u : units_) numel.push_back(u.numel);
   FERRY_ASSERT(numel == unit_numels(cfg), "the units differ from param_store::unit_numels");
   shard_grads_.resize(units_.size(), false);
-  FERRY_ASSERT(shards_.sharded() || std::find(shard_grads_.begin(), shard_grads_.end(), true) == shard_grads_.end(),
-               "shard_grads: one rank holds whole gradients");
+  // One rank may sum only the embedding's gradient on the device (embed_grad=device): its one
+  // block is the whole table.
+  FERRY_ASSERT(shards_.sharded() || std::find(shard_grads_.begin() + 1, shard_grads_.end(), true) == shard_grads_.end(),
+               "shard_grads: one rank holds whole gradients but the embedding's");
   std::vector<int64_t> mine;
   for (int64_t n : numel) mine.push_back(shards_.count(n));
   state_ = nvme && optimizer_state ? make_nvme_state(mine, kind, optimizer_state, *nvme)
@@ -83,7 +85,8 @@ param_store::param_store(const model::llama_config& cfg, at::ScalarType dtype, b
     } else if (u == 0) {
       // Sharded: page-locked; reduced on the device, this rank's shard of the sum; else padded with
       // zeros to the ranks' equal blocks, the reduce-scatter's input as it is (gradient_path::reduce).
-      if (shards_.sharded()) {
+      // One rank summing it on the device: page-locked, the whole table, the copy's target.
+      if (shards_.sharded() || shard_grads_[0]) {
         const int64_t floats = host_embed_grad_floats();
         grad_.push_back(dev_.host_alloc(size_t(floats) * 4));
         std::memset(grad_.back(), 0, size_t(floats) * 4);
@@ -102,7 +105,7 @@ param_store::param_store(const model::llama_config& cfg, at::ScalarType dtype, b
 param_store::~param_store() {
   if (scratch_) dev_.host_free(scratch_);
   if (!grad_.empty() && optimizer_state_) {
-    if (shards_.sharded()) dev_.host_free(grad_[0]);
+    if (shards_.sharded() || shard_grads_[0]) dev_.host_free(grad_[0]);
     else std::free(grad_[0]);
   }
   if (pinned_) dev_.host_free(pinned_);

@@ -661,9 +661,11 @@ TEST(engine_accumulation, host_accumulators_only_for_several_groups) {
     e->train_step(data[0], lr_at(0));
     const int64_t want = group == rows ? 0 : (cfg.total_params() - cfg.embed_params()) * 4;
     EXPECT_EQ(e->gradients().accumulation_bytes(), want) << "groups of " << group;
-    // The embedding's input rows and one staging of its input gradient per micro-batch of a group.
-    const int64_t staging = (1 + group) * rows * T * cfg.hidden_size * 4;
-    const int64_t planned = e->plan().host_other - cfg.embed_params() * 4 - staging;
+    // The embedding's input rows and one staging of its input gradient per micro-batch of a group,
+    // and its fp32 gradient (pinned instead when it is summed on the device: CUDA's auto).
+    const bool embed_dev = e->options().embed_grad == embed_grad_place::embed_grad_device;
+    const int64_t staging = (1 + (embed_dev ? 0 : group)) * rows * T * cfg.hidden_size * 4;
+    const int64_t planned = e->plan().host_other - (embed_dev ? 0 : cfg.embed_params() * 4) - staging;
     EXPECT_EQ(planned, want) << "groups of " << group << ": the plan's accumulation buffers";
   }
 }
@@ -683,7 +685,9 @@ TEST(engine_stats, at_the_source_only_where_the_host_reads_the_slot) {
     auto e = make_engine(o);
     e->train_step(data[0], lr_at(0));
     for (int64_t u = 0; u < e->params().num_units(); ++u)
-      EXPECT_EQ(e->gradients().has_source_stats(u), group == rows && u != e->params().embed_unit())
+      EXPECT_EQ(e->gradients().has_source_stats(u),
+                u == e->params().embed_unit() ? e->options().embed_grad == embed_grad_place::embed_grad_device
+                                              : group == rows)
           << "groups of " << group << ", unit " << u;
     o.stats_at_source = false;
     auto off = make_engine(o);
@@ -720,10 +724,137 @@ TEST(engine_stats, at_the_source_same_bits_as_on_the_host) {
         }
         // Without clipping the statistics only decide a skip; on the host they are the same call.
         expect_bit_identical(a, b, what);
-        for (size_t k = 0; k < a.steps.size(); ++k)
+        for (size_t k = 0; k < a.steps.size(); ++k) {
           if (!k_cuda_suite) EXPECT_EQ(a.steps[k].grad_norm, b.steps[k].grad_norm) << what << " step " << k;
+        }
       }
     }
+  }
+}
+
+// embed_grad=device (one rank): the embedding's gradient is summed on the device into an fp32
+// table that crosses to the host once per step, its statistics taken there. The trajectory is the
+// one of the host's row scatter: bit-identical on the host backends (index_put_ sums duplicate rows
+// in token order, as scatter_add_rows does); on CUDA within fp32 rounding (the device sorts the
+// rows, and sums the squares in fp32). Over one micro-batch, three in one group and three one by
+// one, speculation deferred, waiting and off, unclipped and clipped.
+TEST(engine_embed_grad, device_sum_trains_like_the_host_scatter) {
+  FERRY_REQUIRE_DEVICE();
+  const int64_t rows = 3, T = k_seq;
+  const auto big = make_data(3, rows, T, 17);
+  for (int64_t micro : {1, 3}) {
+    for (int64_t group : {3, 1}) {
+      if (micro == 1 && group != 1) continue;
+      for (double clip : {0.0, 0.05}) {
+        for (speculate_mode spec : {speculate_mode::speculate_on, speculate_mode::speculate_off}) {
+          for (bool defer : {true, false}) {
+            if (spec == speculate_mode::speculate_off && !defer) continue;
+            engine_options o = with(rows_options(k_overlapped, clip, rows, T), spec);
+            o.grad_accum = micro;
+            o.micro_group = group;
+            o.defer_speculative = defer;
+            engine_options host = o, dev = o;
+            host.embed_grad = embed_grad_place::embed_grad_host;
+            dev.embed_grad = embed_grad_place::embed_grad_device;
+            const std::string what = mode_label(o) + (defer ? "" : " waiting") + ", " + std::to_string(micro) +
+                                     " micro-batches in groups of " + std::to_string(group) + ", clip " +
+                                     std::to_string(clip) + ": embedding summed on the device vs the host";
+            const auto data = split_rows(big, micro);
+            const run_result a = run_engine(dev, data), b = run_engine(host, data);
+            if (k_cuda_suite) {
+              ASSERT_EQ(a.steps.size(), b.steps.size());
+              for (size_t k = 0; k < a.steps.size(); ++k) {
+                EXPECT_NEAR(a.steps[k].grad_norm, b.steps[k].grad_norm, 1e-5 * b.steps[k].grad_norm) << what << " step " << k;
+                EXPECT_EQ(a.steps[k].skipped, b.steps[k].skipped) << what << " step " << k;
+              }
+              for (size_t u = 0; u < a.master.size(); ++u)
+                EXPECT_LT(max_abs_diff(a.master[u], b.master[u]), 1e-6) << what << " master, unit " << u;
+              continue;
+            }
+            expect_bit_identical(a, b, what);
+            for (size_t k = 0; k < a.steps.size(); ++k) EXPECT_EQ(a.steps[k].grad_norm, b.steps[k].grad_norm) << what << " step " << k;
+          }
+        }
+      }
+    }
+  }
+}
+
+// Where the table lives and what the plan charges for it: the fp32 table on the device, the host's
+// fp32 gradient page-locked instead of pageable (the copy's target) and no staging of the input
+// gradient's rows; its statistics are taken at the source. auto resolves to device only on CUDA for
+// an untied model at one rank, and device where it cannot apply is refused naming the key.
+TEST(engine_embed_grad, plans_and_places_the_table) {
+  const auto cfg = tiny_config();
+  engine_options o = base_options(k_overlapped, at::kFloat);
+  o.cuda = false;
+  o.grad_accum = 2;
+  o.embed_grad = embed_grad_place::embed_grad_host;
+  const memory_plan host = engine(cfg, o).plan();
+  o.embed_grad = embed_grad_place::embed_grad_device;
+  auto dev = make_engine(o);
+  const memory_plan p = dev->plan();
+  const int64_t table = cfg.embed_params() * 4, staging = o.max_batch * o.max_seq * cfg.hidden_size * 4;
+  EXPECT_EQ(p.grad_slots - host.grad_slots, table);
+  EXPECT_EQ(p.host_pinned - host.host_pinned, table);
+  EXPECT_EQ(host.host_other - p.host_other, table + 2 * staging) << "two micro-batches in one group";
+  EXPECT_EQ(p.host_total, host.host_total - 2 * staging);
+  EXPECT_TRUE(dev->params().grad_sharded(dev->params().embed_unit()));
+  for (int64_t u = 1; u < dev->params().num_units(); ++u) EXPECT_FALSE(dev->params().grad_sharded(u)) << "unit " << u;
+  // Two micro-batches in two groups: the table still holds the step's whole sum, so its statistics
+  // come from the source while the blocks' come from the host's sums.
+  o.micro_group = 1;
+  auto two_groups = make_engine(o);
+  two_groups->train_step(split_rows(make_data(1), 2)[0], lr_at(0));
+  for (int64_t u = 0; u < two_groups->params().num_units(); ++u)
+    EXPECT_EQ(two_groups->gradients().has_source_stats(u), u == two_groups->params().embed_unit()) << "unit " << u;
+  o.micro_group = 0;
+
+  o.embed_grad = embed_grad_place::embed_grad_auto;
+  EXPECT_EQ(resolve_embed_grad(o, false, cfg.embed_params()).embed_grad, embed_grad_place::embed_grad_host) << "CPU";
+  o.cuda = true;
+  EXPECT_EQ(resolve_embed_grad(o, false, cfg.embed_params()).embed_grad, embed_grad_place::embed_grad_device);
+  EXPECT_EQ(resolve_embed_grad(o, true, cfg.embed_params()).embed_grad, embed_grad_place::embed_grad_host) << "tied";
+  EXPECT_EQ(resolve_embed_grad(o, false, (int64_t(1) << 28) + 1).embed_grad, embed_grad_place::embed_grad_host)
+      << "a table over 1 GiB";
+  o.mode = k_none;
+  EXPECT_EQ(resolve_embed_grad(o, false, cfg.embed_params()).embed_grad, embed_grad_place::embed_grad_host) << "none";
+  o.embed_grad = embed_grad_place::embed_grad_device;
+  auto refusal = [&](const engine_options& x, bool tied) {
+    try {
+      resolve_embed_grad(x, tied, cfg.embed_params());
+    } catch (const config_error& e) {
+      return std::string(e.what());
+    }
+    return std::string();
+  };
+  EXPECT_NE(refusal(o, false).find("embed_grad=device needs offload blocked or overlapped"), std::string::npos);
+  o.mode = k_overlapped;
+  EXPECT_NE(refusal(o, true).find("embed_grad=device: the model ties its embeddings"), std::string::npos);
+  EXPECT_EQ(refusal(o, false), "");
+}
+
+// An overflow in the embedding's gradient, summed on the device with its statistics taken there:
+// the poison is written into the table after the step's last scatter, so the step is skipped (and
+// the speculative updates of the other units rolled back) exactly as when the host sums it.
+TEST(engine_embed_grad, an_overflow_in_the_table_skips_the_step) {
+  FERRY_REQUIRE_DEVICE();
+  const int64_t rows = 3, T = k_seq;
+  const auto data = split_rows(make_data(3, rows, T, 19), rows);
+  for (double value : {k_inf, std::nan("")}) {
+    engine_options o = rows_options(k_overlapped, 0.0, rows, T);
+    o.grad_accum = rows;
+    o.debug_poison_step = 2;
+    o.debug_poison_unit = 0;
+    o.debug_poison_index = 5;
+    o.debug_poison_value = value;
+    engine_options host = o, dev = o;
+    host.embed_grad = embed_grad_place::embed_grad_host;
+    dev.embed_grad = embed_grad_place::embed_grad_device;
+    const run_result a = run_engine(dev, data), b = run_engine(host, data);
+    ASSERT_EQ(a.steps.size(), 3u);
+    for (size_t k = 0; k < a.steps.size(); ++k) EXPECT_EQ(a.steps[k].skipped, k == 1) << value << " step " << k;
+    if (!k_cuda_suite) expect_bit_identical(a, b, "poisoned embedding, " + std::to_string(value));
   }
 }
 
@@ -910,7 +1041,9 @@ TEST(engine_memory, plan_matches_measured_bytes) {
       adam_state += int64_t(store.master_tensor(u).nbytes() + store.exp_avg_tensor(u).nbytes() +
                             store.exp_avg_sq_tensor(u).nbytes());
     for (auto mode : {k_none, k_blocked, k_overlapped}) {
-      memory_plan p = plan_memory(cfg, base_options(mode, dt), B, T, 1);
+      engine_options o = base_options(mode, dt);
+      o.embed_grad = embed_grad_place::embed_grad_host;   // as the store: the embedding's gradient pageable
+      memory_plan p = plan_memory(cfg, o, B, T, 1);
       EXPECT_EQ(p.activations, activations) << offload_mode_name(mode);
       // describe() prints the device total as the sum of these parts.
       EXPECT_EQ(p.device_total, p.weight_slots + p.grad_slots + p.optimizer + p.activations + p.workspace);
