@@ -194,6 +194,7 @@ void write_plan_json(const std::string& path, const io::run_config& cfg, const m
               {"prefetch", cfg.prefetch}, {"gpu_mem_limit_gib", cfg.gpu_mem_limit_gib}, {"host_mem_limit_gib", cfg.host_mem_limit_gib},
               {"forward_only", eo.forward_only}, {"recompute_blocks", p.recompute_blocks},
               {"micro_batch_group", p.micro_group},
+              {"embed_grad", p.embed_grad_device ? "device" : "host"},
               {"optimizer_state", engine::state_kind_name(p.state)},
               {"optimizer_state_on", p.state_on_disk ? "nvme" : "host"}};
   auto device_of = [](const engine::memory_plan& q) {

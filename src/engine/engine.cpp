@@ -25,9 +25,11 @@ std::unique_ptr<backend> make_backend(const engine_options& o) {
 }
 }  // namespace
 
-engine::engine(const model::llama_config& cfg, const engine_options& opt)
-    : cfg_(cfg), opt_(resolve_embed_grad(opt, cfg.tie_word_embeddings, cfg.embed_params())) {
+engine::engine(const model::llama_config& cfg, const engine_options& opt) : cfg_(cfg), opt_(opt) {
   check_options(opt_);
+  // embed_grad=device where it cannot apply is refused here; auto is the plan's choice (below).
+  if (opt_.embed_grad != embed_grad_place::embed_grad_auto)
+    opt_ = resolve_embed_grad(opt_, cfg_.tie_word_embeddings, cfg_.embed_params());
   defer_ = opt_.defer_speculative && std::getenv("FERRY_SPECULATE_WAIT") == nullptr;
   source_stats_ = opt_.stats_at_source && std::getenv("FERRY_HOST_STATS") == nullptr;
   trace::enabled();   // FERRY_TRACE's file is opened (or refused, naming it) here, not in a worker thread
@@ -38,6 +40,9 @@ engine::engine(const model::llama_config& cfg, const engine_options& opt)
                       : dev_->is_cuda()          ? dev_->memory_stats().total
                                                  : 0;
   plan_ = plan_memory(cfg_, opt_, opt_.max_batch, opt_.max_seq, opt_.grad_accum, {}, cap);
+  if (opt_.embed_grad == embed_grad_place::embed_grad_auto)
+    opt_.embed_grad = plan_.embed_grad_device && !shards_of(opt_).sharded() ? embed_grad_place::embed_grad_device
+                                                                             : embed_grad_place::embed_grad_host;
   if (dev_->is_cuda()) dev_->limit_memory(opt_.gpu_mem_limit_gib);
   // Before anything is allocated: the device's limit (CUDA) and the host's (host_mem_limit_gib).
   const std::string misfit = plan_misfit(plan_, cfg_, opt_, dev_->is_cuda() ? cap : 0);

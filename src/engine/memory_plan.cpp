@@ -101,15 +101,24 @@ int64_t activation_bytes(const model::llama_config& cfg, int64_t batch, int64_t 
 memory_plan plan_memory(const model::llama_config& cfg, const engine_options& opt, int64_t batch, int64_t seq,
                         int64_t grad_accum, const plan_what_if& what_if, int64_t device_bytes) {
   if (opt.forward_only) return plan_forward_only(cfg, opt, batch, seq);
-  if (opt.embed_grad == embed_grad_place::embed_grad_auto)
-    return plan_memory(cfg, resolve_embed_grad(opt, cfg.tie_word_embeddings, cfg.embed_params()), batch, seq,
-                       grad_accum, what_if, device_bytes);
-  const bool offloaded = opt.mode != offload_mode::offload_none;
-  // The group asked for (engine_options::micro_group, or the what-if's): 0 = auto.
-  const int64_t asked_group = what_if.micro_group > 0 ? what_if.micro_group : opt.micro_group;
   const int64_t cap = device_bytes > 0 ? device_bytes : gib_bytes(opt.gpu_mem_limit_gib);
   // On CUDA the plan must fit with k_allocator_slack of the cap to spare (memory_plan.h).
   const int64_t target = opt.cuda ? cap - int64_t(double(cap) * k_allocator_slack) : cap;
+  if (opt.embed_grad == embed_grad_place::embed_grad_auto) {
+    // auto: the table on the device where resolve_embed_grad allows it, if that plan fits the cap
+    // with the group the host's plan runs (the table must not cost a smaller group); else the host.
+    engine_options host = opt;
+    host.embed_grad = embed_grad_place::embed_grad_host;
+    const memory_plan on_host = plan_memory(cfg, host, batch, seq, grad_accum, what_if, device_bytes);
+    const engine_options dev = resolve_embed_grad(opt, cfg.tie_word_embeddings, cfg.embed_params());
+    if (dev.embed_grad != embed_grad_place::embed_grad_device) return on_host;
+    const memory_plan on_dev = plan_memory(cfg, dev, batch, seq, grad_accum, what_if, device_bytes);
+    const bool fits = cap <= 0 || on_dev.device_total <= target;
+    return fits && on_dev.micro_group == on_host.micro_group ? on_dev : on_host;
+  }
+  const bool offloaded = opt.mode != offload_mode::offload_none;
+  // The group asked for (engine_options::micro_group, or the what-if's): 0 = auto.
+  const int64_t asked_group = what_if.micro_group > 0 ? what_if.micro_group : opt.micro_group;
   if (asked_group <= 0 && offloaded && grad_accum > 1) {
     // The largest group that fits (each size with its own recomputation), else one by one.
     plan_what_if w = what_if;
@@ -214,6 +223,7 @@ memory_plan plan_memory(const model::llama_config& cfg, const engine_options& op
   // buffers when a step has more than one group (gradient_path::begin_step).
   // Summed on the device (unit_reduced_on_device), the embedding's input gradient is not staged.
   const bool embed_dev = unit_reduced_on_device(opt, cfg.tie_word_embeddings, 0, cfg.num_hidden_layers + 2);
+  p.embed_grad_device = embed_dev;
   p.host_other = embed * 4 + (1 + (embed_dev ? 0 : p.micro_group)) * n * h * e +
                  (grad_accum > p.micro_group ? (params - embed) * 4 : 0);
   if (embed_dev && !shards.sharded()) {   // one rank: the fp32 gradient is page-locked, a copy's target

@@ -21,6 +21,8 @@ struct memory_plan {
                               // (forward_only: one layer's input and output)
   int64_t recompute_blocks = 0;  // blocks that keep only their input (activation checkpointing)
   int64_t micro_group = 1;    // micro-batches run together, layer by layer (engine_options::micro_group)
+  bool embed_grad_device = false;   // the embedding's gradient is summed on the device (embed_grad;
+                                    // with ranks, reduced there); auto: this plan's choice
   int64_t workspace = 0;      // the largest transient: attention scores, MLP, logits chunk; rotary
                               // tables and cuBLAS workspace
   int64_t device_total = 0;

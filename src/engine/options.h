@@ -39,8 +39,9 @@ enum class speculate_mode {
 // host: its input gradient's rows are copied to the host and scattered into the fp32 gradient
 // there by the update thread; device: scattered on the device into an fp32 table there (V*h*4
 // bytes of GPU memory), whose sum of the step's micro-batches crosses to the host once, with its
-// statistics taken on the device; auto: device on CUDA when the model is untied and the table is
-// at most 1 GiB (resolve_embed_grad). With ranks, dist_reduce decides.
+// statistics taken on the device; auto: device on CUDA when the model is untied, the table is at
+// most 1 GiB (resolve_embed_grad) and the plan with it fits the GPU with the same group of
+// micro-batches (plan_memory), else host. With ranks, dist_reduce decides.
 enum class embed_grad_place { embed_grad_auto, embed_grad_host, embed_grad_device };
 
 offload_mode parse_offload_mode(const std::string& s);  // throws config_error
@@ -77,8 +78,8 @@ struct engine_options {
   // thread does not read the gradient an extra time. false, or the environment's FERRY_HOST_STATS=1:
   // the update thread reads them from the host copy.
   bool stats_at_source = true;
-  // One rank: where the embedding's gradient is summed (embed_grad_place); the engine and
-  // plan_memory resolve auto (resolve_embed_grad).
+  // One rank: where the embedding's gradient is summed (embed_grad_place); plan_memory decides
+  // auto (memory_plan::embed_grad_device) and the engine takes its decision.
   embed_grad_place embed_grad = embed_grad_place::embed_grad_auto;
   recompute_mode recompute = recompute_mode::recompute_none;
   // AdamW and clipping
@@ -175,9 +176,10 @@ inline std::vector<bool> units_reduced_on_device(const engine_options& opt, bool
 // micro_batch_group above 1 with offload none, or above grad_accum. An inference
 // (forward_only) engine keeps no moments and passes (its master weights stay in host memory).
 void check_options(const engine_options& o);
-// o with embed_grad resolved for the model (auto: device on CUDA, one rank, offloaded training,
-// untied, an fp32 table of at most 1 GiB; else host). embed_grad=device where the embedding's
-// gradient cannot be summed on the device (tied embeddings, offload none) is a config_error.
+// o with embed_grad resolved for the model, before memory is considered (auto: device on CUDA,
+// one rank, offloaded training, untied, an fp32 table of at most 1 GiB; else host; plan_memory
+// then keeps device only where it fits). embed_grad=device where the embedding's gradient cannot
+// be summed on the device (tied embeddings, offload none) is a config_error.
 engine_options resolve_embed_grad(engine_options o, bool tied, int64_t embed_params);
 
 }  // namespace ferry::engine

@@ -64,7 +64,7 @@ const std::vector<key_desc>& keys() {
       {"embed_grad", str_key{&run_config::embed_grad, {"auto", "host", "device"}},
        "one GPU, offloaded: sum the embedding's gradient on the host from its rows (host), or in an fp32 table on "
        "the GPU copied once per step (device: vocab x hidden x 4 bytes of GPU memory, none of the update thread's "
-       "time); auto = device for an untied model whose table is at most 1 GiB"},
+       "time); auto = device for an untied model whose table is at most 1 GiB and fits the GPU's plan"},
       {"lr_schedule", str_key{&run_config::lr_schedule, {"constant", "cosine", "linear"}}, "learning-rate decay after warm-up"},
       {"warmup_steps", int_key{&run_config::warmup_steps, 0, kIntMax}, "linear warm-up steps"},
       {"min_lr_ratio", real_key{&run_config::min_lr_ratio, 0, 1, false}, "final lr as a fraction of the peak (cosine/linear)"},

@@ -817,6 +817,37 @@ TEST(engine_embed_grad, plans_and_places_the_table) {
   EXPECT_EQ(resolve_embed_grad(o, true, cfg.embed_params()).embed_grad, embed_grad_place::embed_grad_host) << "tied";
   EXPECT_EQ(resolve_embed_grad(o, false, (int64_t(1) << 28) + 1).embed_grad, embed_grad_place::embed_grad_host)
       << "a table over 1 GiB";
+  // The plan keeps the table on the device only where it fits the cap with the same group: a cap
+  // between the two plans (one group of two either way) puts it on the host, and so does one where
+  // the table would cost the group (the host's plan runs two at once, the device's only one).
+  {
+    engine_options h = o, d = o;
+    h.embed_grad = embed_grad_place::embed_grad_host;
+    d.embed_grad = embed_grad_place::embed_grad_device;
+    EXPECT_TRUE(plan_memory(cfg, o, o.max_batch, o.max_seq, 2).embed_grad_device) << "no cap";
+    const memory_plan ph = plan_memory(cfg, h, o.max_batch, o.max_seq, 2),
+                      pd = plan_memory(cfg, d, o.max_batch, o.max_seq, 2);
+    ASSERT_EQ(pd.device_total - ph.device_total, table);
+    ASSERT_EQ(ph.micro_group, 2);
+    auto cap_for = [](int64_t target) { return int64_t(double(target) / (1 - k_allocator_slack)) + 1; };
+    EXPECT_TRUE(plan_memory(cfg, o, o.max_batch, o.max_seq, 2, {}, cap_for(pd.device_total)).embed_grad_device);
+    engine_options fixed = o;   // a group of two asked for: the device's plan keeps it and does not fit
+    fixed.micro_group = 2;
+    const memory_plan between = plan_memory(cfg, fixed, o.max_batch, o.max_seq, 2, {}, cap_for(ph.device_total + table / 2));
+    EXPECT_FALSE(between.embed_grad_device);
+    EXPECT_EQ(between.device_total, ph.device_total);
+    // A cap that fits the device's table only beside a group of one.
+    engine_options d1 = d;
+    d1.micro_group = 1;
+    const memory_plan pd1 = plan_memory(cfg, d1, o.max_batch, o.max_seq, 2);
+    if (pd1.device_total < ph.device_total) {
+      const memory_plan grouped = plan_memory(cfg, o, o.max_batch, o.max_seq, 2, {}, cap_for(ph.device_total));
+      EXPECT_FALSE(grouped.embed_grad_device);
+      EXPECT_EQ(grouped.micro_group, 2);
+    } else {
+      ADD_FAILURE() << "the tiny model's group of two should outweigh its embedding table";
+    }
+  }
   o.mode = k_none;
   EXPECT_EQ(resolve_embed_grad(o, false, cfg.embed_params()).embed_grad, embed_grad_place::embed_grad_host) << "none";
   o.embed_grad = embed_grad_place::embed_grad_device;
