@@ -330,10 +330,14 @@ step_result engine::train_step(const std::vector<micro_batch>& micro_batches, do
     const int64_t gn = std::min(group, n_micro - g0);
     const bool first = g0 == 0, last = g0 + gn == n_micro;
     auto task = [&](int64_t u) { return host_task(u, last, speculate, deferred, mult, hp, step); };
-    // Sends unit u's gradient; deferred, after the last micro-batch, its update follows.
-    auto send = [&](int64_t u) {
+    // The test hook's poison, where the statistics are taken at the source: written there.
+    auto poison_at_source = [&](int64_t u) {
       if (last && poison_now(u) && grads_->stats_at_source(u))
         grads_->poison_source(u, opt_.debug_poison_index, opt_.debug_poison_value);
+    };
+    // Sends unit u's gradient; deferred, after the last micro-batch, its update follows.
+    auto send = [&](int64_t u) {
+      poison_at_source(u);
       grads_->send(u, first, last, task(u), speculate && !deferred);
       if (deferred && last) queue_deferred(u, mult, hp, step);
     };
@@ -405,8 +409,7 @@ step_result engine::train_step(const std::vector<micro_batch>& micro_batches, do
       mark("gpu_bwd", u);
       send(u);
     }
-    if (last && poison_now(eu) && grads_->stats_at_source(eu))
-      grads_->poison_source(eu, opt_.debug_poison_index, opt_.debug_poison_value);
+    poison_at_source(eu);
     for (int64_t j = 0; j < gn; ++j) {
       const bool last_here = j + 1 == gn;
       grads_->send_embed(ms[size_t(j)].dx, ms[size_t(j)].inputs, first && j == 0, last && last_here,

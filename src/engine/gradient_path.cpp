@@ -133,6 +133,24 @@ cpu_optim::grad_stats gradient_path::source_stats(int64_t u) const {
   return st;
 }
 
+at::Tensor gradient_path::stats_on_device(int64_t u, const at::Tensor& grad) {
+  if (!src_pinned_) return at::Tensor();
+  at::Tensor acc = src_dev_.narrow(0, 2 * u, 2);
+#if FERRY_WITH_CUDA
+  auto guard = dev_.enter_compute();
+  acc.zero_();
+  gpu::grad_stats_accumulate(grad, acc);
+#endif
+  return acc;
+}
+
+void gradient_path::stats_on_host(int64_t u, bool taken, const at::Tensor& grad) {
+  src_sent_[size_t(u)] = taken;
+  // Host backends: the compute queue's work is done when queued, so grad holds it now.
+  if (taken && !src_pinned_)
+    src_host_stats_[size_t(u)] = src_host_(grad.data_ptr(), to_optim_dtype(grad.scalar_type()), size_t(grad.numel()));
+}
+
 void gradient_path::poison_source(int64_t u, int64_t index, double value) {
   if (u == store_.embed_unit() && embed_grad_.defined()) {
     FERRY_ASSERT(index >= 0 && index < cfg_.embed_params(), "gradient_path::poison_source: index ", index,
@@ -245,14 +263,7 @@ void gradient_path::send(int64_t u, bool first_micro, bool last_micro, std::func
   // backends (below) after the unit's earlier tasks, which may read the previous results, have run.
   const bool src_stats = last_micro && stats_at_source(u);
   const at::Tensor src_grad = src_stats ? s.buf.narrow(0, 0, host_numel(u)) : at::Tensor();
-  at::Tensor src_acc;
-  if (src_stats && src_pinned_) {
-#if FERRY_WITH_CUDA
-    src_acc = src_dev_.narrow(0, 2 * u, 2);
-    src_acc.zero_();
-    gpu::grad_stats_accumulate(src_grad, src_acc);
-#endif
-  }
+  const at::Tensor src_acc = src_stats ? stats_on_device(u, src_grad) : at::Tensor();
   event_ptr computed = dev_.record(queue::queue_compute);
   dev_.wait(queue::queue_d2h, computed);
   const size_t bytes = size_t(store_.host_grad_numel(u)) * c10::elementSize(opt_.dtype);
@@ -261,10 +272,7 @@ void gradient_path::send(int64_t u, bool first_micro, bool last_micro, std::func
   const double t_wait = trace::enabled() ? trace::now_ms() : 0;
   meter_.stall_ms += worker_.wait_unit_tasks(u);
   if (trace::enabled()) trace::record("wait_tasks", u, t_wait, trace::now_ms());
-  src_sent_[size_t(u)] = src_stats;
-  // Host backends: the compute queue's work is done when queued, so the slot holds it now.
-  if (src_stats && !src_pinned_)
-    src_host_stats_[size_t(u)] = src_host_(src_grad.data_ptr(), to_optim_dtype(opt_.dtype), size_t(src_grad.numel()));
+  stats_on_host(u, src_stats, src_grad);
   // The last micro-batch is not added into the accumulator: the optimizer reads both.
   float* acc = accumulating_ && !last_micro ? accum_[size_t(u)] : nullptr;
   fused_[size_t(u)] = accumulating_ && last_micro && accum_[size_t(u)];
@@ -331,23 +339,12 @@ void gradient_path::send_embed(const at::Tensor& dx, const at::Tensor& tokens, b
       store_.comm()->reduce_scatter_sum(embed_shard_, embed_grad_, comm_channel::channel_engine);
     }
     const bool src_stats = stats_at_source(eu);
-    at::Tensor src_acc;
-    if (src_stats && src_pinned_) {
-#if FERRY_WITH_CUDA
-      auto guard = dev_.enter_compute();
-      src_acc = src_dev_.narrow(0, 2 * eu, 2);
-      src_acc.zero_();
-      gpu::grad_stats_accumulate(g.view({-1}), src_acc);
-#endif
-    }
+    const at::Tensor src_acc = src_stats ? stats_on_device(eu, g.view({-1})) : at::Tensor();
     event_ptr computed = dev_.record(queue::queue_compute);
     dev_.wait(queue::queue_d2h, computed);
     // The host copy may still be read by the previous step's update of the embedding.
     meter_.stall_ms += worker_.wait_unit_tasks(eu);
-    src_sent_[size_t(eu)] = src_stats;
-    // Host backends: the compute queue's work is done when queued (as in send).
-    if (src_stats && !src_pinned_)
-      src_host_stats_[size_t(eu)] = src_host_(g.data_ptr(), cpu_optim::dtype::dtype_f32, size_t(n));
+    stats_on_host(eu, src_stats, g.view({-1}));
     const size_t bytes = size_t(store_.shard_numel(eu)) * 4;
     event_ptr t0 = dev_.record(queue::queue_d2h, true);
     dev_.copy_d2h(store_.grad(eu), embed_shard_, bytes);

@@ -151,6 +151,13 @@ class gradient_path {
   };
   // The task waits for `copied` first (the worker may run other work until it is ready).
   void queue(int64_t u, std::function<void()> fn, bool updates_weights, const event_ptr& copied);
+  // Statistics at the source of grad (what the host will read of unit u), in two halves around the
+  // wait for the unit's earlier tasks. stats_on_device: on CUDA, the kernel on the compute queue
+  // before the copy; returns its two floats for the 8-byte copy after the gradient's (undefined on
+  // the host backends). stats_on_host: after the wait (those tasks may read the previous results),
+  // records whether they were taken, and on the host backends takes them.
+  at::Tensor stats_on_device(int64_t u, const at::Tensor& grad);
+  void stats_on_host(int64_t u, bool taken, const at::Tensor& grad);
 
   const model::llama_config& cfg_;
   const engine_options& opt_;

@@ -146,6 +146,9 @@ memory_plan plan_memory(const model::llama_config& cfg, const engine_options& op
     return plan_memory(cfg, opt, batch, seq, grad_accum, w, device_bytes);
   }
   memory_plan p;
+  // The embedding's gradient summed on the device (the ranks' reduce-scatter, or embed_grad=device).
+  const bool embed_dev = unit_reduced_on_device(opt, cfg.tie_word_embeddings, 0, cfg.num_hidden_layers + 2);
+  p.embed_grad_device = embed_dev;
   const int64_t e = static_cast<int64_t>(c10::elementSize(opt.dtype));
   const int64_t L = cfg.num_hidden_layers, h = cfg.hidden_size, V = cfg.vocab_size;
   const int64_t n = batch * seq;
@@ -179,7 +182,7 @@ memory_plan plan_memory(const model::llama_config& cfg, const engine_options& op
     }
     // The embedding's fp32 gradient, padded, and its reduce-scattered block (gradient_path); one
     // rank (embed_grad=device): the table alone.
-    if (unit_reduced_on_device(opt, cfg.tie_word_embeddings, 0, nu))
+    if (embed_dev)
       p.grad_slots += (sh.sharded() ? sh.padded(embed) + sh.per(embed) : embed) * 4;
     // A group's fp32 gradient sum of the unit whose backward runs (gradient_path::fold).
     if (p.micro_group > 1) p.grad_slots += std::max(block, head) * 4;
@@ -221,9 +224,7 @@ memory_plan plan_memory(const model::llama_config& cfg, const engine_options& op
   // The embedding's fp32 gradient, the pinned staging of its input rows (one) and of its input
   // gradient (one per micro-batch of a group: gradient_path::send_embed), and the fp32 accumulation
   // buffers when a step has more than one group (gradient_path::begin_step).
-  // Summed on the device (unit_reduced_on_device), the embedding's input gradient is not staged.
-  const bool embed_dev = unit_reduced_on_device(opt, cfg.tie_word_embeddings, 0, cfg.num_hidden_layers + 2);
-  p.embed_grad_device = embed_dev;
+  // Summed on the device, the embedding's input gradient is not staged.
   p.host_other = embed * 4 + (1 + (embed_dev ? 0 : p.micro_group)) * n * h * e +
                  (grad_accum > p.micro_group ? (params - embed) * 4 : 0);
   if (embed_dev && !shards.sharded()) {   // one rank: the fp32 gradient is page-locked, a copy's target
