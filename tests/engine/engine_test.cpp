@@ -847,6 +847,23 @@ TEST(engine_embed_grad, plans_and_places_the_table) {
     } else {
       ADD_FAILURE() << "the tiny model's group of two should outweigh its embedding table";
     }
+    // A cap where the table costs a recomputed block (long rows, so that one block's saved set
+    // outweighs the table): the host's plan recomputes none, and auto still takes the table, with
+    // the block recomputed (memory_plan.cpp says why).
+    engine_options r = o;
+    r.recompute = recompute_mode::recompute_auto;
+    engine_options rh = r, rd = r;
+    rh.embed_grad = embed_grad_place::embed_grad_host;
+    rd.embed_grad = embed_grad_place::embed_grad_device;
+    const int64_t Bl = 8, Tl = 2048;
+    const int64_t cap = cap_for(plan_memory(cfg, rh, Bl, Tl, 1).device_total);
+    ASSERT_EQ(plan_memory(cfg, rh, Bl, Tl, 1, {}, cap).recompute_blocks, 0);
+    const memory_plan rd_cap = plan_memory(cfg, rd, Bl, Tl, 1, {}, cap);
+    ASSERT_GE(rd_cap.recompute_blocks, 1);
+    ASSERT_LE(double(rd_cap.device_total), double(cap) * (1 - k_allocator_slack)) << "the table fits by recomputing";
+    const memory_plan recomputed = plan_memory(cfg, r, Bl, Tl, 1, {}, cap);
+    EXPECT_TRUE(recomputed.embed_grad_device);
+    EXPECT_EQ(recomputed.recompute_blocks, rd_cap.recompute_blocks);
   }
   o.mode = k_none;
   EXPECT_EQ(resolve_embed_grad(o, false, cfg.embed_params()).embed_grad, embed_grad_place::embed_grad_host) << "none";
@@ -1765,6 +1782,9 @@ TEST(engine_recompute, auto_plans_the_fewest_blocks_that_fit) {
   const int64_t B = 2, T = 9, L = cfg.num_hidden_layers;
   engine_options o = base_options(k_overlapped, at::kBFloat16);
   o.recompute = recompute_mode::recompute_auto;
+  // The embedding's gradient pinned to the host: this test is about recomputation alone (auto's
+  // choice of the table against recomputed blocks is engine_embed_grad.plans_and_places_the_table).
+  o.embed_grad = embed_grad_place::embed_grad_host;
   at::Tensor w = (at::randn({cfg.block_params()}) * 0.05).to(at::kBFloat16);
   at::Tensor x = at::randn({B, T, cfg.hidden_size}).to(at::kBFloat16);
   auto rope = model::make_rope(cfg, T, at::kCPU);
