@@ -151,6 +151,12 @@ void gradient_path::stats_on_host(int64_t u, bool taken, const at::Tensor& grad)
     src_host_stats_[size_t(u)] = src_host_(grad.data_ptr(), to_optim_dtype(grad.scalar_type()), size_t(grad.numel()));
 }
 
+void gradient_path::wait_unit_tasks(int64_t u) {
+  const double t_wait = trace::enabled() ? trace::now_ms() : 0;
+  meter_.stall_ms += worker_.wait_unit_tasks(u);
+  if (trace::enabled()) trace::record("wait_tasks", u, t_wait, trace::now_ms());
+}
+
 void gradient_path::poison_source(int64_t u, int64_t index, double value) {
   if (u == store_.embed_unit() && embed_grad_.defined()) {
     FERRY_ASSERT(index >= 0 && index < cfg_.embed_params(), "gradient_path::poison_source: index ", index,
@@ -269,9 +275,7 @@ void gradient_path::send(int64_t u, bool first_micro, bool last_micro, std::func
   const size_t bytes = size_t(store_.host_grad_numel(u)) * c10::elementSize(opt_.dtype);
   // The host gradient buffer may still be read by the previous micro-batch's accumulation (or a
   // previous step's update) on the update thread: the copy must not overwrite it before then.
-  const double t_wait = trace::enabled() ? trace::now_ms() : 0;
-  meter_.stall_ms += worker_.wait_unit_tasks(u);
-  if (trace::enabled()) trace::record("wait_tasks", u, t_wait, trace::now_ms());
+  wait_unit_tasks(u);
   stats_on_host(u, src_stats, src_grad);
   // The last micro-batch is not added into the accumulator: the optimizer reads both.
   float* acc = accumulating_ && !last_micro ? accum_[size_t(u)] : nullptr;
@@ -343,7 +347,7 @@ void gradient_path::send_embed(const at::Tensor& dx, const at::Tensor& tokens, b
     event_ptr computed = dev_.record(queue::queue_compute);
     dev_.wait(queue::queue_d2h, computed);
     // The host copy may still be read by the previous step's update of the embedding.
-    meter_.stall_ms += worker_.wait_unit_tasks(eu);
+    wait_unit_tasks(eu);
     stats_on_host(eu, src_stats, g.view({-1}));
     const size_t bytes = size_t(store_.shard_numel(eu)) * 4;
     event_ptr t0 = dev_.record(queue::queue_d2h, true);
@@ -371,7 +375,7 @@ void gradient_path::send_embed(const at::Tensor& dx, const at::Tensor& tokens, b
   // the copies that filled their staging; copies are in order on the d2h queue).
   FERRY_ASSERT(index >= 0 && index < int64_t(embed_out_.size()), "gradient_path::send_embed: micro-batch ", index,
                " of a group, planned for ", embed_out_.size());
-  if (index == 0) meter_.stall_ms += worker_.wait_unit_tasks(eu);
+  if (index == 0) wait_unit_tasks(eu);
   void* staging = embed_out_[size_t(index)];
   const size_t bytes = size_t(dx.numel()) * c10::elementSize(opt_.dtype);
   dev_.copy_d2h(staging, rows_dev, bytes);

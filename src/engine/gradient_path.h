@@ -158,6 +158,9 @@ class gradient_path {
   // records whether they were taken, and on the host backends takes them.
   at::Tensor stats_on_device(int64_t u, const at::Tensor& grad);
   void stats_on_host(int64_t u, bool taken, const at::Tensor& grad);
+  // Waits for unit u's queued tasks before a copy overwrites what they read: the wait counts as a
+  // stall and, with FERRY_TRACE, is a wait_tasks record.
+  void wait_unit_tasks(int64_t u);
 
   const model::llama_config& cfg_;
   const engine_options& opt_;

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # FERRY_TRACE=FILE end to end (src/engine/trace.h): a 3-step overlapped run on the host backend
-# writes every step's span and one update per unit per step, metrics.jsonl has cpu_tasks_ms, and
-# scripts/bench/trace_step.py prints a step of it; an unwritable FERRY_TRACE is one line naming it.
+# writes every step's span, one update per unit per step and each unit's waits for its tasks,
+# metrics.jsonl has cpu_tasks_ms, and scripts/bench/trace_step.py prints a step of it; an
+# unwritable FERRY_TRACE is one line naming it.
 set -u
 train="$1"
 root="$(cd "$(dirname "$0")/../.." && pwd)"
@@ -20,6 +21,9 @@ updates=$(grep -c '"what":"update"' "$dir/trace.jsonl")
 # Each step queues one update per unit; the run's start (params_changed) queues one more per unit.
 [ "$updates" -ge $((3 * units)) ] || fail "$updates update records for $units units over 3 steps"
 grep -q '"cpu_tasks_ms"' "$dir/run/metrics.jsonl" || fail "no cpu_tasks_ms in metrics.jsonl"
+# Every unit's gradient copy waits for its earlier tasks, the embedding's rows included.
+waited=$(python3 -c "import json;print(len({r['unit'] for r in map(json.loads,open('$dir/trace.jsonl')) if r['what']=='wait_tasks'}))")
+[ "$waited" = "$units" ] || fail "wait_tasks records for $waited of $units units"
 python3 "$root/scripts/bench/trace_step.py" "$dir/trace.jsonl" --step 2 > "$dir/step" 2>&1 || fail "trace_step.py: $(cat "$dir/step")"
 grep -q '^step 2: ' "$dir/step" && grep -q ' update ' "$dir/step" || fail "trace_step.py printed: $(head -5 "$dir/step")"
 
