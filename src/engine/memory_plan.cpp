@@ -109,7 +109,7 @@ memory_plan plan_memory(const model::llama_config& cfg, const engine_options& op
     // with the group the host's plan runs (the table must not cost a smaller group); else the host.
     // It may cost recomputed blocks: the embedding is the next forward's first unit, and its sum
     // on the host sits on the step's tail (1b at grad_accum 4: 353 against 363 ms a step), where a
-    // recomputed block costs its forward, about a sixteenth of 1b's (an estimate, not measured).
+    // recomputed block costs one block's forward again (1b has 22; this trade is not measured).
     engine_options host = opt;
     host.embed_grad = embed_grad_place::embed_grad_host;
     const memory_plan on_host = plan_memory(cfg, host, batch, seq, grad_accum, what_if, device_bytes);
