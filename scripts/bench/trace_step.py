@@ -3,10 +3,52 @@
 the step's start: the update thread's tasks and updates (and those of the previous step still
 running), the engine thread's waits, and when the device finished each unit's forward/backward.
     python3 scripts/bench/trace_step.py TRACE.jsonl [--step N]   (default: the last but one)
+With --summary [--skip K], one line of medians over the steps after the first K (default: a
+third of them, at least one): the step, the update thread's busy and idle time in it, the engine
+thread's waits for updates (all, and the embedding's), for earlier tasks, the step's tail, and on
+CUDA when the device finished the first block's forward.
 """
 import argparse
 import json
 import signal
+import statistics
+
+
+def clipped(r, t0, t1):
+    """The part of record r's span inside [t0, t1], in ms."""
+    return max(0.0, min(r["t1"], t1) - max(r["t0"], t0))
+
+
+def summary(recs, steps, skip, embed_unit=0):
+    """Medians over steps[skip:] of what each step spent where (see the module's doc)."""
+    if skip is None:
+        skip = max(1, len(steps) // 3) if len(steps) > 1 else 0
+    use = steps[skip:]
+    if not use:
+        raise SystemExit("trace_step.py: --skip %d leaves no steps (the trace has %d)" % (skip, len(steps)))
+    rows = []
+    for st in use:
+        t0, t1 = st["t0"], st["t1"]
+        inside = [r for r in recs if r["what"] != "step" and r["t1"] >= t0 and r["t0"] <= t1]
+        busy = sum(clipped(r, t0, t1) for r in inside if r["what"] in ("task", "update"))
+        waits = [r for r in inside if r["what"] == "wait_update"]
+        fwd = [r["t0"] - t0 for r in inside if r["what"] == "gpu_fwd"]
+        rows.append(dict(
+            step=t1 - t0, busy=busy, idle=(t1 - t0) - busy,
+            wait_update=sum(clipped(r, t0, t1) for r in waits),
+            wait_embed=sum(clipped(r, t0, t1) for r in waits if r["unit"] == embed_unit),
+            wait_tasks=sum(clipped(r, t0, t1) for r in inside if r["what"] == "wait_tasks"),
+            tail=sum(clipped(r, t0, t1) for r in inside if r["what"] == "tail"),
+            first_fwd=min(fwd) if fwd else None))
+    med = {k: statistics.median(r[k] for r in rows) for k in rows[0] if k != "first_fwd"}
+    firsts = [r["first_fwd"] for r in rows if r["first_fwd"] is not None]
+    line = ("steps %d-%d (%d), medians: step %.1f ms, update thread busy %.1f (idle %.1f), "
+            "waits for updates %.1f (embedding %.1f), for tasks %.1f, tail %.1f"
+            % (use[0]["unit"], use[-1]["unit"], len(use), med["step"], med["busy"], med["idle"],
+               med["wait_update"], med["wait_embed"], med["wait_tasks"], med["tail"]))
+    if firsts:
+        line += ", first block's forward done at %.1f" % statistics.median(firsts)
+    return line
 
 
 def main():
@@ -14,7 +56,11 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("trace")
     ap.add_argument("--step", type=int, default=None, help="train_step call number (1-based)")
+    ap.add_argument("--summary", action="store_true", help="one line of medians over the steady steps")
+    ap.add_argument("--skip", type=int, default=None, metavar="K", help="with --summary: steps left out first")
     a = ap.parse_args()
+    if a.skip is not None and (a.skip < 0 or not a.summary):
+        raise SystemExit("trace_step.py: --skip takes a count >= 0, with --summary")
     try:
         with open(a.trace) as f:
             recs = [json.loads(l) for l in f if l.strip()]
@@ -23,6 +69,9 @@ def main():
     steps = [r for r in recs if r["what"] == "step"]
     if not steps:
         raise SystemExit("no step records in %s" % a.trace)
+    if a.summary:
+        print(summary(recs, steps, a.skip))
+        return
     st = next((r for r in steps if r["unit"] == a.step), None) if a.step else steps[-2 if len(steps) > 1 else -1]
     if st is None:
         raise SystemExit("no step %d in %s" % (a.step, a.trace))
