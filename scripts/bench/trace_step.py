@@ -19,6 +19,16 @@ def clipped(r, t0, t1):
     return max(0.0, min(r["t1"], t1) - max(r["t0"], t0))
 
 
+def within(recs, t0, t1):
+    """The records other than steps whose spans meet [t0, t1], in the order they started."""
+    return sorted((r for r in recs if r["what"] != "step" and r["t1"] >= t0 and r["t0"] <= t1), key=lambda r: r["t0"])
+
+
+def busy_ms(recs, t0, t1):
+    """The update thread's time in [t0, t1] running tasks and updates, of records from within()."""
+    return sum(clipped(r, t0, t1) for r in recs if r["what"] in ("task", "update"))
+
+
 def summary(recs, steps, skip, embed_unit=0):
     """Medians over steps[skip:] of what each step spent where (see the module's doc)."""
     if skip is None:
@@ -29,8 +39,8 @@ def summary(recs, steps, skip, embed_unit=0):
     rows = []
     for st in use:
         t0, t1 = st["t0"], st["t1"]
-        inside = [r for r in recs if r["what"] != "step" and r["t1"] >= t0 and r["t0"] <= t1]
-        busy = sum(clipped(r, t0, t1) for r in inside if r["what"] in ("task", "update"))
+        inside = within(recs, t0, t1)
+        busy = busy_ms(inside, t0, t1)
         waits = [r for r in inside if r["what"] == "wait_update"]
         fwd = [r["t0"] - t0 for r in inside if r["what"] == "gpu_fwd"]
         rows.append(dict(
@@ -76,9 +86,9 @@ def main():
     if st is None:
         raise SystemExit("no step %d in %s" % (a.step, a.trace))
     t0, t1 = st["t0"], st["t1"]
-    near = sorted((r for r in recs if r["what"] != "step" and r["t1"] >= t0 and r["t0"] <= t1), key=lambda r: r["t0"])
+    near = within(recs, t0, t1)
     print("step %d: %.1f ms" % (st["unit"], t1 - t0))
-    busy = sum(min(r["t1"], t1) - max(r["t0"], t0) for r in near if r["what"] in ("task", "update"))
+    busy = busy_ms(near, t0, t1)
     print("update thread busy %.1f ms of it" % busy)
     for r in near:
         span = r["t1"] - r["t0"]
