@@ -1,6 +1,10 @@
 // Causal grouped-query attention on CUDA (gpu/ops.h).
-//  - head_dim <= 256: libtorch's fused SDPA kernels. fp16/bf16 use flash attention, which handles
-//    GQA natively (dk, dv come back with Hkv heads). fp32 uses the memory-efficient kernel, which
+//  - head_dim <= 256: libtorch's fused SDPA kernels. fp16/bf16 use cuDNN's fused attention where it
+//    applies (sm 8.x/9.x, head_dim a multiple of 8 up to 128; 1.56x flash attention's forward +
+//    backward on the 1b shape, GQA 32/4, on an H200: BENCHMARKS.md "Kernels"), else flash attention.
+//    Both handle GQA natively (dk, dv come back with Hkv heads) and return the same log-sum-exp, so
+//    either backward takes either forward's lse; a cuDNN error (an unsupported card or shape)
+//    switches the process to flash attention for good, with one warning. fp32 uses the memory-efficient kernel, which
 //    does not, so k/v are expanded and their gradients summed back over each group. head_dim is
 //    zero-padded to a multiple of 8 (e.g. 100 -> 104), as aten's scaled_dot_product_attention does:
 //    zero columns leave q.k and the first d columns of the output unchanged.
@@ -14,12 +18,18 @@
 //    cu_seqlens) over the rows' tokens laid end to end. Other packed cases take the model's ATen
 //    composition with a block-diagonal mask (src/model/attention.cpp).
 #include <ATen/ATen.h>
+#include <ATen/Context.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include "gpu/attention_softmax.cuh"
 #include "gpu/dispatch.h"
 #include "gpu/ops.h"
+
+#include <atomic>
+#include <cstdio>
+#include <cstdlib>
+#include <string>
 
 namespace ferry::gpu {
 namespace {
@@ -56,6 +66,33 @@ at::Tensor unpad_head_dim(const at::Tensor& x, int64_t d) {
 
 bool use_flash(const at::Tensor& q) { return q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16; }
 
+// set_attention_cudnn; FERRY_CUDNN_ATTENTION=0 in the environment starts the process with flash attention.
+bool prefer_cudnn_from_env() {
+  const char* e = std::getenv("FERRY_CUDNN_ATTENTION");
+  return !(e && std::string(e) == "0");
+}
+std::atomic<bool> g_prefer_cudnn{prefer_cudnn_from_env()};
+std::atomic<bool> g_cudnn_failed{false};  // a cuDNN call threw: flash attention from then on
+
+// Whether the dense causal path runs cuDNN's fused attention for q (see the file's comment).
+bool cudnn_applies(const at::Tensor& q) {
+  if (!use_flash(q) || !g_prefer_cudnn.load() || g_cudnn_failed.load()) return false;
+  const int64_t d = q.size(-1);
+  if (d % 8 != 0 || d > 128 || !at::globalContext().userEnabledCuDNN() || !at::globalContext().hasCuDNN() ||
+      at::globalContext().versionRuntimeCuDNN() < 90000)
+    return false;
+  const cudaDeviceProp* p = at::cuda::getDeviceProperties(q.device().index());
+  return p->major == 8 || p->major == 9;
+}
+
+void cudnn_failed(const c10::Error& e) {
+  if (!g_cudnn_failed.exchange(true))
+    std::fprintf(stderr, "ferry: cuDNN attention failed (%s); using flash attention from now on\n",
+                 e.what_without_backtrace());
+}
+
+at::Tensor cuda_scalar_long(const at::Tensor& like) { return at::empty({}, like.options().dtype(at::kLong)); }
+
 // (b, hkv, t, d) -> (b, hq, t, d), each kv head repeated for its group (HF repeat_kv order).
 at::Tensor expand_kv(const at::Tensor& x, int64_t group) {
   return group == 1 ? x : x.repeat_interleave(group, 1);
@@ -68,6 +105,17 @@ at::Tensor reduce_kv(const at::Tensor& dx, int64_t group) {
 
 std::tuple<at::Tensor, at::Tensor> sdpa_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                 const attn_shape& s, double scale) {
+  if (cudnn_applies(q)) {
+    try {
+      auto r = at::_scaled_dot_product_cudnn_attention(pad_head_dim(q), pad_head_dim(k), pad_head_dim(v), std::nullopt,
+                                                       /*compute_log_sumexp=*/true, 0.0, /*is_causal=*/true,
+                                                       /*return_debug_mask=*/false, scale);
+      // lse comes as (b, hq, t, 1).
+      return {std::get<0>(r), std::get<1>(r).view({s.b, s.hq, s.t})};
+    } catch (const c10::Error& e) {
+      cudnn_failed(e);
+    }
+  }
   if (use_flash(q)) {
     auto r = at::_scaled_dot_product_flash_attention(pad_head_dim(q), pad_head_dim(k), pad_head_dim(v), 0.0,
                                                      /*is_causal=*/true, /*return_debug_mask=*/false, scale);
@@ -84,6 +132,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sdpa_backward(const at::Tensor& d
                                                              const at::Tensor& k, const at::Tensor& v,
                                                              const at::Tensor& out, const at::Tensor& lse,
                                                              const attn_shape& s, double scale) {
+  if (cudnn_applies(q)) {
+    try {
+      // No dropout: the seed and offset are never read, but the op wants defined tensors.
+      auto r = at::_scaled_dot_product_cudnn_attention_backward(
+          pad_head_dim(dout), pad_head_dim(q), pad_head_dim(k), pad_head_dim(v), pad_head_dim(out), lse.contiguous().view({s.b, s.hq, s.t, 1}),
+          cuda_scalar_long(q), cuda_scalar_long(q), at::Tensor(), at::Tensor(), at::Tensor(), s.t, s.t, 0.0,
+          /*is_causal=*/true, scale);
+      return {std::get<0>(r), std::get<1>(r), std::get<2>(r)};
+    } catch (const c10::Error& e) {
+      cudnn_failed(e);
+    }
+  }
   if (use_flash(q)) {
     // No dropout: the rng state is never read, but the op wants defined tensors.
     const at::Tensor seed = at::zeros({2}, q.options().dtype(at::kUInt64));
@@ -272,6 +332,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(const at::Tens
   const c10::cuda::CUDAGuard guard(q.device());
   if (s.d <= k_sdpa_max_head_dim) return sdpa_backward(dout, q, k, v, out, lse, s, scale);
   return large_head_backward(dout, q, k, v, out, lse, s, scale);
+}
+
+bool set_attention_cudnn(bool prefer) { return g_prefer_cudnn.exchange(prefer); }
+
+bool attention_uses_cudnn(const at::Tensor& q) {
+  return q.is_cuda() && q.dim() == 4 && q.size(-1) <= k_sdpa_max_head_dim && cudnn_applies(q);
 }
 
 }  // namespace ferry::gpu

@@ -43,10 +43,17 @@ void cross_entropy_forward_backward(const at::Tensor& logits, const at::Tensor& 
 
 // Causal attention. q (B, Hq, T, D), k and v (B, Hkv, T, D), Hq a multiple of Hkv (GQA).
 // Returns out (B, Hq, T, D) in q's dtype and lse (B, Hq, T) fp32 (log-sum-exp of scaled scores).
-// Uses the flash / memory-efficient SDPA kernels of libtorch where they apply (head dim <= 256),
-// and ferry's own path (cuBLAS batched GEMMs with a fused causal softmax) otherwise.
+// Uses libtorch's fused kernels where they apply (head dim <= 256: cuDNN's or flash attention in
+// fp16/bf16, the memory-efficient kernel in fp32), and ferry's own path (cuBLAS batched GEMMs with
+// a fused causal softmax) otherwise.
 std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                      double scale);
+// Whether attention_forward/attention_backward run cuDNN's fused attention for q (fp16/bf16, head
+// dim a multiple of 8 up to 128, sm 8.x/9.x, cuDNN 9, and no cuDNN error so far in this process);
+// otherwise flash attention. set_attention_cudnn(false) makes them take flash attention (tests,
+// diagnosis); returns the previous setting.
+bool attention_uses_cudnn(const at::Tensor& q);
+bool set_attention_cudnn(bool prefer);
 // Inference (no lse, no backward): q (B, Hq, Tq, D) holds the LAST Tq positions of the Tk >= Tq
 // positions of k and v (B, Hkv, Tk, D), i.e. query row i is position Tk - Tq + i and sees keys
 // [0, Tk - Tq + i]: a chunk of new tokens against a KV cache ending with their own keys. Any strides

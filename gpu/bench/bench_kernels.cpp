@@ -1,7 +1,9 @@
 // ferry-bench-kernels: each fused kernel of gpu/ against the ATen composition it replaces, at the
 // request's debug shape and the 1b shape, timed with CUDA events (warm-up, then the median of the
 // timed iterations). "fwd+bwd" rows time both directions: ferry's kernels vs ATen's forward plus
-// its autograd backward. Not a test; results go into gpu/README.md and BENCHMARKS.md.
+// its autograd backward; "attention: flash vs cudnn" times ferry's own attention with flash
+// attention (first column) and with cuDNN's (second), where cuDNN's applies. Not a test; results
+// go into gpu/README.md and BENCHMARKS.md.
 //
 // usage: ferry-bench-kernels [fp16|bf16] [iters]
 #include <ATen/ATen.h>
@@ -176,6 +178,15 @@ void bench_shape(const shape& s, at::ScalarType dt) {
     });
     row("attention fwd+bwd vs math", s, a, f);
     row("attention fwd+bwd vs sdpa", s, sd, f);
+    if (ferry::gpu::attention_uses_cudnn(q)) {   // ferry's flash attention path against its cuDNN one
+      const bool was = ferry::gpu::set_attention_cudnn(false);
+      const double fl = time_ms([&] {
+        auto [out, lse] = ferry::gpu::attention_forward(q, k, v, scale);
+        ferry::gpu::attention_backward(dout, q, k, v, out, lse, scale);
+      });
+      ferry::gpu::set_attention_cudnn(was);
+      row("attention: flash vs cudnn", s, fl, f);
+    }
   }
 }
 

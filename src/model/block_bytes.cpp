@@ -20,6 +20,9 @@ namespace {
 constexpr int64_t k_aten_small = 256;
 // Small tensors a CUDA attention call allocates beyond those counted (see sizes::attention).
 constexpr int64_t k_cuda_aux = 4;
+// One more where cuDNN's attention may run (sizes::attention): at GQA 4/1, batch 2 and 4 queries in
+// fp16/bf16 its call peaked one 512-byte block above flash attention's count (H200, 2026-11-28).
+constexpr int64_t k_cudnn_aux = 1;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 int64_t round_up(int64_t a, int64_t m) { return ceil_div(a, m) * m; }
@@ -56,7 +59,9 @@ struct sizes {
   // k_cuda_aux small tensors beside the counted ones (the fused kernels' rng seed and offset, the
   // GEMM path's grouped views): measured up to three 512-byte blocks more than counted.
   int64_t attention(int64_t B, int64_t tq, int64_t tk) const {
-    return attention_tensors(B, tq, tk) + (cuda ? k_cuda_aux * c(1) : 0);
+    const int64_t D = cfg.head_dim;
+    const bool cudnn = path == attention_path::attention_flash && tq == tk && D % 8 == 0 && D <= 128;
+    return attention_tensors(B, tq, tk) + (cuda ? (k_cuda_aux + (cudnn ? k_cudnn_aux : 0)) * c(1) : 0);
   }
   int64_t attention_tensors(int64_t B, int64_t tq, int64_t tk) const {
     const int64_t Hq = cfg.num_attention_heads, Hkv = cfg.num_key_value_heads, D = cfg.head_dim;
@@ -65,6 +70,9 @@ struct sizes {
     const int64_t out = c(B * tq * Hq * D * e);
     switch (path) {
       case attention_path::attention_flash: {
+        // cuDNN's kernel, which runs instead where it applies (D % 8 == 0, D <= 128, all keys;
+        // gpu/attention.cpp), allocates the output, lse and small tensors (k_cudnn_aux): what this
+        // charges for flash attention at D % 8 == 0 without splits.
         // pad_head_dim copies q, k, v when D % 8 != 0; the kernel's output (padded) and lse;
         // split-KV accumulators (fp32, per split) when too few query blocks fill the GPU:
         // splits <= key blocks of 256/128/64 keys for D <= 64/128/larger, taken only when

@@ -1,5 +1,5 @@
-// Causal GQA attention forward/backward against a float64 math reference, for the SDPA paths
-// (head_dim 64, 100 (padded to 104), 128) and ferry's large-head path (1024), GQA ratios 1 and 4.
+// Causal GQA attention forward/backward against a float64 math reference, for the fused paths
+// (head_dim 64, 100 (padded to 104), 128; cuDNN's and flash attention in fp16/bf16) and ferry's large-head path (1024), GQA ratios 1 and 4.
 // The same-dtype comparator is ATen's math SDPA backend.
 #include <cmath>
 #include <string>
@@ -46,16 +46,32 @@ TEST_P(attention_test, forward_backward_match_float64) {
       std::get<0>(at::_scaled_dot_product_attention_math(qa, ka, va, {}, 0.0, true, {}, scale, ratio > 1));
   outa.backward(dout);
 
-  auto [out, lse] = ferry::gpu::attention_forward(q, k, v, scale);
-  ASSERT_EQ(out.scalar_type(), dt);
-  ASSERT_EQ(lse.scalar_type(), at::kFloat);
-  expect_close(out, outa.detach(), r.out.detach(), dt, "out", 3.0);
-  EXPECT_LE(rel_err(lse, r.lse.detach()), dt == at::kFloat ? 1e-5 : 4e-3) << dtype_name(dt);
+  // Each fused kernel where it applies: cuDNN's (fp16/bf16, head_dim a multiple of 8 up to 128, on
+  // the sm 8.x/9.x cards this suite runs on) and flash attention; then cuDNN's forward with flash
+  // attention's backward, which a cuDNN error mid-step would take (gpu/attention.cpp).
+  const bool half = dt != at::kFloat;
+  const bool cudnn_shape = half && d % 8 == 0 && d <= 128;
+  const bool was = ferry::gpu::set_attention_cudnn(true);
+  EXPECT_EQ(ferry::gpu::attention_uses_cudnn(q), cudnn_shape) << dtype_name(dt) << " head_dim " << d;
+  for (int kernel = 0; kernel < (cudnn_shape ? 3 : 1); ++kernel) {
+    const std::string what = kernel == 0 ? "default" : kernel == 1 ? "flash" : "cudnn forward, flash backward";
+    ferry::gpu::set_attention_cudnn(kernel != 1);
+    auto [out, lse] = ferry::gpu::attention_forward(q, k, v, scale);
+    ASSERT_EQ(out.scalar_type(), dt);
+    ASSERT_EQ(lse.scalar_type(), at::kFloat);
+    ASSERT_EQ(lse.sizes(), (at::IntArrayRef{b, hq, t})) << what;
+    expect_close(out, outa.detach(), r.out.detach(), dt, ("out, " + what).c_str(), 3.0);
+    EXPECT_LE(rel_err(lse, r.lse.detach()), dt == at::kFloat ? 1e-5 : 4e-3) << dtype_name(dt) << ", " << what;
 
-  auto [dq, dk, dv] = ferry::gpu::attention_backward(dout, q, k, v, out, lse, scale);
-  expect_close(dq, qa.grad(), q64.grad(), dt, "dq", 3.0);
-  expect_close(dk, ka.grad(), k64.grad(), dt, "dk", 3.0);
-  expect_close(dv, va.grad(), v64.grad(), dt, "dv", 3.0);
+    if (kernel == 2) ferry::gpu::set_attention_cudnn(false);
+    auto [dq, dk, dv] = ferry::gpu::attention_backward(dout, q, k, v, out, lse, scale);
+    expect_close(dq, qa.grad(), q64.grad(), dt, ("dq, " + what).c_str(), 3.0);
+    expect_close(dk, ka.grad(), k64.grad(), dt, ("dk, " + what).c_str(), 3.0);
+    expect_close(dv, va.grad(), v64.grad(), dt, ("dv, " + what).c_str(), 3.0);
+  }
+  ferry::gpu::set_attention_cudnn(was);
+  // No cuDNN call failed (a failure switches the process to flash attention for good).
+  EXPECT_EQ(ferry::gpu::attention_uses_cudnn(q), cudnn_shape) << dtype_name(dt) << " head_dim " << d;
 }
 
 // Inference: the last tq queries against all t keys equal the last tq rows of the full causal
