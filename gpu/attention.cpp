@@ -1,7 +1,8 @@
 // Causal grouped-query attention on CUDA (gpu/ops.h).
 //  - head_dim <= 256: libtorch's fused SDPA kernels. fp16/bf16 use cuDNN's fused attention where it
-//    applies (sm 8.x/9.x, head_dim a multiple of 8 up to 128; 1.56x flash attention's forward +
+//    applies (sm 9.x, head_dim a multiple of 8 up to 128; 1.59x flash attention's forward +
 //    backward on the 1b shape, GQA 32/4, on an H200: BENCHMARKS.md "Kernels"), else flash attention.
+//    Ampere and Ada cards (the RTX 4090) keep flash attention until cuDNN's is measured on them.
 //    Both handle GQA natively (dk, dv come back with Hkv heads) and return the same log-sum-exp, so
 //    either backward takes either forward's lse; a cuDNN error (an unsupported card or shape)
 //    switches the process to flash attention for good, with one warning. fp32 uses the memory-efficient kernel, which
@@ -82,7 +83,7 @@ bool cudnn_applies(const at::Tensor& q) {
       at::globalContext().versionRuntimeCuDNN() < 90000)
     return false;
   const cudaDeviceProp* p = at::cuda::getDeviceProperties(q.device().index());
-  return p->major == 8 || p->major == 9;
+  return p->major == 9;
 }
 
 void cudnn_failed(const c10::Error& e) {

@@ -49,7 +49,7 @@ void cross_entropy_forward_backward(const at::Tensor& logits, const at::Tensor& 
 std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                      double scale);
 // Whether attention_forward/attention_backward run cuDNN's fused attention for q (fp16/bf16, head
-// dim a multiple of 8 up to 128, sm 8.x/9.x, cuDNN 9, and no cuDNN error so far in this process);
+// dim a multiple of 8 up to 128, sm 9.x, cuDNN 9, and no cuDNN error so far in this process);
 // otherwise flash attention. set_attention_cudnn(false) makes them take flash attention (tests,
 // diagnosis); returns the previous setting.
 bool attention_uses_cudnn(const at::Tensor& q);
