@@ -5,10 +5,11 @@
 //    Ampere and Ada cards (the RTX 4090) keep flash attention until cuDNN's is measured on them.
 //    Both handle GQA natively (dk, dv come back with Hkv heads) and return the same log-sum-exp, so
 //    either backward takes either forward's lse; a cuDNN error (an unsupported card or shape)
-//    switches the process to flash attention for good, with one warning. fp32 uses the memory-efficient kernel, which
-//    does not, so k/v are expanded and their gradients summed back over each group. head_dim is
-//    zero-padded to a multiple of 8 (e.g. 100 -> 104), as aten's scaled_dot_product_attention does:
-//    zero columns leave q.k and the first d columns of the output unchanged.
+//    switches the process to flash attention for good, with one warning. fp32 uses the
+//    memory-efficient kernel, which does not handle GQA, so k/v are expanded and their gradients
+//    summed back over each group. head_dim is zero-padded to a multiple of 8 (e.g. 100 -> 104), as
+//    aten's scaled_dot_product_attention does: zero columns leave q.k and the first d columns of the
+//    output unchanged.
 //  - head_dim > 256 (the debug shape: 1024): cuBLAS batched GEMMs with fp32 accumulation plus ferry's
 //    fused causal softmax (gpu/attention_softmax.cuh). The forward keeps only out and lse; the
 //    backward recomputes the scores and P from lse. GQA is free: q viewed as (b*hkv, g*t, d) shares
@@ -67,7 +68,8 @@ at::Tensor unpad_head_dim(const at::Tensor& x, int64_t d) {
 
 bool use_flash(const at::Tensor& q) { return q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16; }
 
-// set_attention_cudnn; FERRY_CUDNN_ATTENTION=0 in the environment starts the process with flash attention.
+// set_attention_cudnn; FERRY_CUDNN_ATTENTION=0 in the environment starts the process with flash
+// attention.
 bool prefer_cudnn_from_env() {
   const char* e = std::getenv("FERRY_CUDNN_ATTENTION");
   return !(e && std::string(e) == "0");
@@ -108,9 +110,9 @@ std::tuple<at::Tensor, at::Tensor> sdpa_forward(const at::Tensor& q, const at::T
                                                 const attn_shape& s, double scale) {
   if (cudnn_applies(q)) {
     try {
-      auto r = at::_scaled_dot_product_cudnn_attention(pad_head_dim(q), pad_head_dim(k), pad_head_dim(v), std::nullopt,
-                                                       /*compute_log_sumexp=*/true, 0.0, /*is_causal=*/true,
-                                                       /*return_debug_mask=*/false, scale);
+      auto r = at::_scaled_dot_product_cudnn_attention(pad_head_dim(q), pad_head_dim(k), pad_head_dim(v),
+                                                       std::nullopt, /*compute_log_sumexp=*/true, 0.0,
+                                                       /*is_causal=*/true, /*return_debug_mask=*/false, scale);
       // lse comes as (b, hq, t, 1).
       return {std::get<0>(r), std::get<1>(r).view({s.b, s.hq, s.t})};
     } catch (const c10::Error& e) {
@@ -137,9 +139,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sdpa_backward(const at::Tensor& d
     try {
       // No dropout: the seed and offset are never read, but the op wants defined tensors.
       auto r = at::_scaled_dot_product_cudnn_attention_backward(
-          pad_head_dim(dout), pad_head_dim(q), pad_head_dim(k), pad_head_dim(v), pad_head_dim(out), lse.contiguous().view({s.b, s.hq, s.t, 1}),
-          cuda_scalar_long(q), cuda_scalar_long(q), at::Tensor(), at::Tensor(), at::Tensor(), s.t, s.t, 0.0,
-          /*is_causal=*/true, scale);
+          pad_head_dim(dout), pad_head_dim(q), pad_head_dim(k), pad_head_dim(v), pad_head_dim(out),
+          lse.contiguous().view({s.b, s.hq, s.t, 1}), cuda_scalar_long(q), cuda_scalar_long(q), at::Tensor(),
+          at::Tensor(), at::Tensor(), s.t, s.t, 0.0, /*is_causal=*/true, scale);
       return {std::get<0>(r), std::get<1>(r), std::get<2>(r)};
     } catch (const c10::Error& e) {
       cudnn_failed(e);
