@@ -340,7 +340,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(const at::Tens
 bool set_attention_cudnn(bool prefer) { return g_prefer_cudnn.exchange(prefer); }
 
 bool attention_uses_cudnn(const at::Tensor& q) {
-  return q.is_cuda() && q.dim() == 4 && q.size(-1) <= k_sdpa_max_head_dim && cudnn_applies(q);
+  return q.is_cuda() && q.dim() == 4 && cudnn_applies(q);   // cudnn_applies bounds head_dim at 128
 }
 
 }  // namespace ferry::gpu

@@ -172,18 +172,16 @@ void bench_shape(const shape& s, at::ScalarType dt) {
       at::scaled_dot_product_attention(qg, kg, vg, {}, 0.0, true, scale, gqa).backward(dout);
     });
     c10::NoGradGuard ng;
-    const double f = time_ms([&] {
+    auto ferry_attention = [&] {
       auto [out, lse] = ferry::gpu::attention_forward(q, k, v, scale);
       ferry::gpu::attention_backward(dout, q, k, v, out, lse, scale);
-    });
+    };
+    const double f = time_ms(ferry_attention);
     row("attention fwd+bwd vs math", s, a, f);
     row("attention fwd+bwd vs sdpa", s, sd, f);
     if (ferry::gpu::attention_uses_cudnn(q)) {   // ferry's flash attention path against its cuDNN one
       const bool was = ferry::gpu::set_attention_cudnn(false);
-      const double fl = time_ms([&] {
-        auto [out, lse] = ferry::gpu::attention_forward(q, k, v, scale);
-        ferry::gpu::attention_backward(dout, q, k, v, out, lse, scale);
-      });
+      const double fl = time_ms(ferry_attention);
       ferry::gpu::set_attention_cudnn(was);
       row("attention: flash vs cudnn", s, fl, f);
     }

@@ -55,7 +55,11 @@ TEST_P(attention_test, forward_backward_match_float64) {
   const bool half = dt != at::kFloat;
   const bool cudnn_shape =
       half && d % 8 == 0 && d <= 128 && at::cuda::getDeviceProperties(q.device().index())->major == 9;
-  const bool was = ferry::gpu::set_attention_cudnn(true);
+  // The setting is the process's: put back at the end, also when an assertion below returns early.
+  struct restore_cudnn {
+    bool was = ferry::gpu::set_attention_cudnn(true);
+    ~restore_cudnn() { ferry::gpu::set_attention_cudnn(was); }
+  } restore;
   EXPECT_EQ(ferry::gpu::attention_uses_cudnn(q), cudnn_shape) << dtype_name(dt) << " head_dim " << d;
   for (int kernel = 0; kernel < (cudnn_shape ? 3 : 1); ++kernel) {
     const std::string what = kernel == 0 ? "default" : kernel == 1 ? "flash" : "cudnn forward, flash backward";
@@ -73,7 +77,7 @@ TEST_P(attention_test, forward_backward_match_float64) {
     expect_close(dk, ka.grad(), k64.grad(), dt, ("dk, " + what).c_str(), 3.0);
     expect_close(dv, va.grad(), v64.grad(), dt, ("dv, " + what).c_str(), 3.0);
   }
-  ferry::gpu::set_attention_cudnn(was);
+  ferry::gpu::set_attention_cudnn(true);
   // No cuDNN call failed (a failure switches the process to flash attention for good).
   EXPECT_EQ(ferry::gpu::attention_uses_cudnn(q), cudnn_shape) << dtype_name(dt) << " head_dim " << d;
 }
