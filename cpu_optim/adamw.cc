@@ -267,6 +267,48 @@ grad_stats adamw::step(const chunk_ref& c, const adamw_hparams& h, int64_t step,
   return run(static_cast<int>(detail::op::op_step), c, h, step, grad_mult, grad_mult, log, nullptr);
 }
 
+void adamw::step_ranges(const chunk_ref& c, const adamw_hparams& h, int64_t step, float grad_mult,
+                        const std::vector<std::pair<size_t, size_t>>& ranges) {
+  check_chunk(c);
+  check_hparams(h, step);
+  const bool int8 = c.moments == moments_kind::int8;
+  const size_t block = tuning_.block_size;
+  FERRY_ASSERT(!int8 || block % k_quant_block == 0, "adamw block size ", block,
+               " is not a multiple of the int8 quantization block (", k_quant_block, ")");
+  // Work items of at most one block each; the kernel is elementwise (bf16's rounding stream follows
+  // the element's index in the chunk), so the split changes no bit.
+  std::vector<std::pair<size_t, size_t>> items;
+  bool aligned = true;
+  size_t last_end = 0;
+  for (const auto& [b, e] : ranges) {
+    FERRY_ASSERT(b >= last_end && b <= e && e <= c.n, "adamw::step_ranges: range [", b, ", ", e,
+                 ") is not ascending, disjoint and within the chunk's ", c.n, " elements");
+    FERRY_ASSERT(!int8 || (b % k_quant_block == 0 && (e % k_quant_block == 0 || e == c.n)),
+                 "adamw::step_ranges: int8 range [", b, ", ", e, ") does not start and end at quantization blocks of ",
+                 k_quant_block);
+    last_end = e;
+    aligned = aligned && b % 64 == 0;
+    for (size_t i = b; i < e; i += block) items.emplace_back(i, std::min(e, i + block));
+  }
+  if (items.empty()) return;
+  detail::step_scalars s = make_scalars(h, step, grad_mult, c, tuning_);
+  // Non-temporal stores need each vector of the half copy aligned: ranges that start at multiples
+  // of 64 elements of an aligned copy keep it so.
+  s.stream_half = s.stream_half && aligned;
+  const detail::kernel_table k = detail::kernels();
+  auto run = [&](size_t i0, size_t i1) {
+    for (size_t i = i0; i < i1; ++i) k.update(detail::op::op_step, c, s, items[i].first, items[i].second, nullptr);
+  };
+  if (items.size() <= 1 || impl_->threads <= 1) {
+    run(0, items.size());
+    return;
+  }
+  impl_->arena.execute([&] {
+    tbb::parallel_for(tbb::blocked_range<size_t>(0, items.size(), 1),
+                      [&](const tbb::blocked_range<size_t>& r) { run(r.begin(), r.end()); });
+  });
+}
+
 void adamw::undo(const chunk_ref& c, const adamw_hparams& h, int64_t step, float grad_mult,
                  const undo_log* log) {
   check_chunk(c);

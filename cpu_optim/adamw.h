@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace ferry::cpu_optim {
@@ -174,6 +175,16 @@ class adamw {
   // reach the state.
   grad_stats step(const chunk_ref& c, const adamw_hparams& h, int64_t step, float grad_mult,
                   undo_log* log = nullptr, bool finite_known = false);
+
+  // step() on the elements of `ranges` alone ([begin, end) pairs within [0, n), ascending and
+  // disjoint), leaving every other element of the chunk (param, m, v, half_out) as it is:
+  // bit-identical there to step(c, ...) with finite_known, so a chunk updated range by range over
+  // a partition of [0, n) ends as one step() leaves it. For updating first the part of a chunk
+  // that is needed first (the embedding rows the next forward gathers). No pre-scan, no undo log,
+  // no statistics: the caller knows every grad * grad_mult is finite and that the step stands.
+  // int8 moments: every begin, and every end short of n, a multiple of k_quant_block.
+  void step_ranges(const chunk_ref& c, const adamw_hparams& h, int64_t step, float grad_mult,
+                   const std::vector<std::pair<size_t, size_t>>& ranges);
 
   // Undoes a step() made with the same (h, step, grad_mult) and the same gradient still in the
   // buffer: restores p, m, v (README.md "Precision and rollback tolerance" gives the bounds,

@@ -2,8 +2,10 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdlib>
+#include <string>
 #include <thread>
 #include <tuple>
 
@@ -32,6 +34,8 @@ engine::engine(const model::llama_config& cfg, const engine_options& opt) : cfg_
     opt_ = resolve_embed_grad(opt_, cfg_.tie_word_embeddings, cfg_.embed_params());
   defer_ = opt_.defer_speculative && std::getenv("FERRY_SPECULATE_WAIT") == nullptr;
   source_stats_ = opt_.stats_at_source && std::getenv("FERRY_HOST_STATS") == nullptr;
+  const char* rows_first = std::getenv("FERRY_EMBED_ROWS_FIRST");
+  rows_first_ = opt_.embed_rows_first && !(rows_first && std::string(rows_first) == "0");
   trace::enabled();   // FERRY_TRACE's file is opened (or refused, naming it) here, not in a worker thread
   dev_ = make_backend(opt_);
   // What the plan must fit (activation_checkpointing=auto fits it; the host backend plans for the
@@ -52,8 +56,11 @@ engine::engine(const model::llama_config& cfg, const engine_options& opt) : cfg_
       cfg_, opt_.dtype, *dev_, /*optimizer_state=*/!opt_.forward_only, opt_.state,
       opt_.state_on == state_place::place_nvme ? &opt_.nvme : nullptr, opt_.comm, opt_.shadows,
       units_reduced_on_device(opt_, cfg_.tie_word_embeddings, int64_t(param_store::unit_numels(cfg_).size())));
-  worker_ = std::make_unique<update_worker>(store_->num_units(), [d = dev_.get()] { d->bind_thread(); });
+  // One unit more than the store's: the second part of the embedding's update (queue_embedding_split).
+  split_.rest_unit = store_->num_units();
+  worker_ = std::make_unique<update_worker>(store_->num_units() + 1, [d = dev_.get()] { d->bind_thread(); });
   pool_ = std::make_unique<weight_pool>(cfg_, opt_, *dev_, *store_, *worker_, meter_);
+  pool_->split_embedding(split_.rest_unit, &split_.first);
   if (!opt_.forward_only) {
     grads_ = std::make_unique<gradient_path>(cfg_, opt_, *dev_, *store_, *worker_, meter_, plan_.micro_group);
     optim_ = std::make_unique<optimizer_path>(opt_, *dev_, *store_, *grads_, *pool_);
@@ -243,13 +250,94 @@ void engine::debug_poison(int64_t u) {
   g.narrow(0, index, 1).fill_(opt_.debug_poison_value);
 }
 
-step_result engine::train_step(const std::vector<at::Tensor>& micro_batches, double lr) {
-  std::vector<micro_batch> mbs;
-  for (const at::Tensor& tokens : micro_batches) mbs.push_back(micro_batch::from_tokens(tokens));
-  return train_step(mbs, lr);
+int64_t engine::queue_embedding_split(const std::vector<micro_batch>& next, double mult,
+                                      const cpu_optim::adamw_hparams& hp, int64_t step) {
+  const int64_t eu = store_->embed_unit(), V = cfg_.vocab_size;
+  const size_t h = size_t(cfg_.hidden_size), n = size_t(store_->unit(eu).numel);
+  // The rows of the next step's first group (it gathers them before its first block); ids outside
+  // the vocabulary are left for that step to refuse.
+  split_.first.assign(size_t(V), 0);
+  const int64_t group = std::max<int64_t>(1, plan_.micro_group);
+  for (size_t j = 0; j < next.size() && int64_t(j) < group; ++j) {
+    const at::Tensor ids = next[j].inputs.to(at::kLong).contiguous();
+    const int64_t* id = ids.data_ptr<int64_t>();
+    for (int64_t i = 0; i < ids.numel(); ++i)
+      if (id[i] >= 0 && id[i] < V) split_.first[size_t(id[i])] = 1;
+  }
+  const int64_t rows = std::count(split_.first.begin(), split_.first.end(), uint8_t(1));
+  if (rows == 0 || rows == V) {
+    split_.first.clear();
+    return 0;
+  }
+  // Runs of marked rows as element ranges; int8 moments widen them to whole quantization blocks
+  // (whose scales the update rewrites together). The rest is the complement.
+  const size_t q = store_->state().kind() == state_kind::state_int8 ? cpu_optim::k_quant_block : 1;
+  split_.first_ranges.clear();
+  split_.rest_ranges.clear();
+  for (size_t r = 0; r < size_t(V); ++r) {
+    if (!split_.first[r]) continue;
+    const size_t b = (r * h) / q * q, e = std::min(n, ((r + 1) * h + q - 1) / q * q);
+    if (!split_.first_ranges.empty() && split_.first_ranges.back().second >= b) split_.first_ranges.back().second = e;
+    else split_.first_ranges.emplace_back(b, e);
+  }
+  size_t at = 0;
+  for (const auto& [b, e] : split_.first_ranges) {
+    if (b > at) split_.rest_ranges.emplace_back(at, b);
+    at = e;
+  }
+  if (at < n) split_.rest_ranges.emplace_back(at, n);
+  worker_->submit_update(
+      eu,
+      [this, eu, mult, hp, step] {
+        step_validator::unit_record& rec = validator_->unit(eu);
+        rec.log.clear();
+        rec.applied = false;
+        split_.whole = true;
+        if (rec.stats.nonfinite != 0) return;   // the step is skipped: nothing to update
+        dev_->debug_delay();
+        if (opt_.debug_update_sleep_us > 0)
+          std::this_thread::sleep_for(std::chrono::microseconds(opt_.debug_update_sleep_us));
+        // Every statistic of the step is in: the embedding's task is the last one queued ahead, and
+        // this update runs after it. So the verdict is known here. A step that needs a fix-up
+        // updates the whole table with its undo log (as queue_deferred does); one that stands
+        // updates the rows needed first, without a log, and leaves the rest to the second part.
+        if (validator_->judge().fix) {
+          optim_->step(eu, mult, hp, step, &rec.log, /*finite_known=*/true);
+        } else {
+          optim_->step_ranges(eu, mult, hp, step, split_.first_ranges);
+          split_.whole = false;
+        }
+        rec.applied = true;
+        deferred_log_bytes_ += int64_t(rec.log.bytes());
+      },
+      /*by_unit=*/true);
+  worker_->submit_update(
+      split_.rest_unit,
+      [this, eu, mult, hp, step] {
+        if (split_.whole) return;
+        dev_->debug_delay();
+        if (opt_.debug_update_sleep_us > 0)
+          std::this_thread::sleep_for(std::chrono::microseconds(opt_.debug_update_sleep_us));
+        optim_->step_ranges(eu, mult, hp, step, split_.rest_ranges);
+      },
+      /*by_unit=*/true, /*part_of=*/eu);
+  return rows;
 }
 
-step_result engine::train_step(const std::vector<micro_batch>& micro_batches, double lr) {
+step_result engine::train_step(const std::vector<at::Tensor>& micro_batches, double lr,
+                               const std::vector<at::Tensor>* next) {
+  auto batches = [](const std::vector<at::Tensor>& tokens) {
+    std::vector<micro_batch> mbs;
+    for (const at::Tensor& t : tokens) mbs.push_back(micro_batch::from_tokens(t));
+    return mbs;
+  };
+  if (!next) return train_step(batches(micro_batches), lr);
+  const std::vector<micro_batch> nx = batches(*next);
+  return train_step(batches(micro_batches), lr, &nx);
+}
+
+step_result engine::train_step(const std::vector<micro_batch>& micro_batches, double lr,
+                               const std::vector<micro_batch>* next) {
   FERRY_CHECK(!opt_.forward_only, "train_step on an inference engine (engine_options::forward_only): it has no ",
               "gradient buffers or optimizer state; build the engine without forward_only to train");
   FERRY_ASSERT(!micro_batches.empty(), "train_step without micro-batches");
@@ -416,7 +504,13 @@ step_result engine::train_step(const std::vector<micro_batch>& micro_batches, do
                          last_here ? task(eu) : std::function<void()>(), speculate && !deferred, j);
       ms[size_t(j)].dx = at::Tensor();
     }
-    if (deferred && last) queue_deferred(eu, mult, hp, step);
+    if (deferred && last) {
+      // The next step's rows first where its batches are known (untied: a tied head reads the
+      // whole table at the end of the forward).
+      if (rows_first_ && next && !next->empty() && !cfg_.tie_word_embeddings)
+        r.embed_rows_first = queue_embedding_split(*next, mult, hp, step);
+      if (r.embed_rows_first == 0) queue_deferred(eu, mult, hp, step);
+    }
   }
   if (ranks) {
     at::Tensor t = at::tensor({loss_sum}, at::kDouble);
@@ -441,6 +535,9 @@ step_result engine::train_step(const std::vector<micro_batch>& micro_batches, do
     v = validator_->judge();
     if (v.fix) {
       worker_->wait_idle();  // the fix-ups redo or undo what the updates applied
+      // A split embedding update took the same verdict and updated the table as one, with its log.
+      FERRY_ASSERT(r.embed_rows_first == 0 || split_.whole, "the embedding's split update missed the fix-up");
+      r.embed_rows_first = 0;
       r.rollbacks = validator_->queue_updates(v, speculate, mult, hp, step, *worker_, *optim_, *dev_);
       worker_->wait_idle();
     }

@@ -22,7 +22,10 @@
 //             on one rank with the state in host memory (defer_speculative), backward queues each
 //             unit's statistics ahead of the updates and the step ends once they are in: when no
 //             fix-up is needed the updates run on behind the next forward, lowest unit first.
-//   next      the next forward of unit i waits only for unit i's update.
+//   next      the next forward of unit i waits only for unit i's update. Given the next step's
+//             micro-batches (train_step's `next`), a deferred step updates first the embedding rows
+//             the next forward gathers and the rest of the table after every other unit
+//             (engine_options::embed_rows_first), so the next forward waits for those rows alone.
 // Several micro-batches run in groups (memory_plan::micro_group, engine_options::micro_group):
 // each unit is streamed in once per group and runs the forward (later the backward) of every
 // micro-batch of the group before the next unit, and the group's gradients are summed on the
@@ -43,8 +46,10 @@
 #include <ATen/core/Tensor.h>
 
 #include <atomic>
+#include <cstdint>
 #include <functional>
 #include <memory>
+#include <utility>
 #include <vector>
 
 #include "src/engine/backend.h"
@@ -111,6 +116,9 @@ struct step_result {
   double disk_wait_ms = 0;
   int64_t disk_read_bytes = 0, disk_write_bytes = 0;
   int64_t gpu_alloc_peak = 0, gpu_reserved_peak = 0;
+  // Rows of the embedding updated first, ahead of the rest of its table, for the next step's forward
+  // (engine_options::embed_rows_first); 0 when the table was updated as one.
+  int64_t embed_rows_first = 0;
 };
 
 class engine {
@@ -133,10 +141,14 @@ class engine {
   // One optimizer step over micro-batches (-100 labels are ignored). The loss is normalised over
   // all target tokens of all micro-batches. lr is this step's learning rate. Every input is checked
   // before anything changes: a refused batch leaves the engine as it was. Refused on a
-  // forward_only engine.
-  step_result train_step(const std::vector<micro_batch>& micro_batches, double lr);
+  // forward_only engine. next (optional): the micro-batches the next call will train on, whose
+  // embedding rows this step's update makes current first (engine_options::embed_rows_first); only
+  // their token ids are read, and a next call with other batches is still correct, only slower.
+  step_result train_step(const std::vector<micro_batch>& micro_batches, double lr,
+                         const std::vector<micro_batch>* next = nullptr);
   // The same with each micro-batch (B, T+1) tokens (micro_batch::from_tokens).
-  step_result train_step(const std::vector<at::Tensor>& micro_batches, double lr);
+  step_result train_step(const std::vector<at::Tensor>& micro_batches, double lr,
+                         const std::vector<at::Tensor>* next = nullptr);
 
   // Forward only: summed loss and target count of one batch ((B, T+1) tokens: from_tokens).
   // Packed batches run each block in one pass (block_forward_whole), as training does.
@@ -173,6 +185,12 @@ class engine {
                                   const cpu_optim::adamw_hparams& hp, int64_t step);
   // Deferred speculation: queues unit u's speculative update (by unit, after the statistics).
   void queue_deferred(int64_t u, double mult, const cpu_optim::adamw_hparams& hp, int64_t step);
+  // Deferred speculation with the next step's batches (engine_options::embed_rows_first): marks the
+  // embedding rows their first group gathers and queues the embedding's update in two parts.
+  // Returns the rows marked, 0 where a split does not pay (every row is needed first), in which
+  // case nothing is queued.
+  int64_t queue_embedding_split(const std::vector<micro_batch>& next, double mult, const cpu_optim::adamw_hparams& hp,
+                                int64_t step);
   // engine_options::debug_poison_* (test hook): whether unit u's gradient is poisoned this step,
   // and the write itself (on the gradient the update reads).
   bool poison_now(int64_t u) const {
@@ -198,6 +216,16 @@ class engine {
   // Deferred speculative updates: the bytes of the undo logs they wrote (update thread), taken by
   // the next step once they have all run.
   std::atomic<int64_t> deferred_log_bytes_{0};
+  bool rows_first_ = false;   // engine_options::embed_rows_first, unless FERRY_EMBED_ROWS_FIRST=0
+  // The embedding's update in two parts (queue_embedding_split). The engine's thread writes the
+  // marks and ranges before queueing the parts, and again only after the second part has run (the
+  // next step's gradient copy waits for it); the parts run on the update thread, first then rest.
+  struct embedding_split {
+    int64_t rest_unit = -1;              // the update thread's unit of the second part
+    std::vector<uint8_t> first;          // per vocabulary row: updated in the first part
+    std::vector<std::pair<size_t, size_t>> first_ranges, rest_ranges;   // element ranges of the table
+    bool whole = false;                  // the first part updated the whole table (a fix-up follows)
+  } split_;
 };
 
 }  // namespace ferry::engine

@@ -2,6 +2,8 @@
 
 #include <ATen/ATen.h>
 
+#include <cstring>
+
 #include "src/common/error.h"
 #if FERRY_WITH_CUDA
 #include "gpu/ops.h"
@@ -77,6 +79,17 @@ cpu_optim::grad_stats optimizer_path::step(int64_t u, double mult, const cpu_opt
   cpu_optim::grad_stats st = adam_->step(chunk(u, *s), hp, step, float(mult), log, finite_known);
   publish(u, *s);
   return st;
+}
+
+void optimizer_path::step_ranges(int64_t u, double mult, const cpu_optim::adamw_hparams& hp, int64_t step,
+                                 const std::vector<std::pair<size_t, size_t>>& ranges) {
+  FERRY_ASSERT(!store_.shards().sharded(), "optimizer_path::step_ranges with ranks");
+  state_lease s(store_.state(), u, true);
+  adam_->step_ranges(chunk(u, *s), hp, step, float(mult), ranges);
+  // fp32 runs: the shadow is the master (AdamW wrote no half copy).
+  if (opt_.dtype == at::kFloat)
+    for (const auto& [b, e] : ranges)
+      std::memcpy(static_cast<float*>(shadow_shard(u)) + b, s->master + b, (e - b) * sizeof(float));
 }
 
 void optimizer_path::undo(int64_t u, double mult, const cpu_optim::adamw_hparams& hp, int64_t step,

@@ -12,6 +12,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <memory>
+#include <utility>
 #include <vector>
 
 #include "cpu_optim/adamw.h"
@@ -36,6 +37,11 @@ class optimizer_path {
   // skips its pre-scan; see adamw::step).
   cpu_optim::grad_stats step(int64_t u, double mult, const cpu_optim::adamw_hparams& hp, int64_t step,
                              cpu_optim::undo_log* log, bool finite_known = false);
+  // step() on the elements of `ranges` of unit u alone (cpu_optim::adamw::step_ranges: no undo
+  // log, the gradient known finite), its shadow written there: one rank only. A unit stepped range
+  // by range over a partition of its elements ends as one step() leaves it.
+  void step_ranges(int64_t u, double mult, const cpu_optim::adamw_hparams& hp, int64_t step,
+                   const std::vector<std::pair<size_t, size_t>>& ranges);
   void undo(int64_t u, double mult, const cpu_optim::adamw_hparams& hp, int64_t step, const cpu_optim::undo_log& log);
   void redo(int64_t u, double old_mult, double new_mult, const cpu_optim::adamw_hparams& hp, int64_t step,
             const cpu_optim::undo_log& log);

@@ -71,6 +71,12 @@ struct engine_options {
   // forward needs first taking precedence (engine::train_step). false, or the environment's
   // FERRY_SPECULATE_WAIT=1: the step waits for its updates, as it does with ranks and the disk tier.
   bool defer_speculative = true;
+  // A deferred step (above) given the next step's micro-batches (engine::train_step's `next`) updates
+  // the embedding in two parts: first the rows the next step's first group gathers, which its
+  // forward waits for, then the rest, after every other unit's update (untied embeddings). The
+  // result is the same bits. false, or the environment's FERRY_EMBED_ROWS_FIRST=0: one update of
+  // the whole table, which the next forward waits for.
+  bool embed_rows_first = true;
   // A unit's gradient statistics (squares and non-finite count, for clipping and the overflow
   // check) are taken where the backward made it, before the copy to the host, whenever the host
   // would read exactly that buffer (one rank, one group per step, not the embedding): on CUDA a

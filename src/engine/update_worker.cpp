@@ -35,14 +35,15 @@ void update_worker::submit(entry e, int64_t cls) {
     if (task) ++pending_tasks_;
     else ++pending_updates_;
     if (e.unit >= 0) ++unit_pending_[size_t(e.unit)];
+    if (e.part_of >= 0) ++unit_pending_[size_t(e.part_of)];
     if (e.unit >= 0 && task) ++unit_tasks_queued_[size_t(e.unit)];
     queue_.emplace(std::make_pair(cls, seq_++), std::move(e));
   }
   cv_task_.notify_one();
 }
 
-void update_worker::submit_update(int64_t u, std::function<void()> fn, bool by_unit) {
-  submit({std::move(fn), u, ++unit_queued_[size_t(u)]}, by_unit ? 2 + u : 1);
+void update_worker::submit_update(int64_t u, std::function<void()> fn, bool by_unit, int64_t part_of) {
+  submit({std::move(fn), u, ++unit_queued_[size_t(u)], {}, part_of}, by_unit ? 2 + u : 1);
 }
 
 void update_worker::submit_task(int64_t u, std::function<void()> fn, bool ahead, std::function<bool()> ready) {
@@ -52,8 +53,11 @@ void update_worker::submit_task(int64_t u, std::function<void()> fn, bool ahead,
 update_worker::queue_type::iterator update_worker::next_locked() {
   auto it = queue_.begin();
   if (it->first.first != 0 || !it->second.ready || it->second.ready()) return it;
-  for (auto jt = queue_.lower_bound({2, 0}); jt != queue_.end(); ++jt)
-    if (unit_tasks_queued_[size_t(jt->second.unit)] == 0) return jt;
+  for (auto jt = queue_.lower_bound({2, 0}); jt != queue_.end(); ++jt) {
+    const entry& e = jt->second;
+    if (unit_tasks_queued_[size_t(e.unit)] == 0 && (e.part_of < 0 || unit_tasks_queued_[size_t(e.part_of)] == 0))
+      return jt;
+  }
   return it;
 }
 
@@ -92,6 +96,7 @@ void update_worker::loop() {
         --pending_tasks_;
       }
       if (e.unit >= 0) --unit_pending_[size_t(e.unit)];
+      if (e.part_of >= 0) --unit_pending_[size_t(e.part_of)];
     }
     cv_done_.notify_all();
   }

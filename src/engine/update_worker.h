@@ -34,7 +34,11 @@ class update_worker {
   // Queues an update of unit u's weights (an AdamW step, a fix-up, or an empty task after the
   // weights changed elsewhere): the unit's host copy is stale for the device until it has run.
   // This is the one place a unit's version moves. by_unit: see the order above.
-  void submit_update(int64_t u, std::function<void()> fn, bool by_unit = false);
+  // part_of >= 0: u is a second part of unit part_of (its own unit number, so its own version and
+  // place in the by-unit order; the embedding's rows the next forward does not gather first): the
+  // update also reads part_of's host buffers, so wait_unit_tasks(part_of) waits for it too, and it
+  // never runs before the gradient tasks of part_of queued before it.
+  void submit_update(int64_t u, std::function<void()> fn, bool by_unit = false, int64_t part_of = -1);
   // Queues a task that reads unit u's host buffers without changing its weights (gradient
   // accumulation, statistics). wait_unit_tasks(u) waits for it, wait_updated(u) does not.
   // `ready` (ahead only; empty: always) says whether fn would run without blocking.
@@ -64,6 +68,7 @@ class update_worker {
     std::function<void()> fn;
     int64_t unit, version;   // version -1: a gradient task
     std::function<bool()> ready;
+    int64_t part_of = -1;    // submit_update's part_of
   };
   void loop();
   void submit(entry e, int64_t cls);

@@ -132,17 +132,25 @@ void weight_pool::release(int64_t u) {
 at::Tensor weight_pool::embed(const at::Tensor& tokens) {
   const int64_t eu = store_.embed_unit(), h = cfg_.hidden_size;
   if (!resident_.empty()) return model::embed_forward(tokens.to(dev_.device()), resident_[size_t(eu)].view({cfg_.vocab_size, h}));
-  const double t_wait = trace::enabled() ? trace::now_ms() : 0;
-  meter_.stall_ms += worker_.wait_updated(eu);
-  if (trace::enabled()) trace::record("wait_update", eu, t_wait, trace::now_ms());
-  meter_.shard_wait_ms += store_.await_shadow(eu);
-  if (embed_in_done_) embed_in_done_->synchronize();
   at::Tensor tok = tokens.to(at::kLong).contiguous();
   FERRY_CHECK(tok.numel() <= opt_.max_batch * opt_.max_seq, "batch of ", tok.numel(), " tokens exceeds the planned ",
               opt_.max_batch, " x ", opt_.max_seq);
+  const at::Tensor ids = tok.reshape({-1});
+  const double t_wait = trace::enabled() ? trace::now_ms() : 0;
+  meter_.stall_ms += worker_.wait_updated(eu);
+  if (embed_rest_ >= 0) {
+    // The rows outside the first part of a split update are current once its second part has run.
+    const int64_t* id = ids.data_ptr<int64_t>();
+    bool first = embed_first_ && !embed_first_->empty();
+    for (int64_t i = 0; first && i < ids.numel(); ++i) first = (*embed_first_)[size_t(id[i])] != 0;
+    if (!first) meter_.stall_ms += worker_.wait_updated(embed_rest_);
+  }
+  if (trace::enabled()) trace::record("wait_update", eu, t_wait, trace::now_ms());
+  meter_.shard_wait_ms += store_.await_shadow(eu);
+  if (embed_in_done_) embed_in_done_->synchronize();
   at::Tensor table = store_.shadow_tensor(eu).view({cfg_.vocab_size, h});
   // index_select's rows, copied in parallel (the device waits for them at the step's start).
-  const at::Tensor ids = tok.reshape({-1});
+
   cpu_optim::gather_rows(table.data_ptr(), size_t(h) * c10::elementSize(opt_.dtype), size_t(cfg_.vocab_size),
                          ids.data_ptr<int64_t>(), size_t(ids.numel()), embed_in_);
   at::Tensor x = at::empty({tok.size(0), tok.size(1), h}, at::TensorOptions().dtype(opt_.dtype).device(dev_.device()));

@@ -15,6 +15,7 @@
 // Later: "my shard in, then all-gather" for ranks that share the weights.
 #include <ATen/core/Tensor.h>
 
+#include <cstdint>
 #include <vector>
 
 #include "src/engine/backend.h"
@@ -47,6 +48,14 @@ class weight_pool {
   // The embedding rows of tokens (B,T) as a (B,T,h) device tensor, the compute queue waiting for
   // them. Token ids must be in the vocabulary (the engine checks before the step changes state).
   at::Tensor embed(const at::Tensor& tokens);
+  // The embedding's update in two parts (engine::train_step, engine_options::embed_rows_first):
+  // the rows marked in *first (one byte per vocabulary row) are current once the embedding unit's
+  // updates have run; the others also wait for unit rest_unit's (the second part). embed() of
+  // tokens all marked waits only for the first part. Set once; the engine owns *first.
+  void split_embedding(int64_t rest_unit, const std::vector<uint8_t>* first) {
+    embed_rest_ = rest_unit;
+    embed_first_ = first;
+  }
 
   // Resident mode: the device's compute-dtype copy of every unit (the device AdamW writes it).
   at::Tensor& resident(int64_t u) { return resident_[size_t(u)]; }
@@ -75,6 +84,8 @@ class weight_pool {
   std::vector<at::Tensor> resident_;   // none: every unit
   std::vector<slot> blocks_;           // blocked / overlapped
   slot head_;
+  int64_t embed_rest_ = -1;                          // split_embedding
+  const std::vector<uint8_t>* embed_first_ = nullptr;
   void* embed_in_ = nullptr;           // pinned staging of the gathered embedding rows (B*T*h)
   event_ptr embed_in_done_;
 };

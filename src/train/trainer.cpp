@@ -187,17 +187,36 @@ int run_training(const io::run_config& cfg, const model::llama_config& mc, const
 
   int exit_code = 0;
   bool first_record = true;
-  while (st.step < cfg.steps) {
+  // One step's micro-batches from the data cursor `at`, which moves past them; tokens: the positions
+  // they run, padding included.
+  struct step_batches {
     std::vector<engine::micro_batch> micro;
-    int64_t step_tokens = 0;  // positions the step runs, padding included
+    int64_t tokens = 0;
+  };
+  auto read_step = [&](int64_t& at) {
+    step_batches sb;
     for (int64_t a = 0; a < cfg.grad_accum; ++a) {
-      const int64_t columns = data.train_rows(io::rank_cursor(st.data_cursor, B, rank), B, rows);
-      st.data_cursor += B * world;
-      micro.push_back(micro_batch_of(B, columns));
-      step_tokens += B * columns;
+      const int64_t columns = data.train_rows(io::rank_cursor(at, B, rank), B, rows);
+      at += B * world;
+      sb.micro.push_back(micro_batch_of(B, columns));
+      sb.tokens += B * columns;
     }
+    return sb;
+  };
+  // The next step's batches are read one step ahead, so the engine can make their embedding rows
+  // current first (train_step's `next`); st.data_cursor stays the position after the step trained.
+  int64_t read_cursor = st.data_cursor;
+  step_batches next;
+  if (st.step < cfg.steps) next = read_step(read_cursor);
+  while (st.step < cfg.steps) {
+    step_batches cur = std::move(next);
+    next = step_batches{};
+    if (st.step + 1 < cfg.steps) next = read_step(read_cursor);
+    const std::vector<engine::micro_batch>& micro = cur.micro;
+    int64_t step_tokens = cur.tokens;
     double lr = sched.at(st.step + 1);
-    engine::step_result r = e.train_step(micro, lr);
+    engine::step_result r = e.train_step(micro, lr, next.micro.empty() ? nullptr : &next.micro);
+    st.data_cursor += int64_t(micro.size()) * B * world;
     ++st.step;
     // This step's save request and stop signal, taken once here (a signal arriving later counts
     // at the next step), so that with ranks every rank acts on the same sums.
@@ -244,6 +263,7 @@ int run_training(const io::run_config& cfg, const model::llama_config& mc, const
     m["stall_ms"] = r.stall_update_ms;
     m["tail_ms"] = r.tail_ms;
     m["updates_pending"] = r.updates_pending;
+    m["embed_rows_first"] = r.embed_rows_first;
     if (e.params().shadows_shared()) m["shard_wait_ms"] = r.shard_wait_ms;
     if (eo.state_on == engine::state_place::place_nvme) {
       m["disk_wait_ms"] = r.disk_wait_ms;

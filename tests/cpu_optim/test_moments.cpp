@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 
 #include "cpu_optim/moment_codes.h"
@@ -519,6 +520,83 @@ TEST_P(moments_target, fused_accumulator_equals_accumulate_then_update) {
       opt.undo(cf, h, 3, 0.25f);
       opt.undo(cp, h, 3, 0.25f);
       EXPECT_TRUE(fused.same_bits(plain)) << "undo";
+    }
+  }
+}
+
+// step_ranges over a partition of the chunk (the rows needed first, then the rest, as the
+// embedding's split update runs them) ends bit-identical to one step() of the whole chunk, in every
+// moments kind, with the fused accumulator and a streamed half copy; after the first part alone
+// every element outside it still holds its old bits, and every element inside it already holds
+// step()'s. The ranges are rows of 2048 elements (int8's quantization block), scattered, with
+// runs of several rows and a last partial row.
+TEST_P(moments_target, step_ranges_over_a_partition_is_one_step) {
+  std::mt19937 rng(fresh_seed());
+  adamw opt(2);
+  const adamw_hparams h{1e-3f, 0.9f, 0.999f, 1e-8f, 0.1f};
+  const size_t row = k_quant_block, rows = 37, n = rows * row - 100;
+  // Rows of the first part: random, with a run of consecutive rows and the last (partial) row.
+  std::vector<bool> first(rows);
+  for (size_t r = 0; r < rows; ++r) first[r] = rng() % 3 == 0;
+  for (size_t r = 10; r < 15; ++r) first[r] = true;
+  first[rows - 1] = true;
+  auto ranges_of = [&](bool want) {
+    std::vector<std::pair<size_t, size_t>> out;
+    for (size_t r = 0; r < rows; ++r) {
+      if (first[r] != want) continue;
+      const size_t b = r * row, e = std::min(n, b + row);
+      if (!out.empty() && out.back().second == b) out.back().second = e;
+      else out.emplace_back(b, e);
+    }
+    return out;
+  };
+  const auto hot = ranges_of(true), cold = ranges_of(false);
+  auto in_hot = [&](size_t i) { return first[i / row]; };
+  for (moments_kind k : {moments_kind::f32, moments_kind::bf16, moments_kind::int8}) {
+    SCOPED_TRACE(moments_kind_name(k));
+    // f32 moments live in compact's p-sized float vectors: reuse the struct's bf16 layout for the
+    // master and half copy, and plain vectors for m and v.
+    compact whole = random_compact(rng, k == moments_kind::f32 ? moments_kind::bf16 : k, n);
+    std::vector<float> m32 = normal(rng, n, 0.01f), v32 = normal(rng, n, 0.01f);
+    for (float& x : v32) x = x * x + 1e-6f;
+    std::vector<float> g, acc = normal(rng, n, 0.02f);
+    const auto grad = encode(normal(rng, n, 0.02f), dtype::dtype_f16, &g);
+    compact parts = whole;
+    std::vector<float> pm32 = m32, pv32 = v32;
+    auto chunk_of = [&](compact& c, std::vector<float>& m, std::vector<float>& v) {
+      chunk_ref r = c.chunk(grad, dtype::dtype_f16, dtype::dtype_f16, true);
+      r.grad_acc = acc.data();
+      if (k == moments_kind::f32) {
+        r.moments = moments_kind::f32;
+        r.m = m.data();
+        r.v = v.data();
+        r.m_scale = r.v_scale = nullptr;
+      }
+      return r;
+    };
+    const compact before = parts;
+    const std::vector<float> m_before = pm32, v_before = pv32;
+    opt.step(chunk_of(whole, m32, v32), h, 4, 0.5f, nullptr, true);
+    opt.step_ranges(chunk_of(parts, pm32, pv32), h, 4, 0.5f, hot);
+    // After the first part: its elements are the whole step's, the others untouched.
+    size_t wrong_hot = 0, touched_cold = 0;
+    for (size_t i = 0; i < n; ++i) {
+      auto same = [&](const compact& a, const std::vector<float>& am, const std::vector<float>& av, size_t j) {
+        bool eq = std::memcmp(&a.p[j], &parts.p[j], 4) == 0 && a.half_out[j] == parts.half_out[j];
+        if (k == moments_kind::f32) eq = eq && std::memcmp(&am[j], &pm32[j], 4) == 0 && std::memcmp(&av[j], &pv32[j], 4) == 0;
+        else if (k == moments_kind::bf16) eq = eq && a.m16[j] == parts.m16[j] && a.v16[j] == parts.v16[j];
+        else eq = eq && a.mq[j] == parts.mq[j] && a.vq[j] == parts.vq[j];
+        return eq;
+      };
+      if (in_hot(i)) wrong_hot += !same(whole, m32, v32, i);
+      else touched_cold += !same(before, m_before, v_before, i);
+    }
+    EXPECT_EQ(wrong_hot, 0u) << "elements of the first part that differ from the whole step";
+    EXPECT_EQ(touched_cold, 0u) << "elements outside the first part that it changed";
+    opt.step_ranges(chunk_of(parts, pm32, pv32), h, 4, 0.5f, cold);
+    EXPECT_TRUE(whole.same_bits(parts)) << "both parts against one step";
+    if (k == moments_kind::f32) {
+      EXPECT_TRUE(bits_equal(m32, pm32) && bits_equal(v32, pv32)) << "f32 moments";
     }
   }
 }

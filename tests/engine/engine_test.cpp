@@ -1080,6 +1080,105 @@ TEST(engine_race, delays_change_nothing) {
   }
 }
 
+// engine_options::embed_rows_first: a deferred step given the next step's batches updates the
+// embedding rows those gather first and the rest of the table after every other unit. The run is
+// bit-identical to one updating the table as one: unclipped (the split runs: rows counted, fewer
+// than the vocabulary) and clipped (every step needs a fix-up: the first part updates the whole
+// table with its undo log), with the embedding's gradient summed on the host and on the device,
+// over one micro-batch and three in one group, with fp32 and int8 moments (ranges widened to
+// quantization blocks), with an overflow in a block and in the embedding, with random delays on
+// both threads, with evaluation between steps (its rows are not all marked: it waits for the rest)
+// and with a wrong `next` (the next forward's rows are not all marked).
+TEST(engine_embed_rows_first, same_bits_as_one_update_of_the_table) {
+  FERRY_REQUIRE_DEVICE();
+  const int64_t rows = 3, T = k_seq;
+  const auto big = make_data(4, rows, T, 23);
+  const model::llama_config cfg = tiny_config();
+  struct variant {
+    std::string name;
+    std::function<void(engine_options&)> set;
+  };
+  const std::vector<variant> variants = {
+      {"plain", [](engine_options&) {}},
+      {"int8 moments", [](engine_options& o) { o.state = state_kind::state_int8; }},
+      {"overflow in block 1 at step 2", [](engine_options& o) {
+         o.debug_poison_step = 2;
+         o.debug_poison_unit = 1;
+         o.debug_poison_index = 3;
+         o.debug_poison_value = k_inf;
+       }},
+      {"overflow in the embedding at step 3", [](engine_options& o) {
+         o.debug_poison_step = 3;
+         o.debug_poison_unit = 0;
+         o.debug_poison_index = 70;
+         o.debug_poison_value = std::nan("");
+       }},
+      {"delays", [](engine_options& o) {
+         o.debug_delay_us = 300;
+         o.seed = 77;
+       }},
+      // Every update sleeps: the next forward starts while the table's second part is queued.
+      {"slow updates", [](engine_options& o) { o.debug_update_sleep_us = 3000; }},
+  };
+  for (const variant& var : variants) {
+    for (auto place : {embed_grad_place::embed_grad_host, embed_grad_place::embed_grad_device}) {
+      for (int64_t micro : {1, 3}) {
+        for (double clip : {0.0, 0.05}) {
+          engine_options o = rows_options(k_overlapped, clip, rows, T);
+          o.grad_accum = micro;
+          o.micro_group = micro;
+          o.embed_grad = place;
+          var.set(o);
+          engine_options whole = o;
+          whole.embed_rows_first = false;
+          const std::string what = var.name + ", embed_grad " +
+                                   (place == embed_grad_place::embed_grad_host ? "host" : "device") + ", " +
+                                   std::to_string(micro) + " micro-batches, clip " + std::to_string(clip);
+          const auto data = split_rows(big, micro);
+          const run_result a = run_engine(o, data), b = run_engine(whole, data);
+          expect_bit_identical(a, b, what + ": rows first vs the table as one");
+          for (size_t k = 0; k < a.steps.size(); ++k) {
+            EXPECT_EQ(b.steps[k].embed_rows_first, 0) << what << " step " << k;
+            const bool split = clip == 0 && !a.steps[k].skipped && k + 1 < a.steps.size();
+            if (split) {
+              EXPECT_GT(a.steps[k].embed_rows_first, 0) << what << " step " << k;
+              EXPECT_LT(a.steps[k].embed_rows_first, cfg.vocab_size) << what << " step " << k;
+            } else {
+              EXPECT_EQ(a.steps[k].embed_rows_first, 0) << what << " step " << k;
+            }
+          }
+        }
+      }
+    }
+  }
+  // Evaluation between steps, and a `next` that is not the next step's batch; every update sleeps,
+  // so both read the table while its second part is still queued.
+  const auto data = split_rows(big, 1);
+  const auto other = make_data(4, rows, T, 29);
+  engine_options o = rows_options(k_overlapped, 0.0, rows, T);
+  o.debug_update_sleep_us = 20000;
+  engine_options whole = o;
+  whole.embed_rows_first = false;
+  // Each engine runs on its own, so that its updates are still queued when it reads the table.
+  auto run = [&](const engine_options& opt, bool rows_first, run_result& r, std::vector<double>& losses) {
+    auto e = make_engine(opt);
+    for (size_t k = 0; k < data.size(); ++k) {
+      r.steps.push_back(e->train_step(data[k], lr_at(int64_t(k)), rows_first ? &other[k] : nullptr));
+      // Every other step evaluates; the others go straight to the next step (whose rows were not
+      // all marked).
+      if (k % 2 == 0) losses.push_back(e->evaluate(other[(k + 2) % other.size()][0]).loss_sum);
+    }
+    snapshot(*e, r);
+  };
+  run_result ra, rb;
+  std::vector<double> la, lb;
+  run(o, true, ra, la);
+  run(whole, false, rb, lb);
+  for (size_t k = 0; k < ra.steps.size(); ++k) EXPECT_GT(ra.steps[k].embed_rows_first, 0) << "step " << k;
+  EXPECT_EQ(la, lb) << "evaluation between steps";
+  expect_bit_identical(ra, rb, "a wrong next, and evaluation between steps");
+}
+
 // ---- 6. memory plan ----
 
 // The plan's activations, optimizer and pinned bytes against what a real forward saves and a

@@ -172,6 +172,7 @@ inline std::pair<at::Tensor, at::Tensor> decoded_moments(engine& e, int64_t u) {
 }
 
 // before(k, engine) runs before step k (0-based): parameter surgery for the injection tests.
+// Each step is given the next one's batches, as the trainer gives them (train_step's `next`).
 using step_hook = std::function<void(int64_t, engine&)>;
 inline run_result run_engine(const engine_options& o, const std::vector<step_data>& data, const step_hook& before = {},
                              const model::llama_config& cfg = tiny_config()) {
@@ -179,7 +180,7 @@ inline run_result run_engine(const engine_options& o, const std::vector<step_dat
   run_result r;
   for (size_t k = 0; k < data.size(); ++k) {
     if (before) before(int64_t(k), *e);
-    r.steps.push_back(e->train_step(data[k], lr_at(int64_t(k))));
+    r.steps.push_back(e->train_step(data[k], lr_at(int64_t(k)), k + 1 < data.size() ? &data[k + 1] : nullptr));
   }
   snapshot(*e, r);
   return r;

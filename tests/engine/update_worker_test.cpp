@@ -125,6 +125,60 @@ TEST(update_worker, updates_fill_the_wait_for_a_copy) {
   EXPECT_EQ(order, "DSU");
 }
 
+// A second part of a unit (submit_update's part_of: the embedding's rows not needed first) has its
+// own version and place, last in the by-unit order, but belongs to its unit for the rest: it does
+// not fill the wait for that unit's copy (its statistics come first), and wait_unit_tasks of that
+// unit waits for it, while wait_updated of that unit does not.
+TEST(update_worker, a_second_part_waits_for_its_units_tasks) {
+  {
+    update_worker w(4);   // units 0, 2, 3, and 1: the second part of unit 0
+    std::mutex mu;
+    std::string order;
+    std::atomic<bool> copied{false};
+    auto note = [&](char c) {
+      return [&, c] {
+        std::lock_guard<std::mutex> lock(mu);
+        order += c;
+        if (c == 'D') copied = true;   // the copy completes while unit 3's update runs
+      };
+    };
+    gate g;
+    g.hold(w);
+    w.submit_task(0, note('S'), /*ahead=*/true, [&] { return copied.load(); });   // unit 0's statistics
+    w.submit_update(0, note('H'), /*by_unit=*/true);
+    w.submit_update(1, note('C'), /*by_unit=*/true, /*part_of=*/0);
+    w.submit_update(3, note('D'), /*by_unit=*/true);
+    g.open();
+    w.wait_idle();
+    // D fills the wait for the copy; C may not, though it comes first in the by-unit order.
+    EXPECT_EQ(order, "DSHC");
+    EXPECT_EQ(w.queued_version(1), 1);
+    EXPECT_EQ(w.queued_version(0), 1);
+  }
+  update_worker w(2);
+  gate g, rest;
+  std::atomic<bool> returned{false}, part_done{false};
+  g.hold(w);
+  w.submit_update(0, [] {}, /*by_unit=*/true);
+  w.submit_update(1, [&, f = rest.f] {
+    f.wait();
+    part_done = true;
+  }, /*by_unit=*/true, /*part_of=*/0);
+  g.open();
+  w.wait_updated(0);   // does not wait for the second part
+  EXPECT_FALSE(part_done);
+  std::thread waiter([&] {
+    w.wait_unit_tasks(0);   // does
+    returned = true;
+  });
+  std::this_thread::sleep_for(std::chrono::milliseconds(30));
+  EXPECT_FALSE(returned) << "wait_unit_tasks(0) returned while unit 0's second part was still queued";
+  rest.open();
+  waiter.join();
+  EXPECT_TRUE(part_done);
+  w.wait_idle();
+}
+
 TEST(update_worker, a_failed_task_is_rethrown_by_the_waits) {
   update_worker w(1);
   w.submit_task(0, [] { throw std::runtime_error("boom"); }, /*ahead=*/true);
