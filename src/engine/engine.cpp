@@ -286,9 +286,13 @@ int64_t engine::queue_embedding_split(const std::vector<micro_batch>& next, doub
     at = e;
   }
   if (at < n) split_.rest_ranges.emplace_back(at, n);
+  // The next step's first micro-batch, whose rows the first part gathers for it once they are current.
+  const at::Tensor ids0 = next[0].inputs.to(at::kLong).reshape({-1}).contiguous().clone();
+  const bool stage = ids0.numel() <= opt_.max_batch * opt_.max_seq &&
+                     (ids0.numel() == 0 || (ids0.min().item<int64_t>() >= 0 && ids0.max().item<int64_t>() < V));
   worker_->submit_update(
       eu,
-      [this, eu, mult, hp, step] {
+      [this, eu, mult, hp, step, ids0, stage] {
         step_validator::unit_record& rec = validator_->unit(eu);
         rec.log.clear();
         rec.applied = false;
@@ -306,6 +310,7 @@ int64_t engine::queue_embedding_split(const std::vector<micro_batch>& next, doub
         } else {
           optim_->step_ranges(eu, mult, hp, step, split_.first_ranges);
           split_.whole = false;
+          if (stage) pool_->stage_embed(ids0);
         }
         rec.applied = true;
         deferred_log_bytes_ += int64_t(rec.log.bytes());

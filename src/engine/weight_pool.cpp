@@ -2,6 +2,7 @@
 
 #include <ATen/ATen.h>
 
+#include <cstring>
 #include <limits>
 
 #include "cpu_optim/adamw.h"
@@ -129,6 +130,24 @@ void weight_pool::release(int64_t u) {
   s->released = dev_.record(queue::queue_compute);
 }
 
+// index_select's rows of the shadow into the staging, copied in parallel.
+void weight_pool::gather(const at::Tensor& ids) {
+  const int64_t eu = store_.embed_unit(), h = cfg_.hidden_size;
+  const at::Tensor table = store_.shadow_tensor(eu).view({cfg_.vocab_size, h});
+  cpu_optim::gather_rows(table.data_ptr(), size_t(h) * c10::elementSize(opt_.dtype), size_t(cfg_.vocab_size),
+                         ids.data_ptr<int64_t>(), size_t(ids.numel()), embed_in_);
+}
+
+void weight_pool::stage_embed(const at::Tensor& ids) {
+  FERRY_ASSERT(resident_.empty() && ids.dim() == 1 && ids.scalar_type() == at::kLong && ids.is_contiguous() &&
+                   ids.numel() <= opt_.max_batch * opt_.max_seq,
+               "weight_pool::stage_embed: ", ids.numel(), " ids for a staging of ", opt_.max_batch * opt_.max_seq);
+  // The staging's last copy to the device is done before it is rewritten.
+  if (embed_in_done_) embed_in_done_->synchronize();
+  gather(ids);
+  staged_ids_ = ids;
+}
+
 at::Tensor weight_pool::embed(const at::Tensor& tokens) {
   const int64_t eu = store_.embed_unit(), h = cfg_.hidden_size;
   if (!resident_.empty()) return model::embed_forward(tokens.to(dev_.device()), resident_[size_t(eu)].view({cfg_.vocab_size, h}));
@@ -147,18 +166,23 @@ at::Tensor weight_pool::embed(const at::Tensor& tokens) {
   }
   if (trace::enabled()) trace::record("wait_update", eu, t_wait, trace::now_ms());
   meter_.shard_wait_ms += store_.await_shadow(eu);
-  if (embed_in_done_) embed_in_done_->synchronize();
-  at::Tensor table = store_.shadow_tensor(eu).view({cfg_.vocab_size, h});
-  // index_select's rows, copied in parallel (the device waits for them at the step's start).
-
-  cpu_optim::gather_rows(table.data_ptr(), size_t(h) * c10::elementSize(opt_.dtype), size_t(cfg_.vocab_size),
-                         ids.data_ptr<int64_t>(), size_t(ids.numel()), embed_in_);
+  const double t_rows = trace::enabled() ? trace::now_ms() : 0;
+  // Rows the update thread staged for exactly these tokens (stage_embed) are only copied.
+  const bool staged = staged_ids_.defined() && staged_ids_.numel() == ids.numel() &&
+                      std::memcmp(staged_ids_.data_ptr<int64_t>(), ids.data_ptr<int64_t>(),
+                                  size_t(ids.numel()) * sizeof(int64_t)) == 0;
+  staged_ids_ = at::Tensor();
+  if (!staged) {
+    if (embed_in_done_) embed_in_done_->synchronize();
+    gather(ids);
+  }
   at::Tensor x = at::empty({tok.size(0), tok.size(1), h}, at::TensorOptions().dtype(opt_.dtype).device(dev_.device()));
   const size_t bytes = size_t(ids.numel() * h) * c10::elementSize(opt_.dtype);
   dev_.copy_h2d(x, embed_in_, bytes);
   embed_in_done_ = dev_.record(queue::queue_h2d);
   meter_.h2d_bytes += int64_t(bytes);
   dev_.wait(queue::queue_compute, embed_in_done_);
+  if (trace::enabled()) trace::record("embed_rows", eu, t_rows, trace::now_ms());
   return x;
 }
 

@@ -56,6 +56,13 @@ class weight_pool {
     embed_rest_ = rest_unit;
     embed_first_ = first;
   }
+  // The update thread, in that first part once its rows are current: gathers the rows of ids (the
+  // next step's first micro-batch, int64, flat) into the staging, so that embed() of exactly those
+  // tokens only copies them (the engine's thread then does not gather while the update thread
+  // holds the cores). Every embed() consumes the staging; one of other tokens gathers its own.
+  // The table must not change between the two (a fix-up does: the engine stages only steps that
+  // stand).
+  void stage_embed(const at::Tensor& ids);
 
   // Resident mode: the device's compute-dtype copy of every unit (the device AdamW writes it).
   at::Tensor& resident(int64_t u) { return resident_[size_t(u)]; }
@@ -84,6 +91,8 @@ class weight_pool {
   std::vector<at::Tensor> resident_;   // none: every unit
   std::vector<slot> blocks_;           // blocked / overlapped
   slot head_;
+  void gather(const at::Tensor& ids);   // the rows of ids into embed_in_
+  at::Tensor staged_ids_;               // stage_embed's ids while embed_in_ holds their rows
   int64_t embed_rest_ = -1;                          // split_embedding
   const std::vector<uint8_t>* embed_first_ = nullptr;
   void* embed_in_ = nullptr;           // pinned staging of the gathered embedding rows (B*T*h)
