@@ -6,7 +6,6 @@
 #include <chrono>
 #include <cstdlib>
 #include <string>
-#include <thread>
 #include <tuple>
 
 #include "src/common/error.h"
@@ -92,6 +91,7 @@ void engine::params_changed() {
   // caller has just changed.
   worker_->wait_idle();
   store_->refresh_shadows();
+  pool_->unstage_embed();   // rows staged from the old table
   for (int64_t u = 0; u < store_->num_units(); ++u) worker_->submit_update(u, [] {});  // device copies are stale
   worker_->wait_idle();
   if (opt_.mode == offload_mode::offload_none) {
@@ -175,158 +175,6 @@ std::vector<int64_t> engine::update_order(bool speculate) const {
     for (int64_t u = 0; u < store_->num_units(); ++u) order.push_back(u);
   }
   return order;
-}
-
-// What runs on the update thread once unit u's gradient of the last micro-batch is summed on the
-// host: a speculative update with its undo log, or only its statistics.
-std::function<void()> engine::host_task(int64_t u, bool last, bool speculate, bool deferred, double mult,
-                                        const cpu_optim::adamw_hparams& hp, int64_t step) {
-  if (!last || grads_->resident()) return {};
-  // Statistics taken where the gradient was made (gradient_path::stats_at_source) come with it,
-  // poisoned there by the test hook; otherwise they are read from the host copy here.
-  const bool at_source = grads_->stats_at_source(u);
-  const bool poison = poison_now(u) && !at_source;
-  return [this, u, speculate, deferred, mult, hp, step, poison, at_source] {
-    if (poison) debug_poison(u);
-    grads_->reduce(u);  // ranks: this rank's shard of the sum over the ranks
-    step_validator::unit_record& rec = validator_->unit(u);
-    if (!speculate || deferred) {   // deferred: the update follows (queue_deferred)
-      rec.stats = at_source ? grads_->source_stats(u) : optim_->stats(u, mult);
-      return;
-    }
-    dev_->debug_delay();
-    if (!at_source) {
-      rec.stats = optim_->step(u, mult, hp, step, &rec.log);
-      rec.applied = rec.stats.nonfinite == 0;
-      return;
-    }
-    // Known statistics: a non-finite gradient leaves the unit untouched, a finite one needs no
-    // pre-scan.
-    rec.stats = grads_->source_stats(u);
-    rec.log.clear();
-    rec.applied = rec.stats.nonfinite == 0;
-    if (rec.applied) optim_->step(u, mult, hp, step, &rec.log, /*finite_known=*/true);
-  };
-}
-
-void engine::queue_deferred(int64_t u, double mult, const cpu_optim::adamw_hparams& hp, int64_t step) {
-  worker_->submit_update(
-      u,
-      [this, u, mult, hp, step] {
-        step_validator::unit_record& rec = validator_->unit(u);
-        rec.log.clear();
-        rec.applied = false;
-        // A non-finite gradient skips the step: this unit is left untouched (nothing to undo).
-        if (rec.stats.nonfinite != 0) return;
-        dev_->debug_delay();
-        if (opt_.debug_update_sleep_us > 0)
-          std::this_thread::sleep_for(std::chrono::microseconds(opt_.debug_update_sleep_us));
-        // The statistics (this step's task, run before) showed grad * mult finite: no pre-scan.
-        optim_->step(u, mult, hp, step, &rec.log, /*finite_known=*/true);
-        rec.applied = true;
-        deferred_log_bytes_ += int64_t(rec.log.bytes());
-      },
-      /*by_unit=*/true);
-}
-
-void engine::debug_poison(int64_t u) {
-  FERRY_ASSERT(opt_.debug_poison_index >= 0 && opt_.debug_poison_index < store_->unit(u).numel,
-               "debug_poison_index out of range");
-  at::Tensor g;
-  int64_t index = opt_.debug_poison_index;
-  if (grads_->resident()) {
-    g = grads_->resident_grad(u);
-  } else {
-    const host_grad hg = grads_->host_local(u);
-    const at::ScalarType t = hg.dtype == cpu_optim::dtype::dtype_f32 ? at::kFloat : opt_.dtype;
-    if (grads_->reduced_on_device(u)) {
-      // The host buffer holds this rank's block of the sum over the ranks: the element's owner
-      // poisons it (as a poisoned addend would have made the sum).
-      index -= store_->shard_begin(u);
-      if (index < 0 || index >= store_->shard_numel(u)) return;
-    }
-    g = at::from_blob(hg.data, {grads_->host_numel(u)}, at::TensorOptions().dtype(t));
-  }
-  g.narrow(0, index, 1).fill_(opt_.debug_poison_value);
-}
-
-int64_t engine::queue_embedding_split(const std::vector<micro_batch>& next, double mult,
-                                      const cpu_optim::adamw_hparams& hp, int64_t step) {
-  const int64_t eu = store_->embed_unit(), V = cfg_.vocab_size;
-  const size_t h = size_t(cfg_.hidden_size), n = size_t(store_->unit(eu).numel);
-  // The rows of the next step's first group (it gathers them before its first block); ids outside
-  // the vocabulary are left for that step to refuse.
-  split_.first.assign(size_t(V), 0);
-  const int64_t group = std::max<int64_t>(1, plan_.micro_group);
-  for (size_t j = 0; j < next.size() && int64_t(j) < group; ++j) {
-    const at::Tensor ids = next[j].inputs.to(at::kLong).contiguous();
-    const int64_t* id = ids.data_ptr<int64_t>();
-    for (int64_t i = 0; i < ids.numel(); ++i)
-      if (id[i] >= 0 && id[i] < V) split_.first[size_t(id[i])] = 1;
-  }
-  const int64_t rows = std::count(split_.first.begin(), split_.first.end(), uint8_t(1));
-  if (rows == 0 || rows == V) {
-    split_.first.clear();
-    return 0;
-  }
-  // Runs of marked rows as element ranges; int8 moments widen them to whole quantization blocks
-  // (whose scales the update rewrites together). The rest is the complement.
-  const size_t q = store_->state().kind() == state_kind::state_int8 ? cpu_optim::k_quant_block : 1;
-  split_.first_ranges.clear();
-  split_.rest_ranges.clear();
-  for (size_t r = 0; r < size_t(V); ++r) {
-    if (!split_.first[r]) continue;
-    const size_t b = (r * h) / q * q, e = std::min(n, ((r + 1) * h + q - 1) / q * q);
-    if (!split_.first_ranges.empty() && split_.first_ranges.back().second >= b) split_.first_ranges.back().second = e;
-    else split_.first_ranges.emplace_back(b, e);
-  }
-  size_t at = 0;
-  for (const auto& [b, e] : split_.first_ranges) {
-    if (b > at) split_.rest_ranges.emplace_back(at, b);
-    at = e;
-  }
-  if (at < n) split_.rest_ranges.emplace_back(at, n);
-  // The next step's first micro-batch, whose rows the first part gathers for it once they are current.
-  const at::Tensor ids0 = next[0].inputs.to(at::kLong).reshape({-1}).contiguous().clone();
-  const bool stage = ids0.numel() <= opt_.max_batch * opt_.max_seq &&
-                     (ids0.numel() == 0 || (ids0.min().item<int64_t>() >= 0 && ids0.max().item<int64_t>() < V));
-  worker_->submit_update(
-      eu,
-      [this, eu, mult, hp, step, ids0, stage] {
-        step_validator::unit_record& rec = validator_->unit(eu);
-        rec.log.clear();
-        rec.applied = false;
-        split_.whole = true;
-        if (rec.stats.nonfinite != 0) return;   // the step is skipped: nothing to update
-        dev_->debug_delay();
-        if (opt_.debug_update_sleep_us > 0)
-          std::this_thread::sleep_for(std::chrono::microseconds(opt_.debug_update_sleep_us));
-        // Every statistic of the step is in: the embedding's task is the last one queued ahead, and
-        // this update runs after it. So the verdict is known here. A step that needs a fix-up
-        // updates the whole table with its undo log (as queue_deferred does); one that stands
-        // updates the rows needed first, without a log, and leaves the rest to the second part.
-        if (validator_->judge().fix) {
-          optim_->step(eu, mult, hp, step, &rec.log, /*finite_known=*/true);
-        } else {
-          optim_->step_ranges(eu, mult, hp, step, split_.first_ranges);
-          split_.whole = false;
-          if (stage) pool_->stage_embed(ids0);
-        }
-        rec.applied = true;
-        deferred_log_bytes_ += int64_t(rec.log.bytes());
-      },
-      /*by_unit=*/true);
-  worker_->submit_update(
-      split_.rest_unit,
-      [this, eu, mult, hp, step] {
-        if (split_.whole) return;
-        dev_->debug_delay();
-        if (opt_.debug_update_sleep_us > 0)
-          std::this_thread::sleep_for(std::chrono::microseconds(opt_.debug_update_sleep_us));
-        optim_->step_ranges(eu, mult, hp, step, split_.rest_ranges);
-      },
-      /*by_unit=*/true, /*part_of=*/eu);
-  return rows;
 }
 
 step_result engine::train_step(const std::vector<at::Tensor>& micro_batches, double lr,

@@ -63,6 +63,8 @@ class weight_pool {
   // The table must not change between the two (a fix-up does: the engine stages only steps that
   // stand).
   void stage_embed(const at::Tensor& ids);
+  // Forgets staged rows (the table changed elsewhere: engine::params_changed).
+  void unstage_embed() { staged_ids_ = at::Tensor(); }
 
   // Resident mode: the device's compute-dtype copy of every unit (the device AdamW writes it).
   at::Tensor& resident(int64_t u) { return resident_[size_t(u)]; }

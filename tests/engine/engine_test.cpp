@@ -1151,6 +1151,23 @@ TEST(engine_embed_rows_first, same_bits_as_one_update_of_the_table) {
       }
     }
   }
+  // New weights between steps (params_changed, as loading a checkpoint does): the rows the first
+  // part staged for the next step come from the old table and must not be used.
+  {
+    engine_options o = rows_options(k_overlapped, 0.0, rows, T);
+    engine_options whole = o;
+    whole.embed_rows_first = false;
+    const step_hook surgery = [](int64_t k, engine& e) {
+      if (k != 2) return;
+      e.wait_updates();
+      e.params().master_tensor(e.params().embed_unit()).add_(0.25);
+      e.params_changed();
+    };
+    const auto data = split_rows(big, 1);
+    const run_result a = run_engine(o, data, surgery), b = run_engine(whole, data, surgery);
+    EXPECT_GT(a.steps[1].embed_rows_first, 0);
+    expect_bit_identical(a, b, "new weights between steps");
+  }
   // Evaluation between steps, and a `next` that is not the next step's batch; every update sleeps,
   // so both read the table while its second part is still queued.
   const auto data = split_rows(big, 1);
