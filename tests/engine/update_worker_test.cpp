@@ -6,6 +6,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <functional>
 #include <future>
 #include <mutex>
 #include <string>
@@ -103,26 +104,31 @@ TEST(update_worker, wait_unit_tasks_covers_the_units_updates) {
 
 // While the next task queued ahead is not ready (its copy is not done), an update queued by unit
 // runs instead, but never one whose unit still has a task queued before it (its statistics).
-TEST(update_worker, updates_fill_the_wait_for_a_copy) {
-  update_worker w(4);
+// The order tasks ran in, as letters; the one noted 'D' completes a copy (`copied`) as it runs.
+struct run_order {
   std::mutex mu;
   std::string order;
   std::atomic<bool> copied{false};
-  auto note = [&](char c) {
-    return [&, c] {
+  std::function<void()> note(char c) {
+    return [this, c] {
       std::lock_guard<std::mutex> lock(mu);
       order += c;
-      if (c == 'D') copied = true;   // the copy completes while the updates run
+      if (c == 'D') copied = true;
     };
-  };
+  }
+};
+
+TEST(update_worker, updates_fill_the_wait_for_a_copy) {
+  update_worker w(4);
+  run_order r;
   gate g;
   g.hold(w);
-  w.submit_task(1, note('S'), /*ahead=*/true, [&] { return copied.load(); });   // unit 1's statistics
-  w.submit_update(1, note('U'), /*by_unit=*/true);   // the lowest unit, but it waits for S
-  w.submit_update(2, note('D'), /*by_unit=*/true);   // runs while S waits
+  w.submit_task(1, r.note('S'), /*ahead=*/true, [&] { return r.copied.load(); });   // unit 1's statistics
+  w.submit_update(1, r.note('U'), /*by_unit=*/true);   // the lowest unit, but it waits for S
+  w.submit_update(2, r.note('D'), /*by_unit=*/true);   // runs while S waits
   g.open();
   w.wait_idle();
-  EXPECT_EQ(order, "DSU");
+  EXPECT_EQ(r.order, "DSU");
 }
 
 // A second part of a unit (submit_update's part_of: the embedding's rows not needed first) has its
@@ -132,26 +138,17 @@ TEST(update_worker, updates_fill_the_wait_for_a_copy) {
 TEST(update_worker, a_second_part_waits_for_its_units_tasks) {
   {
     update_worker w(4);   // units 0, 2, 3, and 1: the second part of unit 0
-    std::mutex mu;
-    std::string order;
-    std::atomic<bool> copied{false};
-    auto note = [&](char c) {
-      return [&, c] {
-        std::lock_guard<std::mutex> lock(mu);
-        order += c;
-        if (c == 'D') copied = true;   // the copy completes while unit 3's update runs
-      };
-    };
+    run_order r;
     gate g;
     g.hold(w);
-    w.submit_task(0, note('S'), /*ahead=*/true, [&] { return copied.load(); });   // unit 0's statistics
-    w.submit_update(0, note('H'), /*by_unit=*/true);
-    w.submit_update(1, note('C'), /*by_unit=*/true, /*part_of=*/0);
-    w.submit_update(3, note('D'), /*by_unit=*/true);
+    w.submit_task(0, r.note('S'), /*ahead=*/true, [&] { return r.copied.load(); });   // unit 0's statistics
+    w.submit_update(0, r.note('H'), /*by_unit=*/true);
+    w.submit_update(1, r.note('C'), /*by_unit=*/true, /*part_of=*/0);
+    w.submit_update(3, r.note('D'), /*by_unit=*/true);   // completes the copy
     g.open();
     w.wait_idle();
     // D fills the wait for the copy; C may not, though it comes first in the by-unit order.
-    EXPECT_EQ(order, "DSHC");
+    EXPECT_EQ(r.order, "DSHC");
     EXPECT_EQ(w.queued_version(1), 1);
     EXPECT_EQ(w.queued_version(0), 1);
   }
