@@ -93,11 +93,22 @@ int64_t engine::queue_embedding_split(const std::vector<micro_batch>& next, doub
   // the vocabulary are left for that step to refuse.
   split_.first.assign(size_t(V), 0);
   const int64_t group = std::max<int64_t>(1, plan_.micro_group);
+  // The first micro-batch's ids, flat, which the first part gathers for it once they are current
+  // (all within the vocabulary and the staging).
+  at::Tensor ids0;
+  bool stage = false;
   for (size_t j = 0; j < next.size() && int64_t(j) < group; ++j) {
-    const at::Tensor ids = next[j].inputs.to(at::kLong).contiguous();
+    const at::Tensor ids = next[j].inputs.to(at::kLong).reshape({-1}).contiguous();
     const int64_t* id = ids.data_ptr<int64_t>();
-    for (int64_t i = 0; i < ids.numel(); ++i)
+    bool in_vocab = true;
+    for (int64_t i = 0; i < ids.numel(); ++i) {
       if (id[i] >= 0 && id[i] < V) split_.first[size_t(id[i])] = 1;
+      else in_vocab = false;
+    }
+    if (j == 0) {
+      ids0 = ids.clone();
+      stage = in_vocab && ids.numel() <= opt_.max_batch * opt_.max_seq;
+    }
   }
   const int64_t rows = std::count(split_.first.begin(), split_.first.end(), uint8_t(1));
   if (rows == 0 || rows == V) {
@@ -121,10 +132,6 @@ int64_t engine::queue_embedding_split(const std::vector<micro_batch>& next, doub
     at = e;
   }
   if (at < n) split_.rest_ranges.emplace_back(at, n);
-  // The next step's first micro-batch, whose rows the first part gathers for it once they are current.
-  const at::Tensor ids0 = next[0].inputs.to(at::kLong).reshape({-1}).contiguous().clone();
-  const bool stage = ids0.numel() <= opt_.max_batch * opt_.max_seq &&
-                     (ids0.numel() == 0 || (ids0.min().item<int64_t>() >= 0 && ids0.max().item<int64_t>() < V));
   worker_->submit_update(
       eu,
       [this, eu, mult, hp, step, ids0, stage] {
