@@ -38,12 +38,18 @@ namespace {
 // Runs f(begin, end) for each block of `block` elements of [0, n) and returns the per-block
 // results in block order. Static partitioning: each thread streams one contiguous run of blocks.
 // Callers reduce in block order, so no result depends on the thread count.
+// first_block, end_block: only those blocks (results for them alone, in order).
 template <class F>
-auto run_blocks(tbb::task_arena* arena, int threads, size_t n, size_t block, F&& f) {
-  const size_t nb = (n + block - 1) / block;
+auto run_blocks(tbb::task_arena* arena, int threads, size_t n, size_t block, F&& f, size_t first_block = 0,
+                size_t end_block = SIZE_MAX) {
+  end_block = std::min(end_block, (n + block - 1) / block);
+  const size_t nb = end_block > first_block ? end_block - first_block : 0;
   std::vector<decltype(f(size_t(0), size_t(0)))> per_block(nb);
   auto run = [&](size_t b0, size_t b1) {
-    for (size_t b = b0; b < b1; ++b) per_block[b] = f(b * block, std::min(n, (b + 1) * block));
+    for (size_t b = b0; b < b1; ++b) {
+      const size_t i = first_block + b;
+      per_block[b] = f(i * block, std::min(n, (i + 1) * block));
+    }
   };
   if (nb <= 1 || threads <= 1 || arena == nullptr) {
     run(0, nb);
@@ -177,7 +183,8 @@ float adamw::max_abs(const chunk_ref& c) {
 // undone; its blocks with entries are patched after the inversion, so a redo there runs as
 // undo, patch, step on the block (bit-identical to the fused pass everywhere else).
 grad_stats adamw::run(int o, const chunk_ref& c, const adamw_hparams& h, int64_t step, float mult,
-                      float new_mult, undo_log* record, const undo_log* restore) {
+                      float new_mult, undo_log* record, const undo_log* restore, size_t first_block,
+                      size_t end_block) {
   detail::step_scalars s = make_scalars(h, step, mult, c, tuning_);
   s.new_mult = new_mult;
   const size_t block = tuning_.block_size, nb = (c.n + block - 1) / block;
@@ -185,7 +192,9 @@ grad_stats adamw::run(int o, const chunk_ref& c, const adamw_hparams& h, int64_t
   const float ratio = compact ? k_undo_log_ratio_compact : k_undo_log_ratio;
   FERRY_ASSERT(!int8 || block % k_quant_block == 0, "adamw block size ", block,
                " is not a multiple of the int8 quantization block (", k_quant_block, ")");
-  if (record) {  // step() cleared it
+  if (record) {  // step() cleared it (step_part: its part 0)
+    FERRY_ASSERT(first_block == 0 || (record->n_ == c.n && record->block_size_ == block && record->blocks_.size() == nb),
+                 "adamw::step_part: a later part with a log that its part 0 did not write");
     record->n_ = c.n;
     record->block_size_ = block;
     record->blocks_.resize(nb);
@@ -251,7 +260,7 @@ grad_stats adamw::run(int o, const chunk_ref& c, const adamw_hparams& h, int64_t
     again.mult = new_mult;
     again.zero_ratio = 0;
     return k.update(detail::op::op_step, c, again, b, e, nullptr);
-  }));
+  }, first_block, end_block));
 }
 
 // Pre-scan design: "non-finite: nothing written" must hold for the whole chunk before the first
@@ -265,6 +274,23 @@ grad_stats adamw::step(const chunk_ref& c, const adamw_hparams& h, int64_t step,
   if (!finite_known && !all_finite(max_abs(c), grad_mult))
     return stats(c.grad, c.grad_dtype, c.n, grad_mult, c.grad_acc);
   return run(static_cast<int>(detail::op::op_step), c, h, step, grad_mult, grad_mult, log, nullptr);
+}
+
+std::pair<size_t, size_t> adamw::part_range(size_t n, size_t part, size_t parts) const {
+  const size_t block = tuning_.block_size, nb = (n + block - 1) / block;
+  const size_t b0 = nb * part / parts, b1 = nb * (part + 1) / parts;
+  return {std::min(n, b0 * block), std::min(n, b1 * block)};
+}
+
+void adamw::step_part(const chunk_ref& c, const adamw_hparams& h, int64_t step, float grad_mult, undo_log* log,
+                      size_t part, size_t parts) {
+  check_chunk(c);
+  check_hparams(h, step);
+  FERRY_ASSERT(parts > 0 && part < parts, "adamw::step_part: part ", part, " of ", parts);
+  if (log && part == 0) log->clear();
+  const size_t nb = (c.n + tuning_.block_size - 1) / tuning_.block_size;
+  run(static_cast<int>(detail::op::op_step), c, h, step, grad_mult, grad_mult, log, nullptr, nb * part / parts,
+      nb * (part + 1) / parts);
 }
 
 void adamw::step_ranges(const chunk_ref& c, const adamw_hparams& h, int64_t step, float grad_mult,

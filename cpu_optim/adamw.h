@@ -186,6 +186,18 @@ class adamw {
   void step_ranges(const chunk_ref& c, const adamw_hparams& h, int64_t step, float grad_mult,
                    const std::vector<std::pair<size_t, size_t>>& ranges);
 
+  // step() with finite_known, in `parts` calls, for a caller that wants to run something else
+  // between them: part p updates the elements part_range(c.n, p, parts), the p-th of `parts`
+  // contiguous runs of the chunk's blocks, and writes those blocks of `log` (optional). Parts
+  // 0, 1, ..., parts - 1 in that order (part 0 clears the log) leave the chunk and the log as one
+  // step() with finite_known does, bit for bit, so undo() and redo() take the log as they would
+  // that step's. No statistics: the caller has them.
+  void step_part(const chunk_ref& c, const adamw_hparams& h, int64_t step, float grad_mult, undo_log* log,
+                 size_t part, size_t parts);
+  // The elements [begin, end) of a chunk of n elements that step_part(part, parts) updates; empty
+  // for parts beyond the chunk's blocks.
+  std::pair<size_t, size_t> part_range(size_t n, size_t part, size_t parts) const;
+
   // Undoes a step() made with the same (h, step, grad_mult) and the same gradient still in the
   // buffer: restores p, m, v (README.md "Precision and rollback tolerance" gives the bounds,
   // with and without the step's log) and rewrites half_out from the restored p. A no-op when
@@ -200,8 +212,10 @@ class adamw {
 
  private:
   float max_abs(const chunk_ref& c);
+  // Over the chunk's blocks [first_block, end_block) (all of them by default).
   grad_stats run(int o, const chunk_ref& c, const adamw_hparams& h, int64_t step, float mult,
-                 float new_mult, undo_log* record, const undo_log* restore);
+                 float new_mult, undo_log* record, const undo_log* restore, size_t first_block = 0,
+                 size_t end_block = SIZE_MAX);
 
   struct impl;
   std::unique_ptr<impl> impl_;

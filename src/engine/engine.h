@@ -175,6 +175,9 @@ class engine {
   // restore (then params_changed()).
   engine_state& state() { return validator_->state(); }
   bool speculating() const { return validator_->speculating(); }
+  // Times a deferred update went back to the update thread's queue between two of its parts
+  // (engine_options::update_part), since the engine began: tests.
+  int64_t update_parts_resumed() const { return worker_->later_parts_run(); }
 
  private:
   void check_batch(const micro_batch& batch, bool training) const;

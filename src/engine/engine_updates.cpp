@@ -45,23 +45,30 @@ std::function<void()> engine::host_task(int64_t u, bool last, bool speculate, bo
 }
 
 void engine::queue_deferred(int64_t u, double mult, const cpu_optim::adamw_hparams& hp, int64_t step) {
-  worker_->submit_update(
-      u,
-      [this, u, mult, hp, step] {
-        step_validator::unit_record& rec = validator_->unit(u);
-        rec.log.clear();
-        rec.applied = false;
-        // A non-finite gradient skips the step: this unit is left untouched (nothing to undo).
-        if (rec.stats.nonfinite != 0) return;
-        dev_->debug_delay();
-        if (opt_.debug_update_sleep_us > 0)
-          std::this_thread::sleep_for(std::chrono::microseconds(opt_.debug_update_sleep_us));
-        // The statistics (this step's task, run before) showed grad * mult finite: no pre-scan.
-        optim_->step(u, mult, hp, step, &rec.log, /*finite_known=*/true);
-        rec.applied = true;
-        deferred_log_bytes_ += int64_t(rec.log.bytes());
-      },
-      /*by_unit=*/true);
+  // In parts (engine_options::update_part), so that the update thread can take a unit the next
+  // forward needs sooner between them; the parts together are one step with its undo log.
+  const int64_t n = store_->unit(u).numel;
+  const int64_t parts = opt_.update_part > 0 ? (n + opt_.update_part - 1) / opt_.update_part : 1;
+  auto update = [this, u, mult, hp, step, parts](int64_t part) {
+    step_validator::unit_record& rec = validator_->unit(u);
+    if (part == 0) {
+      rec.log.clear();
+      rec.applied = false;
+    }
+    // A non-finite gradient skips the step: this unit is left untouched (nothing to undo).
+    if (rec.stats.nonfinite != 0) return;
+    dev_->debug_delay();
+    if (opt_.debug_update_sleep_us > 0)
+      std::this_thread::sleep_for(std::chrono::microseconds(opt_.debug_update_sleep_us / parts));
+    // The statistics (this step's task, run before) showed grad * mult finite: no pre-scan.
+    if (parts > 1) optim_->step_part(u, mult, hp, step, &rec.log, part, parts);
+    else optim_->step(u, mult, hp, step, &rec.log, /*finite_known=*/true);
+    if (part + 1 < parts) return;
+    rec.applied = true;
+    deferred_log_bytes_ += int64_t(rec.log.bytes());
+  };
+  if (parts > 1) worker_->submit_update_parts(u, parts, update);
+  else worker_->submit_update(u, [update] { update(0); }, /*by_unit=*/true);
 }
 
 void engine::debug_poison(int64_t u) {

@@ -92,6 +92,18 @@ void optimizer_path::step_ranges(int64_t u, double mult, const cpu_optim::adamw_
       std::memcpy(static_cast<float*>(shadow_shard(u)) + b, s->master + b, (e - b) * sizeof(float));
 }
 
+void optimizer_path::step_part(int64_t u, double mult, const cpu_optim::adamw_hparams& hp, int64_t step,
+                               cpu_optim::undo_log* log, int64_t part, int64_t parts) {
+  FERRY_ASSERT(!store_.shards().sharded(), "optimizer_path::step_part with ranks");
+  state_lease s(store_.state(), u, true);
+  adam_->step_part(chunk(u, *s), hp, step, float(mult), log, size_t(part), size_t(parts));
+  // fp32 runs: the shadow is the master (AdamW wrote no half copy).
+  if (opt_.dtype == at::kFloat) {
+    const auto [b, e] = adam_->part_range(size_t(s->n), size_t(part), size_t(parts));
+    std::memcpy(static_cast<float*>(shadow_shard(u)) + b, s->master + b, (e - b) * sizeof(float));
+  }
+}
+
 void optimizer_path::undo(int64_t u, double mult, const cpu_optim::adamw_hparams& hp, int64_t step,
                           const cpu_optim::undo_log& log) {
   state_lease s(store_.state(), u, true);

@@ -42,6 +42,11 @@ class optimizer_path {
   // by range over a partition of its elements ends as one step() leaves it.
   void step_ranges(int64_t u, double mult, const cpu_optim::adamw_hparams& hp, int64_t step,
                    const std::vector<std::pair<size_t, size_t>>& ranges);
+  // step(u, ..., log, finite_known = true) in `parts` calls (cpu_optim::adamw::step_part), for
+  // an update the update thread may interrupt between parts: parts 0, ..., parts - 1 in turn leave
+  // the unit, its shadow and the log as that step does. One rank only.
+  void step_part(int64_t u, double mult, const cpu_optim::adamw_hparams& hp, int64_t step, cpu_optim::undo_log* log,
+                 int64_t part, int64_t parts);
   void undo(int64_t u, double mult, const cpu_optim::adamw_hparams& hp, int64_t step, const cpu_optim::undo_log& log);
   void redo(int64_t u, double old_mult, double new_mult, const cpu_optim::adamw_hparams& hp, int64_t step,
             const cpu_optim::undo_log& log);

@@ -58,6 +58,8 @@ at::ScalarType parse_compute_dtype(const std::string& s) {
 }
 
 void check_options(const engine_options& o) {
+  FERRY_CONFIG_CHECK(o.update_part >= 0, "update_part=", o.update_part,
+                     ": expected a count of parameters per part of an update, or 0 (each unit in one piece)");
   FERRY_CONFIG_CHECK(o.forward_only || o.mode != offload_mode::offload_none || o.state == state_kind::state_fp32,
                      "optimizer_state=", state_kind_name(o.state),
                      " needs offload blocked or overlapped (offload none keeps fp32 AdamW moments on the GPU); "

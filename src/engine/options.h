@@ -77,6 +77,11 @@ struct engine_options {
   // result is the same bits. false, or the environment's FERRY_EMBED_ROWS_FIRST=0: one update of
   // the whole table, which the next forward waits for.
   bool embed_rows_first = true;
+  // A deferred step's update of a unit (above) runs in parts of about this many parameters: between
+  // two parts the update thread takes a gradient whose copy is done and the update of a unit the
+  // next forward needs sooner (update_worker::submit_update_parts). The result is the same bits.
+  // 0: each unit in one piece. The environment's FERRY_UPDATE_PART, a count of parameters, overrides.
+  int64_t update_part = int64_t(1) << 23;
   // A unit's gradient statistics (squares and non-finite count, for clipping and the overflow
   // check) are taken where the backward made it, before the copy to the host, whenever the host
   // would read exactly that buffer (one rank, one group per step, not the embedding): on CUDA a
@@ -119,7 +124,8 @@ struct engine_options {
   bool nvtx = false;
   // Race testing: each copy, compute phase and CPU update sleeps a random 0..debug_delay_us.
   int64_t debug_delay_us = 0;
-  // Test hook: each deferred speculative update (defer_speculative) first sleeps this long.
+  // Test hook: each deferred speculative update (defer_speculative) sleeps this long, spread over
+  // its parts (update_part).
   int64_t debug_update_sleep_us = 0;
   // Tests: the host backend in its strict mode (make_strict_host_backend), where copies complete
   // only when waited for, their destinations read NaN until then, and ordering rules are checked.

@@ -1,5 +1,6 @@
 #include "src/engine/update_worker.h"
 
+#include <algorithm>
 #include <chrono>
 
 #include "src/engine/trace.h"
@@ -43,11 +44,30 @@ void update_worker::submit(entry e, int64_t cls) {
 }
 
 void update_worker::submit_update(int64_t u, std::function<void()> fn, bool by_unit, int64_t part_of) {
-  submit({std::move(fn), u, ++unit_queued_[size_t(u)], {}, part_of}, by_unit ? 2 + u : 1);
+  entry e;
+  e.fn = std::move(fn);
+  e.unit = u;
+  e.version = ++unit_queued_[size_t(u)];
+  e.part_of = part_of;
+  submit(std::move(e), by_unit ? 2 + u : 1);
+}
+
+void update_worker::submit_update_parts(int64_t u, int64_t parts, std::function<void(int64_t)> fn) {
+  entry e;
+  e.fn_part = std::move(fn);
+  e.unit = u;
+  e.version = ++unit_queued_[size_t(u)];
+  e.parts = std::max<int64_t>(1, parts);
+  submit(std::move(e), 2 + u);
 }
 
 void update_worker::submit_task(int64_t u, std::function<void()> fn, bool ahead, std::function<bool()> ready) {
-  submit({std::move(fn), u, -1, ahead ? std::move(ready) : std::function<bool()>()}, ahead ? 0 : 1);
+  entry e;
+  e.fn = std::move(fn);
+  e.unit = u;
+  e.version = -1;
+  if (ahead) e.ready = std::move(ready);
+  submit(std::move(e), ahead ? 0 : 1);
 }
 
 update_worker::queue_type::iterator update_worker::next_locked() {
@@ -64,11 +84,13 @@ update_worker::queue_type::iterator update_worker::next_locked() {
 void update_worker::loop() {
   for (;;) {
     entry e;
+    queue_type::key_type key;
     {
       std::unique_lock<std::mutex> lock(mu_);
       cv_task_.wait(lock, [&] { return stop_ || !queue_.empty(); });
       if (queue_.empty()) return;
       auto it = next_locked();
+      key = it->first;
       e = std::move(it->second);
       queue_.erase(it);
       if (e.unit >= 0 && e.version < 0) --unit_tasks_queued_[size_t(e.unit)];
@@ -77,13 +99,23 @@ void update_worker::loop() {
     const double trace_t0 = trace::enabled() ? trace::now_ms() : 0;
     std::exception_ptr err;
     try {
-      e.fn();
+      if (e.fn_part) e.fn_part(e.next_part);
+      else e.fn();
     } catch (...) {
       err = std::current_exception();
     }
     const double ms = ms_since(t0);
     if (trace::enabled()) trace::record(e.version < 0 ? "task" : "update", e.unit, trace_t0, trace::now_ms());
+    // Parts left: back to its place in the queue, still pending (its unit's waits go on).
+    if (!err && e.fn_part && ++e.next_part < e.parts) {
+      std::lock_guard<std::mutex> lock(mu_);
+      busy_ms_ += ms;
+      ++later_parts_;
+      queue_.emplace(key, std::move(e));
+      continue;
+    }
     e.fn = nullptr;   // captured state goes before the waiters resume
+    e.fn_part = nullptr;
     {
       std::lock_guard<std::mutex> lock(mu_);
       busy_ms_ += ms;
@@ -151,6 +183,11 @@ double update_worker::wait_idle() {
 int64_t update_worker::pending_updates() {
   std::lock_guard<std::mutex> lock(mu_);
   return pending_updates_;
+}
+
+int64_t update_worker::later_parts_run() {
+  std::lock_guard<std::mutex> lock(mu_);
+  return later_parts_;
 }
 
 double update_worker::take_busy_ms(double* tasks_ms) {

@@ -12,6 +12,10 @@
 // update queued by unit whose unit has no task queued before it runs instead. The engine queues by
 // unit only the speculative updates of a step whose gradient tasks it queues ahead, and queues
 // nothing else until those have run (train_step's deferred speculation).
+// An update queued in parts (submit_update_parts) goes back to its place in the queue after each
+// part but the last, so whatever would run before it there runs between its parts: a gradient task
+// whose copy is done, then a lower unit's update. A long update of a unit the next forward needs
+// late does not hold back one it needs sooner.
 #include <condition_variable>
 #include <cstdint>
 #include <functional>
@@ -39,6 +43,10 @@ class update_worker {
   // update also reads part_of's host buffers, so wait_unit_tasks(part_of) waits for it too, and it
   // never runs before the gradient tasks of part_of queued before it.
   void submit_update(int64_t u, std::function<void()> fn, bool by_unit = false, int64_t part_of = -1);
+  // An update queued by unit that runs as fn(0), fn(1), ..., fn(parts - 1), with other tasks
+  // possibly between them (the order above). The unit's version moves after the last part; a part
+  // that throws ends the update (the later parts do not run).
+  void submit_update_parts(int64_t u, int64_t parts, std::function<void(int64_t)> fn);
   // Queues a task that reads unit u's host buffers without changing its weights (gradient
   // accumulation, statistics). wait_unit_tasks(u) waits for it, wait_updated(u) does not.
   // `ready` (ahead only; empty: always) says whether fn would run without blocking.
@@ -59,6 +67,8 @@ class update_worker {
   double wait_idle();
   // Updates queued and not yet finished.
   int64_t pending_updates();
+  // Times an update queued in parts went back to the queue after a part (tests).
+  int64_t later_parts_run();
   // Milliseconds the worker spent running tasks since the last call: all of them, and of those the
   // gradient tasks' (copy waits, sums, statistics; not updates) in *tasks_ms.
   double take_busy_ms(double* tasks_ms = nullptr);
@@ -66,9 +76,12 @@ class update_worker {
  private:
   struct entry {
     std::function<void()> fn;
-    int64_t unit, version;   // version -1: a gradient task
+    int64_t unit = -1, version = -1;   // version -1: a gradient task
     std::function<bool()> ready;
     int64_t part_of = -1;    // submit_update's part_of
+    // submit_update_parts: fn_part(part) for part = next_part, ..., parts - 1.
+    std::function<void(int64_t)> fn_part;
+    int64_t parts = 1, next_part = 0;
   };
   void loop();
   void submit(entry e, int64_t cls);
@@ -89,6 +102,7 @@ class update_worker {
   std::vector<int64_t> unit_pending_;   // per unit: tasks of any kind queued or running
   std::vector<int64_t> unit_tasks_queued_;   // per unit: gradient tasks queued, not yet started
   int64_t pending_tasks_ = 0, pending_updates_ = 0;   // queued or running, of each kind
+  int64_t later_parts_ = 0;
   bool stop_ = false;
   double busy_ms_ = 0, busy_tasks_ms_ = 0;
   std::exception_ptr error_;

@@ -601,6 +601,94 @@ TEST_P(moments_target, step_ranges_over_a_partition_is_one_step) {
   }
 }
 
+// adamw::step_part (the engine's deferred updates, run in parts the update thread can put other
+// work between): parts 0..P-1 leave the chunk and the undo log exactly as one step() with
+// finite_known does, for P from 1 to more parts than the chunk has blocks, in every moments kind,
+// with the fused accumulator and a streamed half copy. After part 0 alone, its elements hold the
+// step's bits and the others their old ones. The logs are compared by what they restore: undo() with
+// each gives the same bits (a log missing or misplacing a block restores other moments there).
+TEST_P(moments_target, step_in_parts_is_one_step_with_its_log) {
+  std::mt19937 rng(fresh_seed());
+  adamw_tuning tuning;
+  tuning.block_size = 2 * k_quant_block;
+  adamw opt(2, tuning);
+  const adamw_hparams h{1e-3f, 0.9f, 0.999f, 1e-8f, 0.1f};
+  const size_t n = 19 * tuning.block_size - 300;   // 19 blocks, the last one partial
+  for (moments_kind k : {moments_kind::f32, moments_kind::bf16, moments_kind::int8}) {
+    // f32 moments in plain vectors beside the struct's bf16 layout (its master and half copy).
+    compact start = random_compact(rng, k == moments_kind::f32 ? moments_kind::bf16 : k, n);
+    std::vector<float> m_start = normal(rng, n, 0.01f), v_start = normal(rng, n, 0.01f);
+    for (size_t i = 0; i < n; ++i) {
+      v_start[i] = v_start[i] * v_start[i] + 1e-6f;
+      if (i % 97 == 0) v_start[i] = 1e-12f;   // grows past the log's ratio: logged
+      if (i % 389 == 0) m_start[i] = v_start[i] = 0;   // zero state: restored as zeros
+    }
+    if (k != moments_kind::f32) encode_moments(m_start.data(), v_start.data(), start.ref());
+    std::vector<float> g, acc = normal(rng, n, 0.02f);
+    const auto grad = encode(normal(rng, n, 0.02f), dtype::dtype_f16, &g);
+    auto chunk_of = [&](compact& c, std::vector<float>& m, std::vector<float>& v) {
+      chunk_ref r = c.chunk(grad, dtype::dtype_f16, dtype::dtype_f16, true);
+      r.grad_acc = acc.data();
+      if (k == moments_kind::f32) {
+        r.moments = moments_kind::f32;
+        r.m = m.data();
+        r.v = v.data();
+        r.m_scale = r.v_scale = nullptr;
+      }
+      return r;
+    };
+    auto same = [&](const compact& a, const std::vector<float>& am, const std::vector<float>& av, const compact& b,
+                    const std::vector<float>& bm, const std::vector<float>& bv, size_t j) {
+      bool eq = std::memcmp(&a.p[j], &b.p[j], 4) == 0 && a.half_out[j] == b.half_out[j];
+      if (k == moments_kind::f32) eq = eq && std::memcmp(&am[j], &bm[j], 4) == 0 && std::memcmp(&av[j], &bv[j], 4) == 0;
+      else if (k == moments_kind::bf16) eq = eq && a.m16[j] == b.m16[j] && a.v16[j] == b.v16[j];
+      else eq = eq && a.mq[j] == b.mq[j] && a.vq[j] == b.vq[j];
+      return eq;
+    };
+    compact whole = start;
+    std::vector<float> wm = m_start, wv = v_start;
+    undo_log whole_log;
+    opt.step(chunk_of(whole, wm, wv), h, 4, 0.5f, &whole_log, true);
+    ASSERT_GT(whole_log.entries(), 0u) << moments_kind_name(k) << ": the reference step logged nothing";
+    for (size_t parts : {size_t(1), size_t(2), size_t(3), size_t(7), size_t(25)}) {
+      SCOPED_TRACE(std::string(moments_kind_name(k)) + ", " + std::to_string(parts) + " parts");
+      compact c = start;
+      std::vector<float> cm = m_start, cv = v_start;
+      undo_log log;
+      size_t covered = 0;
+      for (size_t p = 0; p < parts; ++p) {
+        const auto [b, e] = opt.part_range(n, p, parts);
+        EXPECT_EQ(b, covered) << "part " << p << " does not start where the last one ended";
+        covered = std::max(covered, e);
+        opt.step_part(chunk_of(c, cm, cv), h, 4, 0.5f, &log, p, parts);
+        if (p != 0) continue;
+        size_t wrong = 0, touched = 0;
+        for (size_t i = 0; i < n; ++i) {
+          if (i >= b && i < e) wrong += !same(whole, wm, wv, c, cm, cv, i);
+          else touched += !same(start, m_start, v_start, c, cm, cv, i);
+        }
+        EXPECT_EQ(wrong, 0u) << "elements of part 0 that differ from the whole step";
+        EXPECT_EQ(touched, 0u) << "elements outside part 0 that it changed";
+      }
+      EXPECT_EQ(covered, n);
+      EXPECT_TRUE(whole.same_bits(c)) << "the parts against one step";
+      if (k == moments_kind::f32) {
+        EXPECT_TRUE(bits_equal(wm, cm) && bits_equal(wv, cv)) << "f32 moments";
+      }
+      EXPECT_EQ(log.entries(), whole_log.entries());
+      EXPECT_EQ(log.bytes(), whole_log.bytes());
+      compact undone_whole = whole;
+      std::vector<float> uwm = wm, uwv = wv;
+      opt.undo(chunk_of(undone_whole, uwm, uwv), h, 4, 0.5f, &whole_log);
+      opt.undo(chunk_of(c, cm, cv), h, 4, 0.5f, &log);
+      EXPECT_TRUE(undone_whole.same_bits(c)) << "undone with the parts' log against with the step's";
+      if (k == moments_kind::f32) {
+        EXPECT_TRUE(bits_equal(uwm, cm) && bits_equal(uwv, cv)) << "f32 moments, undone";
+      }
+    }
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(targets, moments_target, ::testing::ValuesIn(targets()));
 
 // The scalar definitions: the largest value codes to the top level and decodes exactly; codes

@@ -52,6 +52,9 @@ inline engine_options base_options(offload_mode m, at::ScalarType dtype) {
   o.strict_host_backend = true;   // the CPU build: copies complete only when waited for (backend_strict.cpp)
   o.prefetch = 1;
   o.cpu_threads = 1;
+  // Deferred updates in parts (engine_options::update_part): the tiny model's blocks (two of the
+  // AdamW's 16384-element blocks) in four parts, two of them empty.
+  o.update_part = 10000;
   o.speculate = speculate_mode::speculate_on;
   o.beta1 = 0.9;
   o.beta2 = 0.95;

@@ -9,6 +9,7 @@
 #include <functional>
 #include <future>
 #include <mutex>
+#include <stdexcept>
 #include <string>
 #include <thread>
 #include <vector>
@@ -174,6 +175,47 @@ TEST(update_worker, a_second_part_waits_for_its_units_tasks) {
   waiter.join();
   EXPECT_TRUE(part_done);
   w.wait_idle();
+}
+
+// An update queued in parts (submit_update_parts: the engine's deferred AdamW steps) goes back to
+// its place after each part, so a gradient task whose copy completed meanwhile runs next, then the
+// lower unit's update that task released, and only then the rest of the parts. The unit counts as
+// updated only after its last part. A part that throws ends the update: the rest do not run, the
+// waits rethrow, and the unit's version moves as for any failed update.
+TEST(update_worker, an_update_in_parts_lets_lower_units_in_between) {
+  {
+    update_worker w(4);
+    run_order r;
+    gate g;
+    std::atomic<int> updated_early{0};
+    g.hold(w);
+    w.submit_task(1, r.note('S'), /*ahead=*/true, [&] { return r.copied.load(); });   // unit 1's statistics
+    w.submit_update(1, r.note('U'), /*by_unit=*/true);
+    w.submit_update_parts(3, 3, [&, note = r.note('D')](int64_t part) {
+      if (part == 0) note();   // completes S's copy
+      else r.note(char('0' + part))();
+      if (part > 0 && w.updated(3)) ++updated_early;
+    });
+    g.open();
+    w.wait_idle();
+    EXPECT_EQ(r.order, "DSU12") << "D is part 0 of unit 3; S and U must run between its parts";
+    EXPECT_EQ(updated_early.load(), 0) << "unit 3 counted as updated before its last part";
+    EXPECT_TRUE(w.updated(3));
+    EXPECT_EQ(w.queued_version(3), 1);
+    EXPECT_EQ(w.later_parts_run(), 2);
+  }
+  update_worker w(2);
+  std::string ran;
+  w.submit_update_parts(0, 3, [&](int64_t part) {
+    ran += char('0' + part);
+    if (part == 1) throw std::runtime_error("part 1");
+  });
+  EXPECT_THROW(w.wait_idle(), std::runtime_error);
+  EXPECT_EQ(ran, "01");
+  EXPECT_TRUE(w.updated(0));
+  w.submit_update_parts(1, 2, [&](int64_t part) { ran += char('a' + part); });
+  EXPECT_NO_THROW(w.wait_idle());
+  EXPECT_EQ(ran, "01ab");
 }
 
 TEST(update_worker, a_failed_task_is_rethrown_by_the_waits) {
