@@ -6,7 +6,7 @@ running), the engine thread's waits, and when the device finished each unit's fo
 With --summary [--skip K], one line of medians over the steps after the first K (default: a
 third of them, at least one): the step, the update thread's busy and idle time in it, the engine
 thread's waits for updates (all, and the embedding's), for earlier tasks, the step's tail, and on
-CUDA when the device finished the first block's forward.
+CUDA when the device finished the first block's forward and the last unit's.
 """
 import argparse
 import json
@@ -49,15 +49,17 @@ def summary(recs, steps, skip, embed_unit=0):
             wait_embed=sum(clipped(r, t0, t1) for r in waits if r["unit"] == embed_unit),
             wait_tasks=sum(clipped(r, t0, t1) for r in inside if r["what"] == "wait_tasks"),
             tail=sum(clipped(r, t0, t1) for r in inside if r["what"] == "tail"),
-            first_fwd=min(fwd) if fwd else None))
-    med = {k: statistics.median(r[k] for r in rows) for k in rows[0] if k != "first_fwd"}
+            first_fwd=min(fwd) if fwd else None, last_fwd=max(fwd) if fwd else None))
+    med = {k: statistics.median(r[k] for r in rows) for k in rows[0] if k not in ("first_fwd", "last_fwd")}
     firsts = [r["first_fwd"] for r in rows if r["first_fwd"] is not None]
+    lasts = [r["last_fwd"] for r in rows if r["last_fwd"] is not None]
     line = ("steps %d-%d (%d), medians: step %.1f ms, update thread busy %.1f (idle %.1f), "
             "waits for updates %.1f (embedding %.1f), for tasks %.1f, tail %.1f"
             % (use[0]["unit"], use[-1]["unit"], len(use), med["step"], med["busy"], med["idle"],
                med["wait_update"], med["wait_embed"], med["wait_tasks"], med["tail"]))
     if firsts:
-        line += ", first block's forward done at %.1f" % statistics.median(firsts)
+        line += ", first block's forward done at %.1f, the last unit's at %.1f" % (
+            statistics.median(firsts), statistics.median(lasts))
     return line
 
 

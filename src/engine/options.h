@@ -77,11 +77,14 @@ struct engine_options {
   // result is the same bits. false, or the environment's FERRY_EMBED_ROWS_FIRST=0: one update of
   // the whole table, which the next forward waits for.
   bool embed_rows_first = true;
-  // A deferred step's update of a unit (above) runs in parts of about this many parameters: between
-  // two parts the update thread takes a gradient whose copy is done and the update of a unit the
-  // next forward needs sooner (update_worker::submit_update_parts). The result is the same bits.
-  // 0: each unit in one piece. The environment's FERRY_UPDATE_PART, a count of parameters, overrides.
-  int64_t update_part = int64_t(1) << 23;
+  // > 0: a deferred step's update of a unit (above) runs in parts of about this many parameters;
+  // between two parts the update thread takes a gradient whose copy is done and the update of a
+  // unit the next forward needs sooner (update_worker::submit_update_parts). The result is the same
+  // bits. 0 (the default): each unit in one piece; on the H200 machines of 2026-11-29 parts of 8M
+  // let the forward finish sooner but did not shorten a step bound by the host's AdamW
+  // (BENCHMARKS.md "Updates in parts"). The environment's FERRY_UPDATE_PART, a count of
+  // parameters, overrides.
+  int64_t update_part = 0;
   // A unit's gradient statistics (squares and non-finite count, for clipping and the overflow
   // check) are taken where the backward made it, before the copy to the host, whenever the host
   // would read exactly that buffer (one rank, one group per step, not the embedding): on CUDA a

@@ -1258,6 +1258,33 @@ TEST(engine_update_parts, same_bits_as_whole_updates) {
   }
 }
 
+// A part size that is not a count of parameters is refused, naming where it came from.
+TEST(engine_update_parts, refuses_a_bad_part_size) {
+  FERRY_REQUIRE_DEVICE();
+  engine_options o = rows_options(k_overlapped, 0.0, 1, k_seq);
+  o.update_part = -1;
+  try {
+    make_engine(o);
+    ADD_FAILURE() << "update_part=-1 was accepted";
+  } catch (const config_error& e) {
+    EXPECT_NE(std::string(e.what()).find("update_part=-1"), std::string::npos) << e.what();
+  }
+  o.update_part = 0;
+  for (const char* bad : {"abc", "-5", "12x", ""}) {
+    ::setenv("FERRY_UPDATE_PART", bad, 1);
+    try {
+      make_engine(o);
+      ADD_FAILURE() << "FERRY_UPDATE_PART='" << bad << "' was accepted";
+    } catch (const config_error& e) {
+      EXPECT_NE(std::string(e.what()).find("FERRY_UPDATE_PART='" + std::string(bad) + "'"), std::string::npos)
+          << e.what();
+    }
+  }
+  ::setenv("FERRY_UPDATE_PART", "4096", 1);
+  EXPECT_NO_THROW(make_engine(o));
+  ::unsetenv("FERRY_UPDATE_PART");
+}
+
 // ---- 6. memory plan ----
 
 // The plan's activations, optimizer and pinned bytes against what a real forward saves and a
