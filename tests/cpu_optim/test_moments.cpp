@@ -524,6 +524,22 @@ TEST_P(moments_target, fused_accumulator_equals_accumulate_then_update) {
   }
 }
 
+// A chunk of `c` with a half gradient beside an fp32 accumulator and a streamed half copy; f32
+// moments (kind f32) from the plain vectors m and v, beside the struct's bf16 layout of the master
+// and half copy.
+chunk_ref accumulated_chunk(compact& c, moments_kind k, const std::vector<uint8_t>& grad, std::vector<float>& acc,
+                            std::vector<float>& m, std::vector<float>& v) {
+  chunk_ref r = c.chunk(grad, dtype::dtype_f16, dtype::dtype_f16, true);
+  r.grad_acc = acc.data();
+  if (k == moments_kind::f32) {
+    r.moments = moments_kind::f32;
+    r.m = m.data();
+    r.v = v.data();
+    r.m_scale = r.v_scale = nullptr;
+  }
+  return r;
+}
+
 // step_ranges over a partition of the chunk (the rows needed first, then the rest, as the
 // embedding's split update runs them) ends bit-identical to one step() of the whole chunk, in every
 // moments kind, with the fused accumulator and a streamed half copy; after the first part alone
@@ -564,15 +580,7 @@ TEST_P(moments_target, step_ranges_over_a_partition_is_one_step) {
     compact parts = whole;
     std::vector<float> pm32 = m32, pv32 = v32;
     auto chunk_of = [&](compact& c, std::vector<float>& m, std::vector<float>& v) {
-      chunk_ref r = c.chunk(grad, dtype::dtype_f16, dtype::dtype_f16, true);
-      r.grad_acc = acc.data();
-      if (k == moments_kind::f32) {
-        r.moments = moments_kind::f32;
-        r.m = m.data();
-        r.v = v.data();
-        r.m_scale = r.v_scale = nullptr;
-      }
-      return r;
+      return accumulated_chunk(c, k, grad, acc, m, v);
     };
     const compact before = parts;
     const std::vector<float> m_before = pm32, v_before = pv32;
@@ -627,15 +635,7 @@ TEST_P(moments_target, step_in_parts_is_one_step_with_its_log) {
     std::vector<float> g, acc = normal(rng, n, 0.02f);
     const auto grad = encode(normal(rng, n, 0.02f), dtype::dtype_f16, &g);
     auto chunk_of = [&](compact& c, std::vector<float>& m, std::vector<float>& v) {
-      chunk_ref r = c.chunk(grad, dtype::dtype_f16, dtype::dtype_f16, true);
-      r.grad_acc = acc.data();
-      if (k == moments_kind::f32) {
-        r.moments = moments_kind::f32;
-        r.m = m.data();
-        r.v = v.data();
-        r.m_scale = r.v_scale = nullptr;
-      }
-      return r;
+      return accumulated_chunk(c, k, grad, acc, m, v);
     };
     auto same = [&](const compact& a, const std::vector<float>& am, const std::vector<float>& av, const compact& b,
                     const std::vector<float>& bm, const std::vector<float>& bv, size_t j) {

@@ -1080,6 +1080,21 @@ TEST(engine_race, delays_change_nothing) {
   }
 }
 
+// A named change to a test's engine options, one of the variants a test runs.
+struct option_variant {
+  std::string name;
+  std::function<void(engine_options&)> set;
+};
+// The test hook's poison: `value` written at `index` of unit `unit`'s gradient at step `step`.
+option_variant poison_variant(std::string name, int64_t step, int64_t unit, int64_t index, double value) {
+  return {std::move(name), [=](engine_options& o) {
+            o.debug_poison_step = step;
+            o.debug_poison_unit = unit;
+            o.debug_poison_index = index;
+            o.debug_poison_value = value;
+          }};
+}
+
 // engine_options::embed_rows_first: a deferred step given the next step's batches updates the
 // embedding rows those gather first and the rest of the table after every other unit. The run is
 // bit-identical to one updating the table as one: unclipped (the split runs: rows counted, fewer
@@ -1094,25 +1109,11 @@ TEST(engine_embed_rows_first, same_bits_as_one_update_of_the_table) {
   const int64_t rows = 3, T = k_seq;
   const auto big = make_data(4, rows, T, 23);
   const model::llama_config cfg = tiny_config();
-  struct variant {
-    std::string name;
-    std::function<void(engine_options&)> set;
-  };
-  const std::vector<variant> variants = {
+  const std::vector<option_variant> variants = {
       {"plain", [](engine_options&) {}},
       {"int8 moments", [](engine_options& o) { o.state = state_kind::state_int8; }},
-      {"overflow in block 1 at step 2", [](engine_options& o) {
-         o.debug_poison_step = 2;
-         o.debug_poison_unit = 1;
-         o.debug_poison_index = 3;
-         o.debug_poison_value = k_inf;
-       }},
-      {"overflow in the embedding at step 3", [](engine_options& o) {
-         o.debug_poison_step = 3;
-         o.debug_poison_unit = 0;
-         o.debug_poison_index = 70;
-         o.debug_poison_value = std::nan("");
-       }},
+      poison_variant("overflow in block 1 at step 2", 2, 1, 3, k_inf),
+      poison_variant("overflow in the embedding at step 3", 3, 0, 70, std::nan("")),
       {"delays", [](engine_options& o) {
          o.debug_delay_us = 300;
          o.seed = 77;
@@ -1120,7 +1121,7 @@ TEST(engine_embed_rows_first, same_bits_as_one_update_of_the_table) {
       // Every update sleeps: the next forward starts while the table's second part is queued.
       {"slow updates", [](engine_options& o) { o.debug_update_sleep_us = 3000; }},
   };
-  for (const variant& var : variants) {
+  for (const option_variant& var : variants) {
     for (auto place : {embed_grad_place::embed_grad_host, embed_grad_place::embed_grad_device}) {
       for (int64_t micro : {1, 3}) {
         for (double clip : {0.0, 0.05}) {
@@ -1207,28 +1208,19 @@ TEST(engine_update_parts, same_bits_as_whole_updates) {
   FERRY_REQUIRE_DEVICE();
   const int64_t rows = 3, T = k_seq;
   const auto big = make_data(4, rows, T, 31);
-  struct variant {
-    std::string name;
-    std::function<void(engine_options&)> set;
-  };
-  const std::vector<variant> variants = {
+  const std::vector<option_variant> variants = {
       {"plain", [](engine_options&) {}},
       {"bf16 moments", [](engine_options& o) { o.state = state_kind::state_bf16; }},
       {"int8 moments", [](engine_options& o) { o.state = state_kind::state_int8; }},
       {"bf16 compute", [](engine_options& o) { o.dtype = at::kBFloat16; }},
-      {"overflow in block 2 at step 1", [](engine_options& o) {
-         o.debug_poison_step = 1;
-         o.debug_poison_unit = 2;
-         o.debug_poison_index = 5;
-         o.debug_poison_value = k_inf;
-       }},
+      poison_variant("overflow in block 2 at step 1", 1, 2, 5, k_inf),
       {"delays", [](engine_options& o) {
          o.debug_delay_us = 300;
          o.seed = 41;
        }},
       {"slow updates", [](engine_options& o) { o.debug_update_sleep_us = 4000; }},
   };
-  for (const variant& var : variants) {
+  for (const option_variant& var : variants) {
     for (int64_t micro : {1, 3}) {
       for (double clip : {0.0, 0.05}) {
         engine_options o = rows_options(k_overlapped, clip, rows, T);
