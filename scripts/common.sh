@@ -4,7 +4,8 @@ FERRY_BUILD_DIR="${FERRY_BUILD_DIR:-$FERRY_ROOT/build}"
 FERRY_ENV_FILE="$FERRY_ROOT/.ferry-env"
 
 ferry_log() { printf '[ferry] %s\n' "$*" >&2; }
-ferry_die() { printf 'ferry: %s\n' "$*" >&2; exit "${2:-1}"; }
+# The message alone on stderr (the exit status, $2, is not part of it).
+ferry_die() { printf 'ferry: %s\n' "$1" >&2; exit "${2:-1}"; }
 
 ferry_load_env() {
   # shellcheck disable=SC1090

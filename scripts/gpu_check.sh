@@ -2,12 +2,12 @@
 # On a GPU machine: set up (from the offline bundle in deps/bundle when there is no network),
 # build with CUDA, run the whole ctest suite including the "gpu" label, then every benchmark that
 # exists, and print a short summary table last. Logs go to $OUT (or out/gpu_check).
-#   scripts/gpu_check.sh [--no-bench] [--bench-only] [--quick]
+#   scripts/gpu_check.sh [--no-bench] [--bench-only] [--no-train] [--kernel-bench] [--quick] [--gpu-tests]
+# --gpu-tests: only the ctest label gpu (the CUDA suites; CI runs the rest without a GPU), so that
+# tests and the training check fit one time-limited call.
 set -uo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/common.sh"
-out="$FERRY_ROOT/out/gpu_check"
-mkdir -p "$out"
-bench=1 tests=1 quick=0 train=1 full_bench=1
+bench=1 tests=1 quick=0 train=1 full_bench=1 gpu_tests=0
 for a in "$@"; do
   case "$a" in
     --no-bench) bench=0 ;;
@@ -15,9 +15,12 @@ for a in "$@"; do
     --quick) quick=1 ;;
     --no-train) train=0 ;;
     --kernel-bench) full_bench=0 ;;   # the optimizer, kernel and inference benchmarks, not bench.sh
-    *) ferry_die "gpu_check.sh: unknown argument $a (valid: --no-bench, --bench-only, --no-train, --kernel-bench, --quick)" 2 ;;
+    --gpu-tests) gpu_tests=1 ;;
+    *) ferry_die "gpu_check.sh: unknown argument $a (valid: --no-bench, --bench-only, --no-train, --kernel-bench, --quick, --gpu-tests)" 2 ;;
   esac
 done
+out="$FERRY_ROOT/out/gpu_check"
+mkdir -p "$out"
 # The build every script uses (common.sh: build/, or FERRY_BUILD_DIR), so nightly.sh and bench.sh
 # afterwards find this CUDA build instead of making another.
 export FERRY_BUILD_DIR
@@ -53,8 +56,10 @@ grep -E "CUDA code|libtorch" "$FERRY_BUILD_DIR.configure.log" | sed 's/^-- *//' 
 row "setup + build" "$(( $(date +%s) - t0 )) s"
 
 if [ "$tests" = 1 ]; then
-  (cd "$FERRY_BUILD_DIR" && ctest -j "$(ferry_jobs)" --output-on-failure --timeout 900) > "$out/ctest.log" 2>&1 || status=1
-  row "ctest (all labels)" "$(grep -E 'tests passed|tests failed' "$out/ctest.log" | tail -1)"
+  labels=() which="all labels"
+  if [ "$gpu_tests" = 1 ]; then labels=(-L gpu) which="label gpu only"; fi
+  (cd "$FERRY_BUILD_DIR" && ctest -j "$(ferry_jobs)" "${labels[@]}" --output-on-failure --timeout 900) > "$out/ctest.log" 2>&1 || status=1
+  row "ctest ($which)" "$(grep -E 'tests passed|tests failed' "$out/ctest.log" | tail -1)"
   (cd "$FERRY_BUILD_DIR" && ctest -L gpu -N) > "$out/ctest_gpu_list.log" 2>&1
   # ctest lists skipped/disabled tests and failed ones in separate sections after the run.
   failed_list=$(sed -n '/The following tests FAILED/,$p' "$out/ctest.log" | grep -E '^\s+[0-9]+ - ' || true)
