@@ -24,6 +24,7 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include "gpu/attention_rule.h"
 #include "gpu/attention_softmax.cuh"
 #include "gpu/dispatch.h"
 #include "gpu/ops.h"
@@ -81,7 +82,7 @@ std::atomic<bool> g_cudnn_failed{false};  // a cuDNN call threw: flash attention
 bool cudnn_applies(const at::Tensor& q) {
   if (!use_flash(q) || !g_prefer_cudnn.load() || g_cudnn_failed.load()) return false;
   const int64_t d = q.size(-1);
-  if (d % 8 != 0 || d > 128 || !at::globalContext().userEnabledCuDNN() || !at::globalContext().hasCuDNN() ||
+  if (!cudnn_attention_head_dim(d) || !at::globalContext().userEnabledCuDNN() || !at::globalContext().hasCuDNN() ||
       at::globalContext().versionRuntimeCuDNN() < 90000)
     return false;
   const cudaDeviceProp* p = at::cuda::getDeviceProperties(q.device().index());

@@ -8,6 +8,7 @@
 
 #include <algorithm>
 
+#include "gpu/attention_rule.h"
 #include "src/model/attention.h"
 #include "src/model/block.h"
 #include "src/model/device_bytes.h"
@@ -60,7 +61,7 @@ struct sizes {
   // GEMM path's grouped views): measured up to three 512-byte blocks more than counted.
   int64_t attention(int64_t B, int64_t tq, int64_t tk) const {
     const int64_t D = cfg.head_dim;
-    const bool cudnn = path == attention_path::attention_flash && tq == tk && D % 8 == 0 && D <= 128;
+    const bool cudnn = path == attention_path::attention_flash && tq == tk && gpu::cudnn_attention_head_dim(D);
     return attention_tensors(B, tq, tk) + (cuda ? (k_cuda_aux + (cudnn ? k_cudnn_aux : 0)) * c(1) : 0);
   }
   int64_t attention_tensors(int64_t B, int64_t tq, int64_t tk) const {
