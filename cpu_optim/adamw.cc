@@ -276,9 +276,16 @@ grad_stats adamw::step(const chunk_ref& c, const adamw_hparams& h, int64_t step,
   return run(static_cast<int>(detail::op::op_step), c, h, step, grad_mult, grad_mult, log, nullptr);
 }
 
+namespace {
+// The blocks [first, end) of part `part` of `parts` over a chunk of nb blocks.
+std::pair<size_t, size_t> part_blocks(size_t nb, size_t part, size_t parts) {
+  return {nb * part / parts, nb * (part + 1) / parts};
+}
+}  // namespace
+
 std::pair<size_t, size_t> adamw::part_range(size_t n, size_t part, size_t parts) const {
-  const size_t block = tuning_.block_size, nb = (n + block - 1) / block;
-  const size_t b0 = nb * part / parts, b1 = nb * (part + 1) / parts;
+  const size_t block = tuning_.block_size;
+  const auto [b0, b1] = part_blocks((n + block - 1) / block, part, parts);
   return {std::min(n, b0 * block), std::min(n, b1 * block)};
 }
 
@@ -288,9 +295,8 @@ void adamw::step_part(const chunk_ref& c, const adamw_hparams& h, int64_t step, 
   check_hparams(h, step);
   FERRY_ASSERT(parts > 0 && part < parts, "adamw::step_part: part ", part, " of ", parts);
   if (log && part == 0) log->clear();
-  const size_t nb = (c.n + tuning_.block_size - 1) / tuning_.block_size;
-  run(static_cast<int>(detail::op::op_step), c, h, step, grad_mult, grad_mult, log, nullptr, nb * part / parts,
-      nb * (part + 1) / parts);
+  const auto [b0, b1] = part_blocks((c.n + tuning_.block_size - 1) / tuning_.block_size, part, parts);
+  run(static_cast<int>(detail::op::op_step), c, h, step, grad_mult, grad_mult, log, nullptr, b0, b1);
 }
 
 void adamw::step_ranges(const chunk_ref& c, const adamw_hparams& h, int64_t step, float grad_mult,

@@ -4,19 +4,12 @@
 #include <cstdlib>
 #include <string>
 
+#include "src/common/env.h"
 #include "src/common/error.h"
 
 namespace ferry::dist {
 namespace {
-// A decimal integer in [lo, hi], or a config_error naming the variable.
-int read_int(const char* name, const char* value, long lo, long hi) {
-  errno = 0;
-  char* end = nullptr;
-  const long v = std::strtol(value, &end, 10);
-  FERRY_CONFIG_CHECK(*value && end && *end == '\0' && errno == 0 && v >= lo && v <= hi, "environment variable ",
-                     name, "='", value, "' is not an integer in [", lo, ", ", hi, "]");
-  return int(v);
-}
+int read_int(const char* name, const char* value, long lo, long hi) { return int(env_integer(name, value, lo, hi)); }
 }  // namespace
 
 launch_info read_launch(const std::function<const char*(const char*)>& env, int visible_gpus) {

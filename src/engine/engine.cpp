@@ -3,12 +3,13 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
-#include <cerrno>
 #include <chrono>
 #include <cstdlib>
+#include <limits>
 #include <string>
 #include <tuple>
 
+#include "src/common/env.h"
 #include "src/common/error.h"
 #include "src/engine/trace.h"
 
@@ -36,14 +37,9 @@ engine::engine(const model::llama_config& cfg, const engine_options& opt) : cfg_
   source_stats_ = opt_.stats_at_source && std::getenv("FERRY_HOST_STATS") == nullptr;
   const char* rows_first = std::getenv("FERRY_EMBED_ROWS_FIRST");
   rows_first_ = opt_.embed_rows_first && !(rows_first && std::string(rows_first) == "0");
-  if (const char* part = std::getenv("FERRY_UPDATE_PART")) {
-    char* end = nullptr;
-    errno = 0;
-    const long long v = std::strtoll(part, &end, 10);
-    FERRY_CONFIG_CHECK(*part != '\0' && *end == '\0' && errno == 0 && v >= 0, "environment FERRY_UPDATE_PART='", part,
-                       "': expected a count of parameters per part of an update (0: each unit in one piece)");
-    opt_.update_part = int64_t(v);
-  }
+  if (const char* part = std::getenv("FERRY_UPDATE_PART"))
+    opt_.update_part = env_integer("FERRY_UPDATE_PART", part, 0, std::numeric_limits<long>::max(),
+                                   "a count of parameters per part of an update (0: each unit in one piece)");
   trace::enabled();   // FERRY_TRACE's file is opened (or refused, naming it) here, not in a worker thread
   dev_ = make_backend(opt_);
   // What the plan must fit (activation_checkpointing=auto fits it; the host backend plans for the

@@ -200,6 +200,9 @@ class engine {
     return step_calls_ == opt_.debug_poison_step && u == opt_.debug_poison_unit;
   }
   void debug_poison(int64_t u);
+  // The test hooks before a deferred update, or each of its `parts`: the backend's random delay
+  // and engine_options::debug_update_sleep_us, spread over the parts.
+  void debug_update_delay(int64_t parts = 1);
 
   model::llama_config cfg_;
   engine_options opt_;

@@ -57,9 +57,7 @@ void engine::queue_deferred(int64_t u, double mult, const cpu_optim::adamw_hpara
     }
     // A non-finite gradient skips the step: this unit is left untouched (nothing to undo).
     if (rec.stats.nonfinite != 0) return;
-    dev_->debug_delay();
-    if (opt_.debug_update_sleep_us > 0)
-      std::this_thread::sleep_for(std::chrono::microseconds(opt_.debug_update_sleep_us / parts));
+    debug_update_delay(parts);
     // The statistics (this step's task, run before) showed grad * mult finite: no pre-scan.
     if (parts > 1) optim_->step_part(u, mult, hp, step, &rec.log, part, parts);
     else optim_->step(u, mult, hp, step, &rec.log, /*finite_known=*/true);
@@ -69,6 +67,12 @@ void engine::queue_deferred(int64_t u, double mult, const cpu_optim::adamw_hpara
   };
   if (parts > 1) worker_->submit_update_parts(u, parts, update);
   else worker_->submit_update(u, [update] { update(0); }, /*by_unit=*/true);
+}
+
+void engine::debug_update_delay(int64_t parts) {
+  dev_->debug_delay();
+  if (opt_.debug_update_sleep_us > 0)
+    std::this_thread::sleep_for(std::chrono::microseconds(opt_.debug_update_sleep_us / parts));
 }
 
 void engine::debug_poison(int64_t u) {
@@ -147,9 +151,7 @@ int64_t engine::queue_embedding_split(const std::vector<micro_batch>& next, doub
         rec.applied = false;
         split_.whole = true;
         if (rec.stats.nonfinite != 0) return;   // the step is skipped: nothing to update
-        dev_->debug_delay();
-        if (opt_.debug_update_sleep_us > 0)
-          std::this_thread::sleep_for(std::chrono::microseconds(opt_.debug_update_sleep_us));
+        debug_update_delay();
         // Every statistic of the step is in: the embedding's task is the last one queued ahead, and
         // this update runs after it. So the verdict is known here. A step that needs a fix-up
         // updates the whole table with its undo log (as queue_deferred does); one that stands
@@ -169,9 +171,7 @@ int64_t engine::queue_embedding_split(const std::vector<micro_batch>& next, doub
       split_.rest_unit,
       [this, eu, mult, hp, step] {
         if (split_.whole) return;
-        dev_->debug_delay();
-        if (opt_.debug_update_sleep_us > 0)
-          std::this_thread::sleep_for(std::chrono::microseconds(opt_.debug_update_sleep_us));
+        debug_update_delay();
         optim_->step_ranges(eu, mult, hp, step, split_.rest_ranges);
       },
       /*by_unit=*/true, /*part_of=*/eu);

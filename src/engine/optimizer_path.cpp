@@ -62,6 +62,13 @@ void optimizer_path::publish(int64_t u, const state_view& s) {
   store_.publish_shadow(u, comm_channel::channel_update);
 }
 
+// publish() of the elements [b, e) alone, one rank: fp32 runs copy them from the master to the
+// shadow; with a half compute dtype AdamW wrote them there.
+void optimizer_path::publish_range(int64_t u, const state_view& s, size_t b, size_t e) {
+  if (opt_.dtype == at::kFloat)
+    std::memcpy(static_cast<float*>(shadow_shard(u)) + b, s.master + b, (e - b) * sizeof(float));
+}
+
 void optimizer_path::republish(int64_t u) { store_.publish_shadow(u, comm_channel::channel_update); }
 
 cpu_optim::grad_stats optimizer_path::stats(int64_t u, double mult) {
@@ -86,10 +93,7 @@ void optimizer_path::step_ranges(int64_t u, double mult, const cpu_optim::adamw_
   FERRY_ASSERT(!store_.shards().sharded(), "optimizer_path::step_ranges with ranks");
   state_lease s(store_.state(), u, true);
   adam_->step_ranges(chunk(u, *s), hp, step, float(mult), ranges);
-  // fp32 runs: the shadow is the master (AdamW wrote no half copy).
-  if (opt_.dtype == at::kFloat)
-    for (const auto& [b, e] : ranges)
-      std::memcpy(static_cast<float*>(shadow_shard(u)) + b, s->master + b, (e - b) * sizeof(float));
+  for (const auto& [b, e] : ranges) publish_range(u, *s, b, e);
 }
 
 void optimizer_path::step_part(int64_t u, double mult, const cpu_optim::adamw_hparams& hp, int64_t step,
@@ -97,11 +101,8 @@ void optimizer_path::step_part(int64_t u, double mult, const cpu_optim::adamw_hp
   FERRY_ASSERT(!store_.shards().sharded(), "optimizer_path::step_part with ranks");
   state_lease s(store_.state(), u, true);
   adam_->step_part(chunk(u, *s), hp, step, float(mult), log, size_t(part), size_t(parts));
-  // fp32 runs: the shadow is the master (AdamW wrote no half copy).
-  if (opt_.dtype == at::kFloat) {
-    const auto [b, e] = adam_->part_range(size_t(s->n), size_t(part), size_t(parts));
-    std::memcpy(static_cast<float*>(shadow_shard(u)) + b, s->master + b, (e - b) * sizeof(float));
-  }
+  const auto [b, e] = adam_->part_range(size_t(s->n), size_t(part), size_t(parts));
+  publish_range(u, *s, b, e);
 }
 
 void optimizer_path::undo(int64_t u, double mult, const cpu_optim::adamw_hparams& hp, int64_t step,

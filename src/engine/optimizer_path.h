@@ -67,6 +67,7 @@ class optimizer_path {
   cpu_optim::chunk_ref chunk(int64_t u, const state_view& s) const;
   void* shadow_shard(int64_t u) const;
   void publish(int64_t u, const state_view& s);
+  void publish_range(int64_t u, const state_view& s, size_t b, size_t e);
 
   const engine_options& opt_;
   backend& dev_;
