@@ -1,17 +1,28 @@
-# ferry_add_test(NAME name SOURCES ... LIBS ... [LABELS ...] [GPU])
+# ferry_add_test(NAME name SOURCES ... LIBS ... [LABELS ...] [GPU] [NO_TORCH])
 # One GoogleTest binary per suite, registered with ctest through gtest_discover_tests so each
 # TEST is its own ctest entry. GPU suites get the label "gpu" and FERRY_TEST_CUDA=1
 # (tests/cuda_suite.h); a GTEST_SKIP shows as skipped in ctest, never as passed, through the exit
 # code alone: tests/gtest_main.cpp exits 77 when every test that ran was skipped, 1 on any failure
 # (one after a skip too), and keeps gtest's "[  SKIPPED ]" out of the output: gtest_discover_tests
 # adds a skip regex on it, and in ctest a matching skip regex overrides a failing exit code.
+# A suite links ferry_gtest_main_aten, which seeds ATen's generators per test (a fixed draw for
+# each test; FERRY_TEST_SEED picks others), unless it says NO_TORCH: a suite that does not load
+# libtorch keeps the plain main and starts without it (libtorch's load costs seconds a process).
 add_library(ferry_gtest_main STATIC ${PROJECT_SOURCE_DIR}/tests/gtest_main.cpp)
 target_link_libraries(ferry_gtest_main PUBLIC GTest::gtest)
+add_library(ferry_gtest_main_aten STATIC ${PROJECT_SOURCE_DIR}/tests/gtest_main.cpp)
+target_link_libraries(ferry_gtest_main_aten PUBLIC GTest::gtest ferry_torch)
+target_compile_definitions(ferry_gtest_main_aten PRIVATE FERRY_GTEST_SEEDS_ATEN=1)
 
 function(ferry_add_test)
-  cmake_parse_arguments(T "GPU" "NAME;TIMEOUT" "SOURCES;LIBS;LABELS" ${ARGN})
+  cmake_parse_arguments(T "GPU;NO_TORCH" "NAME;TIMEOUT" "SOURCES;LIBS;LABELS" ${ARGN})
   add_executable(${T_NAME} ${T_SOURCES})
-  target_link_libraries(${T_NAME} PRIVATE ${T_LIBS} GTest::gtest ferry_gtest_main ferry_root_include ferry_warnings)
+  if(T_NO_TORCH)
+    set(main ferry_gtest_main)
+  else()
+    set(main ferry_gtest_main_aten)
+  endif()
+  target_link_libraries(${T_NAME} PRIVATE ${T_LIBS} GTest::gtest ${main} ferry_root_include ferry_warnings)
   set(labels ${T_LABELS})
   set(prefix "")
   if(T_GPU)

@@ -6,10 +6,25 @@
 // a match overrides the exit code in ctest: a process that skipped and then failed (a global
 // environment's TearDown, a non-zero exit at teardown) would count as skipped. So skips are
 // printed without those words; everything else is gtest's own printer.
+//
+// Suites that load libtorch get this main built with FERRY_GTEST_SEEDS_ATEN (cmake/FerryTesting.cmake):
+// every test starts from ATen's generators seeded with its own seed, a hash of its full name and
+// FERRY_TEST_SEED (default 1), so its random inputs are the same in every process, alone or in a
+// whole binary. libtorch seeds its CPU generator from the OS otherwise, and a test whose tolerance
+// a rare draw exceeds failed once in dozens of runs, with inputs nobody could draw again. A failed
+// test prints its seed and the variable that draws its inputs again; another FERRY_TEST_SEED draws
+// others.
 #include <gtest/gtest.h>
 
+#include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <memory>
+#include <string>
+
+#if defined(FERRY_GTEST_SEEDS_ATEN) && FERRY_GTEST_SEEDS_ATEN
+#include <ATen/Context.h>
+#endif
 
 namespace {
 
@@ -68,6 +83,45 @@ class skip_wording_printer : public TestEventListener {
   std::unique_ptr<TestEventListener> inner_;
 };
 
+#if defined(FERRY_GTEST_SEEDS_ATEN) && FERRY_GTEST_SEEDS_ATEN
+// FERRY_TEST_SEED: a decimal count; anything else ends the run before a test starts, naming it.
+uint64_t base_seed() {
+  const char* v = std::getenv("FERRY_TEST_SEED");
+  if (!v || !*v) return 1;
+  char* end = nullptr;
+  const unsigned long long n = std::strtoull(v, &end, 10);
+  if (*end != '\0' || *v == '-') {
+    std::fprintf(stderr, "FERRY_TEST_SEED=%s: expected a count (0 to 2^64-1)\n", v);
+    std::exit(2);
+  }
+  return n;
+}
+
+// FNV-1a of "suite.name", mixed with the base: each test its own draw, the same in every process.
+uint64_t test_seed(const TestInfo& t, uint64_t base) {
+  uint64_t h = 1469598103934665603ull ^ base;
+  for (const std::string& part : {std::string(t.test_suite_name()), std::string("."), std::string(t.name())})
+    for (unsigned char c : part) h = (h ^ c) * 1099511628211ull;
+  return h;
+}
+
+class aten_seeder : public EmptyTestEventListener {
+ public:
+  aten_seeder() : base_(base_seed()) {}
+  void OnTestStart(const TestInfo& t) override { at::manual_seed(test_seed(t, base_)); }
+  void OnTestEnd(const TestInfo& t) override {
+    if (!t.result()->Failed()) return;
+    std::printf("%s.%s drew its inputs with ATen seed %llu (FERRY_TEST_SEED=%llu draws them again)\n",
+                t.test_suite_name(), t.name(), static_cast<unsigned long long>(test_seed(t, base_)),
+                static_cast<unsigned long long>(base_));
+    std::fflush(stdout);
+  }
+
+ private:
+  uint64_t base_;
+};
+#endif
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -77,6 +131,9 @@ int main(int argc, char** argv) {
     listeners.Release(gtest_printer);
     listeners.Append(new skip_wording_printer(gtest_printer));
   }
+#if defined(FERRY_GTEST_SEEDS_ATEN) && FERRY_GTEST_SEEDS_ATEN
+  listeners.Append(new aten_seeder);
+#endif
   const int rc = RUN_ALL_TESTS();
   const UnitTest& run = *UnitTest::GetInstance();
   if (rc == 0 && run.test_to_run_count() > 0 && run.skipped_test_count() == run.test_to_run_count()) return 77;

@@ -367,28 +367,62 @@ void check_model(at::ScalarType t, const llama_config& c, int64_t B, int64_t T) 
   }
   embed_backward(dx, tok, g_emb, /*accumulate=*/tied);
 
-  // autograd reference
-  auto pe = leaves(eflat, el);
-  auto ph = leaves(hflat, hl);
-  std::vector<std::map<std::string, at::Tensor>> pb;
-  for (auto& f : bflat) pb.push_back(leaves(f, bl));
-  at::Tensor xr = pe["model.embed_tokens.weight"].index_select(0, tokens.reshape({-1})).view({B, T, -1});
-  for (int64_t l = 0; l < L; ++l) xr = ref::block(xr, ref_block(pb[l]), c);
-  const at::Tensor& lm = tied ? pe["model.embed_tokens.weight"] : ph["lm_head.weight"];
-  at::Tensor logits = at::matmul(ref::rmsnorm(xr, ph["model.norm.weight"], c.rms_norm_eps), lm.t());
-  at::Tensor loss = ref::ce_sum(logits, labels);
-  loss.backward();
+  // The autograd reference, in fp64 from the same rounded inputs (the accepted answer), and for
+  // fp16/bf16 once more in the dtype under test (logits summed in fp32, as HF's loss does): how far
+  // that precision itself lands from the answer on this draw.
+  struct reference { double loss; std::map<std::string, at::Tensor> grad; };
+  auto autograd = [&](at::ScalarType rt) {
+    auto cast = [&](const at::Tensor& f) { return f.to(rt); };
+    auto pe = leaves(cast(eflat), el);
+    auto ph = leaves(cast(hflat), hl);
+    std::vector<std::map<std::string, at::Tensor>> pb;
+    for (auto& f : bflat) pb.push_back(leaves(cast(f), bl));
+    at::Tensor xr = pe["model.embed_tokens.weight"].index_select(0, tokens.reshape({-1})).view({B, T, -1});
+    for (int64_t l = 0; l < L; ++l) xr = ref::block(xr, ref_block(pb[l]), c);
+    const at::Tensor& lm = tied ? pe["model.embed_tokens.weight"] : ph["lm_head.weight"];
+    at::Tensor logits = at::matmul(ref::rmsnorm(xr, ph["model.norm.weight"], c.rms_norm_eps), lm.t());
+    at::Tensor loss = ref::ce_sum(rt == at::kDouble ? logits : logits.to(at::kFloat), labels);
+    loss.backward();
+    reference r{loss.item<double>(), {}};
+    r.grad["model.embed_tokens.weight"] = pe["model.embed_tokens.weight"].grad();
+    r.grad["model.norm.weight"] = ph["model.norm.weight"].grad();
+    if (!tied) r.grad["lm_head.weight"] = ph["lm_head.weight"].grad();
+    for (int64_t l = 0; l < L; ++l)
+      for (const auto& s : bl) r.grad["model.layers." + std::to_string(l) + "." + s.name] = pb[l][s.name].grad();
+    return r;
+  };
+  const reference exact = autograd(at::kDouble);
+  const bool half = t == at::kHalf || t == at::kBFloat16;
+  const reference same = half ? autograd(t) : reference{};
 
-  const double tol = tolerance(t, 3.0);
+  // fp32/fp64: every gradient within the dtype's tolerance, element-wise (rel_err). fp16/bf16: the
+  // error is a draw's, since rounding through the layers amplifies by the weights drawn, and the
+  // largest element's error is noisy; so the norm-wise error (fro_err), within the dtype's
+  // tolerance or four times the largest norm-wise error autograd in the dtype made on this draw's
+  // gradients, whichever is larger. On 750 draws of each half dtype (FERRY_TEST_SEED 1-150), ferry's
+  // largest stayed within 2.8 times autograd's, and autograd's own bf16 error reached 0.18; a wrong
+  // term (an error near 1 on a usual draw) fails.
+  double lowp_err = 0;
+  if (half)
+    for (const auto& [name, g] : same.grad) lowp_err = std::max(lowp_err, fro_err(g, exact.grad.at(name)));
+  const double tol = tolerance(t, 3.0), half_tol = std::max(tol, 4.0 * lowp_err);
+  auto expect_grad = [&](const at::Tensor& g, const std::string& name) {
+    const at::Tensor& want = exact.grad.at(name);
+    if (!half) {
+      FERRY_EXPECT_CLOSE(g, want, tol, name);
+      return;
+    }
+    const double err = fro_err(g, want);
+    EXPECT_LE(err, half_tol) << name << ": norm-wise relative error " << err << " > " << half_tol
+                             << " (autograd in the dtype: " << fro_err(same.grad.at(name), want) << ")";
+  };
   EXPECT_EQ(r.n_targets, B * (T - 1) - 1);
-  EXPECT_NEAR(r.loss_sum, loss.item<double>(), std::abs(loss.item<double>()) * tol);
-  FERRY_EXPECT_CLOSE(g_emb, pe["model.embed_tokens.weight"].grad(), tol, "model.embed_tokens.weight");
-  FERRY_EXPECT_CLOSE(g_norm, ph["model.norm.weight"].grad(), tol, "model.norm.weight");
-  if (!tied) FERRY_EXPECT_CLOSE(g_lm, ph["lm_head.weight"].grad(), tol, "lm_head.weight");
+  EXPECT_NEAR(r.loss_sum, exact.loss, std::abs(exact.loss) * tol);
+  expect_grad(g_emb, "model.embed_tokens.weight");
+  expect_grad(g_norm, "model.norm.weight");
+  if (!tied) expect_grad(g_lm, "lm_head.weight");
   for (int64_t l = 0; l < L; ++l)
-    for (const auto& s : bl)
-      FERRY_EXPECT_CLOSE(slot_view(gd[l], s), pb[l][s.name].grad(), tol,
-                         "model.layers." + std::to_string(l) + "." + s.name);
+    for (const auto& s : bl) expect_grad(slot_view(gd[l], s), "model.layers." + std::to_string(l) + "." + s.name);
 }
 
 // Packed rows: each row holds runs (the rest of the row is one more run, of padding), positions

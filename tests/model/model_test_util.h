@@ -51,6 +51,14 @@ inline double rel_err(const at::Tensor& actual, const at::Tensor& expected) {
   return num / (denom > 0 ? denom : 1.0);
 }
 
+// Norm-wise relative error: ||a - e||_2 / ||e||_2 over all elements.
+inline double fro_err(const at::Tensor& actual, const at::Tensor& expected) {
+  at::Tensor a = actual.detach().to(at::kCPU, at::kDouble);
+  at::Tensor e = expected.detach().to(at::kCPU, at::kDouble);
+  const double denom = e.norm().item<double>();
+  return (a - e).norm().item<double>() / (denom > 0 ? denom : 1.0);
+}
+
 #define FERRY_EXPECT_CLOSE(actual, expected, tol, what)                                                  \
   do {                                                                                                   \
     ASSERT_EQ((actual).sizes(), (expected).sizes()) << (what);                                           \
