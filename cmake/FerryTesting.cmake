@@ -9,9 +9,9 @@
 # each test; FERRY_TEST_SEED picks others), unless it says NO_TORCH: a suite that does not load
 # libtorch keeps the plain main and starts without it (libtorch's load costs seconds a process).
 add_library(ferry_gtest_main STATIC ${PROJECT_SOURCE_DIR}/tests/gtest_main.cpp)
-target_link_libraries(ferry_gtest_main PUBLIC GTest::gtest)
+target_link_libraries(ferry_gtest_main PUBLIC GTest::gtest PRIVATE ferry_root_include)
 add_library(ferry_gtest_main_aten STATIC ${PROJECT_SOURCE_DIR}/tests/gtest_main.cpp)
-target_link_libraries(ferry_gtest_main_aten PUBLIC GTest::gtest ferry_torch)
+target_link_libraries(ferry_gtest_main_aten PUBLIC GTest::gtest ferry_torch PRIVATE ferry_root_include)
 target_compile_definitions(ferry_gtest_main_aten PRIVATE FERRY_GTEST_SEEDS_ATEN=1)
 
 function(ferry_add_test)

@@ -10,17 +10,17 @@
 // Suites that load libtorch get this main built with FERRY_GTEST_SEEDS_ATEN (cmake/FerryTesting.cmake):
 // every test starts from ATen's generators seeded with its own seed, a hash of its full name and
 // FERRY_TEST_SEED (default 1), so its random inputs are the same in every process, alone or in a
-// whole binary. libtorch seeds its CPU generator from the OS otherwise, and a test whose tolerance
-// a rare draw exceeds failed once in dozens of runs, with inputs nobody could draw again. A failed
-// test prints its seed and the variable that draws its inputs again; another FERRY_TEST_SEED draws
-// others.
+// whole binary (tests/test_seed.h). libtorch seeds its CPU generator from the OS otherwise, and a
+// test whose tolerance a rare draw exceeds failed once in dozens of runs, with inputs nobody could
+// draw again. A failed test prints its seed and the variable that draws its inputs again; another
+// FERRY_TEST_SEED draws others.
 #include <gtest/gtest.h>
 
 #include <cstdint>
 #include <cstdio>
-#include <cstdlib>
 #include <memory>
-#include <string>
+
+#include "tests/test_seed.h"
 
 #if defined(FERRY_GTEST_SEEDS_ATEN) && FERRY_GTEST_SEEDS_ATEN
 #include <ATen/Context.h>
@@ -84,26 +84,8 @@ class skip_wording_printer : public TestEventListener {
 };
 
 #if defined(FERRY_GTEST_SEEDS_ATEN) && FERRY_GTEST_SEEDS_ATEN
-// FERRY_TEST_SEED: a decimal count; anything else ends the run before a test starts, naming it.
-uint64_t base_seed() {
-  const char* v = std::getenv("FERRY_TEST_SEED");
-  if (!v || !*v) return 1;
-  char* end = nullptr;
-  const unsigned long long n = std::strtoull(v, &end, 10);
-  if (*end != '\0' || *v == '-') {
-    std::fprintf(stderr, "FERRY_TEST_SEED=%s: expected a count (0 to 2^64-1)\n", v);
-    std::exit(2);
-  }
-  return n;
-}
-
-// FNV-1a of "suite.name", mixed with the base: each test its own draw, the same in every process.
-uint64_t test_seed(const TestInfo& t, uint64_t base) {
-  uint64_t h = 1469598103934665603ull ^ base;
-  for (const std::string& part : {std::string(t.test_suite_name()), std::string("."), std::string(t.name())})
-    for (unsigned char c : part) h = (h ^ c) * 1099511628211ull;
-  return h;
-}
+using ::ferry::test::base_seed;
+using ::ferry::test::test_seed;
 
 class aten_seeder : public EmptyTestEventListener {
  public:

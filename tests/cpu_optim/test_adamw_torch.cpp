@@ -13,7 +13,7 @@ namespace {
 using torch_adamw_target = target_test;
 
 TEST_P(torch_adamw_target, ten_steps_match_torch_optim_adamw) {
-  const uint32_t seed = fresh_seed();
+  const uint32_t seed = draw_seed();
   SCOPED_TRACE("seed " + std::to_string(seed));
   std::mt19937 rng(seed);
   const size_t n = 100003;

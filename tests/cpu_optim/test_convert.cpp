@@ -28,7 +28,7 @@ bool same(uint16_t a, uint16_t b, dtype t) {
 using convert_target = target_test;
 
 TEST_P(convert_target, narrowing_matches_scalar_rne) {
-  std::mt19937 rng(fresh_seed());
+  std::mt19937 rng(draw_seed());
   for (size_t n : {size_t(1), size_t(7), size_t(17), size_t(4096), size_t(1000003)}) {
     const std::vector<float> src = test_values(rng, n);
     for (dtype t : {dtype::dtype_f16, dtype::dtype_bf16}) {
@@ -63,7 +63,7 @@ TEST_P(convert_target, widening_is_exact_for_every_half_value) {
 }
 
 TEST_P(convert_target, same_type_copy_and_cross_half) {
-  std::mt19937 rng(fresh_seed());
+  std::mt19937 rng(draw_seed());
   const size_t n = 100003;
   const std::vector<float> src = test_values(rng, n);
   std::vector<float> copy(n);
@@ -81,7 +81,7 @@ TEST_P(convert_target, same_type_copy_and_cross_half) {
 // class, lengths around the vector widths) added into an fp32 accumulator over three micro-batches
 // against a double-precision loop that rounds once per add; the first overwrites.
 TEST_P(convert_target, accumulate_matches_double_loop) {
-  std::mt19937 rng(fresh_seed());
+  std::mt19937 rng(draw_seed());
   std::normal_distribution<float> normal(0.0f, 1.0f);
   for (size_t n : {size_t(1), size_t(15), size_t(17), size_t(33), size_t(16384 + 5), size_t(100003)}) {
     for (dtype t : {dtype::dtype_f32, dtype::dtype_f16, dtype::dtype_bf16}) {

@@ -15,7 +15,7 @@ namespace {
 
 std::vector<float> values(size_t n) {
   std::vector<float> v = edge_values();
-  std::mt19937 rng(fresh_seed());
+  std::mt19937 rng(draw_seed());
   std::uniform_int_distribution<uint32_t> bits;
   // Random bit patterns cover every class; dense values near the fp16 subnormal range too.
   while (v.size() < n / 2) v.push_back(half::f32_from_bits(bits(rng)));
@@ -67,7 +67,7 @@ TEST_P(torch_convert_target, widening_matches_torch_to) {
 // indices (added in row order), untouched rows, a width that is no multiple of any vector, and any
 // thread count (distinct indices run in parallel).
 TEST_P(torch_convert_target, scatter_add_rows_matches_index_add) {
-  std::mt19937 rng(fresh_seed());
+  std::mt19937 rng(draw_seed());
   const int64_t table_rows = 97, width = 37, count = 1000;
   std::uniform_int_distribution<int64_t> pick(0, 40);   // many repeats; rows 41..96 untouched
   at::Tensor index = at::empty({count}, at::kLong);
@@ -103,7 +103,7 @@ TEST_P(torch_convert_target, scatter_add_rows_matches_index_add) {
 // gather_rows is index_select(0, index) of the table's rows (any row size: here half rows), with
 // repeats, at 1 and 3 threads; an index outside the table is refused before anything is written.
 TEST(gather_rows, matches_index_select) {
-  std::mt19937 rng(fresh_seed());
+  std::mt19937 rng(draw_seed());
   const int64_t table_rows = 97, width = 37, count = 1000;
   std::uniform_int_distribution<int64_t> pick(0, table_rows - 1);
   at::Tensor index = at::empty({count}, at::kLong);

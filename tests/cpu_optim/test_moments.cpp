@@ -187,7 +187,7 @@ const size_t k_sizes[] = {1, 7, 17, 2048, 2049, 5000, 16384 + 33, 40000};
 // the state the kernel left before it (the moments' rounding makes trajectories diverge, so the
 // model is stepwise). The update must use the stored moments: p is checked against them.
 TEST_P(moments_target, step_matches_the_double_model) {
-  const uint32_t seed = fresh_seed();
+  const uint32_t seed = draw_seed();
   SCOPED_TRACE("seed " + std::to_string(seed));
   std::mt19937 rng(seed);
   adamw opt(3);
@@ -235,7 +235,7 @@ TEST_P(moments_target, step_matches_the_double_model) {
 // undo(a) against the inverse computed from what the step stored; the restored state within one
 // rounding of the kind of the state before; redo(a -> b) bit-identical to undo then step(b).
 TEST_P(moments_target, undo_and_redo) {
-  const uint32_t seed = fresh_seed();
+  const uint32_t seed = draw_seed();
   SCOPED_TRACE("seed " + std::to_string(seed));
   std::mt19937 rng(seed);
   adamw opt(2);
@@ -298,7 +298,7 @@ TEST_P(moments_target, undo_and_redo) {
 // fp32's. The RMS difference (in lr) must stay within a small multiple of that noise and no
 // element may run away (a v lost to zero beside a surviving m gives m/eps updates of ~1e5 lr).
 TEST_P(moments_target, rollback_every_step_tracks_the_direct_trajectory) {
-  const uint32_t seed = fresh_seed();
+  const uint32_t seed = draw_seed();
   SCOPED_TRACE("seed " + std::to_string(seed));
   std::mt19937 rng(seed);
   adamw opt(2);
@@ -351,7 +351,7 @@ TEST_P(moments_target, rollback_every_step_tracks_the_direct_trajectory) {
 
 // Bit-identical for any thread count; a different seed draws different bf16 roundings.
 TEST_P(moments_target, thread_count_and_seed) {
-  const uint32_t seed = fresh_seed();
+  const uint32_t seed = draw_seed();
   SCOPED_TRACE("seed " + std::to_string(seed));
   std::mt19937 rng(seed);
   const adamw_hparams h{1e-3f, 0.9f, 0.999f, 1e-8f, 0.1f};
@@ -368,8 +368,12 @@ TEST_P(moments_target, thread_count_and_seed) {
       three.step(other.chunk(grad, dtype::dtype_bf16, dtype::dtype_bf16, true, 12), h, step, 1.0f);
     }
     EXPECT_TRUE(a.same_bits(b)) << moments_kind_name(k);
-    if (k == moments_kind::bf16) EXPECT_NE(a.m16, other.m16) << "the seed changes no rounding";
-    if (k == moments_kind::int8) EXPECT_TRUE(a.same_bits(other)) << "int8 rounds to nearest, whatever the seed";
+    if (k == moments_kind::bf16) {
+      EXPECT_NE(a.m16, other.m16) << "the seed changes no rounding";
+    }
+    if (k == moments_kind::int8) {
+      EXPECT_TRUE(a.same_bits(other)) << "int8 rounds to nearest, whatever the seed";
+    }
   }
 }
 
@@ -455,13 +459,15 @@ TEST_P(moments_target, int8_special_blocks) {
   for (size_t i = 0; i < k_quant_block; ++i) sov[i] = k_slack * vr[i];
   expect_moments(o, mr, vr, so, sov, "outlier block");
   for (size_t i = 0; i < k_quant_block; ++i)
-    if (vr[i] >= 1e-10 * o.vs[0]) ASSERT_GT(o.vq[i], 0) << "v of element " << i << " lost beside the outlier";
+    if (vr[i] >= 1e-10 * o.vs[0]) {
+      ASSERT_GT(o.vq[i], 0) << "v of element " << i << " lost beside the outlier";
+    }
 }
 
 // step(finite_known) skips only the pre-scan: bit-identical to a plain step on a finite gradient,
 // for every kind.
 TEST_P(moments_target, finite_known_step_is_the_same_step) {
-  std::mt19937 rng(fresh_seed());
+  std::mt19937 rng(draw_seed());
   adamw opt(2);
   const adamw_hparams h{1e-3f, 0.9f, 0.999f, 1e-8f, 0.1f};
   const size_t n = 40000;
@@ -495,7 +501,7 @@ TEST_P(moments_target, finite_known_step_is_the_same_step) {
 // The last micro-batch fused into the update (chunk_ref::grad_acc) with compact moments:
 // bit-identical to accumulating first and stepping on the fp32 sum (step, undo, redo).
 TEST_P(moments_target, fused_accumulator_equals_accumulate_then_update) {
-  std::mt19937 rng(fresh_seed());
+  std::mt19937 rng(draw_seed());
   adamw opt(2);
   const adamw_hparams h{1e-3f, 0.9f, 0.999f, 1e-8f, 0.1f};
   for (moments_kind k : k_kinds) {
@@ -547,7 +553,7 @@ chunk_ref accumulated_chunk(compact& c, moments_kind k, const std::vector<uint8_
 // step()'s. The ranges are rows of 2048 elements (int8's quantization block), scattered, with
 // runs of several rows and a last partial row.
 TEST_P(moments_target, step_ranges_over_a_partition_is_one_step) {
-  std::mt19937 rng(fresh_seed());
+  std::mt19937 rng(draw_seed());
   adamw opt(2);
   const adamw_hparams h{1e-3f, 0.9f, 0.999f, 1e-8f, 0.1f};
   const size_t row = k_quant_block, rows = 37, n = rows * row - 100;
@@ -616,7 +622,7 @@ TEST_P(moments_target, step_ranges_over_a_partition_is_one_step) {
 // step's bits and the others their old ones. The logs are compared by what they restore: undo() with
 // each gives the same bits (a log missing or misplacing a block restores other moments there).
 TEST_P(moments_target, step_in_parts_is_one_step_with_its_log) {
-  std::mt19937 rng(fresh_seed());
+  std::mt19937 rng(draw_seed());
   adamw_tuning tuning;
   tuning.block_size = 2 * k_quant_block;
   adamw opt(2, tuning);

@@ -1,6 +1,6 @@
 #pragma once
-// Shared helpers for the cpu_optim suites: fresh random data (seed printed on failure), gradient
-// encoding, and the double-precision scalar AdamW reference.
+// Shared helpers for the cpu_optim suites: random data from a seed the tests print on failure,
+// gradient encoding, and the double-precision scalar AdamW reference.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -13,12 +13,22 @@
 
 #include "cpu_optim/adamw.h"
 #include "cpu_optim/half.h"
+#include "tests/test_seed.h"
 
 namespace ferry::cpu_optim::test {
 
-inline uint32_t fresh_seed() {
-  static std::random_device rd;
-  return rd();
+// A seed for the running test's random data, the same in every run (tests/test_seed.h): the
+// test's n-th call draws with salt n. FERRY_TEST_SEED draws other data.
+inline uint32_t draw_seed() {
+  static const uint64_t base = ::ferry::test::base_seed();
+  static std::string test;
+  static uint64_t calls = 0;
+  const ::testing::TestInfo* t = ::testing::UnitTest::GetInstance()->current_test_info();
+  if (!t) return static_cast<uint32_t>(base);
+  const std::string name = std::string(t->test_suite_name()) + "." + t->name();
+  if (name != test) test = name, calls = 0;
+  const uint64_t h = ::ferry::test::test_seed(*t, base, ++calls);
+  return static_cast<uint32_t>(h ^ (h >> 32));
 }
 
 inline std::vector<float> normal(std::mt19937& rng, size_t n, float stddev) {

@@ -1,0 +1,43 @@
+#pragma once
+// Seeds for the tests' random inputs: the same in every run, so a failure can be drawn again.
+// FERRY_TEST_SEED (a count, default 1) is the base; each test mixes in its full name (and a
+// salt, for a test that draws several seeds), so tests draw apart from each other and a test
+// alone draws what it draws in its whole binary. Another FERRY_TEST_SEED draws other inputs.
+// Used by the seeded test main (tests/gtest_main.cpp: ATen's generators) and by the cpu_optim
+// suites' std::mt19937 seeds (tests/cpu_optim/test_util.h).
+#include <gtest/gtest.h>
+
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+
+namespace ferry::test {
+
+// FERRY_TEST_SEED, or 1 where it is unset or empty. A value that is not a count ends the process
+// with exit 2 and one line naming the variable.
+inline uint64_t base_seed() {
+  const char* v = std::getenv("FERRY_TEST_SEED");
+  if (!v || !*v) return 1;
+  char* end = nullptr;
+  const unsigned long long n = std::strtoull(v, &end, 10);
+  if (*end != '\0' || *v == '-' || *v == '+' || *v == ' ') {
+    std::fprintf(stderr, "FERRY_TEST_SEED=%s: expected a count (0 to 2^64-1)\n", v);
+    std::exit(2);
+  }
+  return n;
+}
+
+// FNV-1a of "suite.name", and of salt where it is not 0, over the base.
+inline uint64_t test_seed(const ::testing::TestInfo& t, uint64_t base, uint64_t salt = 0) {
+  uint64_t h = 1469598103934665603ull ^ base;
+  auto mix = [&h](unsigned char c) { h = (h ^ c) * 1099511628211ull; };
+  for (const char* p = t.test_suite_name(); *p; ++p) mix(static_cast<unsigned char>(*p));
+  mix('.');
+  for (const char* p = t.name(); *p; ++p) mix(static_cast<unsigned char>(*p));
+  if (salt != 0)
+    for (int i = 0; i < 8; ++i) mix(static_cast<unsigned char>(salt >> (8 * i)));
+  return h;
+}
+
+}  // namespace ferry::test
