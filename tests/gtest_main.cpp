@@ -12,8 +12,8 @@
 // FERRY_TEST_SEED (default 1), so its random inputs are the same in every process, alone or in a
 // whole binary (tests/test_seed.h). libtorch seeds its CPU generator from the OS otherwise, and a
 // test whose tolerance a rare draw exceeds failed once in dozens of runs, with inputs nobody could
-// draw again. A failed test prints its seed and the variable that draws its inputs again; another
-// FERRY_TEST_SEED draws others.
+// draw again. In every build a failed test prints the FERRY_TEST_SEED that draws its inputs again;
+// another value draws others.
 #include <gtest/gtest.h>
 
 #include <cstdint>
@@ -83,26 +83,32 @@ class skip_wording_printer : public TestEventListener {
   std::unique_ptr<TestEventListener> inner_;
 };
 
-#if defined(FERRY_GTEST_SEEDS_ATEN) && FERRY_GTEST_SEEDS_ATEN
-using ::ferry::test::base_seed;
-using ::ferry::test::test_seed;
-
-class aten_seeder : public EmptyTestEventListener {
+// Seeds ATen's generators at each test's start (the aten build) and, after a failed test, prints
+// what draws its random inputs again (every build: cpu_optim's suites draw from tests/test_seed.h).
+class seed_listener : public EmptyTestEventListener {
  public:
-  aten_seeder() : base_(base_seed()) {}
-  void OnTestStart(const TestInfo& t) override { at::manual_seed(test_seed(t, base_)); }
+  seed_listener() : base_(::ferry::test::base_seed()) {}
+  void OnTestStart(const TestInfo& t) override {
+#if defined(FERRY_GTEST_SEEDS_ATEN) && FERRY_GTEST_SEEDS_ATEN
+    at::manual_seed(::ferry::test::test_seed(t, base_));
+#else
+    (void)t;
+#endif
+  }
   void OnTestEnd(const TestInfo& t) override {
     if (!t.result()->Failed()) return;
-    std::printf("%s.%s drew its inputs with ATen seed %llu (FERRY_TEST_SEED=%llu draws them again)\n",
-                t.test_suite_name(), t.name(), static_cast<unsigned long long>(test_seed(t, base_)),
+    std::printf("%s.%s: FERRY_TEST_SEED=%llu draws its random inputs again", t.test_suite_name(), t.name(),
                 static_cast<unsigned long long>(base_));
+#if defined(FERRY_GTEST_SEEDS_ATEN) && FERRY_GTEST_SEEDS_ATEN
+    std::printf(" (ATen seed %llu)", static_cast<unsigned long long>(::ferry::test::test_seed(t, base_)));
+#endif
+    std::printf("\n");
     std::fflush(stdout);
   }
 
  private:
   uint64_t base_;
 };
-#endif
 
 }  // namespace
 
@@ -113,9 +119,7 @@ int main(int argc, char** argv) {
     listeners.Release(gtest_printer);
     listeners.Append(new skip_wording_printer(gtest_printer));
   }
-#if defined(FERRY_GTEST_SEEDS_ATEN) && FERRY_GTEST_SEEDS_ATEN
-  listeners.Append(new aten_seeder);
-#endif
+  listeners.Append(new seed_listener);
   const int rc = RUN_ALL_TESTS();
   const UnitTest& run = *UnitTest::GetInstance();
   if (rc == 0 && run.test_to_run_count() > 0 && run.skipped_test_count() == run.test_to_run_count()) return 77;
