@@ -7,10 +7,10 @@
 // suites' std::mt19937 seeds (tests/cpu_optim/test_util.h).
 #include <gtest/gtest.h>
 
+#include <cerrno>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
-#include <string>
 
 namespace ferry::test {
 
@@ -20,8 +20,9 @@ inline uint64_t base_seed() {
   const char* v = std::getenv("FERRY_TEST_SEED");
   if (!v || !*v) return 1;
   char* end = nullptr;
+  errno = 0;
   const unsigned long long n = std::strtoull(v, &end, 10);
-  if (*end != '\0' || *v == '-' || *v == '+' || *v == ' ') {
+  if (*end != '\0' || errno == ERANGE || *v < '0' || *v > '9') {
     std::fprintf(stderr, "FERRY_TEST_SEED=%s: expected a count (0 to 2^64-1)\n", v);
     std::exit(2);
   }
