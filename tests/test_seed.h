@@ -7,26 +7,27 @@
 // suites' std::mt19937 seeds (tests/cpu_optim/test_util.h).
 #include <gtest/gtest.h>
 
-#include <cerrno>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <limits>
+
+#include "src/common/env.h"
 
 namespace ferry::test {
 
-// FERRY_TEST_SEED, or 1 where it is unset or empty. A value that is not a count ends the process
-// with exit 2 and one line naming the variable.
+// FERRY_TEST_SEED, or 1 where it is unset or empty. A value that env_integer refuses ends the
+// process with exit 2 and its one line, which names the variable (before any test runs).
 inline uint64_t base_seed() {
   const char* v = std::getenv("FERRY_TEST_SEED");
   if (!v || !*v) return 1;
-  char* end = nullptr;
-  errno = 0;
-  const unsigned long long n = std::strtoull(v, &end, 10);
-  if (*end != '\0' || errno == ERANGE || *v < '0' || *v > '9') {
-    std::fprintf(stderr, "FERRY_TEST_SEED=%s: expected a count (0 to 2^64-1)\n", v);
+  try {
+    return static_cast<uint64_t>(env_integer("FERRY_TEST_SEED", v, 0, std::numeric_limits<long>::max(),
+                                             "the seed of the tests' random inputs"));
+  } catch (const config_error& e) {
+    std::fprintf(stderr, "%s\n", e.what());
     std::exit(2);
   }
-  return n;
 }
 
 // FNV-1a of "suite.name", and of salt where it is not 0, over the base.

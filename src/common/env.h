@@ -1,6 +1,7 @@
 #pragma once
-// Integers from environment variables, checked: a decimal in [lo, hi] or a config_error that names
-// the variable, its value and the valid range.
+// Integers from environment variables, checked: a decimal (digits, after a '-' for a negative one;
+// no space or '+') in [lo, hi], or a config_error that names the variable, its value and the valid
+// range.
 #include <cerrno>
 #include <cstdlib>
 
@@ -14,7 +15,9 @@ inline long env_integer(const char* name, const char* value, long lo, long hi, c
   errno = 0;
   char* end = nullptr;
   const long v = std::strtol(value, &end, 10);
-  FERRY_CONFIG_CHECK(*value && end && *end == '\0' && errno == 0 && v >= lo && v <= hi, "environment variable ",
+  const char* digits = value[0] == '-' ? value + 1 : value;   // strtol would also skip spaces and a '+'
+  FERRY_CONFIG_CHECK(*digits >= '0' && *digits <= '9' && end && *end == '\0' && errno == 0 && v >= lo && v <= hi,
+                     "environment variable ",
                      name, "='", value, "' is not an integer in [", lo, ", ", hi, "]", what ? ": " : "",
                      what ? what : "");
   return v;

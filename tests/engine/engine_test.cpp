@@ -1262,7 +1262,7 @@ TEST(engine_update_parts, refuses_a_bad_part_size) {
     EXPECT_NE(std::string(e.what()).find("update_part=-1"), std::string::npos) << e.what();
   }
   o.update_part = 0;
-  for (const char* bad : {"abc", "-5", "12x", ""}) {
+  for (const char* bad : {"abc", "-5", "12x", "", " 4", "+4"}) {
     ::setenv("FERRY_UPDATE_PART", bad, 1);
     try {
       make_engine(o);
