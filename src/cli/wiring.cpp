@@ -80,6 +80,7 @@ engine::engine_options options_of(const io::run_config& cfg) {
   o.max_seq = cfg.max_length;
   o.grad_accum = cfg.grad_accum;
   o.micro_group = cfg.micro_batch_group;
+  o.resident_blocks = cfg.resident_blocks;
   o.embed_grad = engine::parse_embed_grad_place(cfg.embed_grad);
   o.gpu_mem_limit_gib = cfg.gpu_mem_limit_gib;
   o.host_mem_limit_gib = cfg.host_mem_limit_gib;
@@ -92,6 +93,7 @@ engine::engine_options options_of(const io::run_config& cfg) {
 engine::engine_options engine_options_for(const io::run_config& cfg, const model::llama_config& mc) {
   engine::engine_options o = options_of(cfg);
   engine::check_options(o);
+  engine::check_resident_blocks(o, mc.num_hidden_layers, mc.name);
   // embed_grad=device where it cannot apply is refused here; auto is resolved by the engine and
   // the plans, once the ranks are attached.
   (void)engine::resolve_embed_grad(o, mc.tie_word_embeddings, mc.embed_params());
@@ -194,6 +196,7 @@ void write_plan_json(const std::string& path, const io::run_config& cfg, const m
               {"prefetch", cfg.prefetch}, {"gpu_mem_limit_gib", cfg.gpu_mem_limit_gib}, {"host_mem_limit_gib", cfg.host_mem_limit_gib},
               {"forward_only", eo.forward_only}, {"recompute_blocks", p.recompute_blocks},
               {"micro_batch_group", p.micro_group},
+              {"resident_blocks", eo.resident_blocks},
               {"embed_grad", p.embed_grad_device ? "device" : "host"},
               {"optimizer_state", engine::state_kind_name(p.state)},
               {"optimizer_state_on", p.state_on_disk ? "nvme" : "host"}};

@@ -30,6 +30,7 @@ std::unique_ptr<backend> make_backend(const engine_options& o) {
 
 engine::engine(const model::llama_config& cfg, const engine_options& opt) : cfg_(cfg), opt_(opt) {
   check_options(opt_);
+  check_resident_blocks(opt_, cfg_.num_hidden_layers, cfg_.name);
   // embed_grad=device where it cannot apply is refused here; auto is the plan's choice (below).
   if (opt_.embed_grad != embed_grad_place::embed_grad_auto)
     opt_ = resolve_embed_grad(opt_, cfg_.tie_word_embeddings, cfg_.embed_params());
@@ -70,6 +71,9 @@ engine::engine(const model::llama_config& cfg, const engine_options& opt) : cfg_
     optim_ = std::make_unique<optimizer_path>(opt_, *dev_, *store_, *grads_, *pool_);
   }
   validator_ = std::make_unique<step_validator>(opt_, store_->num_units());
+  if (grads_ && !grads_->resident())
+    for (int64_t u = 0; u < store_->num_units(); ++u)
+      if (grads_->is_resident(u)) validator_->set_on_device(u);
   if (opt_.comm && opt_.comm->world() > 1) {
     // Every rank judges the step from the same sums, so all take the same decision.
     validator_->all_reduce = [comm = opt_.comm](cpu_optim::grad_stats& s) {
@@ -99,7 +103,7 @@ void engine::params_changed() {
   pool_->unstage_embed();   // rows staged from the old table
   for (int64_t u = 0; u < store_->num_units(); ++u) worker_->submit_update(u, [] {});  // device copies are stale
   worker_->wait_idle();
-  if (opt_.mode == offload_mode::offload_none) {
+  if (opt_.mode == offload_mode::offload_none || opt_.resident_blocks > 0) {
     pool_->refresh();
     if (optim_) optim_->upload();
     dev_->synchronize();
@@ -108,7 +112,7 @@ void engine::params_changed() {
 
 void engine::wait_updates() {
   worker_->wait_idle();
-  if (opt_.mode == offload_mode::offload_none && optim_) {
+  if ((opt_.mode == offload_mode::offload_none || opt_.resident_blocks > 0) && optim_) {
     optim_->download();  // the host tier is the checkpoint source
     dev_->synchronize();
   }
@@ -169,7 +173,8 @@ std::vector<int64_t> engine::schedule(bool backward) const {
 
 // The order the offloaded updates acquire the units' state, which the state tier reads ahead in:
 // speculative updates follow the backward (head, blocks L..1, embedding); otherwise the updates
-// (and a speculative step's fix-ups) run after the backward in forward order.
+// (and a speculative step's fix-ups) run after the backward in forward order. Resident blocks
+// (engine_options::resident_blocks) are stepped on the device and take no part.
 std::vector<int64_t> engine::update_order(bool speculate) const {
   std::vector<int64_t> order;
   if (speculate) {
@@ -179,6 +184,8 @@ std::vector<int64_t> engine::update_order(bool speculate) const {
   } else {
     for (int64_t u = 0; u < store_->num_units(); ++u) order.push_back(u);
   }
+  order.erase(std::remove_if(order.begin(), order.end(), [this](int64_t u) { return grads_->is_resident(u); }),
+              order.end());
   return order;
 }
 
@@ -278,14 +285,14 @@ step_result engine::train_step(const std::vector<micro_batch>& micro_batches, do
     auto task = [&](int64_t u) { return host_task(u, last, speculate, deferred, mult, hp, step); };
     // The test hook's poison, where the statistics are taken at the source: written there.
     auto poison_at_source = [&](int64_t u) {
-      if (last && poison_now(u) && grads_->stats_at_source(u))
+      if (last && poison_now(u) && !grads_->is_resident(u) && grads_->stats_at_source(u))
         grads_->poison_source(u, opt_.debug_poison_index, opt_.debug_poison_value);
     };
     // Sends unit u's gradient; deferred, after the last micro-batch, its update follows.
     auto send = [&](int64_t u) {
       poison_at_source(u);
       grads_->send(u, first, last, task(u), speculate && !deferred);
-      if (deferred && last) queue_deferred(u, mult, hp, step);
+      if (deferred && last && !grads_->is_resident(u)) queue_deferred(u, mult, hp, step);
     };
     std::vector<micro_state> ms(static_cast<size_t>(gn));
     for (int64_t j = 0; j < gn; ++j) {
@@ -327,7 +334,7 @@ step_result engine::train_step(const std::vector<micro_batch>& micro_batches, do
       micro_state& m = ms[size_t(j)];
       model::head_result hr =
           model::head_forward_backward(m.x, hw.norm, hw.lm_head, m.labels, cfg_, opt_.ce_chunk, grad_scale, &m.dx,
-                                       &hg.norm, &hg.lm_head, grads_->accumulate_on_device(first && j == 0));
+                                       &hg.norm, &hg.lm_head, grads_->accumulate_on_device(hu, first && j == 0));
       m.x = at::Tensor();
       loss_sum += hr.loss_sum;
       grads_->fold(head_grad, j, gn);
@@ -348,12 +355,26 @@ step_result engine::train_step(const std::vector<micro_batch>& micro_batches, do
           m.block_in[size_t(i)] = at::Tensor();
         }
         m.dx = model::block_backward(m.dx, w, cfg_, rope_, m.saved[size_t(i)], gv,
-                                     grads_->accumulate_on_device(first && j == 0));
-        grads_->fold(g, j, gn);
+                                     grads_->accumulate_on_device(u, first && j == 0));
+        if (!grads_->is_resident(u)) grads_->fold(g, j, gn);   // resident: the backward added in place
       }
       pool_->release(u);
       mark("gpu_bwd", u);
       send(u);
+    }
+    // Resident blocks of an offloaded run: their statistics into the validator's records before
+    // the embedding's task is queued (the split embedding update judges the step from them all).
+    if (last && opt_.resident_blocks > 0) {
+      for (int64_t u = 0; u < store_->num_units(); ++u)
+        if (grads_->is_resident(u) && poison_now(u)) debug_poison(u);
+      const std::vector<cpu_optim::grad_stats> rs = optim_->resident_unit_stats(mult);
+      for (int64_t u = 0; u < store_->num_units(); ++u)
+        if (grads_->is_resident(u)) {
+          step_validator::unit_record& rec = validator_->unit(u);
+          rec.stats = rs[size_t(u)];
+          rec.applied = false;
+          rec.log.clear();
+        }
     }
     poison_at_source(eu);
     for (int64_t j = 0; j < gn; ++j) {
@@ -411,6 +432,11 @@ step_result engine::train_step(const std::vector<micro_batch>& micro_batches, do
     if (speculate || opt_.mode == offload_mode::offload_blocked) worker_->wait_idle();
     r.tail_ms = ms_since(t_tail);
   }
+  // Resident blocks: the device AdamW with the verdict's multiplier, on the compute queue ahead of
+  // the next forward.
+  if (opt_.resident_blocks > 0 && !v.skipped)
+    for (int64_t u = 0; u < store_->num_units(); ++u)
+      if (grads_->is_resident(u)) optim_->resident_step(u, mult * v.clip_coef, hp, step);
   validator_->conclude(v);
   r.grad_norm = v.grad_norm;
   r.clip_coef = v.clip_coef;

@@ -16,7 +16,7 @@ namespace ferry::engine {
 // host: a speculative update with its undo log, or only its statistics.
 std::function<void()> engine::host_task(int64_t u, bool last, bool speculate, bool deferred, double mult,
                                         const cpu_optim::adamw_hparams& hp, int64_t step) {
-  if (!last || grads_->resident()) return {};
+  if (!last || grads_->is_resident(u)) return {};
   // Statistics taken where the gradient was made (gradient_path::stats_at_source) come with it,
   // poisoned there by the test hook; otherwise they are read from the host copy here.
   const bool at_source = grads_->stats_at_source(u);
@@ -80,7 +80,7 @@ void engine::debug_poison(int64_t u) {
                "debug_poison_index out of range");
   at::Tensor g;
   int64_t index = opt_.debug_poison_index;
-  if (grads_->resident()) {
+  if (grads_->is_resident(u)) {
     g = grads_->resident_grad(u);
   } else {
     const host_grad hg = grads_->host_local(u);

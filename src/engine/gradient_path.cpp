@@ -37,7 +37,13 @@ gradient_path::gradient_path(const model::llama_config& cfg, const engine_option
   src_host_stats_.assign(size_t(store.num_units()), {});
   if (opt.mode == offload_mode::offload_none) {
     for (int64_t u = 0; u < store.num_units(); ++u) resident_.push_back(at::empty({store.unit(u).numel}, dev_opts));
+    all_resident_ = true;
     return;
+  }
+  if (opt.resident_blocks > 0) {
+    resident_.resize(size_t(store.num_units()));
+    for (int64_t i = 0; i < opt.resident_blocks; ++i)
+      resident_[size_t(store.block_unit(i))] = at::empty({store.unit(store.block_unit(i)).numel}, dev_opts);
   }
   const shard_layout& sh = store.shards();
   // The store's shard_grads say which units are reduced where they were made (its host buffers
@@ -102,7 +108,7 @@ void gradient_path::begin_step(int64_t n_micro) {
   if (!accumulating_) return;
   // The embedding's gradient is fp32 on the host already and sums its micro-batches itself.
   for (int64_t u = 1; u < store_.num_units(); ++u)
-    if (!accum_[size_t(u)]) {
+    if (!accum_[size_t(u)] && !is_resident(u)) {
       const int64_t n = std::max<int64_t>(1, host_numel(u));
       accum_[size_t(u)] = detail::alloc_floats(n, "the gradient-accumulation buffers (4 B/param)");
       accum_bytes_ += n * 4;
@@ -170,7 +176,7 @@ void gradient_path::poison_source(int64_t u, int64_t index, double value) {
 }
 
 at::Tensor gradient_path::target(int64_t u) {
-  if (resident()) return resident_[size_t(u)];
+  if (is_resident(u)) return resident_[size_t(u)];
   slot& s = u == store_.head_unit() ? head_slot_ : block_slots_[next_slot_++ % block_slots_.size()];
   if (s.copied) dev_.wait(queue::queue_compute, s.copied);
   slot_of_[size_t(u)] = &s;
@@ -248,7 +254,7 @@ void gradient_path::queue(int64_t u, std::function<void()> fn, bool updates_weig
 }
 
 void gradient_path::send(int64_t u, bool first_micro, bool last_micro, std::function<void()> task, bool updates_weights) {
-  if (resident()) {
+  if (is_resident(u)) {
     FERRY_ASSERT(!task, "resident gradients take no host task");
     return;
   }

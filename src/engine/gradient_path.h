@@ -10,7 +10,10 @@
 //       exactly the slot (one group per step, one rank, not the embedding), the statistics are
 //       taken from the slot before its copy (set_source_stats) and the host task only reads them.
 //   resident (none)  every unit has its gradient buffer on the device; micro-batches accumulate
-//       in place (the backward's accumulate flag) and nothing moves.
+//       in place (the backward's accumulate flag) and nothing moves. Offloaded with
+//       engine_options::resident_blocks, those blocks do the same (target() is their buffer, a
+//       group's micro-batches add into it instead of fold(), send() moves nothing); the other
+//       units take the offloaded path.
 // Tied embeddings: the tied matrix has one gradient, the embedding's, summed from both uses. The
 // head's backward writes its lm_head gradient (V, h) after the norm's in the head slot; on the host
 // the head's task adds it into the embedding's fp32 gradient (it is the first to write that
@@ -70,7 +73,10 @@ class gradient_path {
   gradient_path(const gradient_path&) = delete;
   gradient_path& operator=(const gradient_path&) = delete;
 
-  bool resident() const { return !resident_.empty(); }
+  // Every unit resident (none).
+  bool resident() const { return all_resident_; }
+  // Unit u's gradient stays on the device (none: every unit; offloaded: the resident blocks).
+  bool is_resident(int64_t u) const { return size_t(u) < resident_.size() && resident_[size_t(u)].defined(); }
   // Before a step of n_micro micro-batches (groups of micro-batches: the groups), each unit's
   // gradient sent once per micro-batch: fp32 accumulators for the offloaded units when n_micro > 1
   // (allocated once, kept for later steps).
@@ -99,9 +105,9 @@ class gradient_path {
   void poison_source(int64_t u, int64_t index, double value);
   // Bytes of the fp32 accumulators begin_step has allocated (none while every step is one group).
   int64_t accumulation_bytes() const { return accum_bytes_; }
-  // Whether the backward adds into target() instead of overwriting it (resident, after the first
-  // micro-batch).
-  bool accumulate_on_device(bool first_micro) const { return resident() && !first_micro; }
+  // Whether the backward of unit u adds into target(u) instead of overwriting it (resident, after
+  // the step's first micro-batch).
+  bool accumulate_on_device(int64_t u, bool first_micro) const { return is_resident(u) && !first_micro; }
 
   // Where the backward writes unit u's gradient (flat, param_store::grad_numel elements); the
   // compute queue waits until the slot's previous copy to the host is done.
@@ -116,8 +122,9 @@ class gradient_path {
   model::head_weights head_views(const at::Tensor& head_target);
   // Unit u's gradient of this micro-batch is complete in target(u): moves it to the host and
   // queues its accumulation; on the last micro-batch, `task` runs on the update thread after it
-  // (as an update of unit u's weights when `updates_weights`). Resident: nothing to move, and
-  // `task` must be empty (the resident schedule validates on the device).
+  // (as an update of unit u's weights when `updates_weights`). Resident (is_resident(u)):
+  // nothing to move, and `task` must be empty (resident units are validated and stepped on the
+  // device).
   void send(int64_t u, bool first_micro, bool last_micro, std::function<void()> task, bool updates_weights);
   // The embedding's input gradient dx (B,T,h) for tokens (B,T) on the CPU: scattered into the
   // embedding's gradient (on the host, or on the device when resident), then `task` as in send.
@@ -140,7 +147,7 @@ class gradient_path {
   bool reduced_on_device(int64_t u) const { return store_.grad_sharded(u); }
   // Elements of unit u's host gradient: its shard when reduced_on_device(u), else the whole unit.
   int64_t host_numel(int64_t u) const;
-  // The resident gradient buffers (none).
+  // The resident gradient buffers (is_resident).
   at::Tensor& resident_grad(int64_t u) { return resident_[size_t(u)]; }
 
  private:
@@ -168,7 +175,8 @@ class gradient_path {
   param_store& store_;
   update_worker& worker_;
   step_meter& meter_;
-  std::vector<at::Tensor> resident_;
+  std::vector<at::Tensor> resident_;      // per unit, the resident ones' gradients (else undefined)
+  bool all_resident_ = false;             // none
   at::Tensor group_sum_;                  // fp32, the widest unit: fold()'s sum of a group's micro-batches
   std::vector<slot> block_slots_;
   slot head_slot_;

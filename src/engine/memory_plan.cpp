@@ -189,6 +189,11 @@ memory_plan plan_memory(const model::llama_config& cfg, const engine_options& op
       p.grad_slots += (sh.sharded() ? sh.padded(embed) + sh.per(embed) : embed) * 4;
     // A group's fp32 gradient sum of the unit whose backward runs (gradient_path::fold).
     if (p.micro_group > 1) p.grad_slots += std::max(block, head) * 4;
+    // Resident blocks (engine_options::resident_blocks): their weights, gradients and fp32 state.
+    const int64_t resident = std::min(opt.resident_blocks, L) * block;
+    p.weight_slots += resident * e;
+    p.grad_slots += resident * e;
+    p.optimizer = resident * 12;
   }
   p.recompute_blocks = what_if.recompute_blocks >= 0 ? std::min(what_if.recompute_blocks, L)
                        : opt.recompute == recompute_mode::recompute_blocks ? L
@@ -229,7 +234,7 @@ memory_plan plan_memory(const model::llama_config& cfg, const engine_options& op
   // buffers when a step has more than one group (gradient_path::begin_step).
   // Summed on the device, the embedding's input gradient is not staged.
   p.host_other = embed * 4 + (1 + (embed_dev ? 0 : p.micro_group)) * n * h * e +
-                 (grad_accum > p.micro_group ? (params - embed) * 4 : 0);
+                 (grad_accum > p.micro_group ? (params - embed - std::min(opt.resident_blocks, L) * block) * 4 : 0);
   if (embed_dev && !shards.sharded()) {   // one rank: the fp32 gradient is page-locked, a copy's target
     p.host_pinned += embed * 4;
     p.host_other -= embed * 4;

@@ -14,9 +14,11 @@ namespace ferry::engine {
 
 struct memory_plan {
   // device bytes
-  int64_t weight_slots = 0;   // block slots + head slot (none: every unit, resident)
-  int64_t grad_slots = 0;     // two block gradient slots + the head's (none: every unit; forward_only: 0)
-  int64_t optimizer = 0;      // none mode only: fp32 master, m, v on the device (forward_only: 0)
+  int64_t weight_slots = 0;   // block slots + head slot (none: every unit, resident), + resident blocks
+  int64_t grad_slots = 0;     // two block gradient slots + the head's (none: every unit; forward_only: 0),
+                              // + resident blocks
+  int64_t optimizer = 0;      // fp32 master, m, v on the device: none mode's, or the resident blocks'
+                              // (engine_options::resident_blocks; forward_only: 0)
   int64_t activations = 0;    // saved for backward by every block, plus the layer inputs
                               // (forward_only: one layer's input and output)
   int64_t recompute_blocks = 0;  // blocks that keep only their input (activation checkpointing)

@@ -15,16 +15,23 @@ optimizer_path::optimizer_path(const engine_options& opt, backend& dev, param_st
                                weight_pool& pool)
     : opt_(opt), dev_(dev), store_(store), grads_(grads), pool_(pool) {
   adam_ = std::make_unique<cpu_optim::adamw>(opt.cpu_threads);
-  if (opt.mode != offload_mode::offload_none) return;
-  // The device AdamW keeps fp32 moments (check_options refuses another kind with offload none).
-  FERRY_ASSERT(store.state().kind() == state_kind::state_fp32, "offload none over a ",
+  const bool none = opt.mode == offload_mode::offload_none;
+  if (!none && opt.resident_blocks == 0) return;
+  // The device AdamW keeps fp32 moments (check_options refuses another kind with offload none or
+  // resident blocks).
+  FERRY_ASSERT(store.state().kind() == state_kind::state_fp32, "resident optimizer state over a ",
                state_kind_name(store.state().kind()), " state tier");
+  if (!none && !dev.is_cuda()) resident_adam_ = std::make_unique<cpu_optim::adamw>(1);
   auto f32 = at::TensorOptions().dtype(at::kFloat).device(dev.device());
+  master_.resize(size_t(store.num_units()));
+  m_.resize(size_t(store.num_units()));
+  v_.resize(size_t(store.num_units()));
   for (int64_t u = 0; u < store.num_units(); ++u) {
+    if (!pool.is_resident(u)) continue;
     const int64_t n = store.unit(u).numel;
-    master_.push_back(at::empty({n}, f32));
-    m_.push_back(at::zeros({n}, f32));
-    v_.push_back(at::zeros({n}, f32));
+    master_[size_t(u)] = at::empty({n}, f32);
+    m_[size_t(u)] = at::zeros({n}, f32);
+    v_[size_t(u)] = at::zeros({n}, f32);
   }
 }
 
@@ -140,6 +147,37 @@ cpu_optim::grad_stats optimizer_path::resident_stats(double mult) {
   return total;
 }
 
+std::vector<cpu_optim::grad_stats> optimizer_path::resident_unit_stats(double mult) {
+  std::vector<cpu_optim::grad_stats> out(size_t(store_.num_units()));
+#if FERRY_WITH_CUDA
+  if (dev_.is_cuda()) {
+    // Two floats per unit (gpu::grad_stats_accumulate: fp32 squares summed in a fixed order), one
+    // copy to the host for all of them.
+    at::Tensor acc = at::zeros({2 * store_.num_units()}, at::TensorOptions().dtype(at::kFloat).device(dev_.device()));
+    for (int64_t u = 0; u < store_.num_units(); ++u)
+      if (grads_.is_resident(u)) {
+        at::Tensor pair = acc.narrow(0, 2 * u, 2);
+        gpu::grad_stats_accumulate(grads_.resident_grad(u), pair);
+      }
+    const at::Tensor host = acc.to(at::kCPU);
+    const float* f = host.data_ptr<float>();
+    for (int64_t u = 0; u < store_.num_units(); ++u) {
+      out[size_t(u)].sum_sq = double(f[2 * u]) * mult * mult;
+      out[size_t(u)].nonfinite = int64_t(f[2 * u + 1]);
+    }
+    return out;
+  }
+#endif
+  // The host backend: the function the offloaded units' statistics use (stats_of), so a resident
+  // unit's are the bits it would have had offloaded.
+  for (int64_t u = 0; u < store_.num_units(); ++u) {
+    if (!grads_.is_resident(u)) continue;
+    const at::Tensor& g = grads_.resident_grad(u);
+    out[size_t(u)] = resident_adam().stats(g.data_ptr(), to_optim_dtype(opt_.dtype), size_t(g.numel()), float(mult));
+  }
+  return out;
+}
+
 void optimizer_path::resident_step(int64_t u, double mult, const cpu_optim::adamw_hparams& hp, int64_t step) {
   at::Tensor& half = pool_.resident(u);
   at::Tensor& grad = grads_.resident_grad(u);
@@ -156,12 +194,13 @@ void optimizer_path::resident_step(int64_t u, double mult, const cpu_optim::adam
   cpu_optim::chunk_ref c{master_[size_t(u)].data_ptr<float>(), m_[size_t(u)].data_ptr<float>(), v_[size_t(u)].data_ptr<float>(),
                          grad.data_ptr(), to_optim_dtype(opt_.dtype), opt_.dtype == at::kFloat ? nullptr : half.data_ptr(),
                          to_optim_dtype(opt_.dtype), size_t(master_[size_t(u)].numel())};
-  adam_->step(c, hp, step, float(mult));
+  resident_adam().step(c, hp, step, float(mult));
   if (opt_.dtype == at::kFloat) half.copy_(master_[size_t(u)]);
 }
 
 void optimizer_path::upload() {
   for (int64_t u = 0; u < int64_t(master_.size()); ++u) {
+    if (!master_[size_t(u)].defined()) continue;
     state_lease s(store_.state(), u, false);
     auto cpu = [&](float* p) { return at::from_blob(p, {s->n}, at::TensorOptions().dtype(at::kFloat)); };
     master_[size_t(u)].copy_(cpu(s->master));
@@ -172,6 +211,7 @@ void optimizer_path::upload() {
 
 void optimizer_path::download() {
   for (int64_t u = 0; u < int64_t(master_.size()); ++u) {
+    if (!master_[size_t(u)].defined()) continue;
     state_lease s(store_.state(), u, true);
     auto cpu = [&](float* p) { return at::from_blob(p, {s->n}, at::TensorOptions().dtype(at::kFloat)); };
     cpu(s->master).copy_(master_[size_t(u)]);

@@ -6,9 +6,10 @@
 //              With ranks each of these runs on this rank's shard of the unit (its master,
 //              moments and reduced gradient) and ends by gathering the other ranks' shards of
 //              the compute-dtype copy (param_store::publish_shadow)
-//   resident   (none) fp32 master and moments on the device, the fused device AdamW
-//              (gpu::adamw_step; the CPU kernel on the host backend), statistics of every unit's
-//              gradient accumulated on the device with one host sync per step
+//   resident   (none, and the resident blocks of an offloaded run: engine_options::resident_blocks)
+//              fp32 master and moments on the device, the fused device AdamW (gpu::adamw_step; the
+//              CPU kernel on the host backend), statistics of the resident gradients accumulated on
+//              the device with one host sync per step
 #include <ATen/core/Tensor.h>
 
 #include <memory>
@@ -55,8 +56,10 @@ class optimizer_path {
   // takes part in the all-gather the other ranks' fix-ups end with. One rank: nothing.
   void republish(int64_t u);
 
-  // Resident units (the engine's thread, compute queue).
+  // Resident units (the engine's thread, compute queue). resident_stats: summed over every unit
+  // (none); resident_unit_stats: per unit, zero for the units not resident (resident_blocks).
   cpu_optim::grad_stats resident_stats(double mult);
+  std::vector<cpu_optim::grad_stats> resident_unit_stats(double mult);
   void resident_step(int64_t u, double mult, const cpu_optim::adamw_hparams& hp, int64_t step);
   // Resident state <-> the host tier: upload after the host weights changed, download before a
   // checkpoint reads the tier.
@@ -75,7 +78,11 @@ class optimizer_path {
   gradient_path& grads_;
   weight_pool& pool_;
   std::unique_ptr<cpu_optim::adamw> adam_;
-  std::vector<at::Tensor> master_, m_, v_;   // resident
+  // The host backend's resident steps beside the update thread's (resident_blocks): their own
+  // kernel object, so the engine's thread never shares adam_ with the update thread.
+  std::unique_ptr<cpu_optim::adamw> resident_adam_;
+  cpu_optim::adamw& resident_adam() { return resident_adam_ ? *resident_adam_ : *adam_; }
+  std::vector<at::Tensor> master_, m_, v_;   // per unit, defined for the resident ones
 };
 
 }  // namespace ferry::engine

@@ -1,6 +1,7 @@
 #include "src/engine/options.h"
 
 #include <algorithm>
+#include <string>
 
 #include "src/common/error.h"
 
@@ -75,11 +76,29 @@ void check_options(const engine_options& o) {
                      "micro_batch_group=", o.micro_group, " exceeds grad_accum=", o.grad_accum,
                      ": a group holds at most one step's micro-batches; use at most ", o.grad_accum,
                      " or 0 (auto)");
+  if (o.resident_blocks != 0) {
+    const std::string k = "resident_blocks=" + std::to_string(o.resident_blocks);
+    FERRY_CONFIG_CHECK(o.resident_blocks > 0, k, ": expected a count of blocks kept on the GPU, 0 for none");
+    FERRY_CONFIG_CHECK(!o.forward_only, k, " applies to training (an inference engine keeps no optimizer state)");
+    FERRY_CONFIG_CHECK(o.mode != offload_mode::offload_none, k,
+                       " needs offload blocked or overlapped (offload none keeps every block on the GPU)");
+    FERRY_CONFIG_CHECK(!o.comm || o.comm->world() == 1, k, " with ", o.comm ? o.comm->world() : 1,
+                       " ranks: each rank updates only its shard of a unit on the host; use resident_blocks=0");
+    FERRY_CONFIG_CHECK(o.state == state_kind::state_fp32 && o.state_on == state_place::place_host, k,
+                       " needs optimizer_state=fp32 and optimizer_state_on=host (the device AdamW keeps fp32 moments, "
+                       "downloaded to host memory for checkpoints); got optimizer_state=",
+                       state_kind_name(o.state), (o.state_on == state_place::place_nvme ? ", optimizer_state_on=nvme" : ""));
+  }
   if (o.forward_only || o.state_on != state_place::place_nvme) return;
   FERRY_CONFIG_CHECK(o.mode != offload_mode::offload_none,
                      "optimizer_state_on=nvme needs offload blocked or overlapped (offload none keeps the optimizer "
                      "state on the GPU)");
   FERRY_CONFIG_CHECK(!o.nvme.path.empty(), "optimizer_state_on=nvme needs nvme_path, a directory on a local disk");
+}
+
+void check_resident_blocks(const engine_options& o, int64_t layers, const std::string& model) {
+  FERRY_CONFIG_CHECK(o.resident_blocks <= layers, "resident_blocks=", o.resident_blocks, " exceeds the ", layers,
+                     " blocks of model ", model, "; use 0 to ", layers);
 }
 
 engine_options resolve_embed_grad(engine_options o, bool tied, int64_t embed_params) {

@@ -115,6 +115,15 @@ struct engine_options {
   // largest group of up to grad_accum micro-batches whose plan fits the device (memory_plan.h).
   // Offload none keeps everything resident and runs micro-batches one by one.
   int64_t micro_group = 0;
+  // Offloaded training on one rank: the first resident_blocks blocks stay on the device with
+  // their compute-dtype weights, gradients (micro-batches added in place, as offload none does),
+  // fp32 master weights and AdamW moments, and the device AdamW updates them after the step's
+  // verdict; the host updates the other units. Each such block takes 16 B/param of GPU memory
+  // (2 weights + 2 gradient + 12 state) and its whole update off the host's AdamW, whose memory
+  // traffic bounds an offloaded step once the GPU's work per step is larger than the update
+  // (grad_accum > 1). The host's state tier keeps their copy for checkpoints (wait_updates
+  // downloads it). Needs optimizer_state=fp32 in host memory. 0: every block streamed.
+  int64_t resident_blocks = 0;
   // Rows of the rotary table: the most positions one sequence reaches (evaluation length, or prompt
   // plus new tokens). 0: max(max_seq, the model's max_position_embeddings).
   int64_t max_positions = 0;
@@ -188,9 +197,14 @@ inline std::vector<bool> units_reduced_on_device(const engine_options& opt, bool
 // Combinations the engine does not run, as config_errors naming the keys (the engine's constructor
 // and the CLI's wiring call it): a compact optimizer_state, or optimizer_state_on=nvme, with offload
 // none, whose device AdamW keeps fp32 moments on the GPU; nvme without nvme_path; a
-// micro_batch_group above 1 with offload none, or above grad_accum. An inference
-// (forward_only) engine keeps no moments and passes (its master weights stay in host memory).
+// micro_batch_group above 1 with offload none, or above grad_accum; resident_blocks with offload
+// none, an inference engine, ranks, a compact optimizer_state or the state on disk (more blocks
+// than the model has: the engine's constructor). An inference (forward_only) engine keeps no
+// moments and passes (its master weights stay in host memory).
 void check_options(const engine_options& o);
+// resident_blocks beyond the `layers` blocks of the model named `model`: a config_error (the
+// engine's constructor and the CLI's wiring).
+void check_resident_blocks(const engine_options& o, int64_t layers, const std::string& model);
 // o with embed_grad resolved for the model, before memory is considered (auto: device on CUDA,
 // one rank, offloaded training, untied, an fp32 table of at most 1 GiB; else host; plan_memory
 // then keeps device only where it fits). embed_grad=device where the embedding's gradient cannot

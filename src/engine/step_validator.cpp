@@ -6,7 +6,7 @@
 
 namespace ferry::engine {
 
-step_validator::step_validator(const engine_options& opt, int64_t num_units) : opt_(opt), units_(size_t(num_units)) {
+step_validator::step_validator(const engine_options& opt, int64_t num_units) : opt_(opt), units_(size_t(num_units)), on_device_(size_t(num_units), 0) {
   state_.scaler.scale = opt.dtype == at::kHalf ? opt.loss_scale : 1.0;
 }
 
@@ -55,6 +55,7 @@ int64_t step_validator::queue_updates(const step_verdict& v, bool speculate, dou
   const double final_mult = spec_mult * v.clip_coef;
   int64_t rollbacks = 0;
   for (int64_t u = 0; u < int64_t(units_.size()); ++u) {
+    if (on_device_[size_t(u)]) continue;
     unit_record& rec = units_[size_t(u)];
     if (speculate) {
       if (!v.fix) {

@@ -62,6 +62,9 @@ class step_validator {
     cpu_optim::undo_log log;  // what undoing it needs beyond the new moments
   };
   unit_record& unit(int64_t u) { return units_[size_t(u)]; }
+  // Units stepped on the device (engine_options::resident_blocks): the engine writes their
+  // statistics into their records before the verdict and steps them itself; queue_updates skips them.
+  void set_on_device(int64_t u) { on_device_[size_t(u)] = 1; }
   int64_t undo_log_bytes() const;
 
   // Ranks: sums the step's statistics over every rank in place (unset: one rank).
@@ -71,7 +74,7 @@ class step_validator {
   // one (the resident schedule).
   step_verdict judge(const cpu_optim::grad_stats* total = nullptr);
 
-  // Offloaded: queues, per unit in forward order, the fix-up of its speculative update or (not
+  // Offloaded: queues, per unit in forward order (not those on the device), the fix-up of its speculative update or (not
   // speculating) the update itself. Returns the units rolled back.
   int64_t queue_updates(const step_verdict& v, bool speculate, double spec_mult, const cpu_optim::adamw_hparams& hp,
                         int64_t step, update_worker& worker, optimizer_path& optim, backend& dev);
@@ -82,6 +85,7 @@ class step_validator {
  private:
   const engine_options& opt_;
   std::vector<unit_record> units_;
+  std::vector<char> on_device_;
   engine_state state_;
 };
 

@@ -18,7 +18,13 @@ weight_pool::weight_pool(const model::llama_config& cfg, const engine_options& o
   auto dev_opts = at::TensorOptions().dtype(opt.dtype).device(dev.device());
   if (opt.mode == offload_mode::offload_none) {
     for (int64_t u = 0; u < store.num_units(); ++u) resident_.push_back(at::empty({store.unit(u).numel}, dev_opts));
+    all_resident_ = true;
     return;
+  }
+  if (opt.resident_blocks > 0) {
+    resident_.resize(size_t(store.num_units()));
+    for (int64_t i = 0; i < opt.resident_blocks; ++i)
+      resident_[size_t(store.block_unit(i))] = at::empty({store.unit(store.block_unit(i)).numel}, dev_opts);
   }
   const int64_t nslots = opt.mode == offload_mode::offload_blocked ? 1 : opt.prefetch + 1;
   for (int64_t i = 0; i < nslots; ++i) {
@@ -34,7 +40,8 @@ weight_pool::~weight_pool() {
 }
 
 void weight_pool::refresh() {
-  for (int64_t u = 0; u < int64_t(resident_.size()); ++u) resident_[size_t(u)].copy_(store_.shadow_tensor(u));
+  for (int64_t u = 0; u < int64_t(resident_.size()); ++u)
+    if (is_resident(u)) resident_[size_t(u)].copy_(store_.shadow_tensor(u));
 }
 
 bool weight_pool::current(const slot& s) const {
@@ -99,23 +106,27 @@ void weight_pool::load(int64_t u, const std::vector<int64_t>& uses, size_t at) {
 }
 
 model::head_weights weight_pool::head_views(const at::Tensor& acquired) {
-  if (resident_.empty() || !cfg_.tie_word_embeddings) return model::head_slot_views(acquired, cfg_);
+  if (!all_resident_ || !cfg_.tie_word_embeddings) return model::head_slot_views(acquired, cfg_);
   return {acquired, resident_[size_t(store_.embed_unit())].view({cfg_.vocab_size, cfg_.hidden_size})};
 }
 
 const at::Tensor& weight_pool::acquire(int64_t u, const std::vector<int64_t>& uses, size_t at) {
-  if (!resident_.empty()) return resident_[size_t(u)];
+  if (is_resident(u)) return resident_[size_t(u)];
   if (!find(u)) load(u, uses, at);
   if (opt_.mode == offload_mode::offload_overlapped) {
-    // Only units whose updates have run: waiting here for a later unit's update would hold back
-    // the compute of this one (a deferred step's updates run on behind the next forward).
-    const size_t end = std::min(uses.size(), at + 1 + size_t(opt_.prefetch));
+    // The next `prefetch` uses of streamed units. Only units whose updates have run: waiting here
+    // for a later unit's update would hold back the compute of this one (a deferred step's updates
+    // run on behind the next forward).
     auto updated = [&](int64_t v) {
       return worker_.updated(v) && (v != store_.head_unit() || !cfg_.tie_word_embeddings ||
                                     worker_.updated(store_.embed_unit()));
     };
-    for (size_t j = at + 1; j < end; ++j)
+    int64_t ahead = 0;
+    for (size_t j = at + 1; j < uses.size() && ahead < opt_.prefetch; ++j) {
+      if (is_resident(uses[j])) continue;
+      ++ahead;
       if (!find(uses[j]) && updated(uses[j])) load(uses[j], uses, at);
+    }
   }
   slot* s = find(u);
   dev_.wait(queue::queue_compute, s->ready);
@@ -124,7 +135,7 @@ const at::Tensor& weight_pool::acquire(int64_t u, const std::vector<int64_t>& us
 }
 
 void weight_pool::release(int64_t u) {
-  if (!resident_.empty()) return;
+  if (is_resident(u)) return;
   slot* s = find(u);
   FERRY_ASSERT(s, "release of unit ", u, ", which is not resident");
   s->released = dev_.record(queue::queue_compute);
@@ -139,7 +150,7 @@ void weight_pool::gather(const at::Tensor& ids) {
 }
 
 void weight_pool::stage_embed(const at::Tensor& ids) {
-  FERRY_ASSERT(resident_.empty() && ids.dim() == 1 && ids.scalar_type() == at::kLong && ids.is_contiguous() &&
+  FERRY_ASSERT(!all_resident_ && ids.dim() == 1 && ids.scalar_type() == at::kLong && ids.is_contiguous() &&
                    ids.numel() <= opt_.max_batch * opt_.max_seq,
                "weight_pool::stage_embed: ", ids.numel(), " ids for a staging of ", opt_.max_batch * opt_.max_seq);
   // The staging's last copy to the device is done before it is rewritten.
@@ -150,7 +161,7 @@ void weight_pool::stage_embed(const at::Tensor& ids) {
 
 at::Tensor weight_pool::embed(const at::Tensor& tokens) {
   const int64_t eu = store_.embed_unit(), h = cfg_.hidden_size;
-  if (!resident_.empty()) return model::embed_forward(tokens.to(dev_.device()), resident_[size_t(eu)].view({cfg_.vocab_size, h}));
+  if (all_resident_) return model::embed_forward(tokens.to(dev_.device()), resident_[size_t(eu)].view({cfg_.vocab_size, h}));
   at::Tensor tok = tokens.to(at::kLong).contiguous();
   FERRY_CHECK(tok.numel() <= opt_.max_batch * opt_.max_seq, "batch of ", tok.numel(), " tokens exceeds the planned ",
               opt_.max_batch, " x ", opt_.max_seq);

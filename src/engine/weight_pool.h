@@ -6,6 +6,8 @@
 //                 of the one computing where their updates have run (the others when acquired),
 //                 and the slot to reuse is the one needed furthest ahead (the schedule is known,
 //                 so this is Belady's choice)
+// Offloaded with engine_options::resident_blocks: those blocks keep a device copy of their own,
+// as in none (the device AdamW writes it), and never take a slot or a copy.
 // A unit's device copy is current while its slot holds the version the update thread has queued
 // for it (update_worker::queued_version); a load first waits for that update to have run on the
 // host. The embedding never moves as a whole: its rows are gathered on the host from the shadow
@@ -66,7 +68,9 @@ class weight_pool {
   // Forgets staged rows (the table changed elsewhere: engine::params_changed).
   void unstage_embed() { staged_ids_ = at::Tensor(); }
 
-  // Resident mode: the device's compute-dtype copy of every unit (the device AdamW writes it).
+  // Whether unit u has its own device copy (every unit in none mode; the resident blocks otherwise).
+  bool is_resident(int64_t u) const { return size_t(u) < resident_.size() && resident_[size_t(u)].defined(); }
+  // The device's compute-dtype copy of a resident unit (the device AdamW writes it).
   at::Tensor& resident(int64_t u) { return resident_[size_t(u)]; }
   // After the host weights changed (init, load, resume): resident copies are uploaded from the
   // shadows; slots are stale through the versions the caller bumped.
@@ -90,7 +94,8 @@ class weight_pool {
   param_store& store_;
   update_worker& worker_;
   step_meter& meter_;
-  std::vector<at::Tensor> resident_;   // none: every unit
+  std::vector<at::Tensor> resident_;   // none: every unit; offloaded: the resident blocks (else undefined)
+  bool all_resident_ = false;          // none
   std::vector<slot> blocks_;           // blocked / overlapped
   slot head_;
   void gather(const at::Tensor& ids);   // the rows of ids into embed_in_

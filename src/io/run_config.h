@@ -34,6 +34,7 @@ struct run_config {
   double eps = 1e-8;
   int64_t grad_accum = 1;
   int64_t micro_batch_group = 0;   // engine_options::micro_group (0 = auto)
+  int64_t resident_blocks = 0;     // engine_options::resident_blocks
   std::string embed_grad = "auto";   // engine_options::embed_grad (auto | host | device)
   std::string lr_schedule = "constant";  // constant | cosine | linear
   int64_t warmup_steps = 0;

@@ -1666,6 +1666,215 @@ TEST(engine_state_tier, host_fp32_tier) {
 }
 
 
+// ---- 11. resident blocks (engine_options::resident_blocks) ----
+
+// With one micro-batch a resident block's gradient, statistics and AdamW are what the streamed
+// block's would be: the same gradient in the compute dtype, the same statistics function and, on
+// the host backend, the same CPU kernel. So the run is bit-identical to the streamed one, except
+// where a clipped speculative step redid the streamed units (the resident ones step once, with the
+// final multiplier): then within the trajectory tolerance, as on CUDA (the device AdamW). The
+// resident blocks never cross: fewer bytes reach the device every step.
+TEST(engine_resident_blocks, one_micro_batch_trains_like_streaming) {
+  FERRY_REQUIRE_DEVICE();
+  auto data = make_data(k_steps);
+  const int64_t L = tiny_config().num_hidden_layers;
+  for (auto dt : {at::kFloat, at::kBFloat16}) {
+    for (double clip : {0.0, 0.05}) {
+      for (auto mode : {k_overlapped, k_blocked}) {
+        for (auto spec : {speculate_mode::speculate_on, speculate_mode::speculate_off}) {
+          if (mode == k_blocked && spec == speculate_mode::speculate_on) continue;
+          engine_options o = with(base_options(mode, dt), spec);
+          o.clip_grad = clip;
+          const run_result streamed = run_engine(o, data);
+          for (int64_t k : {int64_t(1), L}) {
+            engine_options r = o;
+            r.resident_blocks = k;
+            const std::string what = mode_label(r) + " clip " + std::to_string(clip) + ", " + std::to_string(k) +
+                                     " resident blocks vs streamed";
+            const run_result got = run_engine(r, data);
+            const bool redone = clip > 0 && spec == speculate_mode::speculate_on;
+            if (!k_cuda_suite && !redone) expect_bit_identical(got, streamed, what);
+            else expect_runs_close(got, streamed, tolerance_for(dt), what);
+            for (size_t s = 0; s < got.steps.size(); ++s) {
+              EXPECT_LT(got.steps[s].h2d_bytes, streamed.steps[s].h2d_bytes) << what << " step " << s;
+              EXPECT_NEAR(got.steps[s].grad_norm, streamed.steps[s].grad_norm,
+                          tolerance_for(dt).norm_rel * streamed.steps[s].grad_norm)
+                  << what << " step " << s;
+              EXPECT_EQ(got.steps[s].clip_coef < 1, streamed.steps[s].clip_coef < 1) << what << " step " << s;
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+// Several micro-batches: a resident block adds each one's gradient into its device buffer (in the
+// compute dtype, as offload none does), across the groups of a step too. The run matches the
+// double-precision reference of the rows as one batch, and the streamed run (fp32 sums on the
+// host), unclipped and clipped (speculation on: the streamed units are redone).
+TEST(engine_resident_blocks, accumulation_matches_one_batch) {
+  FERRY_REQUIRE_DEVICE();
+  const int64_t rows = 7, T = k_seq;
+  const auto big = make_data(3, rows, T, 11);
+  struct grouping { int64_t micro, group; };
+  for (double clip : {0.0, 0.05}) {
+    const engine_options o = rows_options(k_overlapped, clip, rows, T);
+    const ref_run want = run_reference(o, big);
+    for (grouping gr : {grouping{3, 3}, grouping{7, 3}, grouping{2, 1}}) {
+      engine_options og = o;
+      og.grad_accum = gr.micro;
+      og.micro_group = gr.group;
+      const run_result streamed = run_engine(og, split_rows(big, gr.micro));
+      og.resident_blocks = 2;
+      const run_result got = run_engine(og, split_rows(big, gr.micro));
+      const std::string what = mode_label(og) + " clip " + std::to_string(clip) + ", " + std::to_string(gr.micro) +
+                               " micro-batches in groups of " + std::to_string(gr.group) + ", 2 resident blocks";
+      for (size_t k = 0; k < got.steps.size(); ++k) {
+        EXPECT_NEAR(got.steps[k].grad_norm, streamed.steps[k].grad_norm, 1e-5 * streamed.steps[k].grad_norm) << what;
+        EXPECT_EQ(got.steps[k].clip_coef < 1, streamed.steps[k].clip_coef < 1) << what;
+      }
+      expect_runs_close(got, streamed, tolerance_for(at::kFloat), what + " vs streamed");
+      expect_matches_reference(got, want, o, what + " vs reference");
+    }
+  }
+}
+
+// An overflow in a resident block's gradient, or in a streamed unit's beside resident blocks,
+// skips the step on every unit: the resident blocks are not stepped, the streamed units'
+// speculative updates are undone, and the run matches the reference (GradScaler semantics), with
+// speculation on and off.
+TEST(engine_resident_blocks, an_overflow_skips_the_step) {
+  FERRY_REQUIRE_DEVICE();
+  auto data = make_data(k_steps);
+  for (const auto& c : {inject_case{"inf_resident_block", -2, k_inf, 1}, inject_case{"nan_streamed_head", -1, std::nan(""), 2}}) {
+    engine_options o = base_options(k_overlapped, at::kFloat);
+    o.clip_grad = 0.05;
+    o.resident_blocks = 2;   // blocks 0 and 1: the middle block (-2) is resident
+    poison p;
+    o = poisoned(o, c, p);
+    const ref_run want = run_reference(o, data, p);
+    ASSERT_TRUE(want.steps[size_t(c.step)].skipped);
+    for (auto spec : {speculate_mode::speculate_on, speculate_mode::speculate_off}) {
+      const std::string what = std::string(c.name) + " " + mode_label(with(o, spec)) + ", 2 resident blocks";
+      const run_result got = run_engine(with(o, spec), data);
+      for (size_t k = 0; k < got.steps.size(); ++k)
+        EXPECT_EQ(got.steps[k].skipped, int64_t(k) == c.step) << what << " step " << k;
+      expect_matches_reference(got, want, o, what);
+    }
+  }
+}
+
+// wait_updates brings the resident blocks' master weights and moments to the host tier (what a
+// checkpoint saves) and params_changed takes them back to the device: an engine started from a
+// copy of the tier after two steps goes on bit for bit as the first one does.
+TEST(engine_resident_blocks, state_crosses_to_the_host_tier_and_back) {
+  FERRY_REQUIRE_DEVICE();
+  const auto data = make_data(4);
+  engine_options o = with(base_options(k_overlapped, at::kFloat), speculate_mode::speculate_off);
+  o.clip_grad = 0.05;
+  o.resident_blocks = 2;
+  auto a = make_engine(o);
+  for (int64_t k = 0; k < 2; ++k) a->train_step(data[size_t(k)], lr_at(k));
+  a->wait_updates();
+  auto b = make_engine(o);
+  for (int64_t u = 0; u < a->params().num_units(); ++u) {
+    state_lease from(a->params().state(), u, false), to(b->params().state(), u, true);
+    const size_t bytes = size_t(from->n) * sizeof(float);
+    std::memcpy(to->master, from->master, bytes);
+    std::memcpy(exp_avg_f32(*to), exp_avg_f32(*from), bytes);
+    std::memcpy(exp_avg_sq_f32(*to), exp_avg_sq_f32(*from), bytes);
+  }
+  b->state() = a->state();
+  b->params_changed();
+  run_result ra, rb;
+  for (int64_t k = 2; k < 4; ++k) {
+    ra.steps.push_back(a->train_step(data[size_t(k)], lr_at(k)));
+    rb.steps.push_back(b->train_step(data[size_t(k)], lr_at(k)));
+  }
+  snapshot(*a, ra);
+  snapshot(*b, rb);
+  expect_bit_identical(rb, ra, "restarted from the host tier vs running on");
+}
+
+// The plan counts what resident blocks hold on the device: an engine allocates beyond the
+// streamed engine's exactly the plan's difference (on the host backend its "device" tensors are
+// this thread's CPU allocations; on CUDA within the allocator's 512-byte rounding of each of the
+// five buffers per block), and the host's fp32 accumulation buffers, planned and allocated, leave
+// the resident blocks out.
+TEST(engine_resident_blocks, plan_counts_what_the_engine_allocates) {
+  FERRY_REQUIRE_DEVICE();
+  const model::llama_config cfg = tiny_config();
+  const int64_t rows = 7, T = k_seq, K = 2;
+  const auto data = split_rows(make_data(1, rows, T, 11), rows);
+  for (auto dt : {at::kFloat, at::kBFloat16}) {
+    auto built = [&](int64_t k) {
+      engine_options o = rows_options(k_overlapped, 0.0, rows, T);
+      o.dtype = dt;
+      o.grad_accum = rows;
+      o.micro_group = 3;
+      o.resident_blocks = k;
+      ::ferry::test::alloc_meter meter(o.cuda);
+      auto e = std::make_unique<engine>(cfg, o);
+      return std::make_pair(meter.peak(), std::move(e));
+    };
+    auto [peak0, e0] = built(0);
+    auto [peakK, eK] = built(K);
+    const int64_t planned = eK->plan().device_total - e0->plan().device_total;
+    const std::string what = std::string(c10::toString(dt)) + ", " + std::to_string(K) + " resident blocks";
+    EXPECT_EQ(planned, K * cfg.block_params() * (2 * int64_t(c10::elementSize(dt)) + 12)) << what;
+    EXPECT_GE(peakK - peak0, planned) << what;
+    EXPECT_LE(peakK - peak0, planned + (k_cuda_suite ? 512 * 5 * K : 0)) << what;
+    eK->params().init_random(k_init_seed, k_init_std);
+    eK->params_changed();
+    eK->train_step(data[0], lr_at(0));
+    const int64_t accum = (cfg.total_params() - cfg.embed_params() - K * cfg.block_params()) * 4;
+    EXPECT_EQ(eK->gradients().accumulation_bytes(), accum) << what;
+    const bool embed_dev = eK->options().embed_grad == embed_grad_place::embed_grad_device;
+    const int64_t staging = (1 + (embed_dev ? 0 : 3)) * rows * T * cfg.hidden_size * int64_t(c10::elementSize(dt));
+    EXPECT_EQ(eK->plan().host_other - (embed_dev ? 0 : cfg.embed_params() * 4) - staging, accum)
+        << what << ": the plan's accumulation buffers";
+  }
+}
+
+// What resident blocks cannot run with is refused before anything is allocated, naming the key.
+TEST(engine_resident_blocks, refuses_what_it_cannot_run) {
+  FERRY_REQUIRE_DEVICE();
+  auto refusal = [](engine_options o) {
+    try {
+      engine e(tiny_config(), o);
+    } catch (const config_error& err) {
+      return std::string(err.what());
+    }
+    return std::string();
+  };
+  engine_options o = base_options(k_overlapped, at::kFloat);
+  o.resident_blocks = 3;
+  EXPECT_EQ(refusal(o), "");
+  auto expect_refused = [&](engine_options x, const std::string& why) {
+    const std::string got = refusal(x);
+    EXPECT_NE(got.find(why), std::string::npos) << "got \"" << got << "\", want \"" << why << "\"";
+  };
+  engine_options x = o;
+  x.resident_blocks = 4;
+  expect_refused(x, "resident_blocks=4 exceeds the 3 blocks of model engine-test; use 0 to 3");
+  x.resident_blocks = -1;
+  expect_refused(x, "resident_blocks=-1: expected a count of blocks");
+  x = o;
+  x.mode = k_none;
+  expect_refused(x, "resident_blocks=3 needs offload blocked or overlapped");
+  x = o;
+  x.forward_only = true;
+  expect_refused(x, "resident_blocks=3 applies to training");
+  x = o;
+  x.state = state_kind::state_bf16;
+  expect_refused(x, "resident_blocks=3 needs optimizer_state=fp32 and optimizer_state_on=host");
+  x = o;
+  x.state_on = state_place::place_nvme;
+  x.nvme.path = "/tmp";
+  expect_refused(x, "optimizer_state_on=nvme");
+}
+
 // ---- 10. compact optimizer state (optimizer_state = bf16 | int8) ----
 
 int64_t quant_blocks_of(const model::llama_config& cfg) {
