@@ -158,11 +158,14 @@ void print_dry_run(const io::run_config& cfg, const model::llama_config& mc, con
   std::printf("memory plan (offload %s, %s, batch %lld x %lld tokens%s):\n%s\n", cfg.offload.c_str(), cfg.dtype.c_str(),
               (long long)cfg.batch_size, (long long)cfg.max_length, eo.forward_only ? ", inference" : "",
               p.describe().c_str());
+  const std::string resident = std::to_string(eo.resident_blocks) +
+                               " resident blocks updated on the GPU, their host copy for checkpoints; the rest by the CPU AdamW";
   if (!eo.forward_only && !p.state_on_disk)
     std::printf("optimizer state %s: %.4f B/param on the host (fp32 master + moments; %s)\n",
                 engine::state_kind_name(p.state), engine::state_bytes_per_param(p.state, true),
                 eo.mode == engine::offload_mode::offload_none ? "offload none: fp32 on the GPU, the host copy for checkpoints"
-                                                               : "updated by the CPU AdamW");
+                : eo.resident_blocks > 0                      ? resident.c_str()
+                                                              : "updated by the CPU AdamW");
   const int64_t disk_free = p.state_on_disk ? engine::nvme_free_bytes(eo.nvme.path) : -1;
   if (p.state_on_disk)
     std::printf("optimizer state %s: %.4f B/param on disk in %s (%.2f GiB; %s free there), streamed through %lld "
