@@ -118,8 +118,8 @@ struct engine_options {
   // Offloaded training on one rank: the first resident_blocks blocks stay on the device with
   // their compute-dtype weights, gradients (micro-batches added in place, as offload none does),
   // fp32 master weights and AdamW moments, and the device AdamW updates them after the step's
-  // verdict; the host updates the other units. Each such block takes 16 B/param of GPU memory
-  // (2 weights + 2 gradient + 12 state) and its whole update off the host's AdamW, whose memory
+  // verdict; the host updates the other units. Each such block takes 16 B/param of GPU memory in
+  // fp16/bf16 (2 weights + 2 gradient + 12 state; fp32: 20) and its whole update off the host's AdamW, whose memory
   // traffic bounds an offloaded step once the GPU's work per step is larger than the update
   // (grad_accum > 1). The host's state tier keeps their copy for checkpoints (wait_updates
   // downloads it). Needs optimizer_state=fp32 in host memory. 0: every block streamed.

@@ -6,7 +6,8 @@
 
 namespace ferry::engine {
 
-step_validator::step_validator(const engine_options& opt, int64_t num_units) : opt_(opt), units_(size_t(num_units)), on_device_(size_t(num_units), 0) {
+step_validator::step_validator(const engine_options& opt, int64_t num_units)
+    : opt_(opt), units_(size_t(num_units)), on_device_(size_t(num_units), 0) {
   state_.scaler.scale = opt.dtype == at::kHalf ? opt.loss_scale : 1.0;
 }
 

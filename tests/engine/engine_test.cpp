@@ -1673,7 +1673,8 @@ TEST(engine_state_tier, host_fp32_tier) {
 // the host backend, the same CPU kernel. So the run is bit-identical to the streamed one, except
 // where a clipped speculative step redid the streamed units (the resident ones step once, with the
 // final multiplier): then within the trajectory tolerance, as on CUDA (the device AdamW). The
-// resident blocks never cross: fewer bytes reach the device every step.
+// resident blocks never cross: fewer bytes reach the device every step. Speculation deferred, waiting
+// for its updates (defer_speculative = false) and off.
 TEST(engine_resident_blocks, one_micro_batch_trains_like_streaming) {
   FERRY_REQUIRE_DEVICE();
   auto data = make_data(k_steps);
@@ -1681,15 +1682,17 @@ TEST(engine_resident_blocks, one_micro_batch_trains_like_streaming) {
   for (auto dt : {at::kFloat, at::kBFloat16}) {
     for (double clip : {0.0, 0.05}) {
       for (auto mode : {k_overlapped, k_blocked}) {
-        for (auto spec : {speculate_mode::speculate_on, speculate_mode::speculate_off}) {
+        for (int schedule = 0; schedule < 3; ++schedule) {
+          const auto spec = schedule < 2 ? speculate_mode::speculate_on : speculate_mode::speculate_off;
           if (mode == k_blocked && spec == speculate_mode::speculate_on) continue;
           engine_options o = with(base_options(mode, dt), spec);
+          o.defer_speculative = schedule == 0;
           o.clip_grad = clip;
           const run_result streamed = run_engine(o, data);
           for (int64_t k : {int64_t(1), L}) {
             engine_options r = o;
             r.resident_blocks = k;
-            const std::string what = mode_label(r) + " clip " + std::to_string(clip) + ", " + std::to_string(k) +
+            const std::string what = mode_label(r) + (schedule == 1 ? " waiting" : "") + ", " + std::to_string(k) +
                                      " resident blocks vs streamed";
             const run_result got = run_engine(r, data);
             const bool redone = clip > 0 && spec == speculate_mode::speculate_on;
@@ -1701,6 +1704,8 @@ TEST(engine_resident_blocks, one_micro_batch_trains_like_streaming) {
                           tolerance_for(dt).norm_rel * streamed.steps[s].grad_norm)
                   << what << " step " << s;
               EXPECT_EQ(got.steps[s].clip_coef < 1, streamed.steps[s].clip_coef < 1) << what << " step " << s;
+              // A redone step rolls back the streamed units only: the resident ones stepped once.
+              EXPECT_EQ(got.steps[s].rollbacks, streamed.steps[s].rollbacks - (redone ? k : 0)) << what << " step " << s;
             }
           }
         }
