@@ -1666,7 +1666,7 @@ TEST(engine_state_tier, host_fp32_tier) {
 }
 
 
-// ---- 11. resident blocks (engine_options::resident_blocks) ----
+// ---- 10. resident blocks (engine_options::resident_blocks) ----
 
 // With one micro-batch a resident block's gradient, statistics and AdamW are what the streamed
 // block's would be: the same gradient in the compute dtype, the same statistics function and, on
@@ -1880,7 +1880,7 @@ TEST(engine_resident_blocks, refuses_what_it_cannot_run) {
   expect_refused(x, "optimizer_state_on=nvme");
 }
 
-// ---- 10. compact optimizer state (optimizer_state = bf16 | int8) ----
+// ---- 11. compact optimizer state (optimizer_state = bf16 | int8) ----
 
 int64_t quant_blocks_of(const model::llama_config& cfg) {
   auto qb = [](int64_t n) { return (n + 2047) / 2048; };
