@@ -43,6 +43,9 @@ struct resume_case {
   // optimizer_state_on of the run that saves and of the one that resumes (the uninterrupted run
   // keeps its state in host memory): resuming between tiers is exact both ways.
   state_place saved_on = state_place::place_host, resumed_on = state_place::place_host;
+  // resident_blocks of the saving (and uninterrupted) run, and of the resuming one (-1: the same):
+  // the checkpoint holds the resident blocks' state as the tier's, so either side may keep them.
+  int64_t resident = 0, resumed_resident = -1;
 };
 
 model::llama_config config_of(const resume_case& c) { return c.tied ? tied_config() : tiny_config(); }
@@ -105,6 +108,7 @@ TEST_P(checkpoint_resume, continues_bit_for_bit) {
   o.clip_grad = c.clip;
   o.scale_window = 2;   // the loss scale moves within the run (fp16)
   o.state = c.kind;
+  o.resident_blocks = c.resident;
 
   const model::llama_config cfg = config_of(c);
   // the uninterrupted run
@@ -120,6 +124,7 @@ TEST_P(checkpoint_resume, continues_bit_for_bit) {
 
   // a fresh engine (other random weights) loads it and goes on
   engine_options o2 = placed(with_poison(o, c, c.save_after), c.resumed_on, d.path + "/tier-resumed");
+  if (c.resumed_resident >= 0) o2.resident_blocks = c.resumed_resident;
   auto e = make_engine(o2, cfg);
   e->params().init_random(777, 0.2);
   e->params_changed();
@@ -163,6 +168,10 @@ TEST_P(checkpoint_resume, continues_bit_for_bit) {
 // tied_*: the same states with tied embeddings (one parameter, saved once).
 // nvme_*: the same with the optimizer state on disk for the saving run, the resuming one or both
 // (the checkpoint streams the tier unit by unit).
+// resident_*: two blocks kept on the device (resident_blocks), the poisoned one among them; their
+// state reaches the checkpoint through the host tier (engine::wait_updates) and the device from it
+// (params_changed). Across settings (resident to streamed and back) with one micro-batch, no
+// clipping and no speculation, where the two are the same bits on the host backend.
 constexpr state_kind k_fp32 = state_kind::state_fp32, k_bf16 = state_kind::state_bf16, k_int8 = state_kind::state_int8;
 constexpr state_place k_host = state_place::place_host, k_nvme = state_place::place_nvme;
 INSTANTIATE_TEST_SUITE_P(
@@ -190,7 +199,17 @@ INSTANTIATE_TEST_SUITE_P(
                       resume_case{"nvme_to_host_bf16_clipped", at::kFloat, speculate_mode::speculate_on, 0.05, 1, 3, 5, -1,
                                   k_bf16, false, k_nvme, k_host},
                       resume_case{"tied_nvme_int8_accumulation", at::kFloat, speculate_mode::speculate_on, 1.0, 2, 2, 5, -1,
-                                  k_int8, true, k_nvme, k_nvme}),
+                                  k_int8, true, k_nvme, k_nvme},
+                      resume_case{"resident_fp16_skip_before", at::kHalf, speculate_mode::speculate_on, 1.0, 1, 3, 6, 1,
+                                  k_fp32, false, k_host, k_host, 2},
+                      resume_case{"resident_accumulation", at::kFloat, speculate_mode::speculate_on, 1.0, 3, 2, 4, -1,
+                                  k_fp32, false, k_host, k_host, 2},
+                      resume_case{"tied_resident_spec_on_clipped", at::kFloat, speculate_mode::speculate_on, 0.05, 1, 3, 5, -1,
+                                  k_fp32, true, k_host, k_host, 2},
+                      resume_case{"resident_to_streamed", at::kFloat, speculate_mode::speculate_off, 0.0, 1, 3, 5, -1,
+                                  k_fp32, false, k_host, k_host, 2, 0},
+                      resume_case{"streamed_to_resident", at::kFloat, speculate_mode::speculate_off, 0.0, 1, 3, 5, -1,
+                                  k_fp32, false, k_host, k_host, 0, 3}),
     [](const auto& info) { return std::string(info.param.name); });
 
 // ---- optimizer_state kinds: layout, conversion on resume, errors ----
