@@ -158,13 +158,13 @@ void print_dry_run(const io::run_config& cfg, const model::llama_config& mc, con
   std::printf("memory plan (offload %s, %s, batch %lld x %lld tokens%s):\n%s\n", cfg.offload.c_str(), cfg.dtype.c_str(),
               (long long)cfg.batch_size, (long long)cfg.max_length, eo.forward_only ? ", inference" : "",
               p.describe().c_str());
-  const std::string resident = std::to_string(eo.resident_blocks) +
+  const std::string resident = std::to_string(p.resident_blocks) +
                                " resident blocks updated on the GPU, their host copy for checkpoints; the rest by the CPU AdamW";
   if (!eo.forward_only && !p.state_on_disk)
     std::printf("optimizer state %s: %.4f B/param on the host (fp32 master + moments; %s)\n",
                 engine::state_kind_name(p.state), engine::state_bytes_per_param(p.state, true),
                 eo.mode == engine::offload_mode::offload_none ? "offload none: fp32 on the GPU, the host copy for checkpoints"
-                : eo.resident_blocks > 0                      ? resident.c_str()
+                : p.resident_blocks > 0                       ? resident.c_str()
                                                               : "updated by the CPU AdamW");
   const int64_t disk_free = p.state_on_disk ? engine::nvme_free_bytes(eo.nvme.path) : -1;
   if (p.state_on_disk)
@@ -199,7 +199,7 @@ void write_plan_json(const std::string& path, const io::run_config& cfg, const m
               {"prefetch", cfg.prefetch}, {"gpu_mem_limit_gib", cfg.gpu_mem_limit_gib}, {"host_mem_limit_gib", cfg.host_mem_limit_gib},
               {"forward_only", eo.forward_only}, {"recompute_blocks", p.recompute_blocks},
               {"micro_batch_group", p.micro_group},
-              {"resident_blocks", eo.resident_blocks},
+              {"resident_blocks", p.resident_blocks},
               {"embed_grad", p.embed_grad_device ? "device" : "host"},
               {"optimizer_state", engine::state_kind_name(p.state)},
               {"optimizer_state_on", p.state_on_disk ? "nvme" : "host"}};

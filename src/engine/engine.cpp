@@ -49,6 +49,7 @@ engine::engine(const model::llama_config& cfg, const engine_options& opt) : cfg_
                       : dev_->is_cuda()          ? dev_->memory_stats().total
                                                  : 0;
   plan_ = plan_memory(cfg_, opt_, opt_.max_batch, opt_.max_seq, opt_.grad_accum, {}, cap);
+  if (opt_.resident_blocks < 0) opt_.resident_blocks = plan_.resident_blocks;   // auto: the plan's count
   if (opt_.embed_grad == embed_grad_place::embed_grad_auto)
     opt_.embed_grad = plan_.embed_grad_device && !shards_of(opt_).sharded() ? embed_grad_place::embed_grad_device
                                                                              : embed_grad_place::embed_grad_host;

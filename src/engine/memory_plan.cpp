@@ -104,6 +104,25 @@ memory_plan plan_memory(const model::llama_config& cfg, const engine_options& op
   const int64_t cap = device_bytes > 0 ? device_bytes : gib_bytes(opt.gpu_mem_limit_gib);
   // On CUDA the plan must fit with k_allocator_slack of the cap to spare (memory_plan.h).
   const int64_t target = opt.cuda ? cap - int64_t(double(cap) * k_allocator_slack) : cap;
+  if (opt.resident_blocks < 0) {
+    // auto: the plan without resident blocks decides the rest; they then take what memory is left.
+    engine_options none_resident = opt;
+    none_resident.resident_blocks = 0;
+    const memory_plan base = plan_memory(cfg, none_resident, batch, seq, grad_accum, what_if, device_bytes);
+    if (cap <= 0 || opt.mode == offload_mode::offload_none) return base;
+    engine_options fixed = opt;
+    fixed.embed_grad = base.embed_grad_device ? embed_grad_place::embed_grad_device : embed_grad_place::embed_grad_host;
+    if (shards_of(opt).sharded()) fixed.embed_grad = opt.embed_grad;   // ranks: dist_reduce decides, as in base
+    plan_what_if w = what_if;
+    w.micro_group = base.micro_group;
+    w.recompute_blocks = base.recompute_blocks;
+    for (int64_t n = cfg.num_hidden_layers; n > 0; --n) {
+      fixed.resident_blocks = n;
+      const memory_plan p = plan_memory(cfg, fixed, batch, seq, grad_accum, w, device_bytes);
+      if (p.device_total <= target) return p;
+    }
+    return base;
+  }
   if (opt.embed_grad == embed_grad_place::embed_grad_auto) {
     // auto: the table on the device where resolve_embed_grad allows it, if that plan fits the cap
     // with the group the host's plan runs (the table must not cost a smaller group); else the host.
@@ -190,7 +209,8 @@ memory_plan plan_memory(const model::llama_config& cfg, const engine_options& op
     // A group's fp32 gradient sum of the unit whose backward runs (gradient_path::fold).
     if (p.micro_group > 1) p.grad_slots += std::max(block, head) * 4;
     // Resident blocks (engine_options::resident_blocks): their weights, gradients and fp32 state.
-    const int64_t resident = std::min(opt.resident_blocks, L) * block;
+    p.resident_blocks = std::min(opt.resident_blocks, L);
+    const int64_t resident = p.resident_blocks * block;
     p.weight_slots += resident * e;
     p.grad_slots += resident * e;
     p.optimizer = resident * 12;
@@ -234,7 +254,7 @@ memory_plan plan_memory(const model::llama_config& cfg, const engine_options& op
   // buffers when a step has more than one group (gradient_path::begin_step).
   // Summed on the device, the embedding's input gradient is not staged.
   p.host_other = embed * 4 + (1 + (embed_dev ? 0 : p.micro_group)) * n * h * e +
-                 (grad_accum > p.micro_group ? (params - embed - std::min(opt.resident_blocks, L) * block) * 4 : 0);
+                 (grad_accum > p.micro_group ? (params - embed - p.resident_blocks * block) * 4 : 0);
   if (embed_dev && !shards.sharded()) {   // one rank: the fp32 gradient is page-locked, a copy's target
     p.host_pinned += embed * 4;
     p.host_other -= embed * 4;
@@ -296,10 +316,13 @@ std::string memory_plan::describe() const {
   if (micro_group > 1)
     recompute_note += (recompute_note.empty() ? "" : ", ") + std::to_string(micro_group) + " micro-batches at once";
   if (!recompute_note.empty()) recompute_note = " (" + recompute_note + ")";
+  const std::string resident_note =
+      resident_blocks > 0 ? " (" + std::to_string(resident_blocks) + " resident blocks)" : "";
   char buf[1024];
   std::snprintf(buf, sizeof buf,
-                "device  %8.2f GiB = weight slots %.2f + gradient slots %.2f + optimizer %.2f + activations %.2f%s + workspace %.2f\n",
-                gib(device_total), gib(weight_slots), gib(grad_slots), gib(optimizer), gib(activations), recompute_note.c_str(), gib(workspace));
+                "device  %8.2f GiB = weight slots %.2f + gradient slots %.2f + optimizer %.2f%s + activations %.2f%s + workspace %.2f\n",
+                gib(device_total), gib(weight_slots), gib(grad_slots), gib(optimizer), resident_note.c_str(), gib(activations),
+                recompute_note.c_str(), gib(workspace));
   std::string s = buf;
   if (state_on_disk) {
     std::snprintf(buf, sizeof buf,

@@ -23,6 +23,8 @@ struct memory_plan {
                               // (forward_only: one layer's input and output)
   int64_t recompute_blocks = 0;  // blocks that keep only their input (activation checkpointing)
   int64_t micro_group = 1;    // micro-batches run together, layer by layer (engine_options::micro_group)
+  int64_t resident_blocks = 0;   // blocks kept on the device with their state (engine_options::resident_blocks;
+                                 // auto: this plan's choice)
   bool embed_grad_device = false;   // the embedding's gradient is summed on the device (embed_grad;
                                     // with ranks, reduced there); auto: this plan's choice
   int64_t workspace = 0;      // the largest transient: attention scores, MLP, logits chunk; rotary
@@ -77,6 +79,9 @@ struct plan_what_if {
 // the start of its backward (activation_bytes with `group`), one fp32 gradient sum of the widest
 // unit on the device (gradient_path::fold), and the host's fp32 accumulation buffers only when a
 // step has more micro-batches than one group.
+// resident_blocks auto (-1): the most blocks (up to all) whose plan, with the group, recomputation
+// and embedding placement the plan without them chose, fits the limit with the slack below to spare;
+// none without a limit.
 // On CUDA, auto leaves k_allocator_slack of that memory to the caching allocator's split and
 // cached blocks, which the plan (tensors alive at the peak) does not count: a 16.8 B model whose
 // plan took 23.27 of 23.5 GiB ran out of memory with 22.20 GiB allocated and 1.21 GiB reserved

@@ -78,7 +78,8 @@ void check_options(const engine_options& o) {
                      " or 0 (auto)");
   if (o.resident_blocks != 0) {
     const std::string k = "resident_blocks=" + std::to_string(o.resident_blocks);
-    FERRY_CONFIG_CHECK(o.resident_blocks > 0, k, ": expected a count of blocks kept on the GPU, 0 for none");
+    FERRY_CONFIG_CHECK(o.resident_blocks >= -1, k,
+                       ": expected a count of blocks kept on the GPU, 0 for none, -1 for as many as fit");
     FERRY_CONFIG_CHECK(!o.forward_only, k, " applies to training (an inference engine keeps no optimizer state)");
     FERRY_CONFIG_CHECK(o.mode != offload_mode::offload_none, k,
                        " needs offload blocked or overlapped (offload none keeps every block on the GPU)");

@@ -122,7 +122,11 @@ struct engine_options {
   // fp16/bf16 (2 weights + 2 gradient + 12 state; fp32: 20) and its whole update off the host's AdamW, whose memory
   // traffic bounds an offloaded step once the GPU's work per step is larger than the update
   // (grad_accum > 1). The host's state tier keeps their copy for checkpoints (wait_updates
-  // downloads it). Needs optimizer_state=fp32 in host memory. 0: every block streamed.
+  // downloads it). Needs optimizer_state=fp32 in host memory. 0: every block streamed. -1 (auto):
+  // as many as the device's memory holds beside the rest of the plan, decided after the group of
+  // micro-batches, the recomputation and the embedding's gradient (plan_memory); none where no
+  // limit is known (the host backend without gpu_mem_limit_gib, a dry run). The engine takes the
+  // plan's count.
   int64_t resident_blocks = 0;
   // Rows of the rotary table: the most positions one sequence reaches (evaluation length, or prompt
   // plus new tokens). 0: max(max_seq, the model's max_position_embeddings).

@@ -61,9 +61,10 @@ const std::vector<key_desc>& keys() {
       {"micro_batch_group", int_key{&run_config::micro_batch_group, 0, 1 << 20},
        "offloaded: micro-batches run together layer by layer (each unit's weights streamed once for them, their "
        "gradients summed on the GPU); 1 = one by one, summed on the host; 0 = auto, as many of grad_accum as fit the GPU"},
-      {"resident_blocks", int_key{&run_config::resident_blocks, 0, 1 << 20},
+      {"resident_blocks", int_key{&run_config::resident_blocks, -1, 1 << 20},
        "offloaded, one GPU: keep the first N blocks on the GPU with their fp32 master weights and AdamW moments "
-       "(16 bytes/param of GPU memory) and update them there, taking their update off the host's AdamW; 0 = stream every block"},
+       "(16 bytes/param of GPU memory) and update them there, taking their update off the host's AdamW; 0 = stream every block; "
+       "-1 = as many as fit the GPU beside the rest of the plan"},
       {"embed_grad", str_key{&run_config::embed_grad, {"auto", "host", "device"}},
        "one GPU, offloaded: sum the embedding's gradient on the host from its rows (host), or in an fp32 table on "
        "the GPU copied once per step (device: vocab x hidden x 4 bytes of GPU memory, none of the update thread's "

@@ -1842,6 +1842,49 @@ TEST(engine_resident_blocks, plan_counts_what_the_engine_allocates) {
   }
 }
 
+// resident_blocks = -1 (auto): the most blocks whose plan fits the limit beside the group of
+// micro-batches the plan without them chose; none without a limit. The engine takes the plan's count
+// (run on the host backend, whose limit is only planned: on CUDA gpu_mem_limit_gib would also cap the
+// allocator at these few MiB).
+TEST(engine_resident_blocks, auto_takes_the_blocks_that_fit) {
+  FERRY_REQUIRE_DEVICE();
+  const model::llama_config cfg = tiny_config();
+  const int64_t rows = 7, T = k_seq;
+  engine_options o = rows_options(k_overlapped, 0.0, rows, T);
+  o.grad_accum = rows;
+  o.resident_blocks = -1;
+  EXPECT_EQ(plan_memory(cfg, o, rows, T, rows).resident_blocks, 0) << "no limit known";
+  auto explicit_plan = [&](int64_t n) {
+    engine_options x = o;
+    x.resident_blocks = n;
+    return plan_memory(cfg, x, rows, T, rows);
+  };
+  const memory_plan base = explicit_plan(0);
+  ASSERT_EQ(base.micro_group, rows);
+  const int64_t per_block = explicit_plan(1).device_total - base.device_total;
+  ASSERT_GT(per_block, 0);
+  // The limit whose usable part (CUDA leaves k_allocator_slack of it) is base + 2.5 blocks.
+  auto cap_for = [&](int64_t usable) {
+    return o.cuda ? int64_t(double(usable) / (1 - k_allocator_slack)) + 1 : usable;
+  };
+  for (int64_t fit : {int64_t(0), int64_t(2), cfg.num_hidden_layers}) {
+    const int64_t cap = cap_for(base.device_total + fit * per_block + per_block / 2);
+    const memory_plan p = plan_memory(cfg, o, rows, T, rows, {}, cap);
+    EXPECT_EQ(p.resident_blocks, fit) << "limit of base + " << fit << ".5 blocks";
+    EXPECT_EQ(p.device_total, explicit_plan(fit).device_total) << fit;
+    EXPECT_EQ(p.micro_group, rows) << fit;
+    if (o.cuda) continue;
+    engine_options oe = o;
+    oe.gpu_mem_limit_gib = double(cap) / double(int64_t(1) << 30);
+    auto e = make_engine(oe);
+    EXPECT_EQ(e->plan().resident_blocks, fit);
+    for (int64_t i = 0; i < cfg.num_hidden_layers; ++i)
+      EXPECT_EQ(e->gradients().is_resident(e->params().block_unit(i)), i < fit) << "block " << i << " of " << fit;
+    const step_result r = e->train_step(split_rows(make_data(1, rows, T, 11), rows)[0], lr_at(0));
+    EXPECT_TRUE(std::isfinite(r.loss));
+  }
+}
+
 // What resident blocks cannot run with is refused before anything is allocated, naming the key.
 TEST(engine_resident_blocks, refuses_what_it_cannot_run) {
   FERRY_REQUIRE_DEVICE();
@@ -1863,11 +1906,13 @@ TEST(engine_resident_blocks, refuses_what_it_cannot_run) {
   engine_options x = o;
   x.resident_blocks = 4;
   expect_refused(x, "resident_blocks=4 exceeds the 3 blocks of model engine-test; use 0 to 3");
-  x.resident_blocks = -1;
-  expect_refused(x, "resident_blocks=-1: expected a count of blocks");
+  x.resident_blocks = -2;
+  expect_refused(x, "resident_blocks=-2: expected a count of blocks kept on the GPU, 0 for none, -1 for as many as fit");
   x = o;
   x.mode = k_none;
   expect_refused(x, "resident_blocks=3 needs offload blocked or overlapped");
+  x.resident_blocks = -1;
+  expect_refused(x, "resident_blocks=-1 needs offload blocked or overlapped");
   x = o;
   x.forward_only = true;
   expect_refused(x, "resident_blocks=3 applies to training");
