@@ -136,15 +136,17 @@ def parse_count(text, flag):
     return v
 
 
-def plan(train, name, cfg_path, a, dev, out, grad_accum=None):
-    """ferry's plan of one candidate at --batch, or (grad_accum=K) of K micro-batches of batch 1."""
-    j = os.path.join(out, "plans", name + ("-accum%d" % grad_accum if grad_accum else "") + ".json")
+def plan(train, name, cfg_path, a, dev, out, grad_accum=None, extra=None, tag=""):
+    """ferry's plan of one candidate at --batch, or (grad_accum=K) of K micro-batches of batch 1;
+    extra: more run-config keys (its file named with tag)."""
+    j = os.path.join(out, "plans", name + ("-accum%d" % grad_accum if grad_accum else "") + tag + ".json")
     # The GPU limit goes into the plan too: activation_checkpointing=auto recomputes the fewest
     # blocks that fit under it (without a limit it plans none).
     sets = dict(max_length=a.seq, batch_size=1 if grad_accum else a.batch, optimizer_state=a.optimizer_state,
                 gpu_mem_limit_gib="%.4f" % (a.gpu_limit / fl.GIB))
     if grad_accum:
         sets["grad_accum"] = grad_accum
+    sets.update(extra or {})
     cmd = fl.ferry_cmd(train, cfg_path, dev, a.offload, a.dtype, sets, a.ferry_set, dry_run=True, plan_json=j)
     res = fl.run(cmd, 120)
     if res["rc"] != 0 or not os.path.exists(j):
@@ -458,6 +460,17 @@ def main():
                                                                      verified_note(checked.get(change), disk)))
             report.setdefault("what_if", {})[change] = big and dict(name=big["name"], params=big["params"],
                                                                     verified=checked.get(change))
+
+    # Offloaded, fp32 state in host memory: how many of the largest model's blocks the GPU memory it
+    # leaves would keep resident (resident_blocks=-1, the planner's count; each takes its update off
+    # the host's AdamW).
+    if (best and a.offload != "none" and "resident_blocks" not in sets and a.optimizer_state == "fp32"
+            and sets.get("optimizer_state_on", "host") == "host"):
+        rp = plan(train, best["name"], best["path"], a, dev, out, extra=dict(resident_blocks=-1), tag="-resident")
+        n, layers = rp["run"].get("resident_blocks", 0), rp["model"]["layers"]
+        report["resident_blocks"] = n
+        lines.append("%s with the GPU memory it leaves: resident_blocks=%d of its %d blocks (resident_blocks=-1, "
+                     "planned; they take their update off the host's AdamW)" % (best["name"], n, layers))
 
     rows = []
     for c in cands:
