@@ -35,15 +35,12 @@ gradient_path::gradient_path(const model::llama_config& cfg, const engine_option
   fused_.assign(size_t(store.num_units()), 0);
   src_sent_.assign(size_t(store.num_units()), 0);
   src_host_stats_.assign(size_t(store.num_units()), {});
+  resident_.resize(size_t(store.num_units()));
+  for (int64_t u = 0; u < store.num_units(); ++u)
+    if (unit_resident(opt, u, store.num_units())) resident_[size_t(u)] = at::empty({store.unit(u).numel}, dev_opts);
   if (opt.mode == offload_mode::offload_none) {
-    for (int64_t u = 0; u < store.num_units(); ++u) resident_.push_back(at::empty({store.unit(u).numel}, dev_opts));
     all_resident_ = true;
     return;
-  }
-  if (opt.resident_blocks > 0) {
-    resident_.resize(size_t(store.num_units()));
-    for (int64_t i = 0; i < opt.resident_blocks; ++i)
-      resident_[size_t(store.block_unit(i))] = at::empty({store.unit(store.block_unit(i)).numel}, dev_opts);
   }
   const shard_layout& sh = store.shards();
   // The store's shard_grads say which units are reduced where they were made (its host buffers

@@ -3,6 +3,7 @@
 // engine itself knows no files or flags.
 #include <c10/core/ScalarType.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <limits>
 #include <memory>
@@ -177,6 +178,14 @@ struct engine_options {
 // This rank's place among the ranks of opt.comm (rank 0 of 1 without).
 inline shard_layout shards_of(const engine_options& opt) {
   return opt.comm ? shard_layout{opt.comm->rank(), opt.comm->world()} : shard_layout{};
+}
+
+// Whether unit u (0 the embedding, 1..L the blocks, L+1 the head) has its own device buffers
+// (weight_pool, gradient_path, optimizer_path): every unit with offload none; offloaded, the first
+// resident_blocks blocks (the engine's resolved count, not auto).
+inline bool unit_resident(const engine_options& opt, int64_t u, int64_t num_units) {
+  if (opt.mode == offload_mode::offload_none) return true;
+  return u >= 1 && u <= std::min(opt.resident_blocks, num_units - 2);
 }
 
 // Whether unit u (0 the embedding, 1..L the blocks, L+1 the head) of an offloaded run has its

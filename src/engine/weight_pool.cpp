@@ -16,15 +16,12 @@ weight_pool::weight_pool(const model::llama_config& cfg, const engine_options& o
                          update_worker& worker, step_meter& meter)
     : cfg_(cfg), opt_(opt), dev_(dev), store_(store), worker_(worker), meter_(meter) {
   auto dev_opts = at::TensorOptions().dtype(opt.dtype).device(dev.device());
+  resident_.resize(size_t(store.num_units()));
+  for (int64_t u = 0; u < store.num_units(); ++u)
+    if (unit_resident(opt, u, store.num_units())) resident_[size_t(u)] = at::empty({store.unit(u).numel}, dev_opts);
   if (opt.mode == offload_mode::offload_none) {
-    for (int64_t u = 0; u < store.num_units(); ++u) resident_.push_back(at::empty({store.unit(u).numel}, dev_opts));
     all_resident_ = true;
     return;
-  }
-  if (opt.resident_blocks > 0) {
-    resident_.resize(size_t(store.num_units()));
-    for (int64_t i = 0; i < opt.resident_blocks; ++i)
-      resident_[size_t(store.block_unit(i))] = at::empty({store.unit(store.block_unit(i)).numel}, dev_opts);
   }
   const int64_t nslots = opt.mode == offload_mode::offload_blocked ? 1 : opt.prefetch + 1;
   for (int64_t i = 0; i < nslots; ++i) {
