@@ -7,6 +7,11 @@ With --summary [--skip K], one line of medians over the steps after the first K 
 third of them, at least one): the step, the update thread's busy and idle time in it, the engine
 thread's waits for updates (all, and the embedding's), for earlier tasks, the step's tail, and on
 CUDA when the device finished the first block's forward and the last unit's.
+With --phases [--skip K] (CUDA traces), one line of medians of where each step's device time went:
+the time between consecutive device marks charged to the later mark's part (forward, head,
+backward; a group of micro-batches after another adds to the same parts), before the first mark,
+after the last one (the step's end on the device and host), and the step's tail (from the
+backward's end to its return, on the host).
 """
 import argparse
 import json
@@ -31,11 +36,7 @@ def busy_ms(recs, t0, t1):
 
 def summary(recs, steps, skip, embed_unit=0):
     """Medians over steps[skip:] of what each step spent where (see the module's doc)."""
-    if skip is None:
-        skip = max(1, len(steps) // 3) if len(steps) > 1 else 0
-    use = steps[skip:]
-    if not use:
-        raise SystemExit("trace_step.py: --skip %d leaves no steps (the trace has %d)" % (skip, len(steps)))
+    use = steady(steps, skip)
     rows = []
     for st in use:
         t0, t1 = st["t0"], st["t1"]
@@ -63,16 +64,63 @@ def summary(recs, steps, skip, embed_unit=0):
     return line
 
 
+def steady(steps, skip):
+    """steps[skip:] (default: a third left out, at least one), refusing an empty remainder."""
+    if skip is None:
+        skip = max(1, len(steps) // 3) if len(steps) > 1 else 0
+    use = steps[skip:]
+    if not use:
+        raise SystemExit("trace_step.py: --skip %d leaves no steps (the trace has %d)" % (skip, len(steps)))
+    return use
+
+
+def phases(recs, steps, skip):
+    """Medians over the steady steps of the device's time per part (see the module's doc)."""
+    marks = sorted((r for r in recs if r["what"].startswith("gpu_")), key=lambda r: r["t0"])
+    if not marks:
+        raise SystemExit("trace_step.py: --phases needs the device's marks (gpu_start, gpu_fwd, ...), "
+                         "which only a CUDA run's trace has")
+    use = steady(steps, skip)
+    parts = ("before", "fwd", "head", "bwd", "after", "tail")
+    rows = []
+    for st in use:
+        t0, t1 = st["t0"], st["t1"]
+        m = [r for r in marks if t0 <= r["t0"] <= t1]
+        if not m:
+            continue
+        d = dict.fromkeys(parts, 0.0)
+        d["step"] = t1 - t0
+        d["before"] = m[0]["t0"] - t0
+        d["after"] = t1 - m[-1]["t0"]
+        for a, b in zip(m, m[1:]):
+            part = b["what"][len("gpu_"):]
+            d[part] = d.get(part, 0.0) + b["t0"] - a["t0"]
+        d["tail"] = sum(clipped(r, t0, t1) for r in within(recs, t0, t1) if r["what"] == "tail")
+        rows.append(d)
+    if not rows:
+        raise SystemExit("trace_step.py: no device marks within the steady steps")
+    med = {k: statistics.median(r[k] for r in rows) for k in ("step",) + parts}
+    return ("steps %d-%d (%d), medians: step %.1f ms, device: before the first mark %.1f, forward %.1f, "
+            "head %.1f, backward %.1f, after the last mark %.1f; tail %.1f"
+            % (use[0]["unit"], use[-1]["unit"], len(rows), med["step"], med["before"], med["fwd"], med["head"],
+               med["bwd"], med["after"], med["tail"]))
+
+
 def main():
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)   # quiet when piped into head
     ap = argparse.ArgumentParser()
     ap.add_argument("trace")
     ap.add_argument("--step", type=int, default=None, help="train_step call number (1-based)")
     ap.add_argument("--summary", action="store_true", help="one line of medians over the steady steps")
-    ap.add_argument("--skip", type=int, default=None, metavar="K", help="with --summary: steps left out first")
+    ap.add_argument("--phases", action="store_true",
+                    help="one line of medians of the device's time per part (forward, head, backward; CUDA)")
+    ap.add_argument("--skip", type=int, default=None, metavar="K",
+                    help="with --summary or --phases: steps left out first")
     a = ap.parse_args()
-    if a.skip is not None and (a.skip < 0 or not a.summary):
-        raise SystemExit("trace_step.py: --skip takes a count >= 0, with --summary")
+    if a.summary and a.phases:
+        raise SystemExit("trace_step.py: --summary and --phases are two reports; give one")
+    if a.skip is not None and (a.skip < 0 or not (a.summary or a.phases)):
+        raise SystemExit("trace_step.py: --skip takes a count >= 0, with --summary or --phases")
     try:
         with open(a.trace) as f:
             recs = [json.loads(l) for l in f if l.strip()]
@@ -83,6 +131,9 @@ def main():
         raise SystemExit("no step records in %s" % a.trace)
     if a.summary:
         print(summary(recs, steps, a.skip))
+        return
+    if a.phases:
+        print(phases(recs, steps, a.skip))
         return
     st = next((r for r in steps if r["unit"] == a.step), None) if a.step else steps[-2 if len(steps) > 1 else -1]
     if st is None:

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # FERRY_TRACE=FILE end to end (src/engine/trace.h): a 3-step overlapped run on the host backend
 # writes every step's span, one update per unit per step and each unit's waits for its tasks,
-# metrics.jsonl has cpu_tasks_ms, and scripts/bench/trace_step.py prints a step of it; an
-# unwritable FERRY_TRACE is one line naming it.
+# metrics.jsonl has cpu_tasks_ms, and scripts/bench/trace_step.py prints a step of it, its summary
+# and (on a made-up CUDA trace) its device parts; an unwritable FERRY_TRACE is one line naming it.
 set -u
 train="$1"
 root="$(cd "$(dirname "$0")/../.." && pwd)"
@@ -40,6 +40,30 @@ assert step > 0 and abs(busy + idle - step) <= 0.2 and we <= wu and tail <= step
 PY
 python3 "$root/scripts/bench/trace_step.py" "$dir/trace.jsonl" --summary --skip 3 > "$dir/sum" 2>&1
 grep -q -- "--skip 3 leaves no steps" "$dir/sum" || fail "--skip past the steps: $(cat "$dir/sum")"
+
+# --phases: a CPU run's trace has no device marks, which it says; on a trace made up here (three
+# steps, the first one left out, the third with two groups of micro-batches) the medians are known.
+python3 "$root/scripts/bench/trace_step.py" "$dir/trace.jsonl" --phases > "$dir/ph" 2>&1
+grep -q "only a CUDA run's trace has" "$dir/ph" || fail "--phases on a CPU trace: $(cat "$dir/ph")"
+python3 - "$dir/made.jsonl" <<'PY'
+import json, sys
+recs = [("step", 1, 0, 100), ("tail", -1, 99, 100), ("step", 2, 100, 200), ("tail", -1, 190, 200),
+        ("step", 3, 200, 320), ("tail", -1, 300, 320)]
+marks = [("gpu_start", 50), ("gpu_fwd", 60), ("gpu_head", 70), ("gpu_bwd", 99),
+         ("gpu_start", 102), ("gpu_fwd", 110), ("gpu_fwd", 120), ("gpu_head", 125), ("gpu_bwd", 140), ("gpu_bwd", 190),
+         ("gpu_start", 204), ("gpu_fwd", 210), ("gpu_head", 215), ("gpu_bwd", 230), ("gpu_fwd", 240),
+         ("gpu_head", 250), ("gpu_bwd", 300)]
+with open(sys.argv[1], "w") as f:
+    for what, u, a, b in recs:
+        f.write(json.dumps(dict(what=what, unit=u, t0=a, t1=b)) + "\n")
+    for what, t in marks:
+        f.write(json.dumps(dict(what=what, unit=-1, t0=t, t1=t)) + "\n")
+PY
+python3 "$root/scripts/bench/trace_step.py" "$dir/made.jsonl" --phases > "$dir/ph" 2>&1
+want="steps 2-3 (2), medians: step 110.0 ms, device: before the first mark 3.0, forward 17.0, head 10.0, backward 65.0, after the last mark 15.0; tail 15.0"
+[ "$(cat "$dir/ph")" = "$want" ] || fail "--phases printed: $(cat "$dir/ph"); want: $want"
+python3 "$root/scripts/bench/trace_step.py" "$dir/made.jsonl" --phases --summary > "$dir/ph" 2>&1
+grep -q "two reports; give one" "$dir/ph" || fail "--phases with --summary: $(cat "$dir/ph")"
 
 FERRY_TRACE="$dir/no/such/dir/t.jsonl" "$train" "${common[@]}" --steps 1 --output-dir "$dir/run2" > "$dir/log" 2>&1
 rc=$?
