@@ -138,9 +138,8 @@ cpu_optim::grad_stats optimizer_path::resident_stats(double mult) {
     return total;
   }
 #endif
-  for (int64_t u = 0; u < store_.num_units(); ++u) {
-    const at::Tensor& g = grads_.resident_grad(u);
-    cpu_optim::grad_stats s = adam_->stats(g.data_ptr(), to_optim_dtype(opt_.dtype), size_t(g.numel()), float(mult));
+  // The host backend: the units' statistics in order, summed (the same kernel and threads).
+  for (const cpu_optim::grad_stats& s : resident_unit_stats(mult)) {
     total.sum_sq += s.sum_sq;
     total.nonfinite += s.nonfinite;
   }
